@@ -1,0 +1,200 @@
+"""Model configuration: the :class:`FlowConfig` dataclass, its validation and (de)serialisation.
+
+Defaults reproduce the paper's 2-D toy Monotone Flow (Ahn et al. 2022, Table 1; ALGORITHM.md 7.1): 10 monotone
+blocks, DenseNet G of depth 3 and growth 16, CPila, linear coefficient 0.9, concatenation coefficient 0.98,
+exact log-det, no ActNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .logdet import LOGDET_MODES, EstimatorSettings
+from .nn.activations import ACTIVATIONS
+from .nn.lipschitz import SPECTRAL_MODES
+from .solvers import METHODS
+
+__all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig"]
+
+FORMULATIONS = ("monotone", "residual", "inverse_residual")
+G_ARCHITECTURES = ("densenet", "mlp")
+IMPLICIT_GRAD_MODES = ("auto", "one_step", "backward_solve")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"{name}: unknown value {value!r}; choose one of {list(allowed)}")
+    return value.lower()
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}: must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class FlowConfig:
+    """Everything needed to build a flow with :func:`monoflow_core.build_flow`.
+
+    Attributes:
+        dim: event dimension (2 for the toy densities, 1 for the 1-D fitting task).
+        blocks: number of flow blocks.
+        formulation: ``"monotone"``, ``"residual"`` or ``"inverse_residual"``; or a list with one entry per
+            block (e.g. the 1-D experiment's inverse-residual o residual).
+        activation: activation of G (``"cpila"``, ``"clipswish"``, ``"lipswish"``, ``"crelu"``, ``"pila"``).
+        g: architecture of G, ``"densenet"`` or ``"mlp"``.
+        depth: dense layers of the DenseNet G.
+        growth: features each dense layer adds.
+        hidden: hidden widths of the MLP G.
+        lipschitz: Lipschitz coefficient of each linear layer of G, in (0, 1).
+        concat_lipschitz: norm of the DenseNet's concatenation weights ``(eta1, eta2)``, in (0, 1].
+        learnable_concat: whether the concatenation weights are trainable from the start.
+        spectral_norm: ``"auto"``, ``"exact"`` or ``"power"`` spectral norms.
+        solver: fixed-point solver (``"auto"``, ``"newton"``, ``"anderson"``, ``"picard"``).
+        tol: relative solver tolerance, > 0 (raised to the dtype's floor at solve time).
+        max_iter: solver iteration cap, >= 1.
+        anderson_memory: Anderson memory m, >= 1.
+        logdet: ``"exact"``, ``"estimator"`` or ``"auto"``.
+        implicit_grad: ``"auto"``, ``"one_step"`` or ``"backward_solve"``.
+        actnorm: ActNorm after every block.
+        actnorm_input: an ActNorm before the first block too (with ``actnorm``: "before and after every block").
+        n_exact_terms: estimator terms always computed in training.
+        n_exact_terms_eval: estimator terms always computed in evaluation.
+        roulette: ``"geometric"`` or ``"poisson"``.
+        roulette_param: geometric p in (0, 1) or Poisson lambda > 0.
+        n_probes: Hutchinson probes per sample.
+        neumann_grad: Neumann-series gradient for the estimator.
+    """
+
+    dim: int = 2
+    blocks: int = 10
+    formulation: str | list[str] = "monotone"
+    activation: str = "cpila"
+    g: str = "densenet"
+    depth: int = 3
+    growth: int = 16
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    lipschitz: float = 0.9
+    concat_lipschitz: float = 0.98
+    learnable_concat: bool = True
+    spectral_norm: str = "auto"
+    solver: str = "auto"
+    tol: float = 1e-6
+    max_iter: int = 1000
+    anderson_memory: int = 5
+    logdet: str = "auto"
+    implicit_grad: str = "auto"
+    actnorm: bool = False
+    actnorm_input: bool = False
+    n_exact_terms: int = 2
+    n_exact_terms_eval: int = 20
+    roulette: str = "geometric"
+    roulette_param: float = 0.5
+    n_probes: int = 1
+    neumann_grad: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the field and its allowed values."""
+        self.dim = _int_at_least("dim", self.dim, 1)
+        self.blocks = _int_at_least("blocks", self.blocks, 1)
+        if isinstance(self.formulation, list | tuple):
+            if len(self.formulation) != self.blocks:
+                raise ValueError(
+                    f"formulation: a list needs one entry per block ({self.blocks}), got {len(self.formulation)}"
+                )
+            self.formulation = [_choice("formulation", f, FORMULATIONS) for f in self.formulation]
+        else:
+            self.formulation = _choice("formulation", self.formulation, FORMULATIONS)
+        self.activation = _choice("activation", self.activation, tuple(ACTIVATIONS))
+        self.g = _choice("g", self.g, G_ARCHITECTURES)
+        self.depth = _int_at_least("depth", self.depth, 1)
+        self.growth = _int_at_least("growth", self.growth, 2)
+        if not isinstance(self.hidden, list | tuple) or not self.hidden:
+            raise ValueError(f"hidden: must be a non-empty list of widths, got {self.hidden!r}")
+        self.hidden = [_int_at_least("hidden", h, 1) for h in self.hidden]
+        lip = _number("lipschitz", self.lipschitz)
+        if not 0.0 < lip < 1.0:
+            raise ValueError(f"lipschitz: must lie in (0, 1) (exclusive), got {self.lipschitz!r}")
+        self.lipschitz = lip
+        cl = _number("concat_lipschitz", self.concat_lipschitz)
+        if not 0.0 < cl <= 1.0:
+            raise ValueError(f"concat_lipschitz: must lie in (0, 1], got {self.concat_lipschitz!r}")
+        self.concat_lipschitz = cl
+        self.spectral_norm = _choice("spectral_norm", self.spectral_norm, SPECTRAL_MODES)
+        self.solver = _choice("solver", self.solver, METHODS)
+        tol = _number("tol", self.tol)
+        if not 0.0 < tol < 1.0:
+            raise ValueError(f"tol: must lie in (0, 1), got {self.tol!r}")
+        self.tol = tol
+        self.max_iter = _int_at_least("max_iter", self.max_iter, 1)
+        self.anderson_memory = _int_at_least("anderson_memory", self.anderson_memory, 1)
+        self.logdet = _choice("logdet", self.logdet, LOGDET_MODES)
+        self.implicit_grad = _choice("implicit_grad", self.implicit_grad, IMPLICIT_GRAD_MODES)
+        for name in ("actnorm", "actnorm_input", "learnable_concat", "neumann_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        self.n_exact_terms = _int_at_least("n_exact_terms", self.n_exact_terms, 1)
+        self.n_exact_terms_eval = _int_at_least("n_exact_terms_eval", self.n_exact_terms_eval, 1)
+        self.n_probes = _int_at_least("n_probes", self.n_probes, 1)
+        self.roulette = _choice("roulette", self.roulette, ("geometric", "poisson"))
+        self.roulette_param = _number("roulette_param", self.roulette_param)
+        self.estimator_settings()  # validates the roulette parameter
+
+    def formulations(self) -> list[str]:
+        """The formulation of each block."""
+        if isinstance(self.formulation, list):
+            return list(self.formulation)
+        return [self.formulation] * self.blocks
+
+    def estimator_settings(self) -> EstimatorSettings:
+        """The power-series estimator settings of this configuration."""
+        try:
+            return EstimatorSettings(
+                n_exact_terms=self.n_exact_terms,
+                n_exact_terms_eval=self.n_exact_terms_eval,
+                roulette=self.roulette,
+                roulette_param=self.roulette_param,
+                n_probes=self.n_probes,
+                neumann_grad=self.neumann_grad,
+            )
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary of all fields."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
+        """Build from a dictionary; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a flow configuration must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> FlowConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> FlowConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,125 @@
+"""The flow container: a stack of invertible layers over a standard normal base density."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import _ImplicitBlock, block_solver_stats
+from .solvers import SolverStats
+
+if TYPE_CHECKING:
+    from .config import FlowConfig
+
+__all__ = ["Flow", "standard_normal_log_prob"]
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """Log-density of N(0, I) per sample, in nats: ``-|z|^2 / 2 - n/2 log(2 pi)``."""
+    flat = z.reshape(z.shape[0], -1)
+    return -0.5 * (flat * flat).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2.0 * math.pi)
+
+
+class Flow(nn.Module):
+    """A normalizing flow ``F = f_K o ... o f_1`` with ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|``.
+
+    Args:
+        layers: invertible layers, each with ``forward(x) -> (y, logdet)`` and ``inverse(y) -> x``.
+        event_shape: shape of one sample, e.g. ``(2,)``.
+        config: the configuration the flow was built from (kept for checkpoints), if any.
+    """
+
+    def __init__(
+        self, layers: Sequence[nn.Module], event_shape: Sequence[int], config: FlowConfig | None = None
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.config = config
+        # Carries the flow's dtype and device for sampling, even when no layer has parameters.
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        """Number of dimensions of one sample."""
+        return math.prod(self.event_shape)
+
+    def _check(self, x: Tensor) -> None:
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(f"expected inputs of shape (batch, {', '.join(map(str, self.event_shape))}), "
+                             f"got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Map data to the base space: ``(z, log|det dz/dx|)`` with logdet of shape (B,)."""
+        self._check(x)
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for layer in self.layers:
+            x, logdet = layer(x)
+            total = total + logdet
+        return x, total
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Map base samples back to data space."""
+        self._check(z)
+        for layer in reversed(self.layers):
+            z = layer.inverse(z)
+        return z
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log-density of each sample in nats, shape (B,). Exact iff :attr:`logdet_is_exact`."""
+        z, logdet = self(x)
+        return standard_normal_log_prob(z) + logdet
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` samples ``F^{-1}(temperature * eps)``, ``eps ~ N(0, I)`` (no gradient is recorded)."""
+        if n < 0:
+            raise ValueError(f"n: must be >= 0, got {n}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: must be positive, got {temperature}")
+        z = torch.randn(
+            (n, *self.event_shape), dtype=self._anchor.dtype, device=self._anchor.device, generator=generator
+        )
+        return self.inverse(temperature * z)
+
+    def implicit_blocks(self) -> list[_ImplicitBlock]:
+        """The blocks built on G (monotone, residual, inverse residual), in order."""
+        return [m for m in self.layers if isinstance(m, _ImplicitBlock)]
+
+    @property
+    def logdet_is_exact(self) -> bool:
+        """Whether the latest forward pass computed every log-det exactly (False: an unbiased estimate)."""
+        return all(b.last_logdet_exact for b in self.implicit_blocks())
+
+    def solver_stats(self) -> list[dict[str, SolverStats | None]]:
+        """Per implicit block, the statistics of its latest forward, inverse and backward solves."""
+        return [block_solver_stats(b) for b in self.implicit_blocks()]
+
+    def set_solver_options(
+        self, *, solver: str | None = None, tol: float | None = None, max_iter: int | None = None
+    ) -> None:
+        """Change solver settings of every block in place (applies from the next pass; no rebuild)."""
+        from .solvers import resolve_method
+
+        if solver is not None:
+            resolve_method(solver, 1)
+        if tol is not None and not tol > 0:
+            raise ValueError(f"tol: must be positive, got {tol}")
+        if max_iter is not None and max_iter < 1:
+            raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
+        for b in self.implicit_blocks():
+            if solver is not None:
+                b.solver = solver
+            if tol is not None:
+                b.tol = float(tol)
+            if max_iter is not None:
+                b.max_iter = int(max_iter)
+        if self.config is not None:
+            updates: dict[str, Any] = {k: v for k, v in (("solver", solver), ("tol", tol), ("max_iter", max_iter))
+                                       if v is not None}
+            for k, v in updates.items():
+                setattr(self.config, k, v)
