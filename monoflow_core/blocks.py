@@ -146,7 +146,9 @@ class _ImplicitBlock(nn.Module):
     def _needs_grad(self, x: Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or _net_has_grad_params(self.net))
 
-    def _solve(self, ev: _NetEvaluator, rhs: Tensor, sign: float, label: str) -> tuple[Tensor, SolverStats, Tensor | None]:
+    def _solve(
+        self, ev: _NetEvaluator, rhs: Tensor, sign: float, label: str
+    ) -> tuple[Tensor, SolverStats, Tensor | None]:
         """Solve ``w + sign * G(w) = rhs`` without a graph; return ``(w*, stats, A = I + sign J at w*)``."""
         n = _event_dim(rhs)
         method = resolve_method(self.solver, n)
@@ -197,7 +199,10 @@ class _ImplicitBlock(nn.Module):
         method = "anderson" if resolve_method(self.solver, _event_dim(w_star)) == "newton" else self.solver
         method = resolve_method(method, 10**9)
 
-        def hook(grad: Tensor) -> Tensor:
+        def hook(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # autograd may pass an undefined gradient (nothing flows into w)
+                return None
+
             def fmap(a: Tensor, idx: Tensor) -> Tensor:
                 full = torch.zeros_like(grad)
                 full[idx] = a

@@ -139,7 +139,7 @@ class EstimatorSettings:
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         if self.roulette == "geometric":
             # P(N >= m) = (1-p)^m  =>  N = floor(log(U) / log(1-p))
-            return int(math.floor(math.log(max(u, 1e-300)) / math.log(1.0 - self.roulette_param)))
+            return math.floor(math.log(max(u, 1e-300)) / math.log(1.0 - self.roulette_param))
         lam = torch.tensor(self.roulette_param, dtype=torch.float64)
         return int(torch.poisson(lam, generator=generator))
 
