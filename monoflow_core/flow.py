@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import _ImplicitBlock, block_solver_stats
+from .fast import fast_eligible, fusable_runs, fused_inverse, run_fused
 from .solvers import SolverStats
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class Flow(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.event_shape = tuple(int(s) for s in event_shape)
         self.config = config
+        #: Run eligible blocks (the project's DenseNet G, small dimension, exact log-det, Newton) on the fused
+        #: path of ``monoflow_core.fast``; False forces the generic autograd path (the reference).
+        self.fast_path = True
         # Carries the flow's dtype and device for sampling, even when no layer has parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
@@ -57,16 +61,25 @@ class Flow(nn.Module):
         """Map data to the base space: ``(z, log|det dz/dx|)`` with logdet of shape (B,)."""
         self._check(x)
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for layer in self.layers:
-            x, logdet = layer(x)
+        layers = list(self.layers)
+        runs = dict(fusable_runs(layers, self.dim)) if self.fast_path and x.dim() == 2 else {}
+        i = 0
+        while i < len(layers):
+            if i in runs:
+                x, logdet = run_fused(layers[i : runs[i]], x)
+                i = runs[i]
+            else:
+                x, logdet = layers[i](x)
+                i += 1
             total = total + logdet
         return x, total
 
     def inverse(self, z: Tensor) -> Tensor:
         """Map base samples back to data space."""
         self._check(z)
+        fast = self.fast_path and z.dim() == 2 and not torch.is_grad_enabled()
         for layer in reversed(self.layers):
-            z = layer.inverse(z)
+            z = fused_inverse(layer, z) if fast and fast_eligible(layer, self.dim) else layer.inverse(z)
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:

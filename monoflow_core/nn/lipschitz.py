@@ -112,18 +112,20 @@ def spectral_layers(module: nn.Module) -> Iterator[SpectralLinear]:
 
 
 @torch.no_grad()
-def update_lipschitz(module: nn.Module, n_iterations: int = 5) -> None:
+def update_lipschitz(module: nn.Module, n_iterations: int = 5, include_exact: bool = False) -> None:
     """Run ``n_iterations`` power iterations on every spectrally normalised layer in ``module``.
 
     Call it after each optimizer step (the released code used 5) and before evaluation (200). Layers in
-    ``"exact"`` mode need no update for correctness; their vectors are refined anyway so that switching a
-    layer to ``"power"`` mode starts from a converged state.
+    ``"exact"`` mode compute their norm exactly on every use and are skipped (their vectors are refined only
+    when ``include_exact`` is set, e.g. before switching them to ``"power"`` mode).
 
     Args:
         module: any module; layers are found recursively.
         n_iterations: power iterations per layer, >= 0.
+        include_exact: also refine the vectors of exact-mode layers.
     """
     if n_iterations < 0:
         raise ValueError(f"n_iterations: must be >= 0, got {n_iterations}")
     for layer in spectral_layers(module):
-        layer.power_iteration(n_iterations)
+        if layer.mode == "power" or include_exact:
+            layer.power_iteration(n_iterations)

@@ -1,0 +1,102 @@
+"""The fused exact path agrees with the generic autograd path (the reference) in float64."""
+
+import pytest
+import torch
+
+from monoflow_core import FlowConfig, build_flow
+from monoflow_core.fast import fast_eligible, fusable_runs
+from monoflow_core.solvers import SolverWarning
+
+DT = torch.float64
+TIGHT = {"tol": 1e-13, "max_iter": 200}
+
+
+def both_paths(flow, x, seed=0):
+    """Values, log-dets and gradients (input and parameters) from the generic and the fused path."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for fast in (False, True):
+        flow.fast_path = fast
+        xi = x.clone().requires_grad_(True)
+        z, logdet = flow(xi)
+        gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        gl = torch.randn(logdet.shape, generator=g.manual_seed(seed + 1), dtype=DT)
+        params = [p for p in flow.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((z * gz).sum() + (logdet * gl).sum(), [xi, *params], allow_unused=True)
+        out.append((z.detach(), logdet.detach(), grads))
+    flow.fast_path = True
+    return out
+
+
+@pytest.mark.parametrize("formulation", ["monotone", "residual", "inverse_residual"])
+@pytest.mark.parametrize("dim,activation", [(2, "cpila"), (1, "crelu"), (3, "cpila")])
+def test_fused_matches_generic(formulation, dim, activation):
+    torch.manual_seed(0)
+    cfg = FlowConfig(dim=dim, blocks=4, depth=3, growth=8, activation=activation, formulation=formulation, **TIGHT)
+    flow = build_flow(cfg).double()
+    assert fusable_runs(list(flow.layers), dim) == [(0, 4)]
+    x = torch.randn(40, dim, dtype=DT) * 2
+    (z0, l0, g0), (z1, l1, g1) = both_paths(flow, x)
+    assert torch.allclose(z0, z1, atol=1e-10, rtol=0)
+    assert torch.allclose(l0, l1, atol=1e-10, rtol=0)
+    for a, b in zip(g0, g1, strict=True):
+        assert b is not None
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    with torch.no_grad():
+        assert float((flow.inverse(z1) - x).abs().max()) < 1e-9
+        flow.fast_path = False
+        slow_inverse = flow.inverse(z1)
+        flow.fast_path = True
+        assert torch.allclose(slow_inverse, flow.inverse(z1), atol=1e-10)
+
+
+def test_fused_runs_split_around_other_layers_and_mixed_formulations():
+    torch.manual_seed(1)
+    cfg = FlowConfig(blocks=4, formulation=["monotone", "residual", "inverse_residual", "monotone"], actnorm=True,
+                     actnorm_input=True, **TIGHT)
+    flow = build_flow(cfg).double()
+    layers = list(flow.layers)
+    assert fusable_runs(layers, 2) == [(1, 2), (3, 4), (5, 6), (7, 8)]
+    x = torch.randn(30, 2, dtype=DT)
+    flow.train()
+    flow(x)  # data-dependent ActNorm initialisation
+    (z0, l0, g0), (z1, l1, g1) = both_paths(flow, x)
+    assert torch.allclose(z0, z1, atol=1e-10) and torch.allclose(l0, l1, atol=1e-10)
+    for a, b in zip(g0, g1, strict=True):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_eligibility_rules():
+    flow = build_flow(FlowConfig(blocks=1))
+    block = flow.layers[0]
+    assert fast_eligible(block, 2)
+    assert not fast_eligible(block, 3)  # wrong dimension
+    for attr, value in (("logdet_mode", "estimator"), ("solver", "anderson"), ("implicit_grad", "backward_solve")):
+        old = getattr(block, attr)
+        setattr(block, attr, value)
+        assert not fast_eligible(block, 2), attr
+        setattr(block, attr, old)
+    # learnable activations (CLipSwish has a trainable beta) stay on the generic path
+    assert not fast_eligible(build_flow(FlowConfig(blocks=1, activation="clipswish")).layers[0], 2)
+
+
+def test_fused_solver_statistics_and_non_convergence_warning():
+    torch.manual_seed(2)
+    flow = build_flow(FlowConfig(blocks=2, max_iter=1))
+    x = torch.randn(64, 2) * 3
+    with pytest.warns(SolverWarning, match="did not converge"):
+        flow.log_prob(x).sum().backward()
+    stats = flow.solver_stats()[0]["forward"]
+    assert stats.n_failed > 0 and int(stats.iterations.max()) == 1
+    flow.set_solver_options(max_iter=50)
+    flow.log_prob(x).sum().backward()
+    stats = flow.solver_stats()[0]["forward"]
+    assert stats.all_converged and 2 <= int(stats.iterations.max()) <= 10
+    assert float(stats.residual.max()) <= stats.tol
+
+
+def test_fused_gradients_match_finite_differences():
+    torch.manual_seed(3)
+    flow = build_flow(FlowConfig(blocks=2, depth=2, growth=4, **TIGHT)).double()
+    x = torch.randn(3, 2, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: flow.log_prob(v), (x,))
