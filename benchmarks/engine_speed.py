@@ -1,0 +1,118 @@
+"""Engine speed on the paper's 2-D toy model (10 monotone blocks, DenseNet G 3x16, CPila; ALGORITHM.md 7.1).
+
+Measures, on this machine, in float32 at batch 500:
+
+* the median wall time of one training step (forward with exact log-det, backward, Adam step, spectral-norm
+  update) over steps 51-250 of a real 8gaussians training run (ms/step);
+* forward-solve evaluations of G per block over that run (median and maximum);
+* the log-density on a 400 x 400 grid over [-4, 4]^2 and 160,000 samples (s), after that training;
+* the same training step on the generic autograd path (``flow.fast_path = False``) for comparison.
+
+Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 2] [--json OUT]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+import monoflow_core as mc
+from monoflow_core.data import ToyStream
+
+
+def train_steps(flow: mc.Flow, steps: int, seed: int) -> tuple[list[float], list[int], list[int], float]:
+    """Run ``steps`` Adam steps on fresh 8gaussians batches; per-step ms, median/max G-evaluations, last loss."""
+    stream = ToyStream("8gaussians", seed)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-5, fused=True)
+    times, med_evals, max_evals = [], [], []
+    loss = float("nan")
+    for _ in range(steps):
+        x = stream.sample(500)
+        t0 = time.perf_counter()
+        loss_t = -flow.log_prob(x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        mc.update_lipschitz(flow, 5)
+        times.append((time.perf_counter() - t0) * 1e3)
+        its = torch.cat([s["forward"].iterations for s in flow.solver_stats() if s["forward"] is not None])
+        med_evals.append(int(its.median()))
+        max_evals.append(int(its.max()))
+        loss = float(loss_t)
+    return times, med_evals, max_evals, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=250, help="training steps (the median uses steps 51..N)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
+    parser.add_argument("--eval-threads", type=int, default=2, help="intra-op threads for grid and sampling")
+    parser.add_argument("--generic-steps", type=int, default=60, help="steps on the generic autograd path")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    flow = mc.build_flow()
+    flow.train()
+    times, med_evals, max_evals, loss = train_steps(flow, args.steps, seed=0)
+    window = times[50:] if len(times) > 60 else times
+    step_ms = statistics.median(window)
+
+    torch.set_num_threads(args.eval_threads)
+    flow.eval()
+    ticks = torch.linspace(-4, 4, 400)
+    yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logp = torch.cat([flow.log_prob(chunk) for chunk in grid.split(5000)])
+        grid_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples = torch.cat([flow.sample(5000) for _ in range(32)])
+        sample_s = time.perf_counter() - t0
+    assert torch.isfinite(logp).all() and torch.isfinite(samples).all()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    generic = mc.build_flow()
+    generic.fast_path = False
+    generic.train()
+    gtimes, _, _, _ = train_steps(generic, args.generic_steps, seed=0)
+    generic_ms = statistics.median(gtimes[10:])
+
+    figures = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads available to torch, "
+        f"torch {torch.__version__}",
+        "train_step_ms_median": round(step_ms, 2),
+        "train_step_ms_p90": round(sorted(window)[int(0.9 * len(window))], 2),
+        "generic_autograd_step_ms_median": round(generic_ms, 2),
+        "forward_G_evaluations_per_block_median": statistics.median(med_evals[50:] or med_evals),
+        "forward_G_evaluations_per_block_max": max(max_evals[50:] or max_evals),
+        "grid_400x400_s": round(grid_s, 3),
+        "samples_160000_s": round(sample_s, 3),
+        "train_loss_last_nats": round(loss, 4),
+        "threads_train": args.threads,
+        "threads_eval": args.eval_threads,
+    }
+    print(f"training step (fused exact path, float32, batch 500, steps 51-{args.steps}): "
+          f"median {step_ms:.1f} ms/step, p90 {figures['train_step_ms_p90']} ms/step ({args.threads} thread)")
+    print(f"training step (generic autograd path): median {generic_ms:.1f} ms/step")
+    print(f"forward-solve G evaluations per block: median {figures['forward_G_evaluations_per_block_median']}, "
+          f"max {figures['forward_G_evaluations_per_block_max']}")
+    print(f"log-density, 400x400 grid: {grid_s:.2f} s; 160,000 samples: {sample_s:.2f} s "
+          f"({args.eval_threads} threads, chunks of 5,000)")
+    print(f"last training loss: {loss:.4f} nats (exact NLL of the batch)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
