@@ -1,0 +1,252 @@
+"""Evaluation of trained flows: log-density grids, samples, test NLL / MSE and solver diagnostics.
+
+Everything here runs under ``torch.no_grad()`` with the flow in eval mode, and hands back plain numbers or numpy
+arrays (what the CLI and the studio display). Likelihoods are best evaluated in float64 (ALGORITHM.md 8: in
+float32 a few stagnating points can hold a whole grid's solve, in float64 every block converges in a handful of
+iterations); a float32 flow is then evaluated on a float64 *copy*, so the caller's flow keeps its dtype, its
+mode and its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .flow import Flow
+
+__all__ = [
+    "Extent",
+    "log_density_grid",
+    "log_prob",
+    "sample",
+    "solver_diagnostics",
+    "test_mse",
+    "test_nll",
+]
+
+#: ``(xmin, xmax, ymin, ymax)`` of a 2-D grid, in data units.
+Extent = tuple[float, float, float, float]
+
+
+def _flow_dtype_device(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in itertools.chain(flow.parameters(), flow.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+@contextmanager
+def _evaluating(flow: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
+    """Yield ``flow`` (or a copy in ``dtype``) in eval mode with gradients off; restore the mode afterwards."""
+    own_dtype, _ = _flow_dtype_device(flow)
+    if dtype is not None and dtype != own_dtype:
+        # A copy, never an in-place cast: the caller (e.g. a training loop) keeps its float32 weights.
+        model = copy.deepcopy(flow).to(dtype=dtype).eval()
+        with torch.no_grad():
+            yield model
+        return
+    was_training = flow.training
+    flow.eval()
+    try:
+        with torch.no_grad():
+            yield flow
+    finally:
+        flow.train(was_training)
+
+
+def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(device=device, dtype=dtype)
+
+
+def _check_chunk(chunk: int) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: must be an integer >= 1, got {chunk!r}")
+    return chunk
+
+
+def log_prob(flow: Flow, x: Tensor | np.ndarray, chunk: int = 10_000, dtype: torch.dtype | None = None) -> Tensor:
+    """Log-density ``log p(x)`` of every point in nats, as a float64 CPU tensor of shape (N,).
+
+    ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (ALGORITHM.md 1), evaluated in chunks of ``chunk`` points.
+    If the flow's log-det is not exact (``flow.logdet_is_exact`` is False afterwards) the values are unbiased
+    stochastic estimates.
+
+    Args:
+        flow: the flow.
+        x: points of shape (N, *event_shape).
+        chunk: points per forward pass.
+        dtype: evaluate in this dtype (on a copy if it differs from the flow's); ``None`` = the flow's dtype.
+    """
+    chunk = _check_chunk(chunk)
+    with _evaluating(flow, dtype) as model:
+        dt, dev = _flow_dtype_device(model)
+        xt = _as_tensor(x, dt, dev)
+        parts = [model.log_prob(xt[i : i + chunk]).to(device="cpu", dtype=torch.float64)
+                 for i in range(0, xt.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def test_nll(flow: Flow, x: Tensor | np.ndarray, chunk: int = 10_000, dtype: torch.dtype | None = None) -> float:
+    """Mean test negative log-likelihood in nats (ALGORITHM.md 7.1), evaluated in chunks.
+
+    Args:
+        flow: the flow.
+        x: test points (N, *event_shape).
+        chunk: points per forward pass.
+        dtype: evaluation dtype (``None``: the flow's own; ``torch.float64`` evaluates a float64 copy).
+    """
+    return float(-log_prob(flow, x, chunk=chunk, dtype=dtype).mean())
+
+
+test_nll.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite the name
+
+
+def test_mse(
+    flow: Flow, x: Tensor | np.ndarray, y: Tensor | np.ndarray, chunk: int = 10_000, dtype: torch.dtype | None = None
+) -> float:
+    """Mean squared error of the flow used as a map ``x -> y`` (the 1-D fitting task, ALGORITHM.md 7.2).
+
+    The mean runs over points and output dimensions; the flow's forward map ``F(x)`` is the prediction.
+    """
+    chunk = _check_chunk(chunk)
+    with _evaluating(flow, dtype) as model:
+        dt, dev = _flow_dtype_device(model)
+        xt, yt = _as_tensor(x, dt, dev), _as_tensor(y, dt, dev)
+        if xt.shape[0] != yt.shape[0]:
+            raise ValueError(f"x and y: need the same number of points, got {xt.shape[0]} and {yt.shape[0]}")
+        total, count = 0.0, 0
+        for i in range(0, xt.shape[0], chunk):
+            y_hat, _ = model(xt[i : i + chunk])
+            err = (y_hat - yt[i : i + chunk].reshape(y_hat.shape)).to(torch.float64)
+            total += float((err * err).sum())
+            count += err.numel()
+    return total / max(count, 1)
+
+
+test_mse.__test__ = False  # type: ignore[attr-defined]
+
+
+def _parse_extent(extent: float | tuple[float, float, float, float] | list[float]) -> Extent:
+    if isinstance(extent, int | float) and not isinstance(extent, bool):
+        e = float(extent)
+        if not e > 0:
+            raise ValueError(f"extent: a half-width must be positive, got {extent!r}")
+        return (-e, e, -e, e)
+    if isinstance(extent, tuple | list) and len(extent) == 4:
+        xmin, xmax, ymin, ymax = (float(v) for v in extent)
+        if not (xmin < xmax and ymin < ymax):
+            raise ValueError(f"extent: need xmin < xmax and ymin < ymax, got {tuple(extent)}")
+        return (xmin, xmax, ymin, ymax)
+    raise ValueError(f"extent: a positive half-width or (xmin, xmax, ymin, ymax), got {extent!r}")
+
+
+def grid_points(extent: Extent, resolution: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The grid of :func:`log_density_grid`: ``(xs, ys, points)`` with points (res*res, 2) row-major in y.
+
+    Point ``i * res + j`` is ``(xs[j], ys[i])``: rows run over y from ``ymin`` to ``ymax``, columns over x.
+    """
+    xmin, xmax, ymin, ymax = extent
+    xs = torch.linspace(xmin, xmax, resolution, dtype=torch.float64)
+    ys = torch.linspace(ymin, ymax, resolution, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return xs, ys, torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+
+
+def log_density_grid(
+    flow: Flow,
+    extent: float | tuple[float, float, float, float] = 4.0,
+    resolution: int = 400,
+    chunk: int = 5000,
+    dtype: torch.dtype | None = torch.float64,
+) -> tuple[np.ndarray, Extent]:
+    """Log-density of a 2-D flow on a regular grid, in nats (the paper's 400 x 400 on [-4, 4]^2, section 7.1).
+
+    Args:
+        flow: a flow on 2-D samples.
+        extent: half-width ``e`` (grid on ``[-e, e]^2``) or ``(xmin, xmax, ymin, ymax)``.
+        resolution: points per axis, >= 2; the grid includes the extent's edges (spacing
+            ``(xmax - xmin) / (resolution - 1)``).
+        chunk: points per forward pass.
+        dtype: evaluation dtype (float64 by default, on a copy of a float32 flow); ``None``: the flow's own.
+
+    Returns:
+        ``(grid, extent)``: ``grid[i, j] = log p(xs[j], ys[i])`` with ``ys`` increasing from ``ymin`` (row 0) to
+        ``ymax`` and ``xs`` from ``xmin`` (column 0) to ``xmax``, as a float64 array of shape
+        (resolution, resolution) (use ``origin="lower"`` to display it); and the extent as a tuple.
+    """
+    if tuple(getattr(flow, "event_shape", ())) != (2,):
+        raise ValueError(f"flow: a density grid needs a flow on 2-D samples, got event shape {flow.event_shape}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
+        raise ValueError(f"resolution: must be an integer >= 2, got {resolution!r}")
+    box = _parse_extent(extent)
+    _, _, points = grid_points(box, resolution)
+    values = log_prob(flow, points, chunk=chunk, dtype=dtype)
+    return values.reshape(resolution, resolution).numpy(), box
+
+
+def sample(
+    flow: Flow,
+    n: int,
+    chunk: int = 5000,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """Draw ``n`` samples ``F^{-1}(temperature * eps)``, ``eps ~ N(0, I)``, as a numpy array (n, *event_shape).
+
+    Args:
+        flow: the flow.
+        n: number of samples, >= 0 (the paper's sample histograms use 160,000).
+        chunk: samples per inverse pass.
+        temperature: scale of the base noise, > 0.
+        seed: seed of a dedicated generator (reproducible samples, global RNG untouched); ``None`` uses the
+            global generator.
+        dtype: sample in this dtype (on a copy); ``None``: the flow's own.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: must be an integer >= 0, got {n!r}")
+    chunk = _check_chunk(chunk)
+    with _evaluating(flow, dtype) as model:
+        dt, dev = _flow_dtype_device(model)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=dev)
+            generator.manual_seed(int(seed))
+        parts = []
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            parts.append(model.sample(m, temperature=temperature, generator=generator).to("cpu"))
+        if not parts:
+            return np.zeros((0, *flow.event_shape), dtype=np.float64 if dt == torch.float64 else np.float32)
+        return torch.cat(parts).numpy()
+
+
+def solver_diagnostics(flow: Flow) -> list[dict[str, Any]]:
+    """Per implicit block, its solver settings and the summaries of its latest solves.
+
+    Each entry: ``block`` (index in ``flow.layers``), ``kind``, ``solver``, ``tol``, ``max_iter``, and
+    ``forward`` / ``inverse`` / ``backward``: :meth:`SolverStats.summary` dicts (iterations are G-evaluations
+    per sample) or ``None`` where no such solve ran (e.g. the forward pass of a residual block).
+    """
+    out = []
+    layers = list(flow.layers)
+    for block, stats in zip(flow.implicit_blocks(), flow.solver_stats(), strict=True):
+        out.append(
+            {
+                "block": next(i for i, m in enumerate(layers) if m is block),
+                "kind": block.kind,
+                "solver": block.solver,
+                "tol": block.tol,
+                "max_iter": block.max_iter,
+                **{k: (None if s is None else s.summary()) for k, s in stats.items()},
+            }
+        )
+    return out

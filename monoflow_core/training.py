@@ -1,0 +1,956 @@
+"""The one training loop of monoflow: :class:`TrainConfig`, :class:`Trainer`, metrics and the paper protocol.
+
+The CLI and the studio's worker thread both drive :class:`Trainer`; neither adds any mathematics. A trainer owns
+the flow, an Adam optimizer, a seeded resumable stream of fresh training batches and the bookkeeping around them
+(learning-rate schedule, learnable-concatenation schedule, power iterations, EMA, NaN guard, metrics).
+
+Two kinds of task, chosen by the data set:
+
+* **density** (the eight 2-D toy densities): loss = ``-mean log p(x)`` in nats, with
+  ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (ALGORITHM.md 1);
+* **regression** (``"staircase"``): the flow is used as a map ``x -> y`` and trained on the mean squared error
+  (Ahn et al. 2022, Figure 4; ALGORITHM.md 7.2).
+
+The published protocols (ALGORITHM.md 7.1) are reproduced by the defaults: Adam with lr 1e-3, betas
+(0.9, 0.999) and coupled weight decay 1e-5, batches of 500 fresh samples, 5 power iterations after every step,
+concatenation weights frozen for the first 25,000 iterations, a test on 10,000 fresh samples every 100 iterations
+and the mean of the last 20 tests as the reported number (:func:`paper_protocol_value`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import evaluation
+from .blocks import ActNorm
+from .config import FlowConfig
+from .data import TOY_DATASETS, ToyStream, check_dataset_name, sample_staircase, sample_toy
+from .flow import Flow
+from .models import build_flow
+from .nn.densenet import DenseNetG
+from .nn.lipschitz import spectral_layers, update_lipschitz
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+__all__ = [
+    "DTYPES",
+    "PAPER_PROTOCOL_TESTS",
+    "SCHEDULES",
+    "EvalMetrics",
+    "RunSummary",
+    "StepMetrics",
+    "TrainConfig",
+    "Trainer",
+    "TrainingError",
+    "lr_factor",
+    "paper_protocol_nll",
+    "paper_protocol_value",
+]
+
+SCHEDULES = ("constant", "step", "warmup")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: Table 1 of Ahn et al. (2022) reports the mean of the last 20 tests (ALGORITHM.md 7.1).
+PAPER_PROTOCOL_TESTS = 20
+
+#: Power iterations before an evaluation (the released code's 200; only layers in ``"power"`` mode need them).
+EVAL_POWER_ITERATIONS = 200
+
+#: The fresh-sample test stream is seeded with ``seed + EVAL_STREAM_SEED_OFFSET`` so it never repeats the
+#: training batches.
+EVAL_STREAM_SEED_OFFSET = 1_000_003
+
+#: Chunk size (samples) for evaluations.
+EVAL_CHUNK = 10_000
+
+TRAINER_STATE_FORMAT = "monoflow-trainer-state/1"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many consecutive steps with a non-finite loss or gradient)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
+
+    Attributes:
+        data: data set name, one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
+            task, the others are 2-D densities).
+        iterations: total training iterations of a run, >= 1 (the paper: 50,000 for 2-D, 15,000 for 1-D).
+        batch_size: fresh samples per iteration, >= 1 (paper: 500 for 2-D, 5,000 for 1-D).
+        lr: Adam learning rate, > 0.
+        betas: Adam betas, each in [0, 1).
+        weight_decay: Adam's *coupled* L2 weight decay (``torch.optim.Adam``), >= 0.
+        schedule: ``"constant"``, ``"step"`` (multiply by ``lr_gamma`` at each of ``lr_milestones``) or
+            ``"warmup"`` (linear warm-up over ``warmup_iterations``, then constant). A non-zero
+            ``warmup_iterations`` also prepends the warm-up to the other schedules.
+        lr_milestones: strictly increasing iteration indices where ``"step"`` multiplies the lr by ``lr_gamma``
+            (the 1-D preset: [5000, 10000] with gamma 0.2: 0.01 -> 0.002 -> 0.0004).
+        lr_gamma: factor of the ``"step"`` schedule, > 0.
+        warmup_iterations: length of the linear warm-up, >= 0 (>= 1 for ``"warmup"``).
+        concat_learnable_from: iteration from which the DenseNet concatenation weights are trained (frozen
+            before it; the paper's "learnable concatenation" from 25,000); ``None`` follows the model config.
+        lipschitz_iterations: power iterations on every spectrally normalised layer after each step, >= 0.
+        grad_clip: maximum global gradient norm, > 0, or ``None`` for no clipping.
+        ema: decay of an exponential moving average of the weights in (0, 1) (used for evaluation), or
+            ``None``.
+        seed: seed (>= 0) of the weights (``torch.manual_seed``) and of the training data stream.
+        eval_every: a fresh-sample test every this many iterations during :meth:`Trainer.run`; 0 = never.
+        eval_size: points per fresh-sample test, >= 1 (paper: 10,000). Also the size of the fixed regression
+            test set (the paper's 1-D test MSE is on 10,000 points).
+        test_size: size of the fixed, seeded held-out set of density tasks, >= 1.
+        test_seed: seed (>= 0) of the held-out set.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: ``"float32"`` or ``"float64"`` for training.
+        max_rejected_steps: consecutive rejected (non-finite) steps before :class:`TrainingError`, >= 1.
+        checkpoint_every: iterations between checkpoints in :meth:`Trainer.run` when it is given a path; 0 =
+            only at the end.
+    """
+
+    data: str = "8gaussians"
+    iterations: int = 50000
+    batch_size: int = 500
+    lr: float = 1e-3
+    betas: tuple[float, float] | list[float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    schedule: str = "constant"
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    warmup_iterations: int = 0
+    concat_learnable_from: int | None = 25000
+    lipschitz_iterations: int = 5
+    grad_clip: float | None = None
+    ema: float | None = None
+    seed: int = 0
+    eval_every: int = 100
+    eval_size: int = 10000
+    test_size: int = 100000
+    test_seed: int = 1234
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_rejected_steps: int = 20
+    checkpoint_every: int = 1000
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field; raise ``ValueError("field: ...")`` with the allowed range."""
+        self.data = check_dataset_name(self.data)  # raises "data: unknown data set ...; choose one of [...]"
+        self.iterations = _int("iterations", self.iterations, 1)
+        self.batch_size = _int("batch_size", self.batch_size, 1)
+        self.lr = _float("lr", self.lr)
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr!r}")
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
+            raise ValueError(f"betas: must be a pair (beta1, beta2), each in [0, 1), got {self.betas!r}")
+        betas = tuple(_float("betas", b) for b in self.betas)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: each must lie in [0, 1), got {self.betas!r}")
+        self.betas = (betas[0], betas[1])
+        self.weight_decay = _float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.schedule, str) or self.schedule.lower() not in SCHEDULES:
+            raise ValueError(f"schedule: unknown value {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        self.schedule = self.schedule.lower()
+        if not isinstance(self.lr_milestones, list | tuple):
+            raise ValueError(f"lr_milestones: must be a list of increasing iterations >= 1, got {self.lr_milestones!r}")
+        self.lr_milestones = [_int("lr_milestones", m, 1) for m in self.lr_milestones]
+        if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)):
+            raise ValueError(f"lr_milestones: must be strictly increasing, got {self.lr_milestones!r}")
+        self.lr_gamma = _float("lr_gamma", self.lr_gamma)
+        if not self.lr_gamma > 0:
+            raise ValueError(f"lr_gamma: must be > 0, got {self.lr_gamma!r}")
+        self.warmup_iterations = _int("warmup_iterations", self.warmup_iterations, 0)
+        if self.schedule == "warmup" and self.warmup_iterations < 1:
+            raise ValueError("warmup_iterations: must be >= 1 for schedule 'warmup'")
+        if self.concat_learnable_from is not None:
+            self.concat_learnable_from = _int("concat_learnable_from", self.concat_learnable_from, 0)
+        self.lipschitz_iterations = _int("lipschitz_iterations", self.lipschitz_iterations, 0)
+        if self.grad_clip is not None:
+            self.grad_clip = _float("grad_clip", self.grad_clip)
+            if not self.grad_clip > 0:
+                raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip!r}")
+        if self.ema is not None:
+            self.ema = _float("ema", self.ema)
+            if not 0.0 < self.ema < 1.0:
+                raise ValueError(f"ema: must lie in (0, 1) or be null, got {self.ema!r}")
+        self.seed = _int("seed", self.seed, 0)
+        self.eval_every = _int("eval_every", self.eval_every, 0)
+        self.eval_size = _int("eval_size", self.eval_size, 1)
+        self.test_size = _int("test_size", self.test_size, 1)
+        self.test_seed = _int("test_seed", self.test_seed, 0)
+        if not isinstance(self.device, str):
+            raise ValueError(f"device: must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"device: invalid device {self.device!r} ({err}); e.g. 'cpu', 'cuda', 'cuda:1'") from None
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
+            raise ValueError(f"dtype: unknown value {self.dtype!r}; choose one of {list(DTYPES)}")
+        self.dtype = self.dtype.lower()
+        self.max_rejected_steps = _int("max_rejected_steps", self.max_rejected_steps, 1)
+        self.checkpoint_every = _int("checkpoint_every", self.checkpoint_every, 0)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The training dtype as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
+
+    @property
+    def task(self) -> str:
+        """``"density"`` for the 2-D toy densities, ``"regression"`` for the staircase."""
+        return "density" if self.data in TOY_DATASETS else "regression"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary of all fields (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dictionary; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a training configuration must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training configuration field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Multiplier of the base learning rate at (0-based) iteration ``step``.
+
+    Linear warm-up ``(step + 1) / warmup_iterations`` for the first ``warmup_iterations`` iterations; for
+    ``"step"``, times ``lr_gamma ** (number of milestones <= step)`` (``torch.optim.lr_scheduler.MultiStepLR``
+    semantics: the paper's 1-D run uses 0.01 up to iteration 4,999 and 0.002 from 5,000).
+    """
+    factor = 1.0
+    if config.warmup_iterations > 0 and step < config.warmup_iterations:
+        factor *= (step + 1) / config.warmup_iterations
+    if config.schedule == "step":
+        factor *= config.lr_gamma ** bisect.bisect_right(config.lr_milestones, step)
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepMetrics:
+    """What one training iteration did.
+
+    Attributes:
+        step: 0-based index of the iteration.
+        loss: the training loss: NLL in nats (density tasks) or MSE (regression); NaN/inf when rejected.
+        lr: learning rate used.
+        grad_norm: global gradient norm before clipping (NaN when no gradient was computed).
+        seconds: wall time of the iteration, in seconds.
+        rejected: whether the optimizer step was skipped (non-finite loss or gradient).
+        message: why it was rejected ("" otherwise).
+        solver_iterations_mean: forward-solve G-evaluations per sample, summed over blocks (whole-flow cost).
+        solver_iterations_max: largest per-sample forward-solve iteration count of any block.
+        solver_failed: samples that missed the solver tolerance, summed over blocks.
+        exact: whether the loss used exact log-dets (False: an unbiased estimate).
+    """
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    rejected: bool = False
+    message: str = ""
+    solver_iterations_mean: float = 0.0
+    solver_iterations_max: int = 0
+    solver_failed: int = 0
+    exact: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepMetrics:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class EvalMetrics:
+    """One test of the model.
+
+    Attributes:
+        step: iterations completed when the test ran.
+        nll_nats: mean test negative log-likelihood in nats (density tasks), else ``None``.
+        nll_stderr_nats: standard error of that mean, in nats.
+        mse: mean test squared error (regression), else ``None``.
+        n_test: number of test points.
+        seconds: wall time of the evaluation, in seconds.
+        exact: whether the log-dets were exact; if False ``nll_nats`` is a stochastic *estimate*.
+        fixed: True for the fixed seeded held-out set, False for fresh samples (the paper's protocol).
+        dtype: the dtype the evaluation ran in.
+    """
+
+    step: int
+    nll_nats: float | None
+    mse: float | None
+    n_test: int
+    seconds: float
+    exact: bool
+    fixed: bool
+    nll_stderr_nats: float | None = None
+    dtype: str = "float64"
+
+    @property
+    def value(self) -> float:
+        """The headline number: NLL in nats or MSE."""
+        return float(self.nll_nats if self.nll_nats is not None else self.mse)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """A one-line human-readable summary with units."""
+        where = "held-out" if self.fixed else "fresh"
+        if self.nll_nats is not None:
+            label = "test NLL" if self.exact else "test NLL (estimate)"
+            err = f" +- {self.nll_stderr_nats:.4f}" if self.nll_stderr_nats is not None else ""
+            return f"step {self.step}: {label} {self.nll_nats:.4f}{err} nats on {self.n_test} {where} points"
+        return f"step {self.step}: test MSE {self.mse:.4g} on {self.n_test} {where} points"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalMetrics:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def paper_protocol_value(evals: Iterable[EvalMetrics], last: int = PAPER_PROTOCOL_TESTS) -> float | None:
+    """Mean of the last ``last`` fresh-sample tests: Table 1's protocol (Ahn et al. 2022; ALGORITHM.md 7.1).
+
+    Returns the mean test NLL in nats (density) or MSE (regression) over at most ``last`` of the most recent
+    tests with ``fixed == False``, or ``None`` if there are none.
+    """
+    values = [e.value for e in evals if not e.fixed]
+    if not values:
+        return None
+    tail = values[-last:]
+    return float(sum(tail) / len(tail))
+
+
+def paper_protocol_nll(evals: Iterable[EvalMetrics], last: int = PAPER_PROTOCOL_TESTS) -> float | None:
+    """Table 1's number in nats: mean test NLL of the last ``last`` fresh-sample tests (density tasks only)."""
+    return paper_protocol_value([e for e in evals if e.nll_nats is not None], last)
+
+
+@dataclass
+class RunSummary:
+    """What :meth:`Trainer.run` did.
+
+    Attributes:
+        steps_run: iterations run by this call.
+        step: iterations completed in total.
+        seconds: wall time of the call, in seconds.
+        rejected_steps: iterations of this call whose optimizer step was skipped.
+        last_loss: the last training loss (nats or MSE).
+        paper_protocol: mean of the last 20 fresh-sample tests (nats or MSE), ``None`` without tests.
+        paper_protocol_tests: how many tests that mean covers (the paper uses 20).
+        last_eval: the last test, if any.
+        stopped_early: whether the callback stopped the run.
+        task: ``"density"`` or ``"regression"``.
+    """
+
+    steps_run: int
+    step: int
+    seconds: float
+    rejected_steps: int
+    last_loss: float | None
+    paper_protocol: float | None
+    paper_protocol_tests: int
+    last_eval: EvalMetrics | None
+    stopped_early: bool
+    task: str
+
+    def describe(self) -> str:
+        unit = " nats" if self.task == "density" else ""
+        what = "test NLL" if self.task == "density" else "test MSE"
+        pp = (
+            f"; paper protocol ({what}, mean of last {self.paper_protocol_tests} fresh tests): "
+            f"{self.paper_protocol:.4f}{unit}"
+            if self.paper_protocol is not None
+            else ""
+        )
+        return f"{self.steps_run} iterations in {self.seconds:.1f} s (step {self.step}){pp}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+StepCallback = Callable[[StepMetrics, EvalMetrics | None], Any]
+
+
+class Trainer:
+    """Trains a flow on a toy density (maximum likelihood) or on the 1-D staircase (MSE).
+
+    One :meth:`step` = fresh batch, forward, backward, gradient-norm check and clipping, Adam step,
+    ``update_lipschitz`` power iterations, EMA update. Steps with a non-finite loss or gradient are *rejected*:
+    parameters and optimizer state stay bit-identical, and after ``max_rejected_steps`` consecutive rejections a
+    :class:`TrainingError` is raised. Between steps the learning rate and solver settings may be changed live
+    (:meth:`set_lr`, :meth:`set_solver`). :meth:`state_dict` / :meth:`load_state_dict` capture everything
+    needed for a bit-for-bit resumption (on the same device, same seed).
+
+    Randomness: the weights come from ``torch.manual_seed(seed)`` immediately before building the flow (so the
+    same seed gives the same weights; note this reseeds torch's global generator); training batches come from a
+    :class:`~monoflow_core.data.ToyStream` with its own numpy generator; the only torch randomness during
+    training is the power-series log-det estimator's (global generator, saved in :meth:`state_dict`).
+    Evaluations run inside ``torch.random.fork_rng`` so they never perturb the training stream.
+
+    Args:
+        model_config: the flow's architecture.
+        train_config: the run's settings.
+        flow: an already built flow (e.g. from a checkpoint) to train instead of ``build_flow(model_config)``.
+        history_length: how many :class:`StepMetrics` :attr:`history` keeps.
+
+    Attributes:
+        flow: the flow being trained.
+        optimizer: the Adam optimizer.
+        history: the most recent step metrics.
+        eval_history: every test recorded by :meth:`run` (and by :meth:`evaluate` with ``record=True``).
+        loss_transform: optional ``loss -> loss`` hook applied before the finiteness check (for tests and
+            diagnostics, e.g. to inject a NaN).
+    """
+
+    def __init__(
+        self,
+        model_config: FlowConfig,
+        train_config: TrainConfig,
+        flow: Flow | None = None,
+        *,
+        history_length: int = 10_000,
+    ) -> None:
+        model_config.validate()
+        train_config.validate()
+        self.model_config = model_config
+        self.train_config = train_config
+        self.task = train_config.task
+        self.device = torch.device(train_config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available")
+        self.dtype = train_config.torch_dtype
+        torch.manual_seed(train_config.seed)
+        if flow is None:
+            flow = build_flow(model_config)
+        self.flow: Flow = flow.to(device=self.device, dtype=self.dtype)
+        expected = 2 if self.task == "density" else 1
+        if self.flow.event_shape != (expected,):
+            raise ValueError(
+                f"data: {train_config.data!r} needs a flow on {expected}-D samples (FlowConfig.dim = {expected}), "
+                f"the flow has event shape {self.flow.event_shape}"
+            )
+        self.optimizer = torch.optim.Adam(
+            self.flow.parameters(),
+            lr=train_config.lr,
+            betas=tuple(train_config.betas),  # type: ignore[arg-type]
+            weight_decay=train_config.weight_decay,
+        )
+        self._base_lr = float(train_config.lr)
+        self._stream = ToyStream(train_config.data, train_config.seed)
+        self._eval_stream = ToyStream(train_config.data, train_config.seed + EVAL_STREAM_SEED_OFFSET)
+        self._ema_flow: Flow | None = copy.deepcopy(self.flow) if train_config.ema is not None else None
+        self._ema_updates = 0
+        self._step = 0
+        self._consecutive_rejections = 0
+        self._rejected_total = 0
+        self._concat_state: bool | None = None
+        self._test_set: Any = None
+        self.history: deque[StepMetrics] = deque(maxlen=history_length)
+        self.eval_history: list[EvalMetrics] = []
+        self.loss_transform: Callable[[Tensor], Tensor] | None = None
+        self._apply_schedules(0)
+
+    # -- properties and live controls ---------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """Iterations completed (rejected ones included)."""
+        return self._step
+
+    @property
+    def base_lr(self) -> float:
+        """The learning rate before the schedule's factor."""
+        return self._base_lr
+
+    @property
+    def current_lr(self) -> float:
+        """The learning rate the next step will use."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def rejected_total(self) -> int:
+        """Rejected iterations so far."""
+        return self._rejected_total
+
+    @property
+    def eval_flow(self) -> Flow:
+        """The weights used for evaluation: the EMA copy if enabled, else the trained flow."""
+        return self._ema_flow if self._ema_flow is not None else self.flow
+
+    def set_lr(self, lr: float) -> None:
+        """Change the base learning rate from the next step on (the schedule's factor still applies)."""
+        lr = _float("lr", lr)
+        if not lr > 0:
+            raise ValueError(f"lr: must be > 0, got {lr!r}")
+        self._base_lr = lr
+        self._apply_lr(self._step)
+
+    def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
+        """Change the fixed-point solver settings of every block from the next pass on (no rebuild)."""
+        for f in (self.flow, self._ema_flow):
+            if f is not None:
+                f.set_solver_options(solver=solver, tol=tol, max_iter=max_iter)
+
+    # -- schedules -----------------------------------------------------------------------------------------
+    def _apply_lr(self, step: int) -> None:
+        lr = self._base_lr * lr_factor(self.train_config, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _apply_concat(self, step: int) -> None:
+        start = self.train_config.concat_learnable_from
+        if start is None:
+            return
+        learnable = step >= start
+        if learnable == self._concat_state:
+            return
+        for module in self.flow.modules():
+            if isinstance(module, DenseNetG):
+                module.set_concat_learnable(learnable)
+        self._concat_state = learnable
+
+    def _apply_schedules(self, step: int) -> None:
+        self._apply_lr(step)
+        self._apply_concat(step)
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def _next_batch(self) -> Tensor | tuple[Tensor, Tensor]:
+        batch = self._stream.sample(self.train_config.batch_size, self.dtype)
+        if isinstance(batch, tuple):
+            return tuple(b.to(self.device) for b in batch)  # type: ignore[return-value]
+        return batch.to(self.device)
+
+    def _loss(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        if self.task == "density":
+            assert isinstance(batch, Tensor)
+            return -self.flow.log_prob(batch).mean()
+        x, y = batch
+        y_hat, _ = self.flow(x)
+        return torch.mean((y_hat - y) ** 2)
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.flow.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch.stack([torch.linalg.vector_norm(g.detach()).to(torch.float64) for g in grads])
+        return float(torch.linalg.vector_norm(norms))
+
+    def _clip(self, norm: float) -> None:
+        clip = self.train_config.grad_clip
+        if clip is None:
+            return
+        # Same rule as torch.nn.utils.clip_grad_norm_, applied to the norm already measured.
+        coef = clip / (norm + 1e-6)
+        if coef < 1.0:
+            for p in self.flow.parameters():
+                if p.grad is not None:
+                    p.grad.detach().mul_(coef)
+
+    def _snapshot(self) -> dict[str, Tensor] | None:
+        """A copy of the flow's state when the forward pass itself may modify it (ActNorm's data init)."""
+        if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in self.flow.modules()):
+            return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
+        return None
+
+    def _solver_summary(self) -> tuple[float, int, int]:
+        mean, worst, failed = 0.0, 0, 0
+        for stats in self.flow.solver_stats():
+            fwd = stats.get("forward")
+            if fwd is None or fwd.batch_size == 0:
+                continue
+            mean += float(fwd.iterations.double().mean())
+            worst = max(worst, int(fwd.iterations.max()))
+            failed += fwd.n_failed
+        return mean, worst, failed
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.train_config.ema
+        if self._ema_flow is None or decay is None:
+            return
+        for pe, p in zip(self._ema_flow.parameters(), self.flow.parameters(), strict=True):
+            if self._ema_updates == 0:
+                # Start from the weights after the first step, so ActNorm's data init is not averaged with zeros.
+                pe.copy_(p)
+            else:
+                pe.lerp_(p, 1.0 - decay)
+        for be, b in zip(self._ema_flow.buffers(), self.flow.buffers(), strict=True):
+            be.copy_(b)
+        self._ema_updates += 1
+
+    def step(self) -> StepMetrics:
+        """Run one training iteration and return its metrics.
+
+        Raises:
+            TrainingError: after ``max_rejected_steps`` consecutive rejected iterations.
+        """
+        t0 = time.perf_counter()
+        index = self._step
+        self._apply_schedules(index)
+        lr = self.current_lr
+        batch = self._next_batch()
+        self.flow.train()
+        snapshot = self._snapshot()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = math.nan
+        message = ""
+        loss = self._loss(batch)
+        if self.loss_transform is not None:
+            loss = self.loss_transform(loss)
+        loss_value = float(loss.detach())
+        it_mean, it_max, failed = self._solver_summary()
+        exact = self.flow.logdet_is_exact
+        if not math.isfinite(loss_value):
+            message = f"step {index}: non-finite loss ({loss_value}); optimizer step skipped"
+        else:
+            loss.backward()
+            grad_norm = self._grad_norm()
+            if not math.isfinite(grad_norm):
+                message = f"step {index}: non-finite gradient norm ({grad_norm}); optimizer step skipped"
+        del loss
+        rejected = bool(message)
+        if rejected:
+            self.optimizer.zero_grad(set_to_none=True)
+            if snapshot is not None:
+                self.flow.load_state_dict(snapshot)
+            self._consecutive_rejections += 1
+            self._rejected_total += 1
+        else:
+            self._clip(grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.train_config.lipschitz_iterations:
+                update_lipschitz(self.flow, self.train_config.lipschitz_iterations)
+            self._update_ema()
+            self._consecutive_rejections = 0
+        self._step += 1
+        metrics = StepMetrics(
+            step=index,
+            loss=loss_value,
+            lr=lr,
+            grad_norm=grad_norm,
+            seconds=time.perf_counter() - t0,
+            rejected=rejected,
+            message=message,
+            solver_iterations_mean=it_mean,
+            solver_iterations_max=it_max,
+            solver_failed=failed,
+            exact=exact,
+        )
+        self.history.append(metrics)
+        limit = self.train_config.max_rejected_steps
+        if self._consecutive_rejections >= limit:
+            raise TrainingError(
+                f"training diverged: {self._consecutive_rejections} consecutive iterations were rejected "
+                f"(limit max_rejected_steps = {limit}); last: {message}. Parameters are those of the last good "
+                "step: lower the learning rate, set grad_clip, or resume from an earlier checkpoint."
+            )
+        return metrics
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def _eval_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        # Likelihoods in float64 where it is cheap (ALGORITHM.md 8): on CPU it costs about the same as float32.
+        return torch.float64 if self.device.type == "cpu" else self.dtype
+
+    def _evaluation_copy(self, dtype: torch.dtype) -> Flow:
+        """A detached copy of the evaluation weights in ``dtype`` and eval mode (the live flow is untouched)."""
+        model = copy.deepcopy(self.eval_flow).to(dtype=dtype).eval()
+        if any(layer.mode == "power" for layer in spectral_layers(model)):
+            # The released code tightens sigma with 200 power iterations before testing; on a copy, so that
+            # evaluating never changes the training trajectory.
+            update_lipschitz(model, EVAL_POWER_ITERATIONS)
+        return model
+
+    def _fixed_test_set(self) -> Any:
+        if self._test_set is None:
+            cfg = self.train_config
+            if self.task == "density":
+                self._test_set = sample_toy(cfg.data, cfg.test_size, rng=cfg.test_seed, dtype=torch.float64)
+            else:
+                self._test_set = sample_staircase(cfg.eval_size, rng=cfg.test_seed, dtype=torch.float64)
+        return self._test_set
+
+    def evaluate(
+        self, n: int | None = None, fixed: bool = True, *, dtype: torch.dtype | None = None, record: bool = False
+    ) -> EvalMetrics:
+        """Test the model (EMA weights if enabled) without changing the training state.
+
+        Density tasks: the mean negative log-likelihood in nats, on the first ``n`` (default ``test_size``)
+        points of the fixed seeded held-out set, or with ``fixed=False`` on ``n`` (default ``eval_size``) fresh
+        points from a separate seeded stream (the paper's protocol, ALGORITHM.md 7.1). Regression: the test MSE
+        on ``eval_size`` seeded points (the paper's 10,000) or on fresh ones.
+
+        Args:
+            n: number of test points (``None``: the configured size).
+            fixed: the fixed held-out set (True) or fresh samples (False).
+            dtype: evaluation dtype; ``None`` = float64 on CPU, the training dtype elsewhere.
+            record: append the result to :attr:`eval_history`.
+        """
+        t0 = time.perf_counter()
+        cfg = self.train_config
+        dt = self._eval_dtype(dtype)
+        if n is not None:
+            n = _int("n", n, 1)
+        if fixed:
+            data = self._fixed_test_set()
+            size = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
+            if n is not None and n > size:
+                raise ValueError(f"n: the fixed test set has {size} points, asked for {n}")
+            if n is not None:
+                data = data[:n] if isinstance(data, Tensor) else (data[0][:n], data[1][:n])
+        else:
+            data = self._eval_stream.sample(n if n is not None else cfg.eval_size, torch.float64)
+        model = self._evaluation_copy(dt)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            # Seeded so that estimator-based (non-exact) test NLLs are reproducible.
+            torch.manual_seed(cfg.test_seed)
+            if self.task == "density":
+                assert isinstance(data, Tensor)
+                logp = evaluation.log_prob(model, data, chunk=EVAL_CHUNK)
+                nll = float(-logp.mean())
+                stderr = float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
+                mse = None
+                n_test = int(logp.numel())
+            else:
+                x, y = data
+                mse = evaluation.test_mse(model, x, y, chunk=EVAL_CHUNK)
+                nll, stderr = None, None
+                n_test = int(x.shape[0])
+        result = EvalMetrics(
+            step=self._step,
+            nll_nats=nll,
+            mse=mse,
+            n_test=n_test,
+            seconds=time.perf_counter() - t0,
+            exact=bool(model.logdet_is_exact),
+            fixed=fixed,
+            nll_stderr_nats=stderr,
+            dtype=str(dt).replace("torch.", ""),
+        )
+        if record:
+            self.eval_history.append(result)
+        return result
+
+    def paper_protocol(self, last: int = PAPER_PROTOCOL_TESTS) -> float | None:
+        """Mean of the last ``last`` recorded fresh-sample tests (nats or MSE); see :func:`paper_protocol_value`."""
+        return paper_protocol_value(self.eval_history, last)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(
+        self,
+        iterations: int | None = None,
+        callback: StepCallback | None = None,
+        *,
+        checkpoint_path: str | Path | None = None,
+    ) -> RunSummary:
+        """Run ``iterations`` steps (default: up to ``train_config.iterations`` in total).
+
+        Every ``eval_every`` completed iterations a fresh-sample test (``eval_size`` points) is recorded in
+        :attr:`eval_history`; the summary's ``paper_protocol`` is the mean of the last 20 of them (Table 1).
+
+        Args:
+            iterations: steps to run in this call.
+            callback: called after every step as ``callback(step_metrics, eval_metrics_or_None)``; returning
+                ``False`` (not merely a falsy value) stops the run.
+            checkpoint_path: if given, a checkpoint is written there every ``checkpoint_every`` iterations and
+                at the end.
+
+        Raises:
+            TrainingError: from :meth:`step`.
+        """
+        cfg = self.train_config
+        if iterations is None:
+            iterations = max(0, cfg.iterations - self._step)
+        iterations = _int("iterations", iterations, 0)
+        t0 = time.perf_counter()
+        rejected = 0
+        stopped = False
+        last: StepMetrics | None = None
+        saved_at = -1
+        steps_run = 0
+        for _ in range(iterations):
+            last = self.step()
+            steps_run += 1
+            rejected += int(last.rejected)
+            ev = None
+            if cfg.eval_every and self._step % cfg.eval_every == 0:
+                ev = self.evaluate(fixed=False, record=True)
+            if checkpoint_path is not None and cfg.checkpoint_every and self._step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_path)
+                saved_at = self._step
+            if callback is not None and callback(last, ev) is False:
+                stopped = True
+                break
+        if checkpoint_path is not None and saved_at != self._step:
+            self.save_checkpoint(checkpoint_path)
+        fresh = [e for e in self.eval_history if not e.fixed]
+        return RunSummary(
+            steps_run=steps_run,
+            step=self._step,
+            seconds=time.perf_counter() - t0,
+            rejected_steps=rejected,
+            last_loss=None if last is None else last.loss,
+            paper_protocol=paper_protocol_value(fresh),
+            paper_protocol_tests=min(len(fresh), PAPER_PROTOCOL_TESTS),
+            last_eval=self.eval_history[-1] if self.eval_history else None,
+            stopped_early=stopped,
+            task=self.task,
+        )
+
+    # -- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """A snapshot (deep copy) of everything needed to resume training exactly.
+
+        Keys: ``format``, ``step``, ``flow`` (module state incl. buffers), ``optimizer``, ``base_lr``,
+        ``stream`` and ``eval_stream`` (data stream states, JSON), ``torch_rng`` (CPU generator state, uint8),
+        ``cuda_rng`` (on CUDA), ``ema`` (EMA flow state or ``None``), ``ema_updates``,
+        ``consecutive_rejections``, ``rejected_total``, ``history``, ``eval_history`` (lists of dicts).
+        """
+        state: dict[str, Any] = {
+            "format": TRAINER_STATE_FORMAT,
+            "step": self._step,
+            "flow": self.flow.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "base_lr": self._base_lr,
+            "stream": self._stream.state_dict(),
+            "eval_stream": self._eval_stream.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "ema": None if self._ema_flow is None else self._ema_flow.state_dict(),
+            "ema_updates": self._ema_updates,
+            "consecutive_rejections": self._consecutive_rejections,
+            "rejected_total": self._rejected_total,
+            "history": [m.to_dict() for m in self.history],
+            "eval_history": [e.to_dict() for e in self.eval_history],
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return copy.deepcopy(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (possibly read back from a checkpoint)."""
+        if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
+            raise ValueError(
+                f"trainer state: expected a dict with format {TRAINER_STATE_FORMAT!r}, "
+                f"got {state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
+            )
+        self.flow.load_state_dict(state["flow"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._step = int(state["step"])
+        self._base_lr = float(state["base_lr"])
+        self._stream.load_state_dict(state["stream"])
+        self._eval_stream.load_state_dict(state["eval_stream"])
+        torch.set_rng_state(state["torch_rng"].to(device="cpu", dtype=torch.uint8))
+        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        ema = state.get("ema")
+        if self._ema_flow is not None:
+            self._ema_flow.load_state_dict(ema if ema is not None else self.flow.state_dict())
+        self._ema_updates = int(state.get("ema_updates", 0))
+        self._consecutive_rejections = int(state.get("consecutive_rejections", 0))
+        self._rejected_total = int(state.get("rejected_total", 0))
+        self.history.clear()
+        self.history.extend(StepMetrics.from_dict(m) for m in state.get("history", []))
+        self.eval_history = [EvalMetrics.from_dict(e) for e in state.get("eval_history", [])]
+        self._concat_state = None  # force the schedule to be re-applied
+        self._apply_schedules(self._step)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write a resumable checkpoint (see :func:`monoflow_core.checkpoint.save_checkpoint`)."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(path, self, metadata=metadata)
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path | Checkpoint, *, device: str | None = None) -> Trainer:
+        """A trainer that continues a checkpointed run exactly where it stopped.
+
+        Args:
+            source: a checkpoint path or a loaded :class:`~monoflow_core.checkpoint.Checkpoint`.
+            device: run on this device instead of the checkpoint's.
+
+        Raises:
+            CheckpointError: if the file is unreadable or holds no training state.
+        """
+        from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+
+        ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
+        if ckpt.train_config is None or ckpt.trainer_state is None:
+            raise CheckpointError(f"checkpoint {ckpt.path}: holds a flow only, no training state to resume")
+        train_config = ckpt.train_config if device is None else ckpt.train_config.replace(device=device)
+        trainer = cls(ckpt.model_config, train_config, flow=ckpt.flow)
+        trainer.load_state_dict(ckpt.trainer_state)
+        return trainer
+
+    resume = from_checkpoint
+
