@@ -48,6 +48,16 @@ class Flow(nn.Module):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating-point dtype."""
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the flow lives on."""
+        return self._anchor.device
+
+    @property
     def dim(self) -> int:
         """Number of dimensions of one sample."""
         return math.prod(self.event_shape)

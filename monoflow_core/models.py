@@ -42,7 +42,8 @@ def build_flow(config: FlowConfig | None = None) -> Flow:
     Layers: ``[ActNorm]`` if ``actnorm_input``, then per block the configured formulation around a fresh G,
     followed by an ActNorm if ``actnorm``.
     """
-    config = FlowConfig() if config is None else config
+    # The flow keeps its own copy: live changes (``Flow.set_solver_options``) never touch the caller's object.
+    config = FlowConfig() if config is None else config.replace()
     config.validate()
     estimator = config.estimator_settings()
     layers: list[nn.Module] = []
