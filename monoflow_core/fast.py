@@ -436,6 +436,28 @@ def _newton(
     return w, jac, cache, stats
 
 
+def _newton_compacting(
+    weights: _BlockWeights, rhs: Tensor, sign: float, block: Any, label: str
+) -> tuple[Tensor, Tensor, SolverStats]:
+    """Newton through the generic solver (per-sample compaction); returns ``(w, J_G(w), stats)``."""
+    from .solvers import solve
+
+    eye = torch.eye(weights.n, dtype=rhs.dtype, device=rhs.device)
+
+    def fmap(w: Tensor, idx: Tensor) -> Tensor:
+        return rhs[idx] - sign * evaluate(weights, w)
+
+    def newton_map(w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        g, jac, _ = evaluate_with_jacobian(weights, w)
+        return rhs[idx] - sign * g, eye + sign * jac
+
+    w, stats, a_mat = solve(
+        fmap, rhs, method="newton", tol=block.tol, max_iter=block.max_iter, newton_map=newton_map, label=label
+    )
+    assert a_mat is not None
+    return w, (a_mat - eye) * sign, stats
+
+
 def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, keep: bool) -> tuple[Tensor, Tensor, list[Any]]:
     """Forward through the run; with ``keep``, the per-block records the backward pass needs."""
     records = []
@@ -450,9 +472,12 @@ def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, keep: bool) -> tuple[
             y = x + g
         else:
             rhs = SQRT2 * x if kind == "monotone" else x
-            w, jac, cache, block.forward_stats = _newton(
-                weights, rhs, 1.0, block.tol, block.max_iter, f"{type(block).__name__} forward solve"
-            )
+            label = f"{type(block).__name__} forward solve"
+            if keep:
+                w, jac, cache, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label)
+            else:
+                # Without a backward pass no cache is needed, so converged samples drop out of the batch.
+                w, jac, block.forward_stats = _newton_compacting(weights, rhs, 1.0, block, label)
             if kind == "monotone":
                 logdet = _logabsdet(eye - jac) - _logabsdet(eye + jac)
                 y = SQRT2 * w - x
@@ -535,26 +560,14 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
 
 def fused_inverse(block: Any, y: Tensor) -> Tensor:
     """Inverse of one eligible block without autograd (sampling): Newton with the folded kernel."""
-    from .solvers import solve
 
     with torch.no_grad():
         net = fold_nets([block.net]).block(0)
-        n = net.n
-        eye = torch.eye(n, dtype=y.dtype, device=y.device)
         if block.kind == "inverse_residual":
             return y + evaluate(net, y)
         sign = -1.0 if block.kind == "monotone" else 1.0
         rhs = SQRT2 * y if block.kind == "monotone" else y
-
-        def fmap(w: Tensor, idx: Tensor) -> Tensor:
-            return rhs[idx] - sign * evaluate(net, w)
-
-        def newton_map(w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-            g, jac, _ = evaluate_with_jacobian(net, w)
-            return rhs[idx] - sign * g, eye + sign * jac
-
-        w, block.inverse_stats, _ = solve(
-            fmap, rhs, method="newton", tol=block.tol, max_iter=block.max_iter, newton_map=newton_map,
-            label=f"{type(block).__name__} inverse solve",
+        w, _, block.inverse_stats = _newton_compacting(
+            net, rhs, sign, block, f"{type(block).__name__} inverse solve"
         )
         return SQRT2 * w - y if block.kind == "monotone" else w
