@@ -130,8 +130,8 @@ class Flow(nn.Module):
 
         if solver is not None:
             resolve_method(solver, 1)
-        if tol is not None and not tol > 0:
-            raise ValueError(f"tol: must be positive, got {tol}")
+        if tol is not None and not 0 < tol < 1:
+            raise ValueError(f"tol: must lie in (0, 1), got {tol}")
         if max_iter is not None and max_iter < 1:
             raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
         for b in self.implicit_blocks():

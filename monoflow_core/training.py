@@ -560,6 +560,8 @@ class Trainer:
         if not lr > 0:
             raise ValueError(f"lr: must be > 0, got {lr!r}")
         self._base_lr = lr
+        # Keep the stored configuration truthful, so checkpoints and config.json record the rate in use.
+        self.train_config.lr = lr
         self._apply_lr(self._step)
 
     def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
