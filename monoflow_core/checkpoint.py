@@ -20,11 +20,9 @@ target with ``os.replace``; a failure leaves any previous checkpoint intact and 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from .config import FlowConfig
+from .fileio import atomic_write
 from .flow import Flow
 from .models import build_flow
 
@@ -235,40 +234,16 @@ def save_checkpoint(
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
+    """Write through :func:`monoflow_core.fileio.atomic_write`, naming the checkpoint in every error."""
     if path.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: it is a directory")
+    directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise CheckpointError(f"cannot write checkpoint {path}: directory {directory} does not exist")
-    # Keep the mode of a file being replaced; new files get rw-r--r-- (mkstemp's 0600 is too private).
     try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        mode = 0o644
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        atomic_write(path, payload)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, Exception):
-            raise CheckpointError(f"cannot write checkpoint {path}: {err}") from err
-        raise
-    # Make the rename itself durable (best effort: not every platform can fsync a directory).
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 # --------------------------------------------------------------------------------------------------------------
