@@ -1,16 +1,16 @@
-"""``python -m monoflow_studio`` / ``monoflow-studio``: the studio is not built yet (tracked as its own issue)."""
+"""``python -m monoflow_studio`` and the ``monoflow-studio`` console script: launch the studio."""
+
+from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 
-def main() -> int:
-    """Explain that the studio is not built yet and point at the working command line."""
-    print(
-        "monoflow studio: the studio is not built yet. The engine and the `monoflow` command work today:\n"
-        "  monoflow train --data 8gaussians --out runs/demo",
-        file=sys.stderr,
-    )
-    return 1
+def main(argv: Sequence[str] | None = None) -> int:
+    """Launch the studio (see :func:`monoflow_studio.app.main`); importable without a display."""
+    from .app import main as app_main
+
+    return app_main(argv)
 
 
 if __name__ == "__main__":

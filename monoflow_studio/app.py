@@ -1,0 +1,108 @@
+"""Application setup and the ``monoflow-studio`` command line.
+
+``monoflow-studio [--data NAME] [--preset NAME] [--checkpoint FILE] [--start] [--theme MODE]``: opens the studio
+on a preset (default: the paper's Monotone Flow on 8gaussians), optionally on another data set, optionally
+with a checkpoint, and with ``--start`` begins training at once. Importing this module needs no display: Qt is
+only started inside :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from monoflow_core.data import TOY_DATASETS
+
+if TYPE_CHECKING:
+    from .run_spec import RunSpec
+
+__all__ = ["build_parser", "configure_process", "main", "spec_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="monoflow-studio",
+        description="Train and explore Monotone Flows (Ahn et al., NeurIPS 2022) on 2-D toy densities, live.",
+    )
+    parser.add_argument("--data", choices=TOY_DATASETS, help="toy data set (default: the preset's, 8gaussians)")
+    parser.add_argument("--preset", default=None,
+                        help="shipped preset name or JSON file (default: paper-toy-monotone)")
+    parser.add_argument("--checkpoint", default=None, help="open this checkpoint (.safetensors) at start")
+    parser.add_argument("--start", action="store_true", help="start training at once")
+    parser.add_argument("--theme", choices=("system", "light", "dark"), default=None,
+                        help="colour theme (default: the last one used, else follow the system)")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The first run's configuration from the parsed arguments.
+
+    Raises:
+        ValueError: unknown preset, or a preset the studio cannot display (not a 2-D density).
+    """
+    from .run_spec import DEFAULT_PRESET, RunSpec
+
+    spec = RunSpec.from_preset(args.preset or DEFAULT_PRESET)
+    if args.data:
+        spec.training = spec.training.replace(data=args.data)
+    spec.check_studio()
+    return spec
+
+
+#: The GIL switch interval of the studio's process, in seconds (Python's default is 0.005).
+SWITCH_INTERVAL_S = 0.001
+
+
+def configure_process() -> None:
+    """Process-wide settings that keep the event loop responsive next to the training thread.
+
+    * torch's intra-op threads stay off one core, so the worker never starves the GUI thread of CPU;
+    * a 1 ms GIL switch interval: every Python callback of a repaint (pyqtgraph paints in Python) must take the
+      GIL back from the worker, and with the default 5 ms a repaint of a few dozen items could wait for a
+      hundred milliseconds.
+    """
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the studio; returns the process exit status (2 for invalid arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        spec = spec_from_args(args)
+    except ValueError as err:
+        parser.print_usage(sys.stderr)
+        print(f"monoflow-studio: error: {err}", file=sys.stderr)
+        return 2
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        print(f"monoflow-studio: error: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
+        return 2
+
+    import pyqtgraph as pg
+    from PySide6.QtWidgets import QApplication
+
+    from .main_window import APPLICATION, ORGANIZATION, MainWindow
+
+    configure_process()
+    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "monoflow-studio"])
+    app.setOrganizationName(ORGANIZATION)
+    app.setApplicationName(APPLICATION)
+    app.setApplicationDisplayName("monoflow studio")
+    pg.setConfigOptions(antialias=True)
+    window = MainWindow(spec, theme=args.theme)
+    window.show()
+    if args.checkpoint:
+        window.open_checkpoint(args.checkpoint)
+    if args.start:
+        window.session.start()
+    # Ctrl-C in the terminal closes the window cleanly (the worker stops after its current step).
+    signal.signal(signal.SIGINT, lambda *_: window.close())
+    return int(app.exec())

@@ -1,0 +1,231 @@
+"""The controls dock: every setting of a run, split into *live* settings and *rebuild* settings.
+
+Live settings (learning rate, solver, tolerance, iteration cap) are applied to the running trainer between two
+steps. Rebuild settings (data set, formulation, activation, Lipschitz coefficient, blocks, G size, batch size,
+seed, device) need a fresh model; the window asks before discarding a run for them. Every numeric field has the
+core's valid range, so an out-of-range value cannot be entered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PySide6.QtCore import QPointF, Signal
+from PySide6.QtGui import QColor, QIcon, QPainter, QPixmap
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QLabel,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from monoflow_core.config import FORMULATIONS
+from monoflow_core.data import TOY_DATASETS, sample_toy
+from monoflow_core.nn.activations import ACTIVATIONS
+from monoflow_core.solvers import METHODS
+
+from .run_spec import RunSpec
+from .widgets import LogSpinBox
+
+__all__ = ["LIVE_FIELDS", "REBUILD_FIELDS", "ControlsPanel", "dataset_icon"]
+
+LIVE_FIELDS = ("lr", "solver", "tol", "max_iter")
+REBUILD_FIELDS = ("data", "formulation", "activation", "lipschitz", "blocks", "depth", "growth", "batch_size",
+                  "seed", "device")
+
+
+def dataset_icon(name: str, size: int = 40) -> QIcon:
+    """A thumbnail of a toy data set: 1,500 points drawn on a ``size`` pixel square (data, not model code)."""
+    pts = sample_toy(name, 1500, rng=0, dtype=torch.float64).numpy()
+    pix = QPixmap(size, size)
+    pix.fill(QColor("#202124"))
+    painter = QPainter(pix)
+    painter.setPen(QColor(120, 190, 255, 150))
+    scaled = (np.clip(pts, -4.0, 4.0) + 4.0) / 8.0 * (size - 1)
+    for x, y in scaled:
+        painter.drawPoint(QPointF(float(x), float(size - 1 - y)))
+    painter.end()
+    return QIcon(pix)
+
+
+def available_devices() -> list[str]:
+    """CPU, and each CUDA device when this torch build sees one."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+class ControlsPanel(QWidget):
+    """Widgets for a :class:`RunSpec`.
+
+    Signals:
+        live_changed(name, value): a live setting changed (``lr``, ``solver``, ``tol`` or ``max_iter``).
+        rebuild_changed(name): a rebuild setting changed; the window decides whether to rebuild.
+    """
+
+    live_changed = Signal(str, object)
+    rebuild_changed = Signal(str)
+
+    def __init__(self, spec: RunSpec, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._base = spec.copy()
+        self.widgets: dict[str, QWidget] = {}
+
+        self.data = QComboBox()
+        self.data.setIconSize(self.data.iconSize() * 2)
+        for name in TOY_DATASETS:
+            self.data.addItem(dataset_icon(name), name, name)
+        self.formulation = self._combo(FORMULATIONS)
+        self.activation = self._combo(tuple(ACTIVATIONS))
+        self.lipschitz = QDoubleSpinBox()
+        self.lipschitz.setRange(0.05, 0.99)  # FlowConfig: (0, 1) exclusive
+        self.lipschitz.setSingleStep(0.01)
+        self.lipschitz.setDecimals(3)
+        self.blocks = self._spin(1, 32)
+        self.depth = self._spin(1, 8)
+        self.growth = self._spin(2, 128)
+        self.batch_size = self._spin(8, 20000, step=50)
+        self.seed = self._spin(0, 2**31 - 1)
+        self.device = self._combo(tuple(available_devices()))
+        self.lr = LogSpinBox(1e-6, 1.0, 1e-3)
+        self.solver = self._combo(METHODS)
+        self.tol = LogSpinBox(1e-12, 0.1, 1e-6, factor=10.0)
+        self.max_iter = self._spin(1, 100000, step=10)
+        self.max_iter.setKeyboardTracking(False)
+
+        rebuild = QGroupBox("Model and data: a change rebuilds the run")
+        form = QFormLayout(rebuild)
+        for label, name, tip in (
+            ("Data set", "data", "one of the eight 2-D toy densities of the paper (Table 1)"),
+            ("Formulation", "formulation", "monotone (the paper), residual (i-DenseNet) or inverse residual"),
+            ("Activation", "activation", "activation of G; CPila for the Monotone Flow, CLipSwish for i-DenseNet"),
+            ("Lipschitz coeff.", "lipschitz", "Lipschitz bound of each linear layer of G, in (0, 1)"),
+            ("Blocks", "blocks", "number of flow blocks (the paper: 10)"),
+            ("G depth", "depth", "dense layers of the DenseNet G (the paper: 3)"),
+            ("G growth", "growth", "features each dense layer adds (the paper: 16)"),
+            ("Batch size", "batch_size", "fresh samples per iteration (the paper: 500)"),
+            ("Seed", "seed", "seed of the weights and of the data stream"),
+            ("Device", "device", "where the model trains"),
+        ):
+            widget = getattr(self, name)
+            widget.setToolTip(tip)
+            form.addRow(label, widget)
+            self.widgets[name] = widget
+        live = QGroupBox("Live: applies at once, even while training")
+        live_form = QFormLayout(live)
+        for label, name, tip in (
+            ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
+            ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
+            ("Tolerance", "tol", "relative solver tolerance (never below 10 machine epsilons)"),
+            ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
+        ):
+            widget = getattr(self, name)
+            widget.setToolTip(tip)
+            live_form.addRow(label, widget)
+            self.widgets[name] = widget
+        self.note = QLabel("")
+        self.note.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addWidget(rebuild)
+        layout.addWidget(live)
+        layout.addWidget(self.note)
+        layout.addStretch(1)
+
+        self.set_spec(spec)
+        self._connect()
+
+    # -- construction helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _combo(items: tuple[str, ...]) -> QComboBox:
+        box = QComboBox()
+        for item in items:
+            box.addItem(item, item)
+        return box
+
+    @staticmethod
+    def _spin(low: int, high: int, step: int = 1) -> QSpinBox:
+        box = QSpinBox()
+        box.setRange(low, high)
+        box.setSingleStep(step)
+        box.setKeyboardTracking(False)  # one change per committed value, not per keystroke
+        return box
+
+    def _connect(self) -> None:
+        for name in REBUILD_FIELDS:
+            w = self.widgets[name]
+            if isinstance(w, QComboBox):
+                w.currentIndexChanged.connect(lambda _i, n=name: self.rebuild_changed.emit(n))
+            else:
+                w.valueChanged.connect(lambda _v, n=name: self.rebuild_changed.emit(n))
+        self.lr.valueChanged.connect(lambda v: self.live_changed.emit("lr", float(v)))
+        self.tol.valueChanged.connect(lambda v: self.live_changed.emit("tol", float(v)))
+        self.max_iter.valueChanged.connect(lambda v: self.live_changed.emit("max_iter", int(v)))
+        self.solver.currentIndexChanged.connect(lambda _i: self.live_changed.emit("solver", self.solver.currentData()))
+
+    # -- spec <-> widgets --------------------------------------------------------------------------------
+    def set_spec(self, spec: RunSpec) -> None:
+        """Show ``spec`` without emitting change signals (it becomes the base of :meth:`spec`)."""
+        self._base = spec.copy()
+        m, t = spec.model, spec.training
+        values: dict[str, Any] = {
+            "data": t.data, "formulation": m.formulation if isinstance(m.formulation, str) else m.formulation[0],
+            "activation": m.activation, "lipschitz": m.lipschitz, "blocks": m.blocks, "depth": m.depth,
+            "growth": m.growth, "batch_size": t.batch_size, "seed": t.seed, "device": t.device, "lr": t.lr,
+            "solver": m.solver, "tol": m.tol, "max_iter": m.max_iter,
+        }
+        for name, value in values.items():
+            w = self.widgets[name]
+            w.blockSignals(True)
+            try:
+                if isinstance(w, QComboBox):
+                    index = w.findData(value)
+                    if index < 0:  # e.g. a checkpoint trained on a device this machine lacks
+                        w.addItem(str(value), value)
+                        index = w.count() - 1
+                    w.setCurrentIndex(index)
+                else:
+                    w.setValue(value)
+            finally:
+                w.blockSignals(False)
+        mixed = isinstance(m.formulation, list) and len(set(m.formulation)) > 1
+        self.note.setText("This model mixes formulations per block; the combo shows the first."
+                          if mixed else "")
+
+    def spec(self) -> RunSpec:
+        """The run configuration the widgets describe (fields without a widget keep the base spec's values).
+
+        Raises:
+            ValueError: the core refuses the combination (its message names the field).
+        """
+        base = self._base
+        formulation: str | list[str] = self.formulation.currentData()
+        if isinstance(base.model.formulation, list) and self.formulation.currentData() == base.model.formulation[0]:
+            formulation = list(base.model.formulation)  # keep a per-block list the combo cannot show
+        model = base.model.replace(
+            formulation=formulation if not isinstance(formulation, list) or len(formulation) == self.blocks.value()
+            else self.formulation.currentData(),
+            activation=self.activation.currentData(), lipschitz=float(self.lipschitz.value()),
+            blocks=int(self.blocks.value()), depth=int(self.depth.value()), growth=int(self.growth.value()),
+            solver=self.solver.currentData(), tol=float(self.tol.value()), max_iter=int(self.max_iter.value()),
+        )
+        training = base.training.replace(
+            data=self.data.currentData(), batch_size=int(self.batch_size.value()), seed=int(self.seed.value()),
+            device=self.device.currentData(), lr=float(self.lr.value()),
+        )
+        return RunSpec(model, training, name=base.name, description=base.description)
+
+    def set_enabled_for_run(self, enabled: bool) -> None:
+        """Enable or disable the controls (e.g. while a run is being built)."""
+        for w in self.widgets.values():
+            w.setEnabled(enabled)
+
+    def widget(self, name: str) -> QWidget:
+        return self.widgets[name]
+

@@ -1,0 +1,539 @@
+"""The studio's main window: docks, actions, status bar, persisted settings; it drives a :class:`Session`.
+
+The window never runs model code: it posts commands to the session and displays what the session's signals
+carry. Errors (a corrupt checkpoint, an unwritable export path, a diverging run, a solver that misses its
+tolerance) become a line in the log and in the status bar; a dialog appears only where the user must decide
+(discarding a run to apply a rebuild setting, choosing a file).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QFileDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QScrollArea,
+    QWidget,
+)
+
+from monoflow_core.training import StepMetrics
+
+from .controls import ControlsPanel
+from .files import atomic_write
+from .run_spec import RunSpec, toy_presets
+from .session import PAUSED, TRAINING, RunInfo, Session, SessionOptions, ViewFrame
+from .theme import THEMES, apply_theme, plot_colors
+from .views.curves import CurvesView
+from .views.density import DensityView
+from .views.diagnostics import SolverView
+from .views.log import LogView
+
+__all__ = ["APPLICATION", "ORGANIZATION", "MainWindow"]
+
+ORGANIZATION = "monoflow"
+APPLICATION = "monoflow-studio"
+
+#: Solver-failure warnings are logged at most this often (seconds); every step reports them.
+SOLVER_WARNING_EVERY_S = 5.0
+#: Rejected (non-finite) steps logged one by one per run before only every 100th is logged.
+REJECTIONS_LOGGED = 5
+
+CHECKPOINT_FILTER = "monoflow checkpoints (*.safetensors);;All files (*)"
+CONFIG_FILTER = "Run configuration (*.json);;All files (*)"
+
+
+class MainWindow(QMainWindow):
+    """The studio window.
+
+    Args:
+        spec: the first run's configuration (default: the paper's Monotone preset on 8gaussians).
+        options: what the worker computes for the views and how often (tests use a small grid).
+        settings: where window state and last folders persist (default: ``QSettings(ORGANIZATION,
+            APPLICATION)``).
+        theme: ``system``, ``light`` or ``dark``; ``None`` uses the persisted choice (default ``system``).
+    """
+
+    def __init__(
+        self,
+        spec: RunSpec | None = None,
+        *,
+        options: SessionOptions | None = None,
+        settings: QSettings | None = None,
+        theme: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings if settings is not None else QSettings(ORGANIZATION, APPLICATION)
+        spec = spec if spec is not None else RunSpec.default()
+        self.spec = spec.copy()  # the configuration of the run the session holds now
+        self.step = 0
+        self.state = ""
+        self.run_id = 0
+        self.device = spec.training.device
+        self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self._rejections = 0
+        self._last_solver_warning = -1e9
+        self._closing = False
+        self._restoring = False
+
+        self.session = Session(spec, options, parent=self)
+        self._build_views(spec)
+        self._build_actions()
+        self._build_status_bar()
+        self._connect_session()
+        self._restore_settings()
+        self.set_theme(theme if theme is not None else str(self.settings.value("theme", "system")))
+        self._update_title()
+        self._rate_timer = QTimer(self)
+        self._rate_timer.setInterval(500)
+        self._rate_timer.timeout.connect(self._update_status)
+        self._rate_timer.start()
+        self.log.add("info", f"monoflow studio: {spec.name} on {spec.training.data}; press Space to train")
+        self.session.launch()
+
+    # ------------------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------------------
+    def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)  # saveState / restoreState identify docks by object name
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _build_views(self, spec: RunSpec) -> None:
+        self.density = DensityView()
+        self.setCentralWidget(self.density)
+        self.controls = ControlsPanel(spec)
+        scroll = QScrollArea()
+        scroll.setWidget(self.controls)
+        scroll.setWidgetResizable(True)
+        self.curves = CurvesView()
+        self.solver_view = SolverView()
+        self.log = LogView()
+        left, right, bottom = (Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea,
+                               Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.controls_dock = self._dock("Controls", "controls", scroll, left)
+        self.curves_dock = self._dock("Curves", "curves", self.curves, right)
+        self.solver_dock = self._dock("Solver diagnostics", "solver", self.solver_view, right)
+        self.log_dock = self._dock("Log", "log", self.log, bottom)
+        self.resize(1500, 900)
+        self.resizeDocks([self.controls_dock], [330], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.curves_dock], [520], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.log_dock], [120], Qt.Orientation.Vertical)
+        self.controls.live_changed.connect(self._on_live_changed)
+        self.controls.rebuild_changed.connect(self._on_rebuild_changed)
+        self.density.settings_changed.connect(self._save_view_settings)
+        self.curves.settings_changed.connect(self._save_view_settings)
+
+    def _action(self, text: str, slot: Callable[[], None], shortcut: QKeySequence | str | None = None,
+                tip: str = "") -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+            # Window-wide, so Space works whichever dock has the focus.
+            action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        action.setToolTip(f"{tip} ({action.shortcut().toString()})" if shortcut else tip)
+        action.setStatusTip(tip)
+        action.triggered.connect(lambda _checked=False: slot())
+        self.addAction(action)
+        return action
+
+    def _build_actions(self) -> None:
+        self.train_action = self._action("Train", self.toggle_training, Qt.Key.Key_Space, "Start or pause training")
+        self.step_action = self._action("Step", self.step_once, "F10", "Pause and run exactly one training step")
+        self.reset_action = self._action("Reset", self.reset_run, "Ctrl+R",
+                                         "Discard the run and start afresh with the current settings")
+        self.open_action = self._action("Open checkpoint...", self.open_checkpoint, QKeySequence.StandardKey.Open,
+                                        "Open a checkpoint to inspect it or train it on")
+        self.save_ckpt_action = self._action("Export checkpoint...", self.export_checkpoint,
+                                             QKeySequence.StandardKey.Save,
+                                             "Save the run as a resumable checkpoint (loadable by `monoflow eval`)")
+        self.export_view_action = self._action("Export view as PNG...", self.export_view, "Ctrl+E",
+                                               "Save the main view as an image")
+        self.export_csv_action = self._action("Export curves as CSV...", self.export_curves, "Ctrl+Shift+E",
+                                              "Save every run's loss and test NLL series")
+        self.load_config_action = self._action("Load run configuration...", self.load_config, "Ctrl+Shift+O",
+                                               "Load a run configuration (or preset) from JSON")
+        self.save_config_action = self._action("Save run configuration...", self.save_config, "Ctrl+Shift+S",
+                                               "Save the current settings as JSON")
+        self.quit_action = self._action("Quit", self.close, QKeySequence.StandardKey.Quit, "Close the studio")
+        self.quit_action.setShortcut(QKeySequence("Ctrl+Q"))  # the standard key is empty on some platforms
+
+        menu = self.menuBar()
+        file_menu = menu.addMenu("&File")
+        for a in (self.open_action, self.save_ckpt_action, None, self.load_config_action, self.save_config_action,
+                  None, self.export_view_action, self.export_csv_action, None, self.quit_action):
+            file_menu.addSeparator() if a is None else file_menu.addAction(a)
+        run_menu = menu.addMenu("&Run")
+        for a in (self.train_action, self.step_action, self.reset_action):
+            run_menu.addAction(a)
+        preset_menu = menu.addMenu("&Presets")
+        self.preset_actions: list[QAction] = []
+        for preset in toy_presets():
+            action = QAction(preset.name, self)
+            action.setStatusTip(preset.description)
+            action.setToolTip(preset.description)
+            action.triggered.connect(lambda _c=False, p=preset: self.apply_spec(RunSpec.from_preset(p),
+                                                                                  f"preset {p.name}"))
+            preset_menu.addAction(action)
+            self.preset_actions.append(action)
+        view_menu = menu.addMenu("&View")
+        for dock in (self.controls_dock, self.curves_dock, self.solver_dock, self.log_dock):
+            view_menu.addAction(dock.toggleViewAction())
+        theme_menu = view_menu.addMenu("Theme")
+        self.theme_group = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for name in THEMES:
+            action = QAction(name.capitalize(), self, checkable=True)
+            action.triggered.connect(lambda _c=False, n=name: self.set_theme(n))
+            self.theme_group.addAction(action)
+            theme_menu.addAction(action)
+            self.theme_actions[name] = action
+        help_menu = menu.addMenu("&Help")
+        about = QAction("About monoflow studio", self)
+        about.triggered.connect(self._about)
+        help_menu.addAction(about)
+
+        toolbar = self.addToolBar("Run")
+        toolbar.setObjectName("run-toolbar")
+        for a in (self.train_action, self.step_action, self.reset_action, None, self.open_action,
+                  self.save_ckpt_action, self.export_view_action):
+            toolbar.addSeparator() if a is None else toolbar.addAction(a)
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.step_label = QLabel("step 0")
+        self.rate_label = QLabel("0.0 it/s")
+        self.device_label = QLabel(f"device {self.device}")
+        self.state_label = QLabel("starting")
+        for w in (self.step_label, self.rate_label, self.device_label, self.state_label):
+            w.setMinimumWidth(90)
+            bar.addPermanentWidget(w)
+
+    def _connect_session(self) -> None:
+        s = self.session
+        s.built.connect(self._on_built)
+        s.metrics.connect(self._on_metrics)
+        s.frame.connect(self._on_frame)
+        s.state_changed.connect(self._on_state)
+        s.message.connect(self._on_message)
+        s.checkpoint_saved.connect(lambda path: self._on_message("info", f"checkpoint saved to {path}"))
+        s.lr_applied.connect(lambda lr: self.log.add("info", f"learning rate now {lr:.3g} (live, no rebuild)"))
+
+    # ------------------------------------------------------------------------------------------------------
+    # settings and theme
+    # ------------------------------------------------------------------------------------------------------
+    def _restore_settings(self) -> None:
+        s = self.settings
+        self._restoring = True  # restoring one view setting must not save the others' defaults over theirs
+        geometry, state = s.value("window/geometry"), s.value("window/state")
+        if isinstance(geometry, QByteArray | bytes):
+            self.restoreGeometry(geometry)
+        if isinstance(state, QByteArray | bytes):
+            self.restoreState(state)
+        self.density.set_mode(str(s.value("view/mode", "density")))
+        self.density.overlay_box.setChecked(s.value("view/overlay", "false") in (True, "true"))
+        self.density.samples_box.setChecked(s.value("view/samples", "false") in (True, "true"))
+        with contextlib.suppress(TypeError, ValueError):
+            self.curves.smoothing.setValue(float(s.value("curves/smoothing", 0.9)))
+        self.curves.log_y.setChecked(s.value("curves/log_y", "false") in (True, "true"))
+        self._restoring = False
+
+    def _save_view_settings(self) -> None:
+        if self._restoring:
+            return
+        s = self.settings
+        s.setValue("view/mode", self.density.mode)
+        s.setValue("view/overlay", self.density.overlay_box.isChecked())
+        s.setValue("view/samples", self.density.samples_box.isChecked())
+        s.setValue("curves/smoothing", float(self.curves.smoothing.value()))
+        s.setValue("curves/log_y", self.curves.log_y.isChecked())
+
+    def _save_settings(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self._save_view_settings()
+        self.settings.sync()
+
+    def _last_dir(self, kind: str) -> str:
+        return str(self.settings.value(f"dirs/{kind}", str(Path.home())))
+
+    def _remember_dir(self, kind: str, path: str) -> None:
+        self.settings.setValue(f"dirs/{kind}", str(Path(path).parent))
+
+    def set_theme(self, mode: str) -> None:
+        """Switch between the system, light and dark themes (persisted)."""
+        if mode not in THEMES:
+            mode = "system"
+        app = QApplication.instance()
+        dark = apply_theme(app, mode) if isinstance(app, QApplication) else False
+        colors = plot_colors(dark)
+        for view in (self.density, self.curves, self.solver_view):
+            view.set_colors(colors)
+        self.theme_actions[mode].setChecked(True)
+        self.settings.setValue("theme", mode)
+
+    # ------------------------------------------------------------------------------------------------------
+    # run control
+    # ------------------------------------------------------------------------------------------------------
+    def toggle_training(self) -> None:
+        """Train / Pause."""
+        if self.state == TRAINING:
+            self.session.pause()
+        else:
+            self.session.start()
+
+    def step_once(self) -> None:
+        self.session.step_once()
+
+    def reset_run(self) -> None:
+        """Discard the run; a fresh model with the settings shown in the controls (paused)."""
+        spec = self._controls_spec()
+        if spec is not None:
+            self._rebuild(spec, keep_running=False, why="reset")
+
+    def apply_spec(self, spec: RunSpec, why: str) -> bool:
+        """Show ``spec`` in the controls and rebuild with it, asking first if that discards a run."""
+        try:
+            spec.check_studio()
+        except ValueError as err:
+            self._on_message("error", str(err))
+            return False
+        if not self._confirm_discard(why):
+            return False
+        self.controls.set_spec(spec)
+        self._rebuild(spec, keep_running=self.state == TRAINING, why=why)
+        return True
+
+    def _controls_spec(self) -> RunSpec | None:
+        try:
+            return self.controls.spec()
+        except ValueError as err:
+            self._on_message("error", f"invalid settings: {err}")
+            self.controls.set_spec(self.spec)
+            return None
+
+    def _confirm_discard(self, why: str) -> bool:
+        """Ask before discarding a run that has trained (the user must decide: a dialog)."""
+        if self.step == 0:
+            return True
+        answer = QMessageBox.question(
+            self, "Discard the current run?",
+            f"Applying {why} needs a new model: the current run (step {self.step}) will be discarded.\n"
+            "Export a checkpoint first if you want to keep it.",
+            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel,
+        )
+        return answer == QMessageBox.StandardButton.Discard
+
+    def _rebuild(self, spec: RunSpec, keep_running: bool, why: str) -> None:
+        self.log.add("info", f"{why}: building a new model")
+        self.step = 0
+        self.session.reset(spec, keep_running=keep_running)
+
+    def _on_rebuild_changed(self, name: str) -> None:
+        spec = self._controls_spec()
+        if spec is None:
+            return
+        if not self._confirm_discard(f"the new {name.replace('_', ' ')}"):
+            self.controls.set_spec(self.spec)  # revert the widget: the run goes on unchanged
+            self._on_message("info", f"{name.replace('_', ' ')} change cancelled; the run goes on")
+            return
+        self._rebuild(spec, keep_running=self.state == TRAINING, why=f"new {name.replace('_', ' ')}")
+
+    def _on_live_changed(self, name: str, value: object) -> None:
+        if name == "lr":
+            self.session.set_lr(float(value))  # type: ignore[arg-type]
+            self.spec.training = self.spec.training.replace(lr=float(value))  # type: ignore[arg-type]
+            return
+        self.session.set_solver(**{name: value})
+        self.spec.model = self.spec.model.replace(**{name: value})
+        self.log.add("info", f"solver {name.replace('_', ' ')} now {value} (live, no rebuild)")
+
+    # ------------------------------------------------------------------------------------------------------
+    # files
+    # ------------------------------------------------------------------------------------------------------
+    def open_checkpoint(self, path: str | None = None) -> None:
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Open checkpoint", self._last_dir("checkpoint"),
+                                                  CHECKPOINT_FILTER)
+            if not path:
+                return
+        self._remember_dir("checkpoint", path)
+        self.log.add("info", f"opening checkpoint {path}")
+        self.session.open_checkpoint(path)
+
+    def export_checkpoint(self) -> None:
+        default = os.path.join(self._last_dir("checkpoint"), f"{self.spec.training.data}-step{self.step}.safetensors")
+        path, _ = QFileDialog.getSaveFileName(self, "Export checkpoint", default, CHECKPOINT_FILTER)
+        if not path:
+            return
+        self._remember_dir("checkpoint", path)
+        self.session.save_checkpoint(path)  # in the worker, between two steps; the result comes as a signal
+
+    def export_view(self) -> None:
+        default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-{self.density.mode}.png")
+        path, _ = QFileDialog.getSaveFileName(self, "Export view", default, "PNG image (*.png)")
+        if not path:
+            return
+        self._remember_dir("export", path)
+
+        # PNG only: pyqtgraph 0.14's SVG exporter fails on the colour bar (ValueError in correctCoordinates).
+        def write(tmp: str) -> None:
+            if not self.density.plot.grab().save(tmp, "PNG"):
+                raise OSError("the image could not be encoded or written")
+
+        self._write_file(path, write, "view", suffix=".png")
+
+    def export_curves(self) -> None:
+        default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-curves.csv")
+        path, _ = QFileDialog.getSaveFileName(self, "Export curves", default, "CSV (*.csv);;All files (*)")
+        if not path:
+            return
+        self._remember_dir("export", path)
+        self._guard_file(lambda: self.curves.export_csv(path), path, "curves")
+
+    def save_config(self) -> None:
+        spec = self._controls_spec()
+        if spec is None:
+            return
+        default = os.path.join(self._last_dir("config"), f"{spec.training.data}-run.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Save run configuration", default, CONFIG_FILTER)
+        if not path:
+            return
+        self._remember_dir("config", path)
+        self._guard_file(lambda: spec.save(path), path, "run configuration")
+
+    def load_config(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load run configuration", self._last_dir("config"), CONFIG_FILTER)
+        if not path:
+            return
+        self._remember_dir("config", path)
+        try:
+            spec = RunSpec.load(path)
+        except ValueError as err:
+            self._on_message("error", f"could not load run configuration: {err}")
+            return
+        self.apply_spec(spec, f"the configuration {Path(path).name}")
+
+    def _write_file(self, path: str, write: Callable[[str], None], what: str, suffix: str = "") -> None:
+        self._guard_file(lambda: atomic_write(path, write, suffix=suffix), path, what)
+
+    def _guard_file(self, fn: Callable[[], object], path: str, what: str) -> None:
+        try:
+            fn()
+        except OSError as err:
+            self._on_message("error", f"could not write {what} to {path}: {err.strerror or err}")
+            return
+        self._on_message("info", f"{what} saved to {path}")
+
+    def _about(self) -> None:
+        QMessageBox.about(self, "About monoflow studio",
+                          "monoflow studio: train and explore Monotone Flows (Ahn et al., NeurIPS 2022) live.")
+
+    # ------------------------------------------------------------------------------------------------------
+    # session signals
+    # ------------------------------------------------------------------------------------------------------
+    def _on_built(self, info: RunInfo) -> None:
+        self.run_id = info.run_id
+        self.spec = info.spec.copy()
+        self.step = info.step
+        self.device = info.device
+        self._rejections = 0
+        self._rates.clear()
+        self.controls.set_spec(info.spec)
+        self.density.set_run(info)
+        label = f"run {info.run_id}: {info.spec.training.data}" + (
+            f" ({Path(info.source).name})" if info.source != "new" else "")
+        self.curves.new_run(info.run_id, label, info.history, info.eval_history)
+        self.solver_view.set_diagnostics([], info.step)
+        self.device_label.setText(f"device {info.device}")
+        self._update_title()
+        self._update_status()
+        self.log.add("info", f"{label}: {info.spec.model.blocks} {info.spec.model.formulation} blocks, "
+                             f"{info.spec.model.activation}, step {info.step}")
+
+    def _on_metrics(self, batch: list[StepMetrics]) -> None:
+        if not batch:
+            return
+        self.curves.add_metrics(batch)
+        self.step = batch[-1].step + 1
+        self._rates.append((time.perf_counter(), self.step))
+        for m in batch:
+            if m.rejected:
+                self._rejections += 1
+                if self._rejections <= REJECTIONS_LOGGED or self._rejections % 100 == 0:
+                    self._on_message("warning", f"{m.message} (rejected steps so far: {self._rejections})")
+        failed = [m for m in batch if m.solver_failed]
+        now = time.perf_counter()
+        if failed and now - self._last_solver_warning >= SOLVER_WARNING_EVERY_S:
+            self._last_solver_warning = now
+            m = failed[-1]
+            self._on_message("warning", f"step {m.step}: {m.solver_failed} sample(s) missed the solver tolerance "
+                                        f"(max {m.solver_iterations_max} iterations); raise the iteration cap or "
+                                        "loosen the tolerance")
+
+    def _on_frame(self, frame: ViewFrame) -> None:
+        try:
+            if frame.run_id != self.run_id:
+                return  # a late frame of a discarded run
+            self.density.set_frame(frame)
+            if frame.diagnostics:
+                self.solver_view.set_diagnostics(frame.diagnostics, frame.step)
+            if frame.eval is not None:
+                self.curves.add_eval(frame.eval)
+        finally:
+            self.session.frame_consumed()
+
+    def _on_state(self, state: str) -> None:
+        self.state = state
+        self.train_action.setText("Pause" if state == TRAINING else "Train")
+        self.state_label.setText(state)
+        self.controls.set_enabled_for_run(state in (PAUSED, TRAINING))
+        if state == "stopped" and not self._closing:
+            self._on_message("error", "the training worker stopped")
+
+    def _on_message(self, level: str, text: str) -> None:
+        self.log.add(level, text)
+        if level in ("info", "warning", "error"):
+            self.statusBar().showMessage(text, 15000 if level != "info" else 6000)
+
+    def _update_status(self) -> None:
+        self.step_label.setText(f"step {self.step}")
+        rate = 0.0
+        if self.state == TRAINING and len(self._rates) >= 2:
+            # Rate over the last ~3 s of metric batches.
+            now = self._rates[-1][0]
+            old = next((r for r in self._rates if now - r[0] <= 3.0), self._rates[0])
+            dt = now - old[0]
+            rate = (self._rates[-1][1] - old[1]) / dt if dt > 0 else 0.0
+        self.rate_label.setText(f"{rate:.1f} it/s")
+
+    def _update_title(self) -> None:
+        self.setWindowTitle(f"monoflow studio: {self.spec.name} on {self.spec.training.data}")
+
+    # ------------------------------------------------------------------------------------------------------
+    # closing
+    # ------------------------------------------------------------------------------------------------------
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt override)
+        """Save the window state and stop the worker (it finishes its current step, then ends)."""
+        self._closing = True
+        self._save_settings()
+        self._rate_timer.stop()
+        if not self.session.shutdown(timeout_s=15.0):
+            self.log.add("error", "the training worker did not stop in time")
+        event.accept()
+        super().closeEvent(event)
+

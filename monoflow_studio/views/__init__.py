@@ -1,0 +1,1 @@
+"""The studio's docked views: density, curves, solver diagnostics and log."""

@@ -1,0 +1,245 @@
+"""Curves: training loss and test NLL (nats) against step or training time, smoothed, with earlier runs faint."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, QTimer, Signal
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from monoflow_core.training import EvalMetrics, StepMetrics
+
+from ..files import atomic_write_text
+from ..smoothing import debiased_ema
+from ..theme import PlotColors
+
+__all__ = ["CurvesView", "RunCurves"]
+
+#: How many earlier runs stay on the plot as faint curves.
+MAX_GHOSTS = 3
+#: Redraws at most this often (ms); new points only mark the plot dirty. Every redraw repaints axes in Python
+#: (pyqtgraph) on the GUI thread, which competes with the worker for the GIL: 500 ms keeps that near 10%.
+REDRAW_MS = 500
+
+
+@dataclass
+class RunCurves:
+    """The recorded series of one run (plain lists; appended to from the GUI thread only)."""
+
+    run_id: int
+    label: str
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    time_s: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_nll: list[float] = field(default_factory=list)
+    eval_time_s: list[float] = field(default_factory=list)
+
+    def add_steps(self, metrics: list[StepMetrics]) -> None:
+        t = self.time_s[-1] if self.time_s else 0.0
+        for m in metrics:
+            t += m.seconds
+            self.steps.append(m.step + 1)  # x = iterations completed after this step
+            self.loss.append(m.loss)
+            self.time_s.append(t)
+
+    def add_eval(self, ev: EvalMetrics) -> None:
+        if ev.nll_nats is None or (self.eval_steps and self.eval_steps[-1] == ev.step):
+            return
+        self.eval_steps.append(ev.step)
+        self.eval_nll.append(ev.nll_nats)
+        self.eval_time_s.append(self.time_s[-1] if self.time_s else 0.0)
+
+
+class CurvesView(QWidget):
+    """Train loss (raw, faint, and smoothed) and test NLL of the current run; earlier runs as faint lines.
+
+    Signals:
+        settings_changed: smoothing, log-y or x axis changed (the window persists them).
+    """
+
+    settings_changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.smoothing = QDoubleSpinBox()
+        self.smoothing.setRange(0.0, 0.999)
+        self.smoothing.setDecimals(3)
+        self.smoothing.setSingleStep(0.05)
+        self.smoothing.setValue(0.9)
+        self.smoothing.setToolTip("Debiased exponential moving average of the training loss (0 = raw)")
+        self.log_y = QCheckBox("log y")
+        self.x_axis = QComboBox()
+        self.x_axis.addItem("step", "step")
+        self.x_axis.addItem("training time (s)", "time")
+        self.hover = QLabel("")
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("Smoothing:"))
+        bar.addWidget(self.smoothing)
+        bar.addWidget(self.log_y)
+        bar.addWidget(QLabel("x:"))
+        bar.addWidget(self.x_axis)
+        bar.addStretch(1)
+        bar.addWidget(self.hover)
+
+        self.plot = pg.PlotWidget()
+        item = self.plot.getPlotItem()
+        item.setLabel("left", "nats")
+        item.showGrid(x=True, y=True, alpha=0.2)
+        self.legend = item.addLegend(offset=(-10, 10))
+        self._colors = PlotColors(dark=False)
+        self.raw_curve = item.plot(name="train loss (raw)")
+        self.train_curve = item.plot(name="train loss")
+        self.test_curve = item.plot(name="test NLL", symbol="o", symbolSize=5)
+        for c in (self.raw_curve, self.train_curve, self.test_curve):
+            c.setDownsampling(auto=True, method="peak")
+            c.setClipToView(True)
+        self._ghost_items: list[pg.PlotDataItem] = []
+        self._apply_pens()
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addLayout(bar)
+        layout.addWidget(self.plot, 1)
+
+        self.current = RunCurves(run_id=0, label="run 0")
+        self.ghosts: list[RunCurves] = []
+        self._dirty = False
+        self._timer = QTimer(self)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self._redraw_if_dirty)
+        self._timer.start()
+        self._mouse = pg.SignalProxy(self.plot.scene().sigMouseMoved, rateLimit=20, slot=self._on_mouse)
+        self.smoothing.valueChanged.connect(self._on_setting)
+        self.log_y.toggled.connect(self._on_setting)
+        self.x_axis.currentIndexChanged.connect(self._on_setting)
+
+    # -- appearance --------------------------------------------------------------------------------------
+    def set_colors(self, colors: PlotColors) -> None:
+        self._colors = colors
+        self.plot.setBackground(colors.background)
+        item = self.plot.getPlotItem()
+        for name in ("left", "bottom"):
+            item.getAxis(name).setPen(colors.foreground)
+            item.getAxis(name).setTextPen(colors.foreground)
+        self.legend.setLabelTextColor(colors.foreground)
+        self._apply_pens()
+        self._dirty = True
+
+    def _apply_pens(self) -> None:
+        c = self._colors
+        faint = pg.mkColor(c.train)
+        faint.setAlpha(c.faint_alpha)
+        self.raw_curve.setPen(pg.mkPen(faint, width=1))
+        self.train_curve.setPen(pg.mkPen(c.train, width=2))
+        self.test_curve.setPen(pg.mkPen(c.test, width=2))
+        self.test_curve.setSymbolBrush(c.test)
+        self.test_curve.setSymbolPen(None)
+
+    def _on_setting(self) -> None:
+        self.plot.getPlotItem().setLogMode(y=self.log_y.isChecked())
+        self._dirty = True
+        self._redraw_if_dirty()
+        self.settings_changed.emit()
+
+    # -- data --------------------------------------------------------------------------------------------
+    def new_run(self, run_id: int, label: str, history: list[StepMetrics], evals: list[EvalMetrics]) -> None:
+        """Start the curves of a new run; the current one (if it has points) becomes a faint ghost."""
+        if self.current.steps:
+            self.ghosts.append(self.current)
+            self.ghosts = self.ghosts[-MAX_GHOSTS:]
+        self.current = RunCurves(run_id=run_id, label=label)
+        self.current.add_steps(history)
+        for ev in evals:
+            self.current.add_eval(ev)
+        self._rebuild_ghosts()
+        self._dirty = True
+
+    def add_metrics(self, metrics: list[StepMetrics]) -> None:
+        self.current.add_steps(metrics)
+        self._dirty = True
+
+    def add_eval(self, ev: EvalMetrics) -> None:
+        self.current.add_eval(ev)
+        self._dirty = True
+
+    def point_count(self) -> int:
+        """Training-loss points of the current run."""
+        return len(self.current.steps)
+
+    def _x(self, run: RunCurves, evals: bool = False) -> np.ndarray:
+        if self.x_axis.currentData() == "time":
+            return np.asarray(run.eval_time_s if evals else run.time_s, dtype=np.float64)
+        return np.asarray(run.eval_steps if evals else run.steps, dtype=np.float64)
+
+    def _y(self, values: list[float]) -> np.ndarray:
+        y = np.asarray(values, dtype=np.float64)
+        # Non-finite losses (rejected steps) would break the plot's auto-range; they are gaps instead.
+        return np.where(np.isfinite(y), y, np.nan)
+
+    def _rebuild_ghosts(self) -> None:
+        item = self.plot.getPlotItem()
+        for g in self._ghost_items:
+            item.removeItem(g)
+        self._ghost_items = []
+        for _run in self.ghosts:
+            ghost = pg.PlotDataItem()
+            ghost.setDownsampling(auto=True, method="peak")
+            ghost.setClipToView(True)
+            item.addItem(ghost)
+            self._ghost_items.append(ghost)
+
+    def _redraw_if_dirty(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        w = float(self.smoothing.value())
+        run = self.current
+        loss = self._y(run.loss)
+        self.raw_curve.setData(self._x(run), loss, connect="finite")
+        self.train_curve.setData(self._x(run), debiased_ema(loss, w), connect="finite")
+        self.test_curve.setData(self._x(run, evals=True), self._y(run.eval_nll), connect="finite")
+        grey = pg.mkColor(self._colors.foreground)
+        grey.setAlpha(self._colors.faint_alpha)
+        for ghost, g in zip(self._ghost_items, self.ghosts, strict=True):
+            ghost.setPen(pg.mkPen(grey, width=1))
+            ghost.setData(self._x(g), debiased_ema(self._y(g.loss), w), connect="finite")
+        self.plot.getPlotItem().setLabel("bottom", "training time (s)" if self.x_axis.currentData() == "time"
+                                         else "step")
+
+    def _on_mouse(self, event: tuple[QPointF]) -> None:
+        pos = event[0]
+        vb = self.plot.getPlotItem().vb
+        if not self.plot.sceneBoundingRect().contains(pos) or not self.current.steps:
+            return
+        x = vb.mapSceneToView(pos).x()
+        xs = self._x(self.current)
+        i = int(np.clip(np.searchsorted(xs, x), 0, len(xs) - 1))
+        text = f"step {self.current.steps[i]}: loss {self.current.loss[i]:.4f}"
+        if self.current.eval_steps:
+            ex = self._x(self.current, evals=True)
+            j = int(np.clip(np.searchsorted(ex, x), 0, len(ex) - 1))
+            text += f"; test NLL {self.current.eval_nll[j]:.4f} (step {self.current.eval_steps[j]})"
+        self.hover.setText(text)
+
+    # -- export ------------------------------------------------------------------------------------------
+    def to_csv(self) -> str:
+        """All runs' series as CSV: ``run,series,step,time_s,value`` (value in nats)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["run", "series", "step", "time_s", "value_nats"])
+        for run in [*self.ghosts, self.current]:
+            for s, t, v in zip(run.steps, run.time_s, run.loss, strict=True):
+                writer.writerow([run.label, "train_loss", s, f"{t:.6f}", repr(float(v))])
+            for s, t, v in zip(run.eval_steps, run.eval_time_s, run.eval_nll, strict=True):
+                writer.writerow([run.label, "test_nll", s, f"{t:.6f}", repr(float(v))])
+        return buf.getvalue()
+
+    def export_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_csv` atomically (``OSError`` if the path is unwritable)."""
+        atomic_write_text(path, self.to_csv())

@@ -1,0 +1,97 @@
+"""Solver diagnostics: per-block forward-solve iterations (mean and max), residuals and non-converged counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..theme import PlotColors
+
+__all__ = ["SolverView"]
+
+COLUMNS = ("block", "kind", "solver", "iters mean", "iters max", "residual max", "not converged")
+
+
+class SolverView(QWidget):
+    """A bar chart (mean iterations, max as markers) and a table, from the latest training step's solves."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.summary = QLabel("No training step yet.")
+        self.summary.setWordWrap(True)
+        self.plot = pg.PlotWidget()
+        item = self.plot.getPlotItem()
+        item.setLabel("left", "forward iterations / sample")
+        item.setLabel("bottom", "block")
+        item.showGrid(y=True, alpha=0.2)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.6, brush="#4aa3ff")
+        self.max_marks = pg.ScatterPlotItem(symbol="t", size=9, brush="#ff9f40", pen=None)
+        item.addItem(self.bars)
+        item.addItem(self.max_marks)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addWidget(self.summary)
+        layout.addWidget(self.plot, 2)
+        layout.addWidget(self.table, 1)
+        self.rows: list[dict[str, Any]] = []
+
+    def set_colors(self, colors: PlotColors) -> None:
+        self.plot.setBackground(colors.background)
+        item = self.plot.getPlotItem()
+        for name in ("left", "bottom"):
+            item.getAxis(name).setPen(colors.foreground)
+            item.getAxis(name).setTextPen(colors.foreground)
+
+    def set_diagnostics(self, diagnostics: list[dict[str, Any]], step: int) -> None:
+        """Show :func:`monoflow_core.evaluation.solver_diagnostics` entries (blocks without a forward solve,
+        e.g. residual blocks, are listed with empty iteration columns)."""
+        self.rows = []
+        for d in diagnostics:
+            fwd = d.get("forward") or {}
+            self.rows.append({
+                "block": d["block"],
+                "kind": d["kind"],
+                "solver": fwd.get("method", d["solver"]),
+                "iters mean": fwd.get("iterations_mean"),
+                "iters max": fwd.get("iterations_max"),
+                "residual max": fwd.get("residual_max"),
+                "not converged": fwd.get("n_failed"),
+            })
+        solved = [r for r in self.rows if r["iters mean"] is not None]
+        x = np.arange(len(solved), dtype=np.float64)
+        self.bars.setOpts(x=x, height=[r["iters mean"] for r in solved], width=0.6)
+        self.plot.getPlotItem().getAxis("bottom").setTicks([[(i, str(r["block"])) for i, r in enumerate(solved)]])
+        self.max_marks.setData(x=x, y=[r["iters max"] for r in solved])
+        self.table.setRowCount(len(self.rows))
+        for i, row in enumerate(self.rows):
+            for j, col in enumerate(COLUMNS):
+                v = row[col]
+                text = "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+                self.table.setItem(i, j, QTableWidgetItem(text))
+        failed = sum(r["not converged"] or 0 for r in self.rows)
+        if not self.rows:
+            self.summary.setText("No implicit blocks (or no training step yet).")
+        elif failed:
+            self.summary.setText(f"step {step}: {failed} sample(s) missed the solver tolerance; raise the iteration "
+                                 "cap or loosen the tolerance.")
+        else:
+            self.summary.setText(f"step {step}: every block's forward solve converged.")
+
+    def failed_total(self) -> int:
+        return int(sum(r["not converged"] or 0 for r in self.rows))

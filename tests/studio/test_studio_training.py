@@ -1,0 +1,162 @@
+"""The studio trains in the background: live views, Train/Pause/Step/Reset, live settings, clean shutdown."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import WAIT_MS, tiny_spec
+from PySide6.QtWidgets import QMessageBox
+
+from monoflow_studio.session import PAUSED, TRAINING
+
+
+def test_training_updates_step_curves_and_density(window, qtbot):
+    first = window.density.current_image()
+    assert first is not None and np.isfinite(first).all()
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.state == TRAINING, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.step >= 5 and window.curves.point_count() >= 5, timeout=WAIT_MS)
+    shown = window.density.frames_shown
+    qtbot.waitUntil(lambda: window.density.frames_shown >= shown + 2, timeout=WAIT_MS)
+    image = window.density.current_image()
+    assert image is not None and image.shape == (48, 48)
+    assert np.isfinite(image).all()
+    assert not np.allclose(image, first), "the density must change as the model trains"
+    assert window.curves.current.eval_nll, "test NLL points arrive with the frames"
+    qtbot.waitUntil(lambda: window.step_label.text() not in ("step 0", ""), timeout=WAIT_MS)  # status bar
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
+
+
+def test_pause_step_and_reset(window, qtbot):
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.step >= 3, timeout=WAIT_MS)
+    window.train_action.trigger()  # pause
+    qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
+    paused_at = window.step
+    qtbot.wait(400)
+    assert window.step == paused_at, "pause stops the step counter"
+
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: window.step == paused_at + 1, timeout=WAIT_MS)
+    qtbot.wait(400)
+    assert window.step == paused_at + 1, "Step advances exactly one iteration"
+    assert window.session.submit(lambda t: t.step_count).result(timeout=10) == paused_at + 1
+
+    run = window.run_id
+    window.reset_action.trigger()
+    qtbot.waitUntil(lambda: window.run_id == run + 1, timeout=WAIT_MS)
+    assert window.step == 0
+    assert window.curves.point_count() == 0
+    assert len(window.curves.ghosts) == 1, "the discarded run stays as a faint curve"
+    assert window.session.submit(lambda t: t.step_count).result(timeout=10) == 0
+
+
+def test_learning_rate_applies_live_without_rebuild(window, qtbot):
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.step >= 2, timeout=WAIT_MS)
+    run = window.run_id
+    with qtbot.waitSignal(window.session.lr_applied, timeout=WAIT_MS) as blocker:
+        window.controls.lr.setValue(3e-4)
+    assert blocker.args[0] == 3e-4
+    before = window.step
+    qtbot.waitUntil(lambda: window.step > before, timeout=WAIT_MS)
+    assert window.state == TRAINING and window.run_id == run, "no rebuild, training goes on"
+    lrs = window.session.submit(lambda t: [g["lr"] for g in t.optimizer.param_groups]).result(timeout=10)
+    assert lrs == [3e-4] * len(lrs)
+    window.controls.tol.setValue(1e-4)
+    tol = window.session.submit(lambda t: {b.tol for b in t.flow.implicit_blocks()}).result(timeout=10)
+    assert tol == {1e-4}
+
+
+def test_rebuild_setting_asks_before_discarding(window, qtbot, monkeypatch):
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: window.step == 1, timeout=WAIT_MS)
+    run = window.run_id
+    asked: list[str] = []
+
+    def answer(reply):
+        def question(*args, **kwargs):
+            asked.append(args[1])
+            return reply
+        return question
+
+    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.StandardButton.Cancel))
+    window.controls.data.setCurrentIndex(window.controls.data.findData("moons"))
+    assert asked, "a rebuild setting during a run asks first"
+    assert window.controls.data.currentData() == "8gaussians", "cancel reverts the control"
+    qtbot.wait(300)
+    assert window.run_id == run and window.step == 1
+
+    monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.StandardButton.Discard))
+    window.controls.data.setCurrentIndex(window.controls.data.findData("moons"))
+    qtbot.waitUntil(lambda: window.run_id == run + 1, timeout=WAIT_MS)
+    assert window.spec.training.data == "moons" and window.step == 0
+    assert window.session.submit(lambda t: t.train_config.data).result(timeout=10) == "moons"
+
+
+def test_closing_mid_training_stops_the_worker(make_window, qtbot):
+    window = make_window()
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.step >= 2, timeout=WAIT_MS)
+    t0 = time.perf_counter()
+    window.close()
+    elapsed = time.perf_counter() - t0
+    assert not window.session.is_alive()
+    assert elapsed < 5.0, f"the worker took {elapsed:.1f} s to stop"
+
+
+def test_non_finite_loss_and_divergence_are_reported(make_window, qtbot):
+    window = make_window(tiny_spec(max_rejected_steps=3))
+    session = window.session
+    session.submit(lambda t: setattr(t, "loss_transform", lambda loss: loss * float("nan"))).result(timeout=10)
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: "non-finite loss" in window.log.toPlainText(), timeout=WAIT_MS)
+    assert "non-finite loss" in window.statusBar().currentMessage()
+    window.train_action.trigger()  # two more rejections: the core raises TrainingError, the session pauses
+    qtbot.waitUntil(lambda: "training stopped" in window.log.toPlainText(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
+    session.submit(lambda t: setattr(t, "loss_transform", None)).result(timeout=10)
+    before = window.step
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.step >= before + 2, timeout=WAIT_MS)  # nothing lost, training goes on
+
+
+@pytest.mark.filterwarnings("ignore::monoflow_core.solvers.SolverWarning")  # provoked on purpose
+def test_solver_non_convergence_is_reported(window, qtbot):
+    window.controls.max_iter.setValue(1)
+    window.controls.tol.setValue(1e-12)
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: "missed the solver tolerance" in window.log.toPlainText(), timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.solver_view.failed_total() > 0, timeout=WAIT_MS)
+    assert window.solver_view.table.rowCount() == 2
+
+
+def test_event_loop_stays_responsive_during_training(window, qtbot):
+    from PySide6.QtCore import QTimer
+
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: window.step >= 3, timeout=WAIT_MS)
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    probe = QTimer()
+    probe.setInterval(10)
+    probe.timeout.connect(tick)
+    last[0] = time.perf_counter()
+    probe.start()
+    frames = window.density.frames_shown
+    qtbot.wait(3000)
+    probe.stop()
+    worst = max(gaps) * 1000
+    print(f"\nevent-loop probe: {len(gaps)} ticks in 3 s of training, longest gap {worst:.0f} ms, "
+          f"median {np.median(gaps) * 1000:.1f} ms; {window.density.frames_shown - frames} frames shown")
+    assert window.density.frames_shown > frames
+    assert worst < 250, f"the event loop stalled for {worst:.0f} ms"
