@@ -44,7 +44,7 @@ def train_steps(flow: mc.Flow, steps: int, seed: int) -> tuple[list[float], list
         its = torch.cat([s["forward"].iterations for s in flow.solver_stats() if s["forward"] is not None])
         med_evals.append(int(its.median()))
         max_evals.append(int(its.max()))
-        loss = float(loss_t)
+        loss = float(loss_t.detach())
     return times, med_evals, max_evals, loss
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     generic.fast_path = False
     generic.train()
     gtimes, _, _, _ = train_steps(generic, args.generic_steps, seed=0)
-    generic_ms = statistics.median(gtimes[10:])
+    generic_ms = statistics.median(gtimes[10:] if len(gtimes) > 20 else gtimes)
 
     figures = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads available to torch, "
