@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+from PySide6.QtCore import QByteArray, QRect, QSettings, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QPainter
+from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import (
     QApplication,
     QDockWidget,
@@ -33,12 +34,13 @@ from monoflow_core.training import StepMetrics
 from .controls import ControlsPanel
 from .files import atomic_write
 from .run_spec import RunSpec, toy_presets
-from .session import PAUSED, TRAINING, RunInfo, Session, SessionOptions, ViewFrame
+from .session import PAUSED, TRAINING, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
 from .theme import THEMES, apply_theme, plot_colors
 from .views.curves import CurvesView
 from .views.density import DensityView
 from .views.diagnostics import SolverView
 from .views.log import LogView
+from .views.transport import TransportView
 
 __all__ = ["APPLICATION", "ORGANIZATION", "MainWindow"]
 
@@ -52,6 +54,37 @@ REJECTIONS_LOGGED = 5
 
 CHECKPOINT_FILTER = "monoflow checkpoints (*.safetensors);;All files (*)"
 CONFIG_FILTER = "Run configuration (*.json);;All files (*)"
+VIEW_FILTER = "PNG image (*.png);;SVG image (*.svg)"
+
+
+def render_png(widget: QWidget, path: str) -> None:
+    """Grab ``widget`` as a PNG file at ``path`` (raises ``OSError`` if it cannot be encoded or written)."""
+    if not widget.grab().save(path, "PNG"):
+        raise OSError("the image could not be encoded or written")
+
+
+def render_svg(widget: QWidget, path: str, title: str = "") -> None:
+    """Render ``widget`` into an SVG file at ``path`` with Qt's SVG generator (vector lines, raster images).
+
+    pyqtgraph 0.14's own SVG exporter fails on the colour bar (ValueError in correctCoordinates); painting the
+    widget into a :class:`QSvgGenerator` has no such problem. Raises ``OSError`` if the file cannot be written.
+    """
+    size = widget.size()
+    generator = QSvgGenerator()
+    generator.setFileName(path)
+    generator.setSize(size)
+    generator.setViewBox(QRect(0, 0, size.width(), size.height()))
+    generator.setTitle(title or "monoflow studio view")
+    generator.setDescription("exported by monoflow studio")
+    painter = QPainter()
+    if not painter.begin(generator):
+        raise OSError("the SVG file could not be opened for writing")
+    try:
+        widget.render(painter)
+    finally:
+        painter.end()
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        raise OSError("the SVG file could not be written")
 
 
 class MainWindow(QMainWindow):
@@ -121,12 +154,19 @@ class MainWindow(QMainWindow):
         scroll.setWidgetResizable(True)
         self.curves = CurvesView()
         self.solver_view = SolverView()
+        self.transport = TransportView()
         self.log = LogView()
         left, right, bottom = (Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea,
                                Qt.DockWidgetArea.BottomDockWidgetArea)
         self.controls_dock = self._dock("Controls", "controls", scroll, left)
         self.curves_dock = self._dock("Curves", "curves", self.curves, right)
         self.solver_dock = self._dock("Solver diagnostics", "solver", self.solver_view, right)
+        # A tab behind the solver diagnostics: the session computes the transport only while it is visible.
+        self.transport_dock = self._dock("Transport", "transport", self.transport, right)
+        self.tabifyDockWidget(self.solver_dock, self.transport_dock)
+        self.solver_dock.raise_()
+        self._transport_sent: str | None = None
+        self._transport_visible = False
         self.log_dock = self._dock("Log", "log", self.log, bottom)
         self.resize(1500, 900)
         self.resizeDocks([self.controls_dock], [330], Qt.Orientation.Horizontal)
@@ -136,6 +176,8 @@ class MainWindow(QMainWindow):
         self.controls.rebuild_changed.connect(self._on_rebuild_changed)
         self.density.settings_changed.connect(self._save_view_settings)
         self.curves.settings_changed.connect(self._save_view_settings)
+        self.transport.direction_changed.connect(self._on_transport_direction)
+        self.transport_dock.visibilityChanged.connect(self._on_transport_visibility)
 
     def _action(self, text: str, slot: Callable[[], None], shortcut: QKeySequence | str | None = None,
                 tip: str = "") -> QAction:
@@ -160,8 +202,8 @@ class MainWindow(QMainWindow):
         self.save_ckpt_action = self._action("Export checkpoint...", self.export_checkpoint,
                                              QKeySequence.StandardKey.Save,
                                              "Save the run as a resumable checkpoint (loadable by `monoflow eval`)")
-        self.export_view_action = self._action("Export view as PNG...", self.export_view, "Ctrl+E",
-                                               "Save the main view as an image")
+        self.export_view_action = self._action("Export view as PNG/SVG...", self.export_view, "Ctrl+E",
+                                               "Save the main view as a PNG or SVG image")
         self.export_csv_action = self._action("Export curves as CSV...", self.export_curves, "Ctrl+Shift+E",
                                               "Save every run's loss and test NLL series")
         self.load_config_action = self._action("Load run configuration...", self.load_config, "Ctrl+Shift+O",
@@ -190,7 +232,7 @@ class MainWindow(QMainWindow):
             preset_menu.addAction(action)
             self.preset_actions.append(action)
         view_menu = menu.addMenu("&View")
-        for dock in (self.controls_dock, self.curves_dock, self.solver_dock, self.log_dock):
+        for dock in (self.controls_dock, self.curves_dock, self.solver_dock, self.transport_dock, self.log_dock):
             view_menu.addAction(dock.toggleViewAction())
         theme_menu = view_menu.addMenu("Theme")
         self.theme_group = QActionGroup(self)
@@ -227,6 +269,7 @@ class MainWindow(QMainWindow):
         s.built.connect(self._on_built)
         s.metrics.connect(self._on_metrics)
         s.frame.connect(self._on_frame)
+        s.transport.connect(self._on_transport)
         s.state_changed.connect(self._on_state)
         s.message.connect(self._on_message)
         s.checkpoint_saved.connect(lambda path: self._on_message("info", f"checkpoint saved to {path}"))
@@ -249,6 +292,7 @@ class MainWindow(QMainWindow):
         with contextlib.suppress(TypeError, ValueError):
             self.curves.smoothing.setValue(float(s.value("curves/smoothing", 0.9)))
         self.curves.log_y.setChecked(s.value("curves/log_y", "false") in (True, "true"))
+        self.transport.set_direction(str(s.value("transport/direction", "forward")))
         self._restoring = False
 
     def _save_view_settings(self) -> None:
@@ -260,6 +304,7 @@ class MainWindow(QMainWindow):
         s.setValue("view/samples", self.density.samples_box.isChecked())
         s.setValue("curves/smoothing", float(self.curves.smoothing.value()))
         s.setValue("curves/log_y", self.curves.log_y.isChecked())
+        s.setValue("transport/direction", self.transport.direction)
 
     def _save_settings(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
@@ -280,7 +325,7 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         dark = apply_theme(app, mode) if isinstance(app, QApplication) else False
         colors = plot_colors(dark)
-        for view in (self.density, self.curves, self.solver_view):
+        for view in (self.density, self.curves, self.solver_view, self.transport):
             view.set_colors(colors)
         self.theme_actions[mode].setChecked(True)
         self.settings.setValue("theme", mode)
@@ -384,18 +429,20 @@ class MainWindow(QMainWindow):
         self.session.save_checkpoint(path)  # in the worker, between two steps; the result comes as a signal
 
     def export_view(self) -> None:
+        """Save the main view as PNG or SVG: the format follows the file's suffix (else the chosen filter)."""
         default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-{self.density.mode}.png")
-        path, _ = QFileDialog.getSaveFileName(self, "Export view", default, "PNG image (*.png)")
+        path, chosen = QFileDialog.getSaveFileName(self, "Export view", default, VIEW_FILTER)
         if not path:
             return
         self._remember_dir("export", path)
-
-        # PNG only: pyqtgraph 0.14's SVG exporter fails on the colour bar (ValueError in correctCoordinates).
-        def write(tmp: str) -> None:
-            if not self.density.plot.grab().save(tmp, "PNG"):
-                raise OSError("the image could not be encoded or written")
-
-        self._write_file(path, write, "view", suffix=".png")
+        suffix = Path(path).suffix.lower()
+        svg = suffix == ".svg" or (suffix != ".png" and chosen.startswith("SVG"))
+        widget = self.density.plot
+        if svg:
+            title = f"monoflow studio: {self.spec.training.data}, {self.density.mode}, step {self.step}"
+            self._write_file(path, lambda tmp: render_svg(widget, tmp, title), "view", suffix=".svg")
+        else:
+            self._write_file(path, lambda tmp: render_png(widget, tmp), "view", suffix=".png")
 
     def export_curves(self) -> None:
         default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-curves.csv")
@@ -455,6 +502,7 @@ class MainWindow(QMainWindow):
         self._rates.clear()
         self.controls.set_spec(info.spec)
         self.density.set_run(info)
+        self.transport.set_run(info)
         label = f"run {info.run_id}: {info.spec.training.data}" + (
             f" ({Path(info.source).name})" if info.source != "new" else "")
         self.curves.new_run(info.run_id, label, info.history, info.eval_history)
@@ -496,6 +544,27 @@ class MainWindow(QMainWindow):
                 self.curves.add_eval(frame.eval)
         finally:
             self.session.frame_consumed()
+
+    def _on_transport(self, frame: TransportFrame) -> None:
+        if frame.run_id == self.run_id:
+            self.transport.set_transport(frame)
+
+    def _on_transport_visibility(self, visible: bool) -> None:
+        self._transport_visible = bool(visible)
+        self._update_transport()
+
+    def _on_transport_direction(self, _direction: str) -> None:
+        self._update_transport()
+        self._save_view_settings()
+
+    def _update_transport(self) -> None:
+        """Tell the session which transport the view needs: its direction while visible, else none."""
+        if self._closing:
+            return
+        wanted = self.transport.direction if self._transport_visible else None
+        if wanted != self._transport_sent:
+            self._transport_sent = wanted
+            self.session.set_transport(wanted)
 
     def _on_state(self, state: str) -> None:
         self.state = state

@@ -39,10 +39,11 @@ from monoflow_core.checkpoint import CheckpointError, load_checkpoint
 from monoflow_core.data import sample_toy
 from monoflow_core.flow import Flow
 from monoflow_core.training import EvalMetrics, StepMetrics, Trainer, TrainingError
+from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 
 from .run_spec import RunSpec
 
-__all__ = ["RunInfo", "Session", "SessionOptions", "ViewFrame"]
+__all__ = ["RunInfo", "Session", "SessionOptions", "TransportFrame", "ViewFrame"]
 
 #: States reported through :attr:`Session.state_changed`.
 BUILDING, PAUSED, TRAINING, STOPPED = "building", "paused", "training", "stopped"
@@ -64,6 +65,8 @@ class SessionOptions:
         data_points: data points sent once per run for the overlay.
         hist_bins: bins per axis of the sample and data histograms.
         metrics_interval_s: step metrics are batched and sent at most this often.
+        transport_lines: grid lines per direction of the transport view (horizontal and vertical).
+        transport_points: points per grid line of the transport view.
     """
 
     grid_resolution: int = 160
@@ -75,6 +78,8 @@ class SessionOptions:
     data_points: int = 1000
     hist_bins: int = 100
     metrics_interval_s: float = 0.05
+    transport_lines: int = 17
+    transport_points: int = 120
 
 
 @dataclass
@@ -132,6 +137,40 @@ class ViewFrame:
     seconds: float
 
 
+@dataclass
+class TransportFrame:
+    """The grid of the transport view after every layer, computed in the view thread.
+
+    Attributes:
+        run_id: the run it belongs to.
+        step: iterations completed when it was computed.
+        direction: ``"forward"`` (data -> latent) or ``"inverse"`` (latent -> data).
+        stages: ``len(flow.layers) + 1`` float64 arrays (lines, points, 2): stage 0 is the regular grid, stage k
+            the grid after layer k (forward) or after undoing the k last layers (inverse).
+        layer_names: class name of each layer in the order applied.
+        extent: half-width of the regular grid.
+        seconds: time the view thread spent on it.
+    """
+
+    run_id: int
+    step: int
+    direction: str
+    stages: list[np.ndarray]
+    layer_names: list[str]
+    extent: float
+    seconds: float
+
+
+def compute_transport(flow: Flow, direction: str, options: SessionOptions) -> tuple[list[np.ndarray], list[str]]:
+    """The transport stages of the regular grid of ``options`` through ``flow`` (float32, chunked)."""
+    lines = grid_lines(options.grid_extent, options.transport_lines, options.transport_points)
+    flat = transport_stages(flow, lines.reshape(-1, 2), direction, dtype=torch.float32)
+    names = [type(layer).__name__ for layer in flow.layers]
+    if direction == "inverse":
+        names.reverse()
+    return [s.reshape(lines.shape) for s in flat], names
+
+
 def histogram2d(points: np.ndarray, extent: tuple[float, float, float, float], bins: int) -> np.ndarray:
     """Counts of ``points`` on a ``bins x bins`` grid over ``extent``, row-major with row 0 at ``ymin``."""
     xmin, xmax, ymin, ymax = extent
@@ -147,6 +186,7 @@ class _Worker(QObject):
     built = Signal(object)  # RunInfo
     metrics = Signal(object)  # list[StepMetrics]
     frame = Signal(object)  # ViewFrame
+    transport = Signal(object)  # TransportFrame
     state_changed = Signal(str)
     message = Signal(str, str)  # level ("info" | "warning" | "error"), text
     checkpoint_saved = Signal(str)
@@ -170,6 +210,8 @@ class _Worker(QObject):
         self._frame_due = False
         self._state = ""
         self._test_points = torch.zeros(0, 2, dtype=torch.float64)
+        self._transport: str | None = None  # the transport view's direction while it is visible, else None
+        self.transport_generation = 0  # on-demand transport jobs older than this are skipped
         self.views = _ViewThread(self)
 
     # -- called from the GUI thread (thread-safe) ------------------------------------------------------------
@@ -324,6 +366,21 @@ class _Worker(QObject):
         if self.trainer is not None:
             self.trainer.set_solver(tol=tol, max_iter=max_iter, solver=solver)
 
+    def set_transport(self, direction: str | None) -> None:
+        """The transport view is visible with ``direction`` (or hidden: ``None``); a new direction is computed now."""
+        if direction is not None and direction not in DIRECTIONS:
+            raise ValueError(f"transport direction: one of {DIRECTIONS}, got {direction!r}")
+        changed = direction is not None and direction != self._transport
+        self._transport = direction
+        if changed and self.trainer is not None:
+            # On demand, on a snapshot (cheap), next to the frames: the view thread computes only the transport.
+            self.transport_generation += 1
+            with torch.no_grad():
+                snapshot = copy.deepcopy(self.trainer.eval_flow)
+            self.views.submit(_FrameJob(self._run_id, self.trainer.step_count, snapshot, [], self._test_points,
+                                        transport=direction, transport_only=True,
+                                        generation=self.transport_generation))
+
     def save_checkpoint(self, path: str) -> None:
         if self.trainer is None:
             return
@@ -371,7 +428,9 @@ class _Worker(QObject):
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._frame_consumed.clear()
         self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
-        self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points))
+        self.transport_generation += 1  # this frame brings the transport too: pending on-demand jobs are stale
+        self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points,
+                                    transport=self._transport, generation=self.transport_generation))
 
     def frame_done(self, seconds: float) -> None:
         """Called by the view thread after a frame: pace the next one by the frame budget."""
@@ -386,6 +445,9 @@ class _FrameJob:
     flow: Flow
     diagnostics: list[dict[str, Any]]
     test_points: torch.Tensor
+    transport: str | None = None  # also compute the transport stages in this direction
+    transport_only: bool = False  # an on-demand transport job (no density frame)
+    generation: int = 0
 
 
 class _ViewThread(QThread):
@@ -410,6 +472,9 @@ class _ViewThread(QThread):
             if job is None:
                 return
             t0 = time.perf_counter()
+            if job.transport_only:
+                self._transport_job(job)
+                continue
             try:
                 frame = self._compute(job)
             except Exception as err:  # a failed frame is reported; training and later frames go on
@@ -418,8 +483,25 @@ class _ViewThread(QThread):
                 continue
             if frame is None:  # stopped midway
                 return
+            if job.transport is not None:
+                self._transport_job(job)
             self._worker.frame.emit(frame)
             self._worker.frame_done(time.perf_counter() - t0)
+
+    def _transport_job(self, job: _FrameJob) -> None:
+        """Compute and send the transport stages of ``job`` (skipped when a newer job supersedes it)."""
+        if job.transport is None or self._stop.is_set() or (
+                job.transport_only and job.generation < self._worker.transport_generation):
+            return
+        t0 = time.perf_counter()
+        try:
+            stages, names = compute_transport(job.flow, job.transport, self._worker.options)
+        except Exception as err:  # reported; training and the other views go on
+            self._worker.message.emit("error", f"transport view update failed: {type(err).__name__}: {err}")
+            return
+        self._worker.transport.emit(TransportFrame(
+            run_id=job.run_id, step=job.step, direction=job.transport, stages=stages, layer_names=names,
+            extent=float(self._worker.options.grid_extent), seconds=time.perf_counter() - t0))
 
     def _compute(self, job: _FrameJob) -> ViewFrame | None:
         opts = self._worker.options
@@ -477,6 +559,7 @@ class Session(QObject):
     built = Signal(object)
     metrics = Signal(object)
     frame = Signal(object)
+    transport = Signal(object)
     state_changed = Signal(str)
     message = Signal(str, str)
     checkpoint_saved = Signal(str)
@@ -487,8 +570,8 @@ class Session(QObject):
         super().__init__(parent)
         self.options = options or SessionOptions()
         self._worker = _Worker(spec, self.options)
-        for name in ("built", "metrics", "frame", "state_changed", "message", "checkpoint_saved", "lr_applied",
-                     "finished"):
+        for name in ("built", "metrics", "frame", "transport", "state_changed", "message", "checkpoint_saved",
+                     "lr_applied", "finished"):
             getattr(self._worker, name).connect(getattr(self, name))
         self._thread = _WorkerThread(self._worker)
         self._state = ""
@@ -544,6 +627,14 @@ class Session(QObject):
 
     def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
         self._worker.post(lambda: self._worker.set_solver(tol, max_iter, solver))
+
+    def set_transport(self, direction: str | None) -> None:
+        """The transport view shows ``direction`` (``"forward"`` / ``"inverse"``), or is hidden (``None``).
+
+        While it is visible every frame also brings a :class:`TransportFrame`; a newly shown direction is computed
+        at once (paused or not).
+        """
+        self._worker.post(lambda: self._worker.set_transport(direction))
 
     def open_checkpoint(self, path: str) -> None:
         self._worker.post(lambda: self._worker.open_checkpoint(path))

@@ -46,6 +46,9 @@ def isolated_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     folder = str(tmp_path_factory.mktemp("qsettings"))
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, folder)
+    # QSettings(organization, application), the window's default, always uses the native format (setDefaultFormat
+    # does not apply to that constructor): isolate it too.
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, folder)
     yield folder
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -133,3 +134,28 @@ def test_load_config_rebuilds_with_it(window, qtbot, monkeypatch, tmp_path):
     patch_dialog(monkeypatch, "getOpenFileName", str(bad))
     window.load_config_action.trigger()
     assert "could not load run configuration" in window.statusBar().currentMessage()
+
+
+def test_export_view_as_svg(window, qtbot, monkeypatch, tmp_path):
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: window.step == 1 and window.density.frames_shown >= 2, timeout=WAIT_MS)
+    svg = tmp_path / "view.svg"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(svg), "SVG image (*.svg)"))
+    window.export_view_action.trigger()
+    assert "view saved" in window.statusBar().currentMessage()
+    root = ElementTree.parse(svg).getroot()
+    assert root.tag.rsplit("}", 1)[-1] == "svg"
+    assert svg.stat().st_size > 5000 and len(list(root.iter())) > 20, "the plot, not an empty page"
+    assert not list(tmp_path.glob(".*")), "no temporary files left behind"
+    # The suffix decides the format: a .png path writes a PNG even with the SVG filter chosen.
+    png = tmp_path / "view.png"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(png), "SVG image (*.svg)"))
+    window.export_view_action.trigger()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_view_as_svg_to_an_unwritable_path_gives_a_message(window, qtbot, monkeypatch):
+    patch_dialog(monkeypatch, "getSaveFileName", UNWRITABLE + ".svg")
+    window.export_view_action.trigger()  # no exception escapes
+    assert "could not write view" in window.statusBar().currentMessage()
+    assert "could not write view" in window.log.toPlainText()
