@@ -204,3 +204,20 @@ class WarningLog:
 
     def as_list(self) -> list[dict[str, Any]]:
         return [{"warning": k, "count": v} for k, v in self.counts.items()]
+
+
+def run_note_bits(r: dict) -> list[str]:
+    """What went wrong (or was unusual) in one run: rejected steps, solver failures, warnings, slow steps."""
+    bits = []
+    if r.get("rejected_steps"):
+        bits.append(f"{r['rejected_steps']} rejected (non-finite) steps")
+    if r.get("solver_failed_samples"):
+        bits.append(f"{r['solver_failed_samples']} samples missed the solver tolerance (summed over steps/blocks)")
+    if r.get("warnings"):
+        bits.append("warnings: " + "; ".join(f"{k} (x{v})" for k, v in r["warnings"].items()))
+    if r.get("training_error"):
+        bits.append(f"training stopped: {r['training_error']}")
+    slowest, median = r.get("slowest_step_ms"), r.get("ms_per_iteration_median")
+    if slowest is not None and median and slowest > 5 * median:
+        bits.append(f"slowest step {slowest:.0f} ms (median {median:.1f} ms)")
+    return bits

@@ -261,15 +261,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
                   f"({'at or below' if r['test_mse'] <= r['figure4_mse'] else 'above'} Figure 4's value).")
     notes = []
     for r in results:
-        bits = []
-        if r["rejected_steps"]:
-            bits.append(f"{r['rejected_steps']} rejected steps")
-        if r["solver_failed_samples"]:
-            bits.append(f"{r['solver_failed_samples']} samples missed the solver tolerance (summed over steps/blocks)")
-        if r["warnings"]:
-            bits.append("warnings: " + "; ".join(f"{k} (x{v})" for k, v in r["warnings"].items()))
-        if r["training_error"]:
-            bits.append(f"training stopped: {r['training_error']}")
+        bits = common.run_note_bits(r)
         if bits:
             notes.append(f"- {r['preset']}: " + "; ".join(bits))
     md += ["", "## Run notes", ""] + (notes or ["- no rejected steps, solver failures or warnings recorded."])

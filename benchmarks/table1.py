@@ -305,17 +305,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         md += [""]
     notes = []
     for r in results:
-        bits = []
-        if r["rejected_steps"]:
-            bits.append(f"{r['rejected_steps']} rejected (non-finite) steps")
-        if r["solver_failed_samples"]:
-            bits.append(f"{r['solver_failed_samples']} samples missed the solver tolerance (summed over steps/blocks)")
-        if r["warnings"]:
-            bits.append("warnings: " + "; ".join(f"{k} (x{v})" for k, v in r["warnings"].items()))
-        if r["training_error"]:
-            bits.append(f"training stopped: {r['training_error']}")
-        if r["slowest_step_ms"] is not None and r["slowest_step_ms"] > 5 * r["ms_per_iteration_median"]:
-            bits.append(f"slowest step {r['slowest_step_ms']:.0f} ms (median {r['ms_per_iteration_median']:.1f} ms)")
+        bits = common.run_note_bits(r)
         if bits:
             notes.append(f"- {r['data']}/{r['model']}: " + "; ".join(bits))
     md += ["## Run notes", ""] + (notes or ["- no rejected steps, solver failures or warnings recorded."])
