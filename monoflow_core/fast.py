@@ -386,11 +386,15 @@ def _newton(
     """Solve ``w + sign G(w) = rhs`` by safeguarded Newton on the whole batch, freezing converged samples.
 
     The final evaluation is at the returned point for every sample, so its Jacobian and cache are exact there.
+    The hot loop avoids Python-scalar arithmetic and per-entry indexing (each costs an operator dispatch).
     """
     b, n = rhs.shape
     tol = effective_tolerance(tol, rhs.dtype)
+    tol_t = torch.tensor(tol, dtype=rhs.dtype, device=rhs.device)
     scale = 1.0 + rhs.abs().amax(dim=1)
-    eye = torch.eye(n, dtype=rhs.dtype, device=rhs.device)
+    # eye_cols[t] is the t-th column of I, broadcast over the batch: the columns of A = I +- J.
+    eye_cols = torch.eye(n, dtype=rhs.dtype, device=rhs.device).unsqueeze(1)
+    plus = sign > 0
     seed = net.seed(b, rhs)
     w = rhs
     conv = torch.zeros(b, dtype=torch.bool, device=rhs.device)
@@ -401,20 +405,26 @@ def _newton(
     while True:
         it += 1
         g, jac, cache = evaluate_with_jacobian(net, w, seed)
-        fw = rhs - sign * g
+        fw = rhs - g if plus else rhs + g
         r = w - fw
-        res = r.abs().amax(dim=1) / scale
+        res = r.abs().amax(dim=1).div_(scale)
         iterations += ~conv
-        conv = conv | (res <= tol)
+        conv = conv | torch.le(res, tol_t)
         if it >= max_iter or bool(conv.all()):
             break
+        cols = jac.permute(2, 0, 1)  # cols[t] = column t of J_G, shape (B, n)
+        a_cols = eye_cols + cols if plus else eye_cols - cols
         if n == 2:
-            a00, a01 = 1.0 + sign * jac[:, 0, 0], sign * jac[:, 0, 1]
-            a10, a11 = sign * jac[:, 1, 0], 1.0 + sign * jac[:, 1, 1]
-            det = a00 * a11 - a01 * a10
-            step = torch.stack([a11 * r[:, 0] - a01 * r[:, 1], a00 * r[:, 1] - a10 * r[:, 0]], dim=1) / det[:, None]
+            # Cramer's rule with 2-D cross products: x0 = [r, c1] / [c0, c1], x1 = [c0, r] / [c0, c1].
+            c0, c1 = a_cols[0], a_cols[1]
+            lhs = torch.stack((r, c0, c0))
+            rhs_ = torch.stack((c1, r, c1))
+            cross = lhs[..., 0] * rhs_[..., 1] - lhs[..., 1] * rhs_[..., 0]
+            step = (cross[:2] / cross[2]).t()
+        elif n == 1:
+            step = r / a_cols[0]
         else:
-            step = torch.linalg.solve(eye + sign * jac, r.unsqueeze(-1)).squeeze(-1)
+            step = torch.linalg.solve(a_cols.permute(1, 2, 0), r)
         cand = w - step
         # Safeguard: where the residual grew, take the plain contracting step from the previous point.
         if prev_res is not None:
