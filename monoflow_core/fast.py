@@ -131,7 +131,6 @@ class FoldedNet:
             [w[j].detach() for w in self.weights],
             [w[j].detach().t().contiguous() for w in self.weights],
             self.final[j].detach(),
-            self.final[j].detach().t().contiguous(),
             self.n,
             self.kind,
         )
@@ -142,7 +141,6 @@ class _BlockWeights:
     weights: list[Tensor]  # (2k, 1 + width_i)
     weights_t: list[Tensor]  # (1 + width_i, 2k)
     final: Tensor  # (n, 1 + width_total)
-    final_t: Tensor  # (1 + width_total, n)
     n: int
     kind: str
 
@@ -293,7 +291,8 @@ def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, seed: Tensor | None = 
         deriv.append(d)
         tangent_pre.append(th)
         width += m
-    out = torch.mm(flat, net.final_t).view(1 + n, b, n)
+    # W.t() (a transposed view) rather than a contiguous W^T: 3x faster for this thin product in MKL here.
+    out = torch.mm(flat, net.final.t()).view(1 + n, b, n)
     return out[0], out[1:].permute(1, 2, 0), _Cache(buf, pre, deriv, tangent_pre)
 
 
@@ -308,7 +307,7 @@ def evaluate(net: _BlockWeights, w: Tensor) -> Tensor:
         m = weight_t.shape[1]
         _act(net.kind, torch.mm(buf[:, :width], weight_t), out=buf[:, width : width + m])
         width += m
-    return torch.mm(buf, net.final_t)
+    return torch.mm(buf, net.final.t())
 
 
 def _inv_small(a: Tensor) -> Tensor:
