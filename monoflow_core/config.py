@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
 from .solvers import METHODS
 
-__all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig"]
+__all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig", "JsonConfig"]
 
 FORMULATIONS = ("monotone", "residual", "inverse_residual")
 G_ARCHITECTURES = ("densenet", "mlp")
@@ -42,8 +43,47 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
+class JsonConfig:
+    """JSON (de)serialisation shared by the configuration dataclasses (:class:`FlowConfig`, ``TrainConfig``).
+
+    Subclasses are dataclasses that validate in ``__post_init__``; ``kind`` names them in error messages.
+    """
+
+    kind: typing.ClassVar[str] = "configuration"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary of all fields (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from a dictionary; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a {cls.kind} must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+C = typing.TypeVar("C", bound=JsonConfig)
+
+
 @dataclass
-class FlowConfig:
+class FlowConfig(JsonConfig):
     """Everything needed to build a flow with :func:`monoflow_core.build_flow`.
 
     Attributes:
@@ -75,6 +115,8 @@ class FlowConfig:
         n_probes: Hutchinson probes per sample.
         neumann_grad: Neumann-series gradient for the estimator.
     """
+
+    kind: typing.ClassVar[str] = "flow configuration"
 
     dim: int = 2
     blocks: int = 10
@@ -172,29 +214,3 @@ class FlowConfig:
             )
         except ValueError as err:
             raise ValueError(str(err)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary of all fields."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
-        """Build from a dictionary; unknown keys raise ``ValueError`` listing the valid ones."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a flow configuration must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown configuration field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> FlowConfig:
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> FlowConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)

@@ -22,9 +22,9 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
-import json
 import math
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import evaluation
 from .blocks import ActNorm
-from .config import FlowConfig
+from .config import FlowConfig, JsonConfig
 from .data import TOY_DATASETS, ToyStream, check_dataset_name, sample_staircase, sample_toy
 from .flow import Flow
 from .models import build_flow
@@ -102,7 +102,7 @@ def _float(name: str, value: Any) -> float:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
 
     Attributes:
@@ -138,6 +138,8 @@ class TrainConfig:
         checkpoint_every: iterations between checkpoints in :meth:`Trainer.run` when it is given a path; 0 =
             only at the end.
     """
+
+    kind: typing.ClassVar[str] = "training configuration"
 
     data: str = "8gaussians"
     iterations: int = 50000
@@ -234,35 +236,6 @@ class TrainConfig:
     def task(self) -> str:
         """``"density"`` for the 2-D toy densities, ``"regression"`` for the staircase."""
         return "density" if self.data in TOY_DATASETS else "regression"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dictionary of all fields (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        d["lr_milestones"] = list(self.lr_milestones)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dictionary; unknown keys raise ``ValueError`` listing the valid ones."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a training configuration must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training configuration field(s) {unknown}; valid fields: {sorted(names)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainConfig:
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
