@@ -221,3 +221,13 @@ def run_note_bits(r: dict) -> list[str]:
     if slowest is not None and median and slowest > 5 * median:
         bits.append(f"slowest step {slowest:.0f} ms (median {median:.1f} ms)")
     return bits
+
+
+def start_run(args: Any, argv: Sequence[str] | None, rerender: Any) -> tuple[dict[str, Any], list[str]] | None:
+    """Common start of a benchmark's ``main``: re-render only (returns None), or set threads and return the
+    machine description and the command line that is recorded with the results."""
+    if args.rerender:
+        rerender(args)
+        return None
+    set_threads(args.threads)
+    return machine_info(), [command_line(None if argv is None else [sys.argv[0], *argv])]

@@ -161,12 +161,10 @@ def train_one(letter: str, args: argparse.Namespace, warn_log: common.WarningLog
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.rerender:
-        rerender(args)
+    started = common.start_run(args, argv, rerender)
+    if started is None:
         return
-    common.set_threads(args.threads)
-    info = common.machine_info()
-    commands = [common.command_line(None if argv is None else [sys.argv[0], *argv])]
+    info, commands = started
     shortened = args.iterations < PAPER_ITERATIONS
     print(f"Figure 4 benchmark: {args.iterations} iterations ({'SHORTENED' if shortened else 'full'}), torch "
           f"{info['torch']}, torch.set_num_threads({args.threads}); {info['nproc']} CPUs (shared machine).",

@@ -341,12 +341,10 @@ def rerender(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.rerender:
-        rerender(args)
+    started = common.start_run(args, argv, rerender)
+    if started is None:
         return
-    common.set_threads(args.threads)
-    info = common.machine_info()
-    commands = [common.command_line(None if argv is None else [sys.argv[0], *argv])]
+    info, commands = started
     shortened = args.iterations < PAPER_ITERATIONS
     print(f"Table 1 benchmark: torch {info['torch']}, torch.set_num_threads({args.threads}) for training "
           f"(1 intra-op thread was fastest for these tiny matrices), {args.eval_threads} for the final test; "

@@ -166,12 +166,10 @@ def run_target(data: str, target: float, args: argparse.Namespace, warn_log: com
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.rerender:
-        rerender(args)
+    started = common.start_run(args, argv, rerender)
+    if started is None:
         return
-    common.set_threads(args.threads)
-    info = common.machine_info()
-    commands = [common.command_line(None if argv is None else [sys.argv[0], *argv])]
+    info, commands = started
     print(f"Time to quality: preset {PRESET}, batch {args.batch_size}, float32, torch {info['torch']}, "
           f"torch.set_num_threads({args.threads}) for training (1 intra-op thread was fastest for these tiny "
           f"matrices), {args.eval_threads} for tests; {info['nproc']} CPUs (shared machine).", flush=True)

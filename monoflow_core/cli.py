@@ -113,6 +113,12 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads``, shared by the subcommands that evaluate a checkpoint."""
+    p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch intra-op threads (default 1)")
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -801,8 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the run's)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: nll_nats (or mse), n_test, seconds, exact, data, ...")
-    p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch intra-op threads (default 1)")
+    _add_runtime_options(p)
     p.set_defaults(handler=_cmd_eval)
 
     # -- sample
@@ -823,8 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".png only: histogram bins per axis (default 200)")
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
                    help=".png only: half-width of the histogram's square (default 4)")
-    p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch intra-op threads (default 1)")
+    _add_runtime_options(p)
     p.set_defaults(handler=_cmd_sample)
 
     # -- density
@@ -841,8 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
                    help="half-width of the square grid (default 4)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
-    p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch intra-op threads (default 1)")
+    _add_runtime_options(p)
     p.set_defaults(handler=_cmd_density)
 
     # -- presets

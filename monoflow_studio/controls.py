@@ -101,8 +101,7 @@ class ControlsPanel(QWidget):
         self.max_iter.setKeyboardTracking(False)
 
         rebuild = QGroupBox("Model and data: a change rebuilds the run")
-        form = QFormLayout(rebuild)
-        for label, name, tip in (
+        self._add_rows(QFormLayout(rebuild), (
             ("Data set", "data", "one of the eight 2-D toy densities of the paper (Table 1)"),
             ("Formulation", "formulation", "monotone (the paper), residual (i-DenseNet) or inverse residual"),
             ("Activation", "activation", "activation of G; CPila for the Monotone Flow, CLipSwish for i-DenseNet"),
@@ -113,23 +112,14 @@ class ControlsPanel(QWidget):
             ("Batch size", "batch_size", "fresh samples per iteration (the paper: 500)"),
             ("Seed", "seed", "seed of the weights and of the data stream"),
             ("Device", "device", "where the model trains"),
-        ):
-            widget = getattr(self, name)
-            widget.setToolTip(tip)
-            form.addRow(label, widget)
-            self.widgets[name] = widget
+        ))
         live = QGroupBox("Live: applies at once, even while training")
-        live_form = QFormLayout(live)
-        for label, name, tip in (
+        self._add_rows(QFormLayout(live), (
             ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
             ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
             ("Tolerance", "tol", "relative solver tolerance (never below 10 machine epsilons)"),
             ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
-        ):
-            widget = getattr(self, name)
-            widget.setToolTip(tip)
-            live_form.addRow(label, widget)
-            self.widgets[name] = widget
+        ))
         self.note = QLabel("")
         self.note.setWordWrap(True)
         layout = QVBoxLayout(self)
@@ -142,6 +132,14 @@ class ControlsPanel(QWidget):
         self._connect()
 
     # -- construction helpers ----------------------------------------------------------------------------
+    def _add_rows(self, form: QFormLayout, rows: tuple[tuple[str, str, str], ...]) -> None:
+        """Add ``(label, attribute, tooltip)`` rows of existing widgets to a form and register them."""
+        for label, name, tip in rows:
+            widget = getattr(self, name)
+            widget.setToolTip(tip)
+            form.addRow(label, widget)
+            self.widgets[name] = widget
+
     @staticmethod
     def _combo(items: tuple[str, ...]) -> QComboBox:
         box = QComboBox()
