@@ -584,7 +584,8 @@ class Trainer:
         grads = [p.grad for p in self.flow.parameters() if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch.stack([torch.linalg.vector_norm(g.detach()).to(torch.float64) for g in grads])
+        # One fused kernel for all per-tensor norms (a per-tensor loop costs ~200 operators per step here).
+        norms = torch.stack(torch._foreach_norm([g.detach() for g in grads])).to(torch.float64)
         return float(torch.linalg.vector_norm(norms))
 
     def _clip(self, norm: float) -> None:
@@ -594,9 +595,7 @@ class Trainer:
         # Same rule as torch.nn.utils.clip_grad_norm_, applied to the norm already measured.
         coef = clip / (norm + 1e-6)
         if coef < 1.0:
-            for p in self.flow.parameters():
-                if p.grad is not None:
-                    p.grad.detach().mul_(coef)
+            torch._foreach_mul_([p.grad.detach() for p in self.flow.parameters() if p.grad is not None], coef)
 
     def _snapshot(self) -> dict[str, Tensor] | None:
         """A copy of the flow's state when the forward pass itself may modify it (ActNorm's data init)."""
