@@ -52,6 +52,18 @@ def _event_dim(x: Tensor) -> int:
     return int(x[0].numel()) if x.shape[0] > 0 else int(math.prod(x.shape[1:]))
 
 
+def _grad_alias(w: Tensor) -> Tensor:
+    """A tensor equal to ``w`` to take gradients with respect to, connected to ``w``'s graph if it has one.
+
+    ``torch.autograd.grad`` with respect to ``w`` itself would run the tensor hooks registered on ``w`` (the
+    backward fixed-point solve of :meth:`_ImplicitBlock._backward_solve_hook`); with respect to a view of ``w``
+    it stops at the view, and gradients later flowing through the view still reach ``w`` and its hook.
+    """
+    if w.requires_grad:
+        return w.view_as(w)
+    return w.detach().requires_grad_(True)
+
+
 def autograd_jacobian(fn: GFunction, w: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
     """``(fn(w), J)`` for a generic per-sample function, J (B, n, n) from n reverse-mode passes.
 
@@ -59,7 +71,7 @@ def autograd_jacobian(fn: GFunction, w: Tensor, create_graph: bool) -> tuple[Ten
     ``i`` of every sample's Jacobian.
     """
     with torch.enable_grad():
-        wr = w if (create_graph and w.requires_grad) else w.detach().requires_grad_(True)
+        wr = _grad_alias(w) if create_graph else w.detach().requires_grad_(True)
         g = fn(wr)
         b = w.shape[0]
         gf = g.reshape(b, -1)
@@ -89,7 +101,7 @@ class _NetEvaluator:
         return self.net(w)
 
     def value_and_jacobian(self, w: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        if isinstance(self.net, JacobianNet) and w.dim() == 2:
+        if isinstance(self.net, JacobianNet):
             if create_graph:
                 return self.net.evaluate_with_jacobian(w, self.prepared)
             with torch.no_grad():
@@ -230,18 +242,24 @@ class _ImplicitBlock(nn.Module):
     ) -> Tensor:
         """Log-det of this block's kind at ``w``; ``jac`` (J_G at w, no graph) is reused when no grad is needed."""
         n = _event_dim(w)
-        mode = resolve_logdet_mode(self.logdet_mode, n)
+        mode = resolve_logdet_mode(self.logdet_mode, n, training=need_grad)
         self.last_logdet_exact = mode == "exact"
         if mode == "exact":
             if jac is None or need_grad:
                 _, jac = ev.value_and_jacobian(w, create_graph=need_grad)
             return exact_logdet(jac, self.kind)
 
+        # One evaluation of G with a graph serves every vector-Jacobian product of the series. The products are
+        # taken with respect to an alias of w: a gradient with respect to w itself would fire the backward-solve
+        # hook registered on w (a full implicit solve per product, and a wrong product).
+        with torch.enable_grad():
+            wr = _grad_alias(w)
+            gw = ev.value(wr)
+
         def vjp(u: Tensor, create_graph: bool) -> Tensor:
             with torch.enable_grad():
-                wr = w if w.requires_grad else w.detach().requires_grad_(True)
-                gw = ev.value(wr)
-                (out,) = torch.autograd.grad(gw, wr, u, create_graph=create_graph, allow_unused=True)
+                (out,) = torch.autograd.grad(gw, wr, u, create_graph=create_graph, retain_graph=True,
+                                             allow_unused=True)
             return torch.zeros_like(u) if out is None else out
 
         return power_series_logdet(
@@ -306,7 +324,7 @@ class ResidualBlock(_ImplicitBlock):
         ev = _NetEvaluator(self.net)
         need_grad = self._needs_grad(x)
         n = _event_dim(x)
-        if resolve_logdet_mode(self.logdet_mode, n) == "exact":
+        if resolve_logdet_mode(self.logdet_mode, n, training=need_grad) == "exact":
             g, jac = ev.value_and_jacobian(x, create_graph=need_grad)
             self.last_logdet_exact = True
             return x + g, exact_logdet(jac, self.kind)

@@ -150,6 +150,9 @@ def _trainer_payload(
         for name, value in ema.items():
             tensors[f"ema.{name}"] = _cpu_copy(value)
     tensors["rng.torch"] = _cpu_copy(state.pop("torch_rng"))
+    noise_rng = state.pop("noise_rng", None)
+    if noise_rng is not None:
+        tensors["rng.noise"] = _cpu_copy(noise_rng)
     cuda_rng = state.pop("cuda_rng", None)
     if cuda_rng is not None:
         tensors["rng.cuda"] = _cpu_copy(cuda_rng)
@@ -412,6 +415,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             trainer_state["torch_rng"] = tensors["rng.torch"]
             if "rng.cuda" in tensors:
                 trainer_state["cuda_rng"] = tensors["rng.cuda"]
+            if "rng.noise" in tensors:
+                trainer_state["noise_rng"] = tensors["rng.noise"]
         except (KeyError, TypeError, ValueError) as err:
             raise _fail(path, f"malformed training state ({err!r})") from err
     return Checkpoint(

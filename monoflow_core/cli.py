@@ -2,11 +2,12 @@
 
 Subcommands (``monoflow SUBCOMMAND --help`` for each):
 
-* ``train``: train on a toy density or the 1-D staircase from a shipped preset (the paper's protocols,
-  ALGORITHM.md 7.1 / 7.2), with flags overriding the preset; writes ``config.json``, ``metrics.csv`` and a
-  resumable ``checkpoint.safetensors`` into an output folder; Ctrl-C saves a checkpoint and exits 130.
-* ``eval``: test NLL in nats (or test MSE for the staircase) on the fixed, seeded held-out set.
-* ``sample``: model samples as ``.npy`` or as a 2-D histogram ``.png``.
+* ``train``: train on a toy density, the 1-D staircase or images from a shipped preset (the paper's protocols,
+  ALGORITHM.md 7.1 / 7.2 / 7.3), with flags overriding the preset; writes ``config.json``, ``metrics.csv`` and a
+  resumable ``checkpoint.safetensors`` into an output folder; Ctrl-C saves a checkpoint and exits 130. Under
+  ``torchrun`` it trains data-parallel (:mod:`monoflow_core.distributed`).
+* ``eval``: test NLL in nats (test MSE for the staircase, bits/dim for images) on the fixed, seeded test set.
+* ``sample``: model samples as ``.npy``, a 2-D histogram ``.png`` or, for images, a ``.png`` sample grid.
 * ``density``: the log-density on a grid as ``.npy`` or a heat map ``.png``.
 * ``presets``: the shipped presets.
 
@@ -38,6 +39,8 @@ import torch
 from . import __version__, evaluation
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
+from .data.images import IMAGE_DATASETS
+from .distributed import init_from_environment
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
 from .nn.lipschitz import update_lipschitz
@@ -51,6 +54,16 @@ PROG = "monoflow"
 DEFAULT_TOY_PRESET = "paper-toy-monotone"
 #: Preset used for ``--data staircase`` when ``--preset`` is not given.
 DEFAULT_1D_PRESET = "paper-1d-d"
+#: Preset used for each image set when ``--preset`` is not given.
+DEFAULT_IMAGE_PRESETS = {
+    "digits": "digits-cpu",
+    "mnist": "paper-mnist",
+    "cifar10": "paper-cifar10",
+    "imagenet32": "paper-imagenet32",
+    "imagenet64": "paper-imagenet64",
+    "folder": "digits-cpu",
+}
+ALL_DATA = (*DATASETS, *IMAGE_DATASETS)
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.csv"
@@ -212,8 +225,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def _metrics_header(task: str) -> str:
+    if task == "image":
+        return "iteration,wall_seconds,train_bpd,test_bpd"
     last = "test_nll" if task == "density" else "test_mse"
     return f"iteration,wall_seconds,train_loss,{last}"
+
+
+def _data_name(name: str) -> str:
+    """Canonical name of any training data set (toy, staircase or image), or a CLI error listing them."""
+    if isinstance(name, str) and name.lower() in IMAGE_DATASETS:
+        return name.lower()
+    if isinstance(name, str) and name.lower() in DATASETS:
+        return check_dataset_name(name)
+    raise CLIError(f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}")
+
+
+def _preset_kind(preset: Any) -> str:
+    data = str(preset.training.get("data", ""))
+    if data in IMAGE_DATASETS or preset.model.get("image_shape") is not None:
+        return "image"
+    return "1-D staircase" if preset.model.get("dim", 2) == 1 else "2-D density"
 
 
 class _MetricsFile:
@@ -265,7 +296,8 @@ _MODEL_FLAGS = (("formulation", "formulation"), ("activation", "activation"), ("
                 ("lipschitz", "lipschitz"), ("solver", "solver"), ("tol", "tol"))
 _TRAIN_FLAGS = (("iterations", "iterations"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                 ("device", "device"), ("eval_every", "eval_every"), ("eval_size", "eval_size"),
-                ("checkpoint_every", "checkpoint_every"), ("test_size", "test_size"))
+                ("checkpoint_every", "checkpoint_every"), ("test_size", "test_size"), ("data_dir", "data_dir"),
+                ("grad_accumulation", "grad_accumulation"))
 
 
 def _config_document(preset_name: str, description: str, trainer: Trainer) -> str:
@@ -284,26 +316,30 @@ def _config_document(preset_name: str, description: str, trainer: Trainer) -> st
 
 def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     if args.data is None:
-        raise CLIError(f"train: --data is required unless --resume is given; choose one of {list(DATASETS)}")
-    data = check_dataset_name(args.data)
-    need_dim = 2 if data in TOY_DATASETS else 1
-    preset_name = args.preset or (DEFAULT_1D_PRESET if need_dim == 1 else DEFAULT_TOY_PRESET)
+        raise CLIError(f"train: --data is required unless --resume is given; choose one of {list(ALL_DATA)}")
+    data = _data_name(args.data)
+    if data in IMAGE_DATASETS:
+        need, default = "image", DEFAULT_IMAGE_PRESETS[data]
+    elif data in TOY_DATASETS:
+        need, default = "2-D density", DEFAULT_TOY_PRESET
+    else:
+        need, default = "1-D staircase", DEFAULT_1D_PRESET
+    preset_name = args.preset or default
     preset = load_preset(preset_name)
-    preset_dim = preset.model.get("dim", 2)
-    if preset_dim != need_dim:
-        kind = "1-D staircase" if preset_dim == 1 else f"{preset_dim}-D density"
-        hint = (
-            f"use a 1-D preset such as {DEFAULT_1D_PRESET!r}, or omit --preset"
-            if need_dim == 1
-            else f"use a 2-D preset such as {DEFAULT_TOY_PRESET!r}, or omit --preset"
+    kind = _preset_kind(preset)
+    if kind != need:
+        raise CLIError(
+            f"--preset {preset_name!r} is a {kind} preset and cannot train on --data {data!r}: use a {need} preset "
+            f"such as {default!r}, or omit --preset"
         )
-        raise CLIError(f"--preset {preset_name!r} is a {kind} preset and cannot train on --data {data!r}: {hint}")
     model_changes = {key: getattr(args, attr) for attr, key in _MODEL_FLAGS if getattr(args, attr) is not None}
     train_changes: dict[str, Any] = {
         key: getattr(args, attr) for attr, key in _TRAIN_FLAGS if getattr(args, attr) is not None
     }
     train_changes["data"] = data
-    if need_dim == 1 and args.test_size is not None:
+    if need == "image" and args.test_size is not None:
+        train_changes["eval_size"] = args.test_size  # images: every test uses eval_size images of the test split
+    if need == "1-D staircase" and args.test_size is not None:
         # The trainer's fixed regression test set has eval_size points (the paper's 10,000 for both tests).
         if args.eval_size is not None and args.eval_size != args.test_size:
             raise CLIError(
@@ -334,7 +370,7 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
     tc = trainer.train_config
     checks: list[tuple[str, Any, Any]] = []
     if args.data is not None:
-        checks.append(("--data", check_dataset_name(args.data), tc.data))
+        checks.append(("--data", _data_name(args.data), tc.data))
     if args.preset is not None:
         checks.append(("--preset", args.preset, preset_name))
     if args.formulation is not None:
@@ -421,6 +457,13 @@ def _graceful_sigint(on_first: Callable[[], None]) -> Iterator[None]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
+    # Under torchrun: join the process group; every process trains, only rank 0 writes and prints.
+    dist_context, device = init_from_environment(args.device or "cpu")
+    if dist_context.active:
+        args.device = device
+        args.no_progress = args.no_progress or not dist_context.is_main
+        if not dist_context.is_main:
+            return _train_worker(args)
     trainer, out, preset_name, description = _resume_run(args) if args.resume else _new_run(args)
     cfg = trainer.train_config
     task = trainer.task
@@ -437,7 +480,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = _MetricsFile(out / METRICS_NAME, task, start if args.resume else None)
     atomic_write(out / CONFIG_NAME, _config_document(preset_name, description, trainer))
     metadata = {"preset": preset_name, "description": description}
-    loss_unit = "nats" if task == "density" else "MSE"
+    loss_unit = {"density": "nats", "image": "bits/dim"}.get(task, "MSE")
 
     stop = False
     pending: list[float] = []
@@ -531,7 +574,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plural = "" if steps_run == 1 else "s"
     print(f"trained {_fmt_int(steps_run)} iteration{plural} in {seconds:.1f} s ({rate:.1f} it/s); "
           f"iteration {trainer.step_count} of {target}")
-    if summary is not None and summary.paper_protocol is not None:
+    if summary is not None and summary.paper_protocol is not None and task != "image":
         what = "test NLL" if task == "density" else "test MSE"
         unit = " nats" if task == "density" else ""
         print(
@@ -550,7 +593,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _train_worker(args: argparse.Namespace) -> int:
+    """A data-parallel process other than rank 0: the same steps, no files, no output (rank 0 writes them)."""
+    if args.resume:
+        trainer = Trainer.from_checkpoint(load_checkpoint(Path(args.resume)), device=args.device)
+        if args.iterations is not None:
+            trainer.train_config.iterations = args.iterations
+    else:
+        data = _data_name(args.data)
+        default = DEFAULT_IMAGE_PRESETS.get(data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET)
+        preset = load_preset(args.preset or default)
+        model_changes = {key: getattr(args, attr) for attr, key in _MODEL_FLAGS if getattr(args, attr) is not None}
+        train_changes = {key: getattr(args, attr) for attr, key in _TRAIN_FLAGS if getattr(args, attr) is not None}
+        train_changes["data"] = data
+        trainer = Trainer(preset.model_config(**model_changes), preset.train_config(**train_changes))
+    trainer.run(max(0, trainer.train_config.iterations - trainer.step_count))
+    return EXIT_OK
+
+
 def _describe_test(ev: Any, data: str) -> str:
+    if ev.bpd is not None:
+        return f"{ev.describe()}; {ev.seconds:.2f} s"
     points = f"{_fmt_int(ev.n_test)} fixed {data} points"
     if ev.nll_nats is not None:
         err = f" +- {ev.nll_stderr_nats:.4f}" if ev.nll_stderr_nats is not None else ""
@@ -569,13 +632,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     ckpt = _load(args.checkpoint, args.device)
     stored = ckpt.train_config
     if args.data is not None:
-        data = check_dataset_name(args.data)
+        data = _data_name(args.data)
     elif stored is not None:
         data = stored.data
     else:
         raise CLIError(
             f"{args.checkpoint}: holds a flow only (no training configuration); pass --data NAME, one of "
-            f"{list(DATASETS)}"
+            f"{list(ALL_DATA)}"
         )
     flow = _evaluation_flow(ckpt)
     if stored is not None:
@@ -584,10 +647,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         dtype = str(ckpt.metadata.get("dtype", "float32"))
         base = TrainConfig(data=data, dtype=dtype if dtype in DTYPES else "float32")
     changes: dict[str, Any] = {"data": data, "device": args.device, "ema": None}
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
+    if args.split is not None:
+        changes["eval_split"] = args.split
     if args.seed is not None:
         changes["test_seed"] = args.seed
     if args.test_size is not None:
-        changes["eval_size" if data == "staircase" else "test_size"] = args.test_size
+        changes["eval_size" if data in ("staircase", *IMAGE_DATASETS) else "test_size"] = args.test_size
+    elif data in IMAGE_DATASETS:
+        changes["eval_size"] = 10**9  # the whole split
     test_config = base.replace(**changes)
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
     trainer = Trainer(ckpt.model_config, test_config, flow=flow)
@@ -595,7 +664,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     step = ckpt.metadata.get("step")
     if args.json:
         doc: dict[str, Any] = {"data": data}
-        if result.nll_nats is not None:
+        if result.bpd is not None:
+            doc["bpd"] = _jsonable(result.bpd)
+            doc["bpd_stderr"] = _jsonable(result.bpd_stderr)
+            doc["split"] = result.split
+            doc["dequantization"] = result.dequantization
+            doc["nll_nats"] = _jsonable(result.nll_nats)
+        elif result.nll_nats is not None:
             doc["nll_nats"] = _jsonable(result.nll_nats)
             doc["nll_stderr_nats"] = _jsonable(result.nll_stderr_nats)
         else:
@@ -624,6 +699,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     suffix = _check_output_path(out, (".npy", ".png"), "samples")
     ckpt = _load(args.checkpoint, args.device)
     flow = _evaluation_flow(ckpt)
+    if ckpt.model_config.is_image:
+        return _sample_images(args, flow, out, suffix)
     if suffix == ".png" and flow.event_shape != (2,):
         raise CLIError(
             f"{args.checkpoint}: holds a flow on {flow.dim}-D samples; a .png histogram needs 2-D samples "
@@ -653,6 +730,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"a {args.resolution} x {args.resolution} histogram of {_fmt_int(args.n)} samples on [-{e:g}, {e:g}]^2 "
             f"({_fmt_int(inside)} inside)"
         )
+    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
+    return EXIT_OK
+
+
+def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str) -> int:
+    t0 = time.perf_counter()
+    images = evaluation.sample_images(
+        flow, args.n, temperature=args.temperature, seed=args.seed, dtype=_eval_dtype(flow.device, flow)
+    )
+    seconds = time.perf_counter() - t0
+    levels = int(flow.levels)  # type: ignore[attr-defined]
+    shape = " x ".join(str(s) for s in images.shape[1:])
+    if suffix == ".npy":
+        _save_npy(out, images.astype(np.uint8 if levels <= 256 else np.int64))
+        what = f"{_fmt_int(args.n)} images ({shape}, integer levels 0-{levels - 1})"
+    else:
+        write_png(out, evaluation.image_grid(images, levels))
+        what = f"a grid of {_fmt_int(args.n)} sampled images ({shape}, {levels} levels)"
     print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
     return EXIT_OK
 
@@ -755,10 +850,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     g = p.add_argument_group("data and preset")
-    g.add_argument("--data", metavar="NAME", help=f"training data: one of {', '.join(DATASETS)} (required unless "
+    g.add_argument("--data", metavar="NAME", help=f"training data: one of {', '.join(ALL_DATA)} (required unless "
                    "--resume)")
+    g.add_argument("--data-dir", metavar="DIR", help="folder holding an image set's files (mnist, cifar10, "
+                   "imagenet32, imagenet64, folder; digits is built in)")
     g.add_argument("--preset", metavar="NAME", help=f"preset name or JSON path (default {DEFAULT_TOY_PRESET} for 2-D "
-                   f"data, {DEFAULT_1D_PRESET} for staircase)")
+                   f"data, {DEFAULT_1D_PRESET} for staircase, digits-cpu for digits and folder, paper-<set> for the "
+                   "other image sets)")
     g = p.add_argument_group("model (override the preset)")
     g.add_argument("--formulation", type=_formulation, metavar="F",
                    help="monotone | residual | inverse_residual, or a comma-separated list with one per block")
@@ -781,6 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points of the fixed held-out test at the end (staircase: of every test)")
     g.add_argument("--checkpoint-every", type=_nonnegative_int, metavar="N",
                    help="write the checkpoint every N iterations (0: only at the end)")
+    g.add_argument("--grad-accumulation", type=_positive_int, metavar="K",
+                   help="split each batch into K micro-batches (same update, less memory)")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output folder (required for a new run; default on --resume: the "
                    "checkpoint's folder)")
@@ -794,9 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
     # -- eval
     p = sub.add_parser(
         "eval",
-        help="test NLL (nats) or test MSE of a checkpoint on the fixed held-out set",
+        help="test NLL (nats), test MSE or test bits/dim of a checkpoint on the fixed held-out set",
         description="Test a checkpoint on its fixed, seeded held-out set: the mean negative log-likelihood in nats "
-        "(2-D densities) or the mean squared error (staircase). Uses the run's EMA weights if it kept them.",
+        "(2-D densities), the mean squared error (staircase) or bits/dim on the whole test split (images; exact "
+        "log-det where the blocks have <= 64 dimensions, else the power-series estimate with its standard error). "
+        "Uses the run's EMA weights if it kept them.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
     p.add_argument("--test-size", type=_positive_int, metavar="N",
@@ -805,16 +907,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "test_seed)")
     p.add_argument("--data", metavar="NAME", help="data set to test on (required for a flow-only checkpoint; "
                    "default: the run's)")
+    p.add_argument("--data-dir", metavar="DIR", help="image sets: folder holding the files (default: the run's)")
+    p.add_argument("--split", choices=("test", "validation"), help="image sets: split to test on (default: the "
+                   "run's eval_split, test)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: nll_nats (or mse), n_test, seconds, exact, data, ...")
+                   help="print one JSON object: bpd (images), nll_nats (or mse), n_test, seconds, exact, data, ...")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_eval)
 
     # -- sample
     p = sub.add_parser(
         "sample",
-        help="draw samples to .npy, or a 2-D histogram .png",
-        description="Draw samples F^-1(T * eps), eps ~ N(0, I). FILE.npy: a float array of shape (N, dim); "
+        help="draw samples to .npy, a 2-D histogram .png or an image grid .png",
+        description="Draw samples F^-1(T * eps), eps ~ N(0, I). Image flows: FILE.png is a grid of the N sampled "
+        "images, FILE.npy their integer levels (N, C, H, W). Other flows: FILE.npy: a float array of shape (N, dim); "
         "FILE.png: a histogram of 2-D samples on [-extent, extent]^2 (a viridis-like colour scale of the counts, "
         "highest y at the top).",
     )

@@ -104,7 +104,8 @@ class FlowConfig(JsonConfig):
         tol: relative solver tolerance, > 0 (raised to the dtype's floor at solve time).
         max_iter: solver iteration cap, >= 1.
         anderson_memory: Anderson memory m, >= 1.
-        logdet: ``"exact"``, ``"estimator"`` or ``"auto"``.
+        logdet: ``"exact"``, ``"estimator"``, ``"auto"`` (exact up to 64 dimensions per block) or ``"hybrid"``
+            (the estimator in training, as ``"auto"`` in evaluation).
         implicit_grad: ``"auto"``, ``"one_step"`` or ``"backward_solve"``.
         actnorm: ActNorm after every block.
         actnorm_input: an ActNorm before the first block too (with ``actnorm``: "before and after every block").
@@ -114,6 +115,21 @@ class FlowConfig(JsonConfig):
         roulette_param: geometric p in (0, 1) or Poisson lambda > 0.
         n_probes: Hutchinson probes per sample.
         neumann_grad: Neumann-series gradient for the estimator.
+        image_shape: ``[C, H, W]`` for a multiscale image flow (ALGORITHM.md 7.3), or ``None`` for a flow on
+            vectors of length ``dim``. With an image shape, ``dim`` is set to ``C * H * W`` and the layout comes
+            from ``blocks_per_scale`` and ``fc_blocks`` (``blocks`` is then unused); ``depth`` and ``growth``
+            describe the conv DenseNet G (the paper: 3 and 172, i.e. 3x3 convs to 86 channels and CPila).
+        blocks_per_scale: implicit blocks at each scale (the paper: [16, 16, 16] for MNIST and CIFAR-10,
+            [32, 32, 32] for ImageNet); H and W must be divisible by ``2 ** (scales - 1)``.
+        fc_blocks: fully connected blocks after the last scale (the paper: 4), >= 0.
+        fc_growth: growth of the fully connected blocks' DenseNet G.
+        logit_alpha: margin of the logit transform, in [0, 0.5) (the paper: 0.05; 1e-6 for MNIST).
+        factor_out: send half of the channels to the base density after each squeeze.
+        dequantization: ``"uniform"`` or ``"variational"`` (a learned conditional flow; bounds are ELBOs).
+        vdq_blocks: couplings of the variational dequantizer's conditional flow, >= 1.
+        vdq_channels: hidden channels of each coupling's network, >= 1.
+        levels: pixel levels K of the data (256 for 8-bit images, 17 for the digits); set from the data set by
+            the trainer.
     """
 
     kind: typing.ClassVar[str] = "flow configuration"
@@ -144,6 +160,16 @@ class FlowConfig(JsonConfig):
     roulette_param: float = 0.5
     n_probes: int = 1
     neumann_grad: bool = True
+    image_shape: list[int] | None = None
+    blocks_per_scale: list[int] = field(default_factory=lambda: [16, 16, 16])
+    fc_blocks: int = 4
+    fc_growth: int = 64
+    logit_alpha: float = 0.05
+    factor_out: bool = False
+    dequantization: str = "uniform"
+    vdq_blocks: int = 3
+    vdq_channels: int = 32
+    levels: int = 256
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,6 +220,49 @@ class FlowConfig(JsonConfig):
         self.roulette = _choice("roulette", self.roulette, ("geometric", "poisson"))
         self.roulette_param = _number("roulette_param", self.roulette_param)
         self.estimator_settings()  # validates the roulette parameter
+        self._validate_image_fields()
+
+    @property
+    def is_image(self) -> bool:
+        """Whether this configures a multiscale image flow."""
+        return self.image_shape is not None
+
+    def _validate_image_fields(self) -> None:
+        if not isinstance(self.blocks_per_scale, list | tuple) or not self.blocks_per_scale:
+            raise ValueError(
+                f"blocks_per_scale: must be a non-empty list of block counts, got {self.blocks_per_scale!r}"
+            )
+        self.blocks_per_scale = [_int_at_least("blocks_per_scale", n, 0) for n in self.blocks_per_scale]
+        self.fc_blocks = _int_at_least("fc_blocks", self.fc_blocks, 0)
+        self.fc_growth = _int_at_least("fc_growth", self.fc_growth, 2)
+        alpha = _number("logit_alpha", self.logit_alpha)
+        if not 0.0 <= alpha < 0.5:
+            raise ValueError(f"logit_alpha: must lie in [0, 0.5), got {self.logit_alpha!r}")
+        self.logit_alpha = alpha
+        if not isinstance(self.factor_out, bool):
+            raise ValueError(f"factor_out: must be true or false, got {self.factor_out!r}")
+        self.dequantization = _choice("dequantization", self.dequantization, ("uniform", "variational"))
+        self.vdq_blocks = _int_at_least("vdq_blocks", self.vdq_blocks, 1)
+        self.vdq_channels = _int_at_least("vdq_channels", self.vdq_channels, 1)
+        self.levels = _int_at_least("levels", self.levels, 2)
+        if self.image_shape is None:
+            return
+        shape = self.image_shape
+        if not isinstance(shape, list | tuple) or len(shape) != 3:
+            raise ValueError(f"image_shape: must be [channels, height, width], got {shape!r}")
+        self.image_shape = [_int_at_least("image_shape", s, 1) for s in shape]
+        c, h, w = self.image_shape
+        factor = 2 ** (len(self.blocks_per_scale) - 1)
+        if h % factor or w % factor:
+            raise ValueError(
+                f"image_shape: height and width must be divisible by 2^(scales - 1) = {factor} for "
+                f"{len(self.blocks_per_scale)} scales, got {h}x{w}"
+            )
+        if isinstance(self.formulation, list):
+            raise ValueError("formulation: image flows take one formulation for every block, not a list")
+        if sum(self.blocks_per_scale) + self.fc_blocks < 1:
+            raise ValueError("blocks_per_scale / fc_blocks: an image flow needs at least one block")
+        self.dim = c * h * w
 
     def formulations(self) -> list[str]:
         """The formulation of each block."""

@@ -23,9 +23,11 @@ from .flow import Flow
 
 __all__ = [
     "Extent",
+    "image_grid",
     "log_density_grid",
     "log_prob",
     "sample",
+    "sample_images",
     "solver_diagnostics",
     "test_mse",
     "test_nll",
@@ -227,6 +229,60 @@ def sample(
         if not parts:
             return np.zeros((0, *flow.event_shape), dtype=np.float64 if dt == torch.float64 else np.float32)
         return torch.cat(parts).numpy()
+
+
+def sample_images(
+    flow: Flow,
+    n: int,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    chunk: int = 500,
+) -> np.ndarray:
+    """Draw ``n`` images from an image flow as integer levels: a ``uint8``/``int64`` array (n, C, H, W).
+
+    Continuous samples in [0, 1] are quantized to ``floor(K y)`` (clipped to [0, K-1]).
+
+    Args:
+        flow: a :class:`~monoflow_core.multiscale.MultiscaleFlow`.
+        n: number of images, >= 0.
+        temperature: scale of the base noise, > 0 (below 1: smoother, more typical images).
+        seed: seed of a dedicated generator; ``None`` uses the global one.
+        dtype: sample in this dtype (on a copy); ``None``: the flow's own.
+        chunk: images per inverse pass.
+    """
+    from .multiscale import quantize
+
+    levels = getattr(flow, "levels", None)
+    if levels is None:
+        raise ValueError("sample_images: the flow is not an image flow (it has no pixel levels)")
+    y = sample(flow, n, chunk=chunk, temperature=temperature, seed=seed, dtype=dtype)
+    return quantize(torch.from_numpy(y), int(levels)).numpy()
+
+
+def image_grid(images: np.ndarray, levels: int, columns: int | None = None, padding: int = 1) -> np.ndarray:
+    """Tile integer images (N, C, H, W) with ``levels`` levels into one RGB picture (rows, cols, 3) ``uint8``.
+
+    Grey images (C = 1) are repeated into three channels; levels are scaled to 0-255. Tiles are separated by
+    ``padding`` pixels of mid-grey; ``columns`` defaults to ``ceil(sqrt(N))``.
+    """
+    a = np.asarray(images)
+    if a.ndim != 4 or a.shape[1] not in (1, 3) or a.shape[0] < 1:
+        raise ValueError(f"image_grid: expected (N, 1 or 3, H, W) images, got shape {a.shape}")
+    if levels < 2:
+        raise ValueError(f"levels: must be >= 2, got {levels}")
+    n, c, h, w = a.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    scaled = np.clip(np.rint(a.astype(np.float64) * 255.0 / (levels - 1)), 0, 255).astype(np.uint8)
+    if c == 1:
+        scaled = np.repeat(scaled, 3, axis=1)
+    out = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, 3), 128, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        out[top : top + h, left : left + w] = scaled[i].transpose(1, 2, 0)
+    return out
 
 
 def solver_diagnostics(flow: Flow) -> list[dict[str, Any]]:

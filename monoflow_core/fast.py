@@ -69,7 +69,9 @@ def fast_eligible(block: Any, dim: int) -> bool:
     net = block.net
     if not isinstance(net, DenseNetG) or _activation_spec(net) is None or dim > FAST_MAX_DIM:
         return False
-    if net.in_features != dim or resolve_logdet_mode(block.logdet_mode, dim) != "exact":
+    # "hybrid" means the estimator in training: the generic path implements it.
+    hybrid = block.logdet_mode == "hybrid"
+    if net.in_features != dim or hybrid or resolve_logdet_mode(block.logdet_mode, dim) != "exact":
         return False
     return resolve_method(block.solver, dim) == "newton" and block.implicit_grad != "backward_solve"
 

@@ -34,19 +34,26 @@ __all__ = [
 ]
 
 KINDS = ("monotone", "residual", "inverse_residual")
-LOGDET_MODES = ("auto", "exact", "estimator")
+LOGDET_MODES = ("auto", "exact", "estimator", "hybrid")
 ROULETTES = ("geometric", "poisson")
 
 #: ``"auto"`` computes the exact log-det up to this many dimensions per sample (64 covers 8x8 images).
 EXACT_MAX_DIM = 64
 
 
-def resolve_logdet_mode(mode: str, dim: int) -> str:
-    """Resolve ``"auto"`` to ``"exact"`` for ``dim <= EXACT_MAX_DIM`` and to ``"estimator"`` above."""
+def resolve_logdet_mode(mode: str, dim: int, training: bool = False) -> str:
+    """Resolve a log-det mode for one pass of a block with ``dim`` dimensions per sample.
+
+    ``"auto"``: ``"exact"`` for ``dim <= EXACT_MAX_DIM``, ``"estimator"`` above. ``"hybrid"``: the estimator
+    while training (a pass that needs gradients: cheap, unbiased) and as ``"auto"`` otherwise, so that reported
+    likelihoods stay exact where that is affordable (e.g. 8x8 images: about 64 G-evaluations per block).
+    """
     key = mode.lower()
     if key not in LOGDET_MODES:
         raise ValueError(f"logdet: unknown mode {mode!r}; choose one of {list(LOGDET_MODES)}")
-    if key == "auto":
+    if key == "hybrid" and training:
+        return "estimator"
+    if key in ("auto", "hybrid"):
         return "exact" if dim <= EXACT_MAX_DIM else "estimator"
     return key
 

@@ -37,10 +37,12 @@ from torch import Tensor
 from . import evaluation
 from .blocks import ActNorm
 from .config import FlowConfig, JsonConfig
-from .data import TOY_DATASETS, ToyStream, check_dataset_name, sample_staircase, sample_toy
+from .data import DATASETS, TOY_DATASETS, ToyStream, check_dataset_name, sample_staircase, sample_toy
+from .data.images import IMAGE_DATASETS, ImageSet, ImageStream, load_image_set
+from .distributed import DistributedContext
 from .flow import Flow
+from .image_layers import ActNorm2d
 from .models import build_flow
-from .nn.densenet import DenseNetG
 from .nn.lipschitz import spectral_layers, update_lipschitz
 
 if TYPE_CHECKING:
@@ -77,6 +79,14 @@ EVAL_STREAM_SEED_OFFSET = 1_000_003
 #: Chunk size (samples) for evaluations.
 EVAL_CHUNK = 10_000
 
+#: Chunk size (images) for image evaluations.
+EVAL_IMAGE_CHUNK = 500
+
+#: The dequantization noise generator is seeded with ``seed + NOISE_SEED_OFFSET``.
+NOISE_SEED_OFFSET = 7919
+
+EVAL_SPLITS = ("test", "validation")
+
 TRAINER_STATE_FORMAT = "monoflow-trainer-state/1"
 
 
@@ -106,8 +116,14 @@ class TrainConfig(JsonConfig):
     """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
 
     Attributes:
-        data: data set name, one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
-            task, the others are 2-D densities).
+        data: data set name: one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
+            task, the others are 2-D densities) or an image set of
+            :data:`monoflow_core.data.images.IMAGE_DATASETS` (``"digits"`` is built in; the others read
+            ``data_dir``). Image runs train on bits/dim.
+        data_dir: folder holding an image set's files (``None`` for the built-in sets).
+        grad_accumulation: split each batch of ``batch_size`` into this many micro-batches whose gradients are
+            accumulated (same update as one big batch, less memory), >= 1 and <= batch_size.
+        eval_split: image split used by evaluations, ``"test"`` or ``"validation"`` (digits only).
         iterations: total training iterations of a run, >= 1 (the paper: 50,000 for 2-D, 15,000 for 1-D).
         batch_size: fresh samples per iteration, >= 1 (paper: 500 for 2-D, 5,000 for 1-D).
         lr: Adam learning rate, > 0.
@@ -164,13 +180,30 @@ class TrainConfig(JsonConfig):
     dtype: str = "float32"
     max_rejected_steps: int = 20
     checkpoint_every: int = 1000
+    data_dir: str | None = None
+    grad_accumulation: int = 1
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Check and normalise every field; raise ``ValueError("field: ...")`` with the allowed range."""
-        self.data = check_dataset_name(self.data)  # raises "data: unknown data set ...; choose one of [...]"
+        if isinstance(self.data, str) and self.data.lower() in IMAGE_DATASETS:
+            self.data = self.data.lower()
+        elif not (isinstance(self.data, str) and self.data.lower() in DATASETS):
+            raise ValueError(
+                f"data: unknown data set {self.data!r}; choose one of {[*DATASETS, *IMAGE_DATASETS]}"
+            )
+        else:
+            self.data = check_dataset_name(self.data)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"data_dir: must be a folder path or null, got {self.data_dir!r}")
+        if self.data in IMAGE_DATASETS and self.data != "digits" and not self.data_dir:
+            raise ValueError(f"data_dir: --data {self.data} needs --data-dir DIR (the folder holding its files)")
+        if not isinstance(self.eval_split, str) or self.eval_split.lower() not in EVAL_SPLITS:
+            raise ValueError(f"eval_split: unknown value {self.eval_split!r}; choose one of {list(EVAL_SPLITS)}")
+        self.eval_split = self.eval_split.lower()
         self.iterations = _int("iterations", self.iterations, 1)
         self.batch_size = _int("batch_size", self.batch_size, 1)
         self.lr = _float("lr", self.lr)
@@ -226,6 +259,11 @@ class TrainConfig(JsonConfig):
         self.dtype = self.dtype.lower()
         self.max_rejected_steps = _int("max_rejected_steps", self.max_rejected_steps, 1)
         self.checkpoint_every = _int("checkpoint_every", self.checkpoint_every, 0)
+        self.grad_accumulation = _int("grad_accumulation", self.grad_accumulation, 1)
+        if self.grad_accumulation > self.batch_size:
+            raise ValueError(
+                f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -234,7 +272,9 @@ class TrainConfig(JsonConfig):
 
     @property
     def task(self) -> str:
-        """``"density"`` for the 2-D toy densities, ``"regression"`` for the staircase."""
+        """``"density"`` (2-D toy densities), ``"regression"`` (the staircase) or ``"image"`` (bits/dim)."""
+        if self.data in IMAGE_DATASETS:
+            return "image"
         return "density" if self.data in TOY_DATASETS else "regression"
 
 
@@ -311,6 +351,11 @@ class EvalMetrics:
         exact: whether the log-dets were exact; if False ``nll_nats`` is a stochastic *estimate*.
         fixed: True for the fixed seeded held-out set, False for fresh samples (the paper's protocol).
         dtype: the dtype the evaluation ran in.
+        bpd: image tasks: mean test bits per dimension (the dequantization bound, ALGORITHM.md 7.3), else
+            ``None``. ``nll_nats`` then holds the same bound in nats per image.
+        bpd_stderr: standard error of ``bpd`` over the test images (bits/dim).
+        split: image tasks: the split evaluated (``"test"`` or ``"validation"``).
+        dequantization: image tasks: ``"uniform"`` or ``"variational"`` (an ELBO).
     """
 
     step: int
@@ -322,14 +367,27 @@ class EvalMetrics:
     fixed: bool
     nll_stderr_nats: float | None = None
     dtype: str = "float64"
+    bpd: float | None = None
+    bpd_stderr: float | None = None
+    split: str = ""
+    dequantization: str = ""
 
     @property
     def value(self) -> float:
-        """The headline number: NLL in nats or MSE."""
+        """The headline number: bits/dim (images), NLL in nats (2-D densities) or MSE."""
+        if self.bpd is not None:
+            return float(self.bpd)
         return float(self.nll_nats if self.nll_nats is not None else self.mse)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         """A one-line human-readable summary with units."""
+        if self.bpd is not None:
+            how = "exact log-det" if self.exact else "power-series log-det estimate"
+            bound = "ELBO, variational" if self.dequantization == "variational" else "uniform"
+            return (
+                f"step {self.step}: {self.split} bpd {self.bpd:.4f} +- {self.bpd_stderr or 0.0:.4f} bits/dim on "
+                f"{self.n_test} {self.split} images ({how}; {bound} dequantization bound)"
+            )
         where = "held-out" if self.fixed else "fresh"
         if self.nll_nats is not None:
             label = "test NLL" if self.exact else "test NLL (estimate)"
@@ -393,6 +451,9 @@ class RunSummary:
     task: str
 
     def describe(self) -> str:
+        if self.task == "image":
+            last = f"; last {self.last_eval.describe()}" if self.last_eval is not None else ""
+            return f"{self.steps_run} iterations in {self.seconds:.1f} s (step {self.step}){last}"
         unit = " nats" if self.task == "density" else ""
         what = "test NLL" if self.task == "density" else "test MSE"
         pp = (
@@ -470,16 +531,35 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available")
         self.dtype = train_config.torch_dtype
+        self.dist = DistributedContext.current()
+        self._train_images: ImageSet | None = None
+        self._eval_images: dict[str, ImageSet] = {}
+        if self.task == "image":
+            # The data decide the image shape and the number of levels; the architecture comes from the config.
+            self._train_images = load_image_set(train_config.data, "train", train_config.data_dir)
+            shape = list(self._train_images.image_shape)
+            if flow is None:
+                model_config = model_config.replace(image_shape=shape, levels=self._train_images.levels)
+                self.model_config = model_config
+            elif list(flow.event_shape) != shape or getattr(flow, "levels", None) != self._train_images.levels:
+                raise ValueError(
+                    f"data: {train_config.data!r} has images of shape {tuple(shape)} with "
+                    f"{self._train_images.levels} levels; the flow models {flow.event_shape} with "
+                    f"{getattr(flow, 'levels', None)} levels"
+                )
         torch.manual_seed(train_config.seed)
         if flow is None:
             flow = build_flow(model_config)
         self.flow: Flow = flow.to(device=self.device, dtype=self.dtype)
-        expected = 2 if self.task == "density" else 1
-        if self.flow.event_shape != (expected,):
-            raise ValueError(
-                f"data: {train_config.data!r} needs a flow on {expected}-D samples (FlowConfig.dim = {expected}), "
-                f"the flow has event shape {self.flow.event_shape}"
-            )
+        if self.task != "image":
+            expected = 2 if self.task == "density" else 1
+            if self.flow.event_shape != (expected,):
+                raise ValueError(
+                    f"data: {train_config.data!r} needs a flow on {expected}-D samples (FlowConfig.dim = "
+                    f"{expected}), the flow has event shape {self.flow.event_shape}"
+                )
+        # Every process starts from rank 0's weights and power-iteration vectors.
+        self.dist.broadcast_module(self.flow)
         self.optimizer = make_adam(
             self.flow.parameters(),
             lr=train_config.lr,
@@ -487,8 +567,16 @@ class Trainer:
             weight_decay=train_config.weight_decay,
         )
         self._base_lr = float(train_config.lr)
-        self._stream = ToyStream(train_config.data, train_config.seed)
-        self._eval_stream = ToyStream(train_config.data, train_config.seed + EVAL_STREAM_SEED_OFFSET)
+        self._stream: ToyStream | ImageStream
+        self._eval_stream: ToyStream | None
+        if self._train_images is not None:
+            self._stream = ImageStream(self._train_images, train_config.seed)
+            self._eval_stream = None
+        else:
+            self._stream = ToyStream(train_config.data, train_config.seed)
+            self._eval_stream = ToyStream(train_config.data, train_config.seed + EVAL_STREAM_SEED_OFFSET)
+        # Dequantization noise comes from its own CPU generator, so runs are reproducible on any device.
+        self._noise_generator = torch.Generator().manual_seed(train_config.seed + NOISE_SEED_OFFSET)
         self._ema_flow: Flow | None = copy.deepcopy(self.flow) if train_config.ema is not None else None
         self._ema_updates = 0
         self._step = 0
@@ -557,7 +645,7 @@ class Trainer:
         if learnable == self._concat_state:
             return
         for module in self.flow.modules():
-            if isinstance(module, DenseNetG):
+            if hasattr(module, "set_concat_learnable"):  # the dense and the conv DenseNet G
                 module.set_concat_learnable(learnable)
         self._concat_state = learnable
 
@@ -566,19 +654,56 @@ class Trainer:
         self._apply_concat(step)
 
     # -- one step -----------------------------------------------------------------------------------------
-    def _next_batch(self) -> Tensor | tuple[Tensor, Tensor]:
+    def _next_batch(self) -> tuple[Tensor, ...]:
+        """The global batch as a tuple of tensors on the device: ``(x,)``, ``(x, y)`` or ``(images, noise)``."""
+        if isinstance(self._stream, ImageStream):
+            images = self._stream.sample(self.train_config.batch_size)
+            noise = self._draw_noise(images.shape)
+            return images.to(self.device), noise
         batch = self._stream.sample(self.train_config.batch_size, self.dtype)
         if isinstance(batch, tuple):
-            return tuple(b.to(self.device) for b in batch)  # type: ignore[return-value]
-        return batch.to(self.device)
+            return tuple(b.to(self.device) for b in batch)
+        return (batch.to(self.device),)
 
-    def _loss(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    def _draw_noise(self, shape: torch.Size) -> Tensor:
+        from .dequantization import draw_noise
+
+        noise = draw_noise(self.flow.dequantizer, shape, self.dtype, "cpu", self._noise_generator)
+        return noise.to(self.device)
+
+    def _loss_sum(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The sum over the batch's samples of each sample's share of the loss (divide by the global batch).
+
+        Images: bits/dim of each image; densities: negative log-likelihood in nats; regression: the squared
+        error summed over output dimensions divided by their number (so the mean is the MSE).
+        """
+        if self.task == "image":
+            images, noise = batch
+            return self.flow.bpd(images, noise=noise).sum()
         if self.task == "density":
-            assert isinstance(batch, Tensor)
-            return -self.flow.log_prob(batch).mean()
+            return -self.flow.log_prob(batch[0]).sum()
         x, y = batch
         y_hat, _ = self.flow(x)
-        return torch.mean((y_hat - y) ** 2)
+        return ((y_hat - y) ** 2).reshape(x.shape[0], -1).mean(dim=1).sum()
+
+    def _loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The mean loss of a batch (bits/dim, nats or MSE)."""
+        return self._loss_sum(batch) / batch[0].shape[0]
+
+    def _needs_actnorm_init(self) -> bool:
+        return any(
+            isinstance(m, ActNorm | ActNorm2d) and not bool(m.initialized) for m in self.flow.modules()
+        )
+
+    def _initialize_actnorm(self, batch: tuple[Tensor, ...]) -> None:
+        """ActNorm's data-dependent initialisation from the whole global batch (no gradient).
+
+        Every process holds the global batch, so in a data-parallel run every process computes the same
+        statistics, identical to a single-process run; gradient-accumulation chunks also see one initialisation.
+        """
+        self.flow.train()
+        with torch.no_grad():
+            self._loss_sum(batch)
 
     def _grad_norm(self) -> float:
         grads = [p.grad for p in self.flow.parameters() if p.grad is not None]
@@ -599,9 +724,50 @@ class Trainer:
 
     def _snapshot(self) -> dict[str, Tensor] | None:
         """A copy of the flow's state when the forward pass itself may modify it (ActNorm's data init)."""
-        if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in self.flow.modules()):
+        if self._needs_actnorm_init():
             return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
         return None
+
+    def _accumulate_gradients(self, batch: tuple[Tensor, ...]) -> tuple[float, str]:
+        """Forward and backward over this process's micro-batches; sum gradients and loss over processes.
+
+        Returns ``(mean loss of the global batch, rejection message or "")``.
+        """
+        global_size = batch[0].shape[0]
+        local = tuple(self.dist.shard(t) for t in batch)
+        chunks = self.train_config.grad_accumulation
+        local_loss = 0.0
+        finite = True
+        for piece in zip(*(torch.tensor_split(t, chunks) for t in local), strict=True):
+            if piece[0].shape[0] == 0:
+                continue
+            loss = self._loss_sum(piece) / global_size
+            if self.loss_transform is not None:
+                loss = self.loss_transform(loss)
+            value = float(loss.detach())
+            local_loss += value
+            if not math.isfinite(value):
+                finite = False
+                break
+            loss.backward()
+            del loss
+        if self.dist.active:
+            # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
+            params = [p for p in self.flow.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([torch.tensor([local_loss], dtype=self.dtype, device=self.device)]
+                             + [g.reshape(-1) for g in grads])
+            self.dist.all_reduce_sum(flat)
+            local_loss = float(flat[0])
+            offset = 1
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+                offset += n
+            finite = math.isfinite(local_loss)
+        if not finite or not math.isfinite(local_loss):
+            return local_loss, f"non-finite loss ({local_loss})"
+        return local_loss, ""
 
     def _solver_summary(self) -> tuple[float, int, int]:
         mean, worst, failed = 0.0, 0, 0
@@ -642,23 +808,18 @@ class Trainer:
         batch = self._next_batch()
         self.flow.train()
         snapshot = self._snapshot()
+        if snapshot is not None:
+            self._initialize_actnorm(batch)
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm = math.nan
-        message = ""
-        loss = self._loss(batch)
-        if self.loss_transform is not None:
-            loss = self.loss_transform(loss)
-        loss_value = float(loss.detach())
+        loss_value, problem = self._accumulate_gradients(batch)
         it_mean, it_max, failed = self._solver_summary()
         exact = self.flow.logdet_is_exact
-        if not math.isfinite(loss_value):
-            message = f"step {index}: non-finite loss ({loss_value}); optimizer step skipped"
-        else:
-            loss.backward()
+        message = f"step {index}: {problem}; optimizer step skipped" if problem else ""
+        if not message:
             grad_norm = self._grad_norm()
             if not math.isfinite(grad_norm):
                 message = f"step {index}: non-finite gradient norm ({grad_norm}); optimizer step skipped"
-        del loss
         rejected = bool(message)
         if rejected:
             self.optimizer.zero_grad(set_to_none=True)
@@ -725,7 +886,13 @@ class Trainer:
         return self._test_set
 
     def evaluate(
-        self, n: int | None = None, fixed: bool = True, *, dtype: torch.dtype | None = None, record: bool = False
+        self,
+        n: int | None = None,
+        fixed: bool = True,
+        *,
+        dtype: torch.dtype | None = None,
+        record: bool = False,
+        split: str | None = None,
     ) -> EvalMetrics:
         """Test the model (EMA weights if enabled) without changing the training state.
 
@@ -739,12 +906,19 @@ class Trainer:
             fixed: the fixed held-out set (True) or fresh samples (False).
             dtype: evaluation dtype; ``None`` = float64 on CPU, the training dtype elsewhere.
             record: append the result to :attr:`eval_history`.
+            split: image tasks: the split to test (default ``eval_split``); ignored otherwise.
         """
         t0 = time.perf_counter()
         cfg = self.train_config
         dt = self._eval_dtype(dtype)
         if n is not None:
             n = _int("n", n, 1)
+        if self.task == "image":
+            result = self._evaluate_images(n, dt, split or cfg.eval_split)
+            result.seconds = time.perf_counter() - t0
+            if record:
+                self.eval_history.append(result)
+            return result
         if fixed:
             data = self._fixed_test_set()
             size = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
@@ -753,6 +927,7 @@ class Trainer:
             if n is not None:
                 data = data[:n] if isinstance(data, Tensor) else (data[0][:n], data[1][:n])
         else:
+            assert self._eval_stream is not None
             data = self._eval_stream.sample(n if n is not None else cfg.eval_size, torch.float64)
         model = self._evaluation_copy(dt)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -785,6 +960,55 @@ class Trainer:
         if record:
             self.eval_history.append(result)
         return result
+
+    def evaluation_images(self, split: str | None = None) -> ImageSet:
+        """An image split for evaluations (default ``eval_split``), loaded once."""
+        cfg = self.train_config
+        split = split or cfg.eval_split
+        if split not in self._eval_images:
+            self._eval_images[split] = load_image_set(cfg.data, split, cfg.data_dir)
+        return self._eval_images[split]
+
+    def _evaluate_images(self, n: int | None, dtype: torch.dtype, split: str) -> EvalMetrics:
+        """Bits/dim on the first ``n`` (default ``eval_size``, at most all) images of the evaluation split.
+
+        The dequantization noise comes from a generator seeded with ``test_seed``, so repeated evaluations of the
+        same weights agree; with an estimated log-det the probes are seeded too.
+        """
+        cfg = self.train_config
+        images = self.evaluation_images(split).images
+        count = min(n if n is not None else cfg.eval_size, images.shape[0])
+        images = images[:count]
+        model = self._evaluation_copy(dtype)
+        generator = torch.Generator().manual_seed(cfg.test_seed)
+        devices = [self.device] if self.device.type == "cuda" else []
+        parts: list[Tensor] = []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(cfg.test_seed)
+            for chunk in torch.split(images, EVAL_IMAGE_CHUNK):
+                from .dequantization import draw_noise
+
+                noise = draw_noise(model.dequantizer, chunk.shape, dtype, "cpu", generator).to(self.device)
+                parts.append(model.bpd(chunk.to(self.device), noise=noise).double().cpu())
+        bpd = torch.cat(parts)
+        mean = float(bpd.mean())
+        stderr = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else 0.0
+        nats = mean * model.dim * math.log(2.0)
+        return EvalMetrics(
+            step=self._step,
+            nll_nats=nats,
+            mse=None,
+            n_test=int(bpd.numel()),
+            seconds=0.0,
+            exact=bool(model.logdet_is_exact),
+            fixed=True,
+            nll_stderr_nats=stderr * model.dim * math.log(2.0),
+            dtype=str(dtype).replace("torch.", ""),
+            bpd=mean,
+            bpd_stderr=stderr,
+            split=split,
+            dequantization=getattr(self.model_config, "dequantization", "uniform"),
+        )
 
     def paper_protocol(self, last: int = PAPER_PROTOCOL_TESTS) -> float | None:
         """Mean of the last ``last`` recorded fresh-sample tests (nats or MSE); see :func:`paper_protocol_value`."""
@@ -828,15 +1052,17 @@ class Trainer:
             steps_run += 1
             rejected += int(last.rejected)
             ev = None
-            if cfg.eval_every and self._step % cfg.eval_every == 0:
+            # In a data-parallel run only rank 0 tests and writes (evaluations use no collectives).
+            if cfg.eval_every and self._step % cfg.eval_every == 0 and self.dist.is_main:
                 ev = self.evaluate(fixed=False, record=True)
             if checkpoint_path is not None and cfg.checkpoint_every and self._step % cfg.checkpoint_every == 0:
-                self.save_checkpoint(checkpoint_path)
+                if self.dist.is_main:
+                    self.save_checkpoint(checkpoint_path)
                 saved_at = self._step
             if callback is not None and callback(last, ev) is False:
                 stopped = True
                 break
-        if checkpoint_path is not None and saved_at != self._step:
+        if checkpoint_path is not None and saved_at != self._step and self.dist.is_main:
             self.save_checkpoint(checkpoint_path)
         fresh = [e for e in self.eval_history if not e.fixed]
         return RunSummary(
@@ -868,7 +1094,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "base_lr": self._base_lr,
             "stream": self._stream.state_dict(),
-            "eval_stream": self._eval_stream.state_dict(),
+            "eval_stream": None if self._eval_stream is None else self._eval_stream.state_dict(),
+            "noise_rng": self._noise_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "ema": None if self._ema_flow is None else self._ema_flow.state_dict(),
             "ema_updates": self._ema_updates,
@@ -893,7 +1120,10 @@ class Trainer:
         self._step = int(state["step"])
         self._base_lr = float(state["base_lr"])
         self._stream.load_state_dict(state["stream"])
-        self._eval_stream.load_state_dict(state["eval_stream"])
+        if self._eval_stream is not None and state.get("eval_stream") is not None:
+            self._eval_stream.load_state_dict(state["eval_stream"])
+        if state.get("noise_rng") is not None:
+            self._noise_generator.set_state(state["noise_rng"].to(device="cpu", dtype=torch.uint8))
         torch.set_rng_state(state["torch_rng"].to(device="cpu", dtype=torch.uint8))
         if self.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

@@ -1,9 +1,19 @@
-"""Data for monoflow: the 2-D toy densities and the 1-D staircase task of the Monotone Flows paper.
+"""Data for monoflow: the 2-D toy densities, the 1-D staircase task and image sets.
 
 See :mod:`monoflow_core.data.toy` (Ahn et al., NeurIPS 2022, Table 1 and Figure 4; the 2-D sets are FFJORD's /
-Residual Flows' toy data, ALGORITHM.md sections 7.1 and 7.2).
+Residual Flows' toy data, ALGORITHM.md sections 7.1 and 7.2) and :mod:`monoflow_core.data.images` (scikit-learn's
+8x8 digits built in; readers for MNIST, CIFAR-10, downsampled ImageNet and folders of PNG/JPEG files).
 """
 
+from .images import (
+    IMAGE_DATASETS,
+    ImageDataError,
+    ImageSet,
+    ImageStream,
+    check_image_dataset_name,
+    image_set_shape,
+    load_image_set,
+)
 from .toy import (
     DATASETS,
     STAIRCASE_SLOPE_A,
@@ -17,10 +27,17 @@ from .toy import (
 
 __all__ = [
     "DATASETS",
+    "IMAGE_DATASETS",
     "STAIRCASE_SLOPE_A",
     "TOY_DATASETS",
+    "ImageDataError",
+    "ImageSet",
+    "ImageStream",
     "ToyStream",
     "check_dataset_name",
+    "check_image_dataset_name",
+    "image_set_shape",
+    "load_image_set",
     "sample_staircase",
     "sample_toy",
     "staircase_target",

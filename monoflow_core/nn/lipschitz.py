@@ -14,6 +14,10 @@ spectral norm is ``min(sigma, coeff) <= coeff``.
   then holds up to the power iteration's convergence, which ``update_lipschitz(model, 200)`` makes tight.
 
 ``"auto"`` picks exact when the matrix has at most ``EXACT_MAX_NUMEL`` entries.
+
+Every such layer derives from :class:`SpectralLayer` (here :class:`SpectralLinear`; the convolutional
+:class:`~monoflow_core.nn.conv.SpectralConv2d` lives in ``conv.py``), so that :func:`spectral_layers` and
+:func:`update_lipschitz` find all of them without this module importing the convolutional one.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EXACT_MAX_NUMEL", "SpectralLinear", "spectral_layers", "update_lipschitz"]
+__all__ = ["EXACT_MAX_NUMEL", "SpectralLayer", "SpectralLinear", "spectral_layers", "update_lipschitz"]
 
 #: Largest weight (in entries) for which ``"auto"`` computes the exact spectral norm on every use.
 EXACT_MAX_NUMEL = 128 * 128
@@ -33,7 +37,51 @@ EXACT_MAX_NUMEL = 128 * 128
 SPECTRAL_MODES = ("auto", "exact", "power")
 
 
-class SpectralLinear(nn.Module):
+def check_spectral_args(mode: str, coeff: float) -> None:
+    """Validate the ``mode`` and ``coeff`` arguments shared by all spectral layers."""
+    if mode not in SPECTRAL_MODES:
+        raise ValueError(f"spectral_norm: unknown mode {mode!r}; choose one of {list(SPECTRAL_MODES)}")
+    if not coeff > 0:
+        raise ValueError(f"coeff: must be positive, got {coeff}")
+
+
+def sigma_converged(previous: float, current: float, tol: float | None) -> bool:
+    """Whether a power-iteration estimate of sigma changed by at most ``tol`` (relative) in one step."""
+    return tol is not None and abs(current - previous) <= tol * abs(current)
+
+
+class SpectralLayer(nn.Module):
+    """Base class of the spectrally normalised layers: the soft normalisation ``W / max(1, sigma / coeff)``.
+
+    A subclass stores an unconstrained ``weight``, the bound ``coeff`` and a resolved ``mode`` (``"exact"`` or
+    ``"power"``), and implements :meth:`sigma` (the spectral norm of the layer's *operator*, differentiable with
+    respect to the weight) and :meth:`power_iteration` (refinement of its persistent singular vectors).
+    """
+
+    weight: nn.Parameter
+    coeff: float
+    mode: str
+
+    def sigma(self) -> Tensor:
+        """The spectral norm used for normalisation (differentiable with respect to the weight)."""
+        raise NotImplementedError
+
+    def normalized_weight(self) -> Tensor:
+        """``W / max(1, sigma / coeff)``: the weight the layer actually applies."""
+        factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
+        return self.weight / factor
+
+    def power_iteration(self, n_iterations: int, tol: float | None = None) -> int:
+        """Refine the persistent singular vectors; return the number of iterations run.
+
+        Args:
+            n_iterations: the most iterations to run.
+            tol: if given, stop once the relative change of the sigma estimate is at most ``tol``.
+        """
+        raise NotImplementedError
+
+
+class SpectralLinear(SpectralLayer):
     """A linear layer whose spectral norm never exceeds ``coeff``.
 
     Args:
@@ -48,10 +96,7 @@ class SpectralLinear(nn.Module):
         self, in_features: int, out_features: int, coeff: float = 0.97, bias: bool = True, mode: str = "auto"
     ) -> None:
         super().__init__()
-        if mode not in SPECTRAL_MODES:
-            raise ValueError(f"spectral_norm: unknown mode {mode!r}; choose one of {list(SPECTRAL_MODES)}")
-        if not coeff > 0:
-            raise ValueError(f"coeff: must be positive, got {coeff}")
+        check_spectral_args(mode, coeff)
         self.in_features = in_features
         self.out_features = out_features
         self.coeff = float(coeff)
@@ -78,21 +123,36 @@ class SpectralLinear(nn.Module):
             return torch.linalg.matrix_norm(self.weight, ord=2)
         return torch.dot(self.u, torch.mv(self.weight, self.v))
 
-    def normalized_weight(self) -> Tensor:
-        """``W / max(1, sigma / coeff)``: the weight the layer actually applies."""
-        factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
-        return self.weight / factor
-
     @torch.no_grad()
-    def power_iteration(self, n_iterations: int) -> None:
-        """Refine the persistent singular vectors ``u, v`` by ``n_iterations`` power iterations."""
+    def power_iteration(self, n_iterations: int, tol: float | None = None) -> int:
+        """Refine the persistent singular vectors ``u, v`` by up to ``n_iterations`` power iterations.
+
+        Args:
+            n_iterations: the most iterations to run.
+            tol: if given, stop once the relative change of the estimate ``|W v|`` is at most ``tol`` (the
+                first step compares with the current ``u^T W v``, so converged vectors stop after one).
+
+        Returns:
+            The number of iterations run.
+        """
         w = self.weight.detach()
         u, v = self.u, self.v
+        # The tolerance costs one host sync per iteration; without it the loop stays asynchronous.
+        previous = float(torch.dot(u, torch.mv(w, v))) if tol is not None else 0.0
+        done = 0
         for _ in range(n_iterations):
             v = F.normalize(torch.mv(w.t(), u), dim=0, eps=1e-12)
-            u = F.normalize(torch.mv(w, v), dim=0, eps=1e-12)
+            wv = torch.mv(w, v)
+            u = F.normalize(wv, dim=0, eps=1e-12)
+            done += 1
+            if tol is not None:
+                current = float(torch.linalg.vector_norm(wv))
+                if sigma_converged(previous, current, tol):
+                    break
+                previous = current
         self.u.copy_(u)
         self.v.copy_(v)
+        return done
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.normalized_weight(), self.bias)
@@ -104,15 +164,17 @@ class SpectralLinear(nn.Module):
         )
 
 
-def spectral_layers(module: nn.Module) -> Iterator[SpectralLinear]:
-    """All spectrally normalised layers inside ``module``."""
+def spectral_layers(module: nn.Module) -> Iterator[SpectralLayer]:
+    """All spectrally normalised layers (linear and convolutional) inside ``module``."""
     for m in module.modules():
-        if isinstance(m, SpectralLinear):
+        if isinstance(m, SpectralLayer):
             yield m
 
 
 @torch.no_grad()
-def update_lipschitz(module: nn.Module, n_iterations: int = 5, include_exact: bool = False) -> None:
+def update_lipschitz(
+    module: nn.Module, n_iterations: int = 5, include_exact: bool = False, *, tol: float | None = None
+) -> None:
     """Run ``n_iterations`` power iterations on every spectrally normalised layer in ``module``.
 
     Call it after each optimizer step (the released code used 5) and before evaluation (200). Layers in
@@ -123,9 +185,13 @@ def update_lipschitz(module: nn.Module, n_iterations: int = 5, include_exact: bo
         module: any module; layers are found recursively.
         n_iterations: power iterations per layer, >= 0.
         include_exact: also refine the vectors of exact-mode layers.
+        tol: if given, each layer stops early once its sigma estimate changes by at most ``tol`` (relative);
+            e.g. ``update_lipschitz(model, 200, tol=1e-6)`` before evaluation.
     """
     if n_iterations < 0:
         raise ValueError(f"n_iterations: must be >= 0, got {n_iterations}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol: must be >= 0, got {tol}")
     for layer in spectral_layers(module):
         if layer.mode == "power" or include_exact:
-            layer.power_iteration(n_iterations)
+            layer.power_iteration(n_iterations, tol=tol)

@@ -199,6 +199,55 @@ def test_estimator_gradient_is_unbiased_for_neumann_and_plain():
             assert bool(((mean - e).abs() <= 5 * se + 1e-9).all())
 
 
+@pytest.mark.parametrize("formulation", sorted(BLOCKS))
+def test_estimator_value_in_training_equals_no_grad_value_with_backward_solve(formulation):
+    # Regression: the series' vector-Jacobian products were taken with respect to w itself, which fired the
+    # backward-solve hook registered on w (a wrong product and a full implicit solve per product).
+    torch.manual_seed(6)
+    n = 20
+    g = LipschitzMLP(n, hidden=[24], activation="clipswish", coeff=0.7).double()
+    block = BLOCKS[formulation](g, logdet="estimator", implicit_grad="backward_solve", **TIGHT)
+    block.estimator.n_exact_terms = block.estimator.n_exact_terms_eval = 3
+    x = torch.randn(4, n, dtype=DT, requires_grad=True)
+    torch.manual_seed(11)
+    _, train_value = block(x)
+    train_value.sum().backward()  # the hook runs once, here
+    torch.manual_seed(11)
+    with torch.no_grad():
+        _, eval_value = block(x)
+    assert torch.allclose(train_value.detach(), eval_value, rtol=1e-10, atol=1e-10)
+
+
+def test_generic_g_exact_logdet_gradient_with_backward_solve_matches_finite_differences():
+    # A plain nn.Module G (no forward-mode Jacobian) in 18 dimensions: the exact log-det's Jacobian comes from
+    # reverse-mode products, which must not trigger the backward-solve hook on w.
+    torch.manual_seed(7)
+    n = 18
+    lin = nn.Linear(n, n).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.6 / torch.linalg.matrix_norm(lin.weight, ord=2))
+    g = nn.Sequential(lin, nn.Tanh())
+    block = MonotoneBlock(g, logdet="exact", implicit_grad="backward_solve", **TIGHT)
+    x = torch.randn(2, n, dtype=DT, requires_grad=True)
+    c = torch.randn(2, n, dtype=DT)
+
+    def objective(inp):
+        y, ld = block(inp)
+        return (y * c).sum() + ld.sum()
+
+    (grad,) = torch.autograd.grad(objective(x), x)
+    eps = 1e-6
+    fd = torch.zeros_like(x)
+    with torch.no_grad():
+        for i in range(2):
+            for j in range(0, n, 5):
+                e = torch.zeros_like(x)
+                e[i, j] = eps
+                fd[i, j] = (objective(x + e) - objective(x - e)) / (2 * eps)
+    cols = list(range(0, n, 5))
+    assert torch.allclose(grad[:, cols], fd[:, cols], rtol=1e-5, atol=1e-7)
+
+
 def test_actnorm_and_positive_scale():
     torch.manual_seed(6)
     x = torch.randn(500, 3, dtype=DT) * torch.tensor([0.1, 2.0, 5.0], dtype=DT) + 3

@@ -30,6 +30,11 @@ torch.set_num_threads(1)
 
 TINY = ["--blocks", "2", "--batch-size", "64", "--test-size", "500", "--eval-size", "200"]
 SHIPPED_PRESETS = {
+    "digits-cpu",
+    "paper-mnist",
+    "paper-cifar10",
+    "paper-imagenet32",
+    "paper-imagenet64",
     "paper-1d-a",
     "paper-1d-b",
     "paper-1d-c",

@@ -51,7 +51,10 @@ def assert_same_state(trainer, snap):
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("data", "mnist"),
+        ("data", "imagenet1k"),
+        ("data_dir", 3),
+        ("grad_accumulation", 0),
+        ("eval_split", "train"),
         ("iterations", 0),
         ("batch_size", 2.5),
         ("lr", -1.0),
@@ -72,6 +75,14 @@ def assert_same_state(trainer, snap):
 def test_train_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
         TrainConfig(**{field: value})
+
+
+def test_image_data_needs_a_folder_except_the_built_in_digits():
+    with pytest.raises(ValueError, match="^data_dir: --data mnist needs --data-dir"):
+        TrainConfig(data="mnist")
+    assert TrainConfig(data="digits").task == "image"
+    with pytest.raises(ValueError, match="^grad_accumulation: must be <= batch_size"):
+        TrainConfig(batch_size=4, grad_accumulation=5)
 
 
 def test_train_config_round_trip_and_unknown_keys():
@@ -267,3 +278,22 @@ def test_paper_protocol_averages_the_last_twenty_fresh_tests():
     evals.append(EvalMetrics(step=30, nll_nats=100.0, mse=None, n_test=1, seconds=0.0, exact=True, fixed=True))
     assert paper_protocol_nll(evals) == pytest.approx(sum(range(10, 30)) / 20)
     assert paper_protocol_value([]) is None
+
+
+@pytest.mark.parametrize("name", ["paper-mnist", "paper-cifar10", "paper-imagenet32", "paper-imagenet64", "digits-cpu"])
+def test_image_presets_are_valid_configurations(name):
+    from monoflow_core.presets import load_preset
+
+    preset = load_preset(name)
+    model = preset.model_config()
+    training = preset.train_config(**({"data_dir": "/data"} if name != "digits-cpu" else {}))
+    assert model.is_image and training.task == "image"
+    c, h, w = model.image_shape
+    assert model.dim == c * h * w
+    assert h % 2 ** (len(model.blocks_per_scale) - 1) == 0
+    if name.startswith("paper-"):
+        # ALGORITHM.md 7.3: growth 172 (3x3 convs to 86 channels, CPila), 4 FC blocks, Poisson roulette,
+        # 10 / 20 exact terms, warm-up 1,000, clipping 1, EMA 0.999.
+        assert (model.growth, model.depth, model.fc_blocks) == (172, 3, 4)
+        assert (model.roulette, model.n_exact_terms, model.n_exact_terms_eval) == ("poisson", 10, 20)
+        assert (training.warmup_iterations, training.grad_clip, training.ema) == (1000, 1.0, 0.999)
