@@ -396,14 +396,12 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
             )
 
 
-def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
-    source = Path(args.resume)
-    ckpt = load_checkpoint(source)
-    trainer = Trainer.from_checkpoint(ckpt, device=args.device)
-    user = ckpt.metadata.get("user") if isinstance(ckpt.metadata.get("user"), dict) else {}
-    preset_name = str(user.get("preset", "")) or None
-    description = str(user.get("description", ""))
-    _check_unchanged(args, trainer, preset_name)
+def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
+    """The flags that may change on ``--resume`` (iterations, test settings, lr, solver), applied to ``trainer``.
+
+    Shared by rank 0 (:func:`_resume_run`) and the other data-parallel processes (:func:`_train_worker`), so
+    that every process takes the same optimizer steps.
+    """
     cfg = trainer.train_config
     for attr in ("iterations", "eval_every", "eval_size", "checkpoint_every"):
         value = getattr(args, attr)
@@ -420,6 +418,17 @@ def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
         )
         trainer.set_solver(solver=checked.solver if args.solver is not None else None,
                            tol=checked.tol if args.tol is not None else None)
+
+
+def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
+    source = Path(args.resume)
+    ckpt = load_checkpoint(source)
+    trainer = Trainer.from_checkpoint(ckpt, device=args.device)
+    user = ckpt.metadata.get("user") if isinstance(ckpt.metadata.get("user"), dict) else {}
+    preset_name = str(user.get("preset", "")) or None
+    description = str(user.get("description", ""))
+    _check_unchanged(args, trainer, preset_name)
+    _apply_resume_changes(args, trainer)
     out = Path(args.out) if args.out is not None else source.parent
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
@@ -455,10 +464,33 @@ def _graceful_sigint(on_first: Callable[[], None]) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _configured_device(args: argparse.Namespace) -> str:
+    """The device a ``train`` run uses without ``--device``: the checkpoint's (``--resume``) or the preset's.
+
+    Only needed under ``torchrun`` (``WORLD_SIZE`` > 1), where the device picks the backend (nccl / gloo) and each
+    process's GPU before the run is built; a plain run takes it from the preset or checkpoint as usual. Falling
+    back to ``"cpu"`` there would silently train a CUDA preset (paper-mnist, paper-cifar10, ...) on the CPU.
+    Anything unreadable gives ``"cpu"``; the run itself then reports the problem.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return "cpu"
+    try:
+        if args.resume:
+            stored = load_checkpoint(Path(args.resume)).train_config
+            return stored.device if stored is not None else "cpu"
+        if args.data is None:
+            return "cpu"
+        data = _data_name(args.data)
+        default = DEFAULT_IMAGE_PRESETS.get(data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET)
+        return str(load_preset(args.preset or default).training.get("device", "cpu"))
+    except (CLIError, CheckpointError, ValueError, OSError):
+        return "cpu"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     # Under torchrun: join the process group; every process trains, only rank 0 writes and prints.
-    dist_context, device = init_from_environment(args.device or "cpu")
+    dist_context, device = init_from_environment(args.device or _configured_device(args))
     if dist_context.active:
         args.device = device
         args.no_progress = args.no_progress or not dist_context.is_main
@@ -597,8 +629,9 @@ def _train_worker(args: argparse.Namespace) -> int:
     """A data-parallel process other than rank 0: the same steps, no files, no output (rank 0 writes them)."""
     if args.resume:
         trainer = Trainer.from_checkpoint(load_checkpoint(Path(args.resume)), device=args.device)
-        if args.iterations is not None:
-            trainer.train_config.iterations = args.iterations
+        # As rank 0 does: a new --lr (or --tol, --solver) must reach every process, else the ranks' Adam steps
+        # differ and their parameters drift apart.
+        _apply_resume_changes(args, trainer)
     else:
         data = _data_name(args.data)
         default = DEFAULT_IMAGE_PRESETS.get(data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET)
@@ -662,6 +695,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(ckpt.model_config, test_config, flow=flow)
     result = trainer.evaluate(fixed=True)
     step = ckpt.metadata.get("step")
+    if isinstance(step, int):
+        # The evaluation trainer starts at step 0; report the checkpoint's iteration (image results print it).
+        result.step = step
     if args.json:
         doc: dict[str, Any] = {"data": data}
         if result.bpd is not None:

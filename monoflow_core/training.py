@@ -80,7 +80,7 @@ EVAL_STREAM_SEED_OFFSET = 1_000_003
 EVAL_CHUNK = 10_000
 
 #: Chunk size (images) for image evaluations.
-EVAL_IMAGE_CHUNK = 500
+EVAL_IMAGE_CHUNK = evaluation.IMAGE_NOISE_BLOCK
 
 #: The dequantization noise generator is seeded with ``seed + NOISE_SEED_OFFSET``.
 NOISE_SEED_OFFSET = 7919
@@ -980,17 +980,11 @@ class Trainer:
         count = min(n if n is not None else cfg.eval_size, images.shape[0])
         images = images[:count]
         model = self._evaluation_copy(dtype)
-        generator = torch.Generator().manual_seed(cfg.test_seed)
         devices = [self.device] if self.device.type == "cuda" else []
-        parts: list[Tensor] = []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(cfg.test_seed)
-            for chunk in torch.split(images, EVAL_IMAGE_CHUNK):
-                from .dequantization import draw_noise
-
-                noise = draw_noise(model.dequantizer, chunk.shape, dtype, "cpu", generator).to(self.device)
-                parts.append(model.bpd(chunk.to(self.device), noise=noise).double().cpu())
-        bpd = torch.cat(parts)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.test_seed)  # only a power-series log-det draws from it
+            bpd = evaluation.image_bpd(model, images, seed=cfg.test_seed)
+        assert bpd is not None
         mean = float(bpd.mean())
         stderr = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else 0.0
         nats = mean * model.dim * math.log(2.0)

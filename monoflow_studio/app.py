@@ -1,9 +1,9 @@
 """Application setup and the ``monoflow-studio`` command line.
 
 ``monoflow-studio [--data NAME] [--preset NAME] [--checkpoint FILE] [--start] [--theme MODE]``: opens the studio
-on a preset (default: the paper's Monotone Flow on 8gaussians), optionally on another data set, optionally
-with a checkpoint, and with ``--start`` begins training at once. Importing this module needs no display: Qt is
-only started inside :func:`main`.
+on a preset (default: the paper's Monotone Flow on 8gaussians; ``--preset digits-cpu`` for an image run),
+optionally on another 2-D data set, optionally with a checkpoint, and with ``--start`` begins training at once.
+Importing this module needs no display: Qt is only started inside :func:`main`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ __all__ = ["build_parser", "configure_process", "main", "spec_from_args"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="monoflow-studio",
-        description="Train and explore Monotone Flows (Ahn et al., NeurIPS 2022) on 2-D toy densities, live.",
+        description="Train and explore Monotone Flows (Ahn et al., NeurIPS 2022) live, on 2-D toy densities "
+                    "or on images (--preset digits-cpu).",
     )
-    parser.add_argument("--data", choices=TOY_DATASETS, help="toy data set (default: the preset's, 8gaussians)")
+    parser.add_argument("--data", choices=TOY_DATASETS,
+                        help="2-D toy data set of a 2-D preset (default: the preset's, 8gaussians)")
     parser.add_argument("--preset", default=None,
-                        help="shipped preset name or JSON file (default: paper-toy-monotone)")
+                        help="shipped preset name or JSON file (default: paper-toy-monotone; digits-cpu trains an "
+                             "image flow on 8x8 digits)")
     parser.add_argument("--checkpoint", default=None, help="open this checkpoint (.safetensors) at start")
     parser.add_argument("--start", action="store_true", help="start training at once")
     parser.add_argument("--theme", choices=("system", "light", "dark"), default=None,
@@ -42,7 +45,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The first run's configuration from the parsed arguments.
 
     Raises:
-        ValueError: unknown preset, or a preset the studio cannot display (not a 2-D density).
+        ValueError: unknown preset, or a preset the studio cannot run (neither a 2-D density nor an image run
+            whose data it can read; the message says what to change).
     """
     from .run_spec import DEFAULT_PRESET, RunSpec
 

@@ -1,9 +1,13 @@
 """The controls dock: every setting of a run, split into *live* settings and *rebuild* settings.
 
-Live settings (learning rate, solver, tolerance, iteration cap) are applied to the running trainer between two
-steps. Rebuild settings (data set, formulation, activation, Lipschitz coefficient, blocks, G size, batch size,
-seed, device) need a fresh model; the window asks before discarding a run for them. Every numeric field has the
-core's valid range, so an out-of-range value cannot be entered.
+Live settings (learning rate, solver, tolerance, iteration cap; for image runs the test schedule) are applied to
+the running trainer between two steps. Rebuild settings (data set, formulation, activation, Lipschitz coefficient,
+blocks, G size, batch size, seed, device) need a fresh model; the window asks before discarding a run for them.
+Every numeric field has the core's valid range, so an out-of-range value cannot be entered.
+
+The panel follows the kind of run it shows: image runs replace "Blocks" by "Blocks per scale" and "FC blocks",
+show the test settings, and keep their data set (it is chosen with a preset or a run configuration, since a 2-D
+density and an image set need different models).
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PySide6.QtCore import QPointF, Signal
-from PySide6.QtGui import QColor, QIcon, QPainter, QPixmap
+from PySide6.QtCore import QPointF, QRegularExpression, Signal
+from PySide6.QtGui import QColor, QIcon, QPainter, QPixmap, QRegularExpressionValidator
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QLabel,
+    QLineEdit,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -35,9 +40,16 @@ from .widgets import LogSpinBox
 
 __all__ = ["LIVE_FIELDS", "REBUILD_FIELDS", "ControlsPanel", "dataset_icon"]
 
-LIVE_FIELDS = ("lr", "solver", "tol", "max_iter")
-REBUILD_FIELDS = ("data", "formulation", "activation", "lipschitz", "blocks", "depth", "growth", "batch_size",
-                  "seed", "device")
+LIVE_FIELDS = ("lr", "solver", "tol", "max_iter", "eval_every", "eval_size")
+REBUILD_FIELDS = ("data", "formulation", "activation", "lipschitz", "blocks", "blocks_per_scale", "fc_blocks",
+                  "depth", "growth", "batch_size", "seed", "device")
+#: Fields shown only for one kind of run (the others apply to both).
+DENSITY_ONLY = ("blocks",)
+IMAGE_ONLY = ("blocks_per_scale", "fc_blocks", "eval_every", "eval_size")
+
+DATA_TIP = "one of the eight 2-D toy densities of the paper (Table 1)"
+IMAGE_DATA_TIP = ("image runs keep their data set (a 2-D density needs another model): choose another run from the "
+                  "Presets menu or with File > Load run configuration")
 
 
 def dataset_icon(name: str, size: int = 40) -> QIcon:
@@ -73,15 +85,16 @@ class ControlsPanel(QWidget):
     live_changed = Signal(str, object)
     rebuild_changed = Signal(str)
 
-    def __init__(self, spec: RunSpec, parent: QWidget | None = None) -> None:
+    def __init__(self, spec: RunSpec, parent: QWidget | None = None, *, default_eval_every: int = 100) -> None:
         super().__init__(parent)
         self._base = spec.copy()
         self.widgets: dict[str, QWidget] = {}
+        self._image: bool | None = None  # the kind of run shown (None before the first set_spec)
+        self._enabled = True
+        self._icons: dict[str, QIcon] = {}
 
         self.data = QComboBox()
         self.data.setIconSize(self.data.iconSize() * 2)
-        for name in TOY_DATASETS:
-            self.data.addItem(dataset_icon(name), name, name)
         self.formulation = self._combo(FORMULATIONS)
         self.activation = self._combo(tuple(ACTIVATIONS))
         self.lipschitz = QDoubleSpinBox()
@@ -89,6 +102,11 @@ class ControlsPanel(QWidget):
         self.lipschitz.setSingleStep(0.01)
         self.lipschitz.setDecimals(3)
         self.blocks = self._spin(1, 32)
+        self.blocks_per_scale = QLineEdit()
+        self.blocks_per_scale.setValidator(QRegularExpressionValidator(QRegularExpression(r"\s*\d{1,2}(\s*,\s*\d{1,2})*\s*")))
+        self.blocks_per_scale.setPlaceholderText("e.g. 2, 2, 2")
+        self._blocks_per_scale_text = ""
+        self.fc_blocks = self._spin(0, 32)
         self.depth = self._spin(1, 8)
         self.growth = self._spin(2, 128)
         self.batch_size = self._spin(8, 20000, step=50)
@@ -99,14 +117,22 @@ class ControlsPanel(QWidget):
         self.tol = LogSpinBox(1e-12, 0.1, 1e-6, factor=10.0)
         self.max_iter = self._spin(1, 100000, step=10)
         self.max_iter.setKeyboardTracking(False)
+        self.eval_every = self._spin(0, 1_000_000, step=50)
+        self.eval_every.setSpecialValueText(f"auto (every {default_eval_every})")
+        self.eval_size = self._spin(1, 1_000_000, step=50)
 
         rebuild = QGroupBox("Model and data: a change rebuilds the run")
-        self._add_rows(QFormLayout(rebuild), (
-            ("Data set", "data", "one of the eight 2-D toy densities of the paper (Table 1)"),
+        self._rebuild_form = QFormLayout(rebuild)
+        self._add_rows(self._rebuild_form, (
+            ("Data set", "data", DATA_TIP),
             ("Formulation", "formulation", "monotone (the paper), residual (i-DenseNet) or inverse residual"),
             ("Activation", "activation", "activation of G; CPila for the Monotone Flow, CLipSwish for i-DenseNet"),
             ("Lipschitz coeff.", "lipschitz", "Lipschitz bound of each linear layer of G, in (0, 1)"),
             ("Blocks", "blocks", "number of flow blocks (the paper: 10)"),
+            ("Blocks per scale", "blocks_per_scale",
+             "image runs: flow blocks at each scale, comma-separated (one scale per entry; each scale after the "
+             "first halves the height and width, so 8x8 images allow up to 4 scales); press Enter to apply"),
+            ("FC blocks", "fc_blocks", "image runs: fully connected blocks after the last scale (the paper: 4)"),
             ("G depth", "depth", "dense layers of the DenseNet G (the paper: 3)"),
             ("G growth", "growth", "features each dense layer adds (the paper: 16)"),
             ("Batch size", "batch_size", "fresh samples per iteration (the paper: 500)"),
@@ -114,17 +140,26 @@ class ControlsPanel(QWidget):
             ("Device", "device", "where the model trains"),
         ))
         live = QGroupBox("Live: applies at once, even while training")
-        self._add_rows(QFormLayout(live), (
+        self._live_form = QFormLayout(live)
+        self._add_rows(self._live_form, (
             ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
             ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
             ("Tolerance", "tol", "relative solver tolerance (never below 10 machine epsilons)"),
             ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
+        ))
+        self.tests = QGroupBox("Tests: apply from the next test")
+        self._add_rows(QFormLayout(self.tests), (
+            ("Test every", "eval_every",
+             f"steps between two bits/dim tests, computed in the background (auto: every {default_eval_every} "
+             "steps); Run > Test now tests at once"),
+            ("Test images", "eval_size", "images of the evaluation split per test (at most the whole split)"),
         ))
         self.note = QLabel("")
         self.note.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.addWidget(rebuild)
         layout.addWidget(live)
+        layout.addWidget(self.tests)
         layout.addWidget(self.note)
         layout.addStretch(1)
 
@@ -160,23 +195,84 @@ class ControlsPanel(QWidget):
             w = self.widgets[name]
             if isinstance(w, QComboBox):
                 w.currentIndexChanged.connect(lambda _i, n=name: self.rebuild_changed.emit(n))
+            elif isinstance(w, QLineEdit):
+                w.editingFinished.connect(lambda n=name: self._on_text_committed(n))
             else:
                 w.valueChanged.connect(lambda _v, n=name: self.rebuild_changed.emit(n))
         self.lr.valueChanged.connect(lambda v: self.live_changed.emit("lr", float(v)))
         self.tol.valueChanged.connect(lambda v: self.live_changed.emit("tol", float(v)))
         self.max_iter.valueChanged.connect(lambda v: self.live_changed.emit("max_iter", int(v)))
         self.solver.currentIndexChanged.connect(lambda _i: self.live_changed.emit("solver", self.solver.currentData()))
+        self.eval_every.valueChanged.connect(lambda v: self.live_changed.emit("eval_every", int(v)))
+        self.eval_size.valueChanged.connect(lambda v: self.live_changed.emit("eval_size", int(v)))
+
+    def _on_text_committed(self, name: str) -> None:
+        """A text field lost the focus or got Enter: a rebuild only if its text really changed."""
+        text = self.blocks_per_scale.text().strip()
+        if name == "blocks_per_scale" and text != self._blocks_per_scale_text:
+            self.rebuild_changed.emit(name)
+
+    @staticmethod
+    def _format_list(values: list[int]) -> str:
+        return ", ".join(str(v) for v in values)
+
+    def _parse_blocks_per_scale(self) -> list[int]:
+        text = self.blocks_per_scale.text().strip()
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise ValueError(f"blocks_per_scale: a comma-separated list of block counts, e.g. 2, 2, 2; got {text!r}")
+        return values
+
+    # -- the kind of run ---------------------------------------------------------------------------------
+    @property
+    def image_mode(self) -> bool:
+        """Whether the panel shows an image run."""
+        return bool(self._image)
+
+    def _dataset_icon(self, name: str) -> QIcon:
+        if name not in self._icons:
+            self._icons[name] = dataset_icon(name)
+        return self._icons[name]
+
+    def _set_mode(self, image: bool, data: str) -> None:
+        """Show the fields of an image run or of a 2-D run (and the data sets it can switch to)."""
+        self.data.blockSignals(True)
+        try:
+            if image != self._image or (image and self.data.findData(data) < 0):
+                self.data.clear()
+                if image:
+                    self.data.addItem(data, data)
+                else:
+                    for name in TOY_DATASETS:
+                        self.data.addItem(self._dataset_icon(name), name, name)
+        finally:
+            self.data.blockSignals(False)
+        self._image = image
+        for name in DENSITY_ONLY:
+            self._rebuild_form.setRowVisible(self.widgets[name], not image)
+        for name in ("blocks_per_scale", "fc_blocks"):
+            self._rebuild_form.setRowVisible(self.widgets[name], image)
+        self.tests.setVisible(image)
+        self.data.setToolTip(IMAGE_DATA_TIP if image else DATA_TIP)
+        self.data.setEnabled(not image and self._enabled)
 
     # -- spec <-> widgets --------------------------------------------------------------------------------
     def set_spec(self, spec: RunSpec) -> None:
         """Show ``spec`` without emitting change signals (it becomes the base of :meth:`spec`)."""
         self._base = spec.copy()
         m, t = spec.model, spec.training
+        self._set_mode(spec.is_image, t.data)
+        self._blocks_per_scale_text = self._format_list(list(m.blocks_per_scale))
+        self.blocks_per_scale.setText(self._blocks_per_scale_text)
         values: dict[str, Any] = {
             "data": t.data, "formulation": m.formulation if isinstance(m.formulation, str) else m.formulation[0],
             "activation": m.activation, "lipschitz": m.lipschitz, "blocks": m.blocks, "depth": m.depth,
             "growth": m.growth, "batch_size": t.batch_size, "seed": t.seed, "device": t.device, "lr": t.lr,
-            "solver": m.solver, "tol": m.tol, "max_iter": m.max_iter,
+            "solver": m.solver, "tol": m.tol, "max_iter": m.max_iter, "fc_blocks": m.fc_blocks,
+            "eval_every": t.eval_every, "eval_size": t.eval_size,
         }
         for name, value in values.items():
             w = self.widgets[name]
@@ -193,8 +289,12 @@ class ControlsPanel(QWidget):
             finally:
                 w.blockSignals(False)
         mixed = isinstance(m.formulation, list) and len(set(m.formulation)) > 1
-        self.note.setText("This model mixes formulations per block; the combo shows the first."
-                          if mixed else "")
+        notes = ["This model mixes formulations per block; the combo shows the first."] if mixed else []
+        if spec.is_image:
+            shape = "x".join(str(v) for v in m.image_shape or ())
+            notes.append(f"Image run on {t.data} ({shape}, {m.levels} levels, {m.dequantization} dequantization): "
+                         "training loss and tests in bits/dim. Data set and image shape come from the preset.")
+        self.note.setText("\n".join(notes))
 
     def spec(self) -> RunSpec:
         """The run configuration the widgets describe (fields without a widget keep the base spec's values).
@@ -203,26 +303,35 @@ class ControlsPanel(QWidget):
             ValueError: the core refuses the combination (its message names the field).
         """
         base = self._base
+        image = base.is_image
         formulation: str | list[str] = self.formulation.currentData()
         if isinstance(base.model.formulation, list) and self.formulation.currentData() == base.model.formulation[0]:
             formulation = list(base.model.formulation)  # keep a per-block list the combo cannot show
+        architecture: dict[str, Any] = (
+            {"blocks_per_scale": self._parse_blocks_per_scale(), "fc_blocks": int(self.fc_blocks.value())}
+            if image else {"blocks": int(self.blocks.value())})
         model = base.model.replace(
             formulation=formulation if not isinstance(formulation, list) or len(formulation) == self.blocks.value()
             else self.formulation.currentData(),
             activation=self.activation.currentData(), lipschitz=float(self.lipschitz.value()),
-            blocks=int(self.blocks.value()), depth=int(self.depth.value()), growth=int(self.growth.value()),
+            depth=int(self.depth.value()), growth=int(self.growth.value()),
             solver=self.solver.currentData(), tol=float(self.tol.value()), max_iter=int(self.max_iter.value()),
+            **architecture,
         )
+        tests: dict[str, Any] = (
+            {"eval_every": int(self.eval_every.value()), "eval_size": int(self.eval_size.value())} if image else {})
         training = base.training.replace(
-            data=self.data.currentData(), batch_size=int(self.batch_size.value()), seed=int(self.seed.value()),
-            device=self.device.currentData(), lr=float(self.lr.value()),
+            data=base.training.data if image else self.data.currentData(), batch_size=int(self.batch_size.value()),
+            seed=int(self.seed.value()), device=self.device.currentData(), lr=float(self.lr.value()), **tests,
         )
         return RunSpec(model, training, name=base.name, description=base.description)
 
     def set_enabled_for_run(self, enabled: bool) -> None:
-        """Enable or disable the controls (e.g. while a run is being built)."""
+        """Enable or disable the controls (e.g. while a run is being built); an image run's data set stays off."""
+        self._enabled = enabled
         for w in self.widgets.values():
             w.setEnabled(enabled)
+        self.data.setEnabled(enabled and not self.image_mode)
 
     def widget(self, name: str) -> QWidget:
         return self.widgets[name]

@@ -1,7 +1,10 @@
 """The studio's main window: docks, actions, status bar, persisted settings; it drives a :class:`Session`.
 
 The window never runs model code: it posts commands to the session and displays what the session's signals
-carry. Errors (a corrupt checkpoint, an unwritable export path, a diverging run, a solver that misses its
+carry. It follows the kind of run it shows: 2-D runs show the density view (centre) and the transport dock, image
+runs the sample grid (centre), curves in bits/dim and periodic tests; the switch happens when a run is built.
+
+Errors (a corrupt checkpoint, an unwritable export path, a diverging run, a solver that misses its
 tolerance) become a line in the log and in the status bar; a dialog appears only where the user must decide
 (discarding a run to apply a rebuild setting, choosing a file).
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -26,20 +30,22 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QScrollArea,
+    QStackedWidget,
     QWidget,
 )
 
-from monoflow_core.training import StepMetrics
+from monoflow_core.training import EvalMetrics, StepMetrics
 
 from .controls import ControlsPanel
 from .files import atomic_write
-from .run_spec import RunSpec, toy_presets
-from .session import PAUSED, TRAINING, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
+from .run_spec import RunSpec, image_presets, toy_presets
+from .session import PAUSED, TRAINING, ImageFrame, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
 from .theme import THEMES, apply_theme, plot_colors
-from .views.curves import CurvesView
+from .views.curves import BITS_PER_DIM, NATS, CurvesView
 from .views.density import DensityView
 from .views.diagnostics import SolverView
 from .views.log import LogView
+from .views.samples import SamplesView
 from .views.transport import TransportView
 
 __all__ = ["APPLICATION", "ORGANIZATION", "MainWindow"]
@@ -55,6 +61,9 @@ REJECTIONS_LOGGED = 5
 CHECKPOINT_FILTER = "monoflow checkpoints (*.safetensors);;All files (*)"
 CONFIG_FILTER = "Run configuration (*.json);;All files (*)"
 VIEW_FILTER = "PNG image (*.png);;SVG image (*.svg)"
+#: Shown in the transport dock (and its tooltips) while an image run is loaded.
+NO_TRANSPORT = ("The transport view shows how a 2-D run deforms the plane, layer by layer. An image run maps "
+                "images with many dimensions: see its samples in the main view. Load a 2-D preset to use it.")
 
 
 def render_png(widget: QWidget, path: str) -> None:
@@ -114,16 +123,21 @@ class MainWindow(QMainWindow):
         self.state = ""
         self.run_id = 0
         self.device = spec.training.device
+        self.image_mode = False
+        self._step_before_rebuild = 0
         self._rates: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._rejections = 0
         self._last_solver_warning = -1e9
         self._closing = False
         self._restoring = False
 
+        options = self._with_sample_settings(options or SessionOptions())
+        self.options = options
         self.session = Session(spec, options, parent=self)
         self._build_views(spec)
         self._build_actions()
         self._build_status_bar()
+        self._set_image_mode(spec.is_image)  # until the first run is built
         self._connect_session()
         self._restore_settings()
         self.set_theme(theme if theme is not None else str(self.settings.value("theme", "system")))
@@ -145,10 +159,25 @@ class MainWindow(QMainWindow):
         self.addDockWidget(area, dock)
         return dock
 
+    def _with_sample_settings(self, options: SessionOptions) -> SessionOptions:
+        """The persisted sample-grid settings, so the first grid is already drawn with them."""
+        with contextlib.suppress(TypeError, ValueError):
+            options = dataclasses.replace(options, image_samples=int(self.settings.value("images/count",
+                                                                                        options.image_samples)))
+        with contextlib.suppress(TypeError, ValueError):
+            t = float(self.settings.value("images/temperature", options.sample_temperature))
+            if 0 < t <= 2:
+                options = dataclasses.replace(options, sample_temperature=t)
+        return options
+
     def _build_views(self, spec: RunSpec) -> None:
         self.density = DensityView()
-        self.setCentralWidget(self.density)
-        self.controls = ControlsPanel(spec)
+        self.samples = SamplesView()
+        self.central = QStackedWidget()
+        self.central.addWidget(self.density)
+        self.central.addWidget(self.samples)
+        self.setCentralWidget(self.central)
+        self.controls = ControlsPanel(spec, default_eval_every=self.options.default_eval_every)
         scroll = QScrollArea()
         scroll.setWidget(self.controls)
         scroll.setWidgetResizable(True)
@@ -175,6 +204,8 @@ class MainWindow(QMainWindow):
         self.controls.live_changed.connect(self._on_live_changed)
         self.controls.rebuild_changed.connect(self._on_rebuild_changed)
         self.density.settings_changed.connect(self._save_view_settings)
+        self.samples.settings_changed.connect(self._save_view_settings)
+        self.samples.samples_changed.connect(lambda n, t: self.session.set_samples(n, t))
         self.curves.settings_changed.connect(self._save_view_settings)
         self.transport.direction_changed.connect(self._on_transport_direction)
         self.transport_dock.visibilityChanged.connect(self._on_transport_visibility)
@@ -202,6 +233,10 @@ class MainWindow(QMainWindow):
         self.save_ckpt_action = self._action("Export checkpoint...", self.export_checkpoint,
                                              QKeySequence.StandardKey.Save,
                                              "Save the run as a resumable checkpoint (loadable by `monoflow eval`)")
+        self.evaluate_action = self._action(
+            "Test now", self.evaluate_now, "Ctrl+T",
+            "Image runs: test the model now, in bits/dim on the evaluation images (computed in the background; "
+            "tests also run every few steps, see Controls > Tests)")
         self.export_view_action = self._action("Export view as PNG/SVG...", self.export_view, "Ctrl+E",
                                                "Save the main view as a PNG or SVG image")
         self.export_csv_action = self._action("Export curves as CSV...", self.export_curves, "Ctrl+Shift+E",
@@ -219,18 +254,23 @@ class MainWindow(QMainWindow):
                   None, self.export_view_action, self.export_csv_action, None, self.quit_action):
             file_menu.addSeparator() if a is None else file_menu.addAction(a)
         run_menu = menu.addMenu("&Run")
-        for a in (self.train_action, self.step_action, self.reset_action):
+        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action):
             run_menu.addAction(a)
         preset_menu = menu.addMenu("&Presets")
+        preset_menu.setToolTipsVisible(True)
         self.preset_actions: list[QAction] = []
-        for preset in toy_presets():
-            action = QAction(preset.name, self)
-            action.setStatusTip(preset.description)
-            action.setToolTip(preset.description)
-            action.triggered.connect(lambda _c=False, p=preset: self.apply_spec(RunSpec.from_preset(p),
-                                                                                  f"preset {p.name}"))
-            preset_menu.addAction(action)
-            self.preset_actions.append(action)
+        for title, presets in (("2-D densities", toy_presets()), ("Images", image_presets())):
+            if not presets:
+                continue
+            preset_menu.addSection(title)
+            for preset in presets:
+                action = QAction(preset.name, self)
+                action.setStatusTip(preset.description)
+                action.setToolTip(preset.description)
+                action.triggered.connect(lambda _c=False, p=preset: self.apply_spec(RunSpec.from_preset(p),
+                                                                                      f"preset {p.name}"))
+                preset_menu.addAction(action)
+                self.preset_actions.append(action)
         view_menu = menu.addMenu("&View")
         for dock in (self.controls_dock, self.curves_dock, self.solver_dock, self.transport_dock, self.log_dock):
             view_menu.addAction(dock.toggleViewAction())
@@ -250,8 +290,8 @@ class MainWindow(QMainWindow):
 
         toolbar = self.addToolBar("Run")
         toolbar.setObjectName("run-toolbar")
-        for a in (self.train_action, self.step_action, self.reset_action, None, self.open_action,
-                  self.save_ckpt_action, self.export_view_action):
+        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action, None,
+                  self.open_action, self.save_ckpt_action, self.export_view_action):
             toolbar.addSeparator() if a is None else toolbar.addAction(a)
 
     def _build_status_bar(self) -> None:
@@ -267,9 +307,12 @@ class MainWindow(QMainWindow):
     def _connect_session(self) -> None:
         s = self.session
         s.built.connect(self._on_built)
+        s.build_failed.connect(self._on_build_failed)
         s.metrics.connect(self._on_metrics)
         s.frame.connect(self._on_frame)
         s.transport.connect(self._on_transport)
+        s.evaluated.connect(self._on_evaluated)
+        s.eval_progress.connect(self._on_eval_progress)
         s.state_changed.connect(self._on_state)
         s.message.connect(self._on_message)
         s.checkpoint_saved.connect(lambda path: self._on_message("info", f"checkpoint saved to {path}"))
@@ -293,6 +336,13 @@ class MainWindow(QMainWindow):
             self.curves.smoothing.setValue(float(s.value("curves/smoothing", 0.9)))
         self.curves.log_y.setChecked(s.value("curves/log_y", "false") in (True, "true"))
         self.transport.set_direction(str(s.value("transport/direction", "forward")))
+        self.samples.set_mode(str(s.value("images/mode", "samples")))
+        self.samples.blockSignals(True)  # the session already has these (SessionOptions)
+        try:
+            self.samples.set_count(self.options.image_samples)
+            self.samples.temperature.setValue(self.options.sample_temperature)
+        finally:
+            self.samples.blockSignals(False)
         self._restoring = False
 
     def _save_view_settings(self) -> None:
@@ -305,6 +355,9 @@ class MainWindow(QMainWindow):
         s.setValue("curves/smoothing", float(self.curves.smoothing.value()))
         s.setValue("curves/log_y", self.curves.log_y.isChecked())
         s.setValue("transport/direction", self.transport.direction)
+        s.setValue("images/mode", self.samples.mode)
+        s.setValue("images/count", self.samples.count)
+        s.setValue("images/temperature", float(self.samples.temperature.value()))
 
     def _save_settings(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
@@ -325,7 +378,7 @@ class MainWindow(QMainWindow):
         app = QApplication.instance()
         dark = apply_theme(app, mode) if isinstance(app, QApplication) else False
         colors = plot_colors(dark)
-        for view in (self.density, self.curves, self.solver_view, self.transport):
+        for view in (self.density, self.samples, self.curves, self.solver_view, self.transport):
             view.set_colors(colors)
         self.theme_actions[mode].setChecked(True)
         self.settings.setValue("theme", mode)
@@ -342,6 +395,14 @@ class MainWindow(QMainWindow):
 
     def step_once(self) -> None:
         self.session.step_once()
+
+    def evaluate_now(self) -> None:
+        """Image runs: a bits/dim test of the model as it is now, in the background."""
+        if not self.image_mode:
+            self._on_message("info", "2-D runs are tested with every view frame (test NLL in the curves)")
+            return
+        self.curves.set_test_status(f"test of step {self.step} queued")
+        self.session.evaluate_now()
 
     def reset_run(self) -> None:
         """Discard the run; a fresh model with the settings shown in the controls (paused)."""
@@ -385,6 +446,7 @@ class MainWindow(QMainWindow):
 
     def _rebuild(self, spec: RunSpec, keep_running: bool, why: str) -> None:
         self.log.add("info", f"{why}: building a new model")
+        self._step_before_rebuild = self.step
         self.step = 0
         self.session.reset(spec, keep_running=keep_running)
 
@@ -402,6 +464,13 @@ class MainWindow(QMainWindow):
         if name == "lr":
             self.session.set_lr(float(value))  # type: ignore[arg-type]
             self.spec.training = self.spec.training.replace(lr=float(value))  # type: ignore[arg-type]
+            return
+        if name in ("eval_every", "eval_size"):
+            self.session.set_evaluation(**{name: int(value)})  # type: ignore[call-overload]
+            self.spec.training = self.spec.training.replace(**{name: int(value)})  # type: ignore[call-overload]
+            every = self.spec.training.eval_every or self.options.default_eval_every
+            self.log.add("info", f"tests now every {every} steps on {self.spec.training.eval_size} "
+                                 f"{self.spec.training.eval_split} images (live, from the next test)")
             return
         self.session.set_solver(**{name: value})
         self.spec.model = self.spec.model.replace(**{name: value})
@@ -430,16 +499,17 @@ class MainWindow(QMainWindow):
 
     def export_view(self) -> None:
         """Save the main view as PNG or SVG: the format follows the file's suffix (else the chosen filter)."""
-        default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-{self.density.mode}.png")
+        mode = self.samples.mode if self.image_mode else self.density.mode
+        default = os.path.join(self._last_dir("export"), f"{self.spec.training.data}-{mode}.png")
         path, chosen = QFileDialog.getSaveFileName(self, "Export view", default, VIEW_FILTER)
         if not path:
             return
         self._remember_dir("export", path)
         suffix = Path(path).suffix.lower()
         svg = suffix == ".svg" or (suffix != ".png" and chosen.startswith("SVG"))
-        widget = self.density.plot
+        widget = self.samples.plot if self.image_mode else self.density.plot
         if svg:
-            title = f"monoflow studio: {self.spec.training.data}, {self.density.mode}, step {self.step}"
+            title = f"monoflow studio: {self.spec.training.data}, {mode}, step {self.step}"
             self._write_file(path, lambda tmp: render_svg(widget, tmp, title), "view", suffix=".svg")
         else:
             self._write_file(path, lambda tmp: render_png(widget, tmp), "view", suffix=".png")
@@ -501,17 +571,55 @@ class MainWindow(QMainWindow):
         self._rejections = 0
         self._rates.clear()
         self.controls.set_spec(info.spec)
-        self.density.set_run(info)
-        self.transport.set_run(info)
+        image = info.task == "image"
+        self._set_image_mode(image)
+        if image:
+            self.samples.set_run(info)
+        else:
+            self.density.set_run(info)
+            self.transport.set_run(info)
         label = f"run {info.run_id}: {info.spec.training.data}" + (
             f" ({Path(info.source).name})" if info.source != "new" else "")
-        self.curves.new_run(info.run_id, label, info.history, info.eval_history)
+        self.curves.new_run(info.run_id, label, info.history, info.eval_history,
+                            unit=BITS_PER_DIM if image else NATS)
         self.solver_view.set_diagnostics([], info.step)
         self.device_label.setText(f"device {info.device}")
         self._update_title()
         self._update_status()
-        self.log.add("info", f"{label}: {info.spec.model.blocks} {info.spec.model.formulation} blocks, "
-                             f"{info.spec.model.activation}, step {info.step}")
+        text = f"{label}: {info.spec.describe_model()}, step {info.step}"
+        if image:
+            t = info.spec.training
+            text += (f"; training loss in bits/dim; tests every {info.eval_every} steps on {t.eval_size} "
+                     f"{t.eval_split} images")
+        self.log.add("info", text)
+
+    def _set_image_mode(self, image: bool) -> None:
+        """Show the views of an image run (sample grid, bits/dim) or of a 2-D run (density, transport)."""
+        self.image_mode = image
+        self.central.setCurrentWidget(self.samples if image else self.density)
+        self.transport.set_available(not image, NO_TRANSPORT)
+        self.transport_dock.setToolTip(NO_TRANSPORT if image else "")
+        self.evaluate_action.setVisible(image)
+        self.evaluate_action.setEnabled(image)
+        self.export_view_action.setStatusTip("Save the sample grid as a PNG or SVG image" if image
+                                             else "Save the main view as a PNG or SVG image")
+
+    def _on_build_failed(self, text: str) -> None:
+        """A rebuild failed (e.g. an image set's files are missing): say why; the current run goes on as it was."""
+        self._on_message("error", text)
+        self.step = self._step_before_rebuild
+        self.controls.set_spec(self.spec)
+
+    def _on_evaluated(self, run_id: int, ev: EvalMetrics) -> None:
+        if run_id != self.run_id:
+            return
+        self.curves.add_eval(ev)
+        self.curves.set_test_status("")
+        self._on_message("info", ev.describe())
+
+    def _on_eval_progress(self, run_id: int, step: int, done: int, total: int) -> None:
+        if run_id == self.run_id:
+            self.curves.set_test_status(f"testing step {step}: {done}/{total} images" if done < total else "")
 
     def _on_metrics(self, batch: list[StepMetrics]) -> None:
         if not batch:
@@ -533,10 +641,15 @@ class MainWindow(QMainWindow):
                                         f"(max {m.solver_iterations_max} iterations); raise the iteration cap or "
                                         "loosen the tolerance")
 
-    def _on_frame(self, frame: ViewFrame) -> None:
+    def _on_frame(self, frame: ViewFrame | ImageFrame) -> None:
         try:
             if frame.run_id != self.run_id:
                 return  # a late frame of a discarded run
+            if isinstance(frame, ImageFrame):
+                self.samples.set_frame(frame)
+                if frame.diagnostics:
+                    self.solver_view.set_diagnostics(frame.diagnostics, frame.step)
+                return
             self.density.set_frame(frame)
             if frame.diagnostics:
                 self.solver_view.set_diagnostics(frame.diagnostics, frame.step)

@@ -1,5 +1,8 @@
 """A run's whole configuration: the model (:class:`FlowConfig`) and the training (:class:`TrainConfig`).
 
+The studio trains two kinds of run: 2-D densities (the toy data sets, with density, transport and sample views)
+and image densities (bits/dim, with a live grid of samples); :attr:`RunSpec.task` tells them apart.
+
 A run configuration saves to JSON in the same shape as the shipped presets (``name``, ``description``, ``model``,
 ``training``), so a saved run loads with :func:`monoflow_core.presets.load_preset` and vice versa.
 """
@@ -13,12 +16,16 @@ from typing import Any
 
 from monoflow_core.config import FlowConfig
 from monoflow_core.data import TOY_DATASETS
+from monoflow_core.data.images import IMAGE_DATASETS
 from monoflow_core.presets import Preset, list_presets, load_preset
 from monoflow_core.training import TrainConfig
 
 from .files import atomic_write_text
 
-__all__ = ["DEFAULT_PRESET", "RunSpec", "toy_presets"]
+__all__ = ["BUILTIN_IMAGE_DATASETS", "DEFAULT_PRESET", "RunSpec", "image_presets", "studio_presets", "toy_presets"]
+
+#: Image sets that ship with the code (scikit-learn's 8x8 digits); the others read files from ``data_dir``.
+BUILTIN_IMAGE_DATASETS = ("digits",)
 
 #: What the studio opens on without arguments: the paper's Monotone Flow on 8gaussians (Table 1).
 DEFAULT_PRESET = "paper-toy-monotone"
@@ -37,6 +44,11 @@ class RunSpec:
     def from_preset(cls, preset: Preset | str, **training_overrides: Any) -> RunSpec:
         """The configuration of a preset (name, path or loaded :class:`Preset`), with training overrides."""
         p = preset if isinstance(preset, Preset) else load_preset(preset)
+        training = {**p.training, **training_overrides}
+        data = str(training.get("data", "")).lower()
+        # Said here in the studio's words (the core's TrainConfig speaks of the CLI's --data-dir flag).
+        if data in IMAGE_DATASETS and data not in BUILTIN_IMAGE_DATASETS and not training.get("data_dir"):
+            raise ValueError(_needs_files(data, p.name))
         return cls(p.model_config(), p.train_config(**training_overrides), name=p.name, description=p.description)
 
     @classmethod
@@ -55,13 +67,52 @@ class RunSpec:
         spec.check_studio()
         return spec
 
+    @property
+    def task(self) -> str:
+        """``"density"`` (a 2-D toy density), ``"image"`` (bits/dim) or ``"regression"`` (not shown here)."""
+        return self.training.task
+
+    @property
+    def is_image(self) -> bool:
+        return self.task == "image"
+
     def check_studio(self) -> None:
-        """Raise ``ValueError`` unless this is a 2-D density run (the only kind the studio displays)."""
-        if self.training.data not in TOY_DATASETS or self.model.dim != 2:
+        """Raise ``ValueError`` (with what to do instead) unless the studio can train and display this run.
+
+        The studio shows 2-D density runs (a toy data set and ``dim`` 2) and image runs (an image data set and a
+        multiscale image model). The built-in image set (``digits``) needs nothing else; the others read their
+        files from ``training.data_dir``, which must then be set (whether the files load is only known when the
+        run is built: a loading error becomes a message and the current run is kept).
+        """
+        data = self.training.data
+        if data in IMAGE_DATASETS:
+            if not self.model.is_image:
+                raise ValueError(
+                    f"data {data!r} is an image set but the model is a {self.model.dim}-D flow; image runs need "
+                    "a multiscale image model (image_shape, blocks_per_scale): start from an image preset such "
+                    "as digits-cpu"
+                )
+            if data not in BUILTIN_IMAGE_DATASETS and not self.training.data_dir:
+                raise ValueError(_needs_files(data, self.name))
+            return
+        if data not in TOY_DATASETS or self.model.dim != 2 or self.model.is_image:
             raise ValueError(
-                f"the studio trains 2-D densities: data must be one of {list(TOY_DATASETS)} with dim 2, "
-                f"got data {self.training.data!r}, dim {self.model.dim}"
+                f"the studio trains 2-D densities (data one of {list(TOY_DATASETS)} with a 2-D model) or image "
+                f"densities (digits, or an image set with data_dir); got data {data!r}, "
+                + ("an image model" if self.model.is_image else f"dim {self.model.dim}")
             )
+
+    def describe_model(self) -> str:
+        """A short description of the architecture, e.g. ``10 monotone blocks, cpila``."""
+        m = self.model
+        formulation = m.formulation if isinstance(m.formulation, str) else "/".join(sorted(set(m.formulation)))
+        if m.is_image:
+            scales = ", ".join(str(n) for n in m.blocks_per_scale)
+            fc = f" + {m.fc_blocks} FC" if m.fc_blocks else ""
+            shape = "x".join(str(n) for n in m.image_shape or ())
+            return (f"multiscale {formulation} flow on {shape} images: [{scales}] blocks per scale{fc}, "
+                    f"{m.activation}")
+        return f"{m.blocks} {formulation} blocks, {m.activation}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +130,34 @@ class RunSpec:
         return RunSpec(self.model.replace(), self.training.replace(), self.name, self.description)
 
 
+def _needs_files(data: str, name: str) -> str:
+    return (f"{name}: data {data!r} needs its files: set \"data_dir\" in the \"training\" section of the run "
+            f"configuration to the folder holding them, then load it with File > Load run configuration (only "
+            f"{', '.join(BUILTIN_IMAGE_DATASETS)} is built in; nothing is downloaded)")
+
+
+def _runs_here(preset: Preset) -> bool:
+    try:
+        RunSpec.from_preset(preset).check_studio()
+    except ValueError:
+        return False
+    return True
+
+
 def toy_presets() -> list[Preset]:
-    """The shipped presets the studio can run (2-D toy densities)."""
-    return [p for p in list_presets() if p.model.get("dim", 2) == 2 and p.training.get("data") in TOY_DATASETS]
+    """The shipped presets of 2-D toy densities."""
+    return [p for p in list_presets() if p.training.get("data") in TOY_DATASETS and _runs_here(p)]
+
+
+def image_presets() -> list[Preset]:
+    """The shipped image presets the studio can run as they are (built-in data, e.g. digits-cpu).
+
+    Presets of image sets that need files (mnist, cifar10, ...) are left out: they run from a saved run
+    configuration whose ``training.data_dir`` points at the files.
+    """
+    return [p for p in list_presets() if p.training.get("data") in IMAGE_DATASETS and _runs_here(p)]
+
+
+def studio_presets() -> list[Preset]:
+    """Every shipped preset the studio can run: the 2-D densities, then the images."""
+    return [*toy_presets(), *image_presets()]

@@ -14,11 +14,20 @@ views proceed in parallel (the GIL is mostly released inside torch's batched ope
 at most one every ``frame_min_interval_s`` seconds, at most ``frame_budget`` of one core's time, and a new frame
 is only started once the GUI has shown the previous one, so a slow view never piles up work or slows training
 more than needed.
+
+Image runs (:attr:`RunSpec.task` ``"image"``) show a grid of model samples (:class:`ImageFrame`, at most every
+``image_frame_min_steps`` steps and ``frame_min_interval_s`` seconds, whichever is later) and are tested in
+bits/dim every ``eval_every`` steps (``default_eval_every`` when the run sets 0) on a snapshot, in the view thread:
+a test of a big model takes minutes, so it proceeds in slices of ``eval_chunk`` images between which sample
+frames still come, one test at a time (a test falling due while one runs waits for it), and a new run abandons
+the test of the old one. The result (:class:`~monoflow_core.training.EvalMetrics` with ``bpd``) is recorded in the
+trainer's ``eval_history`` by the worker, so checkpoints carry it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import queue
 import threading
@@ -37,13 +46,21 @@ from PySide6.QtCore import QObject, QThread, Signal
 from monoflow_core import evaluation
 from monoflow_core.checkpoint import CheckpointError, load_checkpoint
 from monoflow_core.data import sample_toy
+from monoflow_core.data.images import load_image_set
 from monoflow_core.flow import Flow
-from monoflow_core.training import EvalMetrics, StepMetrics, Trainer, TrainingError
+from monoflow_core.nn.lipschitz import spectral_layers, update_lipschitz
+from monoflow_core.training import (
+    EVAL_POWER_ITERATIONS,
+    EvalMetrics,
+    StepMetrics,
+    Trainer,
+    TrainingError,
+)
 from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 
 from .run_spec import RunSpec
 
-__all__ = ["RunInfo", "Session", "SessionOptions", "TransportFrame", "ViewFrame"]
+__all__ = ["ImageFrame", "RunInfo", "Session", "SessionOptions", "TransportFrame", "ViewFrame", "evaluate_images"]
 
 #: States reported through :attr:`Session.state_changed`.
 BUILDING, PAUSED, TRAINING, STOPPED = "building", "paused", "training", "stopped"
@@ -67,6 +84,13 @@ class SessionOptions:
         metrics_interval_s: step metrics are batched and sent at most this often.
         transport_lines: grid lines per direction of the transport view (horizontal and vertical).
         transport_points: points per grid line of the transport view.
+        image_samples: images per sample grid of an image run (changed live by :meth:`Session.set_samples`).
+        sample_temperature: scale of the base noise of those samples (below 1: smoother, more typical images).
+        image_frame_min_steps: image runs: training steps between two sample grids (the grid also waits at least
+            ``frame_min_interval_s``; whichever is later).
+        default_eval_every: image runs whose ``eval_every`` is 0: a bits/dim test every this many steps.
+        eval_chunk: images per slice of a test (sample frames are computed between slices).
+        data_images: training images sent once per image run for the data grid.
     """
 
     grid_resolution: int = 160
@@ -80,6 +104,12 @@ class SessionOptions:
     metrics_interval_s: float = 0.05
     transport_lines: int = 17
     transport_points: int = 120
+    image_samples: int = 64
+    sample_temperature: float = 1.0
+    image_frame_min_steps: int = 5
+    default_eval_every: int = 100
+    eval_chunk: int = 8
+    data_images: int = 144
 
 
 @dataclass
@@ -91,11 +121,16 @@ class RunInfo:
         spec: the run's configuration.
         step: iterations completed (non-zero for a checkpoint).
         device: the torch device the run trains on.
-        data_points: a sample of the data set, shape (n, 2), for the overlay.
-        data_hist: a 2-D histogram of a large data sample (row-major, row 0 = ymin), for the data view.
+        data_points: a sample of the data set, shape (n, 2), for the overlay (empty for image runs).
+        data_hist: a 2-D histogram of a large data sample (row-major, row 0 = ymin), for the data view (zeros for
+            image runs).
         history: step metrics already recorded (from a checkpoint).
         eval_history: tests already recorded (from a checkpoint).
         source: ``"new"`` or the checkpoint path.
+        task: ``"density"`` (2-D) or ``"image"``.
+        data_images: image runs: the first training images as integer levels (n, C, H, W), for the data grid.
+        levels: image runs: pixel levels K of the data (e.g. 17 for digits), else 0.
+        eval_every: image runs: steps between two tests (the run's ``eval_every``, or the studio's default).
     """
 
     run_id: int
@@ -107,6 +142,10 @@ class RunInfo:
     history: list[StepMetrics] = field(default_factory=list)
     eval_history: list[EvalMetrics] = field(default_factory=list)
     source: str = "new"
+    task: str = "density"
+    data_images: np.ndarray | None = None
+    levels: int = 0
+    eval_every: int = 0
 
 
 @dataclass
@@ -134,6 +173,33 @@ class ViewFrame:
     sample_hist: np.ndarray
     diagnostics: list[dict[str, Any]]
     eval: EvalMetrics | None
+    seconds: float
+
+
+@dataclass
+class ImageFrame:
+    """A grid of model samples of an image run, computed in the view thread.
+
+    Attributes:
+        run_id: the run it belongs to.
+        step: iterations completed when it was computed.
+        images: the samples as integer levels in [0, levels - 1], shape (n, C, H, W).
+        grid: the samples tiled into one RGB picture, ``uint8`` (rows, cols, 3) (:func:`evaluation.image_grid`).
+        levels: pixel levels K.
+        temperature: scale of the base noise.
+        seed: seed of the base noise (the same every frame, so the samples change only as the model learns).
+        diagnostics: :func:`monoflow_core.evaluation.solver_diagnostics` of the latest *training* step.
+        seconds: time the view thread spent on it.
+    """
+
+    run_id: int
+    step: int
+    images: np.ndarray
+    grid: np.ndarray
+    levels: int
+    temperature: float
+    seed: int
+    diagnostics: list[dict[str, Any]]
     seconds: float
 
 
@@ -171,6 +237,68 @@ def compute_transport(flow: Flow, direction: str, options: SessionOptions) -> tu
     return [s.reshape(lines.shape) for s in flat], names
 
 
+#: Seed of the base noise of the sample grids (fixed: successive grids show the same latent points).
+SAMPLE_SEED = 0
+
+
+def evaluation_dtype(trainer: Trainer) -> torch.dtype:
+    """The dtype :meth:`Trainer.evaluate` tests in by default: float64 on CPU, else the training dtype."""
+    return torch.float64 if trainer.device.type == "cpu" else trainer.dtype
+
+
+def evaluate_images(
+    flow: Flow,
+    images: torch.Tensor,
+    *,
+    step: int,
+    seed: int,
+    split: str,
+    dequantization: str,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 8,
+    stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalMetrics | None:
+    """Bits/dim of ``flow`` on ``images``: :meth:`Trainer.evaluate` of an image run, on a snapshot, off its thread.
+
+    The same computation as the core's test (an evaluation copy in ``dtype``, spectral norms tightened by
+    ``EVAL_POWER_ITERATIONS`` power iterations if they are power-iterated, then the core's
+    :func:`monoflow_core.evaluation.image_bpd`, mean and standard error), with two differences that let it run
+    in the view thread next to training: it never reseeds torch's global generator (``Trainer.evaluate`` forks
+    and reseeds it, which would disturb the training thread's log-det estimator; with an exact evaluation log-det
+    nothing here draws from it), and it proceeds in slices of ``chunk`` images so that it can be abandoned
+    (``stop()``) and report ``progress(done, total)``.
+
+    Args:
+        flow: a snapshot of the evaluation weights; it is converted in place (pass a copy).
+        images: integer images (N, C, H, W), uint8.
+        step: the step the snapshot was taken at.
+        seed: the run's ``test_seed``.
+        split: the split the images come from (for the result).
+        dequantization: the model's dequantization (for the result).
+        dtype: evaluation dtype.
+        chunk: images per slice.
+        stop: polled between slices; True abandons the test (returns ``None``).
+        progress: called after every slice with (images done, total).
+    """
+    t0 = time.perf_counter()
+    model = flow.to(dtype=dtype).eval()
+    if any(layer.mode == "power" for layer in spectral_layers(model)):
+        update_lipschitz(model, EVAL_POWER_ITERATIONS)
+    bpd = evaluation.image_bpd(model, images, seed=seed, slice_size=chunk, stop=stop, progress=progress)
+    if bpd is None:
+        return None
+    mean = float(bpd.mean())
+    stderr = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else 0.0
+    nats_per_bit = model.dim * math.log(2.0)
+    return EvalMetrics(
+        step=step, nll_nats=mean * nats_per_bit, mse=None, n_test=int(bpd.numel()),
+        seconds=time.perf_counter() - t0, exact=bool(model.logdet_is_exact), fixed=True,
+        nll_stderr_nats=stderr * nats_per_bit, dtype=str(dtype).replace("torch.", ""), bpd=mean,
+        bpd_stderr=stderr, split=split, dequantization=dequantization,
+    )
+
+
 def histogram2d(points: np.ndarray, extent: tuple[float, float, float, float], bins: int) -> np.ndarray:
     """Counts of ``points`` on a ``bins x bins`` grid over ``extent``, row-major with row 0 at ``ymin``."""
     xmin, xmax, ymin, ymax = extent
@@ -184,9 +312,12 @@ class _Worker(QObject):
     """Runs in the worker thread (:meth:`loop`); every other method is called from that thread only."""
 
     built = Signal(object)  # RunInfo
+    build_failed = Signal(str)  # why; the previous run (if any) is kept
     metrics = Signal(object)  # list[StepMetrics]
-    frame = Signal(object)  # ViewFrame
+    frame = Signal(object)  # ViewFrame (2-D runs) or ImageFrame (image runs)
     transport = Signal(object)  # TransportFrame
+    evaluated = Signal(int, object)  # run id, EvalMetrics of a bits/dim test (image runs)
+    eval_progress = Signal(int, int, int, int)  # run id, step tested, images done, images in the test
     state_changed = Signal(str)
     message = Signal(str, str)  # level ("info" | "warning" | "error"), text
     checkpoint_saved = Signal(str)
@@ -212,6 +343,15 @@ class _Worker(QObject):
         self._test_points = torch.zeros(0, 2, dtype=torch.float64)
         self._transport: str | None = None  # the transport view's direction while it is visible, else None
         self.transport_generation = 0  # on-demand transport jobs older than this are skipped
+        # Image runs: the sample grid's settings, the test schedule, and the one test in flight.
+        self._sample_n = options.image_samples
+        self._sample_temperature = options.sample_temperature
+        self._next_frame_step = 0
+        self._eval_images: torch.Tensor | None = None  # the evaluation split, loaded once per run
+        self._eval_unavailable = False  # the split could not be loaded: no tests for this run
+        self._eval_due = False
+        self._eval_running = False
+        self.eval_generation = 0  # tests of older runs are abandoned by the view thread
         self.views = _ViewThread(self)
 
     # -- called from the GUI thread (thread-safe) ------------------------------------------------------------
@@ -234,10 +374,12 @@ class _Worker(QObject):
                 self._drain(block=not self._running and not (self._frame_due and self._frame_consumed.is_set()))
                 if self._stop.is_set():
                     break
+                self._maybe_eval()  # a test that waited for the previous one snapshots before the next step
                 if self._running and self.trainer is not None:
                     self._guard(self._train_one)
                 self._flush(force=not self._running)
                 self._maybe_frame()
+                self._maybe_eval()
         finally:
             self._flush(force=True)
             self._set_state(STOPPED)
@@ -273,11 +415,24 @@ class _Worker(QObject):
             self.state_changed.emit(state)
 
     # -- commands (worker thread) ------------------------------------------------------------------------
+    @property
+    def is_image(self) -> bool:
+        return self.trainer is not None and self.trainer.task == "image"
+
     def build(self, spec: RunSpec) -> None:
-        """Build a fresh trainer for ``spec`` (the old one is kept if this fails)."""
+        """Build a fresh trainer for ``spec``; if that fails (e.g. an image set's files cannot be read), say why
+        through :attr:`build_failed` and keep the old run."""
         self._set_state(BUILDING)
-        spec.check_studio()
-        trainer = Trainer(spec.model.replace(), spec.training.replace())
+        try:
+            spec.check_studio()
+            trainer = Trainer(spec.model.replace(), spec.training.replace())
+        except Exception as err:  # any failure of the model or the data: the session and the old run go on
+            self._running = False
+            kept = "; the current run is kept" if self.trainer is not None else ""
+            self.build_failed.emit(f"could not build {spec.name} on {spec.training.data}: {err}{kept}")
+            self.message.emit("debug", traceback.format_exc())
+            self._set_state(PAUSED)
+            return
         self._install(trainer, spec, source="new")
 
     def open_checkpoint(self, path: str) -> None:
@@ -304,26 +459,37 @@ class _Worker(QObject):
 
     def _install(self, trainer: Trainer, spec: RunSpec, source: str) -> None:
         self._flush(force=True)
+        opts = self.options
+        data = spec.training.data
+        common = {"spec": spec, "step": trainer.step_count, "device": str(trainer.device),
+                  "history": list(trainer.history), "eval_history": list(trainer.eval_history), "source": source}
+        if trainer.task == "image":
+            cfg = trainer.train_config
+            train = load_image_set(data, "train", cfg.data_dir)  # the trainer has loaded it: from the cache
+            info = RunInfo(
+                run_id=self._run_id + 1, data_points=np.zeros((0, 2)),
+                data_hist=np.zeros((opts.hist_bins, opts.hist_bins)), task="image",
+                data_images=train.images[: opts.data_images].numpy().copy(), levels=int(train.levels),
+                eval_every=cfg.eval_every or opts.default_eval_every, **common,
+            )
+            self._test_points = torch.zeros(0, 2, dtype=torch.float64)
+        else:
+            extent = (-opts.grid_extent, opts.grid_extent, -opts.grid_extent, opts.grid_extent)
+            points = sample_toy(data, opts.data_points, rng=spec.training.seed + 7, dtype=torch.float64).numpy()
+            big = sample_toy(data, 50_000, rng=spec.training.seed + 11, dtype=torch.float64).numpy()
+            info = RunInfo(run_id=self._run_id + 1, data_points=points,
+                           data_hist=histogram2d(big, extent, opts.hist_bins), **common)
+            self._test_points = sample_toy(data, opts.eval_points, rng=spec.training.test_seed,
+                                           dtype=torch.float64)
         self.trainer = trainer
         self._run_id += 1
         self._pending.clear()
-        opts = self.options
-        extent = (-opts.grid_extent, opts.grid_extent, -opts.grid_extent, opts.grid_extent)
-        data = spec.training.data
-        points = sample_toy(data, opts.data_points, rng=spec.training.seed + 7, dtype=torch.float64).numpy()
-        big = sample_toy(data, 50_000, rng=spec.training.seed + 11, dtype=torch.float64).numpy()
-        info = RunInfo(
-            run_id=self._run_id,
-            spec=spec,
-            step=trainer.step_count,
-            device=str(trainer.device),
-            data_points=points,
-            data_hist=histogram2d(big, extent, opts.hist_bins),
-            history=list(trainer.history),
-            eval_history=list(trainer.eval_history),
-            source=source,
-        )
-        self._test_points = sample_toy(data, opts.eval_points, rng=spec.training.test_seed, dtype=torch.float64)
+        self._eval_images = None
+        self._eval_unavailable = False
+        self._eval_due = False
+        self._eval_running = False
+        self.eval_generation += 1  # a test of the previous run still in the view thread is abandoned
+        self._next_frame_step = trainer.step_count
         self.built.emit(info)
         self._frame_consumed.set()
         self._submit_frame()  # the untrained model's picture, computed by the view thread
@@ -367,12 +533,15 @@ class _Worker(QObject):
             self.trainer.set_solver(tol=tol, max_iter=max_iter, solver=solver)
 
     def set_transport(self, direction: str | None) -> None:
-        """The transport view is visible with ``direction`` (or hidden: ``None``); a new direction is computed now."""
+        """The transport view is visible with ``direction`` (or hidden: ``None``); a new direction is computed now.
+
+        Image runs have no transport view: the direction is remembered for the next 2-D run.
+        """
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"transport direction: one of {DIRECTIONS}, got {direction!r}")
         changed = direction is not None and direction != self._transport
         self._transport = direction
-        if changed and self.trainer is not None:
+        if changed and self.trainer is not None and not self.is_image:
             # On demand, on a snapshot (cheap), next to the frames: the view thread computes only the transport.
             self.transport_generation += 1
             with torch.no_grad():
@@ -380,6 +549,39 @@ class _Worker(QObject):
             self.views.submit(_FrameJob(self._run_id, self.trainer.step_count, snapshot, [], self._test_points,
                                         transport=direction, transport_only=True,
                                         generation=self.transport_generation))
+
+    def set_samples(self, n: int | None, temperature: float | None) -> None:
+        """Image runs: images per sample grid and the temperature of their base noise; a new grid comes at once."""
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"samples: must be an integer >= 1, got {n!r}")
+            self._sample_n = n
+        if temperature is not None:
+            if not math.isfinite(temperature) or temperature <= 0:
+                raise ValueError(f"temperature: must be > 0, got {temperature!r}")
+            self._sample_temperature = float(temperature)
+        if self.is_image:
+            self._frame_due = True
+
+    def set_evaluation(self, eval_every: int | None, eval_size: int | None) -> None:
+        """Image runs: steps between two tests (0: the studio's default) and images per test, from the next test."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        changes = {k: v for k, v in (("eval_every", eval_every), ("eval_size", eval_size)) if v is not None}
+        trainer.train_config = trainer.train_config.replace(**changes)  # validated by the core
+
+    def evaluate_now(self) -> None:
+        """Image runs: a bits/dim test of the model as it is now (after the one in flight, if any)."""
+        if not self.is_image:
+            self.message.emit("info", "2-D runs are tested with every view frame (test NLL); nothing to start")
+            return
+        if self._eval_unavailable:
+            self.message.emit("warning", "this run cannot be tested: its evaluation images could not be loaded")
+            return
+        if self._eval_running:
+            self.message.emit("info", "a test is running; another one follows it")
+        self._eval_due = True
 
     def save_checkpoint(self, path: str) -> None:
         if self.trainer is None:
@@ -397,6 +599,8 @@ class _Worker(QObject):
         assert trainer is not None
         metrics = trainer.step()
         self._pending.append(metrics)
+        if trainer.task == "image" and trainer.step_count % self._eval_every(trainer) == 0:
+            self._eval_due = True
         if self._running and trainer.step_count >= trainer.train_config.iterations:
             self._running = False
             self._flush(force=True)
@@ -412,9 +616,13 @@ class _Worker(QObject):
             self._last_flush = now
 
     def _maybe_frame(self) -> None:
-        if self.trainer is None or not self._frame_consumed.is_set():
+        trainer = self.trainer
+        if trainer is None or not self._frame_consumed.is_set():
             return
-        if self._frame_due or (self._running and time.perf_counter() >= self._next_frame):
+        due = self._running and time.perf_counter() >= self._next_frame
+        if due and trainer.task == "image":
+            due = trainer.step_count >= self._next_frame_step  # N steps or T seconds, whichever is later
+        if self._frame_due or due:
             self._frame_due = False
             self._guard(self._submit_frame)
 
@@ -428,9 +636,58 @@ class _Worker(QObject):
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._frame_consumed.clear()
         self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
+        if trainer.task == "image":
+            self._next_frame_step = trainer.step_count + self.options.image_frame_min_steps
+            self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points,
+                                        image=True, n_samples=self._sample_n,
+                                        temperature=self._sample_temperature, levels=int(trainer.flow.levels)))
+            return
         self.transport_generation += 1  # this frame brings the transport too: pending on-demand jobs are stale
         self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points,
                                     transport=self._transport, generation=self.transport_generation))
+
+    # -- tests of image runs -----------------------------------------------------------------------------
+    def _eval_every(self, trainer: Trainer) -> int:
+        return trainer.train_config.eval_every or self.options.default_eval_every
+
+    def _maybe_eval(self) -> None:
+        if self._eval_due and not self._eval_running and self.is_image:
+            self._eval_due = False
+            if not self._eval_unavailable:  # said once, when the split failed to load
+                self._guard(self._submit_eval)
+
+    def _submit_eval(self) -> None:
+        """Hand a snapshot and the evaluation images to the view thread (the test runs there, in slices)."""
+        trainer = self.trainer
+        assert trainer is not None
+        cfg = trainer.train_config
+        if self._eval_images is None:
+            try:
+                self._eval_images = trainer.evaluation_images().images
+            except (ValueError, OSError) as err:  # e.g. a missing test file of an image set on disk
+                self._eval_unavailable = True
+                self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be "
+                                           f"loaded: {err}")
+                return
+        with torch.no_grad():
+            snapshot = copy.deepcopy(trainer.eval_flow)
+        self._eval_running = True
+        self.views.submit(_EvalJob(
+            run_id=self._run_id, step=trainer.step_count, flow=snapshot, images=self._eval_images[: cfg.eval_size],
+            seed=cfg.test_seed, split=cfg.eval_split, dtype=evaluation_dtype(trainer),
+            dequantization=str(getattr(trainer.model_config, "dequantization", "uniform")),
+            generation=self.eval_generation))
+
+    def eval_finished(self, generation: int, result: EvalMetrics | None, error: str | None) -> None:
+        """Posted by the view thread when a test ends: record it in the trainer's history and announce it."""
+        if generation != self.eval_generation or self.trainer is None:
+            return  # a test of an earlier run
+        self._eval_running = False
+        if result is not None:
+            self.trainer.eval_history.append(result)
+            self.evaluated.emit(self._run_id, result)
+        elif error is not None:
+            self.message.emit("error", f"test failed: {error}")
 
     def frame_done(self, seconds: float) -> None:
         """Called by the view thread after a frame: pace the next one by the frame budget."""
@@ -448,18 +705,41 @@ class _FrameJob:
     transport: str | None = None  # also compute the transport stages in this direction
     transport_only: bool = False  # an on-demand transport job (no density frame)
     generation: int = 0
+    image: bool = False  # an image run's sample grid (no density, no transport)
+    n_samples: int = 0
+    temperature: float = 1.0
+    levels: int = 0
+
+
+@dataclass
+class _EvalJob:
+    """A bits/dim test of an image run's snapshot (see :func:`evaluate_images`)."""
+
+    run_id: int
+    step: int
+    flow: Flow
+    images: torch.Tensor
+    seed: int
+    split: str
+    dtype: torch.dtype
+    dequantization: str
+    generation: int
 
 
 class _ViewThread(QThread):
-    """Computes heavy frames from model snapshots, one at a time, next to the training thread."""
+    """Computes heavy frames from model snapshots, one at a time, next to the training thread.
+
+    A test (:class:`_EvalJob`) is long: it runs in slices, and frames that arrive meanwhile are computed between
+    two slices, so the sample grid stays live during a test.
+    """
 
     def __init__(self, worker: _Worker) -> None:
         super().__init__()
         self._worker = worker
-        self._jobs: queue.Queue[_FrameJob | None] = queue.Queue()
+        self._jobs: queue.Queue[_FrameJob | _EvalJob | None] = queue.Queue()
         self._stop = threading.Event()
 
-    def submit(self, job: _FrameJob) -> None:
+    def submit(self, job: _FrameJob | _EvalJob) -> None:
         self._jobs.put(job)
 
     def request_stop(self) -> None:
@@ -471,22 +751,62 @@ class _ViewThread(QThread):
             job = self._jobs.get()
             if job is None:
                 return
-            t0 = time.perf_counter()
-            if job.transport_only:
-                self._transport_job(job)
+            if isinstance(job, _EvalJob):
+                self._evaluate(job)
                 continue
+            self._frame_job(job)
+
+    def _between_slices(self, job: _EvalJob) -> bool:
+        """Between two slices of a test: compute any frame that is waiting; True abandons the test."""
+        while not self._stop.is_set():
             try:
-                frame = self._compute(job)
-            except Exception as err:  # a failed frame is reported; training and later frames go on
-                self._worker.message.emit("error", f"view update failed: {type(err).__name__}: {err}")
-                self._worker.frame_consumed()
-                continue
-            if frame is None:  # stopped midway
-                return
-            if job.transport is not None:
-                self._transport_job(job)
-            self._worker.frame.emit(frame)
-            self._worker.frame_done(time.perf_counter() - t0)
+                waiting = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is None:
+                self._stop.set()
+                break
+            if isinstance(waiting, _EvalJob):  # a newer run's test: it replaces this one
+                self._jobs.put(waiting)
+                return True
+            self._frame_job(waiting)
+        return self._stop.is_set() or job.generation != self._worker.eval_generation
+
+    def _evaluate(self, job: _EvalJob) -> None:
+        worker = self._worker
+        if job.generation != worker.eval_generation:
+            return
+        try:
+            result = evaluate_images(
+                job.flow, job.images, step=job.step, seed=job.seed, split=job.split,
+                dequantization=job.dequantization, dtype=job.dtype, chunk=worker.options.eval_chunk,
+                stop=lambda: self._between_slices(job),
+                progress=lambda done, total: worker.eval_progress.emit(job.run_id, job.step, done, total))
+        except Exception as err:  # reported; training and the views go on
+            message = f"{type(err).__name__}: {err}"
+            worker.post(lambda: worker.eval_finished(job.generation, None, message))
+            return
+        if result is None:  # abandoned: a new run, or the session stops
+            return
+        worker.post(lambda: worker.eval_finished(job.generation, result, None))
+
+    def _frame_job(self, job: _FrameJob) -> None:
+        t0 = time.perf_counter()
+        if job.transport_only:
+            self._transport_job(job)
+            return
+        try:
+            frame = self._compute_images(job) if job.image else self._compute(job)
+        except Exception as err:  # a failed frame is reported; training and later frames go on
+            self._worker.message.emit("error", f"view update failed: {type(err).__name__}: {err}")
+            self._worker.frame_consumed()
+            return
+        if frame is None:  # stopped midway
+            return
+        if job.transport is not None:
+            self._transport_job(job)
+        self._worker.frame.emit(frame)
+        self._worker.frame_done(time.perf_counter() - t0)
 
     def _transport_job(self, job: _FrameJob) -> None:
         """Compute and send the transport stages of ``job`` (skipped when a newer job supersedes it)."""
@@ -502,6 +822,16 @@ class _ViewThread(QThread):
         self._worker.transport.emit(TransportFrame(
             run_id=job.run_id, step=job.step, direction=job.transport, stages=stages, layer_names=names,
             extent=float(self._worker.options.grid_extent), seconds=time.perf_counter() - t0))
+
+    def _compute_images(self, job: _FrameJob) -> ImageFrame:
+        t0 = time.perf_counter()
+        # float32 and a fixed seed, as the 2-D samples: the grid changes only as the model learns.
+        images = evaluation.sample_images(job.flow, job.n_samples, temperature=job.temperature, seed=SAMPLE_SEED,
+                                          dtype=torch.float32)
+        return ImageFrame(run_id=job.run_id, step=job.step, images=images,
+                          grid=evaluation.image_grid(images, job.levels), levels=job.levels,
+                          temperature=job.temperature, seed=SAMPLE_SEED, diagnostics=job.diagnostics,
+                          seconds=time.perf_counter() - t0)
 
     def _compute(self, job: _FrameJob) -> ViewFrame | None:
         opts = self._worker.options
@@ -557,9 +887,12 @@ class Session(QObject):
     """
 
     built = Signal(object)
+    build_failed = Signal(str)
     metrics = Signal(object)
     frame = Signal(object)
     transport = Signal(object)
+    evaluated = Signal(int, object)
+    eval_progress = Signal(int, int, int, int)
     state_changed = Signal(str)
     message = Signal(str, str)
     checkpoint_saved = Signal(str)
@@ -570,8 +903,8 @@ class Session(QObject):
         super().__init__(parent)
         self.options = options or SessionOptions()
         self._worker = _Worker(spec, self.options)
-        for name in ("built", "metrics", "frame", "transport", "state_changed", "message", "checkpoint_saved",
-                     "lr_applied", "finished"):
+        for name in ("built", "build_failed", "metrics", "frame", "transport", "evaluated", "eval_progress",
+                     "state_changed", "message", "checkpoint_saved", "lr_applied", "finished"):
             getattr(self._worker, name).connect(getattr(self, name))
         self._thread = _WorkerThread(self._worker)
         self._state = ""
@@ -635,6 +968,18 @@ class Session(QObject):
         at once (paused or not).
         """
         self._worker.post(lambda: self._worker.set_transport(direction))
+
+    def set_samples(self, n: int | None = None, temperature: float | None = None) -> None:
+        """Image runs: images per sample grid and their temperature (a view setting: a new grid comes at once)."""
+        self._worker.post(lambda: self._worker.set_samples(n, temperature))
+
+    def set_evaluation(self, eval_every: int | None = None, eval_size: int | None = None) -> None:
+        """Image runs: steps between two bits/dim tests (0: every ``default_eval_every``) and images per test."""
+        self._worker.post(lambda: self._worker.set_evaluation(eval_every, eval_size))
+
+    def evaluate_now(self) -> None:
+        """Image runs: test the model now (off the GUI thread); the result comes through :attr:`evaluated`."""
+        self._worker.post(self._worker.evaluate_now)
 
     def open_checkpoint(self, path: str) -> None:
         self._worker.post(lambda: self._worker.open_checkpoint(path))

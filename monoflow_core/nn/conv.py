@@ -12,7 +12,10 @@
   used as G by Monotone Flows on images (Ahn et al. 2022; ALGORITHM.md sections 6 and 7.3). It evaluates G
   together with its full Jacobian over the flattened event ``(C, H, W)``, by pushing the identity tangents through
   the network alongside the primal image (ALGORITHM.md section 8): one convolution per layer on a batch of
-  ``B (1 + n)`` images yields both G and J, and autograd through it differentiates the exact log-det.
+  ``B (1 + n)`` images yields both G and J, and autograd through it differentiates the exact log-det. Images are
+  kept channels-last inside G (faster oneDNN convolutions; activations act along the last dimension) and the
+  concatenation factors are folded into the convolution weights, so the large tangent stack is only convolved,
+  multiplied by activation derivatives and concatenated.
 
 References:
     Behrmann, Grathwohl, Chen, Duvenaud, Jacobsen. *Invertible Residual Networks*. ICML 2019.
@@ -25,6 +28,7 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +38,15 @@ from .activations import LipschitzActivation, get_activation
 from .densenet import JacobianNet, PreparedNet
 from .lipschitz import SpectralLayer, check_spectral_args, sigma_converged
 
-__all__ = ["EXACT_CONV_MAX_NUMEL", "ConvDenseNetG", "SpectralConv2d", "conv_operator_matrix"]
+__all__ = ["EXACT_CONV_MAX_NUMEL", "ConvDenseNetG", "PreparedConvNet", "SpectralConv2d", "conv_operator_matrix"]
 
 #: Largest operator matrix (``C_out H W x C_in H W`` entries) for which ``"auto"`` computes the exact norm on every
-#: use. Measured on the project's 2-core CPU (one thread, float32, value and gradient): 2 ch 4x4 -> 8 ch
-#: (4,096 entries) 0.5 ms, 4 ch 4x4 -> 16 ch (16,384) 0.9 ms, 1 ch 8x8 -> 16 ch (65,536) 1.2 ms, 20 ch 4x4 -> 16 ch
-#: (81,920) 8 ms, 100 ch 4x4 -> 16 ch 17 ms, against about 0.2 ms for the power-mode ``sigma``. Above ~1 ms per
-#: layer per step the exact norm costs more than it buys, so only tiny operators default to it.
+#: use. Measured on the project's 2-core CPU (one thread, float32, sigma's value and gradient, lightly loaded; about
+#: 3x more under heavy load): 2 ch 4x4 -> 8 ch (4,096 entries) 0.6-1.0 ms, 4 ch 4x4 -> 16 ch (16,384) 0.9-1.0 ms,
+#: 1 ch 8x8 -> 16 ch (65,536) 1.1-1.4 ms, 20 ch 4x4 -> 16 ch (81,920) 8 ms, 100 ch 4x4 -> 16 ch (409,600) 16-22 ms,
+#: against about 0.2 ms for the power-mode ``sigma``. The cost is dominated by ``eigh`` of the smaller Gram matrix
+#: and grows with its size cubed. Above ~1 ms per layer per step the exact norm costs more than it buys, so only
+#: tiny operators default to it.
 EXACT_CONV_MAX_NUMEL = 128 * 128
 
 
@@ -74,7 +80,7 @@ def _top_singular_pair(weight: Tensor, input_shape: tuple[int, int]) -> tuple[Te
     """Exact top singular vectors ``(u, v)`` of the convolution operator, as images ``(C_out,H,W)``, ``(C_in,H,W)``.
 
     Uses the eigendecomposition of the smaller Gram matrix (``M^T M`` or ``M M^T``), built by applying the
-    convolution (or its adjoint) to the identity basis of the smaller side: on this project's CPU that is 2-5x
+    convolution (or its adjoint) to the identity basis of the smaller side: on this project's CPU that is 2-4x
     cheaper than ``torch.linalg.matrix_norm(M, 2)`` and its SVD backward, and it never forms more than needed.
     """
     c_out, c_in, k, _ = weight.shape
@@ -267,22 +273,34 @@ def _conv_stacked(s: Tensor, weight: Tensor, bias: Tensor | None, batch: int) ->
     return out
 
 
-def _activation_stacked(act: LipschitzActivation, s: Tensor, batch: int, scale: Tensor) -> Tensor:
-    """``scale * act`` on a channels-last stack: the primal images by value, the tangent images by the derivative.
+def _activation_stacked(act: LipschitzActivation, s: Tensor, batch: int) -> Tensor:
+    """Apply an activation to a channels-last stack: the primal images by value, the tangents by the derivative.
 
-    ``scale`` (the concatenation weight eta2) is folded into the per-sample value and derivative, which are
-    ``1 + m`` times smaller than the tangents.
+    A concatenated activation maps a tangent ``t`` to ``[f1'(x) t, f2'(x) t]``: the per-sample derivative is
+    broadcast over the tangents and the expansion axis. The primal row of that product is then overwritten with
+    the activation's value (allowed: ``mul`` saves its inputs, not its output), which spares a concatenation of
+    the whole stack.
     """
     h, w, c = s.shape[1:]
     s5 = s.view(batch, -1, h, w, c)
-    m = s5.shape[1] - 1
     e = act.expansion
     value, deriv = act.forward_and_derivative(s5[:, 0])
-    value = (scale * value).unsqueeze(1)
-    # A concatenated activation maps a tangent t to [f1'(x) t, f2'(x) t]: broadcast over the expansion axis.
-    tangents = (scale * deriv).view(batch, 1, h, w, e, c) * s5[:, 1:].unsqueeze(-2)
-    out = torch.cat([value, tangents.view(batch, m, h, w, e * c)], dim=1)
-    return out.view(batch * (1 + m), h, w, e * c)
+    out = (deriv.view(batch, 1, h, w, e, c) * s5.unsqueeze(-2)).view(batch, -1, h, w, e * c)
+    out[:, 0] = value
+    return out.view(-1, h, w, e * c)
+
+
+@dataclass
+class PreparedConvNet(PreparedNet):
+    """:class:`PreparedNet` of a :class:`ConvDenseNetG`, plus the weights with the concatenation factors folded in.
+
+    Attributes:
+        folded: per convolution, the normalised weight with each input channel multiplied by the factor its
+            feature block carries in the concatenation (a product of etas). The network then concatenates the
+            *unscaled* features, and no ``eta * features`` product over the (large) tangent stack is needed.
+    """
+
+    folded: list[Tensor] = field(default_factory=list)
 
 
 class ConvDenseNetG(JacobianNet):
@@ -361,14 +379,37 @@ class ConvDenseNetG(JacobianNet):
         e = F.softplus(self.concat_k) + 0.1
         return self.lip_coeff * e / torch.linalg.vector_norm(e, dim=1, keepdim=True)
 
-    def prepare(self) -> PreparedNet:
+    def prepare(self) -> PreparedConvNet:
         convs = [*self.layers, self.final]
+        weights = [conv.normalized_weight() for conv in convs]
         mix = self.mix_coefficients()
-        return PreparedNet(
-            weights=[conv.normalized_weight() for conv in convs],
+        pairs = [(mix[i, 0], mix[i, 1]) for i in range(mix.shape[0])]
+        return PreparedConvNet(
+            weights=weights,
             biases=[conv.bias for conv in convs],
-            mix=[(mix[i, 0], mix[i, 1]) for i in range(mix.shape[0])],
+            mix=pairs,
+            folded=self._fold(weights, pairs),
         )
+
+    def _fold(self, weights: list[Tensor], mix: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Fold the concatenation factors into the input channels of each convolution (see PreparedConvNet).
+
+        With ``s_l = [eta1_l s_{l-1}, eta2_l F_l]``, the factor of each channel of ``s_l`` is
+        ``scale_l = [eta1_l scale_{l-1}, eta2_l 1]`` with ``scale_0 = 1``; layer ``l + 1`` applies
+        ``W_{l+1} diag(scale_l)`` to the unscaled ``[x, F_1, ..., F_l]``.
+        """
+        folded = [weights[0]]
+        scale = torch.ones(self.in_channels, dtype=weights[0].dtype, device=weights[0].device)
+        for (eta1, eta2), weight in zip(mix, weights[1:], strict=True):
+            added = weight.shape[1] - scale.shape[0]
+            scale = torch.cat([eta1 * scale, eta2.expand(added)])
+            folded.append(weight * scale.view(1, -1, 1, 1))
+        return folded
+
+    def _folded(self, prepared: PreparedNet) -> list[Tensor]:
+        if isinstance(prepared, PreparedConvNet) and prepared.folded:
+            return prepared.folded
+        return self._fold(prepared.weights, prepared.mix)
 
     def _as_images(self, x: Tensor) -> tuple[Tensor, bool]:
         """``x`` as ``(B, C, H, W)`` images, and whether it came flattened."""
@@ -384,12 +425,11 @@ class ConvDenseNetG(JacobianNet):
 
     def evaluate(self, x: Tensor, prepared: PreparedNet) -> Tensor:
         images, flat = self._as_images(x)
+        weights = self._folded(prepared)
         s = images.permute(0, 2, 3, 1)  # channels-last, see _conv_nhwc
         for i, act in enumerate(self.activations):
-            h = _conv_nhwc(s, prepared.weights[i], prepared.biases[i])
-            eta1, eta2 = prepared.mix[i]
-            s = torch.cat([eta1 * s, eta2 * act(h)], dim=-1)
-        out = _conv_nhwc(s, prepared.weights[-1], prepared.biases[-1])
+            s = torch.cat([s, act(_conv_nhwc(s, weights[i], prepared.biases[i]))], dim=-1)
+        out = _conv_nhwc(s, weights[-1], prepared.biases[-1])
         return out.view(x.shape[0], -1) if flat else out.permute(0, 3, 1, 2).contiguous()
 
     def evaluate_with_jacobian(
@@ -398,8 +438,10 @@ class ConvDenseNetG(JacobianNet):
         """Return ``(G(x), J)`` with ``J[b, i, j] = dG_i / dx_j`` over the flattened ``(C, H, W)`` event.
 
         The ``n = C H W`` identity tangents travel with the primal image as one batch of ``B (1 + m)`` images per
-        pass (``m`` = ``chunk`` directions, default :attr:`jacobian_chunk` or all ``n``). Smaller chunks cap the
-        size of each pass (each recomputes the primal); under autograd all passes stay alive for the backward.
+        pass (``m`` = ``chunk`` directions, default :attr:`jacobian_chunk` or all ``n``): a convolution maps
+        tangents by its kernel (bias on the primal only), the activation multiplies them by its derivative, the
+        concatenation concatenates. Smaller chunks cap the size of each pass (each recomputes the primal); under
+        autograd all passes stay alive for the backward.
 
         Returns:
             ``G(x)`` in the layout of ``x`` and ``J`` of shape ``(B, n, n)``, both differentiable.
@@ -409,6 +451,7 @@ class ConvDenseNetG(JacobianNet):
         c, (height, width) = self.in_channels, self.input_shape
         chunk = chunk if chunk is not None else self.jacobian_chunk
         chunk = n if chunk is None else max(1, min(int(chunk), n))
+        weights = self._folded(prepared)
         primal = images.permute(0, 2, 3, 1).unsqueeze(1)  # (B, 1, H, W, C), channels-last
         # Basis vector j of the flattened (C, H, W) event, laid out channels-last.
         eye = torch.eye(n, dtype=images.dtype, device=images.device).view(n, c, height, width).permute(0, 2, 3, 1)
@@ -419,10 +462,9 @@ class ConvDenseNetG(JacobianNet):
             m = seeds.shape[0]
             s = torch.cat([primal, seeds.expand(batch, *seeds.shape)], dim=1).view(batch * (1 + m), height, width, c)
             for i, act in enumerate(self.activations):
-                eta1, eta2 = prepared.mix[i]
-                h = _conv_stacked(s, prepared.weights[i], prepared.biases[i], batch)
-                s = torch.cat([eta1 * s, _activation_stacked(act, h, batch, eta2)], dim=-1)
-            out = _conv_stacked(s, prepared.weights[-1], prepared.biases[-1], batch)
+                h = _conv_stacked(s, weights[i], prepared.biases[i], batch)
+                s = torch.cat([s, _activation_stacked(act, h, batch)], dim=-1)
+            out = _conv_stacked(s, weights[-1], prepared.biases[-1], batch)
             # Back to the (C, H, W) order of the event: (B, 1 + m, n).
             out = out.view(batch, 1 + m, height, width, c).permute(0, 1, 4, 2, 3).reshape(batch, 1 + m, n)
             if value is None:

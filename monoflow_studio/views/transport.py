@@ -14,6 +14,8 @@ from ..theme import PlotColors
 __all__ = ["DIRECTION_LABELS", "TransportView"]
 
 DIRECTION_LABELS = {"forward": "data -> latent", "inverse": "latent -> data"}
+DIRECTION_TIP = "Push the regular grid from data to latent space, or from latent to data space"
+STAGE_TIP = "Number of layers applied to the grid (0: the regular grid)"
 #: Horizontal and vertical grid lines are drawn in these colours (both readable on light and dark backgrounds).
 LINE_COLORS = (QColor(74, 163, 255), QColor(255, 140, 60))
 
@@ -35,12 +37,12 @@ class TransportView(QWidget):
         self.direction_box = QComboBox()
         for key, label in DIRECTION_LABELS.items():
             self.direction_box.addItem(label, key)
-        self.direction_box.setToolTip("Push the regular grid from data to latent space, or from latent to data space")
+        self.direction_box.setToolTip(DIRECTION_TIP)
         self.stage_slider = QSlider(Qt.Orientation.Horizontal)
         self.stage_slider.setRange(0, 0)
         self.stage_slider.setPageStep(1)
         self.stage_slider.setTickPosition(QSlider.TickPosition.TicksBelow)
-        self.stage_slider.setToolTip("Number of layers applied to the grid (0: the regular grid)")
+        self.stage_slider.setToolTip(STAGE_TIP)
         self.stage_label = QLabel("stage 0")
         self.stage_label.setMinimumWidth(150)
         self.caption = QLabel("")
@@ -56,10 +58,16 @@ class TransportView(QWidget):
         item = self.plot.getPlotItem()
         item.setAspectLocked(True)
         self.lines: list[pg.PlotDataItem] = []
+        self.unavailable = QLabel("")
+        self.unavailable.setWordWrap(True)
+        self.unavailable.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.unavailable.hide()
+        self._available = True
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addLayout(bar)
         layout.addWidget(self.plot, 1)
+        layout.addWidget(self.unavailable, 1)
 
         self._frame: TransportFrame | None = None
         self.run_id = 0
@@ -101,6 +109,26 @@ class TransportView(QWidget):
         self._frame = None  # the other direction's stages come from the session
         self._clear()
         self.direction_changed.emit(self.direction)
+
+    @property
+    def available(self) -> bool:
+        """Whether the view shows transports (2-D runs), as set by :meth:`set_available`."""
+        return self._available
+
+    def set_available(self, available: bool, reason: str = "") -> None:
+        """Enable the view (2-D runs) or disable it with ``reason`` shown in place of the plot and as tooltips."""
+        self._available = bool(available)
+        self.plot.setVisible(available)
+        self.unavailable.setVisible(not available)
+        self.unavailable.setText(reason)
+        self.direction_box.setEnabled(available)
+        self.stage_slider.setEnabled(available)
+        self.direction_box.setToolTip(DIRECTION_TIP if available else reason)
+        self.stage_slider.setToolTip(STAGE_TIP if available else reason)
+        if not available:
+            self._frame = None
+            self._clear()
+            self.stage_label.setText("")
 
     # -- data --------------------------------------------------------------------------------------------
     def set_run(self, info: RunInfo) -> None:

@@ -78,10 +78,10 @@ def test_train_config_rejects_bad_values_naming_the_field(field, value):
 
 
 def test_image_data_needs_a_folder_except_the_built_in_digits():
-    with pytest.raises(ValueError, match="^data_dir: --data mnist needs --data-dir"):
+    with pytest.raises(ValueError, match=r"^data_dir: --data mnist needs --data-dir"):
         TrainConfig(data="mnist")
     assert TrainConfig(data="digits").task == "image"
-    with pytest.raises(ValueError, match="^grad_accumulation: must be <= batch_size"):
+    with pytest.raises(ValueError, match=r"^grad_accumulation: must be <= batch_size"):
         TrainConfig(batch_size=4, grad_accumulation=5)
 
 
