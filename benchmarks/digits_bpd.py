@@ -6,7 +6,7 @@ core's one loop (:class:`monoflow_core.training.Trainer`) for ``--minutes`` of *
 are timed separately and excluded), one intra-op thread each. With ``--parallel`` the two runs train at the same
 time in two processes, one per core of a 2-core machine, so they see the same conditions.
 
-Reported per formulation (bits/dim, uniform dequantization bound, EMA weights, float64, **exact** log-det: 64
+Reported per formulation (bits/dim, uniform dequantization bound, EMA weights, **exact** log-det: 64
 dimensions per block; the dequantization noise is seeded):
 
 * test bpd on all 447 test images (1350-1796) at the end;
@@ -95,6 +95,7 @@ def train_one(formulation: str, minutes: float, eval_minutes: float, seed: int) 
         "test_bpd_stderr": final.bpd_stderr,
         "test_images": final.n_test,
         "test_exact_logdet": final.exact,
+        "eval_dtype": final.dtype,
         "eval_seconds": eval_seconds,
         "rejected_steps": trainer.rejected_total,
         "curve": curve,
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Preset `{PRESET}` (and the same architecture with the residual formulation); {args.minutes:g} minutes "
         "of training each, one intra-op thread each" + (", both runs at the same time (one per core)"
                                                          if args.parallel else ", one after the other") + ". "
-        "bpd = bits/dim of the uniform-dequantization bound, EMA weights, float64, exact log-det (64 dimensions per "
-        "block); test = all 447 test images (1350-1796), mean +- standard error over images.",
+        "bpd = bits/dim of the uniform-dequantization bound, EMA weights, evaluated in "
+        f"{results[0].get('eval_dtype', 'float64')}, exact log-det (64 dimensions per block); "
+        "test = all 447 test images (1350-1796), mean +- standard error over images.",
         "",
     ]
     rows = [

@@ -176,7 +176,9 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def _eval_dtype(device: torch.device, flow: Flow) -> torch.dtype:
     # As the Trainer does: float64 on the CPU (about as fast as float32 there and every solve converges),
-    # the flow's own dtype elsewhere.
+    # the flow's own dtype elsewhere and for image flows (float64 convolutions are slow on CPUs).
+    if getattr(flow, "levels", None) is not None:
+        return flow.dtype
     return torch.float64 if device.type == "cpu" else flow.dtype
 
 
@@ -471,20 +473,30 @@ def _configured_device(args: argparse.Namespace) -> str:
     process's GPU before the run is built; a plain run takes it from the preset or checkpoint as usual. Falling
     back to ``"cpu"`` there would silently train a CUDA preset (paper-mnist, paper-cifar10, ...) on the CPU.
     Anything unreadable gives ``"cpu"``; the run itself then reports the problem.
+
+    Raises:
+        CLIError: the configured device is CUDA and this machine has none (as a plain run would report).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return "cpu"
+    device = "cpu"
     try:
         if args.resume:
             stored = load_checkpoint(Path(args.resume)).train_config
-            return stored.device if stored is not None else "cpu"
-        if args.data is None:
-            return "cpu"
-        data = _data_name(args.data)
-        default = DEFAULT_IMAGE_PRESETS.get(data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET)
-        return str(load_preset(args.preset or default).training.get("device", "cpu"))
-    except (CLIError, CheckpointError, ValueError, OSError):
+            device = stored.device if stored is not None else "cpu"
+        elif args.data is not None:
+            data = _data_name(args.data)
+            default = DEFAULT_IMAGE_PRESETS.get(
+                data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET
+            )
+            device = str(load_preset(args.preset or default).training.get("device", "cpu"))
+        cuda = torch.device(device).type == "cuda"
+    except (CLIError, CheckpointError, ValueError, OSError, RuntimeError):
         return "cpu"
+    if cuda and not torch.cuda.is_available():
+        raise CLIError(f"device: {device!r} requested (by the preset or checkpoint) but CUDA is not available on "
+                       "this machine; pass --device cpu")
+    return device
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

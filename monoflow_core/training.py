@@ -122,7 +122,9 @@ class TrainConfig(JsonConfig):
             ``data_dir``). Image runs train on bits/dim.
         data_dir: folder holding an image set's files (``None`` for the built-in sets).
         grad_accumulation: split each batch of ``batch_size`` into this many micro-batches whose gradients are
-            accumulated (same update as one big batch, less memory), >= 1 and <= batch_size.
+            accumulated (less memory; the same update as one big batch when the log-dets are exact, and an update
+            with the same expectation when they are estimated, since each micro-batch draws its own probes),
+            >= 1 and <= batch_size.
         eval_split: image split used by evaluations, ``"test"`` or ``"validation"`` (digits only).
         iterations: total training iterations of a run, >= 1 (the paper: 50,000 for 2-D, 15,000 for 1-D).
         batch_size: fresh samples per iteration, >= 1 (paper: 500 for 2-D, 5,000 for 1-D).
@@ -504,6 +506,10 @@ class Trainer:
         train_config: the run's settings.
         flow: an already built flow (e.g. from a checkpoint) to train instead of ``build_flow(model_config)``.
         history_length: how many :class:`StepMetrics` :attr:`history` keeps.
+        images: image runs: train on this in-memory set instead of loading ``train_config.data`` (e.g. synthetic
+            or user arrays; a checkpoint of such a run resumes only with the same ``images`` passed again).
+        eval_images: image runs with ``images``: the set evaluations of ``eval_split`` use (default: that split
+            of ``train_config.data``, loaded when first needed).
 
     Attributes:
         flow: the flow being trained.
@@ -521,22 +527,33 @@ class Trainer:
         flow: Flow | None = None,
         *,
         history_length: int = 10_000,
+        images: ImageSet | None = None,
+        eval_images: ImageSet | None = None,
     ) -> None:
         model_config.validate()
         train_config.validate()
         self.model_config = model_config
         self.train_config = train_config
         self.task = train_config.task
-        self.device = torch.device(train_config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available")
-        self.dtype = train_config.torch_dtype
-        self.dist = DistributedContext.current()
         self._train_images: ImageSet | None = None
         self._eval_images: dict[str, ImageSet] = {}
-        if self.task == "image":
-            # The data decide the image shape and the number of levels; the architecture comes from the config.
+        if images is not None or eval_images is not None:
+            if train_config.task != "image" or images is None:
+                raise ValueError("images: in-memory training images need an image data set in the training config "
+                                 "and a training set")
+            self._train_images = images
+            if eval_images is not None:
+                self._eval_images = {train_config.eval_split: eval_images}
+        elif self.task == "image":
+            # First, so that a missing or malformed data file is the error a user sees.
             self._train_images = load_image_set(train_config.data, "train", train_config.data_dir)
+        self.device = torch.device(train_config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available (pass --device cpu)")
+        self.dtype = train_config.torch_dtype
+        self.dist = DistributedContext.current()
+        if self._train_images is not None:
+            # The data decide the image shape and the number of levels; the architecture comes from the config.
             shape = list(self._train_images.image_shape)
             if flow is None:
                 model_config = model_config.replace(image_shape=shape, levels=self._train_images.levels)
@@ -560,6 +577,9 @@ class Trainer:
                 )
         # Every process starts from rank 0's weights and power-iteration vectors.
         self.dist.broadcast_module(self.flow)
+        if self.dist.active:
+            # Independent estimator probes on each process (the weights above came from the shared seed).
+            torch.manual_seed(train_config.seed + 1_000_003 * self.dist.rank)
         self.optimizer = make_adam(
             self.flow.parameters(),
             lr=train_config.lr,
@@ -860,9 +880,17 @@ class Trainer:
         return metrics
 
     # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluation_dtype(self) -> torch.dtype:
+        """The dtype :meth:`evaluate` tests in by default."""
+        return self._eval_dtype(None)
+
     def _eval_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         if dtype is not None:
             return dtype
+        if self.task == "image":
+            # Convolutions in float64 run about 10x slower than in float32 on CPUs (oneDNN has no float64 path),
+            # and the exact log-det of an image block needs ~65 evaluations of G: evaluate in the training dtype.
+            return self.dtype
         # Likelihoods in float64 on CPU (ALGORITHM.md 8): about 1.8x the cost of float32 here, and no test point
         # is held back by float32's solver-tolerance floor.
         return torch.float64 if self.device.type == "cpu" else self.dtype

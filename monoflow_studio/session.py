@@ -242,8 +242,9 @@ SAMPLE_SEED = 0
 
 
 def evaluation_dtype(trainer: Trainer) -> torch.dtype:
-    """The dtype :meth:`Trainer.evaluate` tests in by default: float64 on CPU, else the training dtype."""
-    return torch.float64 if trainer.device.type == "cpu" else trainer.dtype
+    """The dtype :meth:`Trainer.evaluate` tests in by default (the core decides: float64 on CPU for vectors,
+    the training dtype for images and on GPUs)."""
+    return trainer.evaluation_dtype()
 
 
 def evaluate_images(

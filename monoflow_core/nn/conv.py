@@ -417,7 +417,7 @@ class ConvDenseNetG(JacobianNet):
         if x.dim() == 4 and tuple(x.shape[1:]) == (c, h, w):
             return x, False
         if x.dim() == 2 and x.shape[1] == self.in_features:
-            return x.view(x.shape[0], c, h, w), True
+            return x.reshape(x.shape[0], c, h, w), True
         raise ValueError(
             f"ConvDenseNetG expects images of shape (batch, {c}, {h}, {w}) or flattened events of shape "
             f"(batch, {self.in_features}), got {tuple(x.shape)}"

@@ -163,7 +163,8 @@ def test_eval_json_reports_exact_bits_per_dim(digits_run):
     assert code == 0, err
     doc = json.loads(printed)
     assert doc["data"] == "digits" and doc["split"] == "test" and doc["dequantization"] == "uniform"
-    assert doc["n_test"] == 32 and doc["step"] == 3 and doc["dtype"] == "float64"
+    # Image flows are tested in the training dtype (float64 convolutions are slow on CPUs).
+    assert doc["n_test"] == 32 and doc["step"] == 3 and doc["dtype"] == "float32"
     # logdet "hybrid" with 64-dimensional blocks: the evaluation's log-dets are exact.
     assert doc["exact"] is True
     assert math.isfinite(doc["bpd"]) and 0.0 < doc["bpd"] < UNIFORM_BPD + 1.0
@@ -303,9 +304,18 @@ def test_torchrun_launch_uses_the_configured_device(digits_run, monkeypatch, arg
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(cli, "init_from_environment", fake_init)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(LaunchedError):
         run(["train", *argv, "--out", out.parent / "unused", "--no-progress"])
     assert seen == [device]
+
+
+def test_torchrun_launch_of_a_cuda_preset_without_cuda_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(["train", "--data", "mnist", "--data-dir", tmp_path, "--out", tmp_path / "o", "--no-progress"])
+    assert_user_error(code, err, "'cuda'", "--device cpu")
+    assert not (tmp_path / "o").exists()
 
 
 # -- it learns ---------------------------------------------------------------------------------------------------
