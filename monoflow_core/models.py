@@ -18,19 +18,23 @@ __all__ = ["build_flow", "build_g", "build_image_flow"]
 _BLOCKS = {"monotone": MonotoneBlock, "residual": ResidualBlock, "inverse_residual": InverseResidualBlock}
 
 
+def _dense_g(config: FlowConfig, n: int, growth: int) -> DenseNetG:
+    return DenseNetG(
+        n,
+        depth=config.depth,
+        growth=growth,
+        activation=config.activation,
+        coeff=config.lipschitz,
+        lip_coeff=config.concat_lipschitz,
+        learnable_concat=config.learnable_concat,
+        spectral_mode=config.spectral_norm,
+    )
+
+
 def build_g(config: FlowConfig) -> JacobianNet:
     """The network G of one block, as configured."""
     if config.g == "densenet":
-        return DenseNetG(
-            config.dim,
-            depth=config.depth,
-            growth=config.growth,
-            activation=config.activation,
-            coeff=config.lipschitz,
-            lip_coeff=config.concat_lipschitz,
-            learnable_concat=config.learnable_concat,
-            spectral_mode=config.spectral_norm,
-        )
+        return _dense_g(config, config.dim, config.growth)
     return LipschitzMLP(
         config.dim,
         hidden=config.hidden,
@@ -94,17 +98,7 @@ def build_image_flow(config: FlowConfig) -> MultiscaleFlow:
                 c //= 2
                 plan.append(("factor", c))
     for _ in range(config.fc_blocks):
-        dense = DenseNetG(
-            c * h * w,
-            depth=config.depth,
-            growth=config.fc_growth,
-            activation=config.activation,
-            coeff=config.lipschitz,
-            lip_coeff=config.concat_lipschitz,
-            learnable_concat=config.learnable_concat,
-            spectral_mode=config.spectral_norm,
-        )
-        add(_block(config, FlatG(dense, (c, h, w))))
+        add(_block(config, FlatG(_dense_g(config, c * h * w, config.fc_growth), (c, h, w))))
         if config.actnorm:
             add(ActNorm2d(c))
     c0 = config.image_shape[0]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import LipschitzActivation, get_activation
-from .densenet import JacobianNet, PreparedNet
+from .densenet import JacobianNet, LearnableConcat, PreparedNet
 from .lipschitz import SpectralLayer, check_spectral_args, sigma_converged
 
 __all__ = ["EXACT_CONV_MAX_NUMEL", "ConvDenseNetG", "PreparedConvNet", "SpectralConv2d", "conv_operator_matrix"]
@@ -303,7 +303,7 @@ class PreparedConvNet(PreparedNet):
     folded: list[Tensor] = field(default_factory=list)
 
 
-class ConvDenseNetG(JacobianNet):
+class ConvDenseNetG(LearnableConcat, JacobianNet):
     """Convolutional i-DenseNet G with learnable concatenation (Perugachi-Diaz et al. 2021; Ahn et al. 2022).
 
     Each of the ``depth`` dense layers maps its input (``width`` channels) to ``growth / expansion`` channels with
@@ -367,17 +367,7 @@ class ConvDenseNetG(JacobianNet):
             self.activations.append(act)
             width += hidden * act.expansion
         self.final = SpectralConv2d(width, in_channels, final_kernel, (h, w), coeff, mode=spectral_mode)
-        # K = 1 at the start, as in i-DenseNet; eta1 = eta2 = lip_coeff / sqrt(2) then.
-        self.concat_k = nn.Parameter(torch.ones(depth, 2), requires_grad=learnable_concat)
-
-    def set_concat_learnable(self, learnable: bool) -> None:
-        """Freeze or release the concatenation weights ``K`` (the learnable-concatenation schedule)."""
-        self.concat_k.requires_grad_(learnable)
-
-    def mix_coefficients(self) -> Tensor:
-        """``(depth, 2)`` tensor of ``(eta1, eta2)``, each row of Euclidean norm ``lip_coeff``."""
-        e = F.softplus(self.concat_k) + 0.1
-        return self.lip_coeff * e / torch.linalg.vector_norm(e, dim=1, keepdim=True)
+        self.init_concat(depth, learnable_concat)
 
     def prepare(self) -> PreparedConvNet:
         convs = [*self.layers, self.final]

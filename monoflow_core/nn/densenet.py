@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .activations import LipschitzActivation, get_activation
 from .lipschitz import SpectralLinear
 
-__all__ = ["DenseNetG", "JacobianNet", "LipschitzMLP", "PreparedNet"]
+__all__ = ["DenseNetG", "JacobianNet", "LearnableConcat", "LipschitzMLP", "PreparedNet"]
 
 
 @dataclass
@@ -107,7 +107,31 @@ def _check_width(x: Tensor, n: int) -> None:
         raise ValueError(f"G expects inputs of shape (batch, {n}), got {tuple(x.shape)}")
 
 
-class DenseNetG(JacobianNet):
+class LearnableConcat:
+    """The learnable concatenation of i-DenseNet (Perugachi-Diaz et al. 2021), shared by the dense and conv G.
+
+    Dense layer ``i`` outputs ``[eta1 * input, eta2 * new]`` with ``(eta1, eta2) = lip_coeff * e / |e|``,
+    ``e = softplus(K_i) + 0.1``, so that ``sqrt(eta1^2 + eta2^2) = lip_coeff`` (ALGORITHM.md 6).
+    """
+
+    lip_coeff: float
+    concat_k: nn.Parameter
+
+    def init_concat(self, depth: int, learnable: bool) -> None:
+        """Create ``K`` (depth, 2), all ones as in i-DenseNet (eta1 = eta2 = lip_coeff / sqrt(2) at the start)."""
+        self.concat_k = nn.Parameter(torch.ones(depth, 2), requires_grad=learnable)
+
+    def set_concat_learnable(self, learnable: bool) -> None:
+        """Freeze or release the concatenation weights ``K`` (the learnable-concatenation schedule)."""
+        self.concat_k.requires_grad_(learnable)
+
+    def mix_coefficients(self) -> Tensor:
+        """``(depth, 2)`` tensor of ``(eta1, eta2)``, each row of Euclidean norm ``lip_coeff``."""
+        e = F.softplus(self.concat_k) + 0.1
+        return self.lip_coeff * e / torch.linalg.vector_norm(e, dim=1, keepdim=True)
+
+
+class DenseNetG(LearnableConcat, JacobianNet):
     """i-DenseNet G with learnable concatenation (Perugachi-Diaz et al. 2021; Ahn et al. 2022).
 
     Widths for the paper's 2-D model (depth 3, growth 16, CPila): 2 -> 18 -> 34 -> 50 -> 2. Each dense layer
@@ -152,17 +176,7 @@ class DenseNetG(JacobianNet):
             self.activations.append(act)
             width += hidden * act.expansion
         self.final = SpectralLinear(width, n, coeff, mode=spectral_mode)
-        # K = 1 at the start, as in i-DenseNet; eta1 = eta2 = lip_coeff / sqrt(2) then.
-        self.concat_k = nn.Parameter(torch.ones(depth, 2), requires_grad=learnable_concat)
-
-    def set_concat_learnable(self, learnable: bool) -> None:
-        """Freeze or release the concatenation weights ``K`` (the learnable-concatenation schedule)."""
-        self.concat_k.requires_grad_(learnable)
-
-    def mix_coefficients(self) -> Tensor:
-        """``(depth, 2)`` tensor of ``(eta1, eta2)``, each row of Euclidean norm ``lip_coeff``."""
-        e = F.softplus(self.concat_k) + 0.1
-        return self.lip_coeff * e / torch.linalg.vector_norm(e, dim=1, keepdim=True)
+        self.init_concat(depth, learnable_concat)
 
     def prepare(self) -> PreparedNet:
         linears = [*self.layers, self.final]
