@@ -242,6 +242,20 @@ def _data_name(name: str) -> str:
     raise CLIError(f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}")
 
 
+def _data_kind(data: str) -> str:
+    """The kind of preset a canonical data name needs: ``"image"``, ``"2-D density"`` or ``"1-D staircase"``."""
+    if data in IMAGE_DATASETS:
+        return "image"
+    return "2-D density" if data in TOY_DATASETS else "1-D staircase"
+
+
+def _default_preset(data: str) -> str:
+    """The preset ``train`` uses for a canonical data name when ``--preset`` is not given."""
+    if data in IMAGE_DATASETS:
+        return DEFAULT_IMAGE_PRESETS[data]
+    return DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET
+
+
 def _preset_kind(preset: Any) -> str:
     data = str(preset.training.get("data", ""))
     if data in IMAGE_DATASETS or preset.model.get("image_shape") is not None:
@@ -320,12 +334,7 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     if args.data is None:
         raise CLIError(f"train: --data is required unless --resume is given; choose one of {list(ALL_DATA)}")
     data = _data_name(args.data)
-    if data in IMAGE_DATASETS:
-        need, default = "image", DEFAULT_IMAGE_PRESETS[data]
-    elif data in TOY_DATASETS:
-        need, default = "2-D density", DEFAULT_TOY_PRESET
-    else:
-        need, default = "1-D staircase", DEFAULT_1D_PRESET
+    need, default = _data_kind(data), _default_preset(data)
     preset_name = args.preset or default
     preset = load_preset(preset_name)
     kind = _preset_kind(preset)
@@ -485,10 +494,7 @@ def _configured_device(args: argparse.Namespace) -> str:
             stored = load_checkpoint(Path(args.resume)).train_config
             device = stored.device if stored is not None else "cpu"
         elif args.data is not None:
-            data = _data_name(args.data)
-            default = DEFAULT_IMAGE_PRESETS.get(
-                data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET
-            )
+            default = _default_preset(_data_name(args.data))
             device = str(load_preset(args.preset or default).training.get("device", "cpu"))
         cuda = torch.device(device).type == "cuda"
     except (CLIError, CheckpointError, ValueError, OSError, RuntimeError):
@@ -646,8 +652,7 @@ def _train_worker(args: argparse.Namespace) -> int:
         _apply_resume_changes(args, trainer)
     else:
         data = _data_name(args.data)
-        default = DEFAULT_IMAGE_PRESETS.get(data, DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET)
-        preset = load_preset(args.preset or default)
+        preset = load_preset(args.preset or _default_preset(data))
         model_changes = {key: getattr(args, attr) for attr, key in _MODEL_FLAGS if getattr(args, attr) is not None}
         train_changes = {key: getattr(args, attr) for attr, key in _TRAIN_FLAGS if getattr(args, attr) is not None}
         train_changes["data"] = data

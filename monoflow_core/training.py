@@ -895,8 +895,10 @@ class Trainer:
         # is held back by float32's solver-tolerance floor.
         return torch.float64 if self.device.type == "cpu" else self.dtype
 
-    def _evaluation_copy(self, dtype: torch.dtype) -> Flow:
-        """A detached copy of the evaluation weights in ``dtype`` and eval mode (the live flow is untouched)."""
+    def evaluation_copy(self, dtype: torch.dtype | None = None) -> Flow:
+        """A detached copy of the evaluation weights (EMA if kept) in eval mode, in ``dtype`` (default:
+        :meth:`evaluation_dtype`); power-iterated spectral norms are tightened on it. The live flow is untouched."""
+        dtype = self._eval_dtype(dtype)
         model = copy.deepcopy(self.eval_flow).to(dtype=dtype).eval()
         if any(layer.mode == "power" for layer in spectral_layers(model)):
             # The released code tightens sigma with 200 power iterations before testing; on a copy, so that
@@ -957,7 +959,7 @@ class Trainer:
         else:
             assert self._eval_stream is not None
             data = self._eval_stream.sample(n if n is not None else cfg.eval_size, torch.float64)
-        model = self._evaluation_copy(dt)
+        model = self.evaluation_copy(dt)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             # Seeded so that estimator-based (non-exact) test NLLs are reproducible.
@@ -1007,7 +1009,7 @@ class Trainer:
         images = self.evaluation_images(split).images
         count = min(n if n is not None else cfg.eval_size, images.shape[0])
         images = images[:count]
-        model = self._evaluation_copy(dtype)
+        model = self.evaluation_copy(dtype)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.test_seed)  # only a power-series log-det draws from it

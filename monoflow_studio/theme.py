@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QApplication
@@ -66,3 +68,12 @@ def apply_theme(app: QApplication, mode: str = "system") -> bool:
 
 def plot_colors(dark: bool) -> PlotColors:
     return PlotColors(dark)
+
+
+def style_plot(plot: Any, colors: PlotColors) -> None:
+    """Background, and the left and bottom axes' lines and labels, of a pyqtgraph ``PlotWidget``."""
+    plot.setBackground(colors.background)
+    item = plot.getPlotItem()
+    for name in ("left", "bottom"):
+        item.getAxis(name).setPen(colors.foreground)
+        item.getAxis(name).setTextPen(colors.foreground)

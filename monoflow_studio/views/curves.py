@@ -19,7 +19,7 @@ from monoflow_core.training import EvalMetrics, StepMetrics
 
 from ..files import atomic_write_text
 from ..smoothing import debiased_ema
-from ..theme import PlotColors
+from ..theme import PlotColors, style_plot
 
 __all__ = ["BITS_PER_DIM", "NATS", "CurvesView", "RunCurves"]
 
@@ -158,11 +158,7 @@ class CurvesView(QWidget):
     # -- appearance --------------------------------------------------------------------------------------
     def set_colors(self, colors: PlotColors) -> None:
         self._colors = colors
-        self.plot.setBackground(colors.background)
-        item = self.plot.getPlotItem()
-        for name in ("left", "bottom"):
-            item.getAxis(name).setPen(colors.foreground)
-            item.getAxis(name).setTextPen(colors.foreground)
+        style_plot(self.plot, colors)
         self.legend.setLabelTextColor(colors.foreground)
         backdrop = pg.mkColor(colors.background)
         backdrop.setAlpha(200)  # the legend stays readable where it covers a curve

@@ -8,7 +8,7 @@ from PySide6.QtCore import QRectF, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ..session import RunInfo, ViewFrame
-from ..theme import PlotColors
+from ..theme import PlotColors, style_plot
 
 __all__ = ["DensityView"]
 
@@ -91,11 +91,7 @@ class DensityView(QWidget):
         self.settings_changed.emit()
 
     def set_colors(self, colors: PlotColors) -> None:
-        self.plot.setBackground(colors.background)
-        item = self.plot.getPlotItem()
-        for name in ("left", "bottom"):
-            item.getAxis(name).setPen(colors.foreground)
-            item.getAxis(name).setTextPen(colors.foreground)
+        style_plot(self.plot, colors)
         self.colorbar.axis.setPen(colors.foreground)
         self.colorbar.axis.setTextPen(colors.foreground)
 

@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..theme import PlotColors
+from ..theme import PlotColors, style_plot
 
 __all__ = ["SolverView"]
 
@@ -52,11 +52,7 @@ class SolverView(QWidget):
         self.rows: list[dict[str, Any]] = []
 
     def set_colors(self, colors: PlotColors) -> None:
-        self.plot.setBackground(colors.background)
-        item = self.plot.getPlotItem()
-        for name in ("left", "bottom"):
-            item.getAxis(name).setPen(colors.foreground)
-            item.getAxis(name).setTextPen(colors.foreground)
+        style_plot(self.plot, colors)
 
     def set_diagnostics(self, diagnostics: list[dict[str, Any]], step: int) -> None:
         """Show :func:`monoflow_core.evaluation.solver_diagnostics` entries (blocks without a forward solve,

@@ -9,7 +9,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
 from ..session import RunInfo, TransportFrame
-from ..theme import PlotColors
+from ..theme import PlotColors, style_plot
 
 __all__ = ["DIRECTION_LABELS", "TransportView"]
 
@@ -91,11 +91,7 @@ class TransportView(QWidget):
         return int(self.stage_slider.value())
 
     def set_colors(self, colors: PlotColors) -> None:
-        self.plot.setBackground(colors.background)
-        item = self.plot.getPlotItem()
-        for name in ("left", "bottom"):
-            item.getAxis(name).setPen(colors.foreground)
-            item.getAxis(name).setTextPen(colors.foreground)
+        style_plot(self.plot, colors)
 
     def _set_axis_labels(self) -> None:
         item = self.plot.getPlotItem()
