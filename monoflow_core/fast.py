@@ -49,6 +49,8 @@ _FAST_ACTIVATIONS: dict[type, tuple[float, float, str]] = {
     CReLU: (0.0, 1.0, "relu"),
 }
 _K = 5.0  # Pila's k in CPila
+#: Folded into Pila's pre-activations with k so that ``e^(k x)`` is one ``exp2`` (twice as fast as ``exp`` here).
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def _activation_spec(net: DenseNetG) -> tuple[float, float, str] | None:
@@ -128,20 +130,13 @@ class FoldedNet:
         return cls(list(tensors[:-1]), tensors[-1], n, kind)
 
     def block(self, j: int) -> _BlockWeights:
-        """Detached, pre-transposed weights of block ``j`` for the evaluation kernels."""
-        return _BlockWeights(
-            [w[j].detach() for w in self.weights],
-            [w[j].detach().t().contiguous() for w in self.weights],
-            self.final[j].detach(),
-            self.n,
-            self.kind,
-        )
+        """Detached weights of block ``j`` for the feature-major evaluation kernels."""
+        return _BlockWeights([w[j].detach() for w in self.weights], self.final[j].detach(), self.n, self.kind)
 
 
 @dataclass
 class _BlockWeights:
-    weights: list[Tensor]  # (2k, 1 + width_i)
-    weights_t: list[Tensor]  # (1 + width_i, 2k)
+    weights: list[Tensor]  # (2k, 1 + width_i): left operands of the feature-major products
     final: Tensor  # (n, 1 + width_total)
     n: int
     kind: str
@@ -150,13 +145,15 @@ class _BlockWeights:
     def total(self) -> int:
         return self.final.shape[1]
 
-    def seed(self, b: int, like: Tensor) -> Tensor:
-        """The first ``1 + n`` columns of the buffer: ``[1, 0]`` on the primal row, ``[0, I]`` on the tangents."""
-        n = self.n
-        out = torch.zeros(1 + n, b, 1 + n, dtype=like.dtype, device=like.device)
-        out[0, :, 0] = 1.0
-        out[1:, :, 1:] = torch.eye(n, dtype=like.dtype, device=like.device).unsqueeze(1)
-        return out
+    def map_weights(self, sign: float) -> Tensor:
+        """Final weights of the map ``w + sign G(w)``: the identity rides on the input rows of the buffer.
+
+        With them the last product yields ``w + sign G(w)`` on the primal columns and ``I + sign J_G`` on the
+        tangent columns, i.e. the Newton residual's value and Jacobian without further operations.
+        """
+        eye = torch.zeros_like(self.final)
+        eye[:, 1 : 1 + self.n] = torch.eye(self.n, dtype=eye.dtype, device=eye.device)
+        return eye.add_(self.final) if sign > 0 else eye.sub_(self.final)
 
 
 def _stacked_normalized(layers: Sequence[Any]) -> Tensor:
@@ -175,8 +172,8 @@ def _stacked_normalized(layers: Sequence[Any]) -> Tensor:
 def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
     """Fold a stack of same-architecture DenseNet G networks (differentiable in their parameters)."""
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
-    # Pila's k is folded into the pre-activations (and 1/k into the next layers' weights).
-    k = _K if kind == "pila" else 1.0
+    # Pila's k (times log2 e, for exp2) is folded into the pre-activations and 1/k into the next layers' weights.
+    k = _K * _LOG2E if kind == "pila" else 1.0
     scale = scale / k
     depth = len(nets[0].layers)
     n = nets[0].in_features
@@ -212,337 +209,309 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
 
 
 class _Consts:
-    """0-dim constants on the right dtype/device: a tensor operand is cheaper than a Python float here."""
+    """Constants on the right dtype/device, made once: a tensor operand is cheaper than a Python float here.
 
-    _cache: typing.ClassVar[dict[tuple[torch.dtype, torch.device], dict[str, Tensor]]] = {}
+    ``horner`` holds the stacked coefficients (highest degree first, each of shape (2, 1, 1)) of two cubics in the
+    folded variable ``y = min(h, 0)`` (see :func:`_activate`): ``y p(y / c)`` for the value and the derivative's
+    polynomial; ``second`` those of the second derivative's quadratic factor.
+    """
+
+    _cache: typing.ClassVar[dict[tuple[torch.dtype, torch.device], dict[str, Any]]] = {}
 
     @classmethod
-    def get(cls, like: Tensor) -> dict[str, Tensor]:
+    def get(cls, like: Tensor) -> dict[str, Any]:
         key = (like.dtype, like.device)
         if key not in cls._cache:
-            vals = {"half": 0.5, "one": 1.0, "minus_one": -1.0}
-            cls._cache[key] = {k: torch.tensor(v, dtype=like.dtype, device=like.device) for k, v in vals.items()}
+            c = _LOG2E
+
+            def col(a: float, b: float) -> Tensor:
+                return torch.tensor([a, b], dtype=like.dtype, device=like.device).view(2, 1, 1)
+
+            def scalar(a: float) -> Tensor:
+                return torch.tensor(a, dtype=like.dtype, device=like.device)
+
+            cls._cache[key] = {
+                "horner": (col(0.5 / c**2, 0.5 / c**3), col(-1.0 / c, 0.5 / c**2), col(1.0, -1.0 / c), col(0.0, 1.0)),
+                "second": (scalar(2.0 / c**3), scalar(0.5 / c**4)),
+            }
         return cls._cache[key]
 
 
-def _act(kind: str, h: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Activation in the folded scale and its derivative, without ``where`` (both branches meet at 0).
-
-    For Pila the pre-activations arrive multiplied by k (folded into the weights), ``y = min(h, 0)``, and the
-    value is ``k Pila(h / k) = relu(h) + y (y^2/2 - y + 1) e^y`` and the derivative
-    ``Pila'(h / k) = (y^3/2 + y^2/2 - y + 1) e^y`` (Ahn et al. 2022, Pila with k = 5). The value is written
-    into ``out`` when given.
-    """
-    if kind == "relu":
-        value = torch.clamp_min(h, 0.0, out=out) if out is not None else torch.relu(h)
-        return value, (h > 0).to(h.dtype)
-    c = _Consts.get(h)
-    y = torch.clamp_max(h, 0.0)
-    e = torch.exp(y)
-    b = torch.addcmul(c["one"], torch.addcmul(c["minus_one"], y, c["half"]), y)
-    value = torch.addcmul(torch.relu(h), b, y * e, out=out) if out is not None else None
-    if value is None:
-        value = torch.addcmul(torch.relu(h), b, y * e)
-    d = torch.addcmul(c["minus_one"], torch.addcmul(c["half"], y, c["half"]), y)
-    deriv = torch.addcmul(c["one"], d, y).mul_(e)
-    return value, deriv
-
-
-def _act_second(kind: str, h: Tensor) -> Tensor:
-    """Derivative of ``_act``'s derivative with respect to its (folded) input: ``(y^3/2 + 2 y^2) e^y``.
-
-    (``Pila''(x) = k (y^3/2 + 2 y^2) e^y`` with ``y = k x``; the chain rule through ``x = h / k`` takes the k.)
-    """
-    if kind == "relu":
-        return torch.zeros_like(h)
-    y = torch.clamp(h, max=0.0)
-    return (0.5 * y + 2.0) * y * y * torch.exp(y)
-
-
 @dataclass
-class _Cache:
-    """Everything the backward pass needs from one evaluation of G with tangents."""
+class _Eval:
+    """One evaluation of G with its tangents, feature-major (what the backward pass reads).
 
-    buf: Tensor  # (1 + n, B, 1 + width_total) raw features, primal row first
-    pre: list[Tensor]  # per layer, primal pre-activations (B, 2k)
-    deriv: list[Tensor]  # per layer, activation derivatives at pre (B, 2k)
-    tangent_pre: list[Tensor]  # per layer, tangent pre-activations (n, B, 2k)
-
-
-def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, seed: Tensor | None = None) -> tuple[Tensor, Tensor, _Cache]:
-    """G(w) (B, n), J_G(w) (B, n, n) and the cache, without autograd.
-
-    ``J[b, i, t] = dG_i / dw_t``; ``seed`` is ``net.seed(B, w)``, passed in to reuse it across a solve.
+    ``x`` holds the features, one row per feature and one column per point: columns ``[0, B)`` are the primal
+    points, columns ``[(1 + t) B, (2 + t) B)`` the tangents along input direction ``t``. Row 0 is the bias row
+    (1 on primal columns, 0 on tangents), rows ``1 .. n`` the input (``w`` and the identity), then each layer's
+    activation outputs. Per layer: ``h`` the pre-activations (primal and tangent columns), ``y = min(h, 0)``
+    and ``e`` its exponential on the primal columns, ``d`` the activation's derivative there. ``out`` is
+    ``[w + sign G(w), I + sign J_G(w)]`` as an (n, (1 + n) B) matrix (see :meth:`_BlockWeights.map_weights`).
     """
-    b, n = w.shape
-    total = net.total
-    buf = w.new_empty(1 + n, b, total)
-    buf[:, :, : 1 + n] = net.seed(b, w) if seed is None else seed
-    buf[0, :, 1 : 1 + n] = w
-    flat = buf.view((1 + n) * b, total)
-    pre, deriv, tangent_pre = [], [], []
-    width = 1 + n
-    for weight_t in net.weights_t:
-        m = weight_t.shape[1]
-        hh = torch.mm(flat[:, :width], weight_t).view(1 + n, b, m)
-        h0 = hh[0]
-        th = hh[1:]
-        _, d = _act(net.kind, h0, out=buf[0, :, width : width + m])
-        torch.mul(th, d, out=buf[1:, :, width : width + m])
-        pre.append(h0)
-        deriv.append(d)
-        tangent_pre.append(th)
-        width += m
-    # W.t() (a transposed view) rather than a contiguous W^T: 3x faster for this thin product in MKL here.
-    out = torch.mm(flat, net.final.t()).view(1 + n, b, n)
-    return out[0], out[1:].permute(1, 2, 0), _Cache(buf, pre, deriv, tangent_pre)
+
+    x: Tensor
+    h: list[Tensor]
+    y: list[Tensor]
+    e: list[Tensor]
+    d: list[Tensor]
+    out: Tensor
+
+    def jacobian_map(self, n: int) -> Tensor:
+        """``I + sign J_G(w)`` as an (n, n, B) stack: ``[i, t, k] = d(w + sign G(w))_i / dw_t`` at point k."""
+        b = self.out.shape[1] // (1 + n)
+        return self.out[:, b:].view(n, n, b)
 
 
-def evaluate(net: _BlockWeights, w: Tensor) -> Tensor:
-    """G(w) alone (no autograd)."""
-    b, n = w.shape
-    buf = w.new_empty(b, net.total)
-    buf[:, 0] = 1.0
-    buf[:, 1 : 1 + n] = w
+def _activate(kind: str, hp: Tensor, out: Tensor, c: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """Activation of the primal pre-activations ``hp`` (value written into ``out``); returns ``(y, e, d)``.
+
+    For Pila the pre-activations arrive as ``h = c k x`` (``k = 5``, ``c = log2 e``, folded into the weights).
+    With ``y = min(h, 0)`` and ``e = 2^y = e^(k min(x, 0))`` the stored value is
+    ``c k Pila(x) = relu(h) + y p(y / c) e`` with ``p(u) = u^2/2 - u + 1``, and the derivative is
+    ``Pila'(x) = (u^3/2 + u^2/2 - u + 1) e`` at ``u = y / c`` (Ahn et al. 2022, Pila). Both cubics are evaluated
+    in one stacked Horner scheme; no ``where`` is needed because the branches meet at 0 with two derivatives.
+    """
+    if kind == "relu":
+        torch.clamp_min(hp, 0.0, out=out)
+        return hp, hp, (hp > 0).to(hp.dtype)
+    a3, a2, a1, a0 = c["horner"]
+    y = torch.clamp_max(hp, 0.0)
+    e = torch.exp2(y)
+    q = torch.addcmul(a2, y, a3)
+    q = torch.addcmul(a1, q, y)
+    q = torch.addcmul(a0, q, y).mul_(e)
+    torch.clamp_min(hp, 0.0, out=out).add_(q[0])
+    return y, e, q[1]
+
+
+def _second(kind: str, y: Tensor, e: Tensor, c: dict[str, Any]) -> Tensor | None:
+    """Derivative of the activation's derivative with respect to the folded input ``h``; None for ReLU.
+
+    ``dPila'(x)/dh = Pila''(x) / (c k) = (u^3/2 + 2 u^2) e / c`` with ``u = y / c``
+    (``Pila''(x) = k (u^3/2 + 2 u^2) e^u``).
+    """
+    if kind == "relu":
+        return None
+    b2, b3 = c["second"]
+    return torch.addcmul(b2, y, b3).mul_(y).mul_(y).mul_(e)
+
+
+def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, x: Tensor, final: Tensor) -> _Eval:
+    """The map ``w + sign G(w)`` and its Jacobian at the points ``w`` (n, B), into the feature buffer ``x``.
+
+    ``x`` is a (features, (1 + n) B) buffer whose first ``1 + n`` rows already hold the seed (bias row and the
+    identity on the tangent columns, :func:`_seed`); ``w`` is copied into the primal input rows. Each layer is
+    one matrix product over the stacked primal and tangent columns (forward-mode tangents, ALGORITHM.md 8);
+    ``final`` is :meth:`_BlockWeights.map_weights` (``sign``) or ``net.final`` for G and J_G themselves.
+    """
+    n, b = w.shape
+    c = _Consts.get(w)
+    x[1 : 1 + n, :b] = w
+    hs, ys, es, ds = [], [], [], []
     width = 1 + n
-    for weight_t in net.weights_t:
-        m = weight_t.shape[1]
-        _act(net.kind, torch.mm(buf[:, :width], weight_t), out=buf[:, width : width + m])
+    for weight in net.weights:
+        m = weight.shape[0]
+        h = torch.mm(weight, x[:width])
+        y, e, d = _activate(net.kind, h[:, :b], x[width : width + m, :b], c)
+        torch.mul(h[:, b:].view(m, n, b), d.unsqueeze(1), out=x[width : width + m, b:].view(m, n, b))
+        hs.append(h)
+        ys.append(y)
+        es.append(e)
+        ds.append(d)
         width += m
-    return torch.mm(buf, net.final.t())
+    return _Eval(x, hs, ys, es, ds, torch.mm(final, x))
+
+
+def evaluate(net: _BlockWeights, w: Tensor, final: Tensor) -> Tensor:
+    """``final`` applied to G's features at the points ``w`` (n, B), e.g. ``w + G(w)``; no tangents, no autograd."""
+    n, b = w.shape
+    c = _Consts.get(w)
+    x = w.new_empty(net.total, b)
+    x[0] = 1.0
+    x[1 : 1 + n] = w
+    width = 1 + n
+    for weight in net.weights:
+        m = weight.shape[0]
+        _activate(net.kind, torch.mm(weight, x[:width]), x[width : width + m], c)
+        width += m
+    return torch.mm(final, x)
+
+
+def _seed(n: int, b: int, like: Tensor, count: int | None = None, total: int | None = None) -> Tensor:
+    """A feature buffer (or ``count`` of them) with the seed rows filled: bias row, identity on tangents."""
+    shape = (total, (1 + n) * b) if count is None else (count, total, (1 + n) * b)
+    x = like.new_empty(shape)
+    seed = x[..., : 1 + n, :]
+    seed.zero_()
+    seed[..., 0, :b] = 1.0
+    for t in range(n):
+        seed[..., 1 + t, (1 + t) * b : (2 + t) * b] = 1.0
+    return x
+
+
+# Small n x n algebra on (n, n, B) stacks (the batch last, as the feature-major kernels produce them).
+
+
+def _solve_small(a: Tensor, r: Tensor) -> Tensor:
+    """``s`` with ``a[:, :, k] s[:, k] = r[:, k]`` for every point k; closed form for n = 1 and 2."""
+    n = a.shape[0]
+    if n == 1:
+        return r / a[0]
+    if n == 2:
+        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
+        r0, r1 = r.unbind(0)
+        det = torch.addcmul(a00 * a11, a01, a10, value=-1.0)
+        s = torch.stack((torch.addcmul(a11 * r0, a01, r1, value=-1.0), torch.addcmul(a00 * r1, a10, r0, value=-1.0)))
+        return s.div_(det)
+    return torch.linalg.solve(a.permute(2, 0, 1), r.t()).t()
 
 
 def _inv_small(a: Tensor) -> Tensor:
-    """Batched inverse, closed form for 1x1 and 2x2."""
-    n = a.shape[-1]
+    """Inverse of every (n, n) slice of an (n, n, B) stack; closed form for n = 1 and 2."""
+    n = a.shape[0]
     if n == 1:
         return 1.0 / a
     if n == 2:
-        det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-        inv = torch.stack([a[:, 1, 1], -a[:, 0, 1], -a[:, 1, 0], a[:, 0, 0]], dim=1) / det[:, None]
-        return inv.view(-1, 2, 2)
-    return torch.linalg.inv(a)
+        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
+        det = torch.addcmul(a00 * a11, a01, a10, value=-1.0)
+        return torch.stack((a11, -a01, -a10, a00)).div_(det).view(2, 2, -1)
+    return torch.linalg.inv(a.permute(2, 0, 1)).permute(1, 2, 0)
 
 
 def _logabsdet(a: Tensor) -> Tensor:
-    n = a.shape[-1]
+    """``log|det|`` of every (n, n) slice of an (n, n, B) stack."""
+    n = a.shape[0]
     if n == 1:
-        return torch.log(torch.abs(a[:, 0, 0]))
+        return torch.log(torch.abs(a[0, 0]))
     if n == 2:
-        return torch.log(torch.abs(a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]))
-    return torch.linalg.slogdet(a).logabsdet
+        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
+        return torch.log(torch.abs(torch.addcmul(a00 * a11, a01, a10, value=-1.0)))
+    return torch.linalg.slogdet(a.permute(2, 0, 1)).logabsdet
 
 
-def _reverse_full(
-    net: _BlockWeights, cache: _Cache, cot_g: Tensor | None, cot_jac: Tensor, grads: list[Tensor]
-) -> Tensor:
-    """Reverse pass through G and its tangents: add to the weight gradients ``grads``; return dL/dw."""
-    n = net.n
-    buf = cache.buf
-    b, total = buf.shape[1], buf.shape[2]
-    flat = buf.view((1 + n) * b, total)
-    cot_out = buf.new_empty(1 + n, b, n)
-    if cot_g is None:
-        cot_out[0].zero_()
-    else:
-        cot_out[0] = cot_g
-    cot_out[1:] = cot_jac.permute(2, 0, 1)
-    co = cot_out.view((1 + n) * b, n)
-    grads[-1] += torch.mm(co.t(), flat)
-    cot_buf = torch.mm(co, net.final).view(1 + n, b, total)
-    width = total
-    for i in reversed(range(len(net.weights))):
-        weight = net.weights[i]
-        m = weight.shape[0]
-        width -= m
-        cn = cot_buf[:, :, width : width + m]
-        d = cache.deriv[i]
-        ch = torch.empty_like(cn)
-        ch[0] = cn[0] * d + (cn[1:] * cache.tangent_pre[i]).sum(0) * _act_second(net.kind, cache.pre[i])
-        torch.mul(cn[1:], d, out=ch[1:])
-        ch2 = ch.view((1 + n) * b, m)
-        grads[i] += torch.mm(ch2.t(), flat[:, :width])
-        cot_buf[:, :, :width] += torch.mm(ch2, weight).view(1 + n, b, width)
-    return cot_buf[0, :, 1 : 1 + n]
-
-
-def _reverse_primal(net: _BlockWeights, cache: _Cache, cot_g: Tensor, grads: list[Tensor]) -> None:
-    """Reverse pass through G's primal network only (adds to the weight gradients ``grads``)."""
-    prim = cache.buf[0]
-    grads[-1] += torch.mm(cot_g.t(), prim)
-    c = torch.mm(cot_g, net.final)
-    width = prim.shape[1]
-    for i in reversed(range(len(net.weights))):
-        weight = net.weights[i]
-        m = weight.shape[0]
-        width -= m
-        ch = c[:, width : width + m] * cache.deriv[i]
-        grads[i] += torch.mm(ch.t(), prim[:, :width])
-        c[:, :width] += torch.mm(ch, weight)
+def _eye(n: int, like: Tensor) -> Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device).unsqueeze(2)
 
 
 def _newton(
-    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str
-) -> tuple[Tensor, Tensor, _Cache, SolverStats]:
-    """Solve ``w + sign G(w) = rhs`` by safeguarded Newton on the whole batch, freezing converged samples.
+    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, x: Tensor
+) -> tuple[Tensor, _Eval, SolverStats]:
+    """Solve ``w + sign G(w) = rhs`` (points as columns of ``rhs``) by safeguarded Newton, freezing samples.
 
-    The final evaluation is at the returned point for every sample, so its Jacobian and cache are exact there.
-    The hot loop avoids Python-scalar arithmetic and per-entry indexing (each costs an operator dispatch).
+    Every sample stops moving once its relative residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets
+    the tolerance, so the final evaluation (kept in the feature buffer ``x``) is at the returned point for every
+    sample: its Jacobian and activations are exact there for the log-det and the backward pass. The hot loop
+    avoids Python-scalar arithmetic and per-entry indexing (each costs an operator dispatch).
     """
-    b, n = rhs.shape
+    n, b = rhs.shape
     tol = effective_tolerance(tol, rhs.dtype)
-    tol_t = torch.tensor(tol, dtype=rhs.dtype, device=rhs.device)
-    scale = 1.0 + rhs.abs().amax(dim=1)
-    # eye_cols[t] is the t-th column of I, broadcast over the batch: the columns of A = I +- J.
-    eye_cols = torch.eye(n, dtype=rhs.dtype, device=rhs.device).unsqueeze(1)
-    plus = sign > 0
-    seed = net.seed(b, rhs)
+    threshold = rhs.abs().amax(dim=0).add_(1.0).mul_(tol)
+    final = net.map_weights(sign)
     w = rhs
-    conv = torch.zeros(b, dtype=torch.bool, device=rhs.device)
-    iterations = torch.zeros(b, dtype=torch.long, device=rhs.device)
-    prev_res: Tensor | None = None
-    prev_f = rhs
+    conv: Tensor | None = None
+    history: list[Tensor] = []
+    prev: tuple[Tensor, ...] | None = None  # (w, r, res) of the previous accepted iterate
+    plain: Tensor | None = None  # samples whose current point came from a plain step
     it = 0
     while True:
         it += 1
-        g, jac, cache = evaluate_with_jacobian(net, w, seed)
-        fw = rhs - g if plus else rhs + g
-        r = w - fw
-        res = r.abs().amax(dim=1).div_(scale)
-        iterations += ~conv
-        conv = conv | torch.le(res, tol_t)
+        ev = evaluate_with_jacobian(net, w, x, final)
+        r = torch.sub(ev.out[:, :b], rhs)
+        res = r.abs().amax(dim=0)
+        ok = res <= threshold
+        conv = ok if conv is None else conv | ok
+        history.append(conv)
         if it >= max_iter or bool(conv.all()):
             break
-        cols = jac.permute(2, 0, 1)  # cols[t] = column t of J_G, shape (B, n)
-        a_cols = eye_cols + cols if plus else eye_cols - cols
-        if n == 2:
-            # Cramer's rule with 2-D cross products: x0 = [r, c1] / [c0, c1], x1 = [c0, r] / [c0, c1].
-            c0, c1 = a_cols[0], a_cols[1]
-            lhs = torch.stack((r, c0, c0))
-            rhs_ = torch.stack((c1, r, c1))
-            cross = lhs[..., 0] * rhs_[..., 1] - lhs[..., 1] * rhs_[..., 0]
-            step = (cross[:2] / cross[2]).t()
-        elif n == 1:
-            step = r / a_cols[0]
-        else:
-            step = torch.linalg.solve(a_cols.permute(1, 2, 0), r)
-        cand = w - step
-        # Safeguard: where the residual grew, take the plain contracting step from the previous point.
-        if prev_res is not None:
-            worse = res > prev_res
+        cand = w - _solve_small(ev.jacobian_map(n), r)
+        # Safeguard: where a Newton step made the residual grow, discard it and take the plain (contracting)
+        # step from the previous point; that plain step is accepted without comparison, so nothing stalls.
+        if prev is not None:
+            worse = res > prev[2]
+            if plain is not None:
+                worse = worse.logical_and_(plain.logical_not())
             if bool(worse.any()):
-                cand = torch.where(worse.unsqueeze(1), prev_f, cand)
-                fw = torch.where(worse.unsqueeze(1), prev_f, fw)
-                res = torch.where(worse, prev_res, res)
-        prev_f, prev_res = fw, res
-        w = torch.where(conv.unsqueeze(1), w, cand)
-    stats = SolverStats("newton", iterations, res, conv, it, tol, max_iter)
+                cand = torch.where(worse, prev[0] - prev[1], cand)
+                prev = tuple(torch.where(worse, old, new) for old, new in zip(prev, (w, r, res), strict=True))
+                plain = worse
+            else:
+                prev, plain = (w, r, res), None
+        else:
+            prev = (w, r, res)
+        w = torch.where(conv, w, cand)
+    stats = _stats(history, res / threshold * tol, conv, it, tol, max_iter)
+    _warn_unconverged(stats, label, b)
+    return w, ev, stats
+
+
+def _stats(history: list[Tensor], residual: Tensor, conv: Tensor, it: int, tol: float, max_iter: int) -> SolverStats:
+    """Per-sample statistics from the convergence masks of each iteration (evaluations until converged)."""
+    if len(history) > 1:
+        iterations = torch.stack(history[:-1]).logical_not().sum(0).add_(1)
+    else:
+        iterations = torch.ones_like(conv, dtype=torch.long)
+    return SolverStats("newton", iterations, residual, conv, it, tol, max_iter)
+
+
+def _warn_unconverged(stats: SolverStats, label: str, b: int) -> None:
     if stats.n_failed:
         warnings.warn(
-            f"{label}: {stats.n_failed} of {b} samples did not converge within {max_iter} newton iterations "
-            f"(worst relative residual {float(res.max()):.3g}, tolerance {tol:.3g})",
+            f"{label}: {stats.n_failed} of {b} samples did not converge within {stats.max_iter} newton iterations "
+            f"(worst relative residual {float(stats.residual.max()):.3g}, tolerance {stats.tol:.3g})",
             SolverWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-    return w, jac, cache, stats
 
 
-def _newton_compacting(
-    weights: _BlockWeights, rhs: Tensor, sign: float, block: Any, label: str
-) -> tuple[Tensor, Tensor, SolverStats]:
-    """Newton through the generic solver (per-sample compaction); returns ``(w, J_G(w), stats)``."""
-    from .solvers import solve
+def _reverse_tangent(net: _BlockWeights, ev: _Eval, cot_out: Tensor, slots: list[Tensor]) -> Tensor:
+    """Reverse pass through G and its tangents for the cotangent ``cot_out`` of ``ev.out``; returns dL/dw (n, B).
 
-    eye = torch.eye(weights.n, dtype=rhs.dtype, device=rhs.device)
-
-    def fmap(w: Tensor, idx: Tensor) -> Tensor:
-        return rhs[idx] - sign * evaluate(weights, w)
-
-    def newton_map(w: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        g, jac, _ = evaluate_with_jacobian(weights, w)
-        return rhs[idx] - sign * g, eye + sign * jac
-
-    w, stats, a_mat = solve(
-        fmap, rhs, method="newton", tol=block.tol, max_iter=block.max_iter, newton_map=newton_map, label=label
-    )
-    assert a_mat is not None
-    return w, (a_mat - eye) * sign, stats
-
-
-def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, keep: bool) -> tuple[Tensor, Tensor, list[Any]]:
-    """Forward through the run; with ``keep``, the per-block records the backward pass needs."""
-    records = []
-    total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    eye = torch.eye(plan.n, dtype=x.dtype, device=x.device)
-    for j, block in enumerate(plan.blocks):
-        kind = block.kind
-        weights = net.block(j)
-        if kind == "residual":
-            g, jac, cache = evaluate_with_jacobian(weights, x)
-            logdet = _logabsdet(eye + jac)
-            y = x + g
-        else:
-            rhs = SQRT2 * x if kind == "monotone" else x
-            label = f"{type(block).__name__} forward solve"
-            if keep:
-                w, jac, cache, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label)
-            else:
-                # Without a backward pass no cache is needed, so converged samples drop out of the batch.
-                w, jac, block.forward_stats = _newton_compacting(weights, rhs, 1.0, block, label)
-            if kind == "monotone":
-                logdet = _logabsdet(eye - jac) - _logabsdet(eye + jac)
-                y = SQRT2 * w - x
-            else:
-                logdet = -_logabsdet(eye + jac)
-                y = w
-        block.last_logdet_exact = True
-        if keep:
-            records.append((kind, jac, cache, weights))
-        total = total + logdet
-        x = y
-    return x, total, records
+    Writes the cotangent of each layer's pre-activations (primal and tangent columns) into ``slots``; the
+    weight gradients are formed from them later, one batched product per layer for the whole run. The
+    tangent path is where the activation's second derivative enters (the log-det's gradient).
+    """
+    n = net.n
+    b = ev.d[0].shape[1]
+    c = _Consts.get(cot_out)
+    cot_x = torch.mm(net.final.t(), cot_out)
+    width = cot_x.shape[0]
+    for i in reversed(range(len(net.weights))):
+        weight = net.weights[i]
+        m = weight.shape[0]
+        width -= m
+        cx = cot_x[width : width + m]
+        slot = slots[i]
+        d = ev.d[i]
+        cx_t = cx[:, b:].view(m, n, b)
+        torch.mul(cx_t, d.unsqueeze(1), out=slot[:, b:].view(m, n, b))
+        torch.mul(cx[:, :b], d, out=slot[:, :b])
+        d2 = _second(net.kind, ev.y[i], ev.e[i], c)
+        if d2 is not None:
+            slot[:, :b].addcmul_((cx_t * ev.h[i][:, b:].view(m, n, b)).sum(1), d2)
+        if i:
+            cot_x[:width].addmm_(weight.t(), slot)
+        else:  # only the primal input rows matter below the first layer
+            return torch.addmm(cot_x[1 : 1 + n, :b], weight[:, 1 : 1 + n].t(), slot[:, :b])
+    raise AssertionError("G has at least one layer")
 
 
-class _FusedBlocks(torch.autograd.Function):
-    """A run of blocks as one autograd node with the exact implicit backward (see the module docstring)."""
+def _reverse_primal(net: _BlockWeights, ev: _Eval, cot_g: Tensor, slots: list[Tensor]) -> None:
+    """Reverse pass through G's primal network for the cotangent ``cot_g`` (n, B) of G(w).
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
-        y, total, records = _fused_forward(x, plan, net, keep=True)
-        ctx.net = net
-        ctx.records = records
-        return y, total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        net: FoldedNet = ctx.net
-        grads = [torch.zeros_like(t) for t in net.tensors()]
-        gy = grad_z
-        gl = grad_logdet
-        n = net.n
-        eye = torch.eye(n, dtype=gy.dtype, device=gy.device)
-        for j in reversed(range(len(ctx.records))):
-            kind, jac, cache, weights = ctx.records[j]
-            gj = [grad[j] for grad in grads]
-            inv_plus = _inv_small(eye + jac)
-            if kind == "residual":
-                cot_jac = gl[:, None, None] * inv_plus.transpose(1, 2)
-                gy = gy + _reverse_full(weights, cache, gy, cot_jac, gj)
-                continue
-            if kind == "monotone":
-                inv_minus = _inv_small(eye - jac)
-                cot_jac = -gl[:, None, None] * (inv_minus + inv_plus).transpose(1, 2)
-                gw = SQRT2 * gy + _reverse_full(weights, cache, None, cot_jac, gj)
-            else:
-                cot_jac = -gl[:, None, None] * inv_plus.transpose(1, 2)
-                gw = gy + _reverse_full(weights, cache, None, cot_jac, gj)
-            # a = gw (I + J)^{-1}: the implicit-function gradient with respect to the solve's right-hand side.
-            a = torch.bmm(gw.unsqueeze(1), inv_plus).squeeze(1)
-            _reverse_primal(weights, cache, -a, gj)
-            gy = SQRT2 * a - gy if kind == "monotone" else a
-        return (gy, None, *grads)
+    Adds the pre-activation cotangents into the primal columns of ``slots`` (the weight gradients need
+    nothing else: they are products with the same feature buffer).
+    """
+    b = cot_g.shape[1]
+    cot = torch.mm(net.final.t(), cot_g)
+    width = cot.shape[0]
+    for i in reversed(range(len(net.weights))):
+        weight = net.weights[i]
+        m = weight.shape[0]
+        width -= m
+        ch = cot[width : width + m] * ev.d[i]
+        slots[i][:, :b].add_(ch)
+        if i:
+            cot[:width].addmm_(weight.t(), ch)
 
 
 @dataclass
@@ -552,8 +521,113 @@ class _Plan:
     kind: str
 
 
+def _block_forward(block: Any, weights: _BlockWeights, x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor, _Eval]:
+    """One block on points ``x`` (n, B): ``(y, logdet, the evaluation at the solution)``; records solver stats.
+
+    The evaluation's Jacobian map is ``A = I + J_G`` at the solution in every case (ALGORITHM.md 2): the log-det
+    is ``log|det A|`` (residual), ``-log|det A|`` (inverse residual) or ``log|det(2I - A)| - log|det A|``.
+    """
+    kind = block.kind
+    n, b = x.shape
+    if kind == "residual":
+        ev = evaluate_with_jacobian(weights, x, buf, weights.map_weights(1.0))
+        return ev.out[:, :b], _logabsdet(ev.jacobian_map(n)), ev
+    rhs = SQRT2 * x if kind == "monotone" else x
+    label = f"{type(block).__name__} forward solve"
+    w, ev, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label, buf)
+    a = ev.jacobian_map(n)
+    if kind == "monotone":
+        return SQRT2 * w - x, _logabsdet(torch.sub(2.0 * _eye(n, x), a)) - _logabsdet(a), ev
+    return w, -_logabsdet(a), ev
+
+
+def _fused_forward(
+    x: Tensor, plan: _Plan, net: FoldedNet, keep: bool
+) -> tuple[Tensor, Tensor, list[tuple[str, _Eval]], Tensor]:
+    """Forward through the run on points ``x`` (n, B).
+
+    With ``keep``, every block evaluates into its own slice of one (blocks, features, (1 + n) B) buffer and the
+    evaluations at the solutions are returned for the backward pass; without, all blocks share one buffer.
+    """
+    n, b = x.shape
+    nb = len(plan.blocks)
+    bufs = _seed(n, b, x, count=nb if keep else None, total=net.final.shape[2])
+    records: list[tuple[str, _Eval]] = []
+    total: Tensor | None = None
+    for j, block in enumerate(plan.blocks):
+        x, logdet, ev = _block_forward(block, net.block(j), x, bufs[j] if keep else bufs)
+        block.last_logdet_exact = True
+        total = logdet if total is None else total + logdet
+        if keep:
+            records.append((block.kind, ev))
+    assert total is not None
+    return x, total, records, bufs
+
+
+class _FusedBlocks(torch.autograd.Function):
+    """A run of blocks as one autograd node with the exact implicit backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
+        y, total, records, bufs = _fused_forward(x.detach().t().contiguous(), plan, net, keep=True)
+        ctx.net = net
+        ctx.records = records
+        ctx.bufs = bufs
+        return y.t().contiguous(), total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        net: FoldedNet = ctx.net
+        bufs: Tensor = ctx.bufs
+        nb, _, cols = bufs.shape
+        n = net.n
+        b = cols // (1 + n)
+        gy = grad_z.t().contiguous()
+        # Cotangents of every block's pre-activations and of G's outputs, kept so that each weight gradient is
+        # one batched product over the blocks at the end.
+        slots = [bufs.new_empty(nb, w.shape[1], cols) for w in net.weights]
+        cot_out = bufs.new_empty(nb, n, cols)
+        eye = _eye(n, gy)
+        neg_gl = -grad_logdet
+        for j in reversed(range(nb)):
+            kind, ev = ctx.records[j]
+            weights = net.block(j)
+            a_plus = ev.jacobian_map(n)  # I + J_G at the solution
+            inv_plus = _inv_small(a_plus)
+            co = cot_out[j]
+            # d logdet / dJ, transposed into co's tangent columns (co[i, t-th block] pairs with dG_i/dw_t).
+            if kind == "residual":
+                torch.mul(inv_plus.transpose(0, 1), grad_logdet, out=co[:, b:].view(n, n, b))
+                co[:, :b] = gy
+            else:
+                dlog = _inv_small(torch.sub(2.0 * eye, a_plus)).add_(inv_plus) if kind == "monotone" else inv_plus
+                torch.mul(dlog.transpose(0, 1), neg_gl, out=co[:, b:].view(n, n, b))
+                co[:, :b].zero_()
+            slot_j = [s[j] for s in slots]
+            v = _reverse_tangent(weights, ev, co, slot_j)
+            if kind == "residual":
+                gy = gy + v
+                continue
+            gw = torch.add(v, gy, alpha=SQRT2) if kind == "monotone" else v.add_(gy)
+            # a = gw (I + J)^{-1}: the implicit-function gradient with respect to the solve's right-hand side
+            # (ALGORITHM.md 4); the parameters receive -a dG/dtheta.
+            a = (inv_plus * gw.unsqueeze(1)).sum(0)
+            torch.neg(a, out=co[:, :b])
+            _reverse_primal(weights, ev, co[:, :b], slot_j)
+            gy = torch.sub(a, gy, alpha=1.0 / SQRT2).mul_(SQRT2) if kind == "monotone" else a
+        grads = []
+        width = 1 + n
+        for w, s in zip(net.weights, slots, strict=True):
+            grads.append(torch.bmm(s, bufs[:, :width].transpose(1, 2)))
+            width += w.shape[1]
+        grads.append(torch.bmm(cot_out, bufs.transpose(1, 2)))
+        return (gy.t(), None, *grads)
+
+
 def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
-    """Run eligible blocks (same architecture) on ``x``; returns ``(y, summed logdet)``, differentiable."""
+    """Run eligible blocks (same architecture) on ``x`` (B, n); returns ``(y, summed logdet)``, differentiable."""
     nets = [blk.net for blk in blocks]
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for g in nets for p in g.parameters())
@@ -562,23 +636,24 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             folded = fold_nets(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
-            y, logdet, _ = _fused_forward(x, plan, folded, keep=False)
-        return y, logdet
+            y, logdet, _, _ = _fused_forward(x.t().contiguous(), plan, folded, keep=False)
+        return y.t(), logdet
     folded = fold_nets(nets)
     plan = _Plan(list(blocks), folded.n, folded.kind)
     return _FusedBlocks.apply(x, plan, *folded.tensors())
 
 
 def fused_inverse(block: Any, y: Tensor) -> Tensor:
-    """Inverse of one eligible block without autograd (sampling): Newton with the folded kernel."""
-
+    """Inverse of one eligible block on ``y`` (B, n) without autograd (sampling): Newton on the folded kernel."""
     with torch.no_grad():
         net = fold_nets([block.net]).block(0)
+        yt = y.t().contiguous()
         if block.kind == "inverse_residual":
-            return y + evaluate(net, y)
+            return evaluate(net, yt, net.map_weights(1.0)).t()
+        n, b = yt.shape
         sign = -1.0 if block.kind == "monotone" else 1.0
-        rhs = SQRT2 * y if block.kind == "monotone" else y
-        w, _, block.inverse_stats = _newton_compacting(
-            net, rhs, sign, block, f"{type(block).__name__} inverse solve"
-        )
-        return SQRT2 * w - y if block.kind == "monotone" else w
+        rhs = SQRT2 * yt if block.kind == "monotone" else yt
+        buf = _seed(n, b, yt, total=net.total)
+        label = f"{type(block).__name__} inverse solve"
+        w, _, block.inverse_stats = _newton(net, rhs, sign, block.tol, block.max_iter, label, buf)
+        return (SQRT2 * w - yt).t() if block.kind == "monotone" else w.t()
