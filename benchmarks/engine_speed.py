@@ -8,7 +8,7 @@ Measures, on this machine, in float32 at batch 500:
 * the log-density on a 400 x 400 grid over [-4, 4]^2 and 160,000 samples (s), after that training;
 * the same training step on the generic autograd path (``flow.fast_path = False``) for comparison.
 
-Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 2] [--json OUT]``.
+Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 1] [--workers 2] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import platform
 import statistics
 import time
 
+import numpy as np
 import torch
 
 import monoflow_core as mc
+from monoflow_core import evaluation
 from monoflow_core.data import ToyStream
+from monoflow_core.runtime import tune_allocator
 
 
 def train_steps(flow: mc.Flow, steps: int, seed: int) -> tuple[list[float], list[int], list[int], float]:
@@ -52,11 +55,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=250, help="training steps (the median uses steps 51..N)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
-    parser.add_argument("--eval-threads", type=int, default=2, help="intra-op threads for grid and sampling")
+    parser.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for grid and sampling")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="threads evaluating chunks of the grid and the samples in parallel (one intra-op "
+                             "thread each)")
     parser.add_argument("--generic-steps", type=int, default=60, help="steps on the generic autograd path")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
+    tune_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     flow = mc.build_flow()
@@ -70,14 +77,15 @@ def main() -> None:
     ticks = torch.linspace(-4, 4, 400)
     yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
     grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        logp = torch.cat([flow.log_prob(chunk) for chunk in grid.split(5000)])
-        grid_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        samples = torch.cat([flow.sample(5000) for _ in range(32)])
-        sample_s = time.perf_counter() - t0
-    assert torch.isfinite(logp).all() and torch.isfinite(samples).all()
+    # Warm-up (first-call allocations), then the timed passes in the flow's own dtype (float32).
+    evaluation.log_prob(flow, grid[:5000], chunk=5000, dtype=None)
+    t0 = time.perf_counter()
+    logp = evaluation.log_prob(flow, grid, chunk=5000, dtype=None, workers=args.workers)
+    grid_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = evaluation.sample(flow, 160_000, chunk=5000, seed=0, workers=args.workers)
+    sample_s = time.perf_counter() - t0
+    assert torch.isfinite(logp).all() and bool(np.isfinite(samples).all())
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,6 +108,7 @@ def main() -> None:
         "train_loss_last_nats": round(loss, 4),
         "threads_train": args.threads,
         "threads_eval": args.eval_threads,
+        "eval_workers": args.workers,
     }
     print(f"training step (fused exact path, float32, batch 500, steps 51-{args.steps}): "
           f"median {step_ms:.1f} ms/step, p90 {figures['train_step_ms_p90']} ms/step ({args.threads} thread)")
@@ -107,7 +116,7 @@ def main() -> None:
     print(f"forward-solve G evaluations per block: median {figures['forward_G_evaluations_per_block_median']}, "
           f"max {figures['forward_G_evaluations_per_block_max']}")
     print(f"log-density, 400x400 grid: {grid_s:.2f} s; 160,000 samples: {sample_s:.2f} s "
-          f"({args.eval_threads} threads, chunks of 5,000)")
+          f"({args.workers} worker threads x {args.eval_threads} intra-op thread, chunks of 5,000, float32)")
     print(f"last training loss: {loss:.4f} nats (exact NLL of the batch)")
     if args.json:
         with open(args.json, "w") as fh:

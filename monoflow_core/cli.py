@@ -45,6 +45,7 @@ from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
 from .nn.lipschitz import update_lipschitz
 from .presets import list_presets, load_preset
+from .runtime import tune_allocator
 from .training import DTYPES, EVAL_POWER_ITERATIONS, TrainConfig, Trainer, TrainingError
 
 __all__ = ["main"]
@@ -1029,6 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
     0: success; 1: training diverged or nothing to list; 2: a user error (one ``monoflow: error:`` line on
     stderr); 130: interrupted by Ctrl-C (a training run saves its checkpoint first).
     """
+    tune_allocator()  # mid-sized temporaries from the heap, not fresh mmaps (monoflow_core.runtime)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -208,12 +208,40 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
     return FoldedNet(weights[:-1], weights[-1], n, kind)
 
 
+def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
+    """Identity and version of every tensor a fold reads: any change (an optimizer step, a load) changes it."""
+    key: list[Any] = []
+    for g in nets:
+        for t in (*g.parameters(), *g.buffers()):
+            key.append((t.data_ptr(), t._version, t.dtype, t.device))
+        key.extend((lin.mode, lin.coeff) for lin in [*g.layers, g.final])
+        key.append(g.lip_coeff)
+    return tuple(key)
+
+
+def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
+    """:func:`fold_nets` without autograd, remembered on the first net until any input tensor changes.
+
+    Evaluations (density grids, sampling) call the fused path once per chunk and per block; folding costs a
+    few milliseconds (exact spectral norms), which this skips while the weights stay the same.
+    """
+    key = _fold_key(nets)
+    owner = nets[0]
+    cached = owner.__dict__.get("_monoflow_fold")
+    if cached is not None and cached[0] == key and cached[1] == len(nets):
+        return cached[2]
+    with torch.no_grad():
+        folded = fold_nets(nets)
+    owner.__dict__["_monoflow_fold"] = (key, len(nets), folded)
+    return folded
+
+
 class _Consts:
     """Constants on the right dtype/device, made once: a tensor operand is cheaper than a Python float here.
 
     ``horner`` holds the stacked coefficients (highest degree first, each of shape (2, 1, 1)) of two cubics in the
     folded variable ``y = min(h, 0)`` (see :func:`_activate`): ``y p(y / c)`` for the value and the derivative's
-    polynomial; ``second`` those of the second derivative's quadratic factor.
+    polynomial.
     """
 
     _cache: typing.ClassVar[dict[tuple[torch.dtype, torch.device], dict[str, Any]]] = {}
@@ -227,12 +255,8 @@ class _Consts:
             def col(a: float, b: float) -> Tensor:
                 return torch.tensor([a, b], dtype=like.dtype, device=like.device).view(2, 1, 1)
 
-            def scalar(a: float) -> Tensor:
-                return torch.tensor(a, dtype=like.dtype, device=like.device)
-
             cls._cache[key] = {
                 "horner": (col(0.5 / c**2, 0.5 / c**3), col(-1.0 / c, 0.5 / c**2), col(1.0, -1.0 / c), col(0.0, 1.0)),
-                "second": (scalar(2.0 / c**3), scalar(0.5 / c**4)),
             }
         return cls._cache[key]
 
@@ -277,14 +301,15 @@ def _activate(kind: str, hp: Tensor, out: Tensor, c: dict[str, Any]) -> tuple[Te
     a3, a2, a1, a0 = c["horner"]
     y = torch.clamp_max(hp, 0.0)
     e = torch.exp2(y)
-    q = torch.addcmul(a2, y, a3)
+    # (a mul and an in-place add: a ternary op broadcasting a (2, 1, 1) operand is 3x slower here)
+    q = torch.mul(y, a3).add_(a2)
     q = torch.addcmul(a1, q, y)
     q = torch.addcmul(a0, q, y).mul_(e)
     torch.clamp_min(hp, 0.0, out=out).add_(q[0])
     return y, e, q[1]
 
 
-def _second(kind: str, y: Tensor, e: Tensor, c: dict[str, Any]) -> Tensor | None:
+def _second(kind: str, y: Tensor, e: Tensor) -> Tensor | None:
     """Derivative of the activation's derivative with respect to the folded input ``h``; None for ReLU.
 
     ``dPila'(x)/dh = Pila''(x) / (c k) = (u^3/2 + 2 u^2) e / c`` with ``u = y / c``
@@ -292,8 +317,8 @@ def _second(kind: str, y: Tensor, e: Tensor, c: dict[str, Any]) -> Tensor | None
     """
     if kind == "relu":
         return None
-    b2, b3 = c["second"]
-    return torch.addcmul(b2, y, b3).mul_(y).mul_(y).mul_(e)
+    c = _LOG2E
+    return torch.mul(y, 0.5 / c**4).add_(2.0 / c**3).mul_(y).mul_(y).mul_(e)
 
 
 def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, x: Tensor, final: Tensor) -> _Eval:
@@ -444,6 +469,80 @@ def _newton(
     return w, ev, stats
 
 
+def _newton_compact(
+    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, want_jacobian: bool
+) -> tuple[Tensor, Tensor | None, SolverStats]:
+    """:func:`_newton` without a backward pass: converged samples leave the batch (no autograd, no buffers kept).
+
+    Returns ``(w, I + sign J_G(w) or None, stats)``. Each sample's Jacobian map comes from the evaluation at which
+    it converged, i.e. at the returned point. Dropping converged samples makes stragglers cheap: the batch
+    shrinks to the samples that still need work.
+    """
+    n, b = rhs.shape
+    tol = effective_tolerance(tol, rhs.dtype)
+    threshold = rhs.abs().amax(dim=0).add_(1.0).mul_(tol)
+    final = net.map_weights(sign)
+    w_out = torch.empty_like(rhs)
+    a_out = rhs.new_empty(n, n, b) if want_jacobian else None
+    iterations = torch.empty(b, dtype=torch.long, device=rhs.device)
+    residual = rhs.new_empty(b)
+    converged = torch.zeros(b, dtype=torch.bool, device=rhs.device)
+    active = torch.arange(b, device=rhs.device)
+    w, target, thr = rhs, rhs, threshold
+    prev: tuple[Tensor, ...] | None = None
+    plain: Tensor | None = None
+    buf = _seed(n, b, rhs, total=net.total)
+    it = 0
+    while True:
+        it += 1
+        m = w.shape[1]
+        if buf.shape[1] != (1 + n) * m:
+            buf = _seed(n, m, rhs, total=net.total)
+        ev = evaluate_with_jacobian(net, w, buf, final)
+        r = torch.sub(ev.out[:, :m], target)
+        res = r.abs().amax(dim=0)
+        ok = res <= thr
+        n_ok = int(ok.sum())
+        a = ev.jacobian_map(n)
+        if n_ok or it >= max_iter:
+            done = ok if it < max_iter else torch.ones_like(ok)
+            pos = done.nonzero().squeeze(1)
+            ids = active.index_select(0, pos)
+            w_out.index_copy_(1, ids, w.index_select(1, pos))
+            if a_out is not None:
+                a_out.index_copy_(2, ids, a.index_select(2, pos))
+            iterations.index_fill_(0, ids, it)
+            residual.index_copy_(0, ids, res.index_select(0, pos).div_(thr.index_select(0, pos)).mul_(tol))
+            converged.index_copy_(0, ids, ok.index_select(0, pos))
+            if it >= max_iter or n_ok == m:
+                break
+            keep = ok.logical_not().nonzero().squeeze(1)
+            active = active.index_select(0, keep)
+            w, target, thr = w.index_select(1, keep), target.index_select(1, keep), thr.index_select(0, keep)
+            r, res, a = r.index_select(1, keep), res.index_select(0, keep), a.index_select(2, keep)
+            if prev is not None:
+                prev = (prev[0].index_select(1, keep), prev[1].index_select(1, keep), prev[2].index_select(0, keep))
+            if plain is not None:
+                plain = plain.index_select(0, keep)
+        cand = w - _solve_small(a, r)
+        if prev is not None:  # the safeguard of _newton
+            worse = res > prev[2]
+            if plain is not None:
+                worse = worse.logical_and_(plain.logical_not())
+            if bool(worse.any()):
+                cand = torch.where(worse, prev[0] - prev[1], cand)
+                prev = tuple(torch.where(worse, old, new) for old, new in zip(prev, (w, r, res), strict=True))
+                plain = worse
+            else:
+                prev, plain = (w, r, res), None
+        else:
+            prev = (w, r, res)
+        w = cand
+    stats = SolverStats("newton", iterations, residual, converged, it, tol, max_iter)
+    _warn_unconverged(stats, label, b)
+    return w_out, a_out, stats
+
+
 def _stats(history: list[Tensor], residual: Tensor, conv: Tensor, it: int, tol: float, max_iter: int) -> SolverStats:
     """Per-sample statistics from the convergence masks of each iteration (evaluations until converged)."""
     if len(history) > 1:
@@ -472,7 +571,6 @@ def _reverse_tangent(net: _BlockWeights, ev: _Eval, cot_out: Tensor, slots: list
     """
     n = net.n
     b = ev.d[0].shape[1]
-    c = _Consts.get(cot_out)
     cot_x = torch.mm(net.final.t(), cot_out)
     width = cot_x.shape[0]
     for i in reversed(range(len(net.weights))):
@@ -485,7 +583,7 @@ def _reverse_tangent(net: _BlockWeights, ev: _Eval, cot_out: Tensor, slots: list
         cx_t = cx[:, b:].view(m, n, b)
         torch.mul(cx_t, d.unsqueeze(1), out=slot[:, b:].view(m, n, b))
         torch.mul(cx[:, :b], d, out=slot[:, :b])
-        d2 = _second(net.kind, ev.y[i], ev.e[i], c)
+        d2 = _second(net.kind, ev.y[i], ev.e[i])
         if d2 is not None:
             slot[:, :b].addcmul_((cx_t * ev.h[i][:, b:].view(m, n, b)).sum(1), d2)
         if i:
@@ -521,21 +619,31 @@ class _Plan:
     kind: str
 
 
-def _block_forward(block: Any, weights: _BlockWeights, x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor, _Eval]:
+def _block_forward(
+    block: Any, weights: _BlockWeights, x: Tensor, buf: Tensor | None
+) -> tuple[Tensor, Tensor, _Eval | None]:
     """One block on points ``x`` (n, B): ``(y, logdet, the evaluation at the solution)``; records solver stats.
 
-    The evaluation's Jacobian map is ``A = I + J_G`` at the solution in every case (ALGORITHM.md 2): the log-det
-    is ``log|det A|`` (residual), ``-log|det A|`` (inverse residual) or ``log|det(2I - A)| - log|det A|``.
+    With a feature buffer ``buf`` the evaluation at the solution is kept there for the backward pass; without
+    (no gradient needed) converged samples leave the solve early and no evaluation is returned. The Jacobian map
+    is ``A = I + J_G`` at the solution in every case (ALGORITHM.md 2): the log-det is ``log|det A|`` (residual),
+    ``-log|det A|`` (inverse residual) or ``log|det(2I - A)| - log|det A|`` (monotone).
     """
     kind = block.kind
     n, b = x.shape
     if kind == "residual":
-        ev = evaluate_with_jacobian(weights, x, buf, weights.map_weights(1.0))
-        return ev.out[:, :b], _logabsdet(ev.jacobian_map(n)), ev
+        ev = evaluate_with_jacobian(weights, x, _seed(n, b, x, total=weights.total) if buf is None else buf,
+                                    weights.map_weights(1.0))
+        return ev.out[:, :b], _logabsdet(ev.jacobian_map(n)), ev if buf is not None else None
     rhs = SQRT2 * x if kind == "monotone" else x
     label = f"{type(block).__name__} forward solve"
-    w, ev, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label, buf)
-    a = ev.jacobian_map(n)
+    ev: _Eval | None = None
+    if buf is None:
+        w, a, block.forward_stats = _newton_compact(weights, rhs, 1.0, block.tol, block.max_iter, label, True)
+        assert a is not None
+    else:
+        w, ev, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label, buf)
+        a = ev.jacobian_map(n)
     if kind == "monotone":
         return SQRT2 * w - x, _logabsdet(torch.sub(2.0 * _eye(n, x), a)) - _logabsdet(a), ev
     return w, -_logabsdet(a), ev
@@ -543,22 +651,22 @@ def _block_forward(block: Any, weights: _BlockWeights, x: Tensor, buf: Tensor) -
 
 def _fused_forward(
     x: Tensor, plan: _Plan, net: FoldedNet, keep: bool
-) -> tuple[Tensor, Tensor, list[tuple[str, _Eval]], Tensor]:
+) -> tuple[Tensor, Tensor, list[tuple[str, _Eval]], Tensor | None]:
     """Forward through the run on points ``x`` (n, B).
 
     With ``keep``, every block evaluates into its own slice of one (blocks, features, (1 + n) B) buffer and the
-    evaluations at the solutions are returned for the backward pass; without, all blocks share one buffer.
+    evaluations at the solutions are returned for the backward pass; without, the solves drop converged samples.
     """
     n, b = x.shape
     nb = len(plan.blocks)
-    bufs = _seed(n, b, x, count=nb if keep else None, total=net.final.shape[2])
+    bufs = _seed(n, b, x, count=nb, total=net.final.shape[2]) if keep else None
     records: list[tuple[str, _Eval]] = []
     total: Tensor | None = None
     for j, block in enumerate(plan.blocks):
-        x, logdet, ev = _block_forward(block, net.block(j), x, bufs[j] if keep else bufs)
+        x, logdet, ev = _block_forward(block, net.block(j), x, bufs[j] if bufs is not None else None)
         block.last_logdet_exact = True
         total = logdet if total is None else total + logdet
-        if keep:
+        if ev is not None:
             records.append((block.kind, ev))
     assert total is not None
     return x, total, records, bufs
@@ -634,7 +742,7 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
     )
     if not needs_grad:
         with torch.no_grad():
-            folded = fold_nets(nets)
+            folded = cached_fold(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
             y, logdet, _, _ = _fused_forward(x.t().contiguous(), plan, folded, keep=False)
         return y.t(), logdet
@@ -646,14 +754,12 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
 def fused_inverse(block: Any, y: Tensor) -> Tensor:
     """Inverse of one eligible block on ``y`` (B, n) without autograd (sampling): Newton on the folded kernel."""
     with torch.no_grad():
-        net = fold_nets([block.net]).block(0)
+        net = cached_fold([block.net]).block(0)
         yt = y.t().contiguous()
         if block.kind == "inverse_residual":
             return evaluate(net, yt, net.map_weights(1.0)).t()
-        n, b = yt.shape
         sign = -1.0 if block.kind == "monotone" else 1.0
         rhs = SQRT2 * yt if block.kind == "monotone" else yt
-        buf = _seed(n, b, yt, total=net.total)
         label = f"{type(block).__name__} inverse solve"
-        w, _, block.inverse_stats = _newton(net, rhs, sign, block.tol, block.max_iter, label, buf)
+        w, _, block.inverse_stats = _newton_compact(net, rhs, sign, block.tol, block.max_iter, label, False)
         return (SQRT2 * w - yt).t() if block.kind == "monotone" else w.t()

@@ -65,12 +65,16 @@ def configure_process() -> None:
     """Process-wide settings that keep the event loop responsive next to the training thread.
 
     * torch's intra-op threads stay off one core, so the worker never starves the GUI thread of CPU;
+    * glibc's malloc serves the engine's mid-sized temporaries from the heap (:mod:`monoflow_core.runtime`);
     * a 1 ms GIL switch interval: every Python callback of a repaint (pyqtgraph paints in Python) must take the
       GIL back from the worker, and with the default 5 ms a repaint of a few dozen items could wait for a
       hundred milliseconds.
     """
     import torch
 
+    from monoflow_core.runtime import tune_allocator
+
+    tune_allocator()
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
     sys.setswitchinterval(SWITCH_INTERVAL_S)

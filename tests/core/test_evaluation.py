@@ -126,3 +126,23 @@ def test_solver_diagnostics_per_block():
         assert d["kind"] == "monotone" and d["backward"] is None
         assert d["forward"]["batch"] == 64 and d["forward"]["n_failed"] == 0
         assert d["inverse"]["iterations_max"] >= 1
+
+
+def test_parallel_chunks_equal_serial_and_restore_threads():
+    torch.manual_seed(5)
+    flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
+    x = torch.randn(700, 2) * 2
+    threads = torch.get_num_threads()
+    serial = log_prob(flow, x, chunk=100)
+    parallel = log_prob(flow, x, chunk=100, workers=2)
+    assert torch.equal(serial, parallel) and torch.isfinite(serial).all()
+    assert torch.get_num_threads() == threads
+    # the workers run without autograd, like the serial path
+    np.testing.assert_array_equal(sample(flow, 900, chunk=200, seed=1), sample(flow, 900, chunk=200, seed=1, workers=2))
+    grid, _ = log_density_grid(flow, resolution=20, chunk=50, workers=2)
+    np.testing.assert_array_equal(grid, log_density_grid(flow, resolution=20, chunk=50)[0])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            log_prob(flow, x, workers=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(flow, 10, temperature=0.0)
