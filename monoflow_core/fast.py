@@ -261,33 +261,86 @@ class _Consts:
         return cls._cache[key]
 
 
-@dataclass
-class _Eval:
-    """One evaluation of G with its tangents, feature-major (what the backward pass reads).
+class _Workspace:
+    """Preallocated buffers of one or more blocks' evaluations of G with tangents, feature-major, and their views.
 
-    ``x`` holds the features, one row per feature and one column per point: columns ``[0, B)`` are the primal
-    points, columns ``[(1 + t) B, (2 + t) B)`` the tangents along input direction ``t``. Row 0 is the bias row
-    (1 on primal columns, 0 on tangents), rows ``1 .. n`` the input (``w`` and the identity), then each layer's
-    activation outputs. Per layer: ``h`` the pre-activations (primal and tangent columns), ``y = min(h, 0)``
-    and ``e`` its exponential on the primal columns, ``d`` the activation's derivative there. ``out`` is
+    ``x[j]`` holds block ``j``'s features, one row per feature and one column per point: columns ``[0, B)`` are
+    the primal points, columns ``[(1 + t) B, (2 + t) B)`` the tangents along input direction ``t``. Row 0 is the
+    bias row (1 on primal columns, 0 on tangents), rows ``1 .. n`` the input (``w`` and the identity), then each
+    layer's activation outputs. Per layer ``i``: ``h[i]`` the pre-activations (primal and tangent columns),
+    ``y[i] = min(h, 0)`` and ``e[i]`` its exponential on the primal columns, ``q[i]`` the stacked value and
+    derivative polynomials times ``e`` (``q[i][:, 1]`` is the activation's derivative). ``out[j]`` is
     ``[w + sign G(w), I + sign J_G(w)]`` as an (n, (1 + n) B) matrix (see :meth:`_BlockWeights.map_weights`).
+
+    Every evaluation writes in place (``out=``), so the last evaluation of a solve stays there for the backward
+    pass, and the views an evaluation needs are made once per block instead of once per iteration. The
+    backward pass reads the same buffers batched over the blocks.
     """
 
-    x: Tensor
-    h: list[Tensor]
-    y: list[Tensor]
-    e: list[Tensor]
-    d: list[Tensor]
-    out: Tensor
+    def __init__(self, net: _BlockWeights | FoldedNet, count: int, b: int, like: Tensor) -> None:
+        n = net.n
+        widths = [w.shape[-2] for w in net.weights]
+        total = net.final.shape[-1]
+        cols = (1 + n) * b
+        self.n, self.b, self.count = n, b, count
+        self.x = like.new_empty(count, total, cols)
+        seed = self.x[:, : 1 + n]
+        seed.zero_()
+        seed[:, 0, :b] = 1.0
+        for t in range(n):
+            seed[:, 1 + t, (1 + t) * b : (2 + t) * b] = 1.0
+        self.h = [like.new_empty(count, m, cols) for m in widths]
+        self.y = [like.new_empty(count, m, b) for m in widths]
+        self.e = [like.new_empty(count, m, b) for m in widths]
+        self.q = [like.new_empty(count, 2, m, b) for m in widths]
+        self.out = like.new_empty(count, n, cols)
 
-    def jacobian_map(self, n: int) -> Tensor:
-        """``I + sign J_G(w)`` as an (n, n, B) stack: ``[i, t, k] = d(w + sign G(w))_i / dw_t`` at point k."""
-        b = self.out.shape[1] // (1 + n)
-        return self.out[:, b:].view(n, n, b)
+    def d(self, i: int) -> Tensor:
+        """Activation derivatives of layer ``i``, (count, m, B)."""
+        return self.q[i][:, 1]
+
+    def jacobian_maps(self) -> Tensor:
+        """``I + sign J_G`` of every block as a (count, n, n, B) stack (``[j, i, t, k] = dF_i/dw_t`` at point k)."""
+        return self.out[:, :, self.b :].view(self.count, self.n, self.n, self.b)
+
+    def block(self, j: int) -> _BlockViews:
+        return _BlockViews(self, j)
 
 
-def _activate(kind: str, hp: Tensor, out: Tensor, c: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """Activation of the primal pre-activations ``hp`` (value written into ``out``); returns ``(y, e, d)``.
+class _BlockViews:
+    """The views of one block's slice of a :class:`_Workspace` that :func:`evaluate_with_jacobian` writes."""
+
+    def __init__(self, ws: _Workspace, j: int) -> None:
+        n, b = ws.n, ws.b
+        x = ws.x[j]
+        self.w_rows = x[1 : 1 + n, :b]
+        self.x_in, self.x_act, self.x_tan = [], [], []
+        self.h, self.h_p, self.h_t, self.y, self.e, self.q, self.q_value, self.d_u = [], [], [], [], [], [], [], []
+        width = 1 + n
+        for i in range(len(ws.h)):
+            m = ws.h[i].shape[1]
+            h = ws.h[i][j]
+            self.x_in.append(x[:width])
+            self.x_act.append(x[width : width + m, :b])
+            self.x_tan.append(x[width : width + m, b:].view(m, n, b))
+            self.h.append(h)
+            self.h_p.append(h[:, :b])
+            self.h_t.append(h[:, b:].view(m, n, b))
+            self.y.append(ws.y[i][j])
+            self.e.append(ws.e[i][j])
+            q = ws.q[i][j]
+            self.q.append(q)
+            self.q_value.append(q[0])
+            self.d_u.append(q[1].unsqueeze(1))
+            width += m
+        self.x = x
+        self.out = ws.out[j]
+        self.out_p = self.out[:, :b]
+        self.jacobian_map = self.out[:, b:].view(n, n, b)
+
+
+def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
+    """Activation of layer ``i``'s primal pre-activations, in place: value into ``x``, ``y, e, q`` alongside.
 
     For Pila the pre-activations arrive as ``h = c k x`` (``k = 5``, ``c = log2 e``, folded into the weights).
     With ``y = min(h, 0)`` and ``e = 2^y = e^(k min(x, 0))`` the stored value is
@@ -295,18 +348,20 @@ def _activate(kind: str, hp: Tensor, out: Tensor, c: dict[str, Any]) -> tuple[Te
     ``Pila'(x) = (u^3/2 + u^2/2 - u + 1) e`` at ``u = y / c`` (Ahn et al. 2022, Pila). Both cubics are evaluated
     in one stacked Horner scheme; no ``where`` is needed because the branches meet at 0 with two derivatives.
     """
+    hp = v.h_p[i]
     if kind == "relu":
-        torch.clamp_min(hp, 0.0, out=out)
-        return hp, hp, (hp > 0).to(hp.dtype)
+        torch.clamp_min(hp, 0.0, out=v.x_act[i])
+        v.q[i][1].copy_(hp > 0)
+        return
     a3, a2, a1, a0 = c["horner"]
-    y = torch.clamp_max(hp, 0.0)
-    e = torch.exp2(y)
+    y, q = v.y[i], v.q[i]
+    torch.clamp_max(hp, 0.0, out=y)
+    torch.exp2(y, out=v.e[i])
     # (a mul and an in-place add: a ternary op broadcasting a (2, 1, 1) operand is 3x slower here)
-    q = torch.mul(y, a3).add_(a2)
-    q = torch.addcmul(a1, q, y)
-    q = torch.addcmul(a0, q, y).mul_(e)
-    torch.clamp_min(hp, 0.0, out=out).add_(q[0])
-    return y, e, q[1]
+    torch.mul(y, a3, out=q).add_(a2)
+    torch.addcmul(a1, q, y, out=q)
+    torch.addcmul(a0, q, y, out=q).mul_(v.e[i])
+    torch.clamp_min(hp, 0.0, out=v.x_act[i]).add_(v.q_value[i])
 
 
 def _second(kind: str, y: Tensor, e: Tensor) -> Tensor | None:
@@ -321,60 +376,58 @@ def _second(kind: str, y: Tensor, e: Tensor) -> Tensor | None:
     return torch.mul(y, 0.5 / c**4).add_(2.0 / c**3).mul_(y).mul_(y).mul_(e)
 
 
-def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, x: Tensor, final: Tensor) -> _Eval:
-    """The map ``w + sign G(w)`` and its Jacobian at the points ``w`` (n, B), into the feature buffer ``x``.
+def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, v: _BlockViews, final: Tensor) -> None:
+    """The map ``w + sign G(w)`` and its Jacobian at the points ``w`` (n, B), written into the views ``v``.
 
-    ``x`` is a (features, (1 + n) B) buffer whose first ``1 + n`` rows already hold the seed (bias row and the
-    identity on the tangent columns, :func:`_seed`); ``w`` is copied into the primal input rows. Each layer is
-    one matrix product over the stacked primal and tangent columns (forward-mode tangents, ALGORITHM.md 8);
-    ``final`` is :meth:`_BlockWeights.map_weights` (``sign``) or ``net.final`` for G and J_G themselves.
+    Each layer is one matrix product over the stacked primal and tangent columns (forward-mode tangents,
+    ALGORITHM.md 8); ``final`` is :meth:`_BlockWeights.map_weights` (``sign``), so ``v.out_p`` receives
+    ``w + sign G(w)`` and ``v.jacobian_map`` receives ``I + sign J_G(w)``.
     """
-    n, b = w.shape
     c = _Consts.get(w)
-    x[1 : 1 + n, :b] = w
-    hs, ys, es, ds = [], [], [], []
-    width = 1 + n
-    for weight in net.weights:
-        m = weight.shape[0]
-        h = torch.mm(weight, x[:width])
-        y, e, d = _activate(net.kind, h[:, :b], x[width : width + m, :b], c)
-        torch.mul(h[:, b:].view(m, n, b), d.unsqueeze(1), out=x[width : width + m, b:].view(m, n, b))
-        hs.append(h)
-        ys.append(y)
-        es.append(e)
-        ds.append(d)
-        width += m
-    return _Eval(x, hs, ys, es, ds, torch.mm(final, x))
+    v.w_rows.copy_(w)
+    for i, weight in enumerate(net.weights):
+        torch.mm(weight, v.x_in[i], out=v.h[i])
+        _activate(net.kind, v, i, c)
+        torch.mul(v.h_t[i], v.d_u[i], out=v.x_tan[i])
+    torch.mm(final, v.x, out=v.out)
+
+
+def _activation_value(kind: str, h: Tensor, out: Tensor) -> None:
+    """The value alone of :func:`_activate` (``relu(h) + y p(y / c) e``), written into ``out``."""
+    if kind == "relu":
+        torch.clamp_min(h, 0.0, out=out)
+        return
+    c = _LOG2E
+    y = torch.clamp_max(h, 0.0)
+    q = torch.mul(y, 0.5 / c**2).add_(-1.0 / c).mul_(y).add_(1.0).mul_(y).mul_(torch.exp2(y))
+    torch.clamp_min(h, 0.0, out=out).add_(q)
 
 
 def evaluate(net: _BlockWeights, w: Tensor, final: Tensor) -> Tensor:
     """``final`` applied to G's features at the points ``w`` (n, B), e.g. ``w + G(w)``; no tangents, no autograd."""
     n, b = w.shape
-    c = _Consts.get(w)
     x = w.new_empty(net.total, b)
     x[0] = 1.0
     x[1 : 1 + n] = w
     width = 1 + n
     for weight in net.weights:
         m = weight.shape[0]
-        _activate(net.kind, torch.mm(weight, x[:width]), x[width : width + m], c)
+        _activation_value(net.kind, torch.mm(weight, x[:width]), x[width : width + m])
         width += m
     return torch.mm(final, x)
 
 
-def _seed(n: int, b: int, like: Tensor, count: int | None = None, total: int | None = None) -> Tensor:
-    """A feature buffer (or ``count`` of them) with the seed rows filled: bias row, identity on tangents."""
-    shape = (total, (1 + n) * b) if count is None else (count, total, (1 + n) * b)
-    x = like.new_empty(shape)
-    seed = x[..., : 1 + n, :]
-    seed.zero_()
-    seed[..., 0, :b] = 1.0
-    for t in range(n):
-        seed[..., 1 + t, (1 + t) * b : (2 + t) * b] = 1.0
-    return x
+# Small n x n algebra on (..., n, n, B) stacks (the batch last, as the feature-major kernels produce them).
 
 
-# Small n x n algebra on (n, n, B) stacks (the batch last, as the feature-major kernels produce them).
+def _entries(a: Tensor) -> tuple[Tensor, ...]:
+    """The entries of 2 x 2 matrices in (..., 2, 2, B): ``a00, a01, a10, a11``, each (..., B)."""
+    row0, row1 = a.unbind(-3)
+    return (*row0.unbind(-2), *row1.unbind(-2))
+
+
+def _det2(a00: Tensor, a01: Tensor, a10: Tensor, a11: Tensor) -> Tensor:
+    return torch.addcmul(a00 * a11, a01, a10, value=-1.0)
 
 
 def _solve_small(a: Tensor, r: Tensor) -> Tensor:
@@ -383,35 +436,33 @@ def _solve_small(a: Tensor, r: Tensor) -> Tensor:
     if n == 1:
         return r / a[0]
     if n == 2:
-        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
+        a00, a01, a10, a11 = _entries(a)
         r0, r1 = r.unbind(0)
-        det = torch.addcmul(a00 * a11, a01, a10, value=-1.0)
         s = torch.stack((torch.addcmul(a11 * r0, a01, r1, value=-1.0), torch.addcmul(a00 * r1, a10, r0, value=-1.0)))
-        return s.div_(det)
+        return s.div_(_det2(a00, a01, a10, a11))
     return torch.linalg.solve(a.permute(2, 0, 1), r.t()).t()
 
 
 def _inv_small(a: Tensor) -> Tensor:
-    """Inverse of every (n, n) slice of an (n, n, B) stack; closed form for n = 1 and 2."""
-    n = a.shape[0]
+    """Inverse of every (n, n) matrix of an (..., n, n, B) stack; closed form for n = 1 and 2."""
+    n = a.shape[-2]
     if n == 1:
-        return 1.0 / a
+        return a.reciprocal()
     if n == 2:
-        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
-        det = torch.addcmul(a00 * a11, a01, a10, value=-1.0)
-        return torch.stack((a11, -a01, -a10, a00)).div_(det).view(2, 2, -1)
-    return torch.linalg.inv(a.permute(2, 0, 1)).permute(1, 2, 0)
+        a00, a01, a10, a11 = _entries(a)
+        inv = torch.stack((a11, -a01, -a10, a00), dim=-2).div_(_det2(a00, a01, a10, a11).unsqueeze(-2))
+        return inv.unflatten(-2, (2, 2))
+    return torch.linalg.inv(a.movedim(-1, -3)).movedim(-3, -1)
 
 
 def _logabsdet(a: Tensor) -> Tensor:
-    """``log|det|`` of every (n, n) slice of an (n, n, B) stack."""
-    n = a.shape[0]
+    """``log|det|`` of every (n, n) matrix of an (..., n, n, B) stack, shape (..., B)."""
+    n = a.shape[-2]
     if n == 1:
-        return torch.log(torch.abs(a[0, 0]))
+        return torch.log(torch.abs(a[..., 0, 0, :]))
     if n == 2:
-        a00, a01, a10, a11 = a.reshape(4, -1).unbind(0)
-        return torch.log(torch.abs(torch.addcmul(a00 * a11, a01, a10, value=-1.0)))
-    return torch.linalg.slogdet(a.permute(2, 0, 1)).logabsdet
+        return torch.log(torch.abs(_det2(*_entries(a))))
+    return torch.linalg.slogdet(a.movedim(-1, -3)).logabsdet
 
 
 def _eye(n: int, like: Tensor) -> Tensor:
@@ -419,16 +470,16 @@ def _eye(n: int, like: Tensor) -> Tensor:
 
 
 def _newton(
-    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, x: Tensor
-) -> tuple[Tensor, _Eval, SolverStats]:
+    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, v: _BlockViews
+) -> tuple[Tensor, SolverStats]:
     """Solve ``w + sign G(w) = rhs`` (points as columns of ``rhs``) by safeguarded Newton, freezing samples.
 
     Every sample stops moving once its relative residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets
-    the tolerance, so the final evaluation (kept in the feature buffer ``x``) is at the returned point for every
-    sample: its Jacobian and activations are exact there for the log-det and the backward pass. The hot loop
-    avoids Python-scalar arithmetic and per-entry indexing (each costs an operator dispatch).
+    the tolerance, so the final evaluation (kept in the views ``v``) is at the returned point for every sample:
+    its Jacobian and activations are exact there for the log-det and the backward pass. The hot loop avoids
+    Python-scalar arithmetic and per-entry indexing (each costs an operator dispatch).
     """
-    n, b = rhs.shape
+    b = rhs.shape[1]
     tol = effective_tolerance(tol, rhs.dtype)
     threshold = rhs.abs().amax(dim=0).add_(1.0).mul_(tol)
     final = net.map_weights(sign)
@@ -440,15 +491,15 @@ def _newton(
     it = 0
     while True:
         it += 1
-        ev = evaluate_with_jacobian(net, w, x, final)
-        r = torch.sub(ev.out[:, :b], rhs)
+        evaluate_with_jacobian(net, w, v, final)
+        r = torch.sub(v.out_p, rhs)
         res = r.abs().amax(dim=0)
         ok = res <= threshold
         conv = ok if conv is None else conv | ok
         history.append(conv)
         if it >= max_iter or bool(conv.all()):
             break
-        cand = w - _solve_small(ev.jacobian_map(n), r)
+        cand = w - _solve_small(v.jacobian_map, r)
         # Safeguard: where a Newton step made the residual grow, discard it and take the plain (contracting)
         # step from the previous point; that plain step is accepted without comparison, so nothing stalls.
         if prev is not None:
@@ -466,7 +517,7 @@ def _newton(
         w = torch.where(conv, w, cand)
     stats = _stats(history, res / threshold * tol, conv, it, tol, max_iter)
     _warn_unconverged(stats, label, b)
-    return w, ev, stats
+    return w, stats
 
 
 def _newton_compact(
@@ -491,19 +542,19 @@ def _newton_compact(
     w, target, thr = rhs, rhs, threshold
     prev: tuple[Tensor, ...] | None = None
     plain: Tensor | None = None
-    buf = _seed(n, b, rhs, total=net.total)
+    v = _Workspace(net, 1, b, rhs).block(0)
     it = 0
     while True:
         it += 1
         m = w.shape[1]
-        if buf.shape[1] != (1 + n) * m:
-            buf = _seed(n, m, rhs, total=net.total)
-        ev = evaluate_with_jacobian(net, w, buf, final)
-        r = torch.sub(ev.out[:, :m], target)
+        if v.out_p.shape[1] != m:
+            v = _Workspace(net, 1, m, rhs).block(0)
+        evaluate_with_jacobian(net, w, v, final)
+        r = torch.sub(v.out_p, target)
         res = r.abs().amax(dim=0)
         ok = res <= thr
         n_ok = int(ok.sum())
-        a = ev.jacobian_map(n)
+        a = v.jacobian_map
         if n_ok or it >= max_iter:
             done = ok if it < max_iter else torch.ones_like(ok)
             pos = done.nonzero().squeeze(1)
@@ -562,54 +613,54 @@ def _warn_unconverged(stats: SolverStats, label: str, b: int) -> None:
         )
 
 
-def _reverse_tangent(net: _BlockWeights, ev: _Eval, cot_out: Tensor, slots: list[Tensor]) -> Tensor:
-    """Reverse pass through G and its tangents for the cotangent ``cot_out`` of ``ev.out``; returns dL/dw (n, B).
+def _reverse_tangents(net: FoldedNet, ws: _Workspace, cot_out: Tensor, slots: list[Tensor]) -> Tensor:
+    """Reverse pass through G and its tangents of every block at once, for cotangents ``cot_out`` of G's outputs.
 
-    Writes the cotangent of each layer's pre-activations (primal and tangent columns) into ``slots``; the
-    weight gradients are formed from them later, one batched product per layer for the whole run. The
-    tangent path is where the activation's second derivative enters (the log-det's gradient).
+    ``cot_out`` (blocks, n, (1 + n) B) holds each block's cotangent of ``[G, J_G]``. Writes the cotangents of
+    each layer's pre-activations (primal and tangent columns) into ``slots`` (one (blocks, m, (1 + n) B) tensor
+    per layer) and returns dL/dw, (blocks, n, B). The tangent path is where the activation's second derivative
+    enters (the log-det's gradient). Batched over blocks: nothing here depends on the other blocks' gradients.
     """
-    n = net.n
-    b = ev.d[0].shape[1]
-    cot_x = torch.mm(net.final.t(), cot_out)
-    width = cot_x.shape[0]
+    n, b, nb = ws.n, ws.b, ws.count
+    cot_x = torch.bmm(net.final.detach().transpose(1, 2), cot_out)
+    width = cot_x.shape[1]
     for i in reversed(range(len(net.weights))):
-        weight = net.weights[i]
-        m = weight.shape[0]
+        weight = net.weights[i].detach()
+        m = weight.shape[1]
         width -= m
-        cx = cot_x[width : width + m]
+        cx = cot_x[:, width : width + m]
+        cx_t = cx[:, :, b:].view(nb, m, n, b)
         slot = slots[i]
-        d = ev.d[i]
-        cx_t = cx[:, b:].view(m, n, b)
-        torch.mul(cx_t, d.unsqueeze(1), out=slot[:, b:].view(m, n, b))
-        torch.mul(cx[:, :b], d, out=slot[:, :b])
-        d2 = _second(net.kind, ev.y[i], ev.e[i])
+        d = ws.d(i)
+        torch.mul(cx_t, d.unsqueeze(2), out=slot[:, :, b:].view(nb, m, n, b))
+        torch.mul(cx[:, :, :b], d, out=slot[:, :, :b])
+        d2 = _second(net.kind, ws.y[i], ws.e[i])
         if d2 is not None:
-            slot[:, :b].addcmul_((cx_t * ev.h[i][:, b:].view(m, n, b)).sum(1), d2)
+            slot[:, :, :b].addcmul_((cx_t * ws.h[i][:, :, b:].view(nb, m, n, b)).sum(2), d2)
         if i:
-            cot_x[:width].addmm_(weight.t(), slot)
+            cot_x[:, :width].baddbmm_(weight.transpose(1, 2), slot)
         else:  # only the primal input rows matter below the first layer
-            return torch.addmm(cot_x[1 : 1 + n, :b], weight[:, 1 : 1 + n].t(), slot[:, :b])
+            return torch.baddbmm(cot_x[:, 1 : 1 + n, :b], weight[:, :, 1 : 1 + n].transpose(1, 2), slot[:, :, :b])
     raise AssertionError("G has at least one layer")
 
 
-def _reverse_primal(net: _BlockWeights, ev: _Eval, cot_g: Tensor, slots: list[Tensor]) -> None:
-    """Reverse pass through G's primal network for the cotangent ``cot_g`` (n, B) of G(w).
+def _reverse_primals(net: FoldedNet, ws: _Workspace, cot_g: Tensor, slots: list[Tensor]) -> None:
+    """Reverse pass through every block's primal network for cotangents ``cot_g`` (blocks, n, B) of G(w).
 
-    Adds the pre-activation cotangents into the primal columns of ``slots`` (the weight gradients need
-    nothing else: they are products with the same feature buffer).
+    Adds the pre-activation cotangents into the primal columns of ``slots`` (the weight gradients need nothing
+    else: they are products with the same feature buffers).
     """
-    b = cot_g.shape[1]
-    cot = torch.mm(net.final.t(), cot_g)
-    width = cot.shape[0]
+    b = ws.b
+    cot = torch.bmm(net.final.detach().transpose(1, 2), cot_g)
+    width = cot.shape[1]
     for i in reversed(range(len(net.weights))):
-        weight = net.weights[i]
-        m = weight.shape[0]
+        weight = net.weights[i].detach()
+        m = weight.shape[1]
         width -= m
-        ch = cot[width : width + m] * ev.d[i]
-        slots[i][:, :b].add_(ch)
+        ch = cot[:, width : width + m] * ws.d(i)
+        slots[i][:, :, :b].add_(ch)
         if i:
-            cot[:width].addmm_(weight.t(), ch)
+            cot[:, :width].baddbmm_(weight.transpose(1, 2), ch)
 
 
 @dataclass
@@ -619,57 +670,66 @@ class _Plan:
     kind: str
 
 
-def _block_forward(
-    block: Any, weights: _BlockWeights, x: Tensor, buf: Tensor | None
-) -> tuple[Tensor, Tensor, _Eval | None]:
-    """One block on points ``x`` (n, B): ``(y, logdet, the evaluation at the solution)``; records solver stats.
+def _logdet_sum(kinds: Sequence[str], a: Tensor) -> Tensor:
+    """Summed log-dets of blocks of the given kinds from their Jacobian maps ``a = I + J_G`` (blocks, n, n, B).
 
-    With a feature buffer ``buf`` the evaluation at the solution is kept there for the backward pass; without
-    (no gradient needed) converged samples leave the solve early and no evaluation is returned. The Jacobian map
-    is ``A = I + J_G`` at the solution in every case (ALGORITHM.md 2): the log-det is ``log|det A|`` (residual),
-    ``-log|det A|`` (inverse residual) or ``log|det(2I - A)| - log|det A|`` (monotone).
+    ``log|det A|`` (residual), ``-log|det A|`` (inverse residual), ``log|det(2I - A)| - log|det A|`` (monotone;
+    ALGORITHM.md 2), computed for all blocks at once.
+    """
+    sign = torch.tensor([1.0 if k == "residual" else -1.0 for k in kinds], dtype=a.dtype, device=a.device)
+    total = (_logabsdet(a) * sign.unsqueeze(1)).sum(0)
+    mono = [j for j, k in enumerate(kinds) if k == "monotone"]
+    if mono:
+        sub = a if len(mono) == len(kinds) else a[mono]
+        two = 2.0 * torch.eye(a.shape[1], dtype=a.dtype, device=a.device).unsqueeze(2)
+        total = total + _logabsdet(torch.sub(two, sub)).sum(0)
+    return total
+
+
+def _block_solve(block: Any, weights: _BlockWeights, x: Tensor, v: _BlockViews | None) -> tuple[Tensor, Tensor | None]:
+    """One block on points ``x`` (n, B): ``(y, I + J_G at the solution, or None)``; records solver stats.
+
+    With views ``v`` the final evaluation stays in the workspace for the backward pass (and the log-det, computed
+    for all blocks at once); without (no gradient needed) converged samples leave the solve early and the
+    Jacobian map is returned.
     """
     kind = block.kind
-    n, b = x.shape
+    b = x.shape[1]
     if kind == "residual":
-        ev = evaluate_with_jacobian(weights, x, _seed(n, b, x, total=weights.total) if buf is None else buf,
-                                    weights.map_weights(1.0))
-        return ev.out[:, :b], _logabsdet(ev.jacobian_map(n)), ev if buf is not None else None
+        view = _Workspace(weights, 1, b, x).block(0) if v is None else v
+        evaluate_with_jacobian(weights, x, view, weights.map_weights(1.0))
+        return view.out_p, view.jacobian_map if v is None else None
     rhs = SQRT2 * x if kind == "monotone" else x
     label = f"{type(block).__name__} forward solve"
-    ev: _Eval | None = None
-    if buf is None:
+    a = None
+    if v is None:
         w, a, block.forward_stats = _newton_compact(weights, rhs, 1.0, block.tol, block.max_iter, label, True)
-        assert a is not None
     else:
-        w, ev, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label, buf)
-        a = ev.jacobian_map(n)
-    if kind == "monotone":
-        return SQRT2 * w - x, _logabsdet(torch.sub(2.0 * _eye(n, x), a)) - _logabsdet(a), ev
-    return w, -_logabsdet(a), ev
+        w, block.forward_stats = _newton(weights, rhs, 1.0, block.tol, block.max_iter, label, v)
+    return (SQRT2 * w - x if kind == "monotone" else w), a
 
 
-def _fused_forward(
-    x: Tensor, plan: _Plan, net: FoldedNet, keep: bool
-) -> tuple[Tensor, Tensor, list[tuple[str, _Eval]], Tensor | None]:
-    """Forward through the run on points ``x`` (n, B).
+def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, keep: bool) -> tuple[Tensor, Tensor, _Workspace | None]:
+    """Forward through the run on points ``x`` (n, B): ``(y, summed log-det, workspace)``.
 
-    With ``keep``, every block evaluates into its own slice of one (blocks, features, (1 + n) B) buffer and the
-    evaluations at the solutions are returned for the backward pass; without, the solves drop converged samples.
+    With ``keep``, every block evaluates into its own slice of one workspace, which is returned for the backward
+    pass; without, the solves drop converged samples and nothing is kept.
     """
-    n, b = x.shape
+    b = x.shape[1]
     nb = len(plan.blocks)
-    bufs = _seed(n, b, x, count=nb, total=net.final.shape[2]) if keep else None
-    records: list[tuple[str, _Eval]] = []
+    ws = _Workspace(net, nb, b, x) if keep else None
+    kinds = [blk.kind for blk in plan.blocks]
     total: Tensor | None = None
     for j, block in enumerate(plan.blocks):
-        x, logdet, ev = _block_forward(block, net.block(j), x, bufs[j] if bufs is not None else None)
+        x, a = _block_solve(block, net.block(j), x, ws.block(j) if ws is not None else None)
         block.last_logdet_exact = True
-        total = logdet if total is None else total + logdet
-        if ev is not None:
-            records.append((block.kind, ev))
+        if a is not None:
+            logdet = _logdet_sum([kinds[j]], a.unsqueeze(0))
+            total = logdet if total is None else total + logdet
+    if ws is not None:
+        total = _logdet_sum(kinds, ws.jacobian_maps())
     assert total is not None
-    return x, total, records, bufs
+    return x, total, ws
 
 
 class _FusedBlocks(torch.autograd.Function):
@@ -678,59 +738,56 @@ class _FusedBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
-        y, total, records, bufs = _fused_forward(x.detach().t().contiguous(), plan, net, keep=True)
+        y, total, ws = _fused_forward(x.detach().t().contiguous(), plan, net, keep=True)
         ctx.net = net
-        ctx.records = records
-        ctx.bufs = bufs
+        ctx.ws = ws
+        ctx.kinds = [blk.kind for blk in plan.blocks]
         return y.t().contiguous(), total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         net: FoldedNet = ctx.net
-        bufs: Tensor = ctx.bufs
-        nb, _, cols = bufs.shape
-        n = net.n
-        b = cols // (1 + n)
+        ws: _Workspace = ctx.ws
+        kinds: list[str] = ctx.kinds
+        n, b, nb = ws.n, ws.b, ws.count
+        a_all = ws.jacobian_maps()  # I + J_G at each block's solution
+        inv_all = _inv_small(a_all)
+        # d(summed log-det)/dJ of every block at once (the log-det's gradient is the same for all blocks):
+        # residual (I + J)^-T, inverse residual -(I + J)^-T, monotone -((I - J)^-T + (I + J)^-T).
+        sign = torch.tensor([1.0 if k == "residual" else -1.0 for k in kinds], dtype=a_all.dtype, device=a_all.device)
+        dlog = inv_all * sign.view(nb, 1, 1, 1)
+        mono = [j for j, k in enumerate(kinds) if k == "monotone"]
+        if mono:
+            two = 2.0 * torch.eye(n, dtype=a_all.dtype, device=a_all.device).unsqueeze(2)
+            dlog[mono] -= _inv_small(torch.sub(two, a_all[mono] if len(mono) < nb else a_all))
+        cot_out = ws.out.new_empty(nb, n, (1 + n) * b)
+        torch.mul(dlog.transpose(1, 2), grad_logdet, out=cot_out[:, :, b:].view(nb, n, n, b))
+        cot_out[:, :, :b].zero_()
+        slots = [ws.x.new_empty(nb, h.shape[1], (1 + n) * b) for h in ws.h]
+        v_all = _reverse_tangents(net, ws, cot_out, slots)  # dL/dw through each block's log-det
+        # The sequential part: the implicit-function gradient through each solve (ALGORITHM.md 4), block by block.
         gy = grad_z.t().contiguous()
-        # Cotangents of every block's pre-activations and of G's outputs, kept so that each weight gradient is
-        # one batched product over the blocks at the end.
-        slots = [bufs.new_empty(nb, w.shape[1], cols) for w in net.weights]
-        cot_out = bufs.new_empty(nb, n, cols)
-        eye = _eye(n, gy)
-        neg_gl = -grad_logdet
+        cot_g = cot_out[:, :, :b]  # cotangents of G(w) for the weight gradients, filled below
         for j in reversed(range(nb)):
-            kind, ev = ctx.records[j]
-            weights = net.block(j)
-            a_plus = ev.jacobian_map(n)  # I + J_G at the solution
-            inv_plus = _inv_small(a_plus)
-            co = cot_out[j]
-            # d logdet / dJ, transposed into co's tangent columns (co[i, t-th block] pairs with dG_i/dw_t).
+            kind, inv, v = kinds[j], inv_all[j], v_all[j]
             if kind == "residual":
-                torch.mul(inv_plus.transpose(0, 1), grad_logdet, out=co[:, b:].view(n, n, b))
-                co[:, :b] = gy
-            else:
-                dlog = _inv_small(torch.sub(2.0 * eye, a_plus)).add_(inv_plus) if kind == "monotone" else inv_plus
-                torch.mul(dlog.transpose(0, 1), neg_gl, out=co[:, b:].view(n, n, b))
-                co[:, :b].zero_()
-            slot_j = [s[j] for s in slots]
-            v = _reverse_tangent(weights, ev, co, slot_j)
-            if kind == "residual":
-                gy = gy + v
+                # y = x + G(x): dL/dx = gy (I + J) + v; G's weights see the cotangent gy.
+                cot_g[j] = gy
+                gy = (a_all[j] * gy.unsqueeze(1)).sum(0).add_(v)
                 continue
             gw = torch.add(v, gy, alpha=SQRT2) if kind == "monotone" else v.add_(gy)
-            # a = gw (I + J)^{-1}: the implicit-function gradient with respect to the solve's right-hand side
-            # (ALGORITHM.md 4); the parameters receive -a dG/dtheta.
-            a = (inv_plus * gw.unsqueeze(1)).sum(0)
-            torch.neg(a, out=co[:, :b])
-            _reverse_primal(weights, ev, co[:, :b], slot_j)
+            # a = gw (I + J)^{-1} with respect to the solve's right-hand side; the parameters receive -a dG/dtheta.
+            a = (inv * gw.unsqueeze(1)).sum(0)
+            torch.neg(a, out=cot_g[j])
             gy = torch.sub(a, gy, alpha=1.0 / SQRT2).mul_(SQRT2) if kind == "monotone" else a
+        _reverse_primals(net, ws, cot_g, slots)
         grads = []
         width = 1 + n
         for w, s in zip(net.weights, slots, strict=True):
-            grads.append(torch.bmm(s, bufs[:, :width].transpose(1, 2)))
+            grads.append(torch.bmm(s, ws.x[:, :width].transpose(1, 2)))
             width += w.shape[1]
-        grads.append(torch.bmm(cot_out, bufs.transpose(1, 2)))
+        grads.append(torch.bmm(cot_out, ws.x.transpose(1, 2)))
         return (gy.t(), None, *grads)
 
 
@@ -744,7 +801,7 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             folded = cached_fold(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
-            y, logdet, _, _ = _fused_forward(x.t().contiguous(), plan, folded, keep=False)
+            y, logdet, _ = _fused_forward(x.t().contiguous(), plan, folded, keep=False)
         return y.t(), logdet
     folded = fold_nets(nets)
     plan = _Plan(list(blocks), folded.n, folded.kind)
