@@ -39,6 +39,8 @@ from .solvers import SolverStats, SolverWarning, effective_tolerance, resolve_me
 
 __all__ = ["FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fusable_runs", "fused_inverse", "run_fused"]
 
+#: Solves without a backward pass remove converged samples from the batch once 1/COMPACT_FRACTION of it converged.
+COMPACT_FRACTION = 4
 #: Largest event dimension handled by the fused path (tangent cost grows with n).
 FAST_MAX_DIM = 8
 SQRT2 = math.sqrt(2.0)
@@ -493,7 +495,7 @@ def _newton(
         it += 1
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, rhs)
-        res = r.abs().amax(dim=0)
+        res = torch.linalg.vector_norm(r, ord=math.inf, dim=0)
         ok = res <= threshold
         conv = ok if conv is None else conv | ok
         history.append(conv)
@@ -525,9 +527,11 @@ def _newton_compact(
 ) -> tuple[Tensor, Tensor | None, SolverStats]:
     """:func:`_newton` without a backward pass: converged samples leave the batch (no autograd, no buffers kept).
 
-    Returns ``(w, I + sign J_G(w) or None, stats)``. Each sample's Jacobian map comes from the evaluation at which
-    it converged, i.e. at the returned point. Dropping converged samples makes stragglers cheap: the batch
-    shrinks to the samples that still need work.
+    Returns ``(w, I + sign J_G(w) or None, stats)``. A converged sample stops moving at once (as in
+    :func:`_newton`); it is written out and removed from the batch once at least ``1/COMPACT_FRACTION`` of the batch
+    has converged (removal costs a few index operations, so a handful of early finishers ride along frozen).
+    Its Jacobian map comes from an evaluation at the returned point. Stragglers are cheap: the batch shrinks to
+    the samples that still need work.
     """
     n, b = rhs.shape
     tol = effective_tolerance(tol, rhs.dtype)
@@ -540,6 +544,8 @@ def _newton_compact(
     converged = torch.zeros(b, dtype=torch.bool, device=rhs.device)
     active = torch.arange(b, device=rhs.device)
     w, target, thr = rhs, rhs, threshold
+    seen: Tensor | None = None  # converged (frozen) samples of the current batch
+    first: Tensor | None = None  # the iteration at which each of them converged
     prev: tuple[Tensor, ...] | None = None
     plain: Tensor | None = None
     v = _Workspace(net, 1, b, rhs).block(0)
@@ -551,23 +557,34 @@ def _newton_compact(
             v = _Workspace(net, 1, m, rhs).block(0)
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, target)
-        res = r.abs().amax(dim=0)
+        res = torch.linalg.vector_norm(r, ord=math.inf, dim=0)
         ok = res <= thr
-        n_ok = int(ok.sum())
+        if seen is None:
+            n_seen = int(ok.sum())
+            if n_seen:
+                seen, first = ok, torch.where(ok, it, 0)
+        else:
+            new = ok.logical_and(seen.logical_not())
+            seen = seen.logical_or(ok)
+            first = torch.where(new, it, first)  # type: ignore[arg-type]
+            n_seen = int(seen.sum())
         a = v.jacobian_map
-        if n_ok or it >= max_iter:
-            done = ok if it < max_iter else torch.ones_like(ok)
+        last = it >= max_iter
+        if last or n_seen == m or n_seen * COMPACT_FRACTION >= m:
+            done = torch.ones_like(ok) if last else seen
+            assert done is not None
             pos = done.nonzero().squeeze(1)
             ids = active.index_select(0, pos)
             w_out.index_copy_(1, ids, w.index_select(1, pos))
             if a_out is not None:
                 a_out.index_copy_(2, ids, a.index_select(2, pos))
-            iterations.index_fill_(0, ids, it)
+            its = torch.full_like(ids, it) if first is None else torch.where(seen, first, it).index_select(0, pos)
+            iterations.index_copy_(0, ids, its)
             residual.index_copy_(0, ids, res.index_select(0, pos).div_(thr.index_select(0, pos)).mul_(tol))
-            converged.index_copy_(0, ids, ok.index_select(0, pos))
-            if it >= max_iter or n_ok == m:
+            converged.index_copy_(0, ids, (ok if seen is None else seen).index_select(0, pos))
+            if last or n_seen == m:
                 break
-            keep = ok.logical_not().nonzero().squeeze(1)
+            keep = seen.logical_not().nonzero().squeeze(1)  # type: ignore[union-attr]
             active = active.index_select(0, keep)
             w, target, thr = w.index_select(1, keep), target.index_select(1, keep), thr.index_select(0, keep)
             r, res, a = r.index_select(1, keep), res.index_select(0, keep), a.index_select(2, keep)
@@ -575,6 +592,7 @@ def _newton_compact(
                 prev = (prev[0].index_select(1, keep), prev[1].index_select(1, keep), prev[2].index_select(0, keep))
             if plain is not None:
                 plain = plain.index_select(0, keep)
+            seen = first = None
         cand = w - _solve_small(a, r)
         if prev is not None:  # the safeguard of _newton
             worse = res > prev[2]
@@ -588,7 +606,7 @@ def _newton_compact(
                 prev, plain = (w, r, res), None
         else:
             prev = (w, r, res)
-        w = cand
+        w = cand if seen is None else torch.where(seen, w, cand)
     stats = SolverStats("newton", iterations, residual, converged, it, tol, max_iter)
     _warn_unconverged(stats, label, b)
     return w_out, a_out, stats

@@ -100,3 +100,27 @@ def test_fused_gradients_match_finite_differences():
     flow = build_flow(FlowConfig(blocks=2, depth=2, growth=4, **TIGHT)).double()
     x = torch.randn(3, 2, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: flow.log_prob(v), (x,))
+
+
+@pytest.mark.parametrize("fraction", [1, 4, 10**6])
+def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fraction):
+    """Without a backward pass converged samples leave the batch; each sample's iterate, Jacobian and iteration
+    count must be those of the solve that keeps every sample (fraction 1: remove as soon as any converged;
+    10**6: never before the end, i.e. frozen in place)."""
+    from monoflow_core import fast
+
+    monkeypatch.setattr(fast, "COMPACT_FRACTION", fraction)
+    torch.manual_seed(4)
+    flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
+    weights = fast.fold_nets([flow.layers[0].net]).block(0)
+    # a wide spread of right-hand sides: far points need more Newton iterations than near ones
+    rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
+    for sign in (1.0, -1.0):
+        views = fast._Workspace(weights, 1, 300, rhs).block(0)
+        w_keep, stats_keep = fast._newton(weights, rhs, sign, 1e-12, 50, "keep", views)
+        w_drop, a_drop, stats_drop = fast._newton_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
+        assert len(set(stats_keep.iterations.tolist())) >= 2  # samples really stop at different iterations
+        assert torch.equal(stats_keep.iterations, stats_drop.iterations)
+        assert stats_drop.all_converged and float(stats_drop.residual.max()) <= stats_drop.tol
+        assert torch.allclose(w_keep, w_drop, atol=1e-12, rtol=0)
+        assert torch.allclose(views.jacobian_map, a_drop, atol=1e-12, rtol=0)
