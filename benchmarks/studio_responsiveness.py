@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -63,7 +64,7 @@ def headless(spec: RunSpec, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def studio(spec: RunSpec, seconds: float) -> StudioRun:
+def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> StudioRun:
     """Train in the real main window (offscreen) with a 200 x 200 live grid; probe the event loop at 10 ms."""
     from PySide6.QtCore import QEventLoop, QSettings, QTimer
     from PySide6.QtWidgets import QApplication
@@ -72,7 +73,10 @@ def studio(spec: RunSpec, seconds: float) -> StudioRun:
 
     app = QApplication.instance() or QApplication([])
     settings = QSettings(os.path.join(tempfile.mkdtemp(), "studio.ini"), QSettings.Format.IniFormat)
-    window = MainWindow(spec, options=SessionOptions(grid_resolution=GRID), settings=settings, theme="dark")
+    options = SessionOptions(grid_resolution=GRID)
+    if frame_budget is not None:
+        options = dataclasses.replace(options, frame_budget=frame_budget)
+    window = MainWindow(spec, options=options, settings=settings, theme="dark")
     window.show()
     loop = QEventLoop()
 
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating headless / studio rounds")
     parser.add_argument("--blocks", type=int, default=10, help="flow blocks (the paper: 10)")
     parser.add_argument("--out", default=None, help="also write the report (markdown) here")
+    parser.add_argument("--frame-budget", type=float, default=None,
+                        help="the view thread's share of a core (default: the studio's, SessionOptions.frame_budget)")
     args = parser.parse_args(argv)
 
     configure_process()
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         heads.append(headless(spec, args.seconds))
         print(f"round {r + 1}: headless {heads[-1]:.2f} it/s", flush=True)
-        runs.append(studio(spec, args.seconds))
+        runs.append(studio(spec, args.seconds, args.frame_budget))
         print(f"round {r + 1}: studio {runs[-1].it_per_s:.2f} it/s, stall {runs[-1].longest_stall_ms:.0f} ms, "
               f"frames {len(runs[-1].frame_seconds)}", flush=True)
 

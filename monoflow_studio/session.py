@@ -90,6 +90,9 @@ class SessionOptions:
             ``frame_min_interval_s``; whichever is later).
         default_eval_every: image runs whose ``eval_every`` is 0: a bits/dim test every this many steps.
         eval_chunk: images per slice of a test (sample frames are computed between slices).
+        grid_chunk: points per pass of the live density grid. Large passes issue fewer operators per point, and
+            every operator must take the GIL back from the training thread: at 200 x 200 one 20,000-point pass
+            costs markedly less next to training than four of 5,000 (``benchmarks/studio_responsiveness.py``).
         data_images: training images sent once per image run for the data grid.
     """
 
@@ -109,6 +112,7 @@ class SessionOptions:
     image_frame_min_steps: int = 5
     default_eval_every: int = 100
     eval_chunk: int = 8
+    grid_chunk: int = 20_000
     data_images: int = 144
 
 
@@ -839,7 +843,7 @@ class _ViewThread(QThread):
         t0 = time.perf_counter()
         # float32: a live view does not need float64's last digits, and float64 is slower.
         grid, extent = evaluation.log_density_grid(job.flow, opts.grid_extent, opts.grid_resolution,
-                                                   dtype=torch.float32)
+                                                   chunk=opts.grid_chunk, dtype=torch.float32)
         if self._stop.is_set():
             return None
         # A dedicated seed: the same base noise every frame (samples move smoothly; no global RNG is touched).
