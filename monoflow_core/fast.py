@@ -162,11 +162,15 @@ def _stacked_normalized(layers: Sequence[Any]) -> Tensor:
     """Spectrally normalised weights of same-shaped layers, batched: ``W / max(1, sigma / coeff)``."""
     w = torch.stack([lin.weight for lin in layers])
     if layers[0].mode == "exact":
-        sigma = torch.linalg.matrix_norm(w, ord=2)
+        # sigma = u1^T W v1 with the top singular pair from an SVD outside autograd: the same value as
+        # matrix_norm(W, 2) and the same gradient (u1 v1^T), without differentiating through the SVD.
+        with torch.no_grad():
+            left, _, right_h = torch.linalg.svd(w, full_matrices=False)
+        u, v = left[..., 0], right_h[..., 0, :]
     else:
         u = torch.stack([lin.u for lin in layers])
         v = torch.stack([lin.v for lin in layers])
-        sigma = torch.einsum("bi,bij,bj->b", u, w, v)
+    sigma = torch.einsum("bi,bij,bj->b", u, w, v)
     coeff = torch.tensor([lin.coeff for lin in layers], dtype=w.dtype, device=w.device)
     return w / torch.clamp(sigma / coeff, min=1.0)[:, None, None]
 
@@ -339,6 +343,9 @@ class _BlockViews:
         self.out = ws.out[j]
         self.out_p = self.out[:, :b]
         self.jacobian_map = self.out[:, b:].view(n, n, b)
+        # For the closed-form 2 x 2 Newton step: the entries of the Jacobian map and scratch for the step.
+        self.entries = _entries(self.jacobian_map) if n == 2 else ()
+        self.scratch = x.new_empty(3, b) if n == 2 else None
 
 
 def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
@@ -445,6 +452,28 @@ def _solve_small(a: Tensor, r: Tensor) -> Tensor:
     return torch.linalg.solve(a.permute(2, 0, 1), r.t()).t()
 
 
+def _newton_step(
+    w: Tensor, a: Tensor, r: Tensor, entries: tuple[Tensor, ...] = (), scratch: Tensor | None = None
+) -> Tensor:
+    """``w - a^{-1} r`` per point (columns); for n = 2 by Cramer's rule in a handful of fused operations.
+
+    ``entries`` (``a00, a01, a10, a11`` as views) and ``scratch`` (3, B) may be passed to skip their creation.
+    """
+    n = a.shape[0]
+    if n == 1:
+        return torch.addcdiv(w, r, a[0], value=-1.0)
+    if n != 2:
+        return w - _solve_small(a, r)
+    a00, a01, a10, a11 = entries or _entries(a)
+    buf = r.new_empty(3, r.shape[1]) if scratch is None else scratch
+    r0, r1 = r.unbind(0)
+    # rows 0, 1: the adjugate times r; row 2: det(a)
+    torch.mul(a11, r0, out=buf[0]).addcmul_(a01, r1, value=-1.0)
+    torch.mul(a00, r1, out=buf[1]).addcmul_(a10, r0, value=-1.0)
+    torch.mul(a00, a11, out=buf[2]).addcmul_(a01, a10, value=-1.0)
+    return torch.addcdiv(w, buf[:2], buf[2], value=-1.0)
+
+
 def _inv_small(a: Tensor) -> Tensor:
     """Inverse of every (n, n) matrix of an (..., n, n, B) stack; closed form for n = 1 and 2."""
     n = a.shape[-2]
@@ -501,7 +530,7 @@ def _newton(
         history.append(conv)
         if it >= max_iter or bool(conv.all()):
             break
-        cand = w - _solve_small(v.jacobian_map, r)
+        cand = _newton_step(w, v.jacobian_map, r, v.entries, v.scratch)
         # Safeguard: where a Newton step made the residual grow, discard it and take the plain (contracting)
         # step from the previous point; that plain step is accepted without comparison, so nothing stalls.
         if prev is not None:
@@ -593,7 +622,7 @@ def _newton_compact(
             if plain is not None:
                 plain = plain.index_select(0, keep)
             seen = first = None
-        cand = w - _solve_small(a, r)
+        cand = _newton_step(w, a, r)
         if prev is not None:  # the safeguard of _newton
             worse = res > prev[2]
             if plain is not None:
