@@ -124,3 +124,42 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
         assert stats_drop.all_converged and float(stats_drop.residual.max()) <= stats_drop.tol
         assert torch.allclose(w_keep, w_drop, atol=1e-12, rtol=0)
         assert torch.allclose(views.jacobian_map, a_drop, atol=1e-12, rtol=0)
+
+
+def test_pooled_workspaces_never_overwrite_a_live_graph():
+    """Training forwards reuse workspaces whose graph is gone; interleaved graphs keep their own buffers."""
+    import gc
+
+    from monoflow_core import fast
+
+    torch.manual_seed(6)
+    flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8, **TIGHT)).double()
+    params = [p for p in flow.parameters() if p.requires_grad]
+    x1, x2 = torch.randn(50, 2, dtype=DT), torch.randn(50, 2, dtype=DT) * 2
+
+    def reference(x):
+        flow.fast_path = False
+        out = torch.autograd.grad(flow.log_prob(x).sum(), params)
+        flow.fast_path = True
+        return out
+
+    ref1, ref2 = reference(x1), reference(x2)
+    # two forwards, then the backward of the first graph twice (retain_graph) around a third forward
+    loss1 = flow.log_prob(x1).sum()
+    loss2 = flow.log_prob(x2).sum()
+    first = torch.autograd.grad(loss1, params, retain_graph=True)
+    third = torch.autograd.grad(flow.log_prob(x2).sum(), params)
+    again = torch.autograd.grad(loss1, params)
+    second = torch.autograd.grad(loss2, params)
+    for got, want in ((first, ref1), (again, ref1), (second, ref2), (third, ref2)):
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    # once the graphs are gone their workspaces return to the pool, and the next forward takes one
+    del loss1, loss2
+    gc.collect()
+    assert any(fast._POOL.values())
+    before = sum(len(v) for v in fast._POOL.values())
+    loss = flow.log_prob(x1).sum()
+    assert sum(len(v) for v in fast._POOL.values()) == before - 1
+    for a, b in zip(torch.autograd.grad(loss, params), ref1, strict=True):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
