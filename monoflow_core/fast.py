@@ -548,6 +548,28 @@ def _eye(n: int, like: Tensor) -> Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device).unsqueeze(2)
 
 
+def _safeguard(
+    w: Tensor, r: Tensor, res: Tensor, cand: Tensor, prev: tuple[Tensor, ...] | None, plain: Tensor | None
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+    """Guard Newton's candidates ``cand`` from the points ``w`` (residuals ``r``, norms ``res``).
+
+    Where a Newton step made the residual grow (compared with ``prev``, the previous accepted ``(w, r, res)``),
+    it is discarded for the plain contracting step from the previous point, ``w_prev - r_prev``. That plain step
+    (marked in ``plain``) is accepted without comparison next time, so no sample stalls. Returns the guarded
+    candidates and the new ``(prev, plain)``.
+    """
+    if prev is None:
+        return cand, (w, r, res), None
+    worse = res > prev[2]
+    if plain is not None:
+        worse = worse.logical_and_(plain.logical_not())
+    if bool(worse.any()):
+        cand = torch.where(worse, prev[0] - prev[1], cand)
+        prev = tuple(torch.where(worse, old, new) for old, new in zip(prev, (w, r, res), strict=True))
+        return cand, prev, worse
+    return cand, (w, r, res), None
+
+
 def _newton(
     net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, v: _BlockViews
 ) -> tuple[Tensor, SolverStats]:
@@ -579,20 +601,7 @@ def _newton(
         if it >= max_iter or bool(conv.all()):
             break
         cand = _newton_step(w, v.jacobian_map, r, v.entries, v.scratch)
-        # Safeguard: where a Newton step made the residual grow, discard it and take the plain (contracting)
-        # step from the previous point; that plain step is accepted without comparison, so nothing stalls.
-        if prev is not None:
-            worse = res > prev[2]
-            if plain is not None:
-                worse = worse.logical_and_(plain.logical_not())
-            if bool(worse.any()):
-                cand = torch.where(worse, prev[0] - prev[1], cand)
-                prev = tuple(torch.where(worse, old, new) for old, new in zip(prev, (w, r, res), strict=True))
-                plain = worse
-            else:
-                prev, plain = (w, r, res), None
-        else:
-            prev = (w, r, res)
+        cand, prev, plain = _safeguard(w, r, res, cand, prev, plain)
         w = torch.where(conv, w, cand)
     stats = _stats(history, res / threshold * tol, conv, it, tol, max_iter)
     _warn_unconverged(stats, label, b)
@@ -670,19 +679,7 @@ def _newton_compact(
             if plain is not None:
                 plain = plain.index_select(0, keep)
             seen = first = None
-        cand = _newton_step(w, a, r)
-        if prev is not None:  # the safeguard of _newton
-            worse = res > prev[2]
-            if plain is not None:
-                worse = worse.logical_and_(plain.logical_not())
-            if bool(worse.any()):
-                cand = torch.where(worse, prev[0] - prev[1], cand)
-                prev = tuple(torch.where(worse, old, new) for old, new in zip(prev, (w, r, res), strict=True))
-                plain = worse
-            else:
-                prev, plain = (w, r, res), None
-        else:
-            prev = (w, r, res)
+        cand, prev, plain = _safeguard(w, r, res, _newton_step(w, a, r), prev, plain)
         w = cand if seen is None else torch.where(seen, w, cand)
     stats = SolverStats("newton", iterations, residual, converged, it, tol, max_iter)
     _warn_unconverged(stats, label, b)

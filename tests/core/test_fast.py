@@ -163,3 +163,22 @@ def test_pooled_workspaces_never_overwrite_a_live_graph():
     assert sum(len(v) for v in fast._POOL.values()) == before - 1
     for a, b in zip(torch.autograd.grad(loss, params), ref1, strict=True):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
+    from monoflow_core.fast import _safeguard
+
+    w0, r0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.1]])
+    res0 = r0.abs()[0]
+    cand, prev, plain = _safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
+    assert torch.equal(cand, torch.tensor([[9.0, 9.0]])) and plain is None  # nothing to compare with yet
+    # at the new points the first sample's residual grew, the second's fell
+    w1, r1 = torch.tensor([[3.0, 1.5]]), torch.tensor([[0.8, 0.01]])
+    cand, prev, plain = _safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
+    assert torch.equal(cand, torch.tensor([[0.5, 7.0]]))  # plain step w0 - r0 for the first, Newton for the second
+    assert plain.tolist() == [True, False]
+    assert torch.equal(prev[0], torch.tensor([[1.0, 1.5]]))  # the first keeps its last accepted point
+    # the plain step's result is accepted even if its residual is larger than the one it is compared with
+    w2, r2 = torch.tensor([[0.5, 7.0]]), torch.tensor([[0.9, 0.001]])
+    cand, prev, plain = _safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
+    assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
