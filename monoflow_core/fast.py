@@ -6,15 +6,20 @@ small dimensions (the paper's 2-D and 1-D models) this module runs a whole run o
 ``torch.autograd.Function`` with a hand-written exact backward (ALGORITHM.md section 8):
 
 * weights: every block's spectrally normalised weights are computed *batched* over the blocks, and the
-  DenseNet's concatenation weights, the activation's shift and ``1/1.06`` scale and the ``[x, -x]`` of the
-  concatenated activation are folded into them, so one evaluation of G is one matrix product per layer over
-  the stacked primal and tangent rows and a handful of elementwise operations, with no ``cat`` or ``where``;
-* forward: Newton's method with the exact Jacobian (forward-mode tangents) on the whole batch, each sample
-  frozen once it meets the tolerance; the last evaluation is at the solution and provides ``J_G(w*)`` for the
-  exact log-det and every activation the backward pass needs;
-* backward: the implicit-function gradient in closed form (ALGORITHM.md 4): one reverse pass through the
-  tangent network carries the log-det's gradient (this is where the activation's second derivative enters),
-  then ``a = g (I + J)^{-1}`` by a closed-form n x n solve, then one reverse pass through G's primal network.
+  DenseNet's concatenation weights, the activation's shift, ``1/1.06`` scale, Pila's ``k`` (times ``log2 e``,
+  for ``exp2``) and the ``[x, -x]`` of the concatenated activation are folded into them; the last layer also
+  carries the identity, so it yields ``w + G(w)`` and ``I + J_G`` directly;
+* layout: feature-major, one column per point: the primal points and their ``n`` tangent copies side by side,
+  so one evaluation of G with its Jacobian is one ``W @ X`` per layer and a handful of elementwise operations,
+  written in place into a per-run workspace (no ``cat``, no ``where``);
+* forward: Newton's method with the exact Jacobian (forward-mode tangents), each sample frozen once it meets
+  the tolerance; the last evaluation is at the solution and provides ``J_G(w*)`` for the exact log-det and
+  every activation the backward pass needs. Without a backward pass, converged samples leave the batch;
+* backward: the implicit-function gradient in closed form (ALGORITHM.md 4), batched over the blocks wherever
+  the blocks do not depend on each other: one reverse pass through the tangent networks of all blocks carries
+  the log-dets' gradient (this is where the activation's second derivative enters); the recursion
+  ``a = (sqrt 2 g + v) (I + J)^{-1}`` runs block by block on (n, B) tensors; one reverse pass through all primal
+  networks carries ``-a dG/dtheta``; each weight gradient is one batched product.
 
 Both paths agree to rounding in float64 (tests/core/test_fast.py), and the generic path remains the reference.
 """
