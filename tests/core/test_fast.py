@@ -182,3 +182,20 @@ def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
     w2, r2 = torch.tensor([[0.5, 7.0]]), torch.tensor([[0.9, 0.001]])
     cand, prev, plain = _safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
+
+
+@pytest.mark.parametrize("hidden", [True, False])
+def test_fold_layer_backward_against_finite_differences(hidden):
+    """The hand-written backward of the fold, with the spectral clamp active for one block and not the other."""
+    from monoflow_core.fast import _FoldLayer
+
+    torch.manual_seed(7)
+    w = torch.randn(2, 4, 5, dtype=DT)
+    w[1] *= 0.05  # block 1: sigma below its coefficient (no normalisation); block 0: well above
+    left, _, right_h = torch.linalg.svd(w)
+    u, v = left[..., 0], right_h[..., 0, :]
+    coeff = torch.tensor([0.9, 0.98], dtype=DT)
+    assert float(torch.linalg.matrix_norm(w[0], 2)) > 0.9 > float(torch.linalg.matrix_norm(w[1], 2))
+    inputs = (w.requires_grad_(), torch.randn(2, 4, dtype=DT, requires_grad=True),
+              torch.rand(2, 5, dtype=DT, requires_grad=True))
+    assert torch.autograd.gradcheck(lambda a, b, c: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2), inputs)
