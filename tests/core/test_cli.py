@@ -271,6 +271,8 @@ def test_sample_npy_and_png(toy_run, tmp_path):
     assert samples.shape == (300, 2) and np.isfinite(samples).all()
     run(["sample", ckpt, "--n", "300", "--out", tmp_path / "t.npy", "--seed", "3"])
     np.testing.assert_array_equal(samples, np.load(tmp_path / "t.npy"))  # seeded
+    run(["sample", ckpt, "--n", "300", "--out", tmp_path / "w.npy", "--seed", "3", "--workers", "2"])
+    np.testing.assert_array_equal(samples, np.load(tmp_path / "w.npy"))  # the same samples from two workers
     code, stdout, err = run(["sample", ckpt, "--n", "500", "--resolution", "40", "--out", tmp_path / "s.png"])
     assert code == 0, err
     assert "40 x 40 histogram of 500 samples" in stdout
@@ -296,6 +298,15 @@ def test_density_npy_and_upright_png(toy_run, tmp_path):
     # the picture is the normalised density with the highest y in its top row
     expected = colormap(np.exp(grid - grid.max())[::-1])
     assert np.abs(pixels.astype(int) - expected.astype(int)).max() <= 1
+    # two worker threads over several chunks give the same grid
+    code, _, err = run(["density", ckpt, "--resolution", "80", "--extent", "3", "--out", tmp_path / "a.npy"])
+    assert code == 0, err
+    code, _, err = run(["density", ckpt, "--resolution", "80", "--extent", "3", "--workers", "2",
+                        "--out", tmp_path / "b.npy"])
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    code, _, err = run(["density", ckpt, "--workers", "0", "--out", tmp_path / "c.npy"])
+    assert code == 2 and "--workers" in err
 
 
 def test_presets_lists_all_shipped(capsys):
