@@ -551,6 +551,17 @@ def _solve_small(a: Tensor, r: Tensor) -> Tensor:
     return torch.linalg.solve(a.permute(2, 0, 1), r.t()).t()
 
 
+def _max_abs(r: Tensor) -> Tensor:
+    """``max_i |r_i|`` per point (column) of an (n, B) residual.
+
+    (``linalg.vector_norm(r, inf, dim=0)`` measured 125 us at B = 500 here, reducing across rows; this is 15 us.)
+    """
+    a = r.abs()
+    if a.shape[0] == 2:
+        return torch.maximum(*a.unbind(0))
+    return a.amax(dim=0)
+
+
 def _newton_step(
     w: Tensor, a: Tensor, r: Tensor, entries: tuple[Tensor, ...] = (), scratch: Tensor | None = None
 ) -> Tensor:
@@ -645,7 +656,7 @@ def _newton(
         it += 1
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, rhs)
-        res = torch.linalg.vector_norm(r, ord=math.inf, dim=0)
+        res = _max_abs(r)
         ok = res <= threshold
         conv = ok if conv is None else conv | ok
         history.append(conv)
@@ -694,7 +705,7 @@ def _newton_compact(
             v = _Workspace(net, 1, m, rhs).block(0)
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, target)
-        res = torch.linalg.vector_norm(r, ord=math.inf, dim=0)
+        res = _max_abs(r)
         ok = res <= thr
         if seen is None:
             n_seen = int(ok.sum())
@@ -779,7 +790,12 @@ def _reverse_tangents(net: FoldedNet, ws: _Workspace, cot_out: Tensor, slots: li
         torch.mul(cx[:, :, :b], d, out=slot[:, :, :b])
         d2 = _second(net.kind, ws.y[i], ws.e[i])
         if d2 is not None:
-            slot[:, :, :b].addcmul_((cx_t * ws.h[i][:, :, b:].view(nb, m, n, b)).sum(2), d2)
+            h_t = ws.h[i][:, :, b:].view(nb, m, n, b)
+            # sum_t c_t * ht_t, as a chain of fused products (a reduction across the middle dimension is slow)
+            paired = torch.mul(cx_t[:, :, 0], h_t[:, :, 0])
+            for t_ in range(1, n):
+                paired.addcmul_(cx_t[:, :, t_], h_t[:, :, t_])
+            slot[:, :, :b].addcmul_(paired, d2)
         if i:
             cot_x[:, :width].baddbmm_(weight.transpose(1, 2), slot)
         else:  # only the primal input rows matter below the first layer
@@ -811,6 +827,17 @@ class _Plan:
     blocks: list[Any]
     n: int
     kind: str
+
+
+def _row_combination(m: Tensor, g: Tensor) -> Tensor:
+    """``g^T M`` per point: ``out[t] = sum_i g[i] M[i, t]`` for an (n, n, B) stack and (n, B) vectors.
+
+    (A chain of fused products: a reduction over the leading dimension of these small stacks is slower here.)
+    """
+    out = m[0] * g[0]
+    for i in range(1, m.shape[0]):
+        out.addcmul_(m[i], g[i])
+    return out
 
 
 def _logdet_sum(kinds: Sequence[str], a: Tensor) -> Tensor:
@@ -924,20 +951,21 @@ class _FusedBlocks(torch.autograd.Function):
             if kind == "residual":
                 # y = x + G(x): dL/dx = gy (I + J) + v; G's weights see the cotangent gy.
                 cot_g[j] = gy
-                gy = (a_all[j] * gy.unsqueeze(1)).sum(0).add_(v)
+                gy = _row_combination(a_all[j], gy).add_(v)
                 continue
             gw = torch.add(v, gy, alpha=SQRT2) if kind == "monotone" else v.add_(gy)
             # a = gw (I + J)^{-1} with respect to the solve's right-hand side; the parameters receive -a dG/dtheta.
-            a = (inv * gw.unsqueeze(1)).sum(0)
+            a = _row_combination(inv, gw)
             torch.neg(a, out=cot_g[j])
             gy = torch.sub(a, gy, alpha=1.0 / SQRT2).mul_(SQRT2) if kind == "monotone" else a
         _reverse_primals(net, ws, cot_g, slots)
         grads = []
         width = 1 + n
+        # (X S^T)^T rather than S X^T: the same numbers, 25% faster here for these long reductions
         for w, s in zip(net.weights, slots, strict=True):
-            grads.append(torch.bmm(s, ws.x[:, :width].transpose(1, 2)))
+            grads.append(torch.bmm(ws.x[:, :width], s.transpose(1, 2)).transpose(1, 2))
             width += w.shape[1]
-        grads.append(torch.bmm(cot_out, ws.x.transpose(1, 2)))
+        grads.append(torch.bmm(ws.x, cot_out.transpose(1, 2)).transpose(1, 2))
         return (gy.t(), None, *grads)
 
 

@@ -1,0 +1,116 @@
+"""Compare this fused path (``monoflow_core/fast.py``) with the one of another git revision, step by step.
+
+This machine's speed drifts by up to 1.8x within minutes, so two runs minutes apart mislead. Here both versions of
+the fused path live in one process and alternate every training step (and every evaluation pass), so the drift
+affects both alike. The other revision's ``fast.py`` is read with ``git show`` and its relative imports pointed at
+this checkout's engine, which works while the rest of the engine keeps the interface ``fast.py`` uses
+(``Flow`` calls ``run_fused``, ``fusable_runs``, ``fused_inverse``, ``fast_eligible``).
+
+Measures, for the paper's toy model (float32, batch 500, 8gaussians, one intra-op thread): the median training
+step over steps 51-300 of each version's own run (ms/step), then 40,000 log-densities and 40,000 samples in chunks
+of 5,000 (serial, seconds, median of 4 alternating passes).
+
+Usage: ``python benchmarks/fast_path_interleaved.py REVISION`` (e.g. ``c3a0e0d``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+import monoflow_core as mc
+import monoflow_core.flow as flow_module
+from monoflow_core import fast
+from monoflow_core.data import ToyStream
+from monoflow_core.runtime import tune_allocator
+
+API = ("run_fused", "fusable_runs", "fused_inverse", "fast_eligible")
+
+
+def load_other(revision: str) -> ModuleType:
+    """``monoflow_core/fast.py`` of ``revision`` as a module importing this checkout's engine."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{revision}:monoflow_core/fast.py"], cwd=root, capture_output=True,
+                            text=True, check=True).stdout
+    source = re.sub(r"^(\s*)from \.", r"\1from monoflow_core.", source, flags=re.MULTILINE)
+    path = Path(tempfile.mkdtemp()) / "fast_other.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("fast_other", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fast_other"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revision", help="git revision whose fast.py to compare with")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of each version (median of 51..N)")
+    args = parser.parse_args()
+    tune_allocator()
+    torch.set_num_threads(1)
+    versions = {"other": load_other(args.revision), "this": fast}
+    runs = {}
+    for name in versions:
+        torch.manual_seed(0)
+        model = mc.build_flow()
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+        runs[name] = (model, opt, ToyStream("8gaussians", 0))
+
+    def use(name: str) -> None:
+        for attr in API:
+            setattr(flow_module, attr, getattr(versions[name], attr))
+
+    steps: dict[str, list[float]] = {name: [] for name in versions}
+    for i in range(args.steps):
+        for name in versions:
+            use(name)
+            model, opt, stream = runs[name]
+            x = stream.sample(500)
+            t0 = time.perf_counter()
+            loss = -model.log_prob(x).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            mc.update_lipschitz(model, 5)
+            if i >= 50:
+                steps[name].append(time.perf_counter() - t0)
+            del loss
+    points = (torch.rand(40_000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 8
+    grid: dict[str, list[float]] = {name: [] for name in versions}
+    draws: dict[str, list[float]] = {name: [] for name in versions}
+    for _ in range(4):
+        for name in versions:
+            use(name)
+            model = runs[name][0].eval()
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for chunk in points.split(5000):
+                    model.log_prob(chunk)
+                grid[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for _ in range(8):
+                    model.sample(5000)
+                draws[name].append(time.perf_counter() - t0)
+    use("this")
+    for label, data, scale, unit in (("training step", steps, 1e3, "ms"), ("40k log-densities", grid, 1.0, "s"),
+                                     ("40k samples", draws, 1.0, "s")):
+        other, this = statistics.median(data["other"]), statistics.median(data["this"])
+        print(f"{label}: {args.revision} {scale * other:.2f} {unit}, this checkout {scale * this:.2f} {unit} "
+              f"({other / this:.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
