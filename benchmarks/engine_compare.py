@@ -18,10 +18,12 @@ from pathlib import Path
 
 CHILD = r"""
 import json, statistics, sys, time
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1])  # the engine under test
+sys.path.insert(1, sys.argv[2])  # this checkout's benchmarks folder (engine_speed's step)
 import torch
 import monoflow_core as mc
 from monoflow_core.data import ToyStream
+from engine_speed import new_optimizer, timed_step
 try:
     from monoflow_core.runtime import tune_allocator
     tune_allocator()
@@ -33,17 +35,8 @@ torch.set_num_threads(1)
 flow = mc.build_flow()
 flow.train()
 stream = ToyStream("8gaussians", 0)
-opt = torch.optim.Adam(flow.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
-times = []
-for _ in range(150):
-    x = stream.sample(500)
-    t0 = time.perf_counter()
-    loss = -flow.log_prob(x).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    mc.update_lipschitz(flow, 5)
-    times.append(time.perf_counter() - t0)
+opt = new_optimizer(flow)
+times = [timed_step(flow, opt, stream.sample(500))[0] for _ in range(150)]
 flow.eval()
 points = (torch.rand(40000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 8
 with torch.no_grad():
@@ -61,7 +54,9 @@ print(json.dumps({"step_ms": 1e3 * statistics.median(times[50:]), "log_prob_40k_
 
 
 def measure(checkout: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(checkout)], capture_output=True, text=True, check=True)
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(here)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

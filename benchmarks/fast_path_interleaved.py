@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from engine_speed import new_optimizer, timed_step  # this folder (the script's own) is on sys.path
 
 import monoflow_core as mc
 import monoflow_core.flow as flow_module
@@ -66,8 +67,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = mc.build_flow()
         model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
-        runs[name] = (model, opt, ToyStream("8gaussians", 0))
+        runs[name] = (model, new_optimizer(model), ToyStream("8gaussians", 0))
 
     def use(name: str) -> None:
         for attr in API:
@@ -78,16 +78,9 @@ def main() -> None:
         for name in versions:
             use(name)
             model, opt, stream = runs[name]
-            x = stream.sample(500)
-            t0 = time.perf_counter()
-            loss = -model.log_prob(x).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            mc.update_lipschitz(model, 5)
+            seconds, _ = timed_step(model, opt, stream.sample(500))
             if i >= 50:
-                steps[name].append(time.perf_counter() - t0)
-            del loss
+                steps[name].append(seconds)
     points = (torch.rand(40_000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 8
     grid: dict[str, list[float]] = {name: [] for name in versions}
     draws: dict[str, list[float]] = {name: [] for name in versions}
