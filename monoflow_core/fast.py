@@ -606,10 +606,6 @@ def _logabsdet(a: Tensor) -> Tensor:
     return torch.linalg.slogdet(a.movedim(-1, -3)).logabsdet
 
 
-def _eye(n: int, like: Tensor) -> Tensor:
-    return torch.eye(n, dtype=like.dtype, device=like.device).unsqueeze(2)
-
-
 def _safeguard(
     w: Tensor, r: Tensor, res: Tensor, cand: Tensor, prev: tuple[Tensor, ...] | None, plain: Tensor | None
 ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
