@@ -419,8 +419,9 @@ class ConvDenseNetG(LearnableConcat, JacobianNet):
         s = images.permute(0, 2, 3, 1)  # channels-last, see _conv_nhwc
         for i, act in enumerate(self.activations):
             s = torch.cat([s, act(_conv_nhwc(s, weights[i], prepared.biases[i]))], dim=-1)
-        out = _conv_nhwc(s, weights[-1], prepared.biases[-1])
-        return out.view(x.shape[0], -1) if flat else out.permute(0, 3, 1, 2).contiguous()
+        out = _conv_nhwc(s, weights[-1], prepared.biases[-1]).permute(0, 3, 1, 2)
+        # flattened events are in (C, H, W) order, as the Jacobian's columns and rows
+        return out.reshape(x.shape[0], -1) if flat else out.contiguous()
 
     def evaluate_with_jacobian(
         self, x: Tensor, prepared: PreparedNet, chunk: int | None = None

@@ -216,6 +216,8 @@ def test_tangent_jacobian_matches_autograd(activation):
     assert flat_value.shape == (3, 32)
     assert torch.allclose(flat_value, value.flatten(1), atol=1e-14)
     assert torch.allclose(chunked, ref, atol=1e-13)
+    # flattened events are (C, H, W)-ordered in evaluate too, as in evaluate_with_jacobian
+    assert torch.allclose(g.evaluate(x.flatten(1), prepared), value.flatten(1), atol=1e-14)
 
 
 def test_one_by_one_final_kernel_and_power_mode():
