@@ -65,8 +65,9 @@ MODEL_PRESETS: dict[str, str] = {"monotone": "paper-toy-monotone", "idensenet": 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 SHARED_MACHINE_NOTE = (
-    "Timings were taken on a shared 2-core CPU machine (other engineers' jobs ran concurrently), so wall times "
-    "and ms/iteration are upper bounds of what this code does on an idle machine."
+    "Timings come from a 2-core CPU VM whose speed drifts by up to 1.8x within minutes and which other jobs may "
+    "share (the load average above says how busy it was), so wall times and ms/iteration are upper bounds of "
+    "what this code does on an idle, steady machine."
 )
 
 

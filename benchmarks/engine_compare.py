@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, statistics, sys, time
+import json, statistics, sys
 sys.path.insert(0, sys.argv[1])  # the engine under test
 sys.path.insert(1, sys.argv[2])  # this checkout's benchmarks folder (engine_speed's step)
 import torch
 import monoflow_core as mc
 from monoflow_core.data import ToyStream
-from engine_speed import new_optimizer, timed_step
+from engine_speed import new_optimizer, timed_eval, timed_step
 try:
     from monoflow_core.runtime import tune_allocator
     tune_allocator()
@@ -37,17 +37,7 @@ flow.train()
 stream = ToyStream("8gaussians", 0)
 opt = new_optimizer(flow)
 times = [timed_step(flow, opt, stream.sample(500))[0] for _ in range(150)]
-flow.eval()
-points = (torch.rand(40000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 8
-with torch.no_grad():
-    t0 = time.perf_counter()
-    for chunk in points.split(5000):
-        flow.log_prob(chunk)
-    grid_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(8):
-        flow.sample(5000)
-    sample_s = time.perf_counter() - t0
+grid_s, sample_s = timed_eval(flow)
 print(json.dumps({"step_ms": 1e3 * statistics.median(times[50:]), "log_prob_40k_s": grid_s,
                   "samples_40k_s": sample_s}))
 """
@@ -69,8 +59,9 @@ def main() -> None:
     for r in range(args.rounds):
         for name, path in (("other", args.other.resolve()), ("this", here)):
             m = measure(path)
-            print(f"round {r + 1} {name:5s} ({path}): training step {m['step_ms']:.1f} ms/step, "
-                  f"40k log-densities {m['log_prob_40k_s']:.2f} s, 40k samples {m['samples_40k_s']:.2f} s",
+            print(f"round {r + 1} {name:5s} ({path}): training step {m['step_ms']:.1f} ms/step (median of steps "
+                  f"51-150), 40k log-densities {m['log_prob_40k_s']:.2f} s, 40k samples {m['samples_40k_s']:.2f} s "
+                  "(serial, chunks of 5,000)",
                   flush=True)
 
 

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from engine_speed import new_optimizer, timed_step  # this folder (the script's own) is on sys.path
+from common import command_line, machine_info
+from engine_speed import new_optimizer, timed_eval, timed_step  # this folder (the script's own) is on sys.path
 
 import monoflow_core as mc
 import monoflow_core.flow as flow_module
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revision", help="git revision whose fast.py to compare with")
     parser.add_argument("--steps", type=int, default=300, help="training steps of each version (median of 51..N)")
+    parser.add_argument("--json", help="also write the figures, the command and the machine to this JSON file")
     args = parser.parse_args()
     tune_allocator()
     torch.set_num_threads(1)
@@ -81,28 +83,27 @@ def main() -> None:
             seconds, _ = timed_step(model, opt, stream.sample(500))
             if i >= 50:
                 steps[name].append(seconds)
-    points = (torch.rand(40_000, 2, generator=torch.Generator().manual_seed(0)) - 0.5) * 8
-    grid: dict[str, list[float]] = {name: [] for name in versions}
+    densities: dict[str, list[float]] = {name: [] for name in versions}
     draws: dict[str, list[float]] = {name: [] for name in versions}
     for _ in range(4):
         for name in versions:
             use(name)
-            model = runs[name][0].eval()
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                for chunk in points.split(5000):
-                    model.log_prob(chunk)
-                grid[name].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                for _ in range(8):
-                    model.sample(5000)
-                draws[name].append(time.perf_counter() - t0)
+            log_prob_s, sample_s = timed_eval(runs[name][0])
+            densities[name].append(log_prob_s)
+            draws[name].append(sample_s)
     use("this")
-    for label, data, scale, unit in (("training step", steps, 1e3, "ms"), ("40k log-densities", grid, 1.0, "s"),
-                                     ("40k samples", draws, 1.0, "s")):
+    figures: dict[str, object] = {"command": command_line(), "machine": machine_info(), "revision": args.revision}
+    for key, label, data, scale, unit in (
+        ("training_step_ms", f"training step (median of steps 51-{args.steps}, 1 thread)", steps, 1e3, "ms"),
+        ("log_prob_40k_s", "40k log-densities (serial, chunks of 5,000, median of 4 passes)", densities, 1.0, "s"),
+        ("samples_40k_s", "40k samples (serial, chunks of 5,000, median of 4 passes)", draws, 1.0, "s"),
+    ):
         other, this = statistics.median(data["other"]), statistics.median(data["this"])
+        figures[key] = {"other": scale * other, "this": scale * this, "speedup": other / this}
         print(f"{label}: {args.revision} {scale * other:.2f} {unit}, this checkout {scale * this:.2f} {unit} "
               f"({other / this:.2f}x)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

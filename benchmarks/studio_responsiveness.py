@@ -13,7 +13,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -24,9 +23,10 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from common import command_line
 
 from monoflow_core.training import Trainer
 from monoflow_studio.app import configure_process
@@ -75,7 +75,7 @@ def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> 
     settings = QSettings(os.path.join(tempfile.mkdtemp(), "studio.ini"), QSettings.Format.IniFormat)
     options = SessionOptions(grid_resolution=GRID)
     if frame_budget is not None:
-        options = dataclasses.replace(options, frame_budget=frame_budget)
+        options = replace(options, frame_budget=frame_budget)
     window = MainWindow(spec, options=options, settings=settings, theme="dark")
     window.show()
     loop = QEventLoop()
@@ -166,15 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Studio responsiveness",
         "",
-        f"Command: `python benchmarks/studio_responsiveness.py --seconds {args.seconds:g} --rounds {args.rounds} "
-        f"--blocks {args.blocks}`",
+        f"Command: `{command_line(None if argv is None else [__file__, *argv])}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} intra-op thread(s)), {platform.platform()}.",
         "",
         f"Model: the paper's toy Monotone Flow ({args.blocks} blocks, DenseNet G 3x16, CPila), batch "
         f"{spec.training.batch_size}, float32, CPU. Studio: offscreen main window, live grid {GRID} x {GRID}, "
-        f"{args.rounds} alternating rounds of {args.seconds:g} s per mode.",
+        f"{args.rounds} alternating rounds of {args.seconds:g} s per mode, view frame budget "
+        f"{args.frame_budget if args.frame_budget is not None else SessionOptions().frame_budget:g}.",
         "",
         "| figure | value | goal |",
         "|---|---|---|",

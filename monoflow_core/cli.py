@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import __version__, evaluation
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint_metadata
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS
 from .distributed import init_from_environment
@@ -492,8 +492,9 @@ def _configured_device(args: argparse.Namespace) -> str:
     device = "cpu"
     try:
         if args.resume:
-            stored = load_checkpoint(Path(args.resume)).train_config
-            device = stored.device if stored is not None else "cpu"
+            # the header alone: no tensors are read to learn one string
+            stored = read_checkpoint_metadata(Path(args.resume))["train_config"]
+            device = str(stored.get("device", "cpu")) if stored else "cpu"
         elif args.data is not None:
             default = _default_preset(_data_name(args.data))
             device = str(load_preset(args.preset or default).training.get("device", "cpu"))

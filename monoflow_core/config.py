@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dequantization import DEQUANTIZATIONS
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
@@ -241,7 +242,7 @@ class FlowConfig(JsonConfig):
         self.logit_alpha = alpha
         if not isinstance(self.factor_out, bool):
             raise ValueError(f"factor_out: must be true or false, got {self.factor_out!r}")
-        self.dequantization = _choice("dequantization", self.dequantization, ("uniform", "variational"))
+        self.dequantization = _choice("dequantization", self.dequantization, DEQUANTIZATIONS)
         self.vdq_blocks = _int_at_least("vdq_blocks", self.vdq_blocks, 1)
         self.vdq_channels = _int_at_least("vdq_channels", self.vdq_channels, 1)
         self.levels = _int_at_least("levels", self.levels, 2)

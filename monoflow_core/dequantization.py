@@ -29,10 +29,6 @@ __all__ = [
 DEQUANTIZATIONS = ("uniform", "variational")
 
 
-def _as_float(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.to(dtype=dtype)
-
-
 def draw_noise(
     dequantizer: nn.Module,
     shape: torch.Size | tuple[int, ...],
@@ -80,7 +76,7 @@ class UniformDequantizer(nn.Module):
             noise: pre-drawn ``u ~ U[0, 1)`` of x's shape (see :func:`draw_noise`); drawn here if ``None``.
             generator: random generator for drawing the noise here.
         """
-        xf = _as_float(x, dtype)
+        xf = x.to(dtype=dtype)
         u = draw_noise(self, xf.shape, dtype, xf.device, generator) if noise is None else noise.to(dtype)
         return (xf + u) / self.levels, xf.new_zeros(xf.shape[0])
 
@@ -168,7 +164,7 @@ class VariationalDequantizer(nn.Module):
             noise: pre-drawn ``eps ~ N(0, I)`` of x's shape (see :func:`draw_noise`); drawn here if ``None``.
             generator: random generator for drawing the noise here.
         """
-        xf = _as_float(x, dtype)
+        xf = x.to(dtype=dtype)
         context = 2.0 * xf / (self.levels - 1) - 1.0
         eps = draw_noise(self, xf.shape, dtype, xf.device, generator) if noise is None else noise.to(dtype)
         flat = eps.reshape(eps.shape[0], -1)

@@ -119,11 +119,11 @@ def fusable_runs(blocks: Sequence[Any], dim: int) -> list[tuple[int, int]]:
 class FoldedNet:
     """Folded weights of a stack of ``nb`` DenseNet G networks (index ``j`` = block ``j`` of a run).
 
-    The feature buffer ``U`` of one evaluation has a leading constant column (1 on the primal row, 0 on the
-    tangent rows) so that biases ride in the weights: layer ``i`` computes the pre-activations of its ``2k``
-    concatenated units (``k [h - shift, -h - shift]`` for CPila) as ``U[:, :1 + width_i] @ weights[i][j].T``
-    and G is ``U @ final[j].T``. The concatenation weights, the activation's scale and Pila's k live in the
-    weights, so the buffer holds raw activation outputs.
+    The feature buffer of one evaluation (:class:`_Workspace`) has a leading bias row (1 on primal columns, 0 on
+    tangent columns), so biases ride in the weights: layer ``i`` computes the pre-activations of its ``2k``
+    concatenated units (``k [h - shift, -h - shift]`` for CPila) as ``weights[i][j] @ X[:1 + width_i]`` and G is
+    ``final[j] @ X``. The concatenation weights, the activation's scale and Pila's k live in the weights, so the
+    buffer holds raw activation outputs.
     """
 
     weights: list[Tensor]  # (nb, 2k, 1 + width_i)
@@ -287,11 +287,11 @@ def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     key = _fold_key(nets)
     owner = nets[0]
     cached = owner.__dict__.get("_monoflow_fold")
-    if cached is not None and cached[0] == key and cached[1] == len(nets):
-        return cached[2]
+    if cached is not None and cached[0] == key:
+        return cached[1]
     with torch.no_grad():
         folded = fold_nets(nets)
-    owner.__dict__["_monoflow_fold"] = (key, len(nets), folded)
+    owner.__dict__["_monoflow_fold"] = (key, folded)
     return folded
 
 
@@ -380,20 +380,20 @@ def _workspace_key(net: FoldedNet, b: int, like: Tensor) -> tuple[Any, ...]:
             net.final.shape[-1])
 
 
-def _acquire_workspace(net: FoldedNet, b: int, like: Tensor) -> _Workspace:
+def _acquire_workspace(net: FoldedNet, b: int, like: Tensor) -> tuple[_Workspace, tuple[Any, ...]]:
     """A workspace for a training forward: a pooled one whose previous graph is gone, else a new one.
 
     Reusing saves the allocations and the ~400 views of a 10-block run every step. A workspace returns to the pool
     only when the autograd node that holds it is destroyed (see :func:`_release_with`), so a graph that is still
     alive (a second backward with ``retain_graph``, two forwards before one backward) never sees its buffers
-    overwritten.
+    overwritten. Returns the workspace and its pool key.
     """
     key = _workspace_key(net, b, like)
     with _POOL_LOCK:
         free = _POOL.get(key)
         if free:
-            return free.pop()
-    return _Workspace(net, len(net.final), b, like)
+            return free.pop(), key
+    return _Workspace(net, len(net.final), b, like), key
 
 
 def _release_with(holder: Any, ws: _Workspace, key: tuple[Any, ...]) -> None:
@@ -857,20 +857,26 @@ def _row_combination(m: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def _logdet_sum(kinds: Sequence[str], a: Tensor) -> Tensor:
-    """Summed log-dets of blocks of the given kinds from their Jacobian maps ``a = I + J_G`` (blocks, n, n, B).
+def _logdet_terms(kinds: Sequence[str], a: Tensor) -> tuple[Tensor, list[int], Tensor | None]:
+    """The pieces of each block's log-det in terms of its Jacobian map ``a = I + J_G`` (blocks, n, n, B).
 
-    ``log|det A|`` (residual), ``-log|det A|`` (inverse residual), ``log|det(2I - A)| - log|det A|`` (monotone;
-    ALGORITHM.md 2), computed for all blocks at once.
+    Returns ``(sign, mono, a_minus)``: the log-det is ``sign_j log|det A_j|`` (+1 residual, -1 inverse residual and
+    monotone; ALGORITHM.md 2), plus ``log|det(2I - A_j)| = log|det(I - J)|`` for the monotone blocks ``mono``, whose
+    ``2I - A`` stack is ``a_minus`` (None without monotone blocks).
     """
     sign = torch.tensor([1.0 if k == "residual" else -1.0 for k in kinds], dtype=a.dtype, device=a.device)
-    total = (_logabsdet(a) * sign.unsqueeze(1)).sum(0)
     mono = [j for j, k in enumerate(kinds) if k == "monotone"]
-    if mono:
-        sub = a if len(mono) == len(kinds) else a[mono]
-        two = 2.0 * torch.eye(a.shape[1], dtype=a.dtype, device=a.device).unsqueeze(2)
-        total = total + _logabsdet(torch.sub(two, sub)).sum(0)
-    return total
+    if not mono:
+        return sign, mono, None
+    two = 2.0 * torch.eye(a.shape[1], dtype=a.dtype, device=a.device).unsqueeze(2)
+    return sign, mono, torch.sub(two, a if len(mono) == len(kinds) else a[mono])
+
+
+def _logdet_sum(kinds: Sequence[str], a: Tensor) -> Tensor:
+    """Summed log-dets of blocks of the given kinds from their Jacobian maps (see :func:`_logdet_terms`)."""
+    sign, _, a_minus = _logdet_terms(kinds, a)
+    total = (_logabsdet(a) * sign.unsqueeze(1)).sum(0)
+    return total if a_minus is None else total + _logabsdet(a_minus).sum(0)
 
 
 def _block_solve(block: Any, weights: _BlockWeights, x: Tensor, v: _BlockViews | None) -> tuple[Tensor, Tensor | None]:
@@ -896,18 +902,12 @@ def _block_solve(block: Any, weights: _BlockWeights, x: Tensor, v: _BlockViews |
     return (SQRT2 * w - x if kind == "monotone" else w), a
 
 
-def _fused_forward(
-    x: Tensor, plan: _Plan, net: FoldedNet, keep: bool, ws: _Workspace | None = None
-) -> tuple[Tensor, Tensor, _Workspace | None]:
-    """Forward through the run on points ``x`` (n, B): ``(y, summed log-det, workspace)``.
+def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, ws: _Workspace | None) -> tuple[Tensor, Tensor]:
+    """Forward through the run on points ``x`` (n, B): ``(y, summed log-det)``.
 
-    With ``keep``, every block evaluates into its own slice of one workspace, which is returned for the backward
-    pass; without, the solves drop converged samples and nothing is kept.
+    With a workspace ``ws`` (training), every block evaluates into its own slice of it, where the backward pass
+    finds it; without, the solves drop converged samples and nothing is kept.
     """
-    b = x.shape[1]
-    nb = len(plan.blocks)
-    if keep and ws is None:
-        ws = _Workspace(net, nb, b, x)
     kinds = [blk.kind for blk in plan.blocks]
     total: Tensor | None = None
     for j, block in enumerate(plan.blocks):
@@ -919,7 +919,7 @@ def _fused_forward(
     if ws is not None:
         total = _logdet_sum(kinds, ws.jacobian_maps())
     assert total is not None
-    return x, total, ws
+    return x, total
 
 
 class _FusedBlocks(torch.autograd.Function):
@@ -929,10 +929,10 @@ class _FusedBlocks(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
         xt = x.detach().t().contiguous()
-        ws = _acquire_workspace(net, xt.shape[1], xt)
+        ws, key = _acquire_workspace(net, xt.shape[1], xt)
         ctx.token = _GraphToken()
-        _release_with(ctx.token, ws, _workspace_key(net, xt.shape[1], xt))
-        y, total, _ = _fused_forward(xt, plan, net, keep=True, ws=ws)
+        _release_with(ctx.token, ws, key)
+        y, total = _fused_forward(xt, plan, net, ws)
         ctx.net = net
         ctx.ws = ws
         ctx.kinds = [blk.kind for blk in plan.blocks]
@@ -949,12 +949,10 @@ class _FusedBlocks(torch.autograd.Function):
         inv_all = _inv_small(a_all)
         # d(summed log-det)/dJ of every block at once (the log-det's gradient is the same for all blocks):
         # residual (I + J)^-T, inverse residual -(I + J)^-T, monotone -((I - J)^-T + (I + J)^-T).
-        sign = torch.tensor([1.0 if k == "residual" else -1.0 for k in kinds], dtype=a_all.dtype, device=a_all.device)
+        sign, mono, a_minus = _logdet_terms(kinds, a_all)
         dlog = inv_all * sign.view(nb, 1, 1, 1)
-        mono = [j for j, k in enumerate(kinds) if k == "monotone"]
-        if mono:
-            two = 2.0 * torch.eye(n, dtype=a_all.dtype, device=a_all.device).unsqueeze(2)
-            dlog[mono] -= _inv_small(torch.sub(two, a_all[mono] if len(mono) < nb else a_all))
+        if a_minus is not None:
+            dlog[mono] -= _inv_small(a_minus)
         lay = _ReverseLayout(net)
         cols = (1 + n) * b
         c = ws.x.new_empty(nb, lay.rows, cols)  # pass 1: the log-det's cotangents (tangent and primal columns)
@@ -996,7 +994,7 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             folded = cached_fold(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
-            y, logdet, _ = _fused_forward(x.t().contiguous(), plan, folded, keep=False)
+            y, logdet = _fused_forward(x.t().contiguous(), plan, folded, None)
         return y.t(), logdet
     folded = fold_nets(nets)
     plan = _Plan(list(blocks), folded.n, folded.kind)

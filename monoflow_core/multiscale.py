@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .dequantization import draw_noise
 from .flow import Flow
+from .image_layers import Squeeze
 
 if TYPE_CHECKING:
     from .config import FlowConfig
@@ -64,7 +65,7 @@ class MultiscaleFlow(Flow):
         self.plan = [(str(k), int(v)) for k, v in plan]
         self.dequantizer = dequantizer
         self.levels = int(levels)
-        # Shapes of the factored-out pieces and the final tensor, traced once with a dummy batch of one.
+        # Shapes of the factored-out pieces and the final tensor, worked out once from the plan.
         self._piece_shapes = self._trace_shapes()
         self.fast_path = False  # the fused kernel is for vectors; image blocks take the generic path
 
@@ -77,7 +78,7 @@ class MultiscaleFlow(Flow):
             if kind == "factor":
                 pieces.append((shape[0] - arg, *shape[1:]))
                 shape = (arg, *shape[1:])
-            elif type(self.layers[arg]).__name__ == "Squeeze":
+            elif isinstance(self.layers[arg], Squeeze):
                 shape = (shape[0] * 4, shape[1] // 2, shape[2] // 2)
         pieces.append(shape)
         return pieces

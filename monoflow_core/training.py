@@ -79,9 +79,6 @@ EVAL_STREAM_SEED_OFFSET = 1_000_003
 #: Chunk size (samples) for evaluations.
 EVAL_CHUNK = 10_000
 
-#: Chunk size (images) for image evaluations.
-EVAL_IMAGE_CHUNK = evaluation.IMAGE_NOISE_BLOCK
-
 #: The dequantization noise generator is seeded with ``seed + NOISE_SEED_OFFSET``.
 NOISE_SEED_OFFSET = 7919
 
@@ -706,10 +703,6 @@ class Trainer:
         y_hat, _ = self.flow(x)
         return ((y_hat - y) ** 2).reshape(x.shape[0], -1).mean(dim=1).sum()
 
-    def _loss(self, batch: tuple[Tensor, ...]) -> Tensor:
-        """The mean loss of a batch (bits/dim, nats or MSE)."""
-        return self._loss_sum(batch) / batch[0].shape[0]
-
     def _needs_actnorm_init(self) -> bool:
         return any(
             isinstance(m, ActNorm | ActNorm2d) and not bool(m.initialized) for m in self.flow.modules()
@@ -721,7 +714,6 @@ class Trainer:
         Every process holds the global batch, so in a data-parallel run every process computes the same
         statistics, identical to a single-process run; gradient-accumulation chunks also see one initialisation.
         """
-        self.flow.train()
         with torch.no_grad():
             self._loss_sum(batch)
 
@@ -757,8 +749,9 @@ class Trainer:
         local = tuple(self.dist.shard(t) for t in batch)
         chunks = self.train_config.grad_accumulation
         local_loss = 0.0
-        finite = True
-        for piece in zip(*(torch.tensor_split(t, chunks) for t in local), strict=True):
+        # (no split when there is nothing to split: the common case pays no extra operators)
+        pieces = (local,) if chunks == 1 else zip(*(torch.tensor_split(t, chunks) for t in local), strict=True)
+        for piece in pieces:
             if piece[0].shape[0] == 0:
                 continue
             loss = self._loss_sum(piece) / global_size
@@ -766,8 +759,7 @@ class Trainer:
                 loss = self.loss_transform(loss)
             value = float(loss.detach())
             local_loss += value
-            if not math.isfinite(value):
-                finite = False
+            if not math.isfinite(value):  # local_loss is then non-finite too
                 break
             loss.backward()
             del loss
@@ -782,10 +774,9 @@ class Trainer:
             offset = 1
             for p in params:
                 n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).clone()
+                p.grad = flat[offset : offset + n].view_as(p)  # flat is this step's own buffer
                 offset += n
-            finite = math.isfinite(local_loss)
-        if not finite or not math.isfinite(local_loss):
+        if not math.isfinite(local_loss):
             return local_loss, f"non-finite loss ({local_loss})"
         return local_loss, ""
 
@@ -990,6 +981,11 @@ class Trainer:
         if record:
             self.eval_history.append(result)
         return result
+
+    @property
+    def training_images(self) -> ImageSet | None:
+        """The training set of an image run (None for other tasks), as loaded once at construction."""
+        return self._train_images
 
     def evaluation_images(self, split: str | None = None) -> ImageSet:
         """An image split for evaluations (default ``eval_split``), loaded once."""

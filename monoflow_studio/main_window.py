@@ -647,13 +647,11 @@ class MainWindow(QMainWindow):
                 return  # a late frame of a discarded run
             if isinstance(frame, ImageFrame):
                 self.samples.set_frame(frame)
-                if frame.diagnostics:
-                    self.solver_view.set_diagnostics(frame.diagnostics, frame.step)
-                return
-            self.density.set_frame(frame)
+            else:
+                self.density.set_frame(frame)
             if frame.diagnostics:
                 self.solver_view.set_diagnostics(frame.diagnostics, frame.step)
-            if frame.eval is not None:
+            if isinstance(frame, ViewFrame) and frame.eval is not None:
                 self.curves.add_eval(frame.eval)
         finally:
             self.session.frame_consumed()

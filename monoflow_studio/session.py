@@ -46,7 +46,6 @@ from PySide6.QtCore import QObject, QThread, Signal
 from monoflow_core import evaluation
 from monoflow_core.checkpoint import CheckpointError, load_checkpoint
 from monoflow_core.data import sample_toy
-from monoflow_core.data.images import load_image_set
 from monoflow_core.flow import Flow
 from monoflow_core.nn.lipschitz import spectral_layers, update_lipschitz
 from monoflow_core.training import (
@@ -352,7 +351,6 @@ class _Worker(QObject):
         self._sample_n = options.image_samples
         self._sample_temperature = options.sample_temperature
         self._next_frame_step = 0
-        self._eval_images: torch.Tensor | None = None  # the evaluation split, loaded once per run
         self._eval_unavailable = False  # the split could not be loaded: no tests for this run
         self._eval_due = False
         self._eval_running = False
@@ -470,7 +468,8 @@ class _Worker(QObject):
                   "history": list(trainer.history), "eval_history": list(trainer.eval_history), "source": source}
         if trainer.task == "image":
             cfg = trainer.train_config
-            train = load_image_set(data, "train", cfg.data_dir)  # the trainer has loaded it: from the cache
+            train = trainer.training_images
+            assert train is not None  # an image run's trainer holds its training set
             info = RunInfo(
                 run_id=self._run_id + 1, data_points=np.zeros((0, 2)),
                 data_hist=np.zeros((opts.hist_bins, opts.hist_bins)), task="image",
@@ -489,7 +488,6 @@ class _Worker(QObject):
         self.trainer = trainer
         self._run_id += 1
         self._pending.clear()
-        self._eval_images = None
         self._eval_unavailable = False
         self._eval_due = False
         self._eval_running = False
@@ -666,19 +664,18 @@ class _Worker(QObject):
         trainer = self.trainer
         assert trainer is not None
         cfg = trainer.train_config
-        if self._eval_images is None:
-            try:
-                self._eval_images = trainer.evaluation_images().images
-            except (ValueError, OSError) as err:  # e.g. a missing test file of an image set on disk
-                self._eval_unavailable = True
-                self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be "
-                                           f"loaded: {err}")
-                return
+        try:
+            images = trainer.evaluation_images().images  # loaded once per run by the trainer
+        except (ValueError, OSError) as err:  # e.g. a missing test file of an image set on disk
+            self._eval_unavailable = True
+            self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be "
+                                       f"loaded: {err}")
+            return
         with torch.no_grad():
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._eval_running = True
         self.views.submit(_EvalJob(
-            run_id=self._run_id, step=trainer.step_count, flow=snapshot, images=self._eval_images[: cfg.eval_size],
+            run_id=self._run_id, step=trainer.step_count, flow=snapshot, images=images[: cfg.eval_size],
             seed=cfg.test_seed, split=cfg.eval_split, dtype=evaluation_dtype(trainer),
             dequantization=str(getattr(trainer.model_config, "dequantization", "uniform")),
             generation=self.eval_generation))

@@ -87,9 +87,7 @@ def _top_singular_pair(weight: Tensor, input_shape: tuple[int, int]) -> tuple[Te
     h, w = input_shape
     pad = _same_padding(k)
     if c_in <= c_out:
-        n = c_in * h * w
-        eye = torch.eye(n, dtype=weight.dtype, device=weight.device).view(n, c_in, h, w)
-        mt = F.conv2d(eye, weight, padding=pad).reshape(n, -1)  # M^T, (n_in, n_out)
+        mt = conv_operator_matrix(weight, input_shape).t()  # (n_in, n_out)
         vec = torch.linalg.eigh(mt @ mt.t()).eigenvectors[:, -1]
         v = vec.view(c_in, h, w)
         u = F.normalize(F.conv2d(v.unsqueeze(0), weight, padding=pad).flatten(), dim=0).view(c_out, h, w)

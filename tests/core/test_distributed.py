@@ -308,7 +308,17 @@ def test_distributed_context_single_process_is_a_no_op():
 
 
 @pytest.mark.parametrize("task", ["image", "density"])
-def test_gradient_accumulation_takes_the_same_steps(task):
+def test_gradient_accumulation_takes_the_same_steps(task, monkeypatch):
+    # the batches the loss sees with gradients on: k micro-batches per step, together the whole batch
+    seen = []
+    loss_sum = Trainer._loss_sum
+
+    def spy(self, batch):
+        if torch.is_grad_enabled():
+            seen.append(batch[0].shape[0])
+        return loss_sum(self, batch)
+
+    monkeypatch.setattr(Trainer, "_loss_sum", spy)
     if task == "image":
         model, make = image_model(), image_config
     else:
@@ -322,9 +332,11 @@ def test_gradient_accumulation_takes_the_same_steps(task):
     states, losses = [], []
     for k in (1, 2):
         trainer = Trainer(model, make(grad_accumulation=k))
+        seen.clear()
         losses.append([trainer.step().loss for _ in range(2)])
         states.append(flow_state(trainer))
-        assert trainer.train_config.grad_accumulation == k
+        size = trainer.train_config.batch_size
+        assert len(seen) == 2 * k and sum(seen) == 2 * size and max(seen) - min(seen) <= 1
     assert_states_close(states[0], states[1], 1e-10, f"{task}: grad_accumulation 2 vs 1")
     assert losses[0] == pytest.approx(losses[1], abs=1e-10)
     if task == "image":

@@ -128,7 +128,19 @@ def test_solver_diagnostics_per_block():
         assert d["inverse"]["iterations_max"] >= 1
 
 
-def test_parallel_chunks_equal_serial_and_restore_threads():
+def test_parallel_chunks_equal_serial_and_restore_threads(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monoflow_core import evaluation
+
+    pools = []
+
+    class Pool(ThreadPoolExecutor):  # records that the parallel path really ran
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "ThreadPoolExecutor", Pool)
     torch.manual_seed(5)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
     x = torch.randn(700, 2) * 2
@@ -136,6 +148,7 @@ def test_parallel_chunks_equal_serial_and_restore_threads():
     serial = log_prob(flow, x, chunk=100)
     parallel = log_prob(flow, x, chunk=100, workers=2)
     assert torch.equal(serial, parallel) and torch.isfinite(serial).all()
+    assert pools == [2]
     assert torch.get_num_threads() == threads
     # the workers run without autograd, like the serial path
     np.testing.assert_array_equal(sample(flow, 900, chunk=200, seed=1), sample(flow, 900, chunk=200, seed=1, workers=2))
