@@ -46,7 +46,29 @@ def draw_noise(
     return torch.rand(shape, dtype=dtype, device=device, generator=generator)
 
 
-class UniformDequantizer(nn.Module):
+class _Dequantizer(nn.Module):
+    """What both dequantizers share: ``levels`` K (>= 2) and turning images and noise into floats."""
+
+    noise_kind: str
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"levels: must be >= 2, got {levels}")
+        self.levels = int(levels)
+
+    def _inputs(
+        self, x: Tensor, dtype: torch.dtype, noise: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """``x`` as floats of ``dtype`` and the raw noise: ``noise`` if given, else drawn (:func:`draw_noise`)."""
+        xf = x.to(dtype=dtype)
+        return xf, draw_noise(self, xf.shape, dtype, xf.device, generator) if noise is None else noise.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
+
+
+class UniformDequantizer(_Dequantizer):
     """``y = (x + u) / K`` with ``u ~ U[0, 1)^D``; ``log q(u | x) = 0``.
 
     Args:
@@ -54,10 +76,7 @@ class UniformDequantizer(nn.Module):
     """
 
     def __init__(self, levels: int = 256) -> None:
-        super().__init__()
-        if levels < 2:
-            raise ValueError(f"levels: must be >= 2, got {levels}")
-        self.levels = int(levels)
+        super().__init__(levels)
 
     noise_kind = "uniform"
 
@@ -76,12 +95,8 @@ class UniformDequantizer(nn.Module):
             noise: pre-drawn ``u ~ U[0, 1)`` of x's shape (see :func:`draw_noise`); drawn here if ``None``.
             generator: random generator for drawing the noise here.
         """
-        xf = x.to(dtype=dtype)
-        u = draw_noise(self, xf.shape, dtype, xf.device, generator) if noise is None else noise.to(dtype)
+        xf, u = self._inputs(x, dtype, noise, generator)
         return (xf + u) / self.levels, xf.new_zeros(xf.shape[0])
-
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}"
 
 
 class ConditionalCoupling(nn.Module):
@@ -124,7 +139,7 @@ class ConditionalCoupling(nn.Module):
         return out, s.reshape(h.shape[0], -1).sum(dim=1)
 
 
-class VariationalDequantizer(nn.Module):
+class VariationalDequantizer(_Dequantizer):
     """Variational dequantization: ``u = sigmoid(f(eps; x))``, ``eps ~ N(0, I)``, f a small conditional flow.
 
     The flow f is ``blocks`` checkerboard affine couplings conditioned on the image (the paper's VDQ uses a
@@ -139,12 +154,9 @@ class VariationalDequantizer(nn.Module):
     """
 
     def __init__(self, channels: int, levels: int = 256, blocks: int = 3, hidden: int = 32) -> None:
-        super().__init__()
-        if levels < 2:
-            raise ValueError(f"levels: must be >= 2, got {levels}")
+        super().__init__(levels)
         if blocks < 1:
             raise ValueError(f"vdq_blocks: must be >= 1, got {blocks}")
-        self.levels = int(levels)
         self.couplings = nn.ModuleList(ConditionalCoupling(channels, hidden, parity=i) for i in range(blocks))
 
     noise_kind = "normal"
@@ -164,9 +176,8 @@ class VariationalDequantizer(nn.Module):
             noise: pre-drawn ``eps ~ N(0, I)`` of x's shape (see :func:`draw_noise`); drawn here if ``None``.
             generator: random generator for drawing the noise here.
         """
-        xf = x.to(dtype=dtype)
+        xf, eps = self._inputs(x, dtype, noise, generator)
         context = 2.0 * xf / (self.levels - 1) - 1.0
-        eps = draw_noise(self, xf.shape, dtype, xf.device, generator) if noise is None else noise.to(dtype)
         flat = eps.reshape(eps.shape[0], -1)
         log_q = -0.5 * (flat * flat).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2.0 * math.pi)
         h = eps
@@ -177,6 +188,3 @@ class VariationalDequantizer(nn.Module):
         log_q = log_q - (F.logsigmoid(h) + F.logsigmoid(-h)).reshape(h.shape[0], -1).sum(dim=1)
         u = torch.sigmoid(h)
         return (xf + u) / self.levels, log_q
-
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}"

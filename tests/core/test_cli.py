@@ -3,8 +3,6 @@
 Data sets that need scikit-learn (moons, circles, swissroll) are avoided: importing it costs seconds here.
 """
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -12,12 +10,12 @@ import signal
 import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_user_error, read_png, run
 
 from monoflow_core import FlowConfig, build_flow
 from monoflow_core.checkpoint import read_checkpoint_metadata, save_checkpoint
@@ -44,48 +42,12 @@ SHIPPED_PRESETS = {
 }
 
 
-def run(argv):
-    """``main(argv)`` with stdout / stderr captured: ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
 
 def read_metrics(path):
     lines = Path(path).read_text().splitlines()
     return lines[0], [line.split(",") for line in lines[1:]]
 
 
-def decode_png(path):
-    """Minimal decoder for the writer's output (8-bit RGB, one IDAT, filter 0): ``(width, height, pixels)``."""
-    data = Path(path).read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}
-    width, height, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
-    assert (depth, colour) == (8, 2)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()
-    return width, height, raw[:, 1:].reshape(height, width, 3)
-
-
-def assert_user_error(code, err, *words):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("monoflow: error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +241,7 @@ def test_sample_npy_and_png(toy_run, tmp_path):
     data = (tmp_path / "s.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
     assert struct.unpack(">II", data[16:24]) == (40, 40)
-    width, height, _ = decode_png(tmp_path / "s.png")
+    width, height, _ = read_png(tmp_path / "s.png")
     assert (width, height) == (40, 40)
 
 
@@ -293,7 +255,7 @@ def test_density_npy_and_upright_png(toy_run, tmp_path):
     assert grid.shape == (24, 24) and np.isfinite(grid).all()
     code, _, err = run(["density", ckpt, "--resolution", "24", "--extent", "3", "--out", tmp_path / "d.png"])
     assert code == 0, err
-    width, height, pixels = decode_png(tmp_path / "d.png")
+    width, height, pixels = read_png(tmp_path / "d.png")
     assert (width, height) == (24, 24)
     # the picture is the normalised density with the highest y in its top row
     expected = colormap(np.exp(grid - grid.max())[::-1])
@@ -366,7 +328,7 @@ def test_png_writer_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8)
     path = write_png(tmp_path / "x.png", image)
-    width, height, pixels = decode_png(path)
+    width, height, pixels = read_png(path)
     assert (width, height) == (5, 7)
     np.testing.assert_array_equal(pixels, image)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

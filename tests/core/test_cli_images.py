@@ -4,23 +4,19 @@ Tiny presets are written into the test's folder (same shape as ``assets/presets/
 block per scale, a depth-1 conv DenseNet, so a step costs a fraction of a second on one CPU thread.
 """
 
-import contextlib
-import io
 import json
 import math
 import re
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_user_error, read_png, run
 
 from monoflow_core import cli
 from monoflow_core.checkpoint import load_checkpoint, read_checkpoint_metadata
-from monoflow_core.cli import main
 from monoflow_core.training import Trainer
 
 torch.set_num_threads(1)
@@ -30,22 +26,6 @@ UNIFORM_BPD = math.log2(17)  # 4.087 bits/dim: every one of the 17 levels equall
 BPD_LINE = re.compile(r"test bpd (\d+\.\d+) \+- (\d+\.\d+) bits/dim on (\d+) test images")
 
 
-def run(argv):
-    """``main(argv)`` with stdout / stderr captured: ``(exit code, stdout, stderr)``."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_user_error(code, err, *words):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("monoflow: error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def write_preset(path: Path, model=None, training=None) -> Path:
@@ -63,27 +43,6 @@ def write_preset(path: Path, model=None, training=None) -> Path:
     path.write_text(json.dumps(doc, indent=2))
     return path
 
-
-def read_png(path):
-    """Check a PNG's signature and every chunk's CRC; return ``(width, height, RGB pixels)`` (8-bit RGB)."""
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks, order = 8, {}, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        order.append(kind)
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + length
-    assert order[0] == b"IHDR" and order[-1] == b"IEND" and b"IDAT" in chunks
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
-    assert (depth, colour, interlace) == (8, 2, 0)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()  # filter type None on every scanline (what monoflow's writer uses)
-    return width, height, raw[:, 1:].reshape(height, width, 3)
 
 
 @pytest.fixture(scope="module")
