@@ -464,5 +464,3 @@ class ConvDenseNetG(LearnableConcat, JacobianNet):
         jac = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
         return (value if flat else value.view_as(images)), jac
 
-    def lipschitz_bound(self) -> float:
-        return self.coeff * self.lip_coeff ** len(self.layers)

@@ -116,6 +116,8 @@ class LearnableConcat:
 
     lip_coeff: float
     concat_k: nn.Parameter
+    coeff: float  # the Lipschitz bound of each (linear or conv) layer
+    layers: nn.ModuleList  # the dense layers (the final layer is separate)
 
     def init_concat(self, depth: int, learnable: bool) -> None:
         """Create ``K`` (depth, 2), all ones as in i-DenseNet (eta1 = eta2 = lip_coeff / sqrt(2) at the start)."""
@@ -129,6 +131,10 @@ class LearnableConcat:
         """``(depth, 2)`` tensor of ``(eta1, eta2)``, each row of Euclidean norm ``lip_coeff``."""
         e = F.softplus(self.concat_k) + 0.1
         return self.lip_coeff * e / torch.linalg.vector_norm(e, dim=1, keepdim=True)
+
+    def lipschitz_bound(self) -> float:
+        """``coeff * lip_coeff^depth``: each dense layer scales by at most ``lip_coeff``, the final by ``coeff``."""
+        return self.coeff * self.lip_coeff ** len(self.layers)
 
 
 class DenseNetG(LearnableConcat, JacobianNet):
@@ -204,10 +210,6 @@ class DenseNetG(LearnableConcat, JacobianNet):
             s = torch.cat([eta1 * s, eta2 * new], dim=-1)
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
         return out[:, 0], out[:, 1:].transpose(1, 2)
-
-    def lipschitz_bound(self) -> float:
-        return self.coeff * self.lip_coeff ** len(self.layers)
-
 
 class LipschitzMLP(JacobianNet):
     """A Lipschitz MLP ``n -> hidden[0] -> ... -> n`` with spectrally normalised layers.
