@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .fast import fold_scope
 from .flow import Flow
 
 __all__ = [
@@ -86,8 +87,10 @@ def _map_chunks(fn: Callable[[Tensor], Tensor], chunks: list[Tensor], workers: i
     in chunk order and equal the serial ones exactly.
     """
 
+    folds: dict[Any, Any] = {}  # the chunks share one fold of the weights (fast.fold_scope)
+
     def run(c: Tensor) -> Tensor:
-        with torch.no_grad():  # grad mode is per thread
+        with torch.no_grad(), fold_scope(folds):  # grad mode and the scope are per thread
             return fn(c)
 
     if workers == 1 or len(chunks) < 2:

@@ -31,7 +31,8 @@ import threading
 import typing
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,10 @@ from .nn.activations import CPila, CReLU
 from .nn.densenet import DenseNetG
 from .solvers import SolverStats, SolverWarning, effective_tolerance, resolve_method
 
-__all__ = ["FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fusable_runs", "fused_inverse", "run_fused"]
+__all__ = [
+    "FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fold_scope", "fusable_runs", "fused_inverse",
+    "run_fused",
+]
 
 #: Solves without a backward pass remove converged samples from the batch once 1/COMPACT_FRACTION of it converged.
 COMPACT_FRACTION = 4
@@ -268,9 +272,10 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
 
 
 def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
-    """Identity and version of every tensor a fold reads: any change (an optimizer step, a load) changes it."""
+    """Identity and version of the nets and of every tensor a fold reads, and the settings it folds in."""
     key: list[Any] = []
     for g in nets:
+        key.append(id(g))
         for t in (*g.parameters(), *g.buffers()):
             key.append((t.data_ptr(), t._version, t.dtype, t.device))
         key.extend((lin.mode, lin.coeff) for lin in [*g.layers, g.final])
@@ -278,20 +283,38 @@ def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
     return tuple(key)
 
 
-def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
-    """:func:`fold_nets` without autograd, remembered on the first net until any input tensor changes.
+_FOLD_SCOPE = threading.local()
 
-    Evaluations (density grids, sampling) call the fused path once per chunk and per block; folding costs a
-    few milliseconds (exact spectral norms), which this skips while the weights stay the same.
+
+@contextmanager
+def fold_scope(cache: dict[Any, Any] | None = None) -> Iterator[dict[Any, Any]]:
+    """Within this scope (on this thread) :func:`cached_fold` folds each run of blocks once.
+
+    One evaluation (a density grid, a batch of samples) calls the fused path once per chunk and per block; folding
+    costs a few milliseconds (exact spectral norms), which the scope saves after the first chunk. Folds are not
+    kept beyond the scope: an optimizer may update parameters in place without bumping their version counters
+    (the fused Adam kernel does not), so a fold remembered across evaluations could be stale. The weights must
+    not change inside the scope. ``cache`` lets worker threads of one evaluation share the folds; a nested scope
+    keeps the outer one's.
     """
-    key = _fold_key(nets)
-    owner = nets[0]
-    cached = owner.__dict__.get("_monoflow_fold")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    outer = getattr(_FOLD_SCOPE, "cache", None)
+    _FOLD_SCOPE.cache = outer if outer is not None else ({} if cache is None else cache)
+    try:
+        yield _FOLD_SCOPE.cache
+    finally:
+        _FOLD_SCOPE.cache = outer
+
+
+def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
+    """:func:`fold_nets` without autograd; inside a :func:`fold_scope`, each run of nets is folded once."""
+    cache = getattr(_FOLD_SCOPE, "cache", None)
+    key = _fold_key(nets) if cache is not None else None
+    if cache is not None and key in cache:
+        return cache[key][1]
     with torch.no_grad():
         folded = fold_nets(nets)
-    owner.__dict__["_monoflow_fold"] = (key, folded)
+    if cache is not None:
+        cache[key] = (list(nets), folded)  # the nets stay referenced, so their ids are not reused in the scope
     return folded
 
 

@@ -199,3 +199,32 @@ def test_fold_layer_backward_against_finite_differences(hidden):
     inputs = (w.requires_grad_(), torch.randn(2, 4, dtype=DT, requires_grad=True),
               torch.rand(2, 5, dtype=DT, requires_grad=True))
     assert torch.autograd.gradcheck(lambda a, b, c: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2), inputs)
+
+
+def test_no_grad_evaluations_see_every_optimizer_step():
+    """The fused Adam kernel updates parameters without bumping their version counters: an evaluation after a step
+    must still fold the new weights (a fold remembered across calls once showed the density before training)."""
+    from monoflow_core import evaluation
+    from monoflow_core.training import make_adam
+
+    torch.manual_seed(0)
+    flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
+    opt = make_adam(flow.parameters(), lr=1e-2)
+    x = torch.randn(200, 2) * 2
+    points = torch.randn(50, 2)
+    for _ in range(3):
+        before = evaluation.log_prob(flow, points, chunk=20)
+        loss = -flow.log_prob(x).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = evaluation.log_prob(flow, points, chunk=20)
+        with torch.no_grad():
+            direct = flow.log_prob(points).double()
+        flow.fast_path = False
+        with torch.no_grad():
+            reference = flow.log_prob(points).double()
+        flow.fast_path = True
+        assert float((after - before).abs().max()) > 1e-4  # the step changed the model
+        assert torch.allclose(after, reference, atol=1e-4)
+        assert torch.allclose(direct, reference, atol=1e-4)
