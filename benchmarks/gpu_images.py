@@ -63,6 +63,8 @@ def cifar_step_time(device: str, blocks: int, steps: int, warmup: int, batch: in
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        print(f"cifar-sized step {i + 1}/{warmup + steps}: {time.perf_counter() - t0:.2f} s, {m.loss:.3f} bits/dim",
+              file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"blocks_per_scale": blocks, "batch": batch, "median_step_s": statistics.median(times),
             "peak_memory_gib": peak, "last_train_bpd": m.loss, "steps_timed": steps}
@@ -75,8 +77,10 @@ def digits_run(device: str, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(steps):
+        for i in range(steps):
             trainer.step()
+            if (i + 1) % 50 == 0:
+                print(f"digits step {i + 1}/{steps}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
     ev = trainer.evaluate(n=10**9, split="test")
     return {"steps": steps, "train_seconds": train_s, "test_bpd": ev.bpd, "test_bpd_stderr": ev.bpd_stderr,
