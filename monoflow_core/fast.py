@@ -196,7 +196,7 @@ class _FoldLayer(torch.autograd.Function):
         ctx: Any, w: Tensor, b: Tensor, cols: Tensor, u: Tensor, v: Tensor, coeff: Tensor, hidden: bool,
         shift: float, k: float,
     ) -> Tensor:
-        sigma = torch.einsum("bi,bij,bj->b", u, w, v)
+        sigma = torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).view(-1)  # u^T W v (einsum: 85 us here)
         ratio = sigma / coeff
         s = torch.clamp(ratio, min=1.0)
         raw = w / s[:, None, None]
