@@ -21,7 +21,7 @@ xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8")
 python3 -m pytest -q -p no:cacheprovider $xdist tests/core 2>&1 | tail -15 | tee -a "$out/cuda_check.log"
 status=$((status | PIPESTATUS[0]))
 echo "== 3. image flows on the GPU" | tee -a "$out/cuda_check.log"
-timeout 200 python3 benchmarks/gpu_images.py --steps 10 --warmup 2 --digits-steps 300 --out "$out/gpu_images" 2>&1 \
+timeout 200 python3 benchmarks/gpu_images.py --blocks 1 --steps 3 --warmup 1 --digits-steps 200 --out "$out/gpu_images" 2>&1 \
   | tee -a "$out/cuda_check.log"
 status=$((status | PIPESTATUS[0]))
 echo "== exit status $status" | tee -a "$out/cuda_check.log"
