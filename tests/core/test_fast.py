@@ -218,7 +218,7 @@ def test_no_grad_evaluations_see_every_optimizer_step():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        after = evaluation.log_prob(flow, points, chunk=20)
+        after = evaluation.log_prob(flow, points, chunk=20, workers=2)
         with torch.no_grad():
             direct = flow.log_prob(points).double()
         flow.fast_path = False
@@ -228,3 +228,21 @@ def test_no_grad_evaluations_see_every_optimizer_step():
         assert float((after - before).abs().max()) > 1e-4  # the step changed the model
         assert torch.allclose(after, reference, atol=1e-4)
         assert torch.allclose(direct, reference, atol=1e-4)
+
+
+def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch):
+    """Inside one evaluation call (many chunks, worker threads) the weights are folded once; a later call folds anew."""
+    from monoflow_core import evaluation, fast
+
+    torch.manual_seed(0)
+    flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
+    calls = []
+    original = fast.fold_nets
+    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    points = torch.randn(100, 2)
+    first = evaluation.log_prob(flow, points, chunk=10, workers=2)
+    assert 1 <= len(calls) <= 2 and set(calls) == {3}  # one run of 3 blocks; two threads may race to fold it first
+    calls.clear()
+    second = evaluation.log_prob(flow, points, chunk=10)
+    assert calls == [3]
+    assert torch.equal(first, second)
