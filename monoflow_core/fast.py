@@ -577,12 +577,10 @@ def _solve_small(a: Tensor, r: Tensor) -> Tensor:
 def _max_abs(r: Tensor) -> Tensor:
     """``max_i |r_i|`` per point (column) of an (n, B) residual.
 
-    (``linalg.vector_norm(r, inf, dim=0)`` measured 125 us at B = 500 here, reducing across rows; this is 15 us.)
+    (``linalg.vector_norm(r, inf, dim=0)`` measured 125 us at B = 500 here; ``abs().amax(0)`` 6 us, also a little
+    faster than ``maximum`` of the unbound rows.)
     """
-    a = r.abs()
-    if a.shape[0] == 2:
-        return torch.maximum(*a.unbind(0))
-    return a.amax(dim=0)
+    return r.abs().amax(dim=0)
 
 
 def _newton_step(
