@@ -4,7 +4,8 @@ This machine's speed drifts by up to 1.8x within minutes, so two runs minutes ap
 the fused path live in one process and alternate every training step (and every evaluation pass), so the drift
 affects both alike. The other revision's ``fast.py`` is read with ``git show`` and its relative imports pointed at
 this checkout's engine, which works while the rest of the engine keeps the interface ``fast.py`` uses
-(``Flow`` calls ``run_fused``, ``fusable_runs``, ``fused_inverse``, ``fast_eligible``).
+(``Flow`` calls ``run_fused``, ``fusable_runs``, ``fused_inverse``, ``fast_eligible`` and, where the revision has it,
+``folded_runs``).
 
 Measures, for the paper's toy model (float32, batch 500, 8gaussians, one intra-op thread): the median training
 step over steps 51-300 of each version's own run (ms/step), then 40,000 log-densities and 40,000 samples in chunks
@@ -16,6 +17,7 @@ Usage: ``python benchmarks/fast_path_interleaved.py REVISION`` (e.g. ``c3a0e0d``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import re
@@ -37,6 +39,8 @@ from monoflow_core.data import ToyStream
 from monoflow_core.runtime import tune_allocator
 
 API = ("run_fused", "fusable_runs", "fused_inverse", "fast_eligible")
+#: Names ``Flow`` uses that older revisions lack: such a revision gets the stand-in (it changes nothing there).
+OPTIONAL_API = {"folded_runs": lambda layers, dim: contextlib.nullcontext()}
 
 
 def load_other(revision: str) -> ModuleType:
@@ -74,6 +78,8 @@ def main() -> None:
     def use(name: str) -> None:
         for attr in API:
             setattr(flow_module, attr, getattr(versions[name], attr))
+        for attr, stand_in in OPTIONAL_API.items():
+            setattr(flow_module, attr, getattr(versions[name], attr, stand_in))
 
     steps: dict[str, list[float]] = {name: [] for name in versions}
     for i in range(args.steps):

@@ -46,8 +46,8 @@ from .nn.densenet import DenseNetG
 from .solvers import SolverStats, SolverWarning, effective_tolerance, resolve_method
 
 __all__ = [
-    "FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fold_scope", "fusable_runs", "fused_inverse",
-    "run_fused",
+    "FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fold_scope", "folded_runs", "fusable_runs",
+    "fused_inverse", "run_fused",
 ]
 
 #: Solves without a backward pass remove converged samples from the batch once 1/COMPACT_FRACTION of it converged.
@@ -141,6 +141,10 @@ class FoldedNet:
     @classmethod
     def from_tensors(cls, tensors: Sequence[Tensor], n: int, kind: str) -> FoldedNet:
         return cls(list(tensors[:-1]), tensors[-1], n, kind)
+
+    def select(self, j: int) -> FoldedNet:
+        """The fold of block ``j`` alone (a one-block stack of views)."""
+        return FoldedNet([w[j : j + 1] for w in self.weights], self.final[j : j + 1], self.n, self.kind)
 
     def block(self, j: int) -> _BlockWeights:
         """Detached weights of block ``j`` for the feature-major evaluation kernels."""
@@ -316,6 +320,26 @@ def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     if cache is not None:
         cache[key] = (list(nets), folded)  # the nets stay referenced, so their ids are not reused in the scope
     return folded
+
+
+@contextmanager
+def folded_runs(layers: Sequence[Any], dim: int) -> Iterator[None]:
+    """A :func:`fold_scope` in which every run of fused blocks among ``layers`` is folded at once, up front.
+
+    The inverse pass and the transport view take the blocks one at a time (``cached_fold([block.net])``), and
+    folding one block costs nearly as much as folding ten (a few milliseconds of small operators and SVDs). Here each
+    run is folded in one batch and each block's slice is filed under its own key, so the per-block calls find it.
+    Without gradients only (the fold is made under ``no_grad``).
+    """
+    with fold_scope() as cache:
+        for start, stop in fusable_runs(layers, dim):
+            nets = [blk.net for blk in layers[start:stop]]
+            keys = [_fold_key([g]) for g in nets]
+            if len(nets) > 1 and not all(k in cache for k in keys):
+                folded = cached_fold(nets)
+                for j, (g, k) in enumerate(zip(nets, keys, strict=True)):
+                    cache[k] = ([g], folded.select(j))
+        yield
 
 
 class _Consts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import _ImplicitBlock, block_solver_stats
-from .fast import fast_eligible, fusable_runs, fused_inverse, run_fused
+from .fast import fast_eligible, folded_runs, fusable_runs, fused_inverse, run_fused
 from .solvers import SolverStats
 
 if TYPE_CHECKING:
@@ -88,8 +89,10 @@ class Flow(nn.Module):
         """Map base samples back to data space."""
         self._check(z)
         fast = self.fast_path and z.dim() == 2 and not torch.is_grad_enabled()
-        for layer in reversed(self.layers):
-            z = fused_inverse(layer, z) if fast and fast_eligible(layer, self.dim) else layer.inverse(z)
+        layers = list(self.layers)
+        with folded_runs(layers, self.dim) if fast else contextlib.nullcontext():  # one fold per run of blocks
+            for layer in reversed(layers):
+                z = fused_inverse(layer, z) if fast and fast_eligible(layer, self.dim) else layer.inverse(z)
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:

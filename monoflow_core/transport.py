@@ -8,6 +8,7 @@ flow in eval mode, on a copy when another dtype is asked for (as in :mod:`monofl
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .evaluation import _as_tensor, _check_chunk, _evaluating, _flow_dtype_device
-from .fast import fast_eligible, fused_inverse, run_fused
+from .fast import fast_eligible, folded_runs, fused_inverse, run_fused
 from .flow import Flow
 
 __all__ = ["DIRECTIONS", "grid_lines", "transport_stages"]
@@ -97,8 +98,9 @@ def transport_stages(
         dim = model.dim
         stages = [x.detach().to(device="cpu", dtype=torch.float64).numpy().copy()]
         parts = [x[i : i + chunk] for i in range(0, x.shape[0], chunk)]
-        for layer in layers:
-            parts = [step(layer, part, dim, fast) for part in parts]
-            out = torch.cat(parts) if parts else x[:0]
-            stages.append(out.to(device="cpu", dtype=torch.float64).numpy().copy())
+        with folded_runs(list(model.layers), dim) if fast else contextlib.nullcontext():  # one fold per run
+            for layer in layers:
+                parts = [step(layer, part, dim, fast) for part in parts]
+                out = torch.cat(parts) if parts else x[:0]
+                stages.append(out.to(device="cpu", dtype=torch.float64).numpy().copy())
     return stages

@@ -246,3 +246,29 @@ def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch
     second = evaluation.log_prob(flow, points, chunk=10)
     assert calls == [3]
     assert torch.equal(first, second)
+
+
+def test_inverse_and_transport_fold_each_run_once(monkeypatch):
+    """The inverse pass takes blocks one by one but folds their run in one batch (per call, never across calls)."""
+    from monoflow_core import fast
+    from monoflow_core.transport import transport_stages
+
+    torch.manual_seed(0)
+    flow = build_flow(FlowConfig(blocks=4, depth=2, growth=8)).double()
+    calls = []
+    original = fast.fold_nets
+    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    z = torch.randn(30, 2, dtype=DT)
+    with torch.no_grad():
+        x = flow.inverse(z)
+        assert calls == [4]
+        flow.inverse(z)
+        assert calls == [4, 4]
+        flow.fast_path = False
+        reference = flow.inverse(z)
+        flow.fast_path = True
+    assert torch.allclose(x, reference, atol=1e-9)
+    calls.clear()
+    stages = transport_stages(flow, z, direction="inverse", chunk=10)
+    assert calls == [4]
+    assert torch.allclose(torch.as_tensor(stages[-1]), x, atol=1e-9)
