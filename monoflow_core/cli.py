@@ -127,6 +127,12 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
+def _add_workers_option(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="W",
+                   help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
+                        f"(default 1; 2 used the 2-core development machine best){note}")
+
+
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, shared by the subcommands that evaluate a checkpoint."""
     p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
@@ -494,7 +500,7 @@ def _configured_device(args: argparse.Namespace) -> str:
         if args.resume:
             # the header alone: no tensors are read to learn one string
             stored = read_checkpoint_metadata(Path(args.resume))["train_config"]
-            device = str(stored.get("device", "cpu")) if stored else "cpu"
+            device = str(stored.get("device", "cpu")) if isinstance(stored, dict) else "cpu"
         elif args.data is not None:
             default = _default_preset(_data_name(args.data))
             device = str(load_preset(args.preset or default).training.get("device", "cpu"))
@@ -991,9 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".png only: histogram bins per axis (default 200)")
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
                    help=".png only: half-width of the histogram's square (default 4)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="W",
-                   help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
-                        "(default 1; 2 used the 2-core development machine best); image flows sample serially")
+    _add_workers_option(p, "; image flows sample serially")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_sample)
 
@@ -1011,9 +1015,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
                    help="half-width of the square grid (default 4)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="W",
-                   help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
-                        "(default 1; 2 used the 2-core development machine best)")
+    _add_workers_option(p)
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_density)
 

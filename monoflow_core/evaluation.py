@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import _int_at_least
 from .fast import fold_scope
 from .flow import Flow
 
@@ -73,9 +74,7 @@ def _as_tensor(x: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _check_workers(workers: int) -> int:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: must be an integer >= 1, got {workers!r}")
-    return workers
+    return _int_at_least("workers", workers, 1)
 
 
 def _map_chunks(fn: Callable[[Tensor], Tensor], chunks: list[Tensor], workers: int) -> list[Tensor]:
@@ -105,9 +104,7 @@ def _map_chunks(fn: Callable[[Tensor], Tensor], chunks: list[Tensor], workers: i
 
 
 def _check_chunk(chunk: int) -> int:
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk: must be an integer >= 1, got {chunk!r}")
-    return chunk
+    return _int_at_least("chunk", chunk, 1)
 
 
 def log_prob(

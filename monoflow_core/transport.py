@@ -90,15 +90,14 @@ def transport_stages(
         dt, dev = _flow_dtype_device(model)
         x = _as_tensor(points, dt, dev)
         model._check(x)
-        layers = list(model.layers)
-        if direction == "inverse":
-            layers.reverse()
+        order = list(model.layers)
+        layers = order[::-1] if direction == "inverse" else order
         step = _forward_layer if direction == "forward" else _inverse_layer
         fast = bool(model.fast_path) and x.dim() == 2
         dim = model.dim
         stages = [x.detach().to(device="cpu", dtype=torch.float64).numpy().copy()]
         parts = [x[i : i + chunk] for i in range(0, x.shape[0], chunk)]
-        with folded_runs(list(model.layers), dim) if fast else contextlib.nullcontext():  # one fold per run
+        with folded_runs(order, dim) if fast else contextlib.nullcontext():  # one fold per run
             for layer in layers:
                 parts = [step(layer, part, dim, fast) for part in parts]
                 out = torch.cat(parts) if parts else x[:0]

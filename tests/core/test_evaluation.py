@@ -144,12 +144,16 @@ def test_parallel_chunks_equal_serial_and_restore_threads(monkeypatch):
     torch.manual_seed(5)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
     x = torch.randn(700, 2) * 2
-    threads = torch.get_num_threads()
     serial = log_prob(flow, x, chunk=100)
-    parallel = log_prob(flow, x, chunk=100, workers=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the workers' one thread, so a missing restore shows
+    try:
+        parallel = log_prob(flow, x, chunk=100, workers=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(serial, parallel) and torch.isfinite(serial).all()
     assert pools == [2]
-    assert torch.get_num_threads() == threads
     # the workers run without autograd, like the serial path
     np.testing.assert_array_equal(sample(flow, 900, chunk=200, seed=1), sample(flow, 900, chunk=200, seed=1, workers=2))
     grid, _ = log_density_grid(flow, resolution=20, chunk=50, workers=2)
