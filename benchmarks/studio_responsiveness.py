@@ -29,7 +29,7 @@ import torch
 from common import command_line
 
 from monoflow_core.training import Trainer
-from monoflow_studio.app import configure_process
+from monoflow_studio.app import configure_process, freeze_heap_after_first_build
 from monoflow_studio.run_spec import RunSpec
 from monoflow_studio.session import PAUSED, SessionOptions, ViewFrame
 
@@ -44,6 +44,7 @@ class StudioRun:
     frame_seconds: list[float]
     longest_stall_ms: float
     p99_gap_ms: float
+    frames_in_process: int
 
 
 def spec_for(blocks: int) -> RunSpec:
@@ -64,8 +65,11 @@ def headless(spec: RunSpec, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> StudioRun:
-    """Train in the real main window (offscreen) with a 200 x 200 live grid; probe the event loop at 10 ms."""
+def studio(spec: RunSpec, seconds: float, **overrides: object) -> StudioRun:
+    """Train in the real main window (offscreen) with a 200 x 200 live grid; probe the event loop at 10 ms.
+
+    ``overrides``: :class:`SessionOptions` fields to change (e.g. ``frame_budget``, ``view_process``).
+    """
     from PySide6.QtCore import QEventLoop, QSettings, QTimer
     from PySide6.QtWidgets import QApplication
 
@@ -73,10 +77,9 @@ def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> 
 
     app = QApplication.instance() or QApplication([])
     settings = QSettings(os.path.join(tempfile.mkdtemp(), "studio.ini"), QSettings.Format.IniFormat)
-    options = SessionOptions(grid_resolution=GRID)
-    if frame_budget is not None:
-        options = replace(options, frame_budget=frame_budget)
+    options = replace(SessionOptions(grid_resolution=GRID), **overrides)
     window = MainWindow(spec, options=options, settings=settings, theme="dark")
+    freeze_heap_after_first_build(window)
     window.show()
     loop = QEventLoop()
 
@@ -92,10 +95,12 @@ def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> 
 
     frame_times: list[float] = []
     frame_seconds: list[float] = []
+    in_process: list[bool] = []
 
     def on_frame(frame: ViewFrame) -> None:
         frame_times.append(time.perf_counter())
         frame_seconds.append(frame.seconds)
+        in_process.append(frame.computed_in_process)
 
     window.session.frame.connect(on_frame)
     gaps: list[float] = []
@@ -126,6 +131,7 @@ def studio(spec: RunSpec, seconds: float, frame_budget: float | None = None) -> 
         frame_seconds=frame_seconds,
         longest_stall_ms=max(gaps) * 1000,
         p99_gap_ms=ordered[int(0.99 * (len(ordered) - 1))] * 1000,
+        frames_in_process=sum(in_process),
     )
 
 
@@ -136,17 +142,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=10, help="flow blocks (the paper: 10)")
     parser.add_argument("--out", default=None, help="also write the report (markdown) here")
     parser.add_argument("--frame-budget", type=float, default=None,
-                        help="the view thread's share of a core (default: the studio's, SessionOptions.frame_budget)")
+                        help="the views' share of a core (default: the studio's, SessionOptions.frame_budget, or "
+                             "thread_frame_budget with --no-view-process)")
+    parser.add_argument("--grid-chunk", type=int, default=None,
+                        help="points per pass of the live grid (default: the studio's, SessionOptions.grid_chunk, or "
+                             "thread_grid_chunk with --no-view-process)")
+    parser.add_argument("--no-view-process", action="store_true",
+                        help="compute the frames in the studio's view thread instead of its view process")
     args = parser.parse_args(argv)
 
     configure_process()
     spec = spec_for(args.blocks)
+    defaults = SessionOptions()
+    thread = args.no_view_process
+    budget = args.frame_budget if args.frame_budget is not None else (
+        defaults.thread_frame_budget if thread else defaults.frame_budget)
+    chunk = args.grid_chunk if args.grid_chunk is not None else (
+        defaults.thread_grid_chunk if thread else defaults.grid_chunk)
+    overrides = {"view_process": not thread, "frame_budget" if not thread else "thread_frame_budget": budget,
+                 "grid_chunk" if not thread else "thread_grid_chunk": chunk}
     heads: list[float] = []
     runs: list[StudioRun] = []
     for r in range(args.rounds):
         heads.append(headless(spec, args.seconds))
         print(f"round {r + 1}: headless {heads[-1]:.2f} it/s", flush=True)
-        runs.append(studio(spec, args.seconds, args.frame_budget))
+        runs.append(studio(spec, args.seconds, **overrides))
         print(f"round {r + 1}: studio {runs[-1].it_per_s:.2f} it/s, stall {runs[-1].longest_stall_ms:.0f} ms, "
               f"frames {len(runs[-1].frame_seconds)}", flush=True)
 
@@ -174,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Model: the paper's toy Monotone Flow ({args.blocks} blocks, DenseNet G 3x16, CPila), batch "
         f"{spec.training.batch_size}, float32, CPU. Studio: offscreen main window, live grid {GRID} x {GRID}, "
         f"{args.rounds} alternating rounds of {args.seconds:g} s per mode, view frame budget "
-        f"{args.frame_budget if args.frame_budget is not None else SessionOptions().frame_budget:g}.",
+        f"{budget:g}, grid passes of {chunk:,} points, frames computed in the "
+        f"{'view thread' if thread else 'view process'} ({sum(r.frames_in_process for r in runs)} of "
+        f"{len(frame_s)} frames came from the view process).",
         "",
         "| figure | value | goal |",
         "|---|---|---|",

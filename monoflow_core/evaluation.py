@@ -27,10 +27,12 @@ from .flow import Flow
 __all__ = [
     "IMAGE_NOISE_BLOCK",
     "Extent",
+    "grid_points",
     "image_bpd",
     "image_grid",
     "log_density_grid",
     "log_prob",
+    "parse_extent",
     "sample",
     "sample_images",
     "solver_diagnostics",
@@ -173,7 +175,12 @@ def test_mse(
 test_mse.__test__ = False  # type: ignore[attr-defined]
 
 
-def _parse_extent(extent: float | tuple[float, float, float, float] | list[float]) -> Extent:
+def parse_extent(extent: float | tuple[float, float, float, float] | list[float]) -> Extent:
+    """A grid's extent from a positive half-width ``e`` (``[-e, e]^2``) or ``(xmin, xmax, ymin, ymax)``.
+
+    Raises:
+        ValueError: a half-width that is not positive, or bounds not in increasing order.
+    """
     if isinstance(extent, int | float) and not isinstance(extent, bool):
         e = float(extent)
         if not e > 0:
@@ -227,7 +234,7 @@ def log_density_grid(
         raise ValueError(f"flow: a density grid needs a flow on 2-D samples, got event shape {flow.event_shape}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
         raise ValueError(f"resolution: must be an integer >= 2, got {resolution!r}")
-    box = _parse_extent(extent)
+    box = parse_extent(extent)
     _, _, points = grid_points(box, resolution)
     values = log_prob(flow, points, chunk=chunk, dtype=dtype, workers=workers)
     return values.reshape(resolution, resolution).numpy(), box

@@ -9,6 +9,7 @@ Importing this module needs no display: Qt is only started inside :func:`main`.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 from monoflow_core.data import TOY_DATASETS
 
 if TYPE_CHECKING:
+    from .main_window import MainWindow
     from .run_spec import RunSpec
 
-__all__ = ["build_parser", "configure_process", "main", "spec_from_args"]
+__all__ = ["build_parser", "configure_process", "freeze_heap_after_first_build", "main", "spec_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,25 @@ def configure_process() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
+def freeze_heap_after_first_build(window: MainWindow) -> None:
+    """Move every object alive once the first run is built into the collector's permanent generation.
+
+    By then the process holds ~400,000 container objects (torch, its optimizer's lazy imports, Qt, pyqtgraph), and
+    a full collection walks all of them while holding the GIL: measured 150-330 ms here, a stall of the event loop
+    and of training whenever the GUI's allocations trigger one. Frozen, they are never walked again; later
+    collections see only what the session allocates afterwards. (``gc.freeze`` itself costs microseconds.)
+    """
+    done = False
+
+    def freeze(_info: object) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            gc.freeze()
+
+    window.session.built.connect(freeze)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the studio; returns the process exit status (2 for invalid arguments)."""
     parser = build_parser()
@@ -106,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setApplicationDisplayName("monoflow studio")
     pg.setConfigOptions(antialias=True)
     window = MainWindow(spec, theme=args.theme)
+    freeze_heap_after_first_build(window)
     window.show()
     if args.checkpoint:
         window.open_checkpoint(args.checkpoint)

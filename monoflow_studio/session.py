@@ -10,10 +10,12 @@ Threading contract (DESIGN.md, studio section):
 
 Heavy views (density grid, samples, test NLL) are computed by a second background thread, the *view thread*, on
 a snapshot copy of the flow taken between two steps, so that on a machine with two or more cores training and
-views proceed in parallel (the GIL is mostly released inside torch's batched operations). Frames are throttled:
-at most one every ``frame_min_interval_s`` seconds, at most ``frame_budget`` of one core's time, and a new frame
-is only started once the GUI has shown the previous one, so a slow view never piles up work or slows training
-more than needed.
+views proceed in parallel. The 2-D density frames themselves go from the view thread to a separate process
+(:mod:`monoflow_studio.view_process`), which shares no GIL with training; if that process is unavailable, the
+view thread computes them (the GIL is mostly released inside torch's batched operations). Frames are throttled:
+at most one every ``frame_min_interval_s`` seconds, at most ``frame_budget`` of one core's time
+(``thread_frame_budget`` when the view thread computes), and a new frame is only started once the GUI has shown
+the previous one, so a slow view never piles up work or slows training more than needed.
 
 Image runs (:attr:`RunSpec.task` ``"image"``) show a grid of model samples (:class:`ImageFrame`, at most every
 ``image_frame_min_steps`` steps and ``frame_min_interval_s`` seconds, whichever is later) and are tested in
@@ -58,6 +60,7 @@ from monoflow_core.training import (
 from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 
 from .run_spec import RunSpec
+from .view_process import DensityResult, ViewProcess, ViewProcessError, compute_density, flow_message
 
 __all__ = ["ImageFrame", "RunInfo", "Session", "SessionOptions", "TransportFrame", "ViewFrame", "evaluate_images"]
 
@@ -73,9 +76,12 @@ class SessionOptions:
         grid_resolution: points per axis of the live density grid.
         grid_extent: half-width of the grid (the toy data lie in about [-4, 4]^2).
         frame_min_interval_s: shortest time between the starts of two heavy frames while training.
-        frame_budget: largest fraction of one core's time the view thread spends on heavy frames (the period is
-            at least ``frame_seconds / frame_budget``). 1.0 computes continuously next to training; the default
-            0.5 (two or more cores; 0.25 on one) shares a busy 2-core machine between training and views.
+        frame_budget: largest fraction of one core's time spent on heavy frames in the view process (the period
+            is at least ``frame_seconds / frame_budget``). The default 1.0 (two or more cores; 0.25 on one)
+            computes continuously on the second core: the process costs training only what the two share (caches,
+            memory bandwidth).
+        thread_frame_budget: the same when the view thread computes the frames (no view process): there they also
+            compete with training for the GIL, so the default is 0.5 (two or more cores; 0.25 on one).
         n_samples: model samples per frame (inverse pass).
         eval_points: points of the fixed held-out set for the test NLL of each frame.
         data_points: data points sent once per run for the overlay.
@@ -89,16 +95,22 @@ class SessionOptions:
             ``frame_min_interval_s``; whichever is later).
         default_eval_every: image runs whose ``eval_every`` is 0: a bits/dim test every this many steps.
         eval_chunk: images per slice of a test (sample frames are computed between slices).
-        grid_chunk: points per pass of the live density grid. Large passes issue fewer operators per point, and
-            every operator must take the GIL back from the training thread: at 200 x 200 one 20,000-point pass
-            costs markedly less next to training than four of 5,000 (``benchmarks/studio_responsiveness.py``).
+        view_process: compute the 2-D density frames (grid, held-out NLL, samples) in a separate process
+            (:mod:`monoflow_studio.view_process`): it shares no GIL with training, so it can use small passes that
+            disturb training less. If the process cannot start or dies, the view thread computes them instead.
+        grid_chunk: points per pass of the live grid and the held-out points (which go through the flow together)
+            in the view process. Small passes keep the view's buffers out of the caches training uses.
+        thread_grid_chunk: the same, when the view thread computes the frames. There every operator must take the
+            GIL back from the training thread, so few, large passes: one for a 200 x 200 grid and the test points
+            (``benchmarks/studio_responsiveness.py``).
         data_images: training images sent once per image run for the data grid.
     """
 
     grid_resolution: int = 160
     grid_extent: float = 4.0
     frame_min_interval_s: float = 1.5
-    frame_budget: float = 0.5 if (os.cpu_count() or 1) >= 2 else 0.25
+    frame_budget: float = 1.0 if (os.cpu_count() or 1) >= 2 else 0.25
+    thread_frame_budget: float = 0.5 if (os.cpu_count() or 1) >= 2 else 0.25
     n_samples: int = 3000
     eval_points: int = 2000
     data_points: int = 1000
@@ -111,7 +123,9 @@ class SessionOptions:
     image_frame_min_steps: int = 5
     default_eval_every: int = 100
     eval_chunk: int = 8
-    grid_chunk: int = 20_000
+    view_process: bool = True
+    grid_chunk: int = 5_000
+    thread_grid_chunk: int = 45_000
     data_images: int = 144
 
 
@@ -166,6 +180,7 @@ class ViewFrame:
         eval: the test NLL (nats) of the snapshot on a fixed held-out set (``eval_points`` points drawn with the
             run's ``test_seed``), or ``None``.
         seconds: time the worker spent on this frame.
+        computed_in_process: whether the view process computed it (else the view thread did).
     """
 
     run_id: int
@@ -177,6 +192,7 @@ class ViewFrame:
     diagnostics: list[dict[str, Any]]
     eval: EvalMetrics | None
     seconds: float
+    computed_in_process: bool = False
 
 
 @dataclass
@@ -691,10 +707,11 @@ class _Worker(QObject):
         elif error is not None:
             self.message.emit("error", f"test failed: {error}")
 
-    def frame_done(self, seconds: float) -> None:
+    def frame_done(self, seconds: float, in_process: bool = False) -> None:
         """Called by the view thread after a frame: pace the next one by the frame budget."""
         opts = self.options
-        self._next_frame = max(self._next_frame, time.perf_counter() + seconds / opts.frame_budget - seconds)
+        budget = opts.frame_budget if in_process else opts.thread_frame_budget
+        self._next_frame = max(self._next_frame, time.perf_counter() + seconds / budget - seconds)
 
 
 @dataclass
@@ -740,6 +757,7 @@ class _ViewThread(QThread):
         self._worker = worker
         self._jobs: queue.Queue[_FrameJob | _EvalJob | None] = queue.Queue()
         self._stop = threading.Event()
+        self._process: ViewProcess | None = ViewProcess() if worker.options.view_process else None
 
     def submit(self, job: _FrameJob | _EvalJob) -> None:
         self._jobs.put(job)
@@ -749,14 +767,29 @@ class _ViewThread(QThread):
         self._jobs.put(None)
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            job = self._jobs.get()
-            if job is None:
-                return
-            if isinstance(job, _EvalJob):
-                self._evaluate(job)
-                continue
-            self._frame_job(job)
+        try:
+            self._start_process()
+            while not self._stop.is_set():
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if isinstance(job, _EvalJob):
+                    self._evaluate(job)
+                    continue
+                self._frame_job(job)
+        finally:
+            if self._process is not None:
+                self._process.close()
+
+    def _start_process(self) -> None:
+        """Start the view process now (its imports take seconds), so the first frame does not wait for them."""
+        if self._process is None:
+            return
+        try:
+            self._process.start()
+        except ViewProcessError as err:
+            self._process = None
+            self._worker.message.emit("warning", f"views are computed in the studio's own process ({err})")
 
     def _between_slices(self, job: _EvalJob) -> bool:
         """Between two slices of a test: compute any frame that is waiting; True abandons the test."""
@@ -808,7 +841,8 @@ class _ViewThread(QThread):
         if job.transport is not None:
             self._transport_job(job)
         self._worker.frame.emit(frame)
-        self._worker.frame_done(time.perf_counter() - t0)
+        in_process = isinstance(frame, ViewFrame) and frame.computed_in_process
+        self._worker.frame_done(time.perf_counter() - t0, in_process)
 
     def _transport_job(self, job: _FrameJob) -> None:
         """Compute and send the transport stages of ``job`` (skipped when a newer job supersedes it)."""
@@ -838,21 +872,33 @@ class _ViewThread(QThread):
     def _compute(self, job: _FrameJob) -> ViewFrame | None:
         opts = self._worker.options
         t0 = time.perf_counter()
-        # float32: a live view does not need float64's last digits, and float64 is slower.
-        grid, extent = evaluation.log_density_grid(job.flow, opts.grid_extent, opts.grid_resolution,
-                                                   chunk=opts.grid_chunk, dtype=torch.float32)
-        if self._stop.is_set():
+        stop = self._stop.is_set
+        args = {"test_points": job.test_points, "extent": opts.grid_extent, "resolution": opts.grid_resolution,
+                "n_samples": opts.n_samples}
+        message = flow_message(job.flow) if self._process is not None else None
+        result: DensityResult | None = None
+        in_process = False
+        if self._process is not None and message is not None:
+            try:
+                result = self._process.compute(message, stop, chunk=opts.grid_chunk, **args)
+                in_process = result is not None
+            except ViewProcessError as err:  # the studio goes on, computing its views in this thread
+                self._process.close()
+                self._process = None
+                self._worker.message.emit("warning", f"views are computed in the studio's own process from now on "
+                                                     f"({err})")
+            if result is None and stop():
+                return None
+        if result is None:
+            result = compute_density(job.flow, chunk=opts.thread_grid_chunk, stop=stop, **args)
+        if result is None or stop():
             return None
-        # A dedicated seed: the same base noise every frame (samples move smoothly; no global RNG is touched).
-        samples = np.asarray(evaluation.sample(job.flow, opts.n_samples, seed=0, dtype=torch.float32),
-                             dtype=np.float64)
-        if self._stop.is_set():
-            return None
-        t1 = time.perf_counter()
-        nll = evaluation.test_nll(job.flow, job.test_points, dtype=torch.float32)
-        ev = EvalMetrics(step=job.step, nll_nats=nll, mse=None, n_test=int(job.test_points.shape[0]),
-                         seconds=time.perf_counter() - t1, exact=bool(job.flow.logdet_is_exact), fixed=True,
-                         dtype="float32")
+        test = result.test_log_prob
+        # (``seconds``: the pass over the grid and the test points together)
+        ev = EvalMetrics(step=job.step, nll_nats=float(-test.mean()), mse=None, n_test=int(test.size),
+                         seconds=result.pass_seconds, exact=result.logdet_exact, fixed=True,
+                         dtype="float32") if test.size else None
+        grid, extent, samples = result.log_density, result.extent, result.samples
         return ViewFrame(
             run_id=job.run_id,
             step=job.step,
@@ -863,6 +909,7 @@ class _ViewThread(QThread):
             diagnostics=job.diagnostics,
             eval=ev,
             seconds=time.perf_counter() - t0,
+            computed_in_process=in_process,
         )
 
 

@@ -35,9 +35,10 @@ def tiny_spec(**training: object) -> RunSpec:
     return spec
 
 
-#: Small, frequent frames: the tests watch several of them.
+#: Small, frequent frames: the tests watch several of them. Frames in the view thread: a view process per window
+#: would add its start-up (importing torch, seconds) to every test; tests/studio/test_view_process.py covers it.
 TEST_OPTIONS = SessionOptions(grid_resolution=48, frame_min_interval_s=0.3, n_samples=500, eval_points=500,
-                              data_points=300, hist_bins=40)
+                              data_points=300, hist_bins=40, view_process=False)
 
 
 @pytest.fixture(autouse=True)

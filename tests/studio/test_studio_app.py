@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import WAIT_MS, tiny_spec
+from conftest import BUILD_TIMEOUT_MS, TEST_OPTIONS, WAIT_MS, tiny_spec
 
 from monoflow_studio.app import build_parser, main, spec_from_args
 from monoflow_studio.main_window import MainWindow
+from monoflow_studio.session import PAUSED
 
 
 def test_cli_defaults_to_the_paper_preset_on_8gaussians():
@@ -71,3 +72,35 @@ def test_filled_curve_repaint_soak(qapp):
         painted += not widget.grab().isNull()
     assert painted == 3000
     widget.close()
+
+
+def test_the_heap_is_frozen_once_the_first_run_is_built(qtbot, monkeypatch) -> None:
+    """Full collections skip everything alive at start-up (torch, Qt, pyqtgraph): no 150-330 ms GIL pauses."""
+    import gc
+
+    from monoflow_studio.app import freeze_heap_after_first_build
+
+    calls: list[int] = []
+    real_freeze = gc.freeze
+
+    def freeze() -> None:
+        real_freeze()
+        calls.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(gc, "freeze", freeze)
+    gc.unfreeze()
+    try:
+        window = MainWindow(tiny_spec(), options=TEST_OPTIONS, theme="light")
+        qtbot.addWidget(window)
+        freeze_heap_after_first_build(window)
+        window.show()
+        qtbot.waitUntil(lambda: window.state == PAUSED, timeout=BUILD_TIMEOUT_MS)
+        qtbot.waitUntil(lambda: len(calls) == 1, timeout=WAIT_MS)
+        assert calls[0] > 10_000  # the process's start-up objects
+        window.session.step_once()
+        qtbot.waitUntil(lambda: window.step >= 1, timeout=BUILD_TIMEOUT_MS)
+        window.session.reset(tiny_spec())
+        qtbot.waitUntil(lambda: window.state == PAUSED and window.step == 0, timeout=BUILD_TIMEOUT_MS)
+        assert len(calls) == 1  # once, not at every build or step
+    finally:
+        gc.unfreeze()

@@ -16,7 +16,7 @@ from monoflow_studio.run_spec import RunSpec, studio_presets
 from monoflow_studio.session import PAUSED, SessionOptions
 
 #: Frames after every step (the tests watch them); 64 samples as in the app.
-IMAGE_OPTIONS = SessionOptions(frame_min_interval_s=0.2, image_frame_min_steps=1, eval_chunk=16)
+IMAGE_OPTIONS = SessionOptions(frame_min_interval_s=0.2, image_frame_min_steps=1, eval_chunk=16, view_process=False)
 #: digits: 8x8 grey images with 17 levels; 64 samples tile into 8 x 8 tiles of 8 pixels plus 1-pixel padding.
 IMAGE_SHAPE, LEVELS, GRID_SHAPE = (1, 8, 8), 17, (73, 73, 3)
 

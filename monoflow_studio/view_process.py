@@ -1,0 +1,239 @@
+"""Density frames (grid, held-out NLL, samples) computed in a separate process, next to the training thread.
+
+Why a process: on a 2-core machine the view computations slow training in two ways. Next to the training
+thread, every operator of a view *thread* must take the GIL back from it (so a view thread wants few, large
+operators), while large operators stream big buffers through the shared caches (so they want small ones): a
+200 x 200 grid in passes of 45,000 points cost the training thread 27-34% of its speed, in passes of 2,000 43%.
+A process has no GIL to share, so its passes can be small: with 2,500-5,000 points per pass the same grids cost
+training 10-20% and came at least as fast (``benchmarks/studio_responsiveness.py``; the figures are in its results
+page).
+
+Only the 2-D density frame moves here; transport views, image runs and their tests stay in the view thread. The
+module imports neither Qt nor the studio, so the spawned child imports just torch, numpy and the core. The
+snapshot travels by pickle over a private pipe between this process and its own child (no file is read). A child
+that fails to start or dies raises :class:`ViewProcessError`; the studio then computes in its thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from monoflow_core import evaluation
+from monoflow_core.config import FlowConfig
+from monoflow_core.flow import Flow
+from monoflow_core.models import build_flow
+
+__all__ = ["DensityResult", "ViewComputeError", "ViewProcess", "ViewProcessError", "compute_density", "flow_message"]
+
+#: Seconds a new child may take to say it is ready (importing torch takes a few); then it counts as failed.
+START_TIMEOUT_S = 60.0
+#: Seconds to wait for a child to leave after it was asked to; then it is terminated (it writes nothing, so nothing
+#: is lost; a child still importing torch or midway through a frame would otherwise hold up closing the window).
+CLOSE_TIMEOUT_S = 0.5
+
+
+class ViewProcessError(RuntimeError):
+    """The view process could not start, died, or stopped answering."""
+
+
+class ViewComputeError(RuntimeError):
+    """The view process is fine, but computing the frame raised (the message names the exception)."""
+
+
+@dataclass
+class DensityResult:
+    """The numbers of one density frame (see :class:`monoflow_studio.session.ViewFrame`).
+
+    Attributes:
+        log_density: ``log p`` on the grid in nats, float64 (res, res), row-major, row 0 = ``ymin``.
+        extent: ``(xmin, xmax, ymin, ymax)`` of the grid.
+        test_log_prob: ``log p`` of the held-out points in nats, float64 (n,).
+        samples: model samples (n_samples, 2), float64; (0, 2) when none were asked for.
+        pass_seconds: wall time of the pass over the grid and the held-out points.
+        logdet_exact: whether the flow's log-det was exact (else the values are estimates).
+    """
+
+    log_density: np.ndarray
+    extent: tuple[float, float, float, float]
+    test_log_prob: np.ndarray
+    samples: np.ndarray
+    pass_seconds: float
+    logdet_exact: bool
+
+
+def compute_density(
+    flow: Flow, test_points: torch.Tensor, extent: float, resolution: int, chunk: int, n_samples: int,
+    stop: Callable[[], bool] = lambda: False,
+) -> DensityResult | None:
+    """Log-density on a ``resolution``-square grid over ``[-extent, extent]^2``, of ``test_points``, and samples.
+
+    The grid and the held-out points go through the flow together (one call, passes of ``chunk`` points);
+    everything in float32 (a live view does not need float64's last digits). The samples use a fixed seed, so they
+    move smoothly from frame to frame. Returns None if ``stop()`` turns true between the two parts.
+    """
+    t0 = time.perf_counter()
+    box = evaluation.parse_extent(extent)
+    _, _, grid_pts = evaluation.grid_points(box, resolution)
+    n_grid = grid_pts.shape[0]
+    points = torch.cat([grid_pts, test_points.to(grid_pts.dtype)])
+    values = evaluation.log_prob(flow, points, chunk=chunk, dtype=torch.float32)
+    pass_seconds = time.perf_counter() - t0
+    if stop():
+        return None
+    samples = (np.asarray(evaluation.sample(flow, n_samples, seed=0, dtype=torch.float32), dtype=np.float64)
+               if n_samples > 0 else np.zeros((0, 2)))
+    return DensityResult(
+        log_density=values[:n_grid].reshape(resolution, resolution).numpy(),
+        extent=box,
+        test_log_prob=values[n_grid:].numpy(),
+        samples=samples,
+        pass_seconds=pass_seconds,
+        logdet_exact=bool(flow.logdet_is_exact),
+    )
+
+
+def flow_message(flow: Flow) -> dict[str, Any] | None:
+    """What the child needs to rebuild ``flow``: its configuration and its state as numpy arrays (a few ms to
+    pickle, against ~25 ms for the module itself); None for a flow built without a configuration."""
+    if getattr(flow, "config", None) is None or not isinstance(flow.config, FlowConfig):
+        return None
+    return {"config": flow.config.to_dict(),
+            "state": {k: v.detach().cpu().numpy() for k, v in flow.state_dict().items()}}
+
+
+def _flow_from(message: dict[str, Any], cache: dict[str, Flow]) -> Flow:
+    """The flow of a :func:`flow_message`: built once per configuration, then only its state is loaded."""
+    import json
+
+    key = json.dumps(message["config"], sort_keys=True)
+    flow = cache.get(key)
+    if flow is None:
+        cache.clear()  # one run at a time
+        flow = cache[key] = build_flow(FlowConfig.from_dict(message["config"]))
+    flow.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in message["state"].items()})
+    return flow.eval()
+
+
+def _serve(conn: Any) -> None:
+    """The child's loop: say ``("ready", 0, None)``, then answer each ``(serial, kwargs)`` with
+    ``("ok", serial, result)`` or ``("error", serial, message)``, until None (or the parent's end closes)."""
+    torch.set_num_threads(1)  # one core for the views, the other for training
+    cache: dict[str, Flow] = {}
+    try:
+        conn.send(("ready", 0, None))  # imports done: the parent may count on this child
+    except (BrokenPipeError, OSError):
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent went away
+            return
+        if message is None:
+            return
+        serial, kwargs = message
+        try:
+            flow = _flow_from(kwargs.pop("flow"), cache)
+            reply = ("ok", serial, compute_density(flow, **kwargs))
+        except Exception as err:  # reported to the parent, which shows it; the child serves on
+            reply = ("error", serial, f"{type(err).__name__}: {err}")
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            return
+
+
+class ViewProcess:
+    """A child process computing density frames on request (one at a time, from one thread).
+
+    Started lazily by the first :meth:`compute` (importing torch in the child takes a few seconds) or at once by
+    :meth:`start`; :meth:`close` asks it to leave and terminates it after :data:`CLOSE_TIMEOUT_S`.
+    """
+
+    def __init__(self) -> None:
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Any = None
+        self._serial = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._ready = False
+        self._started_at = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def start(self) -> None:
+        """Start the child now (no-op if it runs). Raises :class:`ViewProcessError` if it cannot start."""
+        with self._lock:
+            if self._closed:
+                raise ViewProcessError("the view process was closed")
+            if self.alive:
+                return
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process with Qt and torch threads
+            try:
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=_serve, args=(child,), name="monoflow-views", daemon=True)
+                proc.start()
+            except (OSError, RuntimeError, ValueError) as err:
+                raise ViewProcessError(f"could not start the view process: {err}") from err
+            child.close()
+            self._proc, self._conn = proc, parent
+            self._ready, self._started_at = False, time.monotonic()
+
+    def compute(self, flow: dict[str, Any], stop: Callable[[], bool], **kwargs: Any) -> DensityResult | None:
+        """:func:`compute_density` in the child on the flow of a :func:`flow_message`, with ``kwargs`` (all but
+        ``stop``); None if ``stop()`` turns true while waiting (polled every 50 ms).
+
+        Raises:
+            ViewProcessError: the child could not start, or died.
+            ViewComputeError: the computation raised in the child (which serves on); the message says what.
+        """
+        self.start()
+        self._serial += 1
+        serial = self._serial
+        try:
+            self._conn.send((serial, {"flow": flow, **kwargs}))
+            while True:
+                if stop():
+                    return None
+                if self._conn.poll(0.05):
+                    status, got, payload = self._conn.recv()
+                    if status == "ready":
+                        self._ready = True
+                        continue
+                    if got != serial:  # the answer to a request abandoned by an earlier stop
+                        continue
+                    if status == "ok":
+                        return payload
+                    raise ViewComputeError(payload)
+                if not self.alive:
+                    raise ViewProcessError(f"the view process exited (code {self._proc.exitcode})")  # type: ignore[union-attr]
+                if not self._ready and time.monotonic() - self._started_at > START_TIMEOUT_S:
+                    raise ViewProcessError(f"the view process did not start within {START_TIMEOUT_S:g} s")
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as err:
+            raise ViewProcessError(f"lost the view process: {err}") from err
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Ask the child to leave; terminate it if it has not within ``timeout`` seconds. Idempotent."""
+        with self._lock:
+            self._closed = True
+            proc, conn = self._proc, self._conn
+            self._proc = self._conn = None
+        if proc is None:
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):  # already gone: nothing to ask
+            conn.send(None)
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout)
+        conn.close()
