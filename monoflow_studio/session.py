@@ -106,7 +106,7 @@ class SessionOptions:
         data_images: training images sent once per image run for the data grid.
     """
 
-    grid_resolution: int = 160
+    grid_resolution: int = 200
     grid_extent: float = 4.0
     frame_min_interval_s: float = 1.5
     frame_budget: float = 1.0 if (os.cpu_count() or 1) >= 2 else 0.25

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -126,6 +127,8 @@ def _flow_from(message: dict[str, Any], cache: dict[str, Flow]) -> Flow:
 def _serve(conn: Any) -> None:
     """The child's loop: say ``("ready", 0, None)``, then answer each ``(serial, kwargs)`` with
     ``("ok", serial, result)`` or ``("error", serial, message)``, until None (or the parent's end closes)."""
+    # Ctrl-C in the terminal reaches the whole process group: the parent closes the window and then this child.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)  # one core for the views, the other for training
     cache: dict[str, Flow] = {}
     try:
