@@ -20,7 +20,15 @@ from ..theme import PlotColors, style_plot
 
 __all__ = ["SolverView"]
 
-COLUMNS = ("block", "kind", "solver", "iters mean", "iters max", "residual max", "not converged")
+COLUMNS = ("block", "kind", "solver", "iters mean", "iters max", "residual max", "tolerance", "not converged")
+#: Header tooltips: what the numbers mean.
+TIPS = {
+    "iters mean": "evaluations of G per sample in the latest training step's forward solve",
+    "residual max": "largest relative residual |w + G(w) - rhs|_inf / (1 + |rhs|_inf) after the solve",
+    "tolerance": "the relative tolerance the solve used: the one set, or 10 x the machine epsilon of the training "
+                 "dtype if that is larger (1.19e-06 in float32)",
+    "not converged": "samples whose residual missed the tolerance within the iteration cap",
+}
 
 
 class SolverView(QWidget):
@@ -41,6 +49,9 @@ class SolverView(QWidget):
         item.addItem(self.max_marks)
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
+        for j, col in enumerate(COLUMNS):
+            if col in TIPS:
+                self.table.horizontalHeaderItem(j).setToolTip(TIPS[col])
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         # Sized once per update (resizeColumnsToContents below): with ResizeToContents every setItem re-measured its
@@ -69,6 +80,7 @@ class SolverView(QWidget):
                 "iters mean": fwd.get("iterations_mean"),
                 "iters max": fwd.get("iterations_max"),
                 "residual max": fwd.get("residual_max"),
+                "tolerance": fwd.get("tol"),
                 "not converged": fwd.get("n_failed"),
             })
         solved = [r for r in self.rows if r["iters mean"] is not None]

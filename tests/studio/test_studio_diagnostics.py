@@ -8,7 +8,7 @@ from monoflow_studio.views.diagnostics import COLUMNS, SolverView
 def _diagnostics(mean: float, failed: int, blocks: int = 3) -> list[dict]:
     return [{"block": i, "kind": "MonotoneBlock", "solver": "auto",
              "forward": {"method": "newton", "iterations_mean": mean + i, "iterations_max": 7,
-                         "residual_max": 1e-7, "n_failed": failed}} for i in range(blocks)]
+                         "residual_max": 1e-7, "n_failed": failed, "tol": 1.19e-6}} for i in range(blocks)]
 
 
 def test_table_updates_in_place_and_resizes_to_its_contents(qtbot) -> None:
@@ -20,6 +20,8 @@ def test_table_updates_in_place_and_resizes_to_its_contents(qtbot) -> None:
     assert table.rowCount() == 3 and table.columnCount() == len(COLUMNS)
     first = table.item(1, COLUMNS.index("iters mean"))
     assert first.text() == "4"
+    assert table.item(0, COLUMNS.index("tolerance")).text() == "1.19e-06"
+    assert "epsilon" in table.horizontalHeaderItem(COLUMNS.index("tolerance")).toolTip()
     width = table.columnWidth(COLUMNS.index("not converged"))
     view.set_diagnostics(_diagnostics(3.25, 10**40), step=2)
     # the same item objects, new texts; a wider value widens its column
