@@ -94,6 +94,9 @@ def main() -> None:
     tune_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    from common import command_line, machine_info  # (here, for the same reason as tune_allocator above)
+
+    info = machine_info()  # at the start: the load average says how busy the machine was before the run
     flow = mc.build_flow()
     flow.train()
     times, med_evals, max_evals, loss = train_steps(flow, args.steps, seed=0)
@@ -124,6 +127,8 @@ def main() -> None:
     generic_ms = statistics.median(gtimes[10:] if len(gtimes) > 20 else gtimes)
 
     figures = {
+        "command": command_line(),
+        "machine_info": info,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads available to torch, "
         f"torch {torch.__version__}",
         "train_step_ms_median": round(step_ms, 2),

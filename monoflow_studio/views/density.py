@@ -72,6 +72,7 @@ class DensityView(QWidget):
 
         self._frame: ViewFrame | None = None
         self._run: RunInfo | None = None
+        self._bar_label = ""
         self.frames_shown = 0
         self.mode_box.currentIndexChanged.connect(self._on_setting)
         self.overlay_box.toggled.connect(self._on_setting)
@@ -149,6 +150,8 @@ class DensityView(QWidget):
         self.image.setImage(array, autoLevels=False)
         self.image.setRect(QRectF(xmin, ymin, xmax - xmin, ymax - ymin))
         self.colorbar.setLevels(levels)
-        self.colorbar.axis.setLabel(label)
+        if label != self._bar_label:  # a new label re-lays out the bar; the levels alone only repaint its ticks
+            self._bar_label = label
+            self.colorbar.axis.setLabel(label)
         step = self._frame.step if self._frame is not None else 0
         self.caption.setText(f"step {step}")

@@ -63,6 +63,7 @@ class SolverView(QWidget):
         layout.addWidget(self.plot, 2)
         layout.addWidget(self.table, 1)
         self.rows: list[dict[str, Any]] = []
+        self._ticks: list[list[tuple[int, str]]] = []
 
     def set_colors(self, colors: PlotColors) -> None:
         style_plot(self.plot, colors)
@@ -86,7 +87,10 @@ class SolverView(QWidget):
         solved = [r for r in self.rows if r["iters mean"] is not None]
         x = np.arange(len(solved), dtype=np.float64)
         self.bars.setOpts(x=x, height=[r["iters mean"] for r in solved], width=0.6)
-        self.plot.getPlotItem().getAxis("bottom").setTicks([[(i, str(r["block"])) for i, r in enumerate(solved)]])
+        ticks = [[(i, str(r["block"])) for i, r in enumerate(solved)]]
+        if ticks != self._ticks:  # (new ticks re-lay out the axis: only when the blocks change)
+            self._ticks = ticks
+            self.plot.getPlotItem().getAxis("bottom").setTicks(ticks)
         self.max_marks.setData(x=x, y=[r["iters max"] for r in solved])
         self._fill_table()
         failed = sum(r["not converged"] or 0 for r in self.rows)

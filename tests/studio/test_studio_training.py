@@ -9,7 +9,7 @@ import pytest
 from conftest import WAIT_MS, tiny_spec
 from PySide6.QtWidgets import QMessageBox
 
-from monoflow_studio.session import PAUSED, TRAINING
+from monoflow_studio.session import PAUSED, TRAINING, SessionOptions
 
 
 def test_training_updates_step_curves_and_density(window, qtbot):
@@ -134,9 +134,35 @@ def test_solver_non_convergence_is_reported(window, qtbot):
     assert window.solver_view.table.rowCount() == 2
 
 
-def test_event_loop_stays_responsive_during_training(window, qtbot):
+def test_event_loop_stays_responsive_during_training(make_window, qtbot):
+    """Issue 4: the longest gap of a 10 ms timer stays under 100 ms while training and frames go on.
+
+    With the studio's own frame interval (1.5 s; the other tests use 0.3 s to see many frames) and its process
+    settings (``monoflow-studio`` sets them at start-up): the 1 ms GIL switch interval and the start-up heap frozen
+    out of full collections (both restored afterwards for the other tests).
+    """
+    import gc
+    import sys
+    from dataclasses import replace
+
+    from conftest import TEST_OPTIONS
     from PySide6.QtCore import QTimer
 
+    from monoflow_studio.app import SWITCH_INTERVAL_S
+
+    window = make_window(tiny_spec(), replace(TEST_OPTIONS, frame_min_interval_s=SessionOptions().frame_min_interval_s))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    gc.collect()
+    gc.freeze()
+    try:
+        _probe_event_loop(window, qtbot, QTimer)
+    finally:
+        sys.setswitchinterval(interval)
+        gc.unfreeze()
+
+
+def _probe_event_loop(window, qtbot, QTimer) -> None:
     window.train_action.trigger()
     qtbot.waitUntil(lambda: window.step >= 3, timeout=WAIT_MS)
     gaps: list[float] = []
@@ -153,10 +179,10 @@ def test_event_loop_stays_responsive_during_training(window, qtbot):
     last[0] = time.perf_counter()
     probe.start()
     frames = window.density.frames_shown
-    qtbot.wait(3000)
+    qtbot.wait(4000)
     probe.stop()
     worst = max(gaps) * 1000
-    print(f"\nevent-loop probe: {len(gaps)} ticks in 3 s of training, longest gap {worst:.0f} ms, "
+    print(f"\nevent-loop probe: {len(gaps)} ticks in 4 s of training, longest gap {worst:.0f} ms, "
           f"median {np.median(gaps) * 1000:.1f} ms; {window.density.frames_shown - frames} frames shown")
     assert window.density.frames_shown > frames
-    assert worst < 250, f"the event loop stalled for {worst:.0f} ms"
+    assert worst < 100, f"the event loop stalled for {worst:.0f} ms"
