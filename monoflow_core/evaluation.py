@@ -27,6 +27,7 @@ from .flow import Flow
 __all__ = [
     "IMAGE_NOISE_BLOCK",
     "Extent",
+    "density_grid_points",
     "grid_points",
     "image_bpd",
     "image_grid",
@@ -230,14 +231,26 @@ def log_density_grid(
         ``ymax`` and ``xs`` from ``xmin`` (column 0) to ``xmax``, as a float64 array of shape
         (resolution, resolution) (use ``origin="lower"`` to display it); and the extent as a tuple.
     """
+    points, box = density_grid_points(flow, extent, resolution)
+    values = log_prob(flow, points, chunk=chunk, dtype=dtype, workers=workers)
+    return values.reshape(resolution, resolution).numpy(), box
+
+
+def density_grid_points(
+    flow: Flow, extent: float | tuple[float, float, float, float], resolution: int
+) -> tuple[Tensor, Extent]:
+    """The points of :func:`log_density_grid` (``(resolution**2, 2)``, row-major in y) and the parsed extent.
+
+    Raises:
+        ValueError: a flow not on 2-D samples, a resolution that is not an integer >= 2, or a bad extent.
+    """
     if tuple(getattr(flow, "event_shape", ())) != (2,):
         raise ValueError(f"flow: a density grid needs a flow on 2-D samples, got event shape {flow.event_shape}")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
         raise ValueError(f"resolution: must be an integer >= 2, got {resolution!r}")
     box = parse_extent(extent)
     _, _, points = grid_points(box, resolution)
-    values = log_prob(flow, points, chunk=chunk, dtype=dtype, workers=workers)
-    return values.reshape(resolution, resolution).numpy(), box
+    return points, box
 
 
 def sample(

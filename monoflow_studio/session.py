@@ -60,10 +60,20 @@ from monoflow_core.training import (
 from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 
 from .run_spec import RunSpec
-from .view_process import DensityResult, ViewProcess, ViewProcessError, compute_density, flow_message
+from .view_process import (
+    DensityResult,
+    ViewComputeError,
+    ViewProcess,
+    ViewProcessError,
+    compute_density,
+    flow_message,
+)
 
 __all__ = ["ImageFrame", "RunInfo", "Session", "SessionOptions", "TransportFrame", "ViewFrame", "evaluate_images"]
 
+#: Frames in a row the view process may fail to compute (each is then computed in the view thread) before the
+#: studio stops using it.
+PROCESS_FAILURES_TOLERATED = 3
 #: States reported through :attr:`Session.state_changed`.
 BUILDING, PAUSED, TRAINING, STOPPED = "building", "paused", "training", "stopped"
 
@@ -180,7 +190,8 @@ class ViewFrame:
         eval: the test NLL (nats) of the snapshot on a fixed held-out set (``eval_points`` points drawn with the
             run's ``test_seed``), or ``None``.
         seconds: time the worker spent on this frame.
-        computed_in_process: whether the view process computed it (else the view thread did).
+        process_seconds: the part of ``seconds`` spent waiting for the view process (0: computed in the view
+            thread).
     """
 
     run_id: int
@@ -192,7 +203,12 @@ class ViewFrame:
     diagnostics: list[dict[str, Any]]
     eval: EvalMetrics | None
     seconds: float
-    computed_in_process: bool = False
+    process_seconds: float = 0.0
+
+    @property
+    def computed_in_process(self) -> bool:
+        """Whether the view process computed the density (else the view thread did)."""
+        return self.process_seconds > 0
 
 
 @dataclass
@@ -707,11 +723,17 @@ class _Worker(QObject):
         elif error is not None:
             self.message.emit("error", f"test failed: {error}")
 
-    def frame_done(self, seconds: float, in_process: bool = False) -> None:
-        """Called by the view thread after a frame: pace the next one by the frame budget."""
+    def frame_done(self, process_seconds: float, thread_seconds: float) -> None:
+        """Called by the view thread after a frame: pace the next one by the frame budgets.
+
+        The idle time after a frame is ``s (1 / budget - 1)`` for each part: the seconds spent waiting for the view
+        process with ``frame_budget``, those computed in the view thread next to training with
+        ``thread_frame_budget``.
+        """
         opts = self.options
-        budget = opts.frame_budget if in_process else opts.thread_frame_budget
-        self._next_frame = max(self._next_frame, time.perf_counter() + seconds / budget - seconds)
+        idle = (process_seconds * (1.0 / opts.frame_budget - 1.0)
+                + thread_seconds * (1.0 / opts.thread_frame_budget - 1.0))
+        self._next_frame = max(self._next_frame, time.perf_counter() + idle)
 
 
 @dataclass
@@ -758,6 +780,7 @@ class _ViewThread(QThread):
         self._jobs: queue.Queue[_FrameJob | _EvalJob | None] = queue.Queue()
         self._stop = threading.Event()
         self._process: ViewProcess | None = ViewProcess() if worker.options.view_process else None
+        self._process_failures = 0  # frames in a row the view process failed to compute
 
     def submit(self, job: _FrameJob | _EvalJob) -> None:
         self._jobs.put(job)
@@ -782,14 +805,20 @@ class _ViewThread(QThread):
                 self._process.close()
 
     def _start_process(self) -> None:
-        """Start the view process now (its imports take seconds), so the first frame does not wait for them."""
+        """Start the view process now: its imports take seconds (frames are computed here until it is ready)."""
         if self._process is None:
             return
         try:
             self._process.start()
         except ViewProcessError as err:
+            self._drop_process(err)
+
+    def _drop_process(self, err: Exception) -> None:
+        """Stop using the view process (it failed): close it and say so; frames are computed in this thread."""
+        if self._process is not None:
+            self._process.close()
             self._process = None
-            self._worker.message.emit("warning", f"views are computed in the studio's own process ({err})")
+        self._worker.message.emit("warning", f"views are computed in the studio's own process from now on ({err})")
 
     def _between_slices(self, job: _EvalJob) -> bool:
         """Between two slices of a test: compute any frame that is waiting; True abandons the test."""
@@ -840,9 +869,12 @@ class _ViewThread(QThread):
             return
         if job.transport is not None:
             self._transport_job(job)
+        # Pace the next frame before this one reaches the GUI (which may ask for the next one at once): the part
+        # computed in the view process by its budget, the rest (here, next to training) by the thread's.
+        total = time.perf_counter() - t0
+        in_process = frame.process_seconds if isinstance(frame, ViewFrame) else 0.0
+        self._worker.frame_done(in_process, total - in_process)
         self._worker.frame.emit(frame)
-        in_process = isinstance(frame, ViewFrame) and frame.computed_in_process
-        self._worker.frame_done(time.perf_counter() - t0, in_process)
 
     def _transport_job(self, job: _FrameJob) -> None:
         """Compute and send the transport stages of ``job`` (skipped when a newer job supersedes it)."""
@@ -873,23 +905,11 @@ class _ViewThread(QThread):
         opts = self._worker.options
         t0 = time.perf_counter()
         stop = self._stop.is_set
-        args = {"test_points": job.test_points, "extent": opts.grid_extent, "resolution": opts.grid_resolution,
-                "n_samples": opts.n_samples}
-        message = flow_message(job.flow) if self._process is not None else None
-        result: DensityResult | None = None
-        in_process = False
-        if self._process is not None and message is not None:
-            try:
-                result = self._process.compute(message, stop, chunk=opts.grid_chunk, **args)
-                in_process = result is not None
-            except ViewProcessError as err:  # the studio goes on, computing its views in this thread
-                self._process.close()
-                self._process = None
-                self._worker.message.emit("warning", f"views are computed in the studio's own process from now on "
-                                                     f"({err})")
-            if result is None and stop():
-                return None
-        if result is None:
+        args: dict[str, Any] = {"test_points": job.test_points.numpy(), "extent": opts.grid_extent,
+                                "resolution": opts.grid_resolution, "n_samples": opts.n_samples}
+        result = self._compute_in_process(job, args)
+        process_seconds = time.perf_counter() - t0 if result is not None else 0.0
+        if result is None and not stop():
             result = compute_density(job.flow, chunk=opts.thread_grid_chunk, stop=stop, **args)
         if result is None or stop():
             return None
@@ -909,8 +929,33 @@ class _ViewThread(QThread):
             diagnostics=job.diagnostics,
             eval=ev,
             seconds=time.perf_counter() - t0,
-            computed_in_process=in_process,
+            process_seconds=process_seconds,
         )
+
+    def _compute_in_process(self, job: _FrameJob, args: dict[str, Any]) -> DensityResult | None:
+        """The density frame from the view process; None where this thread must compute it (no process, not ready
+        yet, or it failed: a dead process is dropped, and so is one that failed :data:`PROCESS_FAILURES_TOLERATED`
+        frames in a row)."""
+        process = self._process
+        message = flow_message(job.flow) if process is not None else None
+        if process is None or message is None:
+            return None
+        try:
+            if not process.ready():
+                return None  # the first frames of a session, while the child imports torch
+            result = process.compute(message, self._stop.is_set, chunk=self._worker.options.grid_chunk, **args)
+        except ViewProcessError as err:
+            self._drop_process(err)
+            return None
+        except ViewComputeError as err:  # computed here instead; a process that keeps failing is dropped
+            self._process_failures += 1
+            if self._process_failures >= PROCESS_FAILURES_TOLERATED:
+                self._drop_process(err)
+            else:
+                self._worker.message.emit("warning", f"the view process failed a frame ({err}); computed here")
+            return None
+        self._process_failures = 0
+        return result
 
 
 class _WorkerThread(QThread):

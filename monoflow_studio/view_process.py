@@ -9,9 +9,10 @@ training 10-20% and came at least as fast (``benchmarks/studio_responsiveness.py
 page).
 
 Only the 2-D density frame moves here; transport views, image runs and their tests stay in the view thread. The
-module imports neither Qt nor the studio, so the spawned child imports just torch, numpy and the core. The
-snapshot travels by pickle over a private pipe between this process and its own child (no file is read). A child
-that fails to start or dies raises :class:`ViewProcessError`; the studio then computes in its thread.
+module imports neither Qt nor the studio, so the child needs no display (with ``spawn`` it also re-imports the
+parent's main script, e.g. a benchmark's). The snapshot travels as its configuration and numpy state by pickle
+over a private pipe between this process and its own child (no file is read). A child that fails to start or
+dies raises :class:`ViewProcessError`; the studio then computes in its thread.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class DensityResult:
 
 
 def compute_density(
-    flow: Flow, test_points: torch.Tensor, extent: float, resolution: int, chunk: int, n_samples: int,
+    flow: Flow, test_points: torch.Tensor | np.ndarray, extent: float, resolution: int, chunk: int, n_samples: int,
     stop: Callable[[], bool] = lambda: False,
 ) -> DensityResult | None:
     """Log-density on a ``resolution``-square grid over ``[-extent, extent]^2``, of ``test_points``, and samples.
@@ -82,10 +83,9 @@ def compute_density(
     move smoothly from frame to frame. Returns None if ``stop()`` turns true between the two parts.
     """
     t0 = time.perf_counter()
-    box = evaluation.parse_extent(extent)
-    _, _, grid_pts = evaluation.grid_points(box, resolution)
+    grid_pts, box = evaluation.density_grid_points(flow, extent, resolution)
     n_grid = grid_pts.shape[0]
-    points = torch.cat([grid_pts, test_points.to(grid_pts.dtype)])
+    points = torch.cat([grid_pts, torch.as_tensor(test_points).to(grid_pts.dtype).reshape(-1, 2)])
     values = evaluation.log_prob(flow, points, chunk=chunk, dtype=torch.float32)
     pass_seconds = time.perf_counter() - t0
     if stop():
@@ -129,6 +129,9 @@ def _serve(conn: Any) -> None:
     ``("ok", serial, result)`` or ``("error", serial, message)``, until None (or the parent's end closes)."""
     # Ctrl-C in the terminal reaches the whole process group: the parent closes the window and then this child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from monoflow_core.runtime import tune_allocator
+
+    tune_allocator()  # as in the studio's own process (mid-sized temporaries from the heap, not fresh mmaps)
     torch.set_num_threads(1)  # one core for the views, the other for training
     cache: dict[str, Flow] = {}
     try:
@@ -155,16 +158,19 @@ def _serve(conn: Any) -> None:
 
 
 class ViewProcess:
-    """A child process computing density frames on request (one at a time, from one thread).
+    """A child process computing density frames on request, for one thread at a time.
 
-    Started lazily by the first :meth:`compute` (importing torch in the child takes a few seconds) or at once by
-    :meth:`start`; :meth:`close` asks it to leave and terminates it after :data:`CLOSE_TIMEOUT_S`.
+    :meth:`start` starts it (importing torch in the child takes a few seconds; :meth:`ready` says when it is done);
+    :meth:`compute` sends a request and waits for its answer; :meth:`close` asks the child to leave and terminates
+    it after :data:`CLOSE_TIMEOUT_S`. A child that died is not restarted: :meth:`compute` raises
+    :class:`ViewProcessError`, and the caller decides (the studio computes in its view thread from then on).
     """
 
     def __init__(self) -> None:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Any = None
         self._serial = 0
+        self._abandoned = 0  # the serial of a request whose answer was not read (abandoned by stop)
         self._lock = threading.Lock()
         self._closed = False
         self._ready = False
@@ -175,11 +181,14 @@ class ViewProcess:
         return self._proc is not None and self._proc.is_alive()
 
     def start(self) -> None:
-        """Start the child now (no-op if it runs). Raises :class:`ViewProcessError` if it cannot start."""
+        """Start the child (no-op once started). Raises :class:`ViewProcessError` if it cannot start, was closed,
+        or has died."""
         with self._lock:
             if self._closed:
                 raise ViewProcessError("the view process was closed")
-            if self.alive:
+            if self._proc is not None:
+                if not self._proc.is_alive():
+                    raise ViewProcessError(f"the view process exited (code {self._proc.exitcode})")
                 return
             ctx = multiprocessing.get_context("spawn")  # no fork of a process with Qt and torch threads
             try:
@@ -192,41 +201,80 @@ class ViewProcess:
             self._proc, self._conn = proc, parent
             self._ready, self._started_at = False, time.monotonic()
 
+    def ready(self) -> bool:
+        """Whether the started child has finished its imports and waits for requests (does not block).
+
+        Raises:
+            ViewProcessError: the child died, or did not get ready within :data:`START_TIMEOUT_S`.
+        """
+        self.start()
+        if not self._ready:
+            self._check()
+            try:
+                if self._conn.poll(0):
+                    status, _, _ = self._conn.recv()
+                    self._ready = status == "ready"
+            except (EOFError, OSError) as err:
+                raise ViewProcessError(f"lost the view process: {err}") from err
+        return self._ready
+
+    def _check(self) -> None:
+        proc = self._proc
+        if proc is None or not proc.is_alive():
+            raise ViewProcessError(f"the view process exited (code {None if proc is None else proc.exitcode})")
+        if not self._ready and time.monotonic() - self._started_at > START_TIMEOUT_S:
+            raise ViewProcessError(f"the view process did not start within {START_TIMEOUT_S:g} s")
+
+    def _receive(self, serial: int, stop: Callable[[], bool]) -> tuple[bool, Any]:
+        """Read messages until the answer to ``serial``: ``(True, (status, payload))``, or ``(False, None)`` if
+        ``stop()`` turned true first (polled every 50 ms)."""
+        conn = self._conn
+        while True:
+            if stop():
+                return False, None
+            if conn.poll(0.05):
+                status, got, payload = conn.recv()
+                if status == "ready":
+                    self._ready = True
+                elif got == serial:
+                    return True, (status, payload)
+                continue  # an answer to an earlier request
+            self._check()
+
     def compute(self, flow: dict[str, Any], stop: Callable[[], bool], **kwargs: Any) -> DensityResult | None:
         """:func:`compute_density` in the child on the flow of a :func:`flow_message`, with ``kwargs`` (all but
-        ``stop``); None if ``stop()`` turns true while waiting (polled every 50 ms).
+        ``stop``; send numpy arrays, not tensors: a tensor would travel through torch's shared-memory sharing);
+        None if ``stop()`` turns true while waiting (polled every 50 ms).
 
         Raises:
             ViewProcessError: the child could not start, or died.
             ViewComputeError: the computation raised in the child (which serves on); the message says what.
         """
         self.start()
-        self._serial += 1
-        serial = self._serial
         try:
-            self._conn.send((serial, {"flow": flow, **kwargs}))
-            while True:
-                if stop():
+            if self._abandoned:
+                # Its answer may still be on its way: read it before sending, or a large answer and a large
+                # request could each wait for the other side to read.
+                done, _ = self._receive(self._abandoned, stop)
+                if not done:
                     return None
-                if self._conn.poll(0.05):
-                    status, got, payload = self._conn.recv()
-                    if status == "ready":
-                        self._ready = True
-                        continue
-                    if got != serial:  # the answer to a request abandoned by an earlier stop
-                        continue
-                    if status == "ok":
-                        return payload
-                    raise ViewComputeError(payload)
-                if not self.alive:
-                    raise ViewProcessError(f"the view process exited (code {self._proc.exitcode})")  # type: ignore[union-attr]
-                if not self._ready and time.monotonic() - self._started_at > START_TIMEOUT_S:
-                    raise ViewProcessError(f"the view process did not start within {START_TIMEOUT_S:g} s")
+                self._abandoned = 0
+            self._serial += 1
+            serial = self._serial
+            self._conn.send((serial, {"flow": flow, **kwargs}))
+            done, answer = self._receive(serial, stop)
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as err:
             raise ViewProcessError(f"lost the view process: {err}") from err
+        if not done:
+            self._abandoned = serial
+            return None
+        status, payload = answer
+        if status == "ok":
+            return payload
+        raise ViewComputeError(payload)
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Ask the child to leave; terminate it if it has not within ``timeout`` seconds. Idempotent."""
+        """Ask the child to leave; terminate (then kill) it if it has not within ``timeout`` seconds. Idempotent."""
         with self._lock:
             self._closed = True
             proc, conn = self._proc, self._conn
@@ -238,5 +286,8 @@ class ViewProcess:
         proc.join(timeout)
         if proc.is_alive():
             proc.terminate()
+            proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
             proc.join(timeout)
         conn.close()

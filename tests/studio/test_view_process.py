@@ -49,7 +49,7 @@ def test_child_frame_equals_the_in_process_frame(process: ViewProcess) -> None:
     test = torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     args = {"test_points": test, "extent": 3.0, "resolution": 24, "n_samples": 200, "chunk": 100}
     here = compute_density(flow, **args)
-    there = process.compute(flow_message(flow), lambda: False, **args)
+    there = process.compute(flow_message(flow), lambda: False, **{**args, "test_points": test.numpy()})
     assert here is not None and there is not None
     # The same flow rebuilt in the child from its configuration and state: the same numbers (float32 evaluation).
     np.testing.assert_allclose(there.log_density, here.log_density, rtol=0, atol=1e-5)
@@ -63,7 +63,7 @@ def test_child_frame_equals_the_in_process_frame(process: ViewProcess) -> None:
     # A changed state reaches the child (its cached model is reloaded, not reused as it was).
     with torch.no_grad():
         flow.layers[0].net.final.bias.add_(0.3)
-    again = process.compute(flow_message(flow), lambda: False, **args)
+    again = process.compute(flow_message(flow), lambda: False, **{**args, "test_points": test.numpy()})
     assert again is not None
     assert np.abs(again.test_log_prob - there.test_log_prob).max() > 1e-3
     np.testing.assert_allclose(again.test_log_prob, compute_density(flow, **args).test_log_prob, atol=1e-5)
@@ -74,9 +74,9 @@ def test_an_error_in_the_child_is_reported_and_the_child_serves_on(process: View
     message = flow_message(flow)
     bad = {**message, "state": {**message["state"], "layers.0.net.final.weight": np.zeros((3, 3), np.float32)}}
     with pytest.raises(ViewComputeError, match="RuntimeError"):
-        process.compute(bad, lambda: False, test_points=torch.zeros(0, 2), extent=2.0, resolution=4, n_samples=0,
+        process.compute(bad, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4, n_samples=0,
                         chunk=10)
-    ok = process.compute(message, lambda: False, test_points=torch.zeros(0, 2), extent=2.0, resolution=4,
+    ok = process.compute(message, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4,
                          n_samples=0, chunk=10)
     assert ok is not None and np.isfinite(ok.log_density).all() and ok.samples.shape == (0, 2)
 
@@ -84,16 +84,16 @@ def test_an_error_in_the_child_is_reported_and_the_child_serves_on(process: View
 def test_stop_abandons_a_request_and_the_next_answer_is_the_next_requests(process: ViewProcess) -> None:
     flow = _trained_flow()
     message = flow_message(flow)
-    args = {"test_points": torch.zeros(0, 2), "extent": 2.0, "n_samples": 0, "chunk": 1000}
+    args = {"test_points": np.zeros((0, 2)), "extent": 2.0, "n_samples": 0, "chunk": 1000}
     assert process.compute(message, lambda: True, resolution=60, **args) is None
     small = process.compute(message, lambda: False, resolution=5, **args)
     assert small is not None and small.log_density.shape == (5, 5)  # not the abandoned 60 x 60 answer
 
 
-def test_a_child_dying_midway_raises_a_dead_one_is_restarted_and_close_is_idempotent() -> None:
+def test_a_child_dying_midway_raises_and_is_not_restarted_and_close_is_idempotent() -> None:
     proc = ViewProcess()
     message = flow_message(_trained_flow())
-    args = {"test_points": torch.zeros(0, 2), "extent": 2.0, "resolution": 4, "n_samples": 0, "chunk": 10}
+    args = {"test_points": np.zeros((0, 2)), "extent": 2.0, "resolution": 4, "n_samples": 0, "chunk": 10}
     assert proc.compute(message, lambda: False, **args) is not None
 
     def kill_once() -> bool:
@@ -104,21 +104,48 @@ def test_a_child_dying_midway_raises_a_dead_one_is_restarted_and_close_is_idempo
 
     with pytest.raises(ViewProcessError, match=r"exited|lost"):  # a 200 x 200 request: killed long before its answer
         proc.compute(message, kill_once, **{**args, "resolution": 200})
-    # The next request starts a fresh child.
-    assert proc.compute(message, lambda: False, **args) is not None
+    with pytest.raises(ViewProcessError, match="exited"):  # the caller decides what to do; no silent restart
+        proc.compute(message, lambda: False, **args)
     proc.close()
     proc.close()
     with pytest.raises(ViewProcessError, match="closed"):
         proc.start()
 
 
-def test_close_ends_a_busy_child_quickly() -> None:
+def test_large_answers_of_abandoned_requests_do_not_deadlock_the_pipe() -> None:
+    """A request abandoned by stop leaves its answer in the pipe; with a large answer and a large next request,
+    both ends would wait for the other to read if the parent sent before reading it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    flow = mc.build_flow(mc.FlowConfig(blocks=10, growth=64)).eval()
+    message = flow_message(flow)
+    assert sum(v.nbytes for v in message["state"].values()) > 256 * 1024
+    args = {"test_points": np.zeros((0, 2)), "extent": 2.0, "n_samples": 0, "chunk": 5000}
     proc = ViewProcess()
-    proc.start()
+    pool = None
+    try:
+        assert proc.compute(message, lambda: False, resolution=4, **args) is not None  # the child is ready
+        assert proc.compute(message, lambda: True, resolution=200, **args) is None  # answer: 320 kB, unread
+        pool = ThreadPoolExecutor(1)  # (a deadlocked call must not hang the test: closing the child ends it)
+        got = pool.submit(proc.compute, message, lambda: False, resolution=5, **args).result(timeout=120)
+        assert got is not None and got.log_density.shape == (5, 5)
+    finally:
+        proc.close()
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+
+def test_close_ends_a_child_in_the_middle_of_a_frame() -> None:
+    proc = ViewProcess()
+    message = flow_message(_trained_flow())
+    args = {"test_points": np.zeros((0, 2)), "extent": 2.0, "n_samples": 0, "chunk": 1000}
+    assert proc.compute(message, lambda: False, resolution=4, **args) is not None
+    assert proc.compute(message, lambda: True, resolution=600, **args) is None  # 360,000 points: seconds of work
     child = proc._proc
     t0 = time.perf_counter()
     proc.close()
-    assert time.perf_counter() - t0 < 5.0
+    assert time.perf_counter() - t0 < 3.0
     assert child is not None and not child.is_alive()
 
 
@@ -155,8 +182,38 @@ def test_studio_falls_back_to_the_view_thread_when_the_process_cannot_start(make
 
     monkeypatch.setattr(ViewProcess, "start", refuse)
     window = make_window(tiny_spec(), replace(TEST_OPTIONS, view_process=True))
-    assert window.density.frames_shown >= 1  # the first frame came from the view thread
+    frames = []
+    window.session.frame.connect(frames.append)
+    window.session.start()
+    deadline = time.perf_counter() + 60
+    while len(frames) < 2 and time.perf_counter() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    assert len(frames) >= 2 and not any(f.computed_in_process for f in frames)
     assert "refused by the test" in window.log.toPlainText()
+
+
+def test_studio_goes_on_in_the_view_thread_when_the_child_dies(make_window) -> None:
+    window = make_window(tiny_spec(), replace(TEST_OPTIONS, view_process=True))
+    frames = []
+    window.session.frame.connect(frames.append)
+    window.session.start()
+
+    def wait_for(cond) -> None:
+        deadline = time.perf_counter() + 60
+        while not cond() and time.perf_counter() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.02)
+
+    wait_for(lambda: any(f.computed_in_process for f in frames))
+    assert any(f.computed_in_process for f in frames)
+    process = window.session._worker.views._process  # type: ignore[union-attr]
+    os.kill(process._proc.pid, 9)
+    seen = len(frames)
+    wait_for(lambda: len(frames) >= seen + 2)
+    later = frames[seen + 1 :]
+    assert later and not any(f.computed_in_process for f in later)  # from the view thread; training goes on
+    assert "views are computed in the studio's own process from now on" in window.log.toPlainText()
 
 
 def test_the_shared_pass_gives_the_grid_and_the_test_nll_of_separate_calls() -> None:
