@@ -70,13 +70,17 @@ def configure_process() -> None:
     * glibc's malloc serves the engine's mid-sized temporaries from the heap (:mod:`monoflow_core.runtime`);
     * a 1 ms GIL switch interval: every Python callback of a repaint (pyqtgraph paints in Python) must take the
       GIL back from the worker, and with the default 5 ms a repaint of a few dozen items could wait for a
-      hundred milliseconds.
+      hundred milliseconds;
+    * antialiased plots (pyqtgraph), here so that the benchmarks measure the studio as it paints.
     """
     import torch
 
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
+    import pyqtgraph as pg
+
+    pg.setConfigOptions(antialias=True)  # smooth curves (the benchmarks measure the studio with it, too)
     cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, min(torch.get_num_threads(), cores - 1)))
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -117,7 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"monoflow-studio: error: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
         return 2
 
-    import pyqtgraph as pg
     from PySide6.QtWidgets import QApplication
 
     from .main_window import APPLICATION, ORGANIZATION, MainWindow
@@ -127,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
     app.setApplicationDisplayName("monoflow studio")
-    pg.setConfigOptions(antialias=True)
     window = MainWindow(spec, theme=args.theme)
     freeze_heap_after_first_build(window)
     window.show()
