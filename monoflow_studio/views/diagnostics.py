@@ -20,14 +20,15 @@ from ..theme import PlotColors, style_plot
 
 __all__ = ["SolverView"]
 
-COLUMNS = ("block", "kind", "solver", "iters mean", "iters max", "residual max", "tolerance", "not converged")
+COLUMNS = ("block", "kind", "solver", "iters", "iters max", "residual", "tol", "failed")
 #: Header tooltips: what the numbers mean.
 TIPS = {
-    "iters mean": "evaluations of G per sample in the latest training step's forward solve",
-    "residual max": "largest relative residual |w + G(w) - rhs|_inf / (1 + |rhs|_inf) after the solve",
-    "tolerance": "the relative tolerance the solve used: the one set, or 10 x the machine epsilon of the training "
-                 "dtype if that is larger (1.19e-06 in float32)",
-    "not converged": "samples whose residual missed the tolerance within the iteration cap",
+    "iters": "mean evaluations of G per sample in the latest training step's forward solve",
+    "iters max": "the most evaluations of G any sample of that step needed",
+    "residual": "largest relative residual |w + G(w) - rhs|_inf / (1 + |rhs|_inf) after the solve",
+    "tol": "the relative tolerance the solve used: the one set, or 10 x the machine epsilon of the training "
+           "dtype if that is larger (1.19e-06 in float32)",
+    "failed": "samples whose residual missed the tolerance within the iteration cap (not converged)",
 }
 
 
@@ -78,22 +79,22 @@ class SolverView(QWidget):
                 "block": d["block"],
                 "kind": d["kind"],
                 "solver": fwd.get("method", d["solver"]),
-                "iters mean": fwd.get("iterations_mean"),
+                "iters": fwd.get("iterations_mean"),
                 "iters max": fwd.get("iterations_max"),
-                "residual max": fwd.get("residual_max"),
-                "tolerance": fwd.get("tol"),
-                "not converged": fwd.get("n_failed"),
+                "residual": fwd.get("residual_max"),
+                "tol": fwd.get("tol"),
+                "failed": fwd.get("n_failed"),
             })
-        solved = [r for r in self.rows if r["iters mean"] is not None]
+        solved = [r for r in self.rows if r["iters"] is not None]
         x = np.arange(len(solved), dtype=np.float64)
-        self.bars.setOpts(x=x, height=[r["iters mean"] for r in solved], width=0.6)
+        self.bars.setOpts(x=x, height=[r["iters"] for r in solved], width=0.6)
         ticks = [[(i, str(r["block"])) for i, r in enumerate(solved)]]
         if ticks != self._ticks:  # (new ticks re-lay out the axis: only when the blocks change)
             self._ticks = ticks
             self.plot.getPlotItem().getAxis("bottom").setTicks(ticks)
         self.max_marks.setData(x=x, y=[r["iters max"] for r in solved])
         self._fill_table()
-        failed = sum(r["not converged"] or 0 for r in self.rows)
+        failed = sum(r["failed"] or 0 for r in self.rows)
         if not self.rows:
             self.summary.setText("No implicit blocks (or no training step yet).")
         elif failed:
@@ -122,4 +123,4 @@ class SolverView(QWidget):
             table.resizeColumnsToContents()
 
     def failed_total(self) -> int:
-        return int(sum(r["not converged"] or 0 for r in self.rows))
+        return int(sum(r["failed"] or 0 for r in self.rows))
