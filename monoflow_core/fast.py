@@ -832,7 +832,6 @@ class _ReverseLayout:
                                                                reversed(range(depth)))], dim=1)
 
 
-
 def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Tensor) -> Tensor:
     """Reverse pass through G and its tangents of every block at once; returns dL/dw, (blocks, n, B).
 

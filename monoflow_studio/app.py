@@ -95,16 +95,13 @@ def freeze_heap_after_first_build(window: MainWindow) -> None:
     collections see only what the session allocates afterwards. One collection first (a few hundred ms, once), so
     that garbage cycles of the start-up are freed rather than frozen.
     """
-    done = False
+    from PySide6.QtCore import Qt
 
     def freeze(_info: object) -> None:
-        nonlocal done
-        if not done:
-            done = True
-            gc.collect()
-            gc.freeze()
+        gc.collect()
+        gc.freeze()
 
-    window.session.built.connect(freeze)
+    window.session.built.connect(freeze, Qt.ConnectionType.SingleShotConnection)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -918,14 +918,13 @@ class _ViewThread(QThread):
         ev = EvalMetrics(step=job.step, nll_nats=float(-test.mean()), mse=None, n_test=int(test.size),
                          seconds=result.pass_seconds, exact=result.logdet_exact, fixed=True,
                          dtype="float32") if test.size else None
-        grid, extent, samples = result.log_density, result.extent, result.samples
         return ViewFrame(
             run_id=job.run_id,
             step=job.step,
-            log_density=np.asarray(grid, dtype=np.float64),
-            extent=extent,
-            samples=samples,
-            sample_hist=histogram2d(samples, extent, opts.hist_bins),
+            log_density=np.asarray(result.log_density, dtype=np.float64),
+            extent=result.extent,
+            samples=result.samples,
+            sample_hist=histogram2d(result.samples, result.extent, opts.hist_bins),
             diagnostics=job.diagnostics,
             eval=ev,
             seconds=time.perf_counter() - t0,
@@ -937,12 +936,14 @@ class _ViewThread(QThread):
         yet, or it failed: a dead process is dropped, and so is one that failed :data:`PROCESS_FAILURES_TOLERATED`
         frames in a row)."""
         process = self._process
-        message = flow_message(job.flow) if process is not None else None
-        if process is None or message is None:
+        if process is None:
             return None
         try:
             if not process.ready():
                 return None  # the first frames of a session, while the child imports torch
+            message = flow_message(job.flow)
+            if message is None:
+                return None
             result = process.compute(message, self._stop.is_set, chunk=self._worker.options.grid_chunk, **args)
         except ViewProcessError as err:
             self._drop_process(err)

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from PySide6.QtGui import QValidator
 from PySide6.QtWidgets import QDoubleSpinBox, QWidget
 
-__all__ = ["LogSpinBox"]
+__all__ = ["LogSpinBox", "set_axis_label"]
+
+
+def set_axis_label(axis: Any, text: str) -> None:
+    """``axis.setLabel(text)`` for a pyqtgraph ``AxisItem``, skipped when it already shows ``text``.
+
+    Setting a label re-lays out the axis and repaints it; views that refresh live set the same label again and
+    again, and the GUI thread paid for each.
+    """
+    if axis.labelText != text:
+        axis.setLabel(text)
 
 
 class LogSpinBox(QDoubleSpinBox):

@@ -20,6 +20,7 @@ from monoflow_core.training import EvalMetrics, StepMetrics
 from ..files import atomic_write_text
 from ..smoothing import debiased_ema
 from ..theme import PlotColors, style_plot
+from ..widgets import set_axis_label
 
 __all__ = ["BITS_PER_DIM", "NATS", "CurvesView", "RunCurves"]
 
@@ -145,7 +146,6 @@ class CurvesView(QWidget):
         self.current = RunCurves(run_id=0, label="run 0")
         self.ghosts: list[RunCurves] = []
         self._names = ("", "")
-        self._bottom = ""
         self._dirty = False
         self._timer = QTimer(self)
         self._timer.setInterval(REDRAW_MS)
@@ -265,10 +265,7 @@ class CurvesView(QWidget):
             ghost.setPen(pg.mkPen(grey, width=1))
             ghost.setData(self._x(g), debiased_ema(self._y(g.loss), w), connect="finite")
         item = self.plot.getPlotItem()
-        bottom = "training time (s)" if self.x_axis.currentData() == "time" else "step"
-        if bottom != self._bottom:  # (setting a label re-lays out the axis: only when it changes)
-            self._bottom = bottom
-            item.setLabel("bottom", bottom)
+        set_axis_label(item.getAxis("bottom"), "training time (s)" if self.x_axis.currentData() == "time" else "step")
         names = (run.train_name, run.test_name)
         if names != self._names:
             self._names = names

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLa
 
 from ..session import RunInfo, ViewFrame
 from ..theme import PlotColors, style_plot
+from ..widgets import set_axis_label
 
 __all__ = ["DensityView"]
 
@@ -72,7 +73,6 @@ class DensityView(QWidget):
 
         self._frame: ViewFrame | None = None
         self._run: RunInfo | None = None
-        self._bar_label = ""
         self.frames_shown = 0
         self.mode_box.currentIndexChanged.connect(self._on_setting)
         self.overlay_box.toggled.connect(self._on_setting)
@@ -150,8 +150,6 @@ class DensityView(QWidget):
         self.image.setImage(array, autoLevels=False)
         self.image.setRect(QRectF(xmin, ymin, xmax - xmin, ymax - ymin))
         self.colorbar.setLevels(levels)
-        if label != self._bar_label:  # a new label re-lays out the bar; the levels alone only repaint its ticks
-            self._bar_label = label
-            self.colorbar.axis.setLabel(label)
+        set_axis_label(self.colorbar.axis, label)
         step = self._frame.step if self._frame is not None else 0
         self.caption.setText(f"step {step}")
