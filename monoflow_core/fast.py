@@ -28,6 +28,7 @@ Both paths agree to rounding in float64 (tests/core/test_fast.py), and the gener
 from __future__ import annotations
 
 import math
+import os
 import threading
 import typing
 import warnings
@@ -37,10 +38,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .logdet import resolve_logdet_mode
 from .nn.activations import CPila, CReLU
 from .nn.densenet import DenseNetG
@@ -55,6 +58,11 @@ __all__ = [
 COMPACT_FRACTION = 4
 #: Largest event dimension handled by the fused path (tangent cost grows with n).
 FAST_MAX_DIM = 8
+#: Whether the compiled per-sample kernels (:mod:`monoflow_core.kernels`, Numba) run the solves on CPU when
+#: available; set False (or the environment variable ``MONOFLOW_KERNELS=0``) to use the PyTorch kernels throughout.
+USE_KERNELS = os.environ.get("MONOFLOW_KERNELS", "1") != "0"
+#: Points per tile of the compiled kernels (the columns of their vectorised loops; 64 measured fastest here).
+KERNEL_TILE = 64
 SQRT2 = math.sqrt(2.0)
 
 # activation class -> (shift, output scale, kind)
@@ -398,10 +406,22 @@ class _Workspace:
         seed[:, 0, :b] = 1.0
         for t in range(n):
             seed[:, 1 + t, (1 + t) * b : (2 + t) * b] = 1.0
-        self.h = [like.new_empty(count, m, cols) for m in widths]
-        self.y = [like.new_empty(count, m, b) for m in widths]
-        self.e = [like.new_empty(count, m, b) for m in widths]
-        self.q = [like.new_empty(count, 2, m, b) for m in widths]
+        # Stacked over the layers (a DenseNet G has the same number of units in every layer), so that the compiled
+        # kernels (monoflow_core.kernels) can fill them in one call; the per-layer lists are views.
+        depth, m = len(widths), widths[0]
+        self.stacked = all(wd == m for wd in widths)
+        if self.stacked:
+            self.h_all = like.new_empty(depth, count, m, cols)
+            self.y_all = like.new_empty(depth, count, m, b)
+            self.e_all = like.new_empty(depth, count, m, b)
+            self.q_all = like.new_empty(depth, count, 2, m, b)
+            self.h, self.y, self.e, self.q = (list(t.unbind(0)) for t in (self.h_all, self.y_all, self.e_all,
+                                                                          self.q_all))
+        else:
+            self.h = [like.new_empty(count, m, cols) for m in widths]
+            self.y = [like.new_empty(count, m, b) for m in widths]
+            self.e = [like.new_empty(count, m, b) for m in widths]
+            self.q = [like.new_empty(count, 2, m, b) for m in widths]
         self.out = like.new_empty(count, n, cols)
         self._views: dict[int, _BlockViews] = {}
 
@@ -950,6 +970,123 @@ def _fused_forward(x: Tensor, plan: _Plan, net: FoldedNet, ws: _Workspace | None
     return x, _logdet_sum(kinds, ws.jacobian_maps() if ws is not None else torch.stack(maps))
 
 
+# The compiled kernels (monoflow_core.kernels): per block of a run, how its solve and log-det are set up.
+# kind -> (mode, rhs scale, output weight of the solution, output weight of the input, log|det A|, log|det(2I - A)|)
+_KERNEL_FORWARD = {
+    "residual": (kernels.MODE_EVALUATE, 1.0, 1.0, 0.0, 1.0, 0.0),
+    "monotone": (kernels.MODE_SOLVE, SQRT2, SQRT2, -1.0, -1.0, 1.0),
+    "inverse_residual": (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, -1.0, 0.0),
+}
+
+
+def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
+    """Whether the compiled kernels serve points ``x`` with the folded weights ``net`` (CPU, float32/64)."""
+    return (
+        USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        and len({w.shape[1] for w in net.weights}) == 1
+    )
+
+
+def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, Any, Any]:
+    """The fold as the kernels read it: each block's hidden weights flattened into one row (layer ``i`` from
+    ``offs[i]`` as (m, widths[i])), the offsets, the widths each layer reads, and each block's map weights
+    ``[0, I, 0] + sign final`` (nb, n, T) (see :meth:`_BlockWeights.map_weights`)."""
+    final = net.final.detach()
+    nb, n, _ = final.shape
+    flat = torch.cat([wi.detach().reshape(nb, -1) for wi in net.weights], dim=1)
+    sizes = [wi.shape[1] * wi.shape[2] for wi in net.weights]
+    offs = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
+    widths = torch.tensor([wi.shape[2] for wi in net.weights], dtype=torch.int64)
+    fw = final * torch.tensor(signs, dtype=final.dtype).view(nb, 1, 1)
+    fw[:, :, 1 : 1 + n] += torch.eye(n, dtype=final.dtype)
+    return flat.numpy(), offs.numpy(), widths.numpy(), fw.numpy()
+
+
+def _kernel_run(
+    x: Tensor, blocks: Sequence[Any], net: FoldedNet, setup: Sequence[tuple[float, ...]], signs: Sequence[float],
+    labels: Sequence[str], ws: _Workspace | None,
+) -> tuple[Tensor, Tensor, list[SolverStats]]:
+    """Run blocks on points ``x`` (B, n) with the compiled kernels: ``(y (B, n), summed log-det (B,), stats)``.
+
+    ``setup`` holds each block's row of :data:`_KERNEL_FORWARD` (or of an inverse's setup); with a workspace
+    ``ws`` every block's final evaluation stays there for the backward pass, without one the blocks share a
+    one-block scratch workspace.
+    """
+    x = x.detach().contiguous()
+    b = x.shape[0]
+    nb = len(blocks)
+    flat, offs, widths, fw = _kernel_weights(net, signs)
+    table = torch.tensor([list(row) for row in setup], dtype=torch.float64).numpy()
+    tols = torch.tensor([effective_tolerance(blk.tol, x.dtype) for blk in blocks], dtype=x.dtype).numpy()
+    caps = torch.tensor([int(blk.max_iter) for blk in blocks], dtype=torch.int64).numpy()
+    y = torch.empty_like(x)
+    logdet = x.new_empty(b)
+    iterations = torch.empty(nb, b, dtype=torch.int64)
+    residual = x.new_empty(nb, b)
+    converged = torch.empty(nb, b, dtype=torch.bool)
+    keep = ws is not None
+    space = ws if ws is not None else _Workspace(net.select(0), 1, b, x)
+    np_dtype = x.numpy().dtype
+    int_type, bias, mant = kernels.exp2_bits(np_dtype)
+    kernels.solve_run(
+        x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1,
+        table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
+        y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), keep,
+        *(t.numpy() for t in (space.x, space.h_all, space.y_all, space.e_all, space.q_all, space.out)),
+        np.empty(b, int_type), kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant,
+    )
+    stats = []
+    for j in range(nb):
+        its = iterations[j]
+        st = SolverStats("newton", its, residual[j], converged[j], int(its.max()), float(tols[j]), int(caps[j]))
+        _warn_unconverged(st, labels[j], b)
+        stats.append(st)
+    return y, logdet, stats
+
+
+def _kernel_forward(x: Tensor, plan: _Plan, net: FoldedNet, ws: _Workspace | None) -> tuple[Tensor, Tensor]:
+    """:func:`_fused_forward` by the compiled kernels, on points ``x`` (B, n): ``(y (B, n), summed log-det)``."""
+    blocks = plan.blocks
+    labels = [f"{type(blk).__name__} forward solve" for blk in blocks]
+    y, logdet, stats = _kernel_run(x, blocks, net, [_KERNEL_FORWARD[blk.kind] for blk in blocks],
+                                   [1.0] * len(blocks), labels, ws)
+    for blk, st in zip(blocks, stats, strict=True):
+        if blk.kind != "residual":
+            blk.forward_stats = st
+        blk.last_logdet_exact = True
+    return y, logdet
+
+
+
+_KERNEL_KINDS = {"residual": kernels.KIND_RESIDUAL, "monotone": kernels.KIND_MONOTONE,
+                 "inverse_residual": kernels.KIND_INVERSE_RESIDUAL}
+
+
+def _kernel_backward(
+    net: FoldedNet, ws: _Workspace, kinds: Sequence[str], grad_z: Tensor, grad_logdet: Tensor
+) -> list[Tensor | None]:
+    """:meth:`_FusedBlocks.backward` by the compiled kernel: the gradients of ``x``, (plan) and the folded tensors."""
+    flat, offs, widths, fw = _kernel_weights(net, [1.0] * len(kinds))
+    grad_flat = net.final.new_empty(flat.shape)
+    grad_fw = net.final.new_empty(fw.shape)
+    grad_x = torch.empty(grad_z.shape, dtype=grad_z.dtype)
+    codes = torch.tensor([_KERNEL_KINDS[k] for k in kinds], dtype=torch.int64).numpy()
+    kernels.backward_run(
+        flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1, codes,
+        grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy(),
+        *(t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
+        grad_flat.numpy(), grad_fw.numpy(), kernels.constants(grad_z.numpy().dtype),
+    )
+    grads: list[Tensor | None] = [grad_x, None]
+    start = 0
+    for wi in net.weights:
+        size = wi.shape[1] * wi.shape[2]
+        grads.append(grad_flat[:, start : start + size].view(wi.shape))
+        start += size
+    grads.append(grad_fw)
+    return grads
+
+
 class _FusedBlocks(torch.autograd.Function):
     """A run of blocks as one autograd node with the exact implicit backward (see the module docstring)."""
 
@@ -960,11 +1097,16 @@ class _FusedBlocks(torch.autograd.Function):
         ws, key = _acquire_workspace(net, xt.shape[1], xt)
         ctx.token = _GraphToken()
         _release_with(ctx.token, ws, key)
-        y, total = _fused_forward(xt, plan, net, ws)
+        ctx.compiled = kernels_apply(xt, net) and ws.stacked
+        if ctx.compiled:
+            y, total = _kernel_forward(x, plan, net, ws)
+        else:
+            yt, total = _fused_forward(xt, plan, net, ws)
+            y = yt.t().contiguous()
         ctx.net = net
         ctx.ws = ws
         ctx.kinds = [blk.kind for blk in plan.blocks]
-        return y.t().contiguous(), total
+        return y, total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -972,6 +1114,8 @@ class _FusedBlocks(torch.autograd.Function):
         net: FoldedNet = ctx.net
         ws: _Workspace = ctx.ws
         kinds: list[str] = ctx.kinds
+        if ctx.compiled:
+            return (*_kernel_backward(net, ws, kinds, grad_z, grad_logdet),)
         n, b, nb = ws.n, ws.b, ws.count
         a_all = ws.jacobian_maps()  # I + J_G at each block's solution
         inv_all = _inv_small(a_all)
@@ -1022,6 +1166,8 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             folded = cached_fold(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
+            if kernels_apply(x, folded):
+                return _kernel_forward(x, plan, folded, None)
             y, logdet = _fused_forward(x.t().contiguous(), plan, folded, None)
         return y.t(), logdet
     folded = fold_nets(nets)
@@ -1032,7 +1178,21 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
 def fused_inverse(block: Any, y: Tensor) -> Tensor:
     """Inverse of one eligible block on ``y`` (B, n) without autograd (sampling): Newton on the folded kernel."""
     with torch.no_grad():
-        net = cached_fold([block.net]).block(0)
+        folded = cached_fold([block.net])
+        if kernels_apply(y, folded):
+            # x = y + G(y) (inverse residual); otherwise solve w + sign G(w) = rhs (ALGORITHM.md 2)
+            setup = {
+                "inverse_residual": (kernels.MODE_EVALUATE, 1.0, 1.0, 0.0, 0.0, 0.0),
+                "monotone": (kernels.MODE_SOLVE, SQRT2, SQRT2, -1.0, 0.0, 0.0),
+                "residual": (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0),
+            }[block.kind]
+            sign = -1.0 if block.kind == "monotone" else 1.0
+            x, _, (stats,) = _kernel_run(y, [block], folded, [setup], [sign],
+                                         [f"{type(block).__name__} inverse solve"], None)
+            if block.kind != "inverse_residual":
+                block.inverse_stats = stats
+            return x
+        net = folded.block(0)
         yt = y.t().contiguous()
         if block.kind == "inverse_residual":
             return evaluate(net, yt, net.map_weights(1.0)).t()

@@ -1,0 +1,629 @@
+"""Compiled per-sample kernels for the fused exact path (Numba), used on CPU when Numba is installed.
+
+The fused path (:mod:`monoflow_core.fast`) evaluates G with its Jacobian as a few PyTorch operators per layer over
+the whole batch. On a CPU with small batches each operator costs a few microseconds of dispatch, and one training
+step of the paper's 2-D model issues about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
+itself is a fraction of that (ALGORITHM.md section 8). These kernels run the same algorithm one sample at a time
+in compiled loops, with no dispatch at all:
+
+* :func:`solve_run`: every block of a run on one sample after another: the safeguarded Newton solve of
+  ``w + sign G(w) = rhs`` (the rule of :func:`monoflow_core.fast._newton`: each sample stops once its relative
+  residual meets the tolerance; a Newton step that makes the residual grow is replaced by the plain contracting
+  step), the exact log-det from the Jacobian at the solution, per-sample statistics, and, for a training forward,
+  the final evaluation's features, pre-activations and activation derivatives written into the feature-major
+  workspace where the hand-written backward of :class:`monoflow_core.fast._FusedBlocks` reads them.
+
+The weights arrive folded exactly as the PyTorch kernels use them (:func:`monoflow_core.fast.fold_nets`), transposed
+so that the innermost loops run over a layer's contiguous output units. Both implementations agree to rounding in
+float64 (``tests/core/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
+    import numba
+except ImportError:  # pragma: no cover - exercised only where Numba is missing
+    numba = None
+
+__all__ = ["AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL", "MODE_EVALUATE", "MODE_SOLVE",
+           "backward_run", "solve_run"]
+
+#: Whether the compiled kernels can be used in this process.
+AVAILABLE = numba is not None
+
+#: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
+MODE_EVALUATE = 0
+MODE_SOLVE = 1
+
+_LOG2E = 1.0 / math.log(2.0)
+SQRT2_K = math.sqrt(2.0)
+
+
+def _jit(fn: Any) -> Any:
+    if numba is None:  # pragma: no cover
+        return fn
+    return numba.njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})(fn)
+
+
+@_jit
+def _solve_small(a, b, n):  # pragma: no cover - compiled
+    """Overwrite ``b`` with ``a^{-1} b`` for one small matrix (closed form for n = 1, 2; else partial pivoting).
+
+    ``a`` is overwritten too when n > 2.
+    """
+    if n == 1:
+        b[0] = b[0] / a[0, 0]
+        return
+    if n == 2:
+        det = a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]
+        b0 = (a[1, 1] * b[0] - a[0, 1] * b[1]) / det
+        b[1] = (a[0, 0] * b[1] - a[1, 0] * b[0]) / det
+        b[0] = b0
+        return
+    for col in range(n):
+        piv = col
+        for i in range(col + 1, n):
+            if abs(a[i, col]) > abs(a[piv, col]):
+                piv = i
+        if piv != col:
+            for k in range(n):
+                tmp = a[col, k]
+                a[col, k] = a[piv, k]
+                a[piv, k] = tmp
+            tmp = b[col]
+            b[col] = b[piv]
+            b[piv] = tmp
+        for i in range(col + 1, n):
+            factor = a[i, col] / a[col, col]
+            for k in range(col, n):
+                a[i, k] -= factor * a[col, k]
+            b[i] -= factor * b[col]
+    for i in range(n - 1, -1, -1):
+        acc = b[i]
+        for k in range(i + 1, n):
+            acc -= a[i, k] * b[k]
+        b[i] = acc / a[i, i]
+
+
+@_jit
+def _logabsdet(a, n, shift):  # pragma: no cover - compiled
+    """``log|det(shift I - a)|`` for shift 2 (``log|det(I - J)|`` from ``a = I + J``), else ``log|det a|``."""
+    if n == 1:
+        v = a[0, 0] if shift == 0.0 else shift - a[0, 0]
+        return math.log(abs(v))
+    if n == 2:
+        if shift == 0.0:
+            return math.log(abs(a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]))
+        return math.log(abs((shift - a[0, 0]) * (shift - a[1, 1]) - a[0, 1] * a[1, 0]))
+    m = np.empty((n, n), a.dtype)
+    for i in range(n):
+        for k in range(n):
+            m[i, k] = -a[i, k] if shift != 0.0 else a[i, k]
+        if shift != 0.0:
+            m[i, i] += shift
+    total = 0.0
+    for col in range(n):
+        piv = col
+        for i in range(col + 1, n):
+            if abs(m[i, col]) > abs(m[piv, col]):
+                piv = i
+        if piv != col:
+            for k in range(n):
+                tmp = m[col, k]
+                m[col, k] = m[piv, k]
+                m[piv, k] = tmp
+        total += math.log(abs(m[col, col]))
+        for i in range(col + 1, n):
+            factor = m[i, col] / m[col, col]
+            for k in range(col, n):
+                m[i, k] -= factor * m[col, k]
+    return total
+
+
+@_jit
+def _inverse_small(a, out, n, shift):  # pragma: no cover - compiled
+    """``out = (shift I - a)^{-1}`` if ``shift`` is nonzero, else ``a^{-1}`` (closed form for n <= 2)."""
+    sg = -1.0 if shift != 0.0 else 1.0
+    if n == 1:
+        out[0, 0] = 1.0 / (shift + sg * a[0, 0])
+        return
+    if n == 2:
+        p00 = shift + sg * a[0, 0]
+        p11 = shift + sg * a[1, 1]
+        p01 = sg * a[0, 1]
+        p10 = sg * a[1, 0]
+        det = p00 * p11 - p01 * p10
+        out[0, 0] = p11 / det
+        out[0, 1] = -p01 / det
+        out[1, 0] = -p10 / det
+        out[1, 1] = p00 / det
+        return
+    work = np.empty((n, n), a.dtype)
+    col = np.empty(n, a.dtype)
+    for t in range(n):
+        for i in range(n):
+            for k in range(n):
+                work[i, k] = sg * a[i, k]
+            work[i, i] += shift
+            col[i] = 1.0 if i == t else 0.0
+        _solve_small(work, col, n)
+        for i in range(n):
+            out[i, t] = col[i]
+
+
+#: Block kinds of :func:`backward_run`.
+KIND_RESIDUAL = 0
+KIND_MONOTONE = 1
+KIND_INVERSE_RESIDUAL = 2
+
+# Constants of the folded CPila (see monoflow_core.fast._activate), in the order of :func:`constants`.
+_C = 1.4426950408889634  # log2(e), folded into the pre-activations with Pila's k
+
+
+def constants(dtype: Any) -> Any:
+    """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise).
+
+    ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo]`` with the value polynomial ``((a2 y + a1) y + 1) y``, the
+    derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all times
+    ``2^y``, in the folded variable ``y = min(h, 0)``), and the smallest exponent ``lo`` of :func:`_exp2`.
+    """
+    c = _C
+    lo = -126.0 if np.dtype(dtype) == np.float32 else -1022.0
+    return np.array([0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo],
+                    dtype=dtype)
+
+
+def exp2_coefficients(dtype: Any) -> Any:
+    """Taylor coefficients ``ln(2)^k / k!`` of ``2^f`` on ``[-1/2, 1/2]``: 8 terms for float32 (relative error
+    below 5e-9), 14 for float64 (below 4e-18)."""
+    terms = 8 if np.dtype(dtype) == np.float32 else 14
+    return np.array([math.log(2.0) ** k / math.factorial(k) for k in range(terms)], dtype=dtype)
+
+
+def exp2_bits(dtype: Any) -> tuple[Any, int, int]:
+    """The integer type of ``dtype``'s bit pattern, its exponent bias and its mantissa bits."""
+    return (np.int32, 127, 23) if np.dtype(dtype) == np.float32 else (np.int64, 1023, 52)
+
+
+@_jit
+def _exp2(y, e, ftmp, ptmp, ibuf, scale, coeffs, cst, bias, mant, count):  # pragma: no cover - compiled
+    """``e = 2^y`` for ``y <= 0`` in loops that vectorise (the libm ``exp2`` does not, and costs ~5 ns a call).
+
+    ``2^y = 2^k 2^f`` with ``k = round(y)``, ``2^f`` by its Taylor polynomial on ``[-1/2, 1/2]`` and ``2^k`` built
+    from its bit pattern in ``ibuf`` (``scale`` is ``ibuf`` viewed as floats). ``y`` is clamped at the smallest
+    normal exponent ``lo`` (``2^lo`` is 1e-38 in float32: Pila's tail is then zero to working precision).
+    """
+    half = cst[2]
+    lo = cst[9]
+    nc = coeffs.shape[0]
+    for s in range(count):
+        yc = max(y[s], lo)
+        fk = np.floor(yc + half)
+        ftmp[s] = yc - fk
+        ibuf[s] = (np.int64(fk) + bias) << mant
+    top = coeffs[nc - 1]
+    for s in range(count):
+        ptmp[s] = top
+    for c in range(nc - 2, -1, -1):
+        cc = coeffs[c]
+        for s in range(count):
+            ptmp[s] = ptmp[s] * ftmp[s] + cc
+    for s in range(count):
+        e[s] = ptmp[s] * scale[s]
+
+
+@_jit
+def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q, jw, cst, coeffs, tmp, ibuf, scale,
+              bias, mant):  # pragma: no cover - compiled
+    """``w + sign G(w)`` and ``I + sign J_G(w)`` at the ``b`` points of one block's feature buffer ``x``.
+
+    The layout of :class:`monoflow_core.fast._Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
+    features, one column per point (primal columns first, then the tangents along each input direction; forward
+    mode, ALGORITHM.md 8): the bias row, the input rows (``w`` and the identity, set by the caller), then each
+    layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
+    columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
+    the activation (CPila folded as in :func:`monoflow_core.fast._activate`: ``relu(h) + y p(y / c) 2^y`` with
+    ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU), storing ``y`` (``yl``), ``2^y``
+    (``ex``), the value and derivative polynomials (``q``), and the tangents times the derivative. The last rows
+    of ``tmp`` receive ``fw x``: the map on the primal columns and its Jacobian on the tangent ones.
+    """
+    depth = offs.shape[0]
+    cols = (1 + n) * b
+    total = x.shape[0]
+    zero, one = cst[0], cst[1]
+    a2, a1, b3 = cst[3], cst[4], cst[5]
+    ftmp = tmp[0]
+    ptmp = tmp[1]
+    row = widths[0]
+    for i in range(depth):
+        width = widths[i]
+        wi = wflat[offs[i] : offs[i] + m * width].reshape((m, width))
+        np.dot(wi, x[:width], ws_h[i, jw])
+        for u in range(m):
+            hrow = ws_h[i, jw, u]
+            drow = ws_q[i, jw, 1, u]
+            xrow = x[row + u]
+            if kind == 0:  # folded Pila
+                yrow = ws_y[i, jw, u]
+                erow = ws_e[i, jw, u]
+                vrow = ws_q[i, jw, 0, u]
+                for s in range(b):
+                    yrow[s] = min(hrow[s], zero)
+                _exp2(yrow, erow, ftmp, ptmp, ibuf, scale, coeffs, cst, bias, mant, b)
+                for s in range(b):
+                    yv = yrow[s]
+                    ev = erow[s]
+                    vv = ((a2 * yv + a1) * yv + one) * yv * ev
+                    vrow[s] = vv
+                    drow[s] = (((b3 * yv + a2) * yv + a1) * yv + one) * ev
+                    xrow[s] = max(hrow[s], zero) + vv
+            else:  # ReLU
+                for s in range(b):
+                    hv = hrow[s]
+                    drow[s] = one if hv > zero else zero
+                    xrow[s] = max(hv, zero)
+            for t in range(n):
+                base = (1 + t) * b
+                for s in range(b):
+                    xrow[base + s] = hrow[base + s] * drow[s]
+        row += m
+    out = tmp[2 : 2 + n]
+    for a in range(n):
+        orow = out[a]
+        for q_ in range(cols):
+            orow[q_] = zero
+        for k in range(total):
+            f = fw[a, k]
+            xk = x[k]
+            for q_ in range(cols):
+                orow[q_] += f * xk[q_]
+
+
+@_jit
+def solve_run(
+    points, wflat, offs, widths, m, fw, kind, modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters,
+    y_out, logdet, iterations, residual, converged, keep, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, ibuf, cst, coeffs,
+    bias, mant,
+):  # pragma: no cover - compiled
+    """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
+
+    A solve is safeguarded Newton as :func:`monoflow_core.fast._newton`: each point stops moving once its relative
+    residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets its block's tolerance; a Newton step that makes
+    a point's residual grow is replaced by the plain contracting step from its previous accepted iterate, which is
+    then accepted without comparison. The batch evaluates until all its points have converged (or the cap), so a
+    converged point's last evaluation is at its returned solution: its Jacobian gives the exact log-det, and with
+    ``keep`` the evaluation stays in the workspace (block ``j``'s slices) where :func:`backward_run` reads it.
+
+    Args (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per layer, ``T`` features):
+        points: (B, n) inputs of the first block.
+        wflat: (nb, sum_i m widths[i]) each block's folded hidden weights, layer ``i`` at ``offs[i]`` as
+            (m, widths[i]); widths: (L,) columns each layer reads (1 + its input width).
+        fw: (nb, n, T) final weights of the map ``w + sign G(w)`` (identity included).
+        kind: 0 for folded Pila, 1 for ReLU.
+        modes: (nb,) :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the
+            map at the right-hand side).
+        rhs_scale, out_w, out_x: (nb,) the right-hand side ``rhs_scale * x`` and the output
+            ``out_w * w + out_x * x``.
+        ld_plus, ld_mono: (nb,) log-det weights: ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with
+            ``A = I + sign J_G(w)`` at the solution (ALGORITHM.md 2).
+        tols, max_iters: (nb,) each block's effective relative tolerance and iteration cap.
+        y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
+        iterations, residual, converged: (nb, B) per-point statistics: evaluations until converged, final
+            relative residual, flag.
+        keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward), or all blocks
+            into slice 0 (nothing kept).
+        ws_x (nb|1, T, (1+n)B), ws_h (L, nb|1, m, (1+n)B), ws_y, ws_e (L, nb|1, m, B), ws_q (L, nb|1, 2, m, B),
+            ws_out (nb|1, n, (1+n)B): the workspace (:class:`monoflow_core.fast._Workspace`, stacked over layers).
+        ibuf: (B,) integers of the float's width (scratch of :func:`_exp2`).
+        cst, coeffs, bias, mant: :func:`constants`, :func:`exp2_coefficients` and :func:`exp2_bits` of the dtype.
+    """
+    nb = wflat.shape[0]
+    b = points.shape[0]
+    n = points.shape[1]
+    dt = points.dtype
+    cols = (1 + n) * b
+    zero, one = cst[0], cst[1]
+    scale = ibuf.view(dt)
+    tmp = np.empty((2 + n, cols), dt)
+    x = np.empty((n, b), dt)
+    cur = np.empty((n, b), dt)
+    rhs = np.empty((n, b), dt)
+    thr = np.empty(b, dt)
+    res = np.empty(b, dt)
+    r = np.empty((n, b), dt)
+    prev_w = np.empty((n, b), dt)
+    prev_r = np.empty((n, b), dt)
+    prev_res = np.empty(b, dt)
+    plain = np.zeros(b, np.bool_)
+    done = np.zeros(b, np.bool_)
+    first = np.zeros(b, np.int64)
+    jac = np.empty((n, n), dt)
+    step = np.empty(n, dt)
+    for s in range(b):
+        logdet[s] = zero
+        for a in range(n):
+            x[a, s] = points[s, a]
+    for j in range(nb):
+        jw = j if keep else 0
+        xj = ws_x[jw]
+        tol = tols[j]
+        cap = max_iters[j]
+        # bias and identity rows (the activation rows are overwritten by every evaluation)
+        for k in range(1 + n):
+            for q_ in range(cols):
+                xj[k, q_] = zero
+        for s in range(b):
+            xj[0, s] = one
+        for t in range(n):
+            for s in range(b):
+                xj[1 + t, (1 + t) * b + s] = one
+        for s in range(b):
+            bound = zero
+            for a in range(n):
+                rhs[a, s] = rhs_scale[j] * x[a, s]
+                cur[a, s] = rhs[a, s]
+                bound = max(bound, abs(rhs[a, s]))
+            thr[s] = (bound + one) * tol
+            done[s] = False
+            plain[s] = False
+            prev_res[s] = -one  # no accepted iterate yet
+            first[s] = 0
+        it = 0
+        while True:
+            it += 1
+            for a in range(n):
+                for s in range(b):
+                    xj[1 + a, s] = cur[a, s]
+            _evaluate(wflat[j], offs, widths, m, fw[j], n, kind, b, xj, ws_h, ws_y, ws_e, ws_q, jw, cst, coeffs, tmp,
+                      ibuf, scale, bias, mant)
+            out = tmp[2 : 2 + n]
+            if modes[j] == MODE_EVALUATE:
+                for s in range(b):
+                    done[s] = True
+                    first[s] = 1
+                    res[s] = zero
+                break
+            remaining = 0
+            for s in range(b):
+                if done[s]:
+                    continue
+                rs = zero
+                for a in range(n):
+                    r[a, s] = out[a, s] - rhs[a, s]
+                    rs = max(rs, abs(r[a, s]))
+                res[s] = rs
+                if rs <= thr[s]:
+                    done[s] = True
+                    first[s] = it
+                else:
+                    remaining += 1
+            if remaining == 0 or it >= cap:
+                break
+            for s in range(b):
+                if done[s]:
+                    continue
+                if prev_res[s] >= zero and res[s] > prev_res[s] and not plain[s]:
+                    # the Newton step made things worse: the plain contracting step from the previous accepted
+                    # point instead, accepted without comparison next time
+                    for a in range(n):
+                        cur[a, s] = prev_w[a, s] - prev_r[a, s]
+                    plain[s] = True
+                    continue
+                for a in range(n):
+                    for t in range(n):
+                        jac[a, t] = out[a, (1 + t) * b + s]
+                    step[a] = r[a, s]
+                _solve_small(jac, step, n)
+                for a in range(n):
+                    prev_w[a, s] = cur[a, s]
+                    prev_r[a, s] = r[a, s]
+                    cur[a, s] -= step[a]
+                prev_res[s] = res[s]
+                plain[s] = False
+        if keep:
+            ws_out[j] = out
+        for s in range(b):
+            iterations[j, s] = first[s] if done[s] else it
+            residual[j, s] = res[s] / thr[s] * tol
+            converged[j, s] = done[s]
+            for a in range(n):
+                for t in range(n):
+                    jac[a, t] = out[a, (1 + t) * b + s]
+            if ld_plus[j] != 0.0:
+                logdet[s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
+            if ld_mono[j] != 0.0:
+                logdet[s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
+            for a in range(n):
+                sol = out[a, s] if modes[j] == MODE_EVALUATE else cur[a, s]
+                x[a, s] = out_w[j] * sol + out_x[j] * x[a, s]
+    for s in range(b):
+        for a in range(n):
+            y_out[s, a] = x[a, s]
+
+
+@_jit
+def backward_run(
+    wflat, offs, widths, m, fw, kind, kinds, grad_z, grad_logdet, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, grad_x,
+    grad_wflat, grad_fw, cst,
+):  # pragma: no cover - compiled
+    """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
+
+    The algorithm of :meth:`monoflow_core.fast._FusedBlocks.backward` (ALGORITHM.md 4 and 5), from the last block:
+    (1) the log-det's cotangent ``d log|det| / dA`` (``A^{-T}`` with the block's signs) goes back through G's
+    tangent network, where the activation's second derivative enters, giving the log-det's gradient ``v`` with
+    respect to the solution ``w``; (2) the implicit-function gradient ``a = (g_w + v) A^{-1}`` (``g_w = sqrt 2 g``
+    for a monotone block, ``g`` for an inverse residual one) gives the cotangent ``-a`` of G's output and the
+    cotangent of the block's input; (3) that cotangent goes back through G's primal network. Each weight gradient
+    is then one product of the summed pre-activation cotangents with the features.
+
+    Args (shapes as :func:`solve_run`):
+        kinds: (nb,) :data:`KIND_RESIDUAL`, :data:`KIND_MONOTONE` or :data:`KIND_INVERSE_RESIDUAL`.
+        grad_z: (B, n) cotangent of the run's output; grad_logdet: (B,) of its summed log-det.
+        grad_x: (B, n) receives the cotangent of the run's input.
+        grad_wflat: (nb, sum_i m widths[i]) and grad_fw: (nb, n, T) receive the gradients of the folded weights.
+        cst: :func:`constants` of the dtype.
+    """
+    nb = wflat.shape[0]
+    depth = offs.shape[0]
+    b = grad_z.shape[0]
+    n = grad_z.shape[1]
+    dt = grad_z.dtype
+    total = fw.shape[2]
+    cols = (1 + n) * b
+    zero, s3, s2, root2 = cst[0], cst[6], cst[7], cst[8]
+    gx = np.empty((total, cols), dt)
+    gx2 = np.empty((total, b), dt)
+    tmp = np.empty((total, cols), dt)
+    tmp2 = np.empty((total, b), dt)
+    ghs = np.empty((depth, m, cols), dt)
+    g2 = np.empty((m, b), dt)
+    gd = np.empty(b, dt)
+    c_out = np.empty((n, cols), dt)
+    gy = np.empty((n, b), dt)
+    amat = np.empty((n, n), dt)
+    inv = np.empty((n, n), dt)
+    inv2 = np.empty((n, n), dt)
+    row_v = np.empty(n, dt)
+    for s in range(b):
+        for a in range(n):
+            gy[a, s] = grad_z[s, a]
+    for j in range(nb - 1, -1, -1):
+        kj = kinds[j]
+        xj = ws_x[j]
+        outj = ws_out[j]
+        # (1) the log-det's cotangent of A = I + J_G at the solution (the tangent columns of the map)
+        for s in range(b):
+            for a in range(n):
+                for t in range(n):
+                    amat[a, t] = outj[a, (1 + t) * b + s]
+            _inverse_small(amat, inv, n, 0.0)
+            if kj == KIND_MONOTONE:
+                _inverse_small(amat, inv2, n, 2.0)  # (2I - A)^{-1}
+            gl = grad_logdet[s]
+            for a in range(n):
+                for t in range(n):
+                    if kj == KIND_RESIDUAL:
+                        val = inv[t, a]
+                    elif kj == KIND_MONOTONE:
+                        val = -(inv[t, a] + inv2[t, a])
+                    else:
+                        val = -inv[t, a]
+                    c_out[a, (1 + t) * b + s] = val * gl
+        for a in range(n):
+            for s in range(b):
+                c_out[a, s] = zero
+        _transpose_product(fw[j], c_out, gx, n, total, cols)
+        row = widths[depth - 1] + m
+        for i in range(depth - 1, -1, -1):
+            row -= m
+            width = widths[i]
+            for u in range(m):
+                grow = gx[row + u]
+                hrow = ws_h[i, j, u]
+                drow = ws_q[i, j, 1, u]
+                srow = ghs[i, u]
+                for s in range(b):
+                    gd[s] = zero
+                for t in range(n):
+                    base = (1 + t) * b
+                    for s in range(b):
+                        gd[s] += grow[base + s] * hrow[base + s]
+                        srow[base + s] = grow[base + s] * drow[s]
+                if kind == 0:
+                    yrow = ws_y[i, j, u]
+                    erow = ws_e[i, j, u]
+                    for s in range(b):
+                        yv = yrow[s]
+                        srow[s] = grow[s] * drow[s] + gd[s] * ((s3 * yv + s2) * yv * yv * erow[s])
+                else:
+                    for s in range(b):
+                        srow[s] = grow[s] * drow[s]
+            wi = wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
+            np.dot(wi.T, ghs[i], tmp[:width])
+            for k in range(width):
+                for q_ in range(cols):
+                    gx[k, q_] += tmp[k, q_]
+        # (2) the implicit-function gradient, per point; c_out's primal columns receive the cotangent of G's output
+        for s in range(b):
+            for a in range(n):
+                for t in range(n):
+                    amat[a, t] = outj[a, (1 + t) * b + s]
+                row_v[a] = gx[1 + a, s]  # v: the log-det's gradient with respect to w
+            if kj == KIND_RESIDUAL:
+                # y = x + G(x): dL/dx = g A + v; G's output receives g
+                for t in range(n):
+                    acc = row_v[t]
+                    for a in range(n):
+                        acc += gy[a, s] * amat[a, t]
+                    c_out[t, s] = gy[t, s]
+                    row_v[t] = acc
+                for a in range(n):
+                    gy[a, s] = row_v[a]
+                continue
+            _inverse_small(amat, inv, n, 0.0)
+            for a in range(n):
+                row_v[a] += root2 * gy[a, s] if kj == KIND_MONOTONE else gy[a, s]
+            for t in range(n):
+                acc = zero
+                for a in range(n):
+                    acc += row_v[a] * inv[a, t]
+                c_out[t, s] = -acc
+                gy[t, s] = root2 * acc - gy[t, s] if kj == KIND_MONOTONE else acc
+        # (3) back through G's primal network with that cotangent
+        _transpose_product(fw[j], c_out, gx2, n, total, b)
+        row = widths[depth - 1] + m
+        for i in range(depth - 1, -1, -1):
+            row -= m
+            width = widths[i]
+            for u in range(m):
+                grow = gx2[row + u]
+                drow = ws_q[i, j, 1, u]
+                srow = ghs[i, u]
+                g2row = g2[u]
+                for s in range(b):
+                    g = grow[s] * drow[s]
+                    g2row[s] = g
+                    srow[s] += g
+            if i > 0:
+                wi = wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
+                np.dot(wi.T, g2, tmp2[:width])
+                for k in range(width):
+                    for s in range(b):
+                        gx2[k, s] += tmp2[k, s]
+        # the weight gradients: summed pre-activation cotangents (both passes) times the features
+        for i in range(depth):
+            width = widths[i]
+            gw = grad_wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
+            np.dot(ghs[i], xj[:width].T, gw)
+        for a in range(n):
+            crow = c_out[a]
+            for k in range(total):
+                xk = xj[k]
+                acc = zero
+                for q_ in range(cols):
+                    acc += crow[q_] * xk[q_]
+                grad_fw[j, a, k] = acc
+    for s in range(b):
+        for a in range(n):
+            grad_x[s, a] = gy[a, s]
+
+
+@_jit
+def _transpose_product(fw, c, out, n, total, cols):  # pragma: no cover - compiled
+    """``out[:, :cols] = fw^T c[:, :cols]`` for the (n, T) final weights (n is small: rows of axpys, no BLAS)."""
+    for k in range(total):
+        orow = out[k]
+        f0 = fw[0, k]
+        c0 = c[0]
+        for q_ in range(cols):
+            orow[q_] = f0 * c0[q_]
+        for a in range(1, n):
+            fa = fw[a, k]
+            ca = c[a]
+            for q_ in range(cols):
+                orow[q_] += fa * ca[q_]
