@@ -980,11 +980,79 @@ _KERNEL_FORWARD = {
 
 
 def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
-    """Whether the compiled kernels serve points ``x`` with the folded weights ``net`` (CPU, float32/64)."""
+    """Whether the compiled kernels serve points ``x`` with the folded weights ``net`` (CPU, float32/64).
+
+    They serve once compiled for ``x``'s dtype (:func:`kernels_ready`); until then the PyTorch kernels do.
+    """
     return (
         USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and len({w.shape[1] for w in net.weights}) == 1
+        and len({w.shape[1] for w in net.weights}) == 1 and kernels_ready(x.dtype)
     )
+
+
+# dtype -> "compiling" | "ready" | "failed"
+_KERNEL_STATE: dict[torch.dtype, str] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def kernels_ready(dtype: torch.dtype, wait: bool = False) -> bool:
+    """Whether the compiled kernels are ready for ``dtype``; the first call starts compiling them.
+
+    Compiling takes about half a minute per dtype the first time on a machine (Numba then caches the machine code
+    on disk, and later processes load it in about a second). It runs in a background thread so that nothing waits
+    for it: the PyTorch kernels serve meanwhile, with the same results to rounding. ``wait=True`` compiles (or
+    loads) in the calling thread and returns when done; benchmarks and tests use it so that every step they time
+    or check runs on the same kernels. A failure to compile is reported once as a warning and leaves the PyTorch
+    kernels in charge for that dtype.
+    """
+    if not (USE_KERNELS and kernels.AVAILABLE):
+        return False
+    with _KERNEL_LOCK:
+        state = _KERNEL_STATE.get(dtype)
+        if state is None:
+            _KERNEL_STATE[dtype] = state = "compiling"
+            if not wait:
+                threading.Thread(target=_compile_kernels, args=(dtype,), name=f"monoflow-kernels-{dtype}",
+                                 daemon=True).start()
+                return False
+        elif state == "compiling" and not wait:
+            return False
+    if state == "compiling" and wait:
+        with _KERNEL_COMPILE_LOCK:  # the thread compiling it (if any) holds it until done
+            if _KERNEL_STATE.get(dtype) == "compiling":
+                _compile_kernels(dtype)
+    return _KERNEL_STATE.get(dtype) == "ready"
+
+
+_KERNEL_COMPILE_LOCK = threading.RLock()
+
+
+def _compile_kernels(dtype: torch.dtype) -> None:
+    """Compile (or load from Numba's cache) the kernels for ``dtype`` by running a one-block flow through them."""
+    from .config import FlowConfig
+    from .models import build_flow
+
+    with _KERNEL_COMPILE_LOCK:
+        if _KERNEL_STATE.get(dtype) != "compiling":
+            return
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                flow = build_flow(FlowConfig(dim=2, blocks=1)).to(dtype)
+            blocks = list(flow.layers[:1])
+            with torch.no_grad():
+                net = fold_nets([blocks[0].net])
+            x = torch.zeros(4, 2, dtype=dtype)
+            ws = _Workspace(net, 1, 4, x)
+            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], ws)
+            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], None)
+            _kernel_backward(net, ws, ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
+        except Exception as error:  # any failure leaves the PyTorch kernels in charge
+            _KERNEL_STATE[dtype] = "failed"
+            warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
+                          "kernels serve instead", RuntimeWarning, stacklevel=2)
+            return
+        _KERNEL_STATE[dtype] = "ready"
 
 
 def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, Any, Any]:

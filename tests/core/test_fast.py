@@ -4,11 +4,22 @@ import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow
+from monoflow_core import fast as fast_module
 from monoflow_core.fast import fast_eligible, fusable_runs
 from monoflow_core.solvers import SolverWarning
 
 DT = torch.float64
 TIGHT = {"tol": 1e-13, "max_iter": 200}
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def kernels(request, monkeypatch):
+    """Run a test on the compiled kernels (monoflow_core.kernels) and on the PyTorch kernels of the fused path."""
+    compiled = request.param == "compiled"
+    if compiled and not fast_module.kernels_ready(DT, wait=True):
+        pytest.skip("the compiled kernels are unavailable here")
+    monkeypatch.setattr(fast_module, "USE_KERNELS", compiled)
+    return request.param
 
 
 def both_paths(flow, x, seed=0):
@@ -30,7 +41,7 @@ def both_paths(flow, x, seed=0):
 
 @pytest.mark.parametrize("formulation", ["monotone", "residual", "inverse_residual"])
 @pytest.mark.parametrize("dim,activation", [(2, "cpila"), (1, "crelu"), (3, "cpila")])
-def test_fused_matches_generic(formulation, dim, activation):
+def test_fused_matches_generic(formulation, dim, activation, kernels):
     torch.manual_seed(0)
     cfg = FlowConfig(dim=dim, blocks=4, depth=3, growth=8, activation=activation, formulation=formulation, **TIGHT)
     flow = build_flow(cfg).double()
@@ -50,7 +61,7 @@ def test_fused_matches_generic(formulation, dim, activation):
         assert torch.allclose(slow_inverse, flow.inverse(z1), atol=1e-10)
 
 
-def test_fused_runs_split_around_other_layers_and_mixed_formulations():
+def test_fused_runs_split_around_other_layers_and_mixed_formulations(kernels):
     torch.manual_seed(1)
     cfg = FlowConfig(blocks=4, formulation=["monotone", "residual", "inverse_residual", "monotone"], actnorm=True,
                      actnorm_input=True, **TIGHT)
@@ -80,7 +91,7 @@ def test_eligibility_rules():
     assert not fast_eligible(build_flow(FlowConfig(blocks=1, activation="clipswish")).layers[0], 2)
 
 
-def test_fused_solver_statistics_and_non_convergence_warning():
+def test_fused_solver_statistics_and_non_convergence_warning(kernels):
     torch.manual_seed(2)
     flow = build_flow(FlowConfig(blocks=2, max_iter=1))
     x = torch.randn(64, 2) * 3
@@ -95,7 +106,7 @@ def test_fused_solver_statistics_and_non_convergence_warning():
     assert float(stats.residual.max()) <= stats.tol
 
 
-def test_fused_gradients_match_finite_differences():
+def test_fused_gradients_match_finite_differences(kernels):
     torch.manual_seed(3)
     flow = build_flow(FlowConfig(blocks=2, depth=2, growth=4, **TIGHT)).double()
     x = torch.randn(3, 2, dtype=DT, requires_grad=True)

@@ -1,0 +1,165 @@
+"""The compiled kernels (monoflow_core.kernels) against the PyTorch kernels of the fused path, in float64.
+
+tests/core/test_fast.py runs its agreement tests (values, log-dets, parameter and input gradients against the
+generic autograd path, gradcheck, solver statistics) on both kernel sets; here: the pieces the compiled kernels
+add (their exp2, their Newton solve per sample, the buffers the backward reads) and how the engine chooses them.
+"""
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from monoflow_core import FlowConfig, build_flow, fast, kernels
+
+DT = torch.float64
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="Numba is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _compiled():
+    assert fast.kernels_ready(DT, wait=True) and fast.kernels_ready(torch.float32, wait=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 4e-7), (np.float64, 4e-16)])
+def test_exp2_matches_numpy_to_a_few_ulps(dtype, tol):
+    y = -np.concatenate([np.linspace(0.0, 30.0, 20001), np.geomspace(1e-12, 120.0, 5000)]).astype(dtype)
+    out, ftmp, ptmp = np.empty_like(y), np.empty_like(y), np.empty_like(y)
+    int_type, bias, mant = kernels.exp2_bits(dtype)
+    ibuf = np.empty(y.shape, int_type)
+    kernels._exp2(y, out, ftmp, ptmp, ibuf, ibuf.view(dtype), kernels.exp2_coefficients(dtype),
+                  kernels.constants(dtype), bias, mant, y.shape[0])
+    want = np.exp2(y.astype(np.float64))
+    assert np.max(np.abs(out / want - 1.0)) < tol
+    assert out[0] == 1.0  # 2^0 exactly: Pila's linear branch must be untouched
+
+
+def _solve_pair(sign):
+    """The kernel's and the PyTorch freezing Newton solve of one block on a wide spread of right-hand sides."""
+    torch.manual_seed(4)
+    flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
+    block = flow.layers[0]
+    block.tol, block.max_iter = 1e-12, 50
+    folded = fast.fold_nets([block.net])
+    weights = folded.block(0)
+    rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
+    views = fast._Workspace(weights, 1, 300, rhs).block(0)
+    w_torch, stats_torch = fast._newton(weights, rhs, sign, 1e-12, 50, "torch", views)
+    ws = fast._Workspace(folded, 1, 300, rhs)
+    setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0)
+    w_kernel, _, (stats_kernel,) = fast._kernel_run(rhs.t(), [block], folded, [setup], [sign], ["kernel"], ws)
+    return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_kernel_newton_matches_the_pytorch_solve_per_sample(sign):
+    """Same iterate, Jacobian and iteration count for every sample (so the same safeguard and stopping rule)."""
+    (w0, s0, a0), (w1, s1, a1) = _solve_pair(sign)
+    assert len(set(s0.iterations.tolist())) >= 2  # samples really stop at different iterations
+    assert torch.equal(s0.iterations, s1.iterations)
+    assert torch.equal(s0.converged, s1.converged) and s1.all_converged
+    assert float(s1.residual.max()) <= s1.tol
+    assert torch.allclose(w0, w1, atol=1e-12, rtol=0)
+    assert torch.allclose(a0, a1, atol=1e-12, rtol=0)
+
+
+def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels():
+    """The backward pass reads the final evaluation of every block from the workspace: both kernels write the same."""
+    torch.manual_seed(5)
+    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"])).double()
+    blocks = list(flow.layers)
+    folded = fast.fold_nets([b.net for b in blocks])
+    net = fast.FoldedNet.from_tensors([t.detach() for t in folded.tensors()], folded.n, folded.kind)
+    plan = fast._Plan(blocks, net.n, net.kind)
+    x = torch.randn(70, 2, dtype=DT) * 2
+    ws_torch = fast._Workspace(net, 3, 70, x)
+    y_torch, ld_torch = fast._fused_forward(x.t().contiguous(), plan, net, ws_torch)
+    ws_kernel = fast._Workspace(net, 3, 70, x)
+    y_kernel, ld_kernel = fast._kernel_forward(x, plan, net, ws_kernel)
+    assert torch.allclose(y_torch.t(), y_kernel, atol=1e-12, rtol=0)
+    assert torch.allclose(ld_torch, ld_kernel, atol=1e-12, rtol=0)
+    for name in ("x", "h_all", "y_all", "e_all", "q_all", "out"):
+        assert torch.allclose(getattr(ws_torch, name), getattr(ws_kernel, name), atol=1e-12, rtol=0), name
+
+
+def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch):
+    torch.manual_seed(6)
+    flow = build_flow(FlowConfig(blocks=4, tol=1e-12)).double()
+    x = torch.randn(2000, 2, dtype=DT) * 2
+    z = torch.randn(500, 2, dtype=DT)
+    results = []
+    for use in (True, False):
+        monkeypatch.setattr(fast, "USE_KERNELS", use)
+        with torch.no_grad():
+            results.append((flow.log_prob(x), flow.inverse(z), flow.solver_stats()[0]["inverse"].iterations))
+    (lp1, inv1, it1), (lp0, inv0, it0) = results
+    assert torch.allclose(lp1, lp0, atol=1e-10, rtol=0)
+    assert torch.allclose(inv1, inv0, atol=1e-10, rtol=0)
+    assert torch.equal(it1, it0)
+
+
+def _count_kernel_calls(monkeypatch):
+    calls = []
+    original = kernels.solve_run
+    monkeypatch.setattr(kernels, "solve_run", lambda *a: (calls.append(1), original(*a))[1])
+    return calls
+
+
+def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    flow = build_flow(FlowConfig(blocks=2)).double()
+    x = torch.randn(20, 2, dtype=DT)
+    monkeypatch.setitem(fast._KERNEL_STATE, DT, "compiling")
+    reference = flow.log_prob(x)
+    assert not calls
+    monkeypatch.setitem(fast._KERNEL_STATE, DT, "ready")
+    assert torch.allclose(flow.log_prob(x), reference, atol=1e-12)
+    assert calls
+
+
+def test_compiling_starts_in_the_background_and_then_serves(monkeypatch):
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_compile(dtype):
+        started.set()
+        release.wait(10)
+        fast._KERNEL_STATE[dtype] = "ready"
+
+    monkeypatch.setattr(fast, "_compile_kernels", slow_compile)
+    monkeypatch.delitem(fast._KERNEL_STATE, DT)
+    assert not fast.kernels_ready(DT)  # starts the compile and returns at once
+    assert started.wait(10)
+    assert not fast.kernels_ready(DT)  # still compiling: the PyTorch kernels serve
+    release.set()
+    for _ in range(200):
+        if fast.kernels_ready(DT):
+            break
+        threading.Event().wait(0.05)
+    assert fast.kernels_ready(DT)
+
+
+def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no machine code today")
+
+    monkeypatch.setattr(kernels, "solve_run", broken)
+    monkeypatch.delitem(fast._KERNEL_STATE, DT)
+    with pytest.warns(RuntimeWarning, match="compiled kernels"):
+        assert not fast.kernels_ready(DT, wait=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fast.kernels_ready(DT, wait=True)  # no second warning
+        flow = build_flow(FlowConfig(blocks=2)).double()
+        assert torch.isfinite(flow.log_prob(torch.randn(10, 2, dtype=DT))).all()
+
+
+def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    monkeypatch.setattr(fast, "USE_KERNELS", False)
+    flow = build_flow(FlowConfig(blocks=2)).double()
+    flow.log_prob(torch.randn(10, 2, dtype=DT)).sum().backward()
+    assert not calls and not fast.kernels_ready(DT)
