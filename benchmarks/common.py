@@ -8,6 +8,7 @@ Markdown / JSON writers. Nothing here trains anything: the scripts drive the cor
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -99,6 +100,13 @@ def _git_revision() -> str:
     return (rev or "unknown") + (" (+ uncommitted or untracked files)" if dirty else "")
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     try:
@@ -111,6 +119,7 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "numba": _version("numba"),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_at_start": [round(v, 2) for v in loadavg],

@@ -8,7 +8,12 @@ Measures, on this machine, in float32 at batch 500:
 * the log-density on a 400 x 400 grid over [-4, 4]^2 and 160,000 samples (s), after that training;
 * the same training step on the generic autograd path (``flow.fast_path = False``) for comparison.
 
-Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 1] [--workers 2] [--json OUT]``.
+The fused path runs on the compiled kernels (``monoflow_core.kernels``, Numba), compiled or loaded from Numba's cache
+before the first timed step (the seconds that took are printed), or with ``--kernels pytorch`` on the PyTorch
+kernels alone.
+
+Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 1] [--workers 2]
+[--kernels compiled|pytorch] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def main() -> None:
                         help="threads evaluating chunks of the grid and the samples in parallel (one intra-op "
                              "thread each)")
     parser.add_argument("--generic-steps", type=int, default=60, help="steps on the generic autograd path")
+    parser.add_argument("--kernels", choices=["compiled", "pytorch"], default="compiled",
+                        help="the fused path's kernels: compiled (Numba) or PyTorch")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -97,6 +104,16 @@ def main() -> None:
     from common import command_line, machine_info  # (here, for the same reason as tune_allocator above)
 
     info = machine_info()  # at the start: the load average says how busy the machine was before the run
+    from monoflow_core import fast
+
+    kernels_s = None
+    if args.kernels == "pytorch" or not hasattr(fast, "kernels_ready"):
+        fast.USE_KERNELS = False
+    else:
+        t0 = time.perf_counter()
+        if not (fast.kernels_ready(torch.float32, wait=True) and fast.kernels_ready(torch.float64, wait=True)):
+            raise SystemExit("the compiled kernels are unavailable here (is Numba installed?); use --kernels pytorch")
+        kernels_s = time.perf_counter() - t0
     flow = mc.build_flow()
     flow.train()
     times, med_evals, max_evals, loss = train_steps(flow, args.steps, seed=0)
@@ -142,6 +159,8 @@ def main() -> None:
         "threads_train": args.threads,
         "threads_eval": args.eval_threads,
         "eval_workers": args.workers,
+        "kernels": args.kernels,
+        "kernels_compile_or_load_s": None if kernels_s is None else round(kernels_s, 2),
     }
     print(f"training step (fused exact path, float32, batch 500, steps 51-{args.steps}): "
           f"median {step_ms:.1f} ms/step, p90 {figures['train_step_ms_p90']} ms/step ({args.threads} thread)")
@@ -151,6 +170,10 @@ def main() -> None:
     print(f"log-density, 400x400 grid: {grid_s:.2f} s; 160,000 samples: {sample_s:.2f} s "
           f"({args.workers} worker threads x {args.eval_threads} intra-op thread, chunks of 5,000, float32)")
     print(f"last training loss: {loss:.4f} nats (exact NLL of the batch)")
+    if kernels_s is not None:
+        print(f"kernels: compiled (Numba), compiled or loaded from its cache in {kernels_s:.1f} s before the run")
+    else:
+        print("kernels: PyTorch")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)

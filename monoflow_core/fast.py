@@ -1036,6 +1036,7 @@ def _compile_kernels(dtype: torch.dtype) -> None:
         if _KERNEL_STATE.get(dtype) != "compiling":
             return
         try:
+            kernels.limit_blas_threads()
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 flow = build_flow(FlowConfig(dim=2, blocks=1)).to(dtype)
@@ -1093,15 +1094,18 @@ def _kernel_run(
     residual = x.new_empty(nb, b)
     converged = torch.empty(nb, b, dtype=torch.bool)
     keep = ws is not None
-    space = ws if ws is not None else _Workspace(net.select(0), 1, b, x)
+    if ws is not None:
+        space = [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
+    else:  # the kernel evaluates into scratch of its own
+        space = [np.empty((0,) * d, x.numpy().dtype) for d in (3, 4, 4, 4, 5, 3)]
     np_dtype = x.numpy().dtype
     int_type, bias, mant = kernels.exp2_bits(np_dtype)
     kernels.solve_run(
         x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1,
         table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
         y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), keep,
-        *(t.numpy() for t in (space.x, space.h_all, space.y_all, space.e_all, space.q_all, space.out)),
-        np.empty(b, int_type), kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant,
+        *space, np.empty(b, int_type), kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant,
+        COMPACT_FRACTION,
     )
     stats = []
     for j in range(nb):

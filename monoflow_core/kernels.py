@@ -21,6 +21,7 @@ float64 (``tests/core/test_kernels.py``).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -165,6 +166,29 @@ KIND_INVERSE_RESIDUAL = 2
 _C = 1.4426950408889634  # log2(e), folded into the pre-activations with Pila's k
 
 
+def limit_blas_threads() -> int:
+    """Run the BLAS behind SciPy (which the kernels' layer products call) on one thread; returns the libraries set.
+
+    The products are small (16 rows by a few thousand columns): a second BLAS thread gained at most 15% on a
+    training step here, and where the engine parallelises (worker threads of :mod:`monoflow_core.evaluation`,
+    the studio's view process next to training) two BLAS threads per call oversubscribed the two cores: a
+    400 x 400 density grid took 3.1 s instead of 1.8 s. Only SciPy's copy of OpenBLAS is limited (NumPy's keeps its
+    settings); threadpoolctl comes with scikit-learn.
+    """
+    try:
+        import scipy
+        import scipy.linalg.cython_blas  # (loads the library the kernels call)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - both come with scikit-learn
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+    mine = [lib for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "blas" and os.path.relpath(lib.filepath, root).startswith("scipy")]
+    for lib in mine:
+        lib.set_num_threads(1)
+    return len(mine)
+
+
 def constants(dtype: Any) -> Any:
     """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise).
 
@@ -288,7 +312,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
 def solve_run(
     points, wflat, offs, widths, m, fw, kind, modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters,
     y_out, logdet, iterations, residual, converged, keep, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, ibuf, cst, coeffs,
-    bias, mant,
+    bias, mant, compact_fraction,
 ):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
@@ -315,12 +339,15 @@ def solve_run(
         y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
         iterations, residual, converged: (nb, B) per-point statistics: evaluations until converged, final
             relative residual, flag.
-        keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward), or all blocks
-            into slice 0 (nothing kept).
-        ws_x (nb|1, T, (1+n)B), ws_h (L, nb|1, m, (1+n)B), ws_y, ws_e (L, nb|1, m, B), ws_q (L, nb|1, 2, m, B),
-            ws_out (nb|1, n, (1+n)B): the workspace (:class:`monoflow_core.fast._Workspace`, stacked over layers).
+        keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point
+            stays in the batch, frozen once converged), or into private scratch (nothing kept; the workspace
+            arrays are not read).
+        ws_x (nb, T, (1+n)B), ws_h (L, nb, m, (1+n)B), ws_y, ws_e (L, nb, m, B), ws_q (L, nb, 2, m, B),
+            ws_out (nb, n, (1+n)B): the workspace (:class:`monoflow_core.fast._Workspace`, stacked over layers).
         ibuf: (B,) integers of the float's width (scratch of :func:`_exp2`).
         cst, coeffs, bias, mant: :func:`constants`, :func:`exp2_coefficients` and :func:`exp2_bits` of the dtype.
+        compact_fraction: without ``keep``, converged points are written out and leave the batch once at least
+            ``1/compact_fraction`` of it has converged (as :func:`monoflow_core.fast._newton_compact`; 0: never).
     """
     nb = wflat.shape[0]
     b = points.shape[0]
@@ -343,104 +370,158 @@ def solve_run(
     done = np.zeros(b, np.bool_)
     first = np.zeros(b, np.int64)
     jac = np.empty((n, n), dt)
+    jpt = np.empty((n, n, b), dt)
     step = np.empty(n, dt)
     for s in range(b):
         logdet[s] = zero
         for a in range(n):
             x[a, s] = points[s, a]
+    total = fw.shape[2]
+    depth = offs.shape[0]
+    if not keep:  # private scratch, re-viewed as the batch shrinks (the BLAS products need contiguous operands)
+        fx = np.empty(total * cols, dt)
+        fh = np.empty(depth * m * cols, dt)
+        fy = np.empty(depth * m * b, dt)
+        fe = np.empty(depth * m * b, dt)
+        fq = np.empty(depth * 2 * m * b, dt)
+    idx = np.arange(b)
     for j in range(nb):
-        jw = j if keep else 0
-        xj = ws_x[jw]
         tol = tols[j]
         cap = max_iters[j]
-        # bias and identity rows (the activation rows are overwritten by every evaluation)
-        for k in range(1 + n):
-            for q_ in range(cols):
-                xj[k, q_] = zero
-        for s in range(b):
-            xj[0, s] = one
-        for t in range(n):
-            for s in range(b):
-                xj[1 + t, (1 + t) * b + s] = one
-        for s in range(b):
+        solve = modes[j] == MODE_SOLVE
+        na = b  # active points, at positions 0 .. na - 1; idx maps them to the batch
+        for p in range(b):
+            idx[p] = p
             bound = zero
             for a in range(n):
-                rhs[a, s] = rhs_scale[j] * x[a, s]
-                cur[a, s] = rhs[a, s]
-                bound = max(bound, abs(rhs[a, s]))
-            thr[s] = (bound + one) * tol
-            done[s] = False
-            plain[s] = False
-            prev_res[s] = -one  # no accepted iterate yet
-            first[s] = 0
+                rhs[a, p] = rhs_scale[j] * x[a, p]
+                cur[a, p] = rhs[a, p]
+                bound = max(bound, abs(rhs[a, p]))
+            thr[p] = (bound + one) * tol
+            done[p] = False
+            plain[p] = False
+            prev_res[p] = -one  # no accepted iterate yet
+            first[p] = 0
         it = 0
+        fresh = True  # the buffers' layout must be (re)made for na points
         while True:
             it += 1
+            if fresh:
+                if keep:
+                    jw = j
+                    xs, hs, ys, es, qs = ws_x, ws_h, ws_y, ws_e, ws_q
+                else:
+                    jw = 0
+                    xs = fx[: total * (1 + n) * na].reshape((1, total, (1 + n) * na))
+                    hs = fh[: depth * m * (1 + n) * na].reshape((depth, 1, m, (1 + n) * na))
+                    ys = fy[: depth * m * na].reshape((depth, 1, m, na))
+                    es = fe[: depth * m * na].reshape((depth, 1, m, na))
+                    qs = fq[: depth * 2 * m * na].reshape((depth, 1, 2, m, na))
+                xj = xs[jw]
+                # bias and identity rows (the activation rows are overwritten by every evaluation)
+                for k in range(1 + n):
+                    for q_ in range((1 + n) * na):
+                        xj[k, q_] = zero
+                for p in range(na):
+                    xj[0, p] = one
+                for t in range(n):
+                    for p in range(na):
+                        xj[1 + t, (1 + t) * na + p] = one
+                fresh = False
             for a in range(n):
-                for s in range(b):
-                    xj[1 + a, s] = cur[a, s]
-            _evaluate(wflat[j], offs, widths, m, fw[j], n, kind, b, xj, ws_h, ws_y, ws_e, ws_q, jw, cst, coeffs, tmp,
+                for p in range(na):
+                    xj[1 + a, p] = cur[a, p]
+            _evaluate(wflat[j], offs, widths, m, fw[j], n, kind, na, xj, hs, ys, es, qs, jw, cst, coeffs, tmp,
                       ibuf, scale, bias, mant)
             out = tmp[2 : 2 + n]
-            if modes[j] == MODE_EVALUATE:
-                for s in range(b):
-                    done[s] = True
-                    first[s] = 1
-                    res[s] = zero
-                break
             remaining = 0
-            for s in range(b):
-                if done[s]:
+            for p in range(na):
+                if not solve:
+                    done[p] = True
+                    first[p] = 1
+                    res[p] = zero
+                    continue
+                if done[p]:
                     continue
                 rs = zero
                 for a in range(n):
-                    r[a, s] = out[a, s] - rhs[a, s]
-                    rs = max(rs, abs(r[a, s]))
-                res[s] = rs
-                if rs <= thr[s]:
-                    done[s] = True
-                    first[s] = it
+                    r[a, p] = out[a, p] - rhs[a, p]
+                    rs = max(rs, abs(r[a, p]))
+                res[p] = rs
+                if rs <= thr[p]:
+                    done[p] = True
+                    first[p] = it
                 else:
                     remaining += 1
-            if remaining == 0 or it >= cap:
-                break
-            for s in range(b):
-                if done[s]:
+                    for a in range(n):  # the Jacobian for its Newton step (kept per point: points may move)
+                        for t in range(n):
+                            jpt[a, t, p] = out[a, (1 + t) * na + p]
+            last = remaining == 0 or it >= cap
+            shrink = not keep and compact_fraction > 0 and (na - remaining) * compact_fraction >= na
+            if last or shrink:
+                # write out the finished points (all of them at the end), from this evaluation at their solution
+                kept = 0
+                for p in range(na):
+                    if done[p] or last:
+                        s = idx[p]
+                        iterations[j, s] = first[p] if done[p] else it
+                        residual[j, s] = res[p] / thr[p] * tol
+                        converged[j, s] = done[p]
+                        for a in range(n):
+                            for t in range(n):
+                                jac[a, t] = out[a, (1 + t) * na + p]
+                        if ld_plus[j] != 0.0:
+                            logdet[s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
+                        if ld_mono[j] != 0.0:
+                            logdet[s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
+                        for a in range(n):
+                            sol = cur[a, p] if solve else out[a, p]
+                            x[a, s] = out_w[j] * sol + out_x[j] * x[a, s]
+                    else:  # still working: move down to position kept
+                        idx[kept] = idx[p]
+                        for a in range(n):
+                            cur[a, kept] = cur[a, p]
+                            rhs[a, kept] = rhs[a, p]
+                            r[a, kept] = r[a, p]
+                            prev_w[a, kept] = prev_w[a, p]
+                            prev_r[a, kept] = prev_r[a, p]
+                        for a in range(n):
+                            for t in range(n):
+                                jpt[a, t, kept] = jpt[a, t, p]
+                        thr[kept] = thr[p]
+                        res[kept] = res[p]
+                        prev_res[kept] = prev_res[p]
+                        plain[kept] = plain[p]
+                        done[kept] = False
+                        kept += 1
+                if last:
+                    if keep:
+                        ws_out[j] = out
+                    break
+                if kept != na:
+                    na = kept
+                    fresh = True
+            for p in range(na):
+                if done[p]:
                     continue
-                if prev_res[s] >= zero and res[s] > prev_res[s] and not plain[s]:
+                if prev_res[p] >= zero and res[p] > prev_res[p] and not plain[p]:
                     # the Newton step made things worse: the plain contracting step from the previous accepted
                     # point instead, accepted without comparison next time
                     for a in range(n):
-                        cur[a, s] = prev_w[a, s] - prev_r[a, s]
-                    plain[s] = True
+                        cur[a, p] = prev_w[a, p] - prev_r[a, p]
+                    plain[p] = True
                     continue
                 for a in range(n):
                     for t in range(n):
-                        jac[a, t] = out[a, (1 + t) * b + s]
-                    step[a] = r[a, s]
+                        jac[a, t] = jpt[a, t, p]
+                    step[a] = r[a, p]
                 _solve_small(jac, step, n)
                 for a in range(n):
-                    prev_w[a, s] = cur[a, s]
-                    prev_r[a, s] = r[a, s]
-                    cur[a, s] -= step[a]
-                prev_res[s] = res[s]
-                plain[s] = False
-        if keep:
-            ws_out[j] = out
-        for s in range(b):
-            iterations[j, s] = first[s] if done[s] else it
-            residual[j, s] = res[s] / thr[s] * tol
-            converged[j, s] = done[s]
-            for a in range(n):
-                for t in range(n):
-                    jac[a, t] = out[a, (1 + t) * b + s]
-            if ld_plus[j] != 0.0:
-                logdet[s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
-            if ld_mono[j] != 0.0:
-                logdet[s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
-            for a in range(n):
-                sol = out[a, s] if modes[j] == MODE_EVALUATE else cur[a, s]
-                x[a, s] = out_w[j] * sol + out_x[j] * x[a, s]
+                    prev_w[a, p] = cur[a, p]
+                    prev_r[a, p] = r[a, p]
+                    cur[a, p] -= step[a]
+                prev_res[p] = res[p]
+                plain[p] = False
     for s in range(b):
         for a in range(n):
             y_out[s, a] = x[a, s]
