@@ -75,13 +75,30 @@ _K = 5.0  # Pila's k in CPila
 _LOG2E = 1.0 / math.log(2.0)
 
 
-def _activation_spec(net: DenseNetG) -> tuple[float, float, str] | None:
+# net -> (activation spec, weight shapes): fixed once a network is built; looked up on every forward pass
+_NET_FACTS: weakref.WeakKeyDictionary[DenseNetG, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _net_facts(net: DenseNetG) -> tuple[tuple[float, float, str] | None, tuple[tuple[int, ...], ...]]:
+    facts = _NET_FACTS.get(net)
+    if facts is None:
+        facts = _NET_FACTS[net] = (_activation_spec_of(net),
+                                   tuple(tuple(lin.weight.shape) for lin in [*net.layers, net.final]))
+    return facts
+
+
+def _activation_spec_of(net: DenseNetG) -> tuple[float, float, str] | None:
     specs = {_FAST_ACTIVATIONS.get(type(a)) for a in net.activations}
     if len(specs) != 1 or None in specs:
         return None
     if any(getattr(a, "k", _K) != _K for a in net.activations):
         return None
     return next(iter(specs))
+
+
+def _activation_spec(net: DenseNetG) -> tuple[float, float, str] | None:
+    """``(shift, output scale, kind)`` of the network's activation if the fused path folds it, else None."""
+    return _net_facts(net)[0]
 
 
 def fast_eligible(block: Any, dim: int) -> bool:
@@ -102,9 +119,7 @@ def fast_eligible(block: Any, dim: int) -> bool:
 
 def _same_architecture(a: DenseNetG, b: DenseNetG) -> bool:
     return (
-        [tuple(lin.weight.shape) for lin in [*a.layers, a.final]]
-        == [tuple(lin.weight.shape) for lin in [*b.layers, b.final]]
-        and _activation_spec(a) == _activation_spec(b)
+        _net_facts(a) == _net_facts(b)
         and [lin.mode for lin in [*a.layers, a.final]] == [lin.mode for lin in [*b.layers, b.final]]
     )
 

@@ -203,10 +203,9 @@ def constants(dtype: Any) -> Any:
 
 
 def exp2_coefficients(dtype: Any) -> Any:
-    """Taylor coefficients ``ln(2)^k / k!`` of ``2^f`` on ``[-1/2, 1/2]``: 8 terms for float32 (relative error
-    below 5e-9), 14 for float64 (below 4e-18)."""
-    terms = 8 if np.dtype(dtype) == np.float32 else 14
-    return np.array([math.log(2.0) ** k / math.factorial(k) for k in range(terms)], dtype=dtype)
+    """The 14 Taylor coefficients ``ln(2)^k / k!`` of ``2^f`` on ``[-1/2, 1/2]`` (truncation error below 4e-18;
+    float32 needs 8 of them, but one fixed-length Horner scheme keeps the loop fused for both dtypes)."""
+    return np.array([math.log(2.0) ** k / math.factorial(k) for k in range(14)], dtype=dtype)
 
 
 def exp2_bits(dtype: Any) -> tuple[Any, int, int]:
@@ -215,28 +214,28 @@ def exp2_bits(dtype: Any) -> tuple[Any, int, int]:
 
 
 @_jit
-def _exp2(y, e, ftmp, ptmp, ibuf, scale, coeffs, cst, bias, mant, count):  # pragma: no cover - compiled
-    """``e = 2^y`` for ``y <= 0`` in loops that vectorise (the libm ``exp2`` does not, and costs ~5 ns a call).
+def _exp2_split(y, cst, coeffs, bias, mant):  # pragma: no cover - compiled
+    """``2^y = 2^k 2^f`` for ``y <= 0``: the bit pattern of ``2^k`` and ``2^f``, in code that vectorises.
 
-    ``2^y = 2^k 2^f`` with ``k = round(y)``, ``2^f`` by its Taylor polynomial on ``[-1/2, 1/2]`` and ``2^k`` built
-    from its bit pattern in ``ibuf`` (``scale`` is ``ibuf`` viewed as floats). ``y`` is clamped at the smallest
-    normal exponent ``lo`` (``2^lo`` is 1e-38 in float32: Pila's tail is then zero to working precision).
+    ``k = round(y)``; ``2^f`` (``|f| <= 1/2``) by its Taylor polynomial (:func:`exp2_coefficients`); ``2^k`` built
+    from its exponent bits (the caller reads them back as a float). ``y`` is clamped at the smallest normal
+    exponent (``2^-126`` is 1e-38 in float32: Pila's tail is zero to working precision there). The libm ``exp2``
+    does not vectorise and costs about 5 ns a call here.
     """
-    half = cst[2]
-    lo = cst[9]
-    nc = coeffs.shape[0]
+    yc = max(y, cst[9])
+    fk = np.floor(yc + cst[2])
+    f = yc - fk
+    p = coeffs[13]
+    for c in range(12, -1, -1):
+        p = p * f + coeffs[c]
+    return (np.int64(fk) + bias) << mant, p
+
+
+@_jit
+def _exp2(y, e, ptmp, ibuf, scale, coeffs, cst, bias, mant, count):  # pragma: no cover - compiled
+    """``e[:count] = 2^y`` (``y <= 0``) by :func:`_exp2_split`; ``scale`` is ``ibuf`` viewed as floats."""
     for s in range(count):
-        yc = max(y[s], lo)
-        fk = np.floor(yc + half)
-        ftmp[s] = yc - fk
-        ibuf[s] = (np.int64(fk) + bias) << mant
-    top = coeffs[nc - 1]
-    for s in range(count):
-        ptmp[s] = top
-    for c in range(nc - 2, -1, -1):
-        cc = coeffs[c]
-        for s in range(count):
-            ptmp[s] = ptmp[s] * ftmp[s] + cc
+        ibuf[s], ptmp[s] = _exp2_split(y[s], cst, coeffs, bias, mant)
     for s in range(count):
         e[s] = ptmp[s] * scale[s]
 
@@ -261,7 +260,6 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
     total = x.shape[0]
     zero, one = cst[0], cst[1]
     a2, a1, b3 = cst[3], cst[4], cst[5]
-    ftmp = tmp[0]
     ptmp = tmp[1]
     row = widths[0]
     for i in range(depth):
@@ -276,12 +274,15 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
                 yrow = ws_y[i, jw, u]
                 erow = ws_e[i, jw, u]
                 vrow = ws_q[i, jw, 0, u]
+                # 2^y as _exp2, in two passes (the second reads the exponent bits the first wrote)
                 for s in range(b):
-                    yrow[s] = min(hrow[s], zero)
-                _exp2(yrow, erow, ftmp, ptmp, ibuf, scale, coeffs, cst, bias, mant, b)
+                    yv = min(hrow[s], zero)
+                    yrow[s] = yv
+                    ibuf[s], ptmp[s] = _exp2_split(yv, cst, coeffs, bias, mant)
                 for s in range(b):
                     yv = yrow[s]
-                    ev = erow[s]
+                    ev = ptmp[s] * scale[s]
+                    erow[s] = ev
                     vv = ((a2 * yv + a1) * yv + one) * yv * ev
                     vrow[s] = vv
                     drow[s] = (((b3 * yv + a2) * yv + a1) * yv + one) * ev
