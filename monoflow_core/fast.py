@@ -263,7 +263,18 @@ class _FoldLayer(torch.autograd.Function):
 
 
 def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
-    """Fold a stack of same-architecture DenseNet G networks (differentiable in their parameters)."""
+    """Fold a stack of same-architecture DenseNet G networks (differentiable in their parameters).
+
+    With the compiled kernels ready (CPU, exact spectral norms) the fold is one compiled call each way
+    (:class:`_KernelFold`); otherwise it is the PyTorch computation below, whose autograd is the reference.
+    """
+    if _kernel_fold_applies(nets):
+        return _kernel_fold(nets)
+    return fold_nets_torch(nets)
+
+
+def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
+    """:func:`fold_nets` in PyTorch operators (autograd through them)."""
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
     # Pila's k (times log2 e, for exp2) is folded into the pre-activations and 1/k into the next layers' weights.
     k = _K * _LOG2E if kind == "pila" else 1.0
@@ -298,6 +309,76 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
             break
         widths.append(2 * w.shape[1])
     return FoldedNet(weights[:-1], weights[-1], n, kind)
+
+
+def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
+    ref = nets[0].layers[0].weight
+    return (
+        USE_KERNELS and kernels.AVAILABLE and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
+        and all(lin.mode == "exact" and lin.bias is not None for lin in [*nets[0].layers, nets[0].final])
+        and kernels_ready(ref.dtype)
+    )
+
+
+class _KernelFold(torch.autograd.Function):
+    """:func:`fold_nets` as one compiled call each way (:func:`monoflow_core.kernels.fold_forward`)."""
+
+    @staticmethod
+    def forward(ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, *stacked: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        lip, coeff, k, shift, scale = meta
+        depth = concat_k.shape[1]
+        ws, bs = stacked[: depth + 1], stacked[depth + 1 :]
+        nb = concat_k.shape[0]
+        outs = [ws[i].new_empty(nb, 2 * ws[i].shape[1], 1 + ws[i].shape[2]) for i in range(depth)]
+        final = ws[depth].new_empty(nb, ws[depth].shape[1], 1 + ws[depth].shape[2])
+        us = [w.new_empty(nb, w.shape[1]) for w in ws]
+        vs = [w.new_empty(nb, w.shape[2]) for w in ws]
+        sig = concat_k.new_empty(depth + 1, nb)
+        npw = tuple(w.detach().numpy() for w in ws)
+        kernels.fold_forward(
+            concat_k.detach().numpy(), lip.numpy(), coeff.numpy(), npw, tuple(b.detach().numpy() for b in bs), k,
+            shift, scale, tuple(o.numpy() for o in outs) or (final.numpy(),), final.numpy(),
+            tuple(u.numpy() for u in us), tuple(v.numpy() for v in vs), sig.numpy(),
+        )
+        ctx.save_for_backward(concat_k, *ws)
+        ctx.extra = (lip, coeff, k, scale, us, vs, sig)
+        return (*outs, final)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        concat_k, *ws = ctx.saved_tensors
+        lip, coeff, k, scale, us, vs, sig = ctx.extra
+        depth = concat_k.shape[1]
+        shapes = [(w.shape[0], 2 * w.shape[1], 1 + w.shape[2]) for w in ws[:depth]]
+        shapes.append((ws[depth].shape[0], ws[depth].shape[1], 1 + ws[depth].shape[2]))
+        grads = tuple(concat_k.new_zeros(shape) if g is None else g.contiguous()
+                      for g, shape in zip(grads, shapes, strict=True))
+        gws = [torch.empty_like(w) for w in ws]
+        gbs = [w.new_empty(w.shape[:2]) for w in ws]
+        gk = torch.empty_like(concat_k)
+        kernels.fold_backward(
+            concat_k.detach().numpy(), lip.numpy(), coeff.numpy(), tuple(w.detach().numpy() for w in ws), k, scale,
+            tuple(g.numpy() for g in grads[:depth]) or (grads[-1].numpy(),), grads[-1].numpy(),
+            tuple(u.numpy() for u in us), tuple(v.numpy() for v in vs), sig.numpy(), tuple(g.numpy() for g in gws),
+            tuple(g.numpy() for g in gbs), gk.numpy(),
+        )
+        return (None, gk, *gws, *gbs)
+
+
+def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
+    shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
+    k = _K * _LOG2E if kind == "pila" else 1.0
+    ref = nets[0].layers[0].weight
+    layers = [[*g.layers, g.final] for g in nets]
+    positions = range(len(layers[0]))
+    ws = [torch.stack([row[i].weight for row in layers]) for i in positions]
+    bs = [torch.stack([row[i].bias for row in layers]) for i in positions]
+    lip = torch.tensor([g.lip_coeff for g in nets], dtype=ref.dtype)
+    coeff = torch.tensor([lin.coeff for lin in layers[0]], dtype=ref.dtype)
+    meta = (lip, coeff, k, shift, scale / k)
+    folded = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), *ws, *bs)
+    return FoldedNet(list(folded[:-1]), folded[-1], nets[0].in_features, kind)
 
 
 def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
@@ -1063,6 +1144,9 @@ def _compile_kernels(dtype: torch.dtype) -> None:
             _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], ws)
             _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], None)
             _kernel_backward(net, ws, ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
+            folded = _kernel_fold([blocks[0].net])
+            torch.autograd.grad(sum(t.sum() for t in folded.tensors()), list(blocks[0].net.parameters()),
+                                allow_unused=True)
         except Exception as error:  # any failure leaves the PyTorch kernels in charge
             _KERNEL_STATE[dtype] = "failed"
             warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "

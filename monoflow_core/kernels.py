@@ -709,3 +709,198 @@ def _transpose_product(fw, c, out, n, total, cols):  # pragma: no cover - compil
             ca = c[a]
             for q_ in range(cols):
                 orow[q_] += fa * ca[q_]
+
+
+@_jit
+def _mix(concat_k, lip, eta1, eta2, prods):  # pragma: no cover - compiled
+    """The DenseNet's concatenation coefficients (ALGORITHM.md 6): ``(eta1, eta2) = lip e / |e|`` with
+    ``e = softplus(K) + 0.1`` per dense layer, and ``prods[i] = prod_{l < i} eta1_l``."""
+    depth = concat_k.shape[0]
+    prods[0] = 1.0
+    for i in range(depth):
+        e0 = _softplus(concat_k[i, 0]) + 0.1
+        e1 = _softplus(concat_k[i, 1]) + 0.1
+        norm = math.sqrt(e0 * e0 + e1 * e1)
+        eta1[i] = lip * e0 / norm
+        eta2[i] = lip * e1 / norm
+        prods[i + 1] = prods[i] * eta1[i]
+
+
+@_jit
+def _softplus(x):  # pragma: no cover - compiled
+    """``log(1 + e^x)``, the identity above 20 (as ``torch.nn.functional.softplus``)."""
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
+@_jit
+def _column_scales(i, n, hidden_widths, eta2, prods, scale, cols):  # pragma: no cover - compiled
+    """Scale of each input column of layer ``i``: the input block scaled by ``prods[i]``, then the outputs of each
+    earlier dense layer ``l`` by ``eta2_l prods[i] / prods[l + 1]`` times the activation's folded ``scale``."""
+    for c in range(n):
+        cols[c] = prods[i]
+    offset = n
+    for layer in range(i):
+        width = 2 * hidden_widths[layer]
+        value = eta2[layer] * prods[i] / prods[layer + 1] * scale
+        for c in range(width):
+            cols[offset + c] = value
+        offset += width
+    return offset
+
+
+@_jit
+def fold_forward(concat_k, lip, coeff, ws, bs, k, shift, scale, outs, final, us, vs, sig):  # pragma: no cover
+    """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
+
+    Per block ``j`` and layer ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair (an SVD,
+    no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)`` (ALGORITHM.md 6), the
+    column scales of the learnable concatenation, and for a hidden layer the concatenated activation's two halves
+    ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``).
+
+    Args (``nb`` blocks, depth ``L``):
+        concat_k: (nb, L, 2) the concatenation parameters K; lip: (nb,) each net's ``lip_coeff``.
+        coeff: (L + 1,) each layer position's Lipschitz bound.
+        ws, bs: per layer position (L + 1 of them) the stacked weights (nb, out, in) and biases (nb, out).
+        k, shift, scale: the activation's folded pre-activation factor, shift and output scale (divided by k).
+        outs: per hidden layer the folded weights (nb, 2 out, 1 + in); final: (nb, n, 1 + in) (both written).
+        us, vs, sig: per layer position the singular vectors (nb, out), (nb, in) and sigma (L + 1, nb) (written).
+    """
+    nb = concat_k.shape[0]
+    depth = concat_k.shape[1]
+    n = ws[0].shape[2]
+    dt = concat_k.dtype
+    eta1 = np.empty(depth, dt)
+    eta2 = np.empty(depth, dt)
+    prods = np.empty(depth + 1, dt)
+    hidden_widths = np.empty(depth, np.int64)
+    for i in range(depth):
+        hidden_widths[i] = ws[i].shape[1]
+    cols = np.empty(ws[depth].shape[2], dt)
+    for j in range(nb):
+        _mix(concat_k[j], lip[j], eta1, eta2, prods)
+        for i in range(depth + 1):
+            w = ws[i][j]
+            rows = w.shape[0]
+            width = w.shape[1]
+            left, _, right = np.linalg.svd(w, full_matrices=False)
+            sigma = 0.0
+            for r in range(rows):
+                acc = 0.0
+                for c in range(width):
+                    acc += w[r, c] * right[0, c]
+                sigma += left[r, 0] * acc
+            for r in range(rows):
+                us[i][j, r] = left[r, 0]
+            for c in range(width):
+                vs[i][j, c] = right[0, c]
+            sig[i, j] = sigma
+            s = max(1.0, sigma / coeff[i])
+            _column_scales(i, n, hidden_widths, eta2, prods, scale, cols)
+            b = bs[i][j]
+            if i < depth:
+                out = outs[i][j]
+                for r in range(rows):
+                    out[r, 0] = k * (b[r] - shift)
+                    out[rows + r, 0] = -k * (b[r] + shift)
+                    for c in range(width):
+                        value = k * w[r, c] / s * cols[c]
+                        out[r, 1 + c] = value
+                        out[rows + r, 1 + c] = -value
+            else:
+                out = final[j]
+                for r in range(rows):
+                    out[r, 0] = b[r]
+                    for c in range(width):
+                        out[r, 1 + c] = w[r, c] / s * cols[c]
+
+
+@_jit
+def fold_backward(concat_k, lip, coeff, ws, k, scale, gouts, gfinal, us, vs, sig, gws, gbs, gk):  # pragma: no cover
+    """The gradients of :func:`fold_forward` with respect to K, the weights and the biases.
+
+    ``gouts``/``gfinal`` are the cotangents of the folded weights; ``gws``, ``gbs`` (per layer position, stacked
+    over the blocks) and ``gk`` (nb, L, 2) receive the gradients. The chain rule of the soft normalisation (the
+    gradient flows through ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through
+    ``eta`` and ``prod eta1``, and of ``softplus`` (checked against PyTorch's autograd of the same fold).
+    """
+    nb = concat_k.shape[0]
+    depth = concat_k.shape[1]
+    n = ws[0].shape[2]
+    dt = concat_k.dtype
+    eta1 = np.empty(depth, dt)
+    eta2 = np.empty(depth, dt)
+    prods = np.empty(depth + 1, dt)
+    g_eta1 = np.empty(depth, dt)
+    g_eta2 = np.empty(depth, dt)
+    g_prods = np.empty(depth + 1, dt)
+    hidden_widths = np.empty(depth, np.int64)
+    for i in range(depth):
+        hidden_widths[i] = ws[i].shape[1]
+    cols = np.empty(ws[depth].shape[2], dt)
+    g_cols = np.empty(ws[depth].shape[2], dt)
+    for j in range(nb):
+        _mix(concat_k[j], lip[j], eta1, eta2, prods)
+        g_eta1[:] = 0.0
+        g_eta2[:] = 0.0
+        g_prods[:] = 0.0
+        for i in range(depth + 1):
+            w = ws[i][j]
+            rows = w.shape[0]
+            width = w.shape[1]
+            g = gouts[i][j] if i < depth else gfinal[j]
+            ratio = sig[i, j] / coeff[i]
+            s = max(1.0, ratio)
+            _column_scales(i, n, hidden_widths, eta2, prods, scale, cols)
+            gw = gws[i][j]
+            gb = gbs[i][j]
+            g_sigma_sum = 0.0
+            for c in range(width):
+                g_cols[c] = 0.0
+            for r in range(rows):
+                if i < depth:
+                    gb[r] = k * (g[r, 0] - g[rows + r, 0])
+                else:
+                    gb[r] = g[r, 0]
+                for c in range(width):
+                    g_wn = k * (g[r, 1 + c] - g[rows + r, 1 + c]) if i < depth else g[r, 1 + c]
+                    g_cols[c] += g_wn * w[r, c] / s
+                    g_raw = g_wn * cols[c]
+                    gw[r, c] = g_raw / s
+                    g_sigma_sum += g_raw * w[r, c]
+            if ratio >= 1.0:  # W / s with s = sigma / coeff: the gradient through sigma = u^T W v
+                g_sigma = -g_sigma_sum / (s * s * coeff[i])
+                for r in range(rows):
+                    for c in range(width):
+                        gw[r, c] += g_sigma * us[i][j, r] * vs[i][j, c]
+            # the column scales: prods[i] on the input block, eta2_l prods[i] / prods[l + 1] * scale on layer l's
+            acc = 0.0
+            for c in range(n):
+                acc += g_cols[c]
+            g_prods[i] += acc
+            offset = n
+            for layer in range(i):
+                wdt = 2 * hidden_widths[layer]
+                total = 0.0
+                for c in range(wdt):
+                    total += g_cols[offset + c]
+                offset += wdt
+                ratio_p = prods[i] / prods[layer + 1]
+                g_eta2[layer] += total * ratio_p * scale
+                g_prods[i] += total * eta2[layer] / prods[layer + 1] * scale
+                g_prods[layer + 1] -= total * eta2[layer] * ratio_p / prods[layer + 1] * scale
+        # prods[i] = prod_{l < i} eta1_l (eta1 > 0)
+        for i in range(1, depth + 1):
+            for layer in range(i):
+                g_eta1[layer] += g_prods[i] * prods[i] / eta1[layer]
+        # eta = lip e / |e|, e = softplus(K) + 0.1
+        for i in range(depth):
+            k0 = concat_k[j, i, 0]
+            k1 = concat_k[j, i, 1]
+            e0 = _softplus(k0) + 0.1
+            e1 = _softplus(k1) + 0.1
+            norm = math.sqrt(e0 * e0 + e1 * e1)
+            dot = g_eta1[i] * e0 + g_eta2[i] * e1
+            ge0 = lip[j] * (g_eta1[i] / norm - e0 * dot / (norm * norm * norm))
+            ge1 = lip[j] * (g_eta2[i] / norm - e1 * dot / (norm * norm * norm))
+            gk[j, i, 0] = ge0 * (1.0 if k0 > 20.0 else 1.0 / (1.0 + math.exp(-k0)))
+            gk[j, i, 1] = ge1 * (1.0 if k1 > 20.0 else 1.0 / (1.0 + math.exp(-k1)))

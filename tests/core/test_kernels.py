@@ -163,3 +163,30 @@ def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
     flow = build_flow(FlowConfig(blocks=2)).double()
     flow.log_prob(torch.randn(10, 2, dtype=DT)).sum().backward()
     assert not calls and not fast.kernels_ready(DT)
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
+    """Values and gradients (weights, biases, concatenation K) of the fold, against PyTorch's autograd of it;
+    some layers are scaled above their bound so that the soft normalisation's branch through sigma is taken."""
+    torch.manual_seed(7)
+    flow = build_flow(FlowConfig(blocks=3, depth=3, growth=8, learnable_concat=learnable)).double()
+    nets = [blk.net for blk in flow.layers]
+    with torch.no_grad():
+        nets[0].layers[1].weight.mul_(5.0)
+        nets[2].final.weight.mul_(5.0)
+        for g in nets:
+            g.concat_k.add_(torch.randn_like(g.concat_k))
+    params = [p for g in nets for p in g.parameters() if p.requires_grad]
+    results = []
+    for fold in (fast._kernel_fold, fast.fold_nets_torch):
+        folded = fold(nets)
+        cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=DT)
+               for i, t in enumerate(folded.tensors())]
+        loss = sum((t * c).sum() for t, c in zip(folded.tensors(), cot, strict=True))
+        results.append(([t.detach() for t in folded.tensors()], torch.autograd.grad(loss, params)))
+    (v1, g1), (v0, g0) = results
+    for a, b in zip(v1, v0, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g1, g0, strict=True):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-9)
