@@ -90,6 +90,8 @@ def main() -> None:
                         help="threads evaluating chunks of the grid and the samples in parallel (one intra-op "
                              "thread each)")
     parser.add_argument("--generic-steps", type=int, default=60, help="steps on the generic autograd path")
+    parser.add_argument("--kernel-threads", type=int, default=None,
+                        help="threads the compiled kernels split a training batch over (default: --threads)")
     parser.add_argument("--kernels", choices=["compiled", "pytorch"], default="compiled",
                         help="the fused path's kernels: compiled (Numba) or PyTorch")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -107,6 +109,8 @@ def main() -> None:
     from monoflow_core import fast
 
     kernels_s = None
+    if args.kernel_threads is not None:
+        fast.KERNEL_THREADS = args.kernel_threads
     if args.kernels == "pytorch" or not hasattr(fast, "kernels_ready"):
         fast.USE_KERNELS = False
     else:

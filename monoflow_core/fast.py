@@ -27,6 +27,7 @@ Both paths agree to rounding in float64 (tests/core/test_fast.py), and the gener
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import threading
@@ -61,8 +62,10 @@ FAST_MAX_DIM = 8
 #: Whether the compiled per-sample kernels (:mod:`monoflow_core.kernels`, Numba) run the solves on CPU when
 #: available; set False (or the environment variable ``MONOFLOW_KERNELS=0``) to use the PyTorch kernels throughout.
 USE_KERNELS = os.environ.get("MONOFLOW_KERNELS", "1") != "0"
-#: Points per tile of the compiled kernels (the columns of their vectorised loops; 64 measured fastest here).
-KERNEL_TILE = 64
+#: Fewest points per part when the compiled kernels split a batch over threads (:func:`kernel_parts`).
+KERNEL_PART_MIN = 128
+#: Threads the compiled kernels split a batch over; None follows ``torch.get_num_threads()`` (:func:`kernel_parts`).
+KERNEL_THREADS: int | None = None
 SQRT2 = math.sqrt(2.0)
 
 # activation class -> (shift, output scale, kind)
@@ -1141,9 +1144,9 @@ def _compile_kernels(dtype: torch.dtype) -> None:
                 net = fold_nets([blocks[0].net])
             x = torch.zeros(4, 2, dtype=dtype)
             ws = _Workspace(net, 1, 4, x)
-            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], ws)
-            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], None)
-            _kernel_backward(net, ws, ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
+            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], [ws], [(0, 4)])
+            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], None, [(0, 4)])
+            _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
             folded = _kernel_fold([blocks[0].net])
             torch.autograd.grad(sum(t.sum() for t in folded.tensors()), list(blocks[0].net.parameters()),
                                 allow_unused=True)
@@ -1158,69 +1161,117 @@ def _compile_kernels(dtype: torch.dtype) -> None:
 def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, Any, Any]:
     """The fold as the kernels read it: each block's hidden weights flattened into one row (layer ``i`` from
     ``offs[i]`` as (m, widths[i])), the offsets, the widths each layer reads, and each block's map weights
-    ``[0, I, 0] + sign final`` (nb, n, T) (see :meth:`_BlockWeights.map_weights`)."""
-    final = net.final.detach()
+    ``[0, I, 0] + sign final`` (nb, n, T) (see :meth:`_BlockWeights.map_weights`). In NumPy: these few small
+    operations cost a fraction of PyTorch's per-operator overhead."""
+    final = net.final.detach().numpy()
     nb, n, _ = final.shape
-    flat = torch.cat([wi.detach().reshape(nb, -1) for wi in net.weights], dim=1)
-    sizes = [wi.shape[1] * wi.shape[2] for wi in net.weights]
-    offs = torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64)
-    widths = torch.tensor([wi.shape[2] for wi in net.weights], dtype=torch.int64)
-    fw = final * torch.tensor(signs, dtype=final.dtype).view(nb, 1, 1)
-    fw[:, :, 1 : 1 + n] += torch.eye(n, dtype=final.dtype)
-    return flat.numpy(), offs.numpy(), widths.numpy(), fw.numpy()
+    hidden = [wi.detach().numpy() for wi in net.weights]
+    flat = np.concatenate([wi.reshape(nb, -1) for wi in hidden], axis=1)
+    sizes = [wi.shape[1] * wi.shape[2] for wi in hidden]
+    offs = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    widths = np.array([wi.shape[2] for wi in hidden], dtype=np.int64)
+    fw = final * np.asarray(signs, dtype=final.dtype).reshape(nb, 1, 1)
+    fw[:, :, 1 : 1 + n] += np.eye(n, dtype=final.dtype)
+    return flat, offs, widths, fw
+
+
+def kernel_parts(b: int) -> list[tuple[int, int]]:
+    """How the compiled kernels split a batch of ``b`` points: ``(start, count)`` parts, one per thread.
+
+    As many parts as PyTorch has intra-op threads (``torch.get_num_threads()``), each of at least
+    :data:`KERNEL_PART_MIN` points: the points are independent (only the weight gradients are summed), and the
+    kernels release the GIL, so two threads run a training step's solves and backward about 1.7x faster on two cores.
+    The studio gives training one thread (its view process has the other core); the command line's ``--threads``
+    and the benchmarks set it explicitly.
+    """
+    parts = max(1, min(KERNEL_THREADS or torch.get_num_threads(), b // KERNEL_PART_MIN))
+    bounds = [round(i * b / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(parts)]
+
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _in_parallel(task: Any, count: int) -> None:
+    """Run ``task(i)`` for ``i < count``: ``i = 0`` in this thread, the others in the module's thread pool."""
+    global _EXECUTOR
+    if count == 1:
+        task(0)
+        return
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                                          thread_name_prefix="monoflow-kernel")
+    futures = [_EXECUTOR.submit(task, i) for i in range(1, count)]
+    try:
+        task(0)
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _kernel_run(
     x: Tensor, blocks: Sequence[Any], net: FoldedNet, setup: Sequence[tuple[float, ...]], signs: Sequence[float],
-    labels: Sequence[str], ws: _Workspace | None,
+    labels: Sequence[str], spaces: Sequence[_Workspace] | None, parts: Sequence[tuple[int, int]] | None = None,
+    weights: tuple[Any, ...] | None = None,
 ) -> tuple[Tensor, Tensor, list[SolverStats]]:
     """Run blocks on points ``x`` (B, n) with the compiled kernels: ``(y (B, n), summed log-det (B,), stats)``.
 
-    ``setup`` holds each block's row of :data:`_KERNEL_FORWARD` (or of an inverse's setup); with a workspace
-    ``ws`` every block's final evaluation stays there for the backward pass, without one the blocks share a
-    one-block scratch workspace.
+    ``setup`` holds each block's row of :data:`_KERNEL_FORWARD` (or of an inverse's setup). The batch runs in
+    ``parts`` (default :func:`kernel_parts`), in parallel; with workspaces ``spaces`` (one per part) every block's
+    final evaluation stays there for the backward pass, without them the kernel uses scratch of its own.
+    ``weights``: :func:`_kernel_weights` of ``net`` and ``signs`` if already made.
     """
     x = x.detach().contiguous()
     b = x.shape[0]
     nb = len(blocks)
-    flat, offs, widths, fw = _kernel_weights(net, signs)
-    table = torch.tensor([list(row) for row in setup], dtype=torch.float64).numpy()
-    tols = torch.tensor([effective_tolerance(blk.tol, x.dtype) for blk in blocks], dtype=x.dtype).numpy()
-    caps = torch.tensor([int(blk.max_iter) for blk in blocks], dtype=torch.int64).numpy()
+    parts = kernel_parts(b) if parts is None else parts
+    flat, offs, widths, fw = weights if weights is not None else _kernel_weights(net, signs)
+    np_dtype = x.numpy().dtype
+    table = np.array(setup, dtype=np.float64)
+    tols = np.array([effective_tolerance(blk.tol, x.dtype) for blk in blocks], dtype=np_dtype)
+    caps = np.array([int(blk.max_iter) for blk in blocks], dtype=np.int64)
     y = torch.empty_like(x)
     logdet = x.new_empty(b)
     iterations = torch.empty(nb, b, dtype=torch.int64)
     residual = x.new_empty(nb, b)
     converged = torch.empty(nb, b, dtype=torch.bool)
-    keep = ws is not None
-    if ws is not None:
-        space = [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
-    else:  # the kernel evaluates into scratch of its own
-        space = [np.empty((0,) * d, x.numpy().dtype) for d in (3, 4, 4, 4, 5, 3)]
-    np_dtype = x.numpy().dtype
     int_type, bias, mant = kernels.exp2_bits(np_dtype)
-    kernels.solve_run(
+    common = (
         x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1,
         table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
-        y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), keep,
-        *space, np.empty(b, int_type), kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant,
-        COMPACT_FRACTION,
+        y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), spaces is not None,
     )
+    constants = (kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant, COMPACT_FRACTION)
+    empty = [np.empty((0,) * d, np_dtype) for d in (3, 4, 4, 4, 5, 3)]  # (the kernel's own scratch serves)
+
+    def run(i: int) -> None:
+        start, count = parts[i]
+        ws = spaces[i] if spaces is not None else None
+        space = empty if ws is None else [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
+        kernels.solve_run(*common, *space, np.empty(count, int_type), *constants, start, count)
+
+    _in_parallel(run, len(parts))
+    evaluations = iterations.numpy().max(axis=1)
+    failed = b - converged.numpy().sum(axis=1)
     stats = []
     for j in range(nb):
-        its = iterations[j]
-        st = SolverStats("newton", its, residual[j], converged[j], int(its.max()), float(tols[j]), int(caps[j]))
-        _warn_unconverged(st, labels[j], b)
+        st = SolverStats("newton", iterations[j], residual[j], converged[j], int(evaluations[j]), float(tols[j]),
+                         int(caps[j]))
+        if failed[j]:
+            _warn_unconverged(st, labels[j], b)
         stats.append(st)
     return y, logdet, stats
 
 
-def _kernel_forward(x: Tensor, plan: _Plan, net: FoldedNet, ws: _Workspace | None) -> tuple[Tensor, Tensor]:
+def _kernel_forward(
+    x: Tensor, plan: _Plan, net: FoldedNet, spaces: Sequence[_Workspace] | None,
+    parts: Sequence[tuple[int, int]] | None = None, weights: tuple[Any, ...] | None = None,
+) -> tuple[Tensor, Tensor]:
     """:func:`_fused_forward` by the compiled kernels, on points ``x`` (B, n): ``(y (B, n), summed log-det)``."""
     blocks = plan.blocks
     labels = [f"{type(blk).__name__} forward solve" for blk in blocks]
     y, logdet, stats = _kernel_run(x, blocks, net, [_KERNEL_FORWARD[blk.kind] for blk in blocks],
-                                   [1.0] * len(blocks), labels, ws)
+                                   [1.0] * len(blocks), labels, spaces, parts, weights)
     for blk, st in zip(blocks, stats, strict=True):
         if blk.kind != "residual":
             blk.forward_stats = st
@@ -1234,20 +1285,33 @@ _KERNEL_KINDS = {"residual": kernels.KIND_RESIDUAL, "monotone": kernels.KIND_MON
 
 
 def _kernel_backward(
-    net: FoldedNet, ws: _Workspace, kinds: Sequence[str], grad_z: Tensor, grad_logdet: Tensor
+    net: FoldedNet, spaces: Sequence[_Workspace], parts: Sequence[tuple[int, int]], kinds: Sequence[str],
+    grad_z: Tensor, grad_logdet: Tensor, weights: tuple[Any, ...] | None = None,
 ) -> list[Tensor | None]:
-    """:meth:`_FusedBlocks.backward` by the compiled kernel: the gradients of ``x``, (plan) and the folded tensors."""
-    flat, offs, widths, fw = _kernel_weights(net, [1.0] * len(kinds))
-    grad_flat = net.final.new_empty(flat.shape)
-    grad_fw = net.final.new_empty(fw.shape)
+    """:meth:`_FusedBlocks.backward` by the compiled kernel, part by part in parallel: the gradients of ``x``,
+    (plan) and the folded tensors (each part's weight gradients summed). ``weights``: the forward's
+    :func:`_kernel_weights`."""
+    flat, offs, widths, fw = weights if weights is not None else _kernel_weights(net, [1.0] * len(kinds))
+    grad_flat = net.final.new_empty((len(parts), *flat.shape))
+    grad_fw = net.final.new_empty((len(parts), *fw.shape))
     grad_x = torch.empty(grad_z.shape, dtype=grad_z.dtype)
     codes = torch.tensor([_KERNEL_KINDS[k] for k in kinds], dtype=torch.int64).numpy()
-    kernels.backward_run(
-        flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1, codes,
-        grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy(),
-        *(t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
-        grad_flat.numpy(), grad_fw.numpy(), kernels.constants(grad_z.numpy().dtype),
-    )
+    common = (flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1, codes,
+              grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy())
+    cst = kernels.constants(grad_flat.numpy().dtype)
+
+    def run(i: int) -> None:
+        ws = spaces[i]
+        kernels.backward_run(
+            *common, *(t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
+            grad_flat[i].numpy(), grad_fw[i].numpy(), cst, *parts[i],
+        )
+
+    _in_parallel(run, len(parts))
+    if len(parts) > 1:
+        grad_flat, grad_fw = grad_flat.sum(0), grad_fw.sum(0)
+    else:
+        grad_flat, grad_fw = grad_flat[0], grad_fw[0]
     grads: list[Tensor | None] = [grad_x, None]
     start = 0
     for wi in net.weights:
@@ -1265,17 +1329,25 @@ class _FusedBlocks(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
         xt = x.detach().t().contiguous()
-        ws, key = _acquire_workspace(net, xt.shape[1], xt)
         ctx.token = _GraphToken()
-        _release_with(ctx.token, ws, key)
-        ctx.compiled = kernels_apply(xt, net) and ws.stacked
+        ctx.compiled = kernels_apply(xt, net)
         if ctx.compiled:
-            y, total = _kernel_forward(x, plan, net, ws)
+            # one workspace per part of the batch (the parts run in parallel, kernel_parts)
+            ctx.parts = kernel_parts(xt.shape[1])
+            ctx.spaces = []
+            for _, count in ctx.parts:
+                ws, key = _acquire_workspace(net, count, xt)
+                _release_with(ctx.token, ws, key)
+                ctx.spaces.append(ws)
+            ctx.weights = _kernel_weights(net, [1.0] * len(plan.blocks))
+            y, total = _kernel_forward(x, plan, net, ctx.spaces, ctx.parts, ctx.weights)
         else:
+            ws, key = _acquire_workspace(net, xt.shape[1], xt)
+            _release_with(ctx.token, ws, key)
             yt, total = _fused_forward(xt, plan, net, ws)
             y = yt.t().contiguous()
+            ctx.ws = ws
         ctx.net = net
-        ctx.ws = ws
         ctx.kinds = [blk.kind for blk in plan.blocks]
         return y, total
 
@@ -1283,10 +1355,10 @@ class _FusedBlocks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_z: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         net: FoldedNet = ctx.net
-        ws: _Workspace = ctx.ws
         kinds: list[str] = ctx.kinds
         if ctx.compiled:
-            return (*_kernel_backward(net, ws, kinds, grad_z, grad_logdet),)
+            return (*_kernel_backward(net, ctx.spaces, ctx.parts, kinds, grad_z, grad_logdet, ctx.weights),)
+        ws: _Workspace = ctx.ws
         n, b, nb = ws.n, ws.b, ws.count
         a_all = ws.jacobian_maps()  # I + J_G at each block's solution
         inv_all = _inv_small(a_all)

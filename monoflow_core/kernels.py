@@ -313,7 +313,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
 def solve_run(
     points, wflat, offs, widths, m, fw, kind, modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters,
     y_out, logdet, iterations, residual, converged, keep, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, ibuf, cst, coeffs,
-    bias, mant, compact_fraction,
+    bias, mant, compact_fraction, start, count,
 ):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
@@ -349,9 +349,11 @@ def solve_run(
         cst, coeffs, bias, mant: :func:`constants`, :func:`exp2_coefficients` and :func:`exp2_bits` of the dtype.
         compact_fraction: without ``keep``, converged points are written out and leave the batch once at least
             ``1/compact_fraction`` of it has converged (as :func:`monoflow_core.fast._newton_compact`; 0: never).
+        start, count: the part of the batch to run, points ``start .. start + count - 1`` of ``points``, ``y_out``,
+            ``logdet`` and the statistics (the workspace and ``ibuf`` hold that part alone).
     """
     nb = wflat.shape[0]
-    b = points.shape[0]
+    b = count
     n = points.shape[1]
     dt = points.dtype
     cols = (1 + n) * b
@@ -374,9 +376,9 @@ def solve_run(
     jpt = np.empty((n, n, b), dt)
     step = np.empty(n, dt)
     for s in range(b):
-        logdet[s] = zero
+        logdet[start + s] = zero
         for a in range(n):
-            x[a, s] = points[s, a]
+            x[a, s] = points[start + s, a]
     total = fw.shape[2]
     depth = offs.shape[0]
     if not keep:  # private scratch, re-viewed as the batch shrinks (the BLAS products need contiguous operands)
@@ -465,16 +467,16 @@ def solve_run(
                 for p in range(na):
                     if done[p] or last:
                         s = idx[p]
-                        iterations[j, s] = first[p] if done[p] else it
-                        residual[j, s] = res[p] / thr[p] * tol
-                        converged[j, s] = done[p]
+                        iterations[j, start + s] = first[p] if done[p] else it
+                        residual[j, start + s] = res[p] / thr[p] * tol
+                        converged[j, start + s] = done[p]
                         for a in range(n):
                             for t in range(n):
                                 jac[a, t] = out[a, (1 + t) * na + p]
                         if ld_plus[j] != 0.0:
-                            logdet[s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
+                            logdet[start + s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
                         if ld_mono[j] != 0.0:
-                            logdet[s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
+                            logdet[start + s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
                         for a in range(n):
                             sol = cur[a, p] if solve else out[a, p]
                             x[a, s] = out_w[j] * sol + out_x[j] * x[a, s]
@@ -525,13 +527,13 @@ def solve_run(
                 plain[p] = False
     for s in range(b):
         for a in range(n):
-            y_out[s, a] = x[a, s]
+            y_out[start + s, a] = x[a, s]
 
 
 @_jit
 def backward_run(
     wflat, offs, widths, m, fw, kind, kinds, grad_z, grad_logdet, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, grad_x,
-    grad_wflat, grad_fw, cst,
+    grad_wflat, grad_fw, cst, start, count,
 ):  # pragma: no cover - compiled
     """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
 
@@ -549,10 +551,12 @@ def backward_run(
         grad_x: (B, n) receives the cotangent of the run's input.
         grad_wflat: (nb, sum_i m widths[i]) and grad_fw: (nb, n, T) receive the gradients of the folded weights.
         cst: :func:`constants` of the dtype.
+        start, count: the part of the batch (as :func:`solve_run`): rows ``start ..`` of ``grad_z``, ``grad_logdet``
+            and ``grad_x``; the weight gradients are those of this part alone.
     """
     nb = wflat.shape[0]
     depth = offs.shape[0]
-    b = grad_z.shape[0]
+    b = count
     n = grad_z.shape[1]
     dt = grad_z.dtype
     total = fw.shape[2]
@@ -573,7 +577,7 @@ def backward_run(
     row_v = np.empty(n, dt)
     for s in range(b):
         for a in range(n):
-            gy[a, s] = grad_z[s, a]
+            gy[a, s] = grad_z[start + s, a]
     for j in range(nb - 1, -1, -1):
         kj = kinds[j]
         xj = ws_x[j]
@@ -586,7 +590,7 @@ def backward_run(
             _inverse_small(amat, inv, n, 0.0)
             if kj == KIND_MONOTONE:
                 _inverse_small(amat, inv2, n, 2.0)  # (2I - A)^{-1}
-            gl = grad_logdet[s]
+            gl = grad_logdet[start + s]
             for a in range(n):
                 for t in range(n):
                     if kj == KIND_RESIDUAL:
@@ -692,7 +696,7 @@ def backward_run(
                 grad_fw[j, a, k] = acc
     for s in range(b):
         for a in range(n):
-            grad_x[s, a] = gy[a, s]
+            grad_x[start + s, a] = gy[a, s]
 
 
 @_jit

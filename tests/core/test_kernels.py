@@ -50,7 +50,8 @@ def _solve_pair(sign):
     w_torch, stats_torch = fast._newton(weights, rhs, sign, 1e-12, 50, "torch", views)
     ws = fast._Workspace(folded, 1, 300, rhs)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0)
-    w_kernel, _, (stats_kernel,) = fast._kernel_run(rhs.t(), [block], folded, [setup], [sign], ["kernel"], ws)
+    w_kernel, _, (stats_kernel,) = fast._kernel_run(rhs.t(), [block], folded, [setup], [sign], ["kernel"], [ws],
+                                                    [(0, 300)])
     return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
 
 
@@ -78,7 +79,7 @@ def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels():
     ws_torch = fast._Workspace(net, 3, 70, x)
     y_torch, ld_torch = fast._fused_forward(x.t().contiguous(), plan, net, ws_torch)
     ws_kernel = fast._Workspace(net, 3, 70, x)
-    y_kernel, ld_kernel = fast._kernel_forward(x, plan, net, ws_kernel)
+    y_kernel, ld_kernel = fast._kernel_forward(x, plan, net, [ws_kernel], [(0, 70)])
     assert torch.allclose(y_torch.t(), y_kernel, atol=1e-12, rtol=0)
     assert torch.allclose(ld_torch, ld_kernel, atol=1e-12, rtol=0)
     for name in ("x", "h_all", "y_all", "e_all", "q_all", "out"):
@@ -190,3 +191,30 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
     for a, b in zip(g1, g0, strict=True):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_a_batch_split_over_threads_gives_the_same_values_gradients_and_statistics(monkeypatch):
+    """With two intra-op threads the kernels run two halves of the batch in parallel; the weight gradients of the
+    halves are summed. Everything must equal the one-part run."""
+    torch.manual_seed(8)
+    flow = build_flow(FlowConfig(blocks=3)).double()
+    x = torch.randn(300, 2, dtype=DT) * 2
+    params = [p for p in flow.parameters() if p.requires_grad]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            assert len(fast.kernel_parts(300)) == count
+            xi = x.clone().requires_grad_(True)
+            lp = flow.log_prob(xi)
+            grads = torch.autograd.grad(lp.sum(), [xi, *params])
+            results.append((lp.detach(), grads, flow.solver_stats()[1]["forward"].iterations.clone()))
+            with torch.no_grad():
+                results[-1] += (flow.inverse(x), flow.log_prob(x))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results
+    assert torch.equal(one[2], two[2])
+    for a, b in [(one[0], two[0]), *zip(one[1], two[1], strict=True), (one[3], two[3]), (one[4], two[4])]:
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-11)
