@@ -22,7 +22,18 @@ small dimensions (the paper's 2-D and 1-D models) this module runs a whole run o
   block by block on (n, B) tensors; one reverse pass through all primal
   networks carries ``-a dG/dtheta``; each weight gradient is one batched product.
 
-Both paths agree to rounding in float64 (tests/core/test_fast.py), and the generic path remains the reference.
+The kernels of this path come in two implementations with the same algorithm and results (to rounding):
+
+* compiled (:mod:`monoflow_core.kernels`, Numba; CPU, float32/float64): a run's solves, log-dets and backward,
+  and the fold, are one compiled call each, per sample and layer in loops, with BLAS for the layer products.
+  PyTorch's per-operator cost (a few microseconds, ~3,400 operators per training step of the paper's model)
+  disappears. They compile in the background at first use (about half a minute on a new machine, then loaded from
+  Numba's on-disk cache in about a second); :func:`kernels_ready` says when, and serves meanwhile with:
+* PyTorch (this module): feature-major batched operators as described above; also the CUDA path, and the
+  fallback without Numba or with ``MONOFLOW_KERNELS=0``.
+
+Both paths agree to rounding in float64 (tests/core/test_fast.py runs on both kernel sets,
+tests/core/test_kernels.py compares them piece by piece), and the generic path remains the reference.
 """
 
 from __future__ import annotations

@@ -71,13 +71,17 @@ def configure_process() -> None:
     * a 1 ms GIL switch interval: every Python callback of a repaint (pyqtgraph paints in Python) must take the
       GIL back from the worker, and with the default 5 ms a repaint of a few dozen items could wait for a
       hundred milliseconds;
-    * antialiased plots (pyqtgraph), here so that the benchmarks measure the studio as it paints.
+    * antialiased plots (pyqtgraph), here so that the benchmarks measure the studio as it paints;
+    * the engine's compiled kernels start loading (or, the first time on a machine, compiling) in the background
+      now, not at the first training step (the PyTorch kernels serve until they are ready).
     """
     import torch
 
+    from monoflow_core import fast
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
+    fast.kernels_ready(torch.float32)
     import pyqtgraph as pg
 
     pg.setConfigOptions(antialias=True)  # smooth curves (the benchmarks measure the studio with it, too)
