@@ -1201,6 +1201,26 @@ def kernel_parts(b: int) -> list[tuple[int, int]]:
 
 
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int, dtype: Any) -> Any:
+    """This thread's scratch array for the kernels' no-gradient solves, of at least ``size`` elements of ``dtype``
+    (kept and grown: a fresh one per call would pay page faults on every chunk of an evaluation)."""
+    key = np.dtype(dtype).str
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.shape[0] < size:
+        buf = np.empty(size, dtype)
+        if buf.nbytes <= _SCRATCH_KEEP_BYTES:  # (an unchunked huge batch does not pin its memory afterwards)
+            buffers[key] = buf
+    return buf
+
+
+#: Largest scratch array a thread keeps between calls (evaluations come in chunks of a few thousand points).
+_SCRATCH_KEEP_BYTES = 64 * 1024 * 1024
 
 
 def _in_parallel(task: Any, count: int) -> None:
@@ -1257,9 +1277,15 @@ def _kernel_run(
 
     def run(i: int) -> None:
         start, count = parts[i]
-        ws = spaces[i] if spaces is not None else None
-        space = empty if ws is None else [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
-        kernels.solve_run(*common, *space, np.empty(count, int_type), *constants, start, count)
+        if spaces is not None:
+            ws = spaces[i]
+            space = [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
+            scratch = empty[0].reshape(-1)
+        else:
+            space = empty
+            size = kernels.scratch_size(fw.shape[2], len(net.weights), net.weights[0].shape[1], fw.shape[1], count)
+            scratch = _scratch(size, np_dtype)
+        kernels.solve_run(*common, *space, np.empty(count, int_type), *constants, start, count, scratch)
 
     _in_parallel(run, len(parts))
     evaluations = iterations.numpy().max(axis=1)

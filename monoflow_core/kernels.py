@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - exercised only where Numba is missing
     numba = None
 
 __all__ = ["AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL", "MODE_EVALUATE", "MODE_SOLVE",
-           "backward_run", "solve_run"]
+           "backward_run", "fold_backward", "fold_forward", "limit_blas_threads", "scratch_size", "solve_run"]
 
 #: Whether the compiled kernels can be used in this process.
 AVAILABLE = numba is not None
@@ -313,7 +313,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
 def solve_run(
     points, wflat, offs, widths, m, fw, kind, modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters,
     y_out, logdet, iterations, residual, converged, keep, ws_x, ws_h, ws_y, ws_e, ws_q, ws_out, ibuf, cst, coeffs,
-    bias, mant, compact_fraction, start, count,
+    bias, mant, compact_fraction, start, count, scratch,
 ):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
@@ -351,6 +351,8 @@ def solve_run(
             ``1/compact_fraction`` of it has converged (as :func:`monoflow_core.fast._newton_compact`; 0: never).
         start, count: the part of the batch to run, points ``start .. start + count - 1`` of ``points``, ``y_out``,
             ``logdet`` and the statistics (the workspace and ``ibuf`` hold that part alone).
+        scratch: without ``keep``, at least :func:`scratch_size` elements for the evaluations (reused across calls:
+            fresh memory of this size would cost page faults on every call).
     """
     nb = wflat.shape[0]
     b = count
@@ -381,12 +383,18 @@ def solve_run(
             x[a, s] = points[start + s, a]
     total = fw.shape[2]
     depth = offs.shape[0]
-    if not keep:  # private scratch, re-viewed as the batch shrinks (the BLAS products need contiguous operands)
-        fx = np.empty(total * cols, dt)
-        fh = np.empty(depth * m * cols, dt)
-        fy = np.empty(depth * m * b, dt)
-        fe = np.empty(depth * m * b, dt)
-        fq = np.empty(depth * 2 * m * b, dt)
+    if not keep:  # the caller's scratch, re-viewed as the batch shrinks (the BLAS products need contiguous operands)
+        sizes = (total * cols, depth * m * cols, depth * m * b, depth * m * b, depth * 2 * m * b)
+        at = 0
+        fx = scratch[at : at + sizes[0]]
+        at += sizes[0]
+        fh = scratch[at : at + sizes[1]]
+        at += sizes[1]
+        fy = scratch[at : at + sizes[2]]
+        at += sizes[2]
+        fe = scratch[at : at + sizes[3]]
+        at += sizes[3]
+        fq = scratch[at : at + sizes[4]]
     idx = np.arange(b)
     for j in range(nb):
         tol = tols[j]
@@ -528,6 +536,12 @@ def solve_run(
     for s in range(b):
         for a in range(n):
             y_out[start + s, a] = x[a, s]
+
+
+def scratch_size(total: int, depth: int, m: int, n: int, b: int) -> int:
+    """Elements of :func:`solve_run`'s ``scratch`` for ``b`` points (features, pre-activations, activation parts)."""
+    cols = (1 + n) * b
+    return total * cols + depth * m * cols + 4 * depth * m * b
 
 
 @_jit
