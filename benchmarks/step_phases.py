@@ -5,11 +5,12 @@ on 8gaussians as ``engine_speed.py`` does and reports, over steps 51 to ``--step
 the whole step; the forward pass (``-log_prob(x).mean()``); the backward pass; the Adam step; the power-iteration
 update; and, inside them, the fused path's pieces (``monoflow_core.fast``): the fold of the spectrally normalised
 weights, the Newton solves (and within them the evaluations of G with its Jacobian, the 2x2 Newton steps and the
-safeguard), and the batched reverse passes of the backward. The pieces are timed by wrapping the module's
-functions with ``time.perf_counter`` (a few microseconds of overhead per call), so they are approximate and do not
-add up to the phases exactly.
+safeguard), and the batched reverse passes of the backward; on the compiled kernels (the default, see
+``monoflow_core.kernels``) the fold, the forward and the backward are one call each. The pieces are timed by wrapping
+the module's functions with ``time.perf_counter`` (a few microseconds of overhead per call), so they are approximate
+and do not add up to the phases exactly.
 
-Usage: ``python benchmarks/step_phases.py [--steps 150]``.
+Usage: ``python benchmarks/step_phases.py [--steps 150] [--kernels compiled|pytorch]``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ PIECES = [
     ("_safeguard", "  safeguard"),
     ("_reverse_tangents", "fused backward: reverse pass through the tangents"),
     ("_reverse_primals", "fused backward: reverse pass through the primals"),
+    ("_kernel_fold", "compiled: fold of the weights (forward; its backward is inside the backward phase)"),
+    ("_kernel_forward", "compiled: forward solves and log-dets"),
+    ("_kernel_backward", "compiled: backward of the solves and log-dets"),
 ]
 
 
@@ -59,10 +63,16 @@ def wrap(name: str, label: str, acc: dict[str, float]) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps (phases are timed from step 51)")
+    parser.add_argument("--kernels", choices=["compiled", "pytorch"], default="compiled",
+                        help="the fused path's kernels: compiled (Numba) or PyTorch")
     args = parser.parse_args(argv)
     if args.steps <= 50:
         parser.error("--steps must exceed 50")
     torch.set_num_threads(1)
+    if args.kernels == "pytorch":
+        fast.USE_KERNELS = False
+    elif not fast.kernels_ready(torch.float32, wait=True):
+        parser.error("the compiled kernels are unavailable here; use --kernels pytorch")
     torch.manual_seed(0)
     flow = mc.build_flow(mc.FlowConfig())
     opt = new_optimizer(flow)
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             u()
     info = common.machine_info()
     print(f"{info['machine']}, {info['nproc']} cores, load {info['loadavg_at_start']}, torch {info['torch']}, "
-          f"git {info['git_revision']}; 1 intra-op thread; steps 51-{args.steps}")
+          f"git {info['git_revision']}; 1 intra-op thread; steps 51-{args.steps}; {args.kernels} kernels")
     for label, values in series.items():
         print(f"{label:52s} {statistics.median(values) * 1e3:7.2f} ms/step (median)")
     return 0
