@@ -239,10 +239,14 @@ def run_note_bits(r: dict) -> list[str]:
 
 
 def start_run(args: Any, argv: Sequence[str] | None, rerender: Any) -> tuple[dict[str, Any], list[str]] | None:
-    """Common start of a benchmark's ``main``: re-render only (returns None), or set threads and return the
-    machine description and the command line that is recorded with the results."""
+    """Common start of a benchmark's ``main``: re-render only (returns None), or set threads, have the engine's
+    compiled kernels ready for float32 (compiled or loaded from Numba's cache, so that the first timed steps run on
+    them too), and return the machine description and the command line that is recorded with the results."""
     if args.rerender:
         rerender(args)
         return None
     set_threads(args.threads)
+    from monoflow_core import fast
+
+    fast.kernels_ready(torch.float32, wait=True)
     return machine_info(), [command_line(None if argv is None else [sys.argv[0], *argv])]
