@@ -52,6 +52,33 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
+def _eliminate(a, b, n):  # pragma: no cover - compiled
+    """Gaussian elimination with partial pivoting of ``a`` (n x n, upper triangular afterwards) and the right-hand
+    side ``b`` alike, in place; returns ``log|det a|``."""
+    total = 0.0
+    for col in range(n):
+        piv = col
+        for i in range(col + 1, n):
+            if abs(a[i, col]) > abs(a[piv, col]):
+                piv = i
+        if piv != col:
+            for k in range(n):
+                tmp = a[col, k]
+                a[col, k] = a[piv, k]
+                a[piv, k] = tmp
+            tmp = b[col]
+            b[col] = b[piv]
+            b[piv] = tmp
+        total += math.log(abs(a[col, col]))
+        for i in range(col + 1, n):
+            factor = a[i, col] / a[col, col]
+            for k in range(col, n):
+                a[i, k] -= factor * a[col, k]
+            b[i] -= factor * b[col]
+    return total
+
+
+@_jit
 def _solve_small(a, b, n):  # pragma: no cover - compiled
     """Overwrite ``b`` with ``a^{-1} b`` for one small matrix (closed form for n = 1, 2; else partial pivoting).
 
@@ -66,24 +93,7 @@ def _solve_small(a, b, n):  # pragma: no cover - compiled
         b[1] = (a[0, 0] * b[1] - a[1, 0] * b[0]) / det
         b[0] = b0
         return
-    for col in range(n):
-        piv = col
-        for i in range(col + 1, n):
-            if abs(a[i, col]) > abs(a[piv, col]):
-                piv = i
-        if piv != col:
-            for k in range(n):
-                tmp = a[col, k]
-                a[col, k] = a[piv, k]
-                a[piv, k] = tmp
-            tmp = b[col]
-            b[col] = b[piv]
-            b[piv] = tmp
-        for i in range(col + 1, n):
-            factor = a[i, col] / a[col, col]
-            for k in range(col, n):
-                a[i, k] -= factor * a[col, k]
-            b[i] -= factor * b[col]
+    _eliminate(a, b, n)
     for i in range(n - 1, -1, -1):
         acc = b[i]
         for k in range(i + 1, n):
@@ -107,23 +117,7 @@ def _logabsdet(a, n, shift):  # pragma: no cover - compiled
             m[i, k] = -a[i, k] if shift != 0.0 else a[i, k]
         if shift != 0.0:
             m[i, i] += shift
-    total = 0.0
-    for col in range(n):
-        piv = col
-        for i in range(col + 1, n):
-            if abs(m[i, col]) > abs(m[piv, col]):
-                piv = i
-        if piv != col:
-            for k in range(n):
-                tmp = m[col, k]
-                m[col, k] = m[piv, k]
-                m[piv, k] = tmp
-        total += math.log(abs(m[col, col]))
-        for i in range(col + 1, n):
-            factor = m[i, col] / m[col, col]
-            for k in range(col, n):
-                m[i, k] -= factor * m[col, k]
-    return total
+    return _eliminate(m, np.zeros(n, m.dtype), n)
 
 
 @_jit
@@ -618,12 +612,10 @@ def backward_run(
             for s in range(b):
                 c_out[a, s] = zero
         _transpose_product(fw[j], c_out, gx, n, total, cols)
-        row = widths[depth - 1] + m
-        for i in range(depth - 1, -1, -1):
-            row -= m
+        for i in range(depth - 1, -1, -1):  # (layer i's outputs are rows widths[i] .. widths[i] + m - 1)
             width = widths[i]
             for u in range(m):
-                grow = gx[row + u]
+                grow = gx[width + u]
                 hrow = ws_h[i, j, u]
                 drow = ws_q[i, j, 1, u]
                 srow = ghs[i, u]
@@ -643,11 +635,7 @@ def backward_run(
                 else:
                     for s in range(b):
                         srow[s] = grow[s] * drow[s]
-            wi = wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
-            np.dot(wi.T, ghs[i], tmp[:width])
-            for k in range(width):
-                for q_ in range(cols):
-                    gx[k, q_] += tmp[k, q_]
+            _back_through(wflat[j, offs[i] : offs[i] + m * width].reshape((m, width)), ghs[i], tmp, gx)
         # (2) the implicit-function gradient, per point; c_out's primal columns receive the cotangent of G's output
         for s in range(b):
             for a in range(n):
@@ -676,12 +664,10 @@ def backward_run(
                 gy[t, s] = root2 * acc - gy[t, s] if kj == KIND_MONOTONE else acc
         # (3) back through G's primal network with that cotangent
         _transpose_product(fw[j], c_out, gx2, n, total, b)
-        row = widths[depth - 1] + m
         for i in range(depth - 1, -1, -1):
-            row -= m
             width = widths[i]
             for u in range(m):
-                grow = gx2[row + u]
+                grow = gx2[width + u]
                 drow = ws_q[i, j, 1, u]
                 srow = ghs[i, u]
                 g2row = g2[u]
@@ -689,12 +675,8 @@ def backward_run(
                     g = grow[s] * drow[s]
                     g2row[s] = g
                     srow[s] += g
-            if i > 0:
-                wi = wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
-                np.dot(wi.T, g2, tmp2[:width])
-                for k in range(width):
-                    for s in range(b):
-                        gx2[k, s] += tmp2[k, s]
+            if i > 0:  # (the input's cotangent is not needed: the implicit gradient gave it)
+                _back_through(wflat[j, offs[i] : offs[i] + m * width].reshape((m, width)), g2, tmp2, gx2)
         # the weight gradients: summed pre-activation cotangents (both passes) times the features
         for i in range(depth):
             width = widths[i]
@@ -711,6 +693,19 @@ def backward_run(
     for s in range(b):
         for a in range(n):
             grad_x[start + s, a] = gy[a, s]
+
+
+@_jit
+def _back_through(w, g, tmp, gx):  # pragma: no cover - compiled
+    """``gx[:width] += w^T g``: pre-activation cotangents ``g`` (m, cols) back to a layer's inputs (one BLAS product
+    into the scratch ``tmp``, then a vectorised sum)."""
+    width = w.shape[1]
+    np.dot(w.T, g, tmp[:width])
+    for k in range(width):
+        grow = gx[k]
+        trow = tmp[k]
+        for q_ in range(g.shape[1]):
+            grow[q_] += trow[q_]
 
 
 @_jit
@@ -767,6 +762,19 @@ def _column_scales(i, n, hidden_widths, eta2, prods, scale, cols):  # pragma: no
 
 
 @_jit
+def _fold_setup(concat_k, ws):  # pragma: no cover - compiled
+    """Sizes and scratch of :func:`fold_forward` and :func:`fold_backward`: ``(nb, depth, n, eta1, eta2, prods,
+    hidden widths, column scales)``."""
+    depth = concat_k.shape[1]
+    dt = concat_k.dtype
+    hidden_widths = np.empty(depth, np.int64)
+    for i in range(depth):
+        hidden_widths[i] = ws[i].shape[1]
+    return (concat_k.shape[0], depth, ws[0].shape[2], np.empty(depth, dt), np.empty(depth, dt),
+            np.empty(depth + 1, dt), hidden_widths, np.empty(ws[depth].shape[2], dt))
+
+
+@_jit
 def fold_forward(concat_k, lip, coeff, ws, bs, k, shift, scale, outs, final, us, vs, sig):  # pragma: no cover
     """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
 
@@ -783,17 +791,7 @@ def fold_forward(concat_k, lip, coeff, ws, bs, k, shift, scale, outs, final, us,
         outs: per hidden layer the folded weights (nb, 2 out, 1 + in); final: (nb, n, 1 + in) (both written).
         us, vs, sig: per layer position the singular vectors (nb, out), (nb, in) and sigma (L + 1, nb) (written).
     """
-    nb = concat_k.shape[0]
-    depth = concat_k.shape[1]
-    n = ws[0].shape[2]
-    dt = concat_k.dtype
-    eta1 = np.empty(depth, dt)
-    eta2 = np.empty(depth, dt)
-    prods = np.empty(depth + 1, dt)
-    hidden_widths = np.empty(depth, np.int64)
-    for i in range(depth):
-        hidden_widths[i] = ws[i].shape[1]
-    cols = np.empty(ws[depth].shape[2], dt)
+    nb, depth, n, eta1, eta2, prods, hidden_widths, cols = _fold_setup(concat_k, ws)
     for j in range(nb):
         _mix(concat_k[j], lip[j], eta1, eta2, prods)
         for i in range(depth + 1):
@@ -841,21 +839,11 @@ def fold_backward(concat_k, lip, coeff, ws, k, scale, gouts, gfinal, us, vs, sig
     gradient flows through ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through
     ``eta`` and ``prod eta1``, and of ``softplus`` (checked against PyTorch's autograd of the same fold).
     """
-    nb = concat_k.shape[0]
-    depth = concat_k.shape[1]
-    n = ws[0].shape[2]
-    dt = concat_k.dtype
-    eta1 = np.empty(depth, dt)
-    eta2 = np.empty(depth, dt)
-    prods = np.empty(depth + 1, dt)
-    g_eta1 = np.empty(depth, dt)
-    g_eta2 = np.empty(depth, dt)
-    g_prods = np.empty(depth + 1, dt)
-    hidden_widths = np.empty(depth, np.int64)
-    for i in range(depth):
-        hidden_widths[i] = ws[i].shape[1]
-    cols = np.empty(ws[depth].shape[2], dt)
-    g_cols = np.empty(ws[depth].shape[2], dt)
+    nb, depth, n, eta1, eta2, prods, hidden_widths, cols = _fold_setup(concat_k, ws)
+    g_eta1 = np.empty_like(eta1)
+    g_eta2 = np.empty_like(eta2)
+    g_prods = np.empty_like(prods)
+    g_cols = np.empty_like(cols)
     for j in range(nb):
         _mix(concat_k[j], lip[j], eta1, eta2, prods)
         g_eta1[:] = 0.0
