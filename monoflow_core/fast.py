@@ -335,64 +335,81 @@ def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
 
 
 class _KernelFold(torch.autograd.Function):
-    """:func:`fold_nets` as one compiled call each way (:func:`monoflow_core.kernels.fold_forward`)."""
+    """:func:`fold_nets` as one compiled call each way (:func:`monoflow_core.kernels.fold_forward`).
+
+    Inputs and output are flat, one row per block with the layers side by side (``layout`` has the offsets), so that
+    one compiled version serves networks of every depth.
+    """
 
     @staticmethod
-    def forward(ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, *stacked: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        lip, coeff, k, shift, scale = meta
-        depth = concat_k.shape[1]
-        ws, bs = stacked[: depth + 1], stacked[depth + 1 :]
+    def forward(ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, wflat: Tensor, bflat: Tensor) -> Tensor:  # type: ignore[override]
+        lip, coeff, k, shift, scale, layout = meta
+        rows, cols, woffs, boffs, ooffs, voffs, out_size, v_size = layout
         nb = concat_k.shape[0]
-        outs = [ws[i].new_empty(nb, 2 * ws[i].shape[1], 1 + ws[i].shape[2]) for i in range(depth)]
-        final = ws[depth].new_empty(nb, ws[depth].shape[1], 1 + ws[depth].shape[2])
-        us = [w.new_empty(nb, w.shape[1]) for w in ws]
-        vs = [w.new_empty(nb, w.shape[2]) for w in ws]
-        sig = concat_k.new_empty(depth + 1, nb)
-        npw = tuple(w.detach().numpy() for w in ws)
+        out = wflat.new_empty(nb, out_size)
+        uflat = wflat.new_empty(bflat.shape)
+        vflat = wflat.new_empty(nb, v_size)
+        sig = wflat.new_empty(len(rows), nb)
         kernels.fold_forward(
-            concat_k.detach().numpy(), lip.numpy(), coeff.numpy(), npw, tuple(b.detach().numpy() for b in bs), k,
-            shift, scale, tuple(o.numpy() for o in outs) or (final.numpy(),), final.numpy(),
-            tuple(u.numpy() for u in us), tuple(v.numpy() for v in vs), sig.numpy(),
+            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
+            boffs, ooffs, voffs, k, shift, scale, out.numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(),
         )
-        ctx.save_for_backward(concat_k, *ws)
-        ctx.extra = (lip, coeff, k, scale, us, vs, sig)
-        return (*outs, final)
+        ctx.save_for_backward(concat_k, wflat)
+        ctx.extra = (meta, uflat, vflat, sig, bflat.shape)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        concat_k, *ws = ctx.saved_tensors
-        lip, coeff, k, scale, us, vs, sig = ctx.extra
-        depth = concat_k.shape[1]
-        shapes = [(w.shape[0], 2 * w.shape[1], 1 + w.shape[2]) for w in ws[:depth]]
-        shapes.append((ws[depth].shape[0], ws[depth].shape[1], 1 + ws[depth].shape[2]))
-        grads = tuple(concat_k.new_zeros(shape) if g is None else g.contiguous()
-                      for g, shape in zip(grads, shapes, strict=True))
-        gws = [torch.empty_like(w) for w in ws]
-        gbs = [w.new_empty(w.shape[:2]) for w in ws]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        concat_k, wflat = ctx.saved_tensors
+        (lip, coeff, k, _, scale, layout), uflat, vflat, sig, b_shape = ctx.extra
+        rows, cols, woffs, boffs, ooffs, voffs, _, _ = layout
+        gw = torch.empty_like(wflat)
+        gb = wflat.new_empty(b_shape)
         gk = torch.empty_like(concat_k)
         kernels.fold_backward(
-            concat_k.detach().numpy(), lip.numpy(), coeff.numpy(), tuple(w.detach().numpy() for w in ws), k, scale,
-            tuple(g.numpy() for g in grads[:depth]) or (grads[-1].numpy(),), grads[-1].numpy(),
-            tuple(u.numpy() for u in us), tuple(v.numpy() for v in vs), sig.numpy(), tuple(g.numpy() for g in gws),
-            tuple(g.numpy() for g in gbs), gk.numpy(),
+            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), rows, cols, woffs, boffs, ooffs, voffs, k,
+            scale, grad.contiguous().numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(),
+            gk.numpy(),
         )
-        return (None, gk, *gws, *gbs)
+        return None, gk, gw, gb
+
+
+def _fold_layout(layers: Sequence[Any]) -> tuple[Any, ...]:
+    """Shapes and offsets of one block's layers in :class:`_KernelFold`'s flat rows (see ``kernels.fold_forward``)."""
+    rows = np.array([lin.weight.shape[0] for lin in layers], dtype=np.int64)
+    cols = np.array([lin.weight.shape[1] for lin in layers], dtype=np.int64)
+    outs = [(2 if i < len(layers) - 1 else 1) * r * (1 + c) for i, (r, c) in enumerate(zip(rows, cols, strict=True))]
+
+    def offsets(sizes: Any) -> Any:
+        return np.cumsum([0, *list(sizes)[:-1]]).astype(np.int64)
+
+    return (rows, cols, offsets(rows * cols), offsets(rows), offsets(outs), offsets(cols), int(sum(outs)),
+            int(cols.sum()))
 
 
 def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
+    """:func:`fold_nets` on the compiled kernels (differentiable through :class:`_KernelFold`)."""
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
     k = _K * _LOG2E if kind == "pila" else 1.0
     ref = nets[0].layers[0].weight
+    np_dtype = torch.empty(0, dtype=ref.dtype).numpy().dtype
     layers = [[*g.layers, g.final] for g in nets]
-    positions = range(len(layers[0]))
-    ws = [torch.stack([row[i].weight for row in layers]) for i in positions]
-    bs = [torch.stack([row[i].bias for row in layers]) for i in positions]
-    lip = torch.tensor([g.lip_coeff for g in nets], dtype=ref.dtype)
-    coeff = torch.tensor([lin.coeff for lin in layers[0]], dtype=ref.dtype)
-    meta = (lip, coeff, k, shift, scale / k)
-    folded = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), *ws, *bs)
-    return FoldedNet(list(folded[:-1]), folded[-1], nets[0].in_features, kind)
+    nb, positions = len(nets), range(len(layers[0]))
+    layout = _fold_layout(layers[0])
+    wflat = torch.cat([torch.stack([row[i].weight for row in layers]).reshape(nb, -1) for i in positions], dim=1)
+    bflat = torch.cat([torch.stack([row[i].bias for row in layers]) for i in positions], dim=1)
+    lip = np.array([g.lip_coeff for g in nets], dtype=np_dtype)
+    coeff = np.array([[row[i].coeff for row in layers] for i in positions], dtype=np_dtype)
+    meta = (lip, coeff, k, shift, scale / k, layout)
+    out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat)
+    rows, cols, _, _, ooffs, _, _, _ = layout
+    tensors = []
+    for i in positions:
+        height = int(rows[i]) * (2 if i < len(positions) - 1 else 1)
+        size = height * (1 + int(cols[i]))
+        tensors.append(out[:, ooffs[i] : ooffs[i] + size].view(nb, height, 1 + int(cols[i])))
+    return FoldedNet(tensors[:-1], tensors[-1], nets[0].in_features, kind)
 
 
 def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
@@ -1138,35 +1155,56 @@ _KERNEL_COMPILE_LOCK = threading.RLock()
 
 
 def _compile_kernels(dtype: torch.dtype) -> None:
-    """Compile (or load from Numba's cache) the kernels for ``dtype`` by running a one-block flow through them."""
-    from .config import FlowConfig
-    from .models import build_flow
+    """Compile (or load from Numba's cache) the kernels for ``dtype``, through the same calls the engine makes.
 
+    A tiny problem with deterministic weights (no random numbers: this may run in a background thread, and the
+    global generator belongs to the user), 2 dimensions, 2 layers of 4 units. Every kernel takes its sizes as
+    arguments, so these compiled versions serve every architecture of the dtype.
+    """
     with _KERNEL_COMPILE_LOCK:
         if _KERNEL_STATE.get(dtype) != "compiling":
             return
         try:
             kernels.limit_blas_threads()
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                flow = build_flow(FlowConfig(dim=2, blocks=1)).to(dtype)
-            blocks = list(flow.layers[:1])
-            with torch.no_grad():
-                net = fold_nets([blocks[0].net])
-            x = torch.zeros(4, 2, dtype=dtype)
-            ws = _Workspace(net, 1, 4, x)
-            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], [ws], [(0, 4)])
-            _kernel_run(x, blocks, net, [_KERNEL_FORWARD["monotone"]], [1.0], ["warm-up"], None, [(0, 4)])
-            _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
-            folded = _kernel_fold([blocks[0].net])
-            torch.autograd.grad(sum(t.sum() for t in folded.tensors()), list(blocks[0].net.parameters()),
-                                allow_unused=True)
+            _run_kernels_once(dtype)
         except Exception as error:  # any failure leaves the PyTorch kernels in charge
             _KERNEL_STATE[dtype] = "failed"
             warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
                           "kernels serve instead", RuntimeWarning, stacklevel=2)
             return
         _KERNEL_STATE[dtype] = "ready"
+
+
+def _run_kernels_once(dtype: torch.dtype) -> None:
+    """Call every compiled kernel once in ``dtype`` on a tiny deterministic problem (see :func:`_compile_kernels`)."""
+    from types import SimpleNamespace
+
+    def ramp(*shape: int, scale: float = 0.1) -> Tensor:
+        return torch.sin(torch.arange(math.prod(shape), dtype=dtype)).mul_(scale).view(shape)
+
+    n, m, depth = 2, 4, 2
+    shapes = [(m, n), (m, n + 2 * m), (n, n + 4 * m)]  # (rows, cols) of each linear layer (widths 2, 10, 18)
+    linears = [SimpleNamespace(weight=torch.empty(r, c)) for r, c in shapes]
+    layout = _fold_layout(linears)
+    sizes = [r * c for r, c in shapes]
+    wflat = ramp(1, sum(sizes)).requires_grad_()
+    bflat = ramp(1, sum(r for r, _ in shapes)).requires_grad_()
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), _K * _LOG2E, 0.2, 1.0 / 1.06 /
+            (_K * _LOG2E), layout)
+    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat)
+    torch.autograd.grad(out.sum(), [wflat, bflat])
+    rows, cols, _, _, ooffs, _, _, _ = layout
+    tensors = [out.detach()[:, ooffs[i] : ooffs[i] + (2 if i < depth else 1) * rows[i] * (1 + cols[i])]
+               .view(1, (2 if i < depth else 1) * int(rows[i]), 1 + int(cols[i])) for i in range(depth + 1)]
+    net = FoldedNet(tensors[:-1], tensors[-1], n, "pila")
+    block = SimpleNamespace(tol=1e-6, max_iter=20, kind="monotone")
+    x = ramp(4, n, scale=1.0)
+    ws = _Workspace(net, 1, 4, x)
+    setup = [_KERNEL_FORWARD["monotone"]]
+    _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], [ws], [(0, 4)])
+    _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], None, [(0, 4)])
+    _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
 
 
 def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, Any, Any]:
@@ -1229,15 +1267,18 @@ def _in_parallel(task: Any, count: int) -> None:
     if count == 1:
         task(0)
         return
-    if _EXECUTOR is None:
-        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                                                          thread_name_prefix="monoflow-kernel")
+    with _KERNEL_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                                              thread_name_prefix="monoflow-kernel")
     futures = [_EXECUTOR.submit(task, i) for i in range(1, count)]
     try:
         task(0)
     finally:
-        for future in futures:
-            future.result()
+        # every part has finished (even when one failed) before its buffers can be reused
+        concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()  # re-raises a part's error
 
 
 def _kernel_run(

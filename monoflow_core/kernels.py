@@ -52,6 +52,12 @@ def _jit(fn: Any) -> Any:
 
 
 @_jit
+def _max_nan(a, b):  # pragma: no cover - compiled
+    """``max(a, b)`` that propagates NaN (``max(0.0, nan)`` is 0.0): a non-finite residual must never look converged."""
+    return b if b > a or b != b else a
+
+
+@_jit
 def _eliminate(a, b, n):  # pragma: no cover - compiled
     """Gaussian elimination with partial pivoting of ``a`` (n x n, upper triangular afterwards) and the right-hand
     side ``b`` alike, in place; returns ``log|det a|``."""
@@ -401,7 +407,7 @@ def solve_run(
             for a in range(n):
                 rhs[a, p] = rhs_scale[j] * x[a, p]
                 cur[a, p] = rhs[a, p]
-                bound = max(bound, abs(rhs[a, p]))
+                bound = _max_nan(bound, abs(rhs[a, p]))
             thr[p] = (bound + one) * tol
             done[p] = False
             plain[p] = False
@@ -451,7 +457,7 @@ def solve_run(
                 rs = zero
                 for a in range(n):
                     r[a, p] = out[a, p] - rhs[a, p]
-                    rs = max(rs, abs(r[a, p]))
+                    rs = _max_nan(rs, abs(r[a, p]))
                 res[p] = rs
                 if rs <= thr[p]:
                     done[p] = True
@@ -762,84 +768,86 @@ def _column_scales(i, n, hidden_widths, eta2, prods, scale, cols):  # pragma: no
 
 
 @_jit
-def _fold_setup(concat_k, ws):  # pragma: no cover - compiled
+def _fold_setup(concat_k, rows, cols_):  # pragma: no cover - compiled
     """Sizes and scratch of :func:`fold_forward` and :func:`fold_backward`: ``(nb, depth, n, eta1, eta2, prods,
-    hidden widths, column scales)``."""
+    column scales)``."""
     depth = concat_k.shape[1]
     dt = concat_k.dtype
-    hidden_widths = np.empty(depth, np.int64)
-    for i in range(depth):
-        hidden_widths[i] = ws[i].shape[1]
-    return (concat_k.shape[0], depth, ws[0].shape[2], np.empty(depth, dt), np.empty(depth, dt),
-            np.empty(depth + 1, dt), hidden_widths, np.empty(ws[depth].shape[2], dt))
+    return (concat_k.shape[0], depth, cols_[0], np.empty(depth, dt), np.empty(depth, dt), np.empty(depth + 1, dt),
+            np.empty(cols_[depth], dt))
 
 
 @_jit
-def fold_forward(concat_k, lip, coeff, ws, bs, k, shift, scale, outs, final, us, vs, sig):  # pragma: no cover
+def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, k, shift, scale,
+                 out_flat, uflat, vflat, sig):  # pragma: no cover - compiled
     """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
 
-    Per block ``j`` and layer ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair (an SVD,
-    no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)`` (ALGORITHM.md 6), the
-    column scales of the learnable concatenation, and for a hidden layer the concatenated activation's two halves
-    ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``).
+    Per block ``j`` and layer position ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair
+    (an SVD, no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)`` (ALGORITHM.md 6),
+    the column scales of the learnable concatenation, and for a hidden layer the concatenated activation's two
+    halves ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``).
+
+    Every per-layer array is one row per block with the layers side by side (so one compiled version serves every
+    depth): layer ``i`` of block ``j`` is ``wflat[j, woffs[i]:]`` as (rows[i], cols_[i]), its bias
+    ``bflat[j, boffs[i]:]``, its folded weights ``out_flat[j, ooffs[i]:]`` as (2 rows[i], 1 + cols_[i]) (hidden) or
+    (rows[i], 1 + cols_[i]) (final), its singular vectors ``uflat[j, boffs[i]:]`` and ``vflat[j, voffs[i]:]``.
 
     Args (``nb`` blocks, depth ``L``):
         concat_k: (nb, L, 2) the concatenation parameters K; lip: (nb,) each net's ``lip_coeff``.
-        coeff: (L + 1,) each layer position's Lipschitz bound.
-        ws, bs: per layer position (L + 1 of them) the stacked weights (nb, out, in) and biases (nb, out).
+        coeff: (L + 1, nb) each layer's Lipschitz bound.
         k, shift, scale: the activation's folded pre-activation factor, shift and output scale (divided by k).
-        outs: per hidden layer the folded weights (nb, 2 out, 1 + in); final: (nb, n, 1 + in) (both written).
-        us, vs, sig: per layer position the singular vectors (nb, out), (nb, in) and sigma (L + 1, nb) (written).
+        out_flat, uflat, vflat, sig: written; ``sig`` (L + 1, nb) holds each layer's sigma.
     """
-    nb, depth, n, eta1, eta2, prods, hidden_widths, cols = _fold_setup(concat_k, ws)
+    nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
     for j in range(nb):
         _mix(concat_k[j], lip[j], eta1, eta2, prods)
         for i in range(depth + 1):
-            w = ws[i][j]
-            rows = w.shape[0]
-            width = w.shape[1]
+            r_i = rows[i]
+            width = cols_[i]
+            w = wflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
             left, _, right = np.linalg.svd(w, full_matrices=False)
             sigma = 0.0
-            for r in range(rows):
+            for r in range(r_i):
                 acc = 0.0
                 for c in range(width):
                     acc += w[r, c] * right[0, c]
                 sigma += left[r, 0] * acc
-            for r in range(rows):
-                us[i][j, r] = left[r, 0]
+            for r in range(r_i):
+                uflat[j, boffs[i] + r] = left[r, 0]
             for c in range(width):
-                vs[i][j, c] = right[0, c]
+                vflat[j, voffs[i] + c] = right[0, c]
             sig[i, j] = sigma
-            s = max(1.0, sigma / coeff[i])
-            _column_scales(i, n, hidden_widths, eta2, prods, scale, cols)
-            b = bs[i][j]
+            s = max(1.0, sigma / coeff[i, j])
+            _column_scales(i, n, rows, eta2, prods, scale, cols)
+            b = bflat[j, boffs[i] : boffs[i] + r_i]
             if i < depth:
-                out = outs[i][j]
-                for r in range(rows):
+                out = out_flat[j, ooffs[i] : ooffs[i] + 2 * r_i * (1 + width)].reshape((2 * r_i, 1 + width))
+                for r in range(r_i):
                     out[r, 0] = k * (b[r] - shift)
-                    out[rows + r, 0] = -k * (b[r] + shift)
+                    out[r_i + r, 0] = -k * (b[r] + shift)
                     for c in range(width):
                         value = k * w[r, c] / s * cols[c]
                         out[r, 1 + c] = value
-                        out[rows + r, 1 + c] = -value
+                        out[r_i + r, 1 + c] = -value
             else:
-                out = final[j]
-                for r in range(rows):
+                out = out_flat[j, ooffs[i] : ooffs[i] + r_i * (1 + width)].reshape((r_i, 1 + width))
+                for r in range(r_i):
                     out[r, 0] = b[r]
                     for c in range(width):
                         out[r, 1 + c] = w[r, c] / s * cols[c]
 
 
 @_jit
-def fold_backward(concat_k, lip, coeff, ws, k, scale, gouts, gfinal, us, vs, sig, gws, gbs, gk):  # pragma: no cover
-    """The gradients of :func:`fold_forward` with respect to K, the weights and the biases.
+def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs, voffs, k, scale, gout, uflat, vflat,
+                  sig, gwflat, gbflat, gk):  # pragma: no cover - compiled
+    """The gradients of :func:`fold_forward` with respect to K, the weights and the biases (same layouts).
 
-    ``gouts``/``gfinal`` are the cotangents of the folded weights; ``gws``, ``gbs`` (per layer position, stacked
-    over the blocks) and ``gk`` (nb, L, 2) receive the gradients. The chain rule of the soft normalisation (the
-    gradient flows through ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through
-    ``eta`` and ``prod eta1``, and of ``softplus`` (checked against PyTorch's autograd of the same fold).
+    ``gout`` is the cotangent of ``out_flat``; ``gwflat``, ``gbflat`` and ``gk`` (nb, L, 2) receive the gradients:
+    the chain rule of the soft normalisation (the gradient flows through ``sigma = u^T W v``, and only where
+    ``sigma > coeff``), of the column scales through ``eta`` and ``prod eta1``, and of ``softplus`` (checked against
+    PyTorch's autograd of the same fold).
     """
-    nb, depth, n, eta1, eta2, prods, hidden_widths, cols = _fold_setup(concat_k, ws)
+    nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
     g_eta1 = np.empty_like(eta1)
     g_eta2 = np.empty_like(eta2)
     g_prods = np.empty_like(prods)
@@ -850,34 +858,36 @@ def fold_backward(concat_k, lip, coeff, ws, k, scale, gouts, gfinal, us, vs, sig
         g_eta2[:] = 0.0
         g_prods[:] = 0.0
         for i in range(depth + 1):
-            w = ws[i][j]
-            rows = w.shape[0]
-            width = w.shape[1]
-            g = gouts[i][j] if i < depth else gfinal[j]
-            ratio = sig[i, j] / coeff[i]
+            r_i = rows[i]
+            width = cols_[i]
+            w = wflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
+            hidden = i < depth
+            out_rows = 2 * r_i if hidden else r_i
+            g = gout[j, ooffs[i] : ooffs[i] + out_rows * (1 + width)].reshape((out_rows, 1 + width))
+            ratio = sig[i, j] / coeff[i, j]
             s = max(1.0, ratio)
-            _column_scales(i, n, hidden_widths, eta2, prods, scale, cols)
-            gw = gws[i][j]
-            gb = gbs[i][j]
+            _column_scales(i, n, rows, eta2, prods, scale, cols)
+            gw = gwflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
+            gb = gbflat[j, boffs[i] : boffs[i] + r_i]
             g_sigma_sum = 0.0
             for c in range(width):
                 g_cols[c] = 0.0
-            for r in range(rows):
-                if i < depth:
-                    gb[r] = k * (g[r, 0] - g[rows + r, 0])
+            for r in range(r_i):
+                if hidden:
+                    gb[r] = k * (g[r, 0] - g[r_i + r, 0])
                 else:
                     gb[r] = g[r, 0]
                 for c in range(width):
-                    g_wn = k * (g[r, 1 + c] - g[rows + r, 1 + c]) if i < depth else g[r, 1 + c]
+                    g_wn = k * (g[r, 1 + c] - g[r_i + r, 1 + c]) if hidden else g[r, 1 + c]
                     g_cols[c] += g_wn * w[r, c] / s
                     g_raw = g_wn * cols[c]
                     gw[r, c] = g_raw / s
                     g_sigma_sum += g_raw * w[r, c]
             if ratio >= 1.0:  # W / s with s = sigma / coeff: the gradient through sigma = u^T W v
-                g_sigma = -g_sigma_sum / (s * s * coeff[i])
-                for r in range(rows):
+                g_sigma = -g_sigma_sum / (s * s * coeff[i, j])
+                for r in range(r_i):
                     for c in range(width):
-                        gw[r, c] += g_sigma * us[i][j, r] * vs[i][j, c]
+                        gw[r, c] += g_sigma * uflat[j, boffs[i] + r] * vflat[j, voffs[i] + c]
             # the column scales: prods[i] on the input block, eta2_l prods[i] / prods[l + 1] * scale on layer l's
             acc = 0.0
             for c in range(n):
@@ -885,7 +895,7 @@ def fold_backward(concat_k, lip, coeff, ws, k, scale, gouts, gfinal, us, vs, sig
             g_prods[i] += acc
             offset = n
             for layer in range(i):
-                wdt = 2 * hidden_widths[layer]
+                wdt = 2 * rows[layer]
                 total = 0.0
                 for c in range(wdt):
                     total += g_cols[offset + c]

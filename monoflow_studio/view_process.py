@@ -37,7 +37,10 @@ from monoflow_core.models import build_flow
 __all__ = ["DensityResult", "ViewComputeError", "ViewProcess", "ViewProcessError", "compute_density", "flow_message"]
 
 #: Seconds a new child may take to say it is ready (importing torch takes a few); then it counts as failed.
-START_TIMEOUT_S = 60.0
+#: (The child loads the engine's compiled kernels before it is ready: about a second, or, the first time on a machine,
+#: their compile, which took 30-70 s on the 2-core development machine next to the studio's own; the studio's view
+#: thread draws meanwhile.)
+START_TIMEOUT_S = 240.0
 #: Seconds to wait for a child to leave after it was asked to; then it is terminated (it writes nothing, so nothing
 #: is lost; a child still importing torch or midway through a frame would otherwise hold up closing the window).
 CLOSE_TIMEOUT_S = 0.5

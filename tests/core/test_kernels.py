@@ -218,3 +218,34 @@ def test_a_batch_split_over_threads_gives_the_same_values_gradients_and_statisti
     assert torch.equal(one[2], two[2])
     for a, b in [(one[0], two[0]), *zip(one[1], two[1], strict=True), (one[3], two[3]), (one[4], two[4])]:
         assert torch.allclose(a, b, atol=1e-11, rtol=1e-11)
+
+
+def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monkeypatch):
+    """The compile may run in a background thread: it must leave the global generator alone. And its compiled
+    versions must serve any depth, width and formulation: a real step, an evaluation and an inverse afterwards
+    compile nothing new (a new version would be compiled in the caller's thread, for half a minute)."""
+    state = torch.get_rng_state()
+    fast._run_kernels_once(DT)
+    assert torch.equal(torch.get_rng_state(), state)
+    dispatchers = [kernels.solve_run, kernels.backward_run, kernels.fold_forward, kernels.fold_backward]
+    before = [len(d.signatures) for d in dispatchers]
+    torch.manual_seed(9)
+    flow = build_flow(FlowConfig(blocks=3, depth=5, growth=6, formulation=["monotone", "residual",
+                                                                            "inverse_residual"])).double()
+    flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()
+    with torch.no_grad():
+        flow.inverse(torch.randn(20, 2, dtype=DT))
+    assert [len(d.signatures) for d in dispatchers] == before
+
+
+def test_non_finite_points_are_not_reported_converged():
+    """A NaN input must fail to converge on the compiled kernels as on the PyTorch ones (and say so)."""
+    torch.manual_seed(10)
+    flow = build_flow(FlowConfig(blocks=1, max_iter=5)).double()
+    x = torch.randn(6, 2, dtype=DT)
+    x[2, 0] = float("nan")
+    with pytest.warns(fast.SolverWarning, match="1 of 6 samples did not converge"):
+        flow.log_prob(x)
+    stats = flow.solver_stats()[0]["forward"]
+    assert stats.converged.tolist() == [True, True, False, True, True, True]
+    assert int(stats.iterations[2]) == 5 and bool(torch.isnan(stats.residual[2]))
