@@ -169,7 +169,8 @@ def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
 @pytest.mark.parametrize("learnable", [True, False])
 def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
     """Values and gradients (weights, biases, concatenation K) of the fold, against PyTorch's autograd of it;
-    some layers are scaled above their bound so that the soft normalisation's branch through sigma is taken."""
+    some layers are scaled above their bound so that the soft normalisation's branch through sigma is taken, and
+    two nets have bounds of their own."""
     torch.manual_seed(7)
     flow = build_flow(FlowConfig(blocks=3, depth=3, growth=8, learnable_concat=learnable)).double()
     nets = [blk.net for blk in flow.layers]
@@ -178,6 +179,8 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
         nets[2].final.weight.mul_(5.0)
         for g in nets:
             g.concat_k.add_(torch.randn_like(g.concat_k))
+    nets[1].layers[0].coeff = 0.5  # each net's own layer bounds (the fold must not take block 0's for all)
+    nets[2].final.coeff = 0.7
     params = [p for g in nets for p in g.parameters() if p.requires_grad]
     results = []
     for fold in (fast._kernel_fold, fast.fold_nets_torch):
