@@ -403,13 +403,19 @@ def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     coeff = np.array([[row[i].coeff for row in layers] for i in positions], dtype=np_dtype)
     meta = (lip, coeff, k, shift, scale / k, layout)
     out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat)
+    return _folded_from_flat(out, layout, nets[0].in_features, kind)
+
+
+def _folded_from_flat(out: Tensor, layout: tuple[Any, ...], n: int, kind: str) -> FoldedNet:
+    """The :class:`FoldedNet` whose tensors are views of :class:`_KernelFold`'s flat output ``out``."""
     rows, cols, _, _, ooffs, _, _, _ = layout
+    last = len(rows) - 1
     tensors = []
-    for i in positions:
-        height = int(rows[i]) * (2 if i < len(positions) - 1 else 1)
+    for i in range(len(rows)):
+        height = int(rows[i]) * (2 if i < last else 1)
         size = height * (1 + int(cols[i]))
-        tensors.append(out[:, ooffs[i] : ooffs[i] + size].view(nb, height, 1 + int(cols[i])))
-    return FoldedNet(tensors[:-1], tensors[-1], nets[0].in_features, kind)
+        tensors.append(out[:, ooffs[i] : ooffs[i] + size].view(out.shape[0], height, 1 + int(cols[i])))
+    return FoldedNet(tensors[:-1], tensors[-1], n, kind)
 
 
 def _fold_key(nets: Sequence[DenseNetG]) -> tuple[Any, ...]:
@@ -534,21 +540,13 @@ class _Workspace:
         for t in range(n):
             seed[:, 1 + t, (1 + t) * b : (2 + t) * b] = 1.0
         # Stacked over the layers (a DenseNet G has the same number of units in every layer), so that the compiled
-        # kernels (monoflow_core.kernels) can fill them in one call; the per-layer lists are views.
+        # kernels (monoflow_core.kernels) fill them in one call; the per-layer lists are views.
         depth, m = len(widths), widths[0]
-        self.stacked = all(wd == m for wd in widths)
-        if self.stacked:
-            self.h_all = like.new_empty(depth, count, m, cols)
-            self.y_all = like.new_empty(depth, count, m, b)
-            self.e_all = like.new_empty(depth, count, m, b)
-            self.q_all = like.new_empty(depth, count, 2, m, b)
-            self.h, self.y, self.e, self.q = (list(t.unbind(0)) for t in (self.h_all, self.y_all, self.e_all,
-                                                                          self.q_all))
-        else:
-            self.h = [like.new_empty(count, m, cols) for m in widths]
-            self.y = [like.new_empty(count, m, b) for m in widths]
-            self.e = [like.new_empty(count, m, b) for m in widths]
-            self.q = [like.new_empty(count, 2, m, b) for m in widths]
+        self.h_all = like.new_empty(depth, count, m, cols)
+        self.y_all = like.new_empty(depth, count, m, b)
+        self.e_all = like.new_empty(depth, count, m, b)
+        self.q_all = like.new_empty(depth, count, 2, m, b)
+        self.h, self.y, self.e, self.q = (list(t.unbind(0)) for t in (self.h_all, self.y_all, self.e_all, self.q_all))
         self.out = like.new_empty(count, n, cols)
         self._views: dict[int, _BlockViews] = {}
 
@@ -1104,6 +1102,12 @@ _KERNEL_FORWARD = {
     "monotone": (kernels.MODE_SOLVE, SQRT2, SQRT2, -1.0, -1.0, 1.0),
     "inverse_residual": (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, -1.0, 0.0),
 }
+# the inverses (no log-det): x = y + G(y) for an inverse residual block, otherwise solve w + sign G(w) = rhs
+_KERNEL_INVERSE = {
+    "inverse_residual": (kernels.MODE_EVALUATE, 1.0, 1.0, 0.0, 0.0, 0.0),
+    "monotone": (kernels.MODE_SOLVE, SQRT2, SQRT2, -1.0, 0.0, 0.0),
+    "residual": (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0),
+}
 
 
 def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
@@ -1113,7 +1117,7 @@ def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
     """
     return (
         USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and len({w.shape[1] for w in net.weights}) == 1 and kernels_ready(x.dtype)
+        and kernels_ready(x.dtype)
     )
 
 
@@ -1194,10 +1198,7 @@ def _run_kernels_once(dtype: torch.dtype) -> None:
             (_K * _LOG2E), layout)
     out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat)
     torch.autograd.grad(out.sum(), [wflat, bflat])
-    rows, cols, _, _, ooffs, _, _, _ = layout
-    tensors = [out.detach()[:, ooffs[i] : ooffs[i] + (2 if i < depth else 1) * rows[i] * (1 + cols[i])]
-               .view(1, (2 if i < depth else 1) * int(rows[i]), 1 + int(cols[i])) for i in range(depth + 1)]
-    net = FoldedNet(tensors[:-1], tensors[-1], n, "pila")
+    net = _folded_from_flat(out.detach(), layout, n, "pila")
     block = SimpleNamespace(tol=1e-6, max_iter=20, kind="monotone")
     x = ramp(4, n, scale=1.0)
     ws = _Workspace(net, 1, 4, x)
@@ -1227,11 +1228,12 @@ def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, A
 def kernel_parts(b: int) -> list[tuple[int, int]]:
     """How the compiled kernels split a batch of ``b`` points: ``(start, count)`` parts, one per thread.
 
-    As many parts as PyTorch has intra-op threads (``torch.get_num_threads()``), each of at least
-    :data:`KERNEL_PART_MIN` points: the points are independent (only the weight gradients are summed), and the
-    kernels release the GIL, so two threads run a training step's solves and backward about 1.7x faster on two cores.
-    The studio gives training one thread (its view process has the other core); the command line's ``--threads``
-    and the benchmarks set it explicitly.
+    As many parts as :data:`KERNEL_THREADS`, or PyTorch's intra-op threads (``torch.get_num_threads()``), each of
+    at least :data:`KERNEL_PART_MIN` points: the points are independent (only the weight gradients are summed), and
+    the kernels release the GIL, so the parts run in parallel. On the 2-core development VM two parts made a training
+    step only about 10% faster (its cores behave like one core's two hyperthreads; ``engine_speed.md``). The studio
+    gives training one thread (its view process has the other core); the command line's ``--threads`` and the
+    benchmarks set it explicitly.
     """
     parts = max(1, min(KERNEL_THREADS or torch.get_num_threads(), b // KERNEL_PART_MIN))
     bounds = [round(i * b / parts) for i in range(parts + 1)]
@@ -1357,7 +1359,6 @@ def _kernel_forward(
     return y, logdet
 
 
-
 _KERNEL_KINDS = {"residual": kernels.KIND_RESIDUAL, "monotone": kernels.KIND_MONOTONE,
                  "inverse_residual": kernels.KIND_INVERSE_RESIDUAL}
 
@@ -1373,7 +1374,7 @@ def _kernel_backward(
     grad_flat = net.final.new_empty((len(parts), *flat.shape))
     grad_fw = net.final.new_empty((len(parts), *fw.shape))
     grad_x = torch.empty(grad_z.shape, dtype=grad_z.dtype)
-    codes = torch.tensor([_KERNEL_KINDS[k] for k in kinds], dtype=torch.int64).numpy()
+    codes = np.array([_KERNEL_KINDS[k] for k in kinds], dtype=np.int64)
     common = (flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1, codes,
               grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy())
     cst = kernels.constants(grad_flat.numpy().dtype)
@@ -1501,14 +1502,8 @@ def fused_inverse(block: Any, y: Tensor) -> Tensor:
     with torch.no_grad():
         folded = cached_fold([block.net])
         if kernels_apply(y, folded):
-            # x = y + G(y) (inverse residual); otherwise solve w + sign G(w) = rhs (ALGORITHM.md 2)
-            setup = {
-                "inverse_residual": (kernels.MODE_EVALUATE, 1.0, 1.0, 0.0, 0.0, 0.0),
-                "monotone": (kernels.MODE_SOLVE, SQRT2, SQRT2, -1.0, 0.0, 0.0),
-                "residual": (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0),
-            }[block.kind]
             sign = -1.0 if block.kind == "monotone" else 1.0
-            x, _, (stats,) = _kernel_run(y, [block], folded, [setup], [sign],
+            x, _, (stats,) = _kernel_run(y, [block], folded, [_KERNEL_INVERSE[block.kind]], [sign],
                                          [f"{type(block).__name__} inverse solve"], None)
             if block.kind != "inverse_residual":
                 block.inverse_stats = stats

@@ -1,25 +1,28 @@
-"""Compiled per-sample kernels for the fused exact path (Numba), used on CPU when Numba is installed.
+"""Compiled CPU kernels for the fused exact path (Numba), used on CPU when Numba is installed.
 
 The fused path (:mod:`monoflow_core.fast`) evaluates G with its Jacobian as a few PyTorch operators per layer over
 the whole batch. On a CPU with small batches each operator costs a few microseconds of dispatch, and one training
-step of the paper's 2-D model issues about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
-itself is a fraction of that (ALGORITHM.md section 8). These kernels run the same algorithm one sample at a time
-in compiled loops, with no dispatch at all:
+step of the paper's 2-D model issued about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
+itself is a fraction of that (ALGORITHM.md section 8). These kernels run the same algorithm, on the same
+feature-major layout, as one compiled call each, with BLAS for the layer products and loops over the batch's
+contiguous columns for everything else:
 
-* :func:`solve_run`: every block of a run on one sample after another: the safeguarded Newton solve of
-  ``w + sign G(w) = rhs`` (the rule of :func:`monoflow_core.fast._newton`: each sample stops once its relative
-  residual meets the tolerance; a Newton step that makes the residual grow is replaced by the plain contracting
-  step), the exact log-det from the Jacobian at the solution, per-sample statistics, and, for a training forward,
-  the final evaluation's features, pre-activations and activation derivatives written into the feature-major
-  workspace where the hand-written backward of :class:`monoflow_core.fast._FusedBlocks` reads them.
+* :func:`solve_run`: every block of a run: the safeguarded Newton solve of ``w + sign G(w) = rhs`` (the rule of
+  :func:`monoflow_core.fast._newton`: each point stops once its relative residual meets the tolerance; a Newton
+  step that makes the residual grow is replaced by the plain contracting step), the exact log-det from the Jacobian
+  at the solution, per-point statistics, and, for a training forward, the final evaluation written into the
+  workspace that :func:`backward_run` reads (without one, converged points leave the batch);
+* :func:`backward_run`: the exact implicit-function backward of such a run (ALGORITHM.md 4 and 5);
+* :func:`fold_forward` / :func:`fold_backward`: the spectral normalisation and concatenation folding of the
+  weights (as :func:`monoflow_core.fast.fold_nets_torch`) and its gradient.
 
-The weights arrive folded exactly as the PyTorch kernels use them (:func:`monoflow_core.fast.fold_nets`), transposed
-so that the innermost loops run over a layer's contiguous output units. Both implementations agree to rounding in
-float64 (``tests/core/test_kernels.py``).
+Every kernel takes its sizes as arguments, so one compiled version per dtype serves every architecture. Both
+implementations agree to rounding in float64 (``tests/core/test_kernels.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -40,9 +43,6 @@ AVAILABLE = numba is not None
 #: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
 MODE_EVALUATE = 0
 MODE_SOLVE = 1
-
-_LOG2E = 1.0 / math.log(2.0)
-SQRT2_K = math.sqrt(2.0)
 
 
 def _jit(fn: Any) -> Any:
@@ -163,7 +163,7 @@ KIND_MONOTONE = 1
 KIND_INVERSE_RESIDUAL = 2
 
 # Constants of the folded CPila (see monoflow_core.fast._activate), in the order of :func:`constants`.
-_C = 1.4426950408889634  # log2(e), folded into the pre-activations with Pila's k
+_C = 1.0 / math.log(2.0)  # log2(e), folded into the pre-activations with Pila's k (as monoflow_core.fast)
 
 
 def limit_blas_threads() -> int:
@@ -189,8 +189,9 @@ def limit_blas_threads() -> int:
     return len(mine)
 
 
+@functools.cache
 def constants(dtype: Any) -> Any:
-    """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise).
+    """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise); made once per dtype.
 
     ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo]`` with the value polynomial ``((a2 y + a1) y + 1) y``, the
     derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all times
@@ -202,6 +203,7 @@ def constants(dtype: Any) -> Any:
                     dtype=dtype)
 
 
+@functools.cache
 def exp2_coefficients(dtype: Any) -> Any:
     """The 14 Taylor coefficients ``ln(2)^k / k!`` of ``2^f`` on ``[-1/2, 1/2]`` (truncation error below 4e-18;
     float32 needs 8 of them, but one fixed-length Horner scheme keeps the loop fused for both dtypes)."""
@@ -251,9 +253,10 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
     layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
     columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
     the activation (CPila folded as in :func:`monoflow_core.fast._activate`: ``relu(h) + y p(y / c) 2^y`` with
-    ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU), storing ``y`` (``yl``), ``2^y``
-    (``ex``), the value and derivative polynomials (``q``), and the tangents times the derivative. The last rows
-    of ``tmp`` receive ``fw x``: the map on the primal columns and its Jacobian on the tangent ones.
+    ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU), storing ``y`` (``ws_y``), ``2^y``
+    (``ws_e``), the value and derivative polynomials (``ws_q``), all in workspace slice ``jw``, and the tangents
+    times the derivative. Layer ``i``'s outputs are rows ``widths[i] ..`` of ``x``. The last rows of ``tmp``
+    receive ``fw x``: the map on the primal columns and its Jacobian on the tangent ones.
     """
     depth = offs.shape[0]
     cols = (1 + n) * b
@@ -261,7 +264,6 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
     zero, one = cst[0], cst[1]
     a2, a1, b3 = cst[3], cst[4], cst[5]
     ptmp = tmp[1]
-    row = widths[0]
     for i in range(depth):
         width = widths[i]
         wi = wflat[offs[i] : offs[i] + m * width].reshape((m, width))
@@ -269,7 +271,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
         for u in range(m):
             hrow = ws_h[i, jw, u]
             drow = ws_q[i, jw, 1, u]
-            xrow = x[row + u]
+            xrow = x[width + u]
             if kind == 0:  # folded Pila
                 yrow = ws_y[i, jw, u]
                 erow = ws_e[i, jw, u]
@@ -296,7 +298,6 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
                 base = (1 + t) * b
                 for s in range(b):
                     xrow[base + s] = hrow[base + s] * drow[s]
-        row += m
     out = tmp[2 : 2 + n]
     for a in range(n):
         orow = out[a]
