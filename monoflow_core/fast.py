@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import blas, kernels
 from .logdet import resolve_logdet_mode
 from .nn.activations import CPila, CReLU
 from .nn.densenet import DenseNetG
@@ -1264,23 +1264,33 @@ _SCRATCH_KEEP_BYTES = 64 * 1024 * 1024
 
 
 def _in_parallel(task: Any, count: int) -> None:
-    """Run ``task(i)`` for ``i < count``: ``i = 0`` in this thread, the others in the module's thread pool."""
+    """Run ``task(i)`` for ``i < count``: ``i = 0`` in this thread, the others in the module's thread pool.
+
+    Each task's BLAS products run on its own thread alone (:func:`monoflow_core.blas.single_threaded`): the parts
+    are the parallelism.
+    """
     global _EXECUTOR
     if count == 1:
-        task(0)
+        with blas.single_threaded():
+            task(0)
         return
     with _KERNEL_LOCK:
         if _EXECUTOR is None:
             _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                                               thread_name_prefix="monoflow-kernel")
-    futures = [_EXECUTOR.submit(task, i) for i in range(1, count)]
+    futures = [_EXECUTOR.submit(_single_threaded, task, i) for i in range(1, count)]
     try:
-        task(0)
+        _single_threaded(task, 0)
     finally:
         # every part has finished (even when one failed) before its buffers can be reused
         concurrent.futures.wait(futures)
     for future in futures:
         future.result()  # re-raises a part's error
+
+
+def _single_threaded(task: Any, i: int) -> None:
+    with blas.single_threaded():
+        task(i)
 
 
 def _kernel_run(

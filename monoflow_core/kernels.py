@@ -4,8 +4,8 @@ The fused path (:mod:`monoflow_core.fast`) evaluates G with its Jacobian as a fe
 the whole batch. On a CPU with small batches each operator costs a few microseconds of dispatch, and one training
 step of the paper's 2-D model issued about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
 itself is a fraction of that (ALGORITHM.md section 8). These kernels run the same algorithm, on the same
-feature-major layout, as one compiled call each, with BLAS for the layer products and loops over the batch's
-contiguous columns for everything else:
+feature-major layout, as one compiled call each, with BLAS for the layer products (:mod:`monoflow_core.blas`) and
+loops over the batch's contiguous columns for everything else:
 
 * :func:`solve_run`: every block of a run: the safeguarded Newton solve of ``w + sign G(w) = rhs`` (the rule of
   :func:`monoflow_core.fast._newton`: each point stops once its relative residual meets the tolerance; a Newton
@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .blas import gemm
+
 try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
     import numba
 except ImportError:  # pragma: no cover - exercised only where Numba is missing
@@ -38,7 +40,7 @@ __all__ = ["AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL
            "backward_run", "fold_backward", "fold_forward", "limit_blas_threads", "scratch_size", "solve_run"]
 
 #: Whether the compiled kernels can be used in this process.
-AVAILABLE = numba is not None
+AVAILABLE = numba is not None and gemm is not None
 
 #: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
 MODE_EVALUATE = 0
@@ -167,7 +169,8 @@ _C = 1.0 / math.log(2.0)  # log2(e), folded into the pre-activations with Pila's
 
 
 def limit_blas_threads() -> int:
-    """Run the BLAS behind SciPy (which the kernels' layer products call) on one thread; returns the libraries set.
+    """Where the kernels' products run on SciPy's BLAS (:data:`monoflow_core.blas.LIBRARY` is "scipy"), run it on
+    one thread; returns the number of libraries set (0 with MKL, whose setting is per thread instead).
 
     The products are small (16 rows by a few thousand columns): a second BLAS thread gained at most 15% on a
     training step here, and where the engine parallelises (worker threads of :mod:`monoflow_core.evaluation`,
@@ -175,6 +178,10 @@ def limit_blas_threads() -> int:
     400 x 400 density grid took 3.1 s instead of 1.8 s. Only SciPy's copy of OpenBLAS is limited (NumPy's keeps its
     settings); threadpoolctl comes with scikit-learn.
     """
+    from . import blas
+
+    if blas.LIBRARY != "scipy":
+        return 0
     try:
         import scipy
         import scipy.linalg.cython_blas  # (loads the library the kernels call)
@@ -267,7 +274,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_y, ws_e, ws_q,
     for i in range(depth):
         width = widths[i]
         wi = wflat[offs[i] : offs[i] + m * width].reshape((m, width))
-        np.dot(wi, x[:width], ws_h[i, jw])
+        gemm(False, False, wi, x[:width], ws_h[i, jw])
         for u in range(m):
             hrow = ws_h[i, jw, u]
             drow = ws_q[i, jw, 1, u]
@@ -688,7 +695,7 @@ def backward_run(
         for i in range(depth):
             width = widths[i]
             gw = grad_wflat[j, offs[i] : offs[i] + m * width].reshape((m, width))
-            np.dot(ghs[i], xj[:width].T, gw)
+            gemm(False, True, ghs[i], xj[:width], gw)
         for a in range(n):
             crow = c_out[a]
             for k in range(total):
@@ -707,7 +714,7 @@ def _back_through(w, g, tmp, gx):  # pragma: no cover - compiled
     """``gx[:width] += w^T g``: pre-activation cotangents ``g`` (m, cols) back to a layer's inputs (one BLAS product
     into the scratch ``tmp``, then a vectorised sum)."""
     width = w.shape[1]
-    np.dot(w.T, g, tmp[:width])
+    gemm(True, False, w, g, tmp[:width])
     for k in range(width):
         grow = gx[k]
         trow = tmp[k]
