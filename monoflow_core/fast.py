@@ -521,6 +521,8 @@ class _Workspace:
     ``y[i] = min(h, 0)`` and ``e[i]`` its exponential on the primal columns, ``q[i]`` the stacked value and
     derivative polynomials times ``e`` (``q[i][:, 1]`` is the activation's derivative). ``out[j]`` is
     ``[w + sign G(w), I + sign J_G(w)]`` as an (n, (1 + n) B) matrix (see :meth:`_BlockWeights.map_weights`).
+    The compiled kernels write only what their backward pass reads: ``x``, ``h``, ``e``, ``q[i][:, 1]`` and
+    ``out`` (:func:`monoflow_core.kernels._evaluate`); ``y`` and the value polynomial stay unwritten.
 
     Every evaluation writes in place (``out=``), so the last evaluation of a solve stays there for the backward
     pass, and the views an evaluation needs are made once per block instead of once per iteration. The
@@ -1319,20 +1321,20 @@ def _kernel_run(
     iterations = torch.empty(nb, b, dtype=torch.int64)
     residual = x.new_empty(nb, b)
     converged = torch.empty(nb, b, dtype=torch.bool)
-    int_type, bias, mant = kernels.exp2_bits(np_dtype)
+    int_type = kernels.exp2_bits(np_dtype)
     common = (
         x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1,
         table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
         y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), spaces is not None,
     )
-    constants = (kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), bias, mant, COMPACT_FRACTION)
-    empty = [np.empty((0,) * d, np_dtype) for d in (3, 4, 4, 4, 5, 3)]  # (the kernel's own scratch serves)
+    constants = (kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), COMPACT_FRACTION)
+    empty = [np.empty((0,) * d, np_dtype) for d in (3, 4, 4, 5, 3)]  # (the kernel's own scratch serves)
 
     def run(i: int) -> None:
         start, count = parts[i]
         if spaces is not None:
             ws = spaces[i]
-            space = [t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)]
+            space = [t.numpy() for t in (ws.x, ws.h_all, ws.e_all, ws.q_all, ws.out)]
             scratch = empty[0].reshape(-1)
         else:
             space = empty
@@ -1392,7 +1394,7 @@ def _kernel_backward(
     def run(i: int) -> None:
         ws = spaces[i]
         kernels.backward_run(
-            *common, *(t.numpy() for t in (ws.x, ws.h_all, ws.y_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
+            *common, *(t.numpy() for t in (ws.x, ws.h_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
             grad_flat[i].numpy(), grad_fw[i].numpy(), cst, *parts[i],
         )
 
