@@ -184,6 +184,10 @@ class FoldedNet:
         """The fold of block ``j`` alone (a one-block stack of views)."""
         return FoldedNet([w[j : j + 1] for w in self.weights], self.final[j : j + 1], self.n, self.kind)
 
+    def reversed(self) -> FoldedNet:
+        """The fold of the same blocks in reverse order (copies)."""
+        return FoldedNet([w.flip(0) for w in self.weights], self.final.flip(0), self.n, self.kind)
+
     def block(self, j: int) -> _BlockWeights:
         """Detached weights of block ``j`` for the feature-major evaluation kernels."""
         return _BlockWeights([w[j].detach() for w in self.weights], self.final[j].detach(), self.n, self.kind)
@@ -481,6 +485,7 @@ def folded_runs(layers: Sequence[Any], dim: int) -> Iterator[None]:
             if len(nets) > 1 and not all(k in cache for k in keys):
                 with torch.no_grad():
                     folded = fold_nets(nets)
+                cache[_fold_key(nets)] = (nets, folded)  # (for fused_inverse_run)
                 for j, (g, k) in enumerate(zip(nets, keys, strict=True)):
                     cache[k] = ([g], folded.select(j))
         yield
@@ -1507,6 +1512,28 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
     folded = fold_nets(nets)
     plan = _Plan(list(blocks), folded.n, folded.kind)
     return _FusedBlocks.apply(x, plan, *folded.tensors())
+
+
+def fused_inverse_run(blocks: Sequence[Any], y: Tensor) -> Tensor:
+    """Inverse of a run of eligible blocks (same architecture; the last block first) on ``y`` (B, n), without
+    autograd: one compiled call for the whole run where the kernels serve (as :func:`run_fused` forward), else block
+    by block (:func:`fused_inverse`). Inside :func:`folded_runs` the run's fold is made once per scope."""
+    if len(blocks) > 1:
+        with torch.no_grad():
+            folded = cached_fold([blk.net for blk in blocks])
+            if kernels_apply(y, folded):
+                order = list(reversed(blocks))
+                signs = [-1.0 if blk.kind == "monotone" else 1.0 for blk in order]
+                labels = [f"{type(blk).__name__} inverse solve" for blk in order]
+                x, _, stats = _kernel_run(y, order, folded.reversed(), [_KERNEL_INVERSE[blk.kind] for blk in order],
+                                          signs, labels, None)
+                for blk, st in zip(order, stats, strict=True):
+                    if blk.kind != "inverse_residual":
+                        blk.inverse_stats = st
+                return x
+    for blk in reversed(blocks):
+        y = fused_inverse(blk, y)
+    return y
 
 
 def fused_inverse(block: Any, y: Tensor) -> Tensor:

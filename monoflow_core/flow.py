@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import _ImplicitBlock, block_solver_stats
-from .fast import fast_eligible, folded_runs, fusable_runs, fused_inverse, run_fused
+from .fast import folded_runs, fusable_runs, fused_inverse_run, run_fused
 from .solvers import SolverStats
 
 if TYPE_CHECKING:
@@ -90,9 +89,20 @@ class Flow(nn.Module):
         self._check(z)
         fast = self.fast_path and z.dim() == 2 and not torch.is_grad_enabled()
         layers = list(self.layers)
-        with folded_runs(layers, self.dim) if fast else contextlib.nullcontext():  # one fold per run of blocks
+        if not fast:
             for layer in reversed(layers):
-                z = fused_inverse(layer, z) if fast and fast_eligible(layer, self.dim) else layer.inverse(z)
+                z = layer.inverse(z)
+            return z
+        starts = {stop: start for start, stop in fusable_runs(layers, self.dim)}
+        with folded_runs(layers, self.dim):  # one fold per run of blocks
+            stop = len(layers)
+            while stop > 0:
+                if stop in starts:  # a run of fused blocks, inverted in one pass
+                    z = fused_inverse_run(layers[starts[stop] : stop], z)
+                    stop = starts[stop]
+                else:
+                    stop -= 1
+                    z = layers[stop].inverse(z)
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:
