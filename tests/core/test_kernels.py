@@ -123,6 +123,23 @@ def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch):
     assert torch.allclose(z_back, z, atol=1e-8, rtol=0)
 
 
+def test_no_grad_slices_give_the_same_values_and_statistics(monkeypatch):
+    """A no-gradient evaluation solved in slices of a few points equals one solve of the whole batch."""
+    torch.manual_seed(9)
+    flow = build_flow(FlowConfig(blocks=3, tol=1e-12)).double()
+    x = torch.randn(301, 2, dtype=DT) * 2
+    results = []
+    for points in (10_000, 37):
+        monkeypatch.setattr(fast, "KERNEL_NO_GRAD_POINTS", points)
+        calls = _count_kernel_calls(monkeypatch)
+        with torch.no_grad():
+            results.append((flow.log_prob(x), flow.inverse(x), flow.solver_stats()[1]["forward"].iterations))
+        assert len(calls) == (2 if points > 301 else 2 * 9)  # forward and inverse, in 9 slices each
+    (lp1, inv1, it1), (lp0, inv0, it0) = results
+    assert torch.allclose(lp1, lp0, atol=1e-12, rtol=0) and torch.allclose(inv1, inv0, atol=1e-12, rtol=0)
+    assert torch.equal(it1, it0)
+
+
 def _count_kernel_calls(monkeypatch):
     calls = []
     original = kernels.solve_run
