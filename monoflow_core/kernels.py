@@ -325,16 +325,48 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
                 base = (1 + t) * b
                 for s in range(b):
                     xrow[base + s] = hrow[base + s] * drow[s]
-    out = tmp[2 : 2 + n]
-    for a in range(n):
-        orow = out[a]
-        for q_ in range(cols):
-            orow[q_] = zero
-        for k in range(total):
-            f = fw[a, k]
-            xk = x[k]
+    a = 0
+    while a + 2 <= n:  # the map's rows in pairs (n = 2: one pass), each pair reading x once
+        _map_rows(fw[a], fw[a + 1], x, tmp[2 + a], tmp[3 + a], total, cols, True)
+        a += 2
+    if a < n:
+        _map_rows(fw[a], fw[a], x, tmp[2 + a], tmp[2 + a], total, cols, False)
+
+
+@_jit
+def _map_rows(f0, f1, x, out0, out1, total, cols, pair):  # pragma: no cover - compiled
+    """``out0 = f0 x`` (and ``out1 = f1 x`` if ``pair``) over ``x[:total, :cols]``, four rows of ``x`` per pass.
+
+    Row by row (one multiply-add per load and store of the output) this was 1.4x slower, and as a BLAS product
+    with two rows 1.65x slower (2-D toy model, 51 rows, 1,500 columns).
+    """
+    zero = x[0, 0] * 0.0
+    for q_ in range(cols):
+        out0[q_] = zero
+        if pair:
+            out1[q_] = zero
+    k = 0
+    while k + 4 <= total:
+        x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        a0, a1, a2, a3 = f0[k], f0[k + 1], f0[k + 2], f0[k + 3]
+        c0, c1, c2, c3 = f1[k], f1[k + 1], f1[k + 2], f1[k + 3]
+        if pair:
             for q_ in range(cols):
-                orow[q_] += f * xk[q_]
+                v0, v1, v2, v3 = x0[q_], x1[q_], x2[q_], x3[q_]
+                out0[q_] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+                out1[q_] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
+        else:
+            for q_ in range(cols):
+                out0[q_] += a0 * x0[q_] + a1 * x1[q_] + a2 * x2[q_] + a3 * x3[q_]
+        k += 4
+    while k < total:
+        xk = x[k]
+        a0, c0 = f0[k], f1[k]
+        for q_ in range(cols):
+            out0[q_] += a0 * xk[q_]
+            if pair:
+                out1[q_] += c0 * xk[q_]
+        k += 1
 
 
 @_jit
