@@ -504,7 +504,14 @@ def solve_run(
                       scale)
             out = tmp[2 : 2 + n]
             remaining = 0
+            stepped = False  # whether this pass also took the Newton steps (n = 2)
+            if solve and n == 2 and it < cap:
+                remaining = _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res,
+                                                plain, it, na)
+                stepped = True
             for p in range(na):
+                if stepped:
+                    break
                 if not solve:
                     done[p] = True
                     first[p] = 1
@@ -571,6 +578,8 @@ def solve_run(
                     na = kept
                     fresh = True
             for p in range(na):
+                if stepped:
+                    break
                 if done[p]:
                     continue
                 if prev_res[p] >= zero and res[p] > prev_res[p] and not plain[p]:
@@ -594,6 +603,51 @@ def solve_run(
     for s in range(b):
         for a in range(n):
             y_out[start + s, a] = x[a, s]
+
+
+@_jit
+def _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it,
+                        na):  # pragma: no cover - compiled
+    """For n = 2, the two per-point passes of :func:`solve_run` after an evaluation in one, without loops over the
+    dimensions: each active point's residual and convergence test, then its safeguarded Newton step (the same
+    rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the number of
+    points still working."""
+    zero = rhs[0, 0] * 0.0
+    remaining = 0
+    for p in range(na):
+        if done[p]:
+            continue
+        r0 = out[0, p] - rhs[0, p]
+        r1 = out[1, p] - rhs[1, p]
+        rs = _max_nan(_max_nan(zero, abs(r0)), abs(r1))
+        res[p] = rs
+        r[0, p] = r0
+        r[1, p] = r1
+        if rs <= thr[p]:
+            done[p] = True
+            first[p] = it
+            continue
+        remaining += 1
+        if prev_res[p] >= zero and rs > prev_res[p] and not plain[p]:
+            # the Newton step made things worse: the plain step from the previous accepted point (as solve_run)
+            cur[0, p] = prev_w[0, p] - prev_r[0, p]
+            cur[1, p] = prev_w[1, p] - prev_r[1, p]
+            plain[p] = True
+            continue
+        a00 = out[0, na + p]
+        a01 = out[0, 2 * na + p]
+        a10 = out[1, na + p]
+        a11 = out[1, 2 * na + p]
+        det = a00 * a11 - a01 * a10
+        prev_w[0, p] = cur[0, p]
+        prev_w[1, p] = cur[1, p]
+        prev_r[0, p] = r0
+        prev_r[1, p] = r1
+        cur[0, p] -= (a11 * r0 - a01 * r1) / det
+        cur[1, p] -= (a00 * r1 - a10 * r0) / det
+        prev_res[p] = rs
+        plain[p] = False
+    return remaining
 
 
 def scratch_size(total: int, depth: int, m: int, n: int, b: int) -> int:
