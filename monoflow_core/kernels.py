@@ -543,13 +543,20 @@ def solve_run(
                         iterations[j, start + s] = first[p] if done[p] else it
                         residual[j, start + s] = res[p] / thr[p] * tol
                         converged[j, start + s] = done[p]
-                        for a in range(n):
-                            for t in range(n):
-                                jac[a, t] = out[a, (1 + t) * na + p]
-                        if ld_plus[j] != 0.0:
-                            logdet[start + s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
-                        if ld_mono[j] != 0.0:
-                            logdet[start + s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
+                        if n == 2 and ld_plus[j] != 0.0 and ld_mono[j] == -ld_plus[j]:
+                            # a monotone block: log|det(2I - A)| - log|det A| as one logarithm
+                            a00, a01 = out[0, na + p], out[0, 2 * na + p]
+                            a10, a11 = out[1, na + p], out[1, 2 * na + p]
+                            ratio = ((2.0 - a00) * (2.0 - a11) - a01 * a10) / (a00 * a11 - a01 * a10)
+                            logdet[start + s] += ld_mono[j] * math.log(abs(ratio))
+                        else:
+                            for a in range(n):
+                                for t in range(n):
+                                    jac[a, t] = out[a, (1 + t) * na + p]
+                            if ld_plus[j] != 0.0:
+                                logdet[start + s] += ld_plus[j] * _logabsdet(jac, n, 0.0)
+                            if ld_mono[j] != 0.0:
+                                logdet[start + s] += ld_mono[j] * _logabsdet(jac, n, 2.0)
                         for a in range(n):
                             sol = cur[a, p] if solve else out[a, p]
                             x[a, s] = out_w[j] * sol + out_x[j] * x[a, s]
@@ -709,7 +716,11 @@ def backward_run(
         xj = ws_x[j]
         outj = ws_out[j]
         # (1) the log-det's cotangent of A = I + J_G at the solution (the tangent columns of the map)
+        if n == 2 and kj == KIND_MONOTONE:
+            _logdet_cotangent_monotone2(outj, grad_logdet[start : start + b], c_out, b)
         for s in range(b):
+            if n == 2 and kj == KIND_MONOTONE:
+                break
             for a in range(n):
                 for t in range(n):
                     amat[a, t] = outj[a, (1 + t) * b + s]
@@ -754,7 +765,11 @@ def backward_run(
                         srow[s] = grow[s] * drow[s]
             _back_through(wflat[j, offs[i] : offs[i] + m * width].reshape((m, width)), ghs[i], tmp, gx)
         # (2) the implicit-function gradient, per point; c_out's primal columns receive the cotangent of G's output
+        if n == 2 and kj == KIND_MONOTONE:
+            _implicit_gradient_monotone2(outj, gx, gy, c_out, root2, b)
         for s in range(b):
+            if n == 2 and kj == KIND_MONOTONE:
+                break
             for a in range(n):
                 for t in range(n):
                     amat[a, t] = outj[a, (1 + t) * b + s]
@@ -810,6 +825,44 @@ def backward_run(
     for s in range(b):
         for a in range(n):
             grad_x[start + s, a] = gy[a, s]
+
+
+@_jit
+def _logdet_cotangent_monotone2(outj, grad_logdet, c_out, b):  # pragma: no cover - compiled
+    """Step (1) of :func:`backward_run` for a monotone block in two dimensions, in closed form per point:
+    ``d(log|det(2I - A)| - log|det A|) / dA = -((2I - A)^{-T} + A^{-T})`` times the log-det's cotangent, into the
+    tangent columns of ``c_out``."""
+    for s in range(b):
+        a00, a01 = outj[0, b + s], outj[0, 2 * b + s]
+        a10, a11 = outj[1, b + s], outj[1, 2 * b + s]
+        gl = grad_logdet[s]
+        pa = gl / (a00 * a11 - a01 * a10)  # 1 / det A and 1 / det(2I - A), times the cotangent
+        pm = gl / ((2.0 - a00) * (2.0 - a11) - a01 * a10)
+        c_out[0, b + s] = -(a11 * pa + (2.0 - a11) * pm)
+        c_out[0, 2 * b + s] = a10 * pa - a10 * pm
+        c_out[1, b + s] = a01 * pa - a01 * pm
+        c_out[1, 2 * b + s] = -(a00 * pa + (2.0 - a00) * pm)
+
+
+@_jit
+def _implicit_gradient_monotone2(outj, gx, gy, c_out, root2, b):  # pragma: no cover - compiled
+    """Step (2) of :func:`backward_run` for a monotone block in two dimensions, in closed form per point:
+    ``a = (v + sqrt 2 g) A^{-1}`` (``v`` the log-det's gradient in rows 1-2 of ``gx``), G's output receives ``-a`` and
+    the block's input ``sqrt 2 a - g`` (ALGORITHM.md 4)."""
+    for s in range(b):
+        a00, a01 = outj[0, b + s], outj[0, 2 * b + s]
+        a10, a11 = outj[1, b + s], outj[1, 2 * b + s]
+        g0, g1 = gy[0, s], gy[1, s]
+        v0 = gx[1, s] + root2 * g0
+        v1 = gx[2, s] + root2 * g1
+        det = a00 * a11 - a01 * a10
+        # row vector v times A^{-1} = [[a11, -a01], [-a10, a00]] / det
+        acc0 = (v0 * a11 - v1 * a10) / det
+        acc1 = (v1 * a00 - v0 * a01) / det
+        c_out[0, s] = -acc0
+        c_out[1, s] = -acc1
+        gy[0, s] = root2 * acc0 - g0
+        gy[1, s] = root2 * acc1 - g1
 
 
 @_jit
