@@ -312,3 +312,22 @@ def test_kernel_compacting_solve_matches_the_pytorch_compacting_solve(monkeypatc
     assert torch.equal(s_torch.iterations, s_kernel.iterations) and s_kernel.all_converged
     assert torch.allclose(w_torch.t(), w_kernel, atol=1e-12, rtol=0)
     assert torch.allclose(torch.linalg.det(a_torch.permute(2, 0, 1)).abs().log(), logdet, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_top_singular_pair_gives_the_exact_spectral_norm(dtype, tol):
+    """The fold's spectral norms (Gram eigenproblem): tall, wide, square, repeated top value, rank one, zero."""
+    rng = np.random.default_rng(10)
+    q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    cases = [rng.standard_normal(shape) for shape in ((8, 2), (8, 18), (8, 34), (2, 50), (5, 5))]
+    cases += [3.0 * q, np.outer(rng.standard_normal(6), rng.standard_normal(3)), np.zeros((3, 7))]
+    for w in cases:
+        w = w.astype(dtype)
+        u, v = np.empty(w.shape[0], dtype), np.empty(w.shape[1], dtype)
+        kernels._top_singular_pair(w, u, v)
+        sigma = float(u.astype(np.float64) @ w.astype(np.float64) @ v.astype(np.float64))
+        exact = float(np.linalg.svd(w.astype(np.float64), compute_uv=False)[0])
+        assert abs(sigma - exact) <= tol * max(exact, 1.0), (w.shape, sigma, exact)
+        assert np.isfinite(u).all() and np.isfinite(v).all()
+        if exact > 0:
+            assert abs(np.linalg.norm(u) - 1.0) < 10 * tol and abs(np.linalg.norm(v) - 1.0) < 10 * tol
