@@ -34,11 +34,13 @@ def measure() -> dict[str, float]:
 
     import torch
 
+    # (this script's directory is first on sys.path: engine_speed's step, run on the engine PYTHONPATH selects)
+    from engine_speed import new_optimizer, timed_step
+
     import monoflow_core as mc
     from monoflow_core import evaluation, fast
     from monoflow_core.data import ToyStream
     from monoflow_core.runtime import tune_allocator
-    from monoflow_core.training import make_adam
 
     tune_allocator()
     torch.set_num_threads(1)
@@ -47,19 +49,9 @@ def measure() -> dict[str, float]:
     torch.manual_seed(0)
     flow = mc.build_flow()
     flow.train()
-    opt = make_adam((p for p in flow.parameters() if p.requires_grad), lr=1e-3, betas=(0.9, 0.999),
-                    weight_decay=1e-5)
+    opt = new_optimizer(flow)
     stream = ToyStream("8gaussians", 0)
-    times = []
-    for _ in range(250):
-        x = stream.sample(500)
-        t0 = time.perf_counter()
-        loss = -flow.log_prob(x).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        mc.update_lipschitz(flow, 5)
-        times.append(time.perf_counter() - t0)
+    times = [timed_step(flow, opt, stream.sample(500))[0] for _ in range(250)]
     flow.eval()
     ticks = torch.linspace(-4, 4, 400)
     yy, xx = torch.meshgrid(ticks, ticks, indexing="ij")
