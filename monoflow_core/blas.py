@@ -113,9 +113,13 @@ if numba is not None and LIBRARY is not None:
     _dgemm = types.ExternalFunction(_SYMBOLS[1], _SIGNATURE)
 
     @numba.njit(cache=True, nogil=True)
+    def _rows_contiguous(arr):  # pragma: no cover - compiled
+        return arr.shape[1] <= 1 or arr.strides[1] == arr.itemsize  # (a one-element row has no stride to speak of)
+
+    @numba.njit(cache=True, nogil=True)
     def gemm(trans_a, trans_b, a, b, out):  # pragma: no cover - compiled
         """``out = op(a) op(b)`` for row-major float32 or float64 matrices whose rows are contiguous (``op``
-        transposes where its flag is set); ``out`` is overwritten.
+        transposes where its flag is set; the row strides may exceed the rows' lengths); ``out`` is overwritten.
 
         BLAS is column-major, so it computes ``out^T = op(b)^T op(a)^T``: a row-major array is its transpose in
         column-major order, with the row stride as leading dimension, so the flags pass through unchanged.
@@ -128,6 +132,8 @@ if numba is not None and LIBRARY is not None:
         if k == 0:
             out[:m, :n] = 0.0
             return
+        if not (_rows_contiguous(a) and _rows_contiguous(b) and _rows_contiguous(out)):
+            raise ValueError("gemm: every operand's rows must be contiguous")
         iv = np.empty(6, np.int32)
         iv[0] = n
         iv[1] = m

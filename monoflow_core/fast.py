@@ -473,9 +473,10 @@ def cached_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
 def folded_runs(layers: Sequence[Any], dim: int) -> Iterator[None]:
     """A :func:`fold_scope` in which every run of fused blocks among ``layers`` is folded at once, up front.
 
-    The inverse pass and the transport view take the blocks one at a time (``cached_fold([block.net])``), and
-    folding one block costs nearly as much as folding ten (a few milliseconds of small operators and SVDs). Here each
-    run is folded in one batch and each block's slice is filed under its own key, so the per-block calls find it.
+    The transport view (and the inverse pass where the compiled kernels do not serve) takes the blocks one at a time
+    (``cached_fold([block.net])``), and on the PyTorch path folding one block costs nearly as much as folding ten (a
+    few milliseconds of small operators and spectral norms). Here each run is folded in one batch and filed under its
+    own key (for :func:`fused_inverse_run`) and each block's slice under the block's, so the per-block calls find it.
     Without gradients only (the fold is made under ``no_grad``).
     """
     with fold_scope() as cache:
@@ -1349,7 +1350,7 @@ def _kernel_run(
             scratch = empty[0].reshape(-1)
         else:
             space = empty
-            sub = min(count, KERNEL_NO_GRAD_POINTS)
+            sub = max(1, min(count, KERNEL_NO_GRAD_POINTS))
             size = kernels.scratch_size(fw.shape[2], len(net.weights), net.weights[0].shape[1], fw.shape[1], sub)
             scratch = _scratch(size, np_dtype)
             for at in range(start, start + count, sub):

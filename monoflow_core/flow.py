@@ -21,7 +21,7 @@ __all__ = ["Flow", "standard_normal_log_prob"]
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     """Log-density of N(0, I) per sample, in nats: ``-|z|^2 / 2 - n/2 log(2 pi)``."""
-    flat = z.reshape(z.shape[0], -1)
+    flat = z.reshape(z.shape[0], math.prod(z.shape[1:]))  # (not -1: ambiguous for an empty batch)
     return -0.5 * (flat * flat).sum(dim=1) - 0.5 * flat.shape[1] * math.log(2.0 * math.pi)
 
 
@@ -71,6 +71,8 @@ class Flow(nn.Module):
         """Map data to the base space: ``(z, log|det dz/dx|)`` with logdet of shape (B,)."""
         self._check(x)
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        if x.shape[0] == 0:  # an empty batch maps to an empty batch (the blocks' solvers need points)
+            return x.clone(), total
         layers = list(self.layers)
         runs = dict(fusable_runs(layers, self.dim)) if self.fast_path and x.dim() == 2 else {}
         i = 0
@@ -87,6 +89,8 @@ class Flow(nn.Module):
     def inverse(self, z: Tensor) -> Tensor:
         """Map base samples back to data space."""
         self._check(z)
+        if z.shape[0] == 0:
+            return z.clone()
         fast = self.fast_path and z.dim() == 2 and not torch.is_grad_enabled()
         layers = list(self.layers)
         if not fast:

@@ -50,7 +50,9 @@ MODE_SOLVE = 1
 def _jit(fn: Any) -> Any:
     if numba is None:  # pragma: no cover
         return fn
-    return numba.njit(cache=True, nogil=True, fastmath={"contract", "reassoc"})(fn)
+    # error_model="numpy": a division by zero gives inf or NaN as in NumPy and PyTorch (whose kernels these mirror;
+    # such a point is then reported as not converged) instead of raising, and no division carries a zero test.
+    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})(fn)
 
 
 @_jit
@@ -327,20 +329,19 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
                     xrow[base + s] = hrow[base + s] * drow[s]
     a = 0
     while a + 2 <= n:  # the map's rows in pairs (n = 2: one pass), each pair reading x once
-        _map_rows(fw[a], fw[a + 1], x, tmp[2 + a], tmp[3 + a], total, cols, True)
+        _map_rows(fw[a], fw[a + 1], x, tmp[2 + a], tmp[3 + a], total, cols, True, zero)
         a += 2
     if a < n:
-        _map_rows(fw[a], fw[a], x, tmp[2 + a], tmp[2 + a], total, cols, False)
+        _map_rows(fw[a], fw[a], x, tmp[2 + a], tmp[2 + a], total, cols, False, zero)
 
 
 @_jit
-def _map_rows(f0, f1, x, out0, out1, total, cols, pair):  # pragma: no cover - compiled
+def _map_rows(f0, f1, x, out0, out1, total, cols, pair, zero):  # pragma: no cover - compiled
     """``out0 = f0 x`` (and ``out1 = f1 x`` if ``pair``) over ``x[:total, :cols]``, four rows of ``x`` per pass.
 
     Row by row (one multiply-add per load and store of the output) this was 1.4x slower, and as a BLAS product
     with two rows 1.65x slower (2-D toy model, 51 rows, 1,500 columns).
     """
-    zero = x[0, 0] * 0.0
     for q_ in range(cols):
         out0[q_] = zero
         if pair:
@@ -507,7 +508,7 @@ def solve_run(
             stepped = False  # whether this pass also took the Newton steps (n = 2)
             if solve and n == 2 and it < cap:
                 remaining = _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res,
-                                                plain, it, na)
+                                                plain, it, na, zero)
                 stepped = True
             for p in range(na):
                 if stepped:
@@ -613,13 +614,12 @@ def solve_run(
 
 
 @_jit
-def _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it,
-                        na):  # pragma: no cover - compiled
+def _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na,
+                        zero):  # pragma: no cover - compiled
     """For n = 2, the two per-point passes of :func:`solve_run` after an evaluation in one, without loops over the
     dimensions: each active point's residual and convergence test, then its safeguarded Newton step (the same
     rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the number of
     points still working."""
-    zero = rhs[0, 0] * 0.0
     remaining = 0
     for p in range(na):
         if done[p]:

@@ -43,6 +43,27 @@ def test_gemm_on_leading_rows_of_wider_buffers() -> None:
     np.testing.assert_allclose(grad, w.T @ (w @ x[:6]), atol=1e-12)
 
 
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gemm_on_column_slices_whose_rows_are_longer(trans_a: bool, trans_b: bool) -> None:
+    """Leading dimensions larger than the operands' widths (column slices of wider buffers), output included."""
+    rng = np.random.default_rng(3)
+    a_buf, b_buf = rng.standard_normal((9, 12)), rng.standard_normal((9, 14))
+    a = a_buf[:5, 2:9] if trans_a else a_buf[:7, 3:8]  # op(a) is 7 x 5
+    b = b_buf[:4, 1:6] if trans_b else b_buf[:5, 6:10]  # op(b) is 5 x 4
+    out_buf = np.zeros((10, 11))
+    blas.gemm(trans_a, trans_b, a, b, out_buf[1:8, 3:7])
+    expected = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    np.testing.assert_allclose(out_buf[1:8, 3:7], expected, atol=1e-13)
+    out_buf[1:8, 3:7] = 0.0
+    assert not out_buf.any()  # nothing written outside the output's view
+
+
+def test_gemm_refuses_strided_rows() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        blas.gemm(False, False, np.ones((3, 8))[:, ::2], np.ones((4, 2)), np.empty((3, 2)))
+
+
 def test_gemm_empty_shapes() -> None:
     out = np.full((3, 0), 1.0)
     blas.gemm(False, False, np.ones((3, 2)), np.ones((2, 0)), out)  # nothing to do, no BLAS error

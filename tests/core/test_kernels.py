@@ -279,17 +279,37 @@ def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monke
     assert [len(d.signatures) for d in dispatchers] == before
 
 
-def test_non_finite_points_are_not_reported_converged():
-    """A NaN input must fail to converge on the compiled kernels as on the PyTorch ones (and say so)."""
+@pytest.mark.parametrize("where", [0, 2])
+@pytest.mark.parametrize("grad", [True, False])
+def test_non_finite_points_are_not_reported_converged(where, grad):
+    """A NaN input must fail to converge on the compiled kernels as on the PyTorch ones (and say so), and leave the
+    other points' solves alone (first in the batch it once made every residual NaN: all points ran to the cap)."""
     torch.manual_seed(10)
-    flow = build_flow(FlowConfig(blocks=1, max_iter=5)).double()
+    flow = build_flow(FlowConfig(blocks=1, max_iter=50)).double()
     x = torch.randn(6, 2, dtype=DT)
-    x[2, 0] = float("nan")
-    with pytest.warns(fast.SolverWarning, match="1 of 6 samples did not converge"):
+    x[where, 0] = float("nan")
+    with pytest.warns(fast.SolverWarning, match="1 of 6 samples did not converge"), torch.set_grad_enabled(grad):
         flow.log_prob(x)
     stats = flow.solver_stats()[0]["forward"]
-    assert stats.converged.tolist() == [True, True, False, True, True, True]
-    assert int(stats.iterations[2]) == 5 and bool(torch.isnan(stats.residual[2]))
+    assert stats.converged.tolist() == [i != where for i in range(6)]
+    assert int(stats.iterations[where]) == 50 and bool(torch.isnan(stats.residual[where]))
+    others = torch.cat([stats.iterations[:where], stats.iterations[where + 1 :]])
+    assert int(others.max()) <= 6
+
+
+def test_empty_batches_give_empty_results():
+    """Sampling 0 points, and densities or inverses of an empty batch, on both kernels and the generic path."""
+    flow = build_flow(FlowConfig(blocks=2)).double()
+    empty = torch.zeros(0, 2, dtype=DT)
+    for use, fast_path in ((True, True), (False, True), (False, False)):
+        fast.USE_KERNELS, flow.fast_path = use, fast_path
+        try:
+            assert flow.sample(0).shape == (0, 2)
+            assert flow.log_prob(empty).shape == (0,)
+            with torch.no_grad():
+                assert flow.inverse(empty).shape == (0, 2) and flow.log_prob(empty).shape == (0,)
+        finally:
+            fast.USE_KERNELS, flow.fast_path = True, True
 
 
 @pytest.mark.parametrize("fraction", [1, 4, 10**6])
