@@ -604,6 +604,12 @@ class Trainer:
         self.history: deque[StepMetrics] = deque(maxlen=history_length)
         self.eval_history: list[EvalMetrics] = []
         self.loss_transform: Callable[[Tensor], Tensor] | None = None
+        # The flow's modules and parameters, listed once (the trainer built the flow, whose structure stays fixed):
+        # walking the module tree on every step (train mode, ActNorm checks, gradient norms) cost about 1 ms a step
+        # for the 2-D toy model's 120 modules and 90 parameter tensors, a tenth of its step.
+        self._modules = list(self.flow.modules())
+        self._actnorms = [m for m in self._modules if isinstance(m, ActNorm | ActNorm2d)]
+        self._params = list(self.flow.parameters())
         self._apply_schedules(0)
 
     # -- properties and live controls ---------------------------------------------------------------------
@@ -704,9 +710,7 @@ class Trainer:
         return ((y_hat - y) ** 2).reshape(x.shape[0], -1).mean(dim=1).sum()
 
     def _needs_actnorm_init(self) -> bool:
-        return any(
-            isinstance(m, ActNorm | ActNorm2d) and not bool(m.initialized) for m in self.flow.modules()
-        )
+        return any(not bool(m.initialized) for m in self._actnorms)
 
     def _initialize_actnorm(self, batch: tuple[Tensor, ...]) -> None:
         """ActNorm's data-dependent initialisation from the whole global batch (no gradient).
@@ -718,7 +722,7 @@ class Trainer:
             self._loss_sum(batch)
 
     def _grad_norm(self) -> float:
-        grads = [p.grad for p in self.flow.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return 0.0
         # One fused kernel for all per-tensor norms (a per-tensor loop costs ~200 operators per step here).
@@ -732,7 +736,7 @@ class Trainer:
         # Same rule as torch.nn.utils.clip_grad_norm_, applied to the norm already measured.
         coef = clip / (norm + 1e-6)
         if coef < 1.0:
-            torch._foreach_mul_([p.grad.detach() for p in self.flow.parameters() if p.grad is not None], coef)
+            torch._foreach_mul_([p.grad.detach() for p in self._params if p.grad is not None], coef)
 
     def _snapshot(self) -> dict[str, Tensor] | None:
         """A copy of the flow's state when the forward pass itself may modify it (ActNorm's data init)."""
@@ -765,7 +769,7 @@ class Trainer:
             del loss
         if self.dist.active:
             # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
-            params = [p for p in self.flow.parameters() if p.requires_grad]
+            params = [p for p in self._params if p.requires_grad]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([torch.tensor([local_loss], dtype=self.dtype, device=self.device)]
                              + [g.reshape(-1) for g in grads])
@@ -781,11 +785,17 @@ class Trainer:
         return local_loss, ""
 
     def _solver_summary(self) -> tuple[float, int, int]:
+        """Summed mean, largest and failed counts of the forward solves' iterations over the blocks."""
+        forward = [stats.get("forward") for stats in self.flow.solver_stats()]
+        forward = [fwd for fwd in forward if fwd is not None and fwd.batch_size > 0]
+        if not forward:
+            return 0.0, 0, 0
+        if len({fwd.batch_size for fwd in forward}) == 1:  # the usual case: a few operators for all blocks at once
+            its = torch.stack([fwd.iterations for fwd in forward])
+            failed = int((~torch.stack([fwd.converged for fwd in forward])).sum())
+            return float(its.double().mean(dim=1).sum()), int(its.max()), failed
         mean, worst, failed = 0.0, 0, 0
-        for stats in self.flow.solver_stats():
-            fwd = stats.get("forward")
-            if fwd is None or fwd.batch_size == 0:
-                continue
+        for fwd in forward:
             mean += float(fwd.iterations.double().mean())
             worst = max(worst, int(fwd.iterations.max()))
             failed += fwd.n_failed
@@ -796,7 +806,7 @@ class Trainer:
         decay = self.train_config.ema
         if self._ema_flow is None or decay is None:
             return
-        for pe, p in zip(self._ema_flow.parameters(), self.flow.parameters(), strict=True):
+        for pe, p in zip(self._ema_flow.parameters(), self._params, strict=True):
             if self._ema_updates == 0:
                 # Start from the weights after the first step, so ActNorm's data init is not averaged with zeros.
                 pe.copy_(p)
@@ -817,7 +827,8 @@ class Trainer:
         self._apply_schedules(index)
         lr = self.current_lr
         batch = self._next_batch()
-        self.flow.train()
+        if not all(m.training for m in self._modules):  # (train() itself walks and sets all 120 modules)
+            self.flow.train()
         snapshot = self._snapshot()
         if snapshot is not None:
             self._initialize_actnorm(batch)

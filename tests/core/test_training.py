@@ -297,3 +297,21 @@ def test_image_presets_are_valid_configurations(name):
         assert (model.growth, model.depth, model.fc_blocks) == (172, 3, 4)
         assert (model.roulette, model.n_exact_terms, model.n_exact_terms_eval) == ("poisson", 10, 20)
         assert (training.warmup_iterations, training.grad_clip, training.ema) == (1000, 1.0, 0.999)
+
+
+def test_a_step_puts_every_module_back_in_training_mode():
+    """The step checks the modules' modes (listed once) and restores training mode wherever it was switched off."""
+    trainer = small_trainer()
+    trainer.flow.layers[1].net.layers[0].eval()
+    trainer.step()
+    assert all(m.training for m in trainer.flow.modules())
+
+
+def test_step_metrics_summarise_every_blocks_forward_solve():
+    """The step's solver summary (one stacked reduction) equals the per-block sums it replaces."""
+    trainer = small_trainer(model=FlowConfig(blocks=3, growth=8))
+    metrics = trainer.step()
+    forward = [s["forward"] for s in trainer.flow.solver_stats()]
+    assert metrics.solver_iterations_mean == pytest.approx(sum(float(f.iterations.double().mean()) for f in forward))
+    assert metrics.solver_iterations_max == max(int(f.iterations.max()) for f in forward)
+    assert metrics.solver_failed == sum(f.n_failed for f in forward)
