@@ -2,13 +2,15 @@
 
 The kernels' layer products are small (16 rows by a few thousand columns, 3 to 51 deep), and which BLAS serves
 them matters more than anything else in an evaluation of G. Measured on the 2-core development machine, one thread,
-float32, 16 x K by K x 1,500 (``benchmarks/results/engine_speed.md``):
+float32, 16 x K by K x 1,500, us per product (``python benchmarks/blas_products.py``, three runs;
+``benchmarks/results/engine_speed.md``):
 
 =========  ===================================  ==================================
 K          SciPy's OpenBLAS 0.3.30 (``np.dot``)  MKL inside PyTorch (``sgemm_``)
 =========  ===================================  ==================================
-19         29 us                                15 us
-35         51 us                                28 us
+3          5.9                                  5.5
+19         28.0-28.4                            14.7-16.7
+35         28.9-36.2                            25.2-27.2
 =========  ===================================  ==================================
 
 Numba's ``np.dot`` calls SciPy's copy of OpenBLAS; PyTorch's x86-64 wheels carry MKL and export its Fortran

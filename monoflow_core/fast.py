@@ -1285,8 +1285,7 @@ def _in_parallel(task: Any, count: int) -> None:
     """
     global _EXECUTOR
     if count == 1:
-        with blas.single_threaded():
-            task(0)
+        _single_threaded(task, 0)
         return
     with _KERNEL_LOCK:
         if _EXECUTOR is None:
@@ -1344,20 +1343,19 @@ def _kernel_run(
 
     def run(i: int) -> None:
         start, count = parts[i]
-        if spaces is not None:
+        if spaces is not None:  # a training forward: the part's own workspace, in one call
             ws = spaces[i]
             space = [t.numpy() for t in (ws.x, ws.h_all, ws.e_all, ws.q_all, ws.out)]
             scratch = empty[0].reshape(-1)
-        else:
+            sub = max(1, count)
+        else:  # slices that stay in cache, in this thread's scratch
             space = empty
             sub = max(1, min(count, KERNEL_NO_GRAD_POINTS))
             size = kernels.scratch_size(fw.shape[2], len(net.weights), net.weights[0].shape[1], fw.shape[1], sub)
             scratch = _scratch(size, np_dtype)
-            for at in range(start, start + count, sub):
-                n_at = min(sub, start + count - at)
-                kernels.solve_run(*common, *space, np.empty(n_at, int_type), *constants, at, n_at, scratch)
-            return
-        kernels.solve_run(*common, *space, np.empty(count, int_type), *constants, start, count, scratch)
+        for at in range(start, start + count, sub):
+            n_at = min(sub, start + count - at)
+            kernels.solve_run(*common, *space, np.empty(n_at, int_type), *constants, at, n_at, scratch)
 
     _in_parallel(run, len(parts))
     evaluations = iterations.numpy().max(axis=1)
@@ -1436,20 +1434,20 @@ class _FusedBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
-        xt = x.detach().t().contiguous()
         ctx.token = _GraphToken()
-        ctx.compiled = kernels_apply(xt, net)
+        ctx.compiled = kernels_apply(x, net)
         if ctx.compiled:
             # one workspace per part of the batch (the parts run in parallel, kernel_parts)
-            ctx.parts = kernel_parts(xt.shape[1])
+            ctx.parts = kernel_parts(x.shape[0])
             ctx.spaces = []
             for _, count in ctx.parts:
-                ws, key = _acquire_workspace(net, count, xt)
+                ws, key = _acquire_workspace(net, count, x)
                 _release_with(ctx.token, ws, key)
                 ctx.spaces.append(ws)
             ctx.weights = _kernel_weights(net, [1.0] * len(plan.blocks))
             y, total = _kernel_forward(x, plan, net, ctx.spaces, ctx.parts, ctx.weights)
         else:
+            xt = x.detach().t().contiguous()  # (the PyTorch kernels' feature-major layout)
             ws, key = _acquire_workspace(net, xt.shape[1], xt)
             _release_with(ctx.token, ws, key)
             yt, total = _fused_forward(xt, plan, net, ws)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .blas import gemm
+from .blas import LIBRARY, gemm
 
 try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
     import numba
@@ -180,9 +180,7 @@ def limit_blas_threads() -> int:
     400 x 400 density grid took 3.1 s instead of 1.8 s. Only SciPy's copy of OpenBLAS is limited (NumPy's keeps its
     settings); threadpoolctl comes with scikit-learn.
     """
-    from . import blas
-
-    if blas.LIBRARY != "scipy":
+    if LIBRARY != "scipy":
         return 0
     try:
         import scipy
@@ -226,33 +224,35 @@ def exp2_bits(dtype: Any) -> Any:
 
 
 @_jit
-def _exp2_split32(y, cst, coeffs):  # pragma: no cover - compiled
-    """``2^y = 2^k 2^f`` for float32 ``y <= 0``: the bit pattern of ``2^k`` and ``2^f``, in code that vectorises.
-
-    ``k = round(y)``; ``2^f`` (``|f| <= 1/2``) by its Taylor polynomial (:func:`exp2_coefficients`, 8 terms); ``2^k``
-    built from its exponent bits (the caller reads them back as a float). ``y`` is clamped at the smallest normal
-    exponent (``2^-126`` is 1e-38: Pila's tail is zero to working precision there). The libm ``exp2`` does not
-    vectorise and costs about 5 ns a call here; with 32-bit integers and constant shifts this loop runs eight points
-    per instruction (1.6x faster than with 64-bit ones, and 8 terms instead of 14 another 1.25x).
-    """
+def _exp2_parts(y, cst, coeffs, terms):  # pragma: no cover - compiled
+    """``2^y = 2^k 2^f`` for ``y <= 0``: ``k = round(y)`` (as a float) and ``2^f`` (``|f| <= 1/2``) by the first
+    ``terms`` Taylor coefficients (:func:`exp2_coefficients`). ``y`` is clamped at the smallest normal exponent
+    ``cst[9]`` (``2^-126`` is 1e-38 in float32: Pila's tail is zero to working precision there). The callers pass
+    ``terms`` as a literal, so the polynomial is unrolled."""
     yc = max(y, cst[9])
     fk = np.floor(yc + cst[2])
     f = yc - fk
-    p = coeffs[7]
-    for c in range(6, -1, -1):
+    p = coeffs[terms - 1]
+    for c in range(terms - 2, -1, -1):
         p = p * f + coeffs[c]
+    return fk, p
+
+
+@_jit
+def _exp2_split32(y, cst, coeffs):  # pragma: no cover - compiled
+    """The bit pattern of ``2^k`` and the factor ``2^f`` of float32 ``2^y`` (:func:`_exp2_parts`, 8 terms), in code
+    that vectorises: the caller reads the bits back as a float. The libm ``exp2`` does not vectorise and costs
+    about 5 ns a call here; with 32-bit integers and constant shifts this loop runs eight points per instruction
+    (1.6x faster than with 64-bit ones, and 8 terms instead of 14 another 1.25x).
+    """
+    fk, p = _exp2_parts(y, cst, coeffs, 8)
     return (np.int32(fk) + np.int32(127)) << np.int32(23), p
 
 
 @_jit
 def _exp2_split64(y, cst, coeffs):  # pragma: no cover - compiled
-    """:func:`_exp2_split32` for float64 (14 terms, 64-bit exponent bits, clamped at ``2^-1022``)."""
-    yc = max(y, cst[9])
-    fk = np.floor(yc + cst[2])
-    f = yc - fk
-    p = coeffs[13]
-    for c in range(12, -1, -1):
-        p = p * f + coeffs[c]
+    """:func:`_exp2_split32` for float64 (14 terms, 64-bit exponent bits)."""
+    fk, p = _exp2_parts(y, cst, coeffs, 14)
     return (np.int64(fk) + np.int64(1023)) << np.int64(52), p
 
 
@@ -505,14 +505,12 @@ def solve_run(
                       scale)
             out = tmp[2 : 2 + n]
             remaining = 0
-            stepped = False  # whether this pass also took the Newton steps (n = 2)
-            if solve and n == 2 and it < cap:
+            # n = 2: the residuals and the Newton steps in one closed-form pass (the general passes then skip)
+            stepped = solve and n == 2 and it < cap
+            if stepped:
                 remaining = _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res,
                                                 plain, it, na, zero)
-                stepped = True
-            for p in range(na):
-                if stepped:
-                    break
+            for p in range(0 if stepped else na):
                 if not solve:
                     done[p] = True
                     first[p] = 1
@@ -585,9 +583,7 @@ def solve_run(
                 if kept != na:
                     na = kept
                     fresh = True
-            for p in range(na):
-                if stepped:
-                    break
+            for p in range(0 if stepped else na):
                 if done[p]:
                     continue
                 if prev_res[p] >= zero and res[p] > prev_res[p] and not plain[p]:
@@ -716,11 +712,10 @@ def backward_run(
         xj = ws_x[j]
         outj = ws_out[j]
         # (1) the log-det's cotangent of A = I + J_G at the solution (the tangent columns of the map)
-        if n == 2 and kj == KIND_MONOTONE:
+        closed = n == 2 and kj == KIND_MONOTONE  # steps (1) and (2) in closed form per point
+        if closed:
             _logdet_cotangent_monotone2(outj, grad_logdet[start : start + b], c_out, b)
-        for s in range(b):
-            if n == 2 and kj == KIND_MONOTONE:
-                break
+        for s in range(0 if closed else b):
             for a in range(n):
                 for t in range(n):
                     amat[a, t] = outj[a, (1 + t) * b + s]
@@ -765,11 +760,9 @@ def backward_run(
                         srow[s] = grow[s] * drow[s]
             _back_through(wflat[j, offs[i] : offs[i] + m * width].reshape((m, width)), ghs[i], tmp, gx)
         # (2) the implicit-function gradient, per point; c_out's primal columns receive the cotangent of G's output
-        if n == 2 and kj == KIND_MONOTONE:
+        if closed:
             _implicit_gradient_monotone2(outj, gx, gy, c_out, root2, b)
-        for s in range(b):
-            if n == 2 and kj == KIND_MONOTONE:
-                break
+        for s in range(0 if closed else b):
             for a in range(n):
                 for t in range(n):
                     amat[a, t] = outj[a, (1 + t) * b + s]
