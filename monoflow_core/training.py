@@ -85,6 +85,11 @@ NOISE_SEED_OFFSET = 7919
 EVAL_SPLITS = ("test", "validation")
 
 TRAINER_STATE_FORMAT = "monoflow-trainer-state/1"
+# A checkpoint's header keeps at most this many step records and this many test records, thinned evenly over the
+# run (the newest always kept, and the last PAPER_PROTOCOL_TESTS tests intact): the header's size and the save's time
+# must not grow with the number of steps (the whole history lives in the run's metrics.csv). At about 250 bytes a
+# record the thinned histories stay below 200 KB.
+CHECKPOINT_HISTORY = 512
 
 
 class TrainingError(RuntimeError):
@@ -470,6 +475,32 @@ class RunSummary:
 
 
 StepCallback = Callable[[StepMetrics, EvalMetrics | None], Any]
+
+
+def thin_records(records: list[Any], limit: int, *, keep_last: int = 1) -> list[Any]:
+    """At most ``limit`` of ``records``, evenly spaced over the whole list, with the last ``keep_last`` kept whole.
+
+    Used to bound a checkpoint's copy of the step and test histories: a curve redrawn from the thinned records
+    keeps its shape over the whole run, and the most recent records (the paper protocol's last tests) are exact.
+
+    Args:
+        records: the records, oldest first.
+        limit: the largest number of records returned (at least ``keep_last``).
+        keep_last: how many of the newest records are always kept.
+
+    Returns:
+        A new list, oldest first.
+    """
+    if len(records) <= limit:
+        return list(records)
+    keep_last = min(keep_last, limit)
+    head, tail = records[: len(records) - keep_last], records[len(records) - keep_last :]
+    room = limit - keep_last
+    if room <= 0 or not head:
+        return list(tail)
+    # Evenly spaced indices over the older part, its first record included.
+    picked = sorted({(i * len(head)) // room for i in range(room)})
+    return [head[i] for i in picked] + list(tail)
 
 
 def make_adam(params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Adam:
@@ -1116,7 +1147,10 @@ class Trainer:
         Keys: ``format``, ``step``, ``flow`` (module state incl. buffers), ``optimizer``, ``base_lr``,
         ``stream`` and ``eval_stream`` (data stream states, JSON), ``torch_rng`` (CPU generator state, uint8),
         ``cuda_rng`` (on CUDA), ``ema`` (EMA flow state or ``None``), ``ema_updates``,
-        ``consecutive_rejections``, ``rejected_total``, ``history``, ``eval_history`` (lists of dicts).
+        ``consecutive_rejections``, ``rejected_total``, ``history``, ``eval_history`` (lists of dicts, thinned to at
+        most :data:`CHECKPOINT_HISTORY` records each by :func:`thin_records`, so the state's size does not grow with
+        the number of steps; the last :data:`PAPER_PROTOCOL_TESTS` tests are always whole, so the paper protocol
+        survives a resume).
         """
         state: dict[str, Any] = {
             "format": TRAINER_STATE_FORMAT,
@@ -1132,8 +1166,10 @@ class Trainer:
             "ema_updates": self._ema_updates,
             "consecutive_rejections": self._consecutive_rejections,
             "rejected_total": self._rejected_total,
-            "history": [m.to_dict() for m in self.history],
-            "eval_history": [e.to_dict() for e in self.eval_history],
+            "history": [m.to_dict() for m in thin_records(list(self.history), CHECKPOINT_HISTORY)],
+            "eval_history": [
+                e.to_dict() for e in thin_records(self.eval_history, CHECKPOINT_HISTORY, keep_last=PAPER_PROTOCOL_TESTS)
+            ],
         }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
