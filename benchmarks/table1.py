@@ -1,14 +1,14 @@
 """Reproduce Table 1 of Ahn et al. (NeurIPS 2022): test NLL (nats) of Monotone Flows and i-DenseNets on 2-D toys.
 
 For each data set and model (presets ``paper-toy-monotone`` / ``paper-toy-idensenet`` with ``data=`` the set;
-ALGORITHM.md 7.1) this trains with the core's one training loop (:class:`monoflow_core.training.Trainer`) and
+the toy protocol of arXiv:2210.08176) trains with the core's one training loop (``Trainer``) and
 reports:
 
 * the **fixed-set test NLL** (nats): exact log-det, float64, on a fixed seeded held-out set of ``--test-size``
   points (default 100,000) after the last iteration;
 * the **paper-protocol NLL** (nats): the mean of the last 20 tests on 10,000 *fresh* points, one test every
   100 iterations (what Table 1 reports);
-* Table 1's published value and the data set's entropy floor (ALGORITHM.md 8), both in nats;
+* Table 1's published value and the data set's entropy floor (the lowest NLL a model can reach), both in nats;
 * wall time (s; training plus the periodic tests) and training ms/iteration (the step alone, no tests).
 
 With ``--iterations`` below the paper's 50,000 the run is *shortened*: the learnable-concatenation switch
@@ -20,19 +20,30 @@ Goals stated in the output (assessed on the paper-protocol NLL; the fixed-set ve
 1. Monotone <= Table 1's Monotone value + 0.01 nats on every data set;
 2. Monotone <= our i-DenseNet run on at least 7 of the 8 data sets.
 
-Training uses one intra-op thread (``torch.set_num_threads(1)``; fastest for these tiny matrices, ALGORITHM.md 8).
+Training uses one intra-op thread (``torch.set_num_threads(1)``; fastest for these tiny matrices).
+
+**Resumable.** The full protocol is 16 runs of 50,000 iterations, hours of CPU, so every run lives in its own folder
+under ``--runs-dir`` (``<data>-<model>-seed<S>-it<N>``): a resumable checkpoint every ``--checkpoint-every``
+iterations (with the run's timings and fresh tests in its metadata, in the same atomic file), and ``result.json``
+once the run is finished. Starting the script again skips finished runs and continues interrupted ones from their
+last checkpoint; ``--jobs 2`` trains two runs at once, one per core. A lock file keeps two scripts off the same run.
+The report is written after every finished run, from every finished run of the requested sets.
 
 Usage::
 
     python benchmarks/table1.py [--iterations 50000] [--datasets a,b,...] [--models monotone,idensenet]
-        [--test-size 100000] [--seed 0] [--out benchmarks/results/table1]
+        [--test-size 100000] [--seed 0] [--jobs 1] [--out benchmarks/results/table1]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import fcntl
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 import warnings
@@ -43,7 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
+from monoflow_core.checkpoint import read_checkpoint_metadata
 from monoflow_core.data import TOY_DATASETS
+from monoflow_core.fileio import atomic_write
 from monoflow_core.presets import load_preset
 from monoflow_core.training import PAPER_PROTOCOL_TESTS, StepMetrics, Trainer, TrainingError
 
@@ -63,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
     parser.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the final fixed-set test")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "table1"), help="output path without suffix")
+    parser.add_argument("--runs-dir", default=str(common.RESULTS_DIR / "table1_runs"),
+                        help="one folder per run: resumable checkpoint and result.json")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process (core) each")
+    parser.add_argument("--checkpoint-every", type=int, default=2000,
+                        help="iterations between a run's resumable checkpoints")
     parser.add_argument("--rerender", metavar="JSON",
                         help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON")
     args = parser.parse_args(argv)
@@ -78,11 +96,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--models: unknown model {m!r}; choose from {list(common.MODEL_PRESETS)}")
     if args.iterations < 1:
         parser.error("--iterations: must be >= 1")
+    if not 1 <= args.jobs <= max(1, os.cpu_count() or 1):
+        parser.error(f"--jobs: must be between 1 and the number of CPUs ({os.cpu_count()})")
+    if args.checkpoint_every < 1:
+        parser.error("--checkpoint-every: must be >= 1")
     return args
 
 
-def train_one(data: str, model: str, args: argparse.Namespace, warn_log: common.WarningLog) -> dict[str, Any]:
-    """Train one (data set, model) pair and return its figures."""
+def run_dir(args: argparse.Namespace, data: str, model: str) -> Path:
+    """The folder of one run: its name carries everything that makes the run what it is."""
+    return Path(args.runs_dir) / f"{data}-{model}-seed{args.seed}-it{args.iterations}"
+
+
+def read_result(folder: Path) -> dict[str, Any] | None:
+    """A finished run's figures, or None while it is unfinished."""
+    path = folder / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_one(data: str, model: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train one (data set, model) pair to the end, from its last checkpoint if there is one, and return its figures.
+
+    Returns None when another process holds the run's lock (it is training it).
+    """
+    folder = run_dir(args, data, model)
+    done = read_result(folder)
+    if done is not None:
+        return done
+    folder.mkdir(parents=True, exist_ok=True)
+    # The lock is held for the whole run; the kernel releases it when a killed process dies, so no stale lock.
+    with open(folder / "run.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{data} / {model}] another process is training this run; skipped", flush=True)
+            return None
+        return _train_locked(data, model, args, folder)
+
+
+def _train_locked(data: str, model: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The body of :func:`train_one`, run while holding the run's lock."""
+    warn_log = common.WarningLog()
+    warnings.simplefilter("always")
+    warnings.showwarning = warn_log
+    common.set_threads(args.threads)
     preset = load_preset(common.MODEL_PRESETS[model])
     base = preset.train_config()
     scale = args.iterations / base.iterations
@@ -99,52 +156,72 @@ def train_one(data: str, model: str, args: argparse.Namespace, warn_log: common.
         overrides["eval_every"] = args.eval_every
     tc = preset.train_config(**overrides)
     mc = preset.model_config()
-    common.set_threads(args.threads)
-    warn_before = dict(warn_log.counts)
+    ckpt_path = folder / "checkpoint.safetensors"
+    # What the run has measured so far; it travels in the checkpoint's own metadata, so the two never disagree.
+    progress: dict[str, Any] = {"step_us": [], "eval_seconds": 0.0, "wall_seconds": 0.0, "setup_seconds": 0.0,
+                                "solver_max": 0, "solver_failed": 0, "nonfinite_losses": 0, "fresh_tests": [],
+                                "warnings": {}, "segments": 0}
     t_setup = time.perf_counter()
-    trainer = Trainer(mc, tc)
-    setup_s = time.perf_counter() - t_setup
+    if ckpt_path.is_file():
+        trainer = Trainer.from_checkpoint(ckpt_path)
+        progress = read_checkpoint_metadata(ckpt_path)["user"]["table1_progress"]
+        print(f"[{data} / {model}] resuming at iteration {trainer.step_count} of {args.iterations}", flush=True)
+    else:
+        trainer = Trainer(mc, tc)
+        print(f"[{data} / {model}] training {args.iterations} iterations", flush=True)
+    progress["setup_seconds"] += time.perf_counter() - t_setup
+    progress["segments"] += 1
 
-    step_seconds: list[float] = []
-    eval_seconds: list[float] = []
-    solver_max = 0
-    solver_failed = 0
-    nonfinite_losses = 0
+    step_us: list[int] = progress["step_us"]
     report_every = max(1, args.iterations // 10)
     t_run = time.perf_counter()
+    wall_before = progress["wall_seconds"]
+
+    def save() -> None:
+        progress["wall_seconds"] = wall_before + time.perf_counter() - t_run
+        progress["warnings"] = {k: progress["warnings"].get(k, 0) + v for k, v in warn_log.counts.items()}
+        warn_log.counts.clear()
+        trainer.save_checkpoint(ckpt_path, metadata={"table1_progress": progress})
 
     def callback(m: StepMetrics, ev: Any) -> None:
-        nonlocal solver_max, solver_failed, nonfinite_losses
-        step_seconds.append(m.seconds)
-        solver_max = max(solver_max, m.solver_iterations_max)
-        solver_failed += m.solver_failed
-        nonfinite_losses += int(not math.isfinite(m.loss))
+        step_us.append(round(1e6 * m.seconds))
+        progress["solver_max"] = max(progress["solver_max"], m.solver_iterations_max)
+        progress["solver_failed"] += m.solver_failed
+        progress["nonfinite_losses"] += int(not math.isfinite(m.loss))
         if ev is not None:
-            eval_seconds.append(ev.seconds)
+            progress["eval_seconds"] += ev.seconds
+            progress["fresh_tests"].append({"step": ev.step, "nll_nats": ev.nll_nats})
         if (m.step + 1) % report_every == 0:
-            recent = step_seconds[-report_every:]
+            recent = step_us[-report_every:]
             last = f"; fresh test {ev.nll_nats:.4f} nats" if ev is not None and ev.nll_nats is not None else ""
             print(
                 f"    {data}/{model} step {m.step + 1}/{args.iterations}: train loss {m.loss:.4f} nats, "
-                f"{1e3 * sum(recent) / len(recent):.1f} ms/iteration, {time.perf_counter() - t_run:.0f} s{last}",
+                f"{1e-3 * sum(recent) / len(recent):.1f} ms/iteration, "
+                f"{wall_before + time.perf_counter() - t_run:.0f} s{last}",
                 flush=True,
             )
+        if (m.step + 1) % args.checkpoint_every == 0 and m.step + 1 < args.iterations:
+            save()
 
     error = None
     try:
-        summary = trainer.run(args.iterations, callback)
+        summary = trainer.run(None, callback)
     except TrainingError as err:
         error = str(err)
         summary = None
-    run_s = time.perf_counter() - t_run
+    save()
+    run_s = progress["wall_seconds"]
 
     common.set_threads(args.eval_threads)
     fixed = trainer.evaluate(fixed=True)
     common.set_threads(args.threads)
 
-    fresh = [e for e in trainer.eval_history if not e.fixed]
-    paper = trainer.paper_protocol()
+    fresh = progress["fresh_tests"]
+    fresh_nll = [t["nll_nats"] for t in fresh if t["nll_nats"] is not None]
+    paper = sum(fresh_nll[-PAPER_PROTOCOL_TESTS:]) / len(fresh_nll[-PAPER_PROTOCOL_TESTS:]) if fresh_nll else None
+    step_seconds = [1e-6 * us for us in step_us]
     train_s = sum(step_seconds)
+    eval_seconds = progress["eval_seconds"]
     result = {
         "data": data,
         "model": model,
@@ -159,28 +236,29 @@ def train_one(data: str, model: str, args: argparse.Namespace, warn_log: common.
         "fixed_eval_dtype": fixed.dtype,
         "fixed_eval_seconds": fixed.seconds,
         "paper_protocol_nll_nats": paper,
-        "paper_protocol_tests": min(len(fresh), PAPER_PROTOCOL_TESTS),
+        "paper_protocol_tests": min(len(fresh_nll), PAPER_PROTOCOL_TESTS),
         "fresh_test_size": tc.eval_size,
         "eval_every": tc.eval_every,
-        "last_fresh_nll_nats": fresh[-1].nll_nats if fresh else None,
-        "fresh_exact_logdet": all(e.exact for e in fresh) if fresh else None,
+        "last_fresh_nll_nats": fresh[-1]["nll_nats"] if fresh else None,
+        "fresh_exact_logdet": all(e.exact for e in trainer.eval_history if not e.fixed) if fresh else None,
         "table1_nats": common.TABLE1[data][model],
         "entropy_floor_nats": common.ENTROPY_FLOOR[data],
         "wall_seconds": run_s,
-        "setup_seconds": setup_s,
+        "setup_seconds": progress["setup_seconds"],
+        "sessions": progress["segments"],
         "train_seconds": train_s,
-        "periodic_test_seconds": sum(eval_seconds),
+        "periodic_test_seconds": eval_seconds,
         "ms_per_iteration_mean": 1e3 * train_s / max(1, len(step_seconds)),
         "ms_per_iteration_median": 1e3 * common.median(step_seconds),
         "slowest_step_ms": 1e3 * max(step_seconds) if step_seconds else None,
         "rejected_steps": trainer.rejected_total,
-        "nonfinite_losses": nonfinite_losses,
-        "solver_iterations_max": solver_max,
-        "solver_failed_samples": solver_failed,
+        "solver_iterations_max": progress["solver_max"],
+        "solver_failed_samples": progress["solver_failed"],
+        "nonfinite_losses": progress["nonfinite_losses"],
         "last_train_loss_nats": None if summary is None else summary.last_loss,
         "training_error": error,
-        "warnings": {k: v - warn_before.get(k, 0) for k, v in warn_log.counts.items() if v > warn_before.get(k, 0)},
-        "fresh_tests": [{"step": e.step, "nll_nats": e.nll_nats} for e in fresh],
+        "warnings": progress["warnings"],
+        "fresh_tests": fresh,
         "train_config": tc.to_dict(),
     }
     print(
@@ -190,6 +268,7 @@ def train_one(data: str, model: str, args: argparse.Namespace, warn_log: common.
         f"{result['ms_per_iteration_mean']:.1f} ms/iteration (training step only)",
         flush=True,
     )
+    atomic_write(folder / "result.json", json.dumps(result, indent=1).encode())
     return result
 
 
@@ -267,7 +346,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
             "the better measure of the final model here.",
         ]
     md += [
-        "- *Table 1*: the published value (nats); *floor*: the generator's entropy (ALGORITHM.md 8), the lowest "
+        "- *Table 1*: the published value (nats); *floor*: the generator's entropy, the lowest "
         "expected NLL any model can reach.",
         "- *wall*: seconds of `Trainer.run` (training and the periodic fresh tests, not the final fixed-set test); "
         "*ms/iteration*: mean wall time of one training step (batch of 500 fresh points, forward with exact "
@@ -352,17 +431,31 @@ def main(argv: list[str] | None = None) -> None:
     if shortened:
         print(f"SHORTENED RUNS: {args.iterations} of {PAPER_ITERATIONS} iterations; concat learnable from "
               f"{args.iterations // 2}. Not a reproduction of Table 1.", flush=True)
-    warn_log = common.WarningLog()
-    warnings.simplefilter("always")
-    warnings.showwarning = warn_log
-    results: list[dict[str, Any]] = []
-    goals: dict[str, Any] = {}
-    for data in args.datasets:
-        for model in args.models:
-            print(f"[{data} / {model}] training {args.iterations} iterations", flush=True)
-            results.append(train_one(data, model, args, warn_log))
-            md, payload, goals = render(results, args, info, commands)
-            md_path, js_path = common.write_results(args.out, md, payload)
+    pending = [(d, m) for d in args.datasets for m in args.models if read_result(run_dir(args, d, m)) is None]
+    print(f"{len(pending)} run(s) to train or continue, {args.jobs} at a time; finished runs are skipped.", flush=True)
+
+    def finished() -> list[dict[str, Any]]:
+        found = [read_result(run_dir(args, d, m)) for d in args.datasets for m in args.models]
+        return [r for r in found if r is not None]
+
+    def report() -> tuple[Path, Path, dict[str, Any]]:
+        md, payload, goals = render(finished(), args, info, commands)
+        md_path, js_path = common.write_results(args.out, md, payload)
+        return md_path, js_path, goals
+
+    md_path, js_path, goals = report()
+    if args.jobs == 1:
+        for data, model in pending:
+            train_one(data, model, args)
+            md_path, js_path, goals = report()
+    else:
+        # One process per run (spawned: a fresh interpreter each, no state shared with this one), one core each.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            futures = [pool.submit(train_one, d, m, args) for d, m in pending]
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                md_path, js_path, goals = report()
     print("")
     print(f"Goals ({'SHORTENED, ' if shortened else ''}{args.iterations} iterations; paper-protocol NLL in nats):")
     print(f"  1. Monotone <= Table 1 + {GOAL_MARGIN} nats on every set: {goals['paper_protocol']['goal1_status']}")
