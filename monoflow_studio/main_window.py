@@ -28,12 +28,15 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QLabel,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QScrollArea,
     QStackedWidget,
     QWidget,
 )
 
+from monoflow_core.checkpoint import CheckpointError
+from monoflow_core.examples import list_examples
 from monoflow_core.training import EvalMetrics, StepMetrics
 
 from .controls import ControlsPanel
@@ -250,7 +253,9 @@ class MainWindow(QMainWindow):
 
         menu = self.menuBar()
         file_menu = menu.addMenu("&File")
-        for a in (self.open_action, self.save_ckpt_action, None, self.load_config_action, self.save_config_action,
+        file_menu.addAction(self.open_action)
+        self._build_examples_menu(file_menu.addMenu("Open &example"))
+        for a in (self.save_ckpt_action, None, self.load_config_action, self.save_config_action,
                   None, self.export_view_action, self.export_csv_action, None, self.quit_action):
             file_menu.addSeparator() if a is None else file_menu.addAction(a)
         run_menu = menu.addMenu("&Run")
@@ -293,6 +298,41 @@ class MainWindow(QMainWindow):
         for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action, None,
                   self.open_action, self.save_ckpt_action, self.export_view_action):
             toolbar.addSeparator() if a is None else toolbar.addAction(a)
+
+    def _build_examples_menu(self, examples_menu: QMenu) -> None:
+        """File > Open example: the shipped trained models, one click each (no training needed to see them)."""
+        examples_menu.setToolTipsVisible(True)
+        self.example_actions: list[QAction] = []
+        try:
+            examples = list_examples()
+        except CheckpointError as err:  # a damaged installation: say so in the menu and the log, keep the studio
+            examples = []
+            self._examples_problem = str(err)
+        else:
+            self._examples_problem = ""
+        by_data: dict[str, list] = collections.defaultdict(list)
+        for example in examples:
+            by_data[example.data].append(example)
+        for data, group in by_data.items():
+            examples_menu.addSection(data)
+            for example in group:
+                action = QAction(example.title, self)
+                tip = (f"{example.preset}, {example.iterations:,} iterations; opens its density, samples and "
+                       "transport at once. Training on starts Adam afresh (no optimizer state ships).")
+                action.setToolTip(tip)
+                action.setStatusTip(tip)
+                action.triggered.connect(lambda _c=False, e=example: self.open_example(e.path, e.title))
+                examples_menu.addAction(action)
+                self.example_actions.append(action)
+        if not examples:
+            empty = examples_menu.addAction(self._examples_problem or "No example models are installed")
+            empty.setEnabled(False)
+
+    def open_example(self, path: str | os.PathLike[str], title: str) -> None:
+        """Open a shipped example model (a weights-only checkpoint) as the current run."""
+        self.log.add("info", f"opening example {title}: a trained model; Train continues from its weights with a "
+                             "fresh Adam state")
+        self.session.open_checkpoint(str(path))
 
     def _build_status_bar(self) -> None:
         bar = self.statusBar()

@@ -479,7 +479,10 @@ class _Worker(QObject):
                 trainer = Trainer.from_checkpoint(ckpt)
             else:
                 # A flow-only checkpoint: inspect it and train it on as a new run on the current data set.
-                data = ckpt.metadata.get("data") or (self.trainer.train_config.data if self.trainer else None)
+                # Its data set: the header's (a shipped example records it under "user"), else the current run's.
+                user = ckpt.metadata.get("user")
+                stored = user.get("data") if isinstance(user, dict) else None
+                data = ckpt.metadata.get("data") or stored or (self.trainer.train_config.data if self.trainer else None)
                 tc = self._initial_spec.training.replace(**({"data": data} if data else {}))
                 trainer = Trainer(ckpt.model_config, tc, flow=ckpt.flow)
             spec = RunSpec(trainer.model_config.replace(), trainer.train_config.replace(), name=Path(path).name)

@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import torch
-from conftest import WAIT_MS
+from conftest import WAIT_MS, tiny_spec
 from PySide6.QtWidgets import QFileDialog
 
 from monoflow_core import evaluation
@@ -159,3 +159,29 @@ def test_export_view_as_svg_to_an_unwritable_path_gives_a_message(window, qtbot,
     window.export_view_action.trigger()  # no exception escapes
     assert "could not write view" in window.statusBar().currentMessage()
     assert "could not write view" in window.log.toPlainText()
+
+
+def test_open_example_menu_shows_a_trained_model_and_trains_on(make_window, qtbot, monkeypatch, tmp_path):
+    from monoflow_core.assets import ASSETS_DIR_ENV, assets_dir
+    from monoflow_core.examples import write_example
+    from monoflow_core.training import Trainer
+
+    source = Trainer(tiny_spec().model, tiny_spec(data="moons").training)
+    source.run(2)
+    (tmp_path / "presets").symlink_to(assets_dir() / "presets")
+    (tmp_path / "models").mkdir()
+    write_example(tmp_path / "models" / "moons-monotone.safetensors", source.flow, data="moons", model="monotone",
+                  preset="paper-toy-monotone", iterations=2, test_nll_nats=3.5)
+    monkeypatch.setenv(ASSETS_DIR_ENV, str(tmp_path))
+    window = make_window()
+    assert [a.text() for a in window.example_actions] == ["moons: Monotone (3.500 nats)"]
+    run = window.run_id
+    window.example_actions[0].trigger()
+    qtbot.waitUntil(lambda: window.run_id == run + 1, timeout=WAIT_MS)
+    assert window.spec.training.data == "moons", "the example's data set comes with it"
+    assert "fresh Adam state" in window.log.toPlainText()
+    points = torch.randn(20, 2, dtype=torch.float64)
+    ours = window.session.submit(lambda t: evaluation.log_prob(t.flow, points).numpy()).result(timeout=10)
+    np.testing.assert_allclose(ours, evaluation.log_prob(source.flow, points).numpy(), rtol=0, atol=1e-6)
+    window.step_action.trigger()
+    qtbot.waitUntil(lambda: window.step == 1, timeout=WAIT_MS)
