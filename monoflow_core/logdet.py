@@ -15,7 +15,9 @@ the spectral radius of J exceeds ``sqrt(1 - p)`` (ALGORITHM.md section 8).
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ __all__ = [
     "EXACT_MAX_DIM",
     "KINDS",
     "LOGDET_MODES",
+    "MAX_MEAN_EXTRA_TERMS",
     "EstimatorSettings",
     "exact_logdet",
     "power_series_coefficient",
@@ -39,6 +42,41 @@ ROULETTES = ("geometric", "poisson")
 
 #: ``"auto"`` computes the exact log-det up to this many dimensions per sample (64 covers 8x8 images).
 EXACT_MAX_DIM = 64
+
+#: Largest mean number of extra terms (beyond the exact ones) a roulette may draw per pass: each costs one
+#: vector-Jacobian product per probe, so a larger mean costs more than most models' exact log-det; the bound also
+#: keeps the draws, and the weights ``1 / P(N >= m)``, far from integer and float overflow.
+MAX_MEAN_EXTRA_TERMS = 1000.0
+
+#: Floor of the tail probabilities P(N >= m) the roulette divides by (keeps every weight finite).
+_MIN_TAIL = 1e-300
+
+
+@functools.lru_cache(maxsize=4096)
+def _poisson_tail(lam: float, m: int) -> float:
+    """``P(N >= m)`` for ``N ~ Poisson(lam)``, in log space (no ``lam**j`` or ``j!``, which overflow).
+
+    Below the mode, ``1 - P(N < m)`` (the CDF is at most about one half there, so nothing cancels); beyond it the
+    tail's own terms, which decrease geometrically, summed until they no longer change the total (accurate even
+    where ``1 - cdf`` would round to 0). Cached: every estimator pass asks for the same few values.
+    """
+    if m <= 0:
+        return 1.0
+    log_lam = math.log(lam)
+
+    def pmf(j: int) -> float:
+        return math.exp(-lam + j * log_lam - math.lgamma(j + 1))
+
+    if m <= lam:
+        return max(1.0 - math.fsum(pmf(j) for j in range(m)), _MIN_TAIL)
+    total, j = 0.0, m
+    while True:  # ratios pmf(j+1)/pmf(j) = lam/(j+1) < 1: it converges (in under 300 terms for lam <= 1000)
+        term = pmf(j)
+        if term <= total * 1e-17 or term == 0.0:
+            break
+        total += term
+        j += 1
+    return max(total, _MIN_TAIL)
 
 
 def resolve_logdet_mode(mode: str, dim: int, training: bool = False) -> str:
@@ -107,7 +145,8 @@ class EstimatorSettings:
         n_exact_terms: terms always computed (weight 1) during training.
         n_exact_terms_eval: terms always computed outside training (larger: lower variance).
         roulette: ``"geometric"`` or ``"poisson"`` distribution of the number of extra terms N.
-        roulette_param: p of the geometric (P(N = m) = p (1-p)^m) or lambda of the Poisson.
+        roulette_param: p of the geometric (P(N = m) = p (1-p)^m) or lambda of the Poisson; the mean number of
+            extra terms, ``(1-p)/p`` or lambda, must be at most :data:`MAX_MEAN_EXTRA_TERMS`.
         n_probes: Hutchinson probes per sample (averaged).
         neumann_grad: use the Neumann-series gradient (memory-saving) in training.
     """
@@ -122,10 +161,17 @@ class EstimatorSettings:
     def __post_init__(self) -> None:
         if self.roulette not in ROULETTES:
             raise ValueError(f"roulette: unknown {self.roulette!r}; choose one of {list(ROULETTES)}")
-        if self.roulette == "geometric" and not 0.0 < self.roulette_param < 1.0:
-            raise ValueError(f"roulette_param: geometric p must be in (0, 1), got {self.roulette_param}")
-        if self.roulette == "poisson" and not self.roulette_param > 0.0:
-            raise ValueError(f"roulette_param: Poisson lambda must be positive, got {self.roulette_param}")
+        param = self.roulette_param
+        if isinstance(param, bool) or not isinstance(param, numbers.Real):
+            raise ValueError(f"roulette_param: must be a number, got {param!r}")
+        # The bounds keep the mean number of extra terms at most MAX_MEAN_EXTRA_TERMS (NaN fails both).
+        low_p = 1.0 / (1.0 + MAX_MEAN_EXTRA_TERMS)
+        if self.roulette == "geometric" and not low_p <= param < 1.0:
+            raise ValueError(f"roulette_param: geometric p must be in [{low_p:.6g}, 1) (a mean of at most "
+                             f"{MAX_MEAN_EXTRA_TERMS:g} extra terms), got {param}")
+        if self.roulette == "poisson" and not 0.0 < param <= MAX_MEAN_EXTRA_TERMS:
+            raise ValueError(f"roulette_param: Poisson lambda must be in (0, {MAX_MEAN_EXTRA_TERMS:g}] (the mean "
+                             f"number of extra terms), got {param}")
         if self.n_exact_terms < 1 or self.n_exact_terms_eval < 1:
             raise ValueError("n_exact_terms: must be >= 1")
         if self.n_probes < 1:
@@ -136,18 +182,17 @@ class EstimatorSettings:
         if m <= 0:
             return 1.0
         if self.roulette == "geometric":
-            return (1.0 - self.roulette_param) ** m
-        lam = self.roulette_param
-        cdf = sum(math.exp(-lam) * lam**j / math.factorial(j) for j in range(m))
-        return max(1.0 - cdf, 1e-300)
+            return max(math.exp(m * math.log1p(-self.roulette_param)), _MIN_TAIL)
+        return _poisson_tail(float(self.roulette_param), int(m))
 
     def draw_extra_terms(self, generator: torch.Generator | None = None) -> int:
         """Draw N, the number of terms beyond the exact ones."""
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         if self.roulette == "geometric":
-            # P(N >= m) = (1-p)^m  =>  N = floor(log(U) / log(1-p))
-            return math.floor(math.log(max(u, 1e-300)) / math.log(1.0 - self.roulette_param))
-        lam = torch.tensor(self.roulette_param, dtype=torch.float64)
+            # P(N >= m) = (1-p)^m  =>  N = floor(log(U) / log(1-p)); log1p keeps log(1-p) exact for small p, and
+            # with p >= 1/(1 + MAX_MEAN_EXTRA_TERMS) N stays below about 690 * MAX_MEAN_EXTRA_TERMS even for U -> 0.
+            return math.floor(math.log(max(u, _MIN_TAIL)) / math.log1p(-self.roulette_param))
+        lam = torch.tensor(float(self.roulette_param), dtype=torch.float64)
         return int(torch.poisson(lam, generator=generator))
 
 

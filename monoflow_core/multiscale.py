@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +84,12 @@ class MultiscaleFlow(Flow):
         return pieces
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map images in [0, 1] to ``(z, log|det dz/dx|)``, z of shape (B, D)."""
-        self._check(x)
+        """Map images in [0, 1] to ``(z, log|det dz/dx|)``, z of shape (B, D).
+
+        Raises:
+            TypeError, ValueError: ``x`` is not a tensor of the flow's dtype and device of shape (B, C, H, W).
+        """
+        self._check(x, "forward")
         b = x.shape[0]
         total = torch.zeros(b, dtype=x.dtype, device=x.device)
         outs: list[Tensor] = []
@@ -100,11 +104,15 @@ class MultiscaleFlow(Flow):
         return torch.cat(outs, dim=1), total
 
     def inverse(self, z: Tensor) -> Tensor:
-        """Map base samples (B, D) or (B, C, H, W) back to images in [0, 1]."""
+        """Map base samples (B, D) or (B, C, H, W) back to images in [0, 1].
+
+        Raises:
+            TypeError, ValueError: ``z`` is not a tensor of the flow's dtype and device of shape (B, D) or
+                (B, C, H, W).
+        """
+        self._check(z, "inverse", ((self.dim,), self.event_shape))
         b = z.shape[0]
         flat = z.reshape(b, -1)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"expected base samples with {self.dim} dimensions, got {tuple(z.shape)}")
         sizes = [math.prod(s) for s in self._piece_shapes]
         pieces = list(torch.split(flat, sizes, dim=1))
         x = pieces.pop().reshape(b, *self._piece_shapes[-1])
@@ -127,12 +135,46 @@ class MultiscaleFlow(Flow):
         standard reported number; variational: an ELBO). ``noise`` is the dequantizer's raw noise
         (:func:`~monoflow_core.dequantization.draw_noise`), drawn with ``generator`` if ``None``.
         """
+        self._check_levels(x, noise, "log_prob_bound")
         y, log_q = self.dequantizer(x, dtype=self.dtype, noise=noise, generator=generator)
         return self.log_prob(y) - self.dim * math.log(self.levels) - log_q
 
     def bpd(self, x: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Bits per dimension of integer images, ``-bound / (D ln 2)``, shape (B,)."""
+        self._check_levels(x, noise, "bpd")
         return -self.log_prob_bound(x, noise, generator) / (self.dim * math.log(2.0))
+
+    def _check_levels(self, x: Any, noise: Any, where: str) -> None:
+        """Reject integer images (and raw noise) the dequantizer cannot take, before any kernel runs.
+
+        ``x`` must be a tensor of integer levels (any integer or floating dtype: the dequantizer converts it) on
+        the flow's device, of shape (B, C, H, W); ``noise``, if given, a floating tensor of that shape and device.
+        Attribute reads only (no tensor operation or host sync): it runs on every training step.
+
+        Raises:
+            TypeError: not a tensor, or a bool/complex one.
+            ValueError: a tensor on another device or of another shape.
+        """
+        device = self._anchor.device
+        head = f"{type(self).__name__}.{where}"
+        expected = (f"{head}: expected x, a torch.Tensor of integer levels on {device} with shape "
+                    f"(N, {', '.join(map(str, self.event_shape))})")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{expected}, got {type(x).__name__}")
+        if x.dtype == torch.bool or x.dtype.is_complex:
+            raise TypeError(f"{expected}, got {str(x.dtype).removeprefix('torch.')}")
+        if x.device != device:
+            raise ValueError(f"{expected}, got a tensor on {x.device}")
+        if x.shape[1:] != self.event_shape:
+            raise ValueError(f"{expected}, got shape {tuple(x.shape)}")
+        if noise is None:
+            return
+        if not isinstance(noise, Tensor) or not noise.dtype.is_floating_point:
+            what = str(noise.dtype).removeprefix("torch.") if isinstance(noise, Tensor) else type(noise).__name__
+            raise TypeError(f"{head}: noise must be a floating torch.Tensor (or None), got {what}")
+        if noise.device != device or noise.shape != x.shape:
+            raise ValueError(f"{head}: noise must be on {device} with the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(noise.shape)} on {noise.device}")
 
     def draw_noise(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """Raw dequantization noise for a batch of integer images of ``shape``."""

@@ -15,10 +15,35 @@ from typing import Any
 
 from .config import FlowConfig
 
-__all__ = ["Preset", "list_presets", "load_preset", "preset_dir"]
+__all__ = ["MAX_PRESET_DEPTH", "Preset", "list_presets", "load_preset", "preset_dir"]
 
 #: Environment variable that points at an alternative presets folder.
 PRESET_DIR_ENV = "MONOFLOW_PRESET_DIR"
+
+#: Deepest nesting of objects and arrays a preset may use. A preset is three levels deep (the document, its
+#: ``training`` object, the ``betas`` list); the bound leaves room to grow and keeps every later walk over the
+#: values (validation, copies, error messages) far from Python's recursion limit.
+MAX_PRESET_DEPTH = 32
+
+
+def _nesting_error(data: Any, path: Path) -> str | None:
+    """Where ``data`` nests deeper than :data:`MAX_PRESET_DEPTH` (e.g. ``"model.blocks[0][0]"``), or None.
+
+    Iterative (an explicit stack), so that the check itself cannot hit the recursion limit.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, where, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_PRESET_DEPTH:
+            return (f"preset: {path} nests objects and arrays more than {MAX_PRESET_DEPTH} levels deep "
+                    f"(at {where or 'the top level'})")
+        if isinstance(value, dict):
+            stack.extend((item, f"{where}.{key}" if where else str(key), depth + 1) for key, item in value.items())
+        else:
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+    return None
 
 
 def preset_dir() -> Path:
@@ -61,7 +86,8 @@ def load_preset(name_or_path: str | os.PathLike[str]) -> Preset:
     """Load a preset by name (``"paper-toy-monotone"``) or from a JSON file path.
 
     Raises:
-        ValueError: unknown name (the message lists the shipped ones), unreadable or malformed file.
+        ValueError: unknown name (the message lists the shipped ones), unreadable or malformed file (including one
+            nested more than :data:`MAX_PRESET_DEPTH` levels deep).
     """
     text = str(name_or_path)
     path = Path(text)
@@ -76,6 +102,11 @@ def load_preset(name_or_path: str | os.PathLike[str]) -> Preset:
         raise ValueError(f"preset: cannot read {path}: {err.strerror or err}") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"preset: {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:  # the decoder recurses once per level: thousands of levels exhaust the stack
+        raise ValueError(f"preset: {path} nests objects and arrays more than {MAX_PRESET_DEPTH} levels deep") from None
+    problem = _nesting_error(data, path)
+    if problem is not None:
+        raise ValueError(problem)
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(
         data.get("training"), dict
     ):

@@ -67,8 +67,24 @@ class SpectralLayer(nn.Module):
         raise NotImplementedError
 
     def normalized_weight(self) -> Tensor:
-        """``W / max(1, sigma / coeff)``: the weight the layer actually applies."""
-        factor = torch.clamp(self.sigma() / self.coeff, min=1.0)
+        """``W / max(1, sigma / coeff)``: the weight the layer actually applies.
+
+        Raises:
+            ValueError: the weight holds NaN or inf where the exact spectral norm's decomposition refuses it (a
+                diverged optimizer step or a bad checkpoint), instead of a linear-algebra error from inside it.
+        """
+        try:
+            sigma = self.sigma()
+        except torch.linalg.LinAlgError as err:
+            # Checked only here, on the way out: a finiteness test on every use would cost a host sync per layer.
+            if bool(torch.isfinite(self.weight.detach()).all()):
+                raise
+            raise ValueError(
+                f"{type(self).__name__}({self.extra_repr()}): its weight {tuple(self.weight.shape)} contains "
+                "non-finite values (NaN or inf), so its spectral norm is undefined; the parameters diverged (e.g. "
+                "a learning rate too large) or were loaded so: restore finite weights, e.g. from a checkpoint"
+            ) from err
+        factor = torch.clamp(sigma / self.coeff, min=1.0)
         return self.weight / factor
 
     def power_iteration(self, n_iterations: int, tol: float | None = None) -> int:
