@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,19 @@ from .solvers import SolverStats
 if TYPE_CHECKING:
     from .config import FlowConfig
 
-__all__ = ["Flow", "standard_normal_log_prob"]
+__all__ = ["SUPPORTED_DTYPES", "Flow", "standard_normal_log_prob"]
+
+#: The floating-point dtypes a flow computes in: the solvers' tolerances, the compiled kernels and the fused path
+#: are written for these two (half precision cannot reach the solvers' default tolerances).
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return f"(N, {', '.join(map(str, shape))})"
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -62,14 +75,60 @@ class Flow(nn.Module):
         """Number of dimensions of one sample."""
         return math.prod(self.event_shape)
 
-    def _check(self, x: Tensor) -> None:
-        if tuple(x.shape[1:]) != self.event_shape:
-            raise ValueError(f"expected inputs of shape (batch, {', '.join(map(str, self.event_shape))}), "
-                             f"got {tuple(x.shape)}")
+    def _check(self, x: Any, where: str = "forward", shapes: tuple[tuple[int, ...], ...] | None = None) -> None:
+        """Reject an input that the entry point ``where`` cannot take, before any kernel runs.
+
+        The input must be a tensor of the flow's dtype (float32 or float64) on the flow's device, of shape
+        ``(N, *shape)`` for one of ``shapes`` (default: the event shape). Only attribute reads, no tensor
+        operation or host sync: it runs on every training step.
+
+        Raises:
+            TypeError: not a tensor, or a tensor of another dtype (or an unsupported one: half, bfloat16, ...).
+            ValueError: a tensor on another device or of another shape.
+        """
+        anchor = self._anchor
+        if (
+            isinstance(x, Tensor)
+            and x.dtype == anchor.dtype
+            and x.dtype in SUPPORTED_DTYPES
+            and x.device == anchor.device
+            and x.shape[1:] in (shapes or (self.event_shape,))
+        ):
+            return
+        raise self._input_error(x, where, shapes or (self.event_shape,))
+
+    def _input_error(self, x: Any, where: str, shapes: tuple[tuple[int, ...], ...]) -> TypeError | ValueError:
+        """The error :meth:`_check` raises, naming what ``where`` expected and what it got."""
+        dtype, device = self._anchor.dtype, self._anchor.device
+        head = f"{type(self).__name__}.{where}"
+        expected = (f"{head}: expected a torch.Tensor of dtype {_dtype_name(dtype)} on {device} with shape "
+                    f"{' or '.join(_shape_text(s) for s in shapes)}")
+        if len(shapes) > 1:  # several layouts of the same samples
+            expected += f" ({self.dim} dimensions per sample)"
+        if dtype not in SUPPORTED_DTYPES:  # the flow itself was cast, e.g. by flow.half()
+            return TypeError(f"{head}: the flow's dtype {_dtype_name(dtype)} is not supported (only float32 and "
+                             "float64); convert the flow with flow.to(torch.float32)")
+        if not isinstance(x, Tensor):
+            return TypeError(f"{expected}, got {type(x).__name__} (convert it with torch.as_tensor(x, "
+                             f"dtype=torch.{_dtype_name(dtype)}, device={str(device)!r}))")
+        if x.dtype not in SUPPORTED_DTYPES:
+            return TypeError(f"{expected}, got {_dtype_name(x.dtype)} ({_dtype_name(x.dtype)} inputs are not "
+                             f"supported: convert them with x.to(torch.{_dtype_name(dtype)}))")
+        if x.dtype != dtype:
+            got = _dtype_name(x.dtype)
+            return TypeError(f"{expected}, got {got} (convert the input with x.to(torch.{_dtype_name(dtype)}) or "
+                             f"the flow with flow.to(torch.{got}))")
+        if x.device != device:
+            return ValueError(f"{expected}, got a tensor on {x.device} (move it with x.to({str(device)!r}))")
+        return ValueError(f"{expected}, got shape {tuple(x.shape)}")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Map data to the base space: ``(z, log|det dz/dx|)`` with logdet of shape (B,)."""
-        self._check(x)
+        """Map data to the base space: ``(z, log|det dz/dx|)`` with logdet of shape (B,).
+
+        Raises:
+            TypeError, ValueError: ``x`` is not a tensor of the flow's dtype and device of shape (B, *event_shape).
+        """
+        self._check(x, "forward")
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         if x.shape[0] == 0:  # an empty batch maps to an empty batch (the blocks' solvers need points)
             return x.clone(), total
@@ -87,8 +146,12 @@ class Flow(nn.Module):
         return x, total
 
     def inverse(self, z: Tensor) -> Tensor:
-        """Map base samples back to data space."""
-        self._check(z)
+        """Map base samples back to data space.
+
+        Raises:
+            TypeError, ValueError: ``z`` is not a tensor of the flow's dtype and device of shape (B, *event_shape).
+        """
+        self._check(z, "inverse")
         if z.shape[0] == 0:
             return z.clone()
         fast = self.fast_path and z.dim() == 2 and not torch.is_grad_enabled()
@@ -110,17 +173,37 @@ class Flow(nn.Module):
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Log-density of each sample in nats, shape (B,). Exact iff :attr:`logdet_is_exact`."""
+        """Log-density of each sample in nats, shape (B,). Exact iff :attr:`logdet_is_exact`.
+
+        Raises:
+            TypeError, ValueError: ``x`` is not a tensor of the flow's dtype and device of shape (B, *event_shape).
+        """
+        self._check(x, "log_prob")  # (named here: the forward pass would report itself as the culprit)
         z, logdet = self(x)
         return standard_normal_log_prob(z) + logdet
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` samples ``F^{-1}(temperature * eps)``, ``eps ~ N(0, I)`` (no gradient is recorded)."""
+        """Draw ``n`` samples ``F^{-1}(temperature * eps)``, ``eps ~ N(0, I)`` (no gradient is recorded).
+
+        Raises:
+            TypeError: ``n`` is not an integer (bools and floats included) or ``temperature`` not a real number.
+            ValueError: ``n`` negative or too large for one tensor, ``temperature`` not positive and finite.
+        """
+        where = f"{type(self).__name__}.sample"
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"{where}: n must be an integer, got {type(n).__name__} {n!r}")
+        n = int(n)
         if n < 0:
-            raise ValueError(f"n: must be >= 0, got {n}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: must be positive, got {temperature}")
+            raise ValueError(f"{where}: n must be >= 0, got {n}")
+        # torch sizes tensors in int64 bytes: a larger batch would fail inside randn with an overflow of its own.
+        if n * max(self.dim, 1) * self._anchor.element_size() > torch.iinfo(torch.int64).max:
+            raise ValueError(f"{where}: n = {n} samples of {self.dim} values exceed the largest tensor torch can "
+                             "hold; draw them in chunks")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"{where}: temperature must be a real number, got {type(temperature).__name__}")
+        if not 0 < temperature < math.inf:
+            raise ValueError(f"{where}: temperature must be positive and finite, got {temperature}")
         z = torch.randn(
             (n, *self.event_shape), dtype=self._anchor.dtype, device=self._anchor.device, generator=generator
         )

@@ -1,18 +1,25 @@
 """Fixed-point solvers for implicit flow blocks, chosen by name.
 
 Each block of a Monotone Flow (and the inverse of a residual block) needs ``w`` with ``w = f(w)`` for a
-contraction ``f``, e.g. ``f(w) = rhs - G(w)`` (Ahn et al. 2022, ALGORITHM.md section 3). This module provides
+contraction ``f``, e.g. ``f(w) = rhs - G(w)`` with Lip(G) = L < 1 (Ahn et al. 2022, arXiv:2210.08176;
+docs/algorithm.md section 4). This module provides
 
-* ``"picard"``: plain iteration ``w <- f(w)``;
-* ``"anderson"``: Anderson acceleration with memory ``m`` and one set of mixing coefficients *per sample*;
+* ``"picard"``: plain iteration ``w <- f(w)``; a sample caught in a rounding cycle (its residual stopped shrinking,
+  which in exact arithmetic cannot happen) continues with averaged steps ``w <- (w + f(w)) / 2``;
+* ``"anderson"``: Anderson acceleration with memory ``m`` and one set of mixing coefficients *per sample*,
+  falling back to a plain step for a sample whose residual grew;
 * ``"newton"``: Newton's method with the exact Jacobian (cheap in small dimensions, where the same Jacobian
-  also gives the exact log-det), safeguarded by a plain step whenever the residual grows;
+  also gives the exact log-det), safeguarded per sample: a Newton step that does not shrink the residual's
+  Euclidean norm by :data:`NEWTON_DECREASE` is replaced by the plain step, which shrinks it by L, so no sample
+  can stall or cycle (:func:`_newton`);
 * ``"auto"`` is resolved by the caller (see :func:`resolve_method`).
 
 Every sample stops on its own (a per-sample active mask; converged samples are no longer evaluated), the
-tolerance is relative (``|w - f(w)|_inf <= tol * (1 + |w0|_inf)`` per sample) and is raised to a floor set by
-the dtype, so float32 never spins on an unreachable tolerance. Every solve returns :class:`SolverStats`;
-samples that miss the tolerance within ``max_iter`` are flagged there and a :class:`SolverWarning` is issued.
+tolerance is relative (``|w - f(w)|_inf <= tol * (1 + |w0|_inf)`` per sample) and is raised to a floor of
+10 machine epsilons of the dtype, so float32 never spins on an unreachable tolerance; the default
+(:data:`DEFAULT_TOL`) thereby follows the dtype. Every solve returns :class:`SolverStats`; samples that miss the
+tolerance within ``max_iter`` are flagged there and a :class:`SolverWarning` is issued. docs/solvers.md describes
+the methods, the safeguards and the default tolerances with their measurements.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_TOL",
     "METHODS",
+    "NEWTON_DECREASE",
     "NEWTON_MAX_DIM",
     "SolverStats",
     "SolverWarning",
+    "default_tolerance",
     "effective_tolerance",
     "resolve_method",
     "solve",
@@ -43,6 +53,15 @@ NEWTON_MAX_DIM = 8
 
 #: The tolerance is never below this many machine epsilons of the working dtype.
 TOL_FLOOR_EPS = 10.0
+
+#: The default relative tolerance. It is the float64 target; through the floor above every dtype gets its own
+#: default: ``max(1e-12, 10 eps)``, i.e. 1e-12 in float64 and 1.19e-6 in float32 (docs/solvers.md has the
+#: measurements behind both).
+DEFAULT_TOL = 1e-12
+
+#: A Newton candidate is accepted only if it shrinks the sample's residual (Euclidean norm) at least by this factor;
+#: otherwise the sample takes the plain step, which shrinks it by Lip(f) < 1 (see :func:`_newton`).
+NEWTON_DECREASE = 0.9
 
 FixedPointMap = Callable[[Tensor, Tensor], Tensor]
 NewtonMap = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -109,6 +128,11 @@ def effective_tolerance(tol: float, dtype: torch.dtype) -> float:
     if not tol > 0:
         raise ValueError(f"tol: must be positive, got {tol}")
     return max(float(tol), TOL_FLOOR_EPS * torch.finfo(dtype).eps)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance a solve in ``dtype`` uses with default settings (1e-12 in float64, 1.19e-6 in float32)."""
+    return effective_tolerance(DEFAULT_TOL, dtype)
 
 
 def resolve_method(method: str, dim: int) -> str:
@@ -181,23 +205,51 @@ class _Run:
         )
 
 
+def _merit(r: Tensor) -> Tensor:
+    """Per-sample Euclidean norm of a residual: the norm in which a plain step provably shrinks it.
+
+    G's Lipschitz bound (spectral normalisation) holds in the Euclidean norm, so for ``f`` with Lip(f) = L < 1
+    ``|f(w) - f(f(w))|_2 <= L |w - f(w)|_2``. The max-norm used for the tolerance has no such guarantee: a plain step
+    may make it grow by up to ``sqrt(n) L``, which is why it must not decide which step to trust.
+    """
+    return torch.linalg.vector_norm(_flat(r), dim=1)
+
+
 def _picard(f: FixedPointMap, run: _Run) -> None:
+    """Plain iteration ``w <- f(w)``, with averaged steps for samples caught in a rounding cycle.
+
+    In exact arithmetic every plain step shrinks ``|w - f(w)|_2`` by at least Lip(f) < 1 (:func:`_merit`). A sample
+    for which it did not has reached the rounding floor: where f's derivative is close to -1 the last bits of ``w``
+    settle into a 2-cycle whose residual, about ``ulp / (1 - L)``, can stay above the tolerance for ever (measured:
+    up to 47 float32 epsilons at L = 0.99, against the 10-epsilon floor of the tolerance). From then on that sample
+    takes the averaged step ``w + (f(w) - w) / 2`` (Krasnosel'skii-Mann), a contraction too (Lipschitz ``(1 + L) / 2``)
+    whose Jacobian ``(I + J_f) / 2`` has no eigenvalue near -1, so the cycle cannot persist.
+    """
     idx = torch.arange(run.w.shape[0], device=run.w.device)
     wa = run.w
+    shape = (-1, *([1] * (wa.dim() - 1)))
+    prev_merit = torch.full((wa.shape[0],), float("inf"), dtype=wa.dtype, device=wa.device)
+    averaged = torch.zeros(wa.shape[0], dtype=torch.bool, device=wa.device)
     for it in range(1, run.max_iter + 1):
         fw = f(wa, idx)
         run.evaluations += 1
-        done = run.measure(idx, fw - wa, it)
+        r = fw - wa
+        done = run.measure(idx, r, it)
         if it == run.max_iter:
             done = torch.ones_like(done)
         if bool(done.all()):
             run.w[idx] = fw
             return
+        merit = _merit(r)
         if bool(done.any()):
             run.w[idx[done]] = fw[done]
             keep = ~done
-            idx, fw = idx[keep], fw[keep]
-        wa = fw
+            idx, wa, fw, r, merit = idx[keep], wa[keep], fw[keep], r[keep], merit[keep]
+            prev_merit, averaged = prev_merit[keep], averaged[keep]
+        # ``not <`` also catches a NaN residual (which then never converges anyway).
+        averaged = averaged | ~(merit < prev_merit)
+        prev_merit = merit
+        wa = torch.where(averaged.reshape(shape), wa + 0.5 * r, fw)
 
 
 def _anderson(f: FixedPointMap, run: _Run, memory: int) -> None:
@@ -250,39 +302,72 @@ def _anderson(f: FixedPointMap, run: _Run, memory: int) -> None:
         prev_res = torch.minimum(prev_res, res)
 
 
-def _newton(fj: NewtonMap, run: _Run) -> Tensor:
+def _newton(fj: NewtonMap, run: _Run, decrease: float) -> Tensor:
+    """Newton's method, safeguarded per sample by the plain step (see :data:`NEWTON_DECREASE`).
+
+    Every active sample has a *base*: the last point it accepted, with ``f`` and ``A`` there. The point evaluated
+    in an iteration is either a Newton candidate from the base (a *trial*) or the plain step ``f(base)``. A trial
+    that fails the residual-decrease test ``|r(cand)|_2 <= decrease * |r(base)|_2`` (or is not finite) is rejected
+    and the sample evaluates the plain step from its base next, which is accepted without a test: it shrinks
+    ``|r|_2`` by at least Lip(f) < 1. So the accepted merits decrease strictly (at least by ``max(decrease, L)``
+    every two evaluations), no sample can stall on one point or cycle between points, and Newton's quadratic
+    convergence is kept wherever its steps work.
+    """
     b = run.w.shape[0]
     idx = torch.arange(b, device=run.w.device)
     wa = run.w
     n = _flat(wa).shape[1]
+    shape = (-1, *([1] * (wa.dim() - 1)))
     a_out = torch.empty(b, n, n, dtype=wa.dtype, device=wa.device)
-    prev_res = torch.full((b,), float("inf"), dtype=wa.dtype, device=wa.device)
-    prev_f = wa
+    # The base (last accepted point) of each active sample: point, f there, A there, merit, relative residual.
+    base_w, base_f = wa, wa
+    base_a = torch.empty(b, n, n, dtype=wa.dtype, device=wa.device)
+    base_m = torch.full((b,), float("inf"), dtype=wa.dtype, device=wa.device)
+    base_res = torch.full((b,), float("inf"), dtype=wa.dtype, device=wa.device)
+    trial = torch.zeros(b, dtype=torch.bool, device=wa.device)  # the point being evaluated is a Newton candidate
     for it in range(1, run.max_iter + 1):
         fw, jac = fj(wa, idx)
         run.evaluations += 1
         r = wa - fw
         done = run.measure(idx, r, it)
+        merit = _merit(r)
+        # ``not <=`` also rejects a NaN merit.
+        reject = trial & ~(merit <= decrease * base_m)
         if it == run.max_iter:
+            # Out of budget: an unconverged sample whose last candidate was rejected returns its base, the best
+            # point it had (its residual and A then describe the base; a converged candidate is kept as it is).
+            swap = reject & ~done
             done = torch.ones_like(done)
+            if bool(swap.any()):
+                wa = torch.where(swap.reshape(shape), base_w, wa)
+                jac = torch.where(swap[:, None, None], base_a, jac)
+                run.residual[idx[swap]] = base_res[swap]
         if bool(done.any()):
             run.w[idx[done]] = wa[done]
             a_out[idx[done]] = jac[done]
             if bool(done.all()):
                 return a_out
             keep = ~done
-            idx, wa, fw, jac, r = idx[keep], wa[keep], fw[keep], jac[keep], r[keep]
-            prev_res, prev_f = prev_res[keep], prev_f[keep]
-        res = run.residual[idx]
-        step = solve_small_linear(jac, _flat(r)).reshape(wa.shape)
-        newton = wa - step
-        # Safeguard: where the residual grew, fall back to a plain (contracting) step from the previous
-        # point; otherwise accept this point and take the Newton step from it.
-        worse = (res > prev_res) | ~torch.isfinite(_flat(newton)).all(dim=1)
-        shape = (-1, *([1] * (wa.dim() - 1)))
-        wa = torch.where(worse.reshape(shape), prev_f, newton)
-        prev_f = torch.where(worse.reshape(shape), prev_f, fw)
-        prev_res = torch.where(worse, prev_res, res)
+            idx, wa, fw, jac, r, merit, reject = (
+                idx[keep], wa[keep], fw[keep], jac[keep], r[keep], merit[keep], reject[keep]
+            )
+            base_w, base_f, base_a, base_m, base_res = (
+                base_w[keep], base_f[keep], base_a[keep], base_m[keep], base_res[keep]
+            )
+        accept = ~reject
+        acc = accept.reshape(shape)
+        base_w = torch.where(acc, wa, base_w)
+        base_f = torch.where(acc, fw, base_f)
+        base_a = torch.where(accept[:, None, None], jac, base_a)
+        base_m = torch.where(accept, merit, base_m)
+        base_res = torch.where(accept, run.residual[idx], base_res)
+        # Newton from the (new) base; for rejected samples it is discarded below, their jac is not the base's.
+        newton = wa - solve_small_linear(jac, _flat(r)).reshape(wa.shape)
+        # A singular or overflowing linear solve is no candidate at all: take the plain step at once.
+        broken = accept & ~torch.isfinite(_flat(newton)).all(dim=1)
+        plain = reject | broken
+        wa = torch.where(plain.reshape(shape), base_f, newton)
+        trial = ~plain
     return a_out  # pragma: no cover - the loop always returns at max_iter
 
 
@@ -291,7 +376,7 @@ def solve(
     x0: Tensor,
     *,
     method: str = "anderson",
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     max_iter: int = 1000,
     memory: int = 5,
     newton_map: NewtonMap | None = None,
@@ -305,7 +390,8 @@ def solve(
             batch the rows of ``w_active`` are, so that converged samples are not evaluated again.
         x0: (B, ...) starting point; also sets the relative scale of the tolerance.
         method: ``"picard"``, ``"anderson"`` or ``"newton"`` (resolve ``"auto"`` with :func:`resolve_method`).
-        tol: relative tolerance (raised to ``10 * eps`` of the dtype).
+        tol: relative tolerance, raised to ``10 * eps`` of the dtype; the default is :data:`DEFAULT_TOL`, so that
+            float64 solves to 1e-12 and float32 to its floor, 1.19e-6 (:func:`default_tolerance`).
         max_iter: iteration cap (>= 1); samples that miss ``tol`` by then are flagged, never looped on.
         memory: Anderson memory ``m`` (mixing of the last ``m + 1`` iterates).
         newton_map: for Newton, ``newton_map(w, idx) -> (f(w), A)`` with ``A = d(w - f(w))/dw`` as (b, n, n).
@@ -333,7 +419,7 @@ def solve(
         else:
             if newton_map is None:
                 raise ValueError("solver: 'newton' needs a newton_map that returns the Jacobian")
-            a_out = _newton(newton_map, run)
+            a_out = _newton(newton_map, run, NEWTON_DECREASE)
     stats = run.stats()
     if warn and stats.n_failed:
         worst = float(stats.residual.max())

@@ -312,7 +312,7 @@ class StepMetrics:
         lr: learning rate used.
         grad_norm: global gradient norm before clipping (NaN when no gradient was computed).
         seconds: wall time of the iteration, in seconds.
-        rejected: whether the optimizer step was skipped (non-finite loss or gradient).
+        rejected: whether the optimizer step was skipped or undone (non-finite loss, gradient or parameters).
         message: why it was rejected ("" otherwise).
         solver_iterations_mean: forward-solve G-evaluations per sample, summed over blocks (whole-flow cost).
         solver_iterations_max: largest per-sample forward-solve iteration count of any block.
@@ -517,9 +517,10 @@ class Trainer:
     """Trains a flow on a toy density (maximum likelihood) or on the 1-D staircase (MSE).
 
     One :meth:`step` = fresh batch, forward, backward, gradient-norm check and clipping, Adam step,
-    ``update_lipschitz`` power iterations, EMA update. Steps with a non-finite loss or gradient are *rejected*:
-    parameters and optimizer state stay bit-identical, and after ``max_rejected_steps`` consecutive rejections a
-    :class:`TrainingError` is raised. Between steps the learning rate and solver settings may be changed live
+    ``update_lipschitz`` power iterations, EMA update. Steps with a non-finite loss or gradient, or whose update
+    overflows a parameter (e.g. a huge learning rate), are *rejected*: parameters and optimizer state stay
+    bit-identical, and after ``max_rejected_steps`` consecutive rejections a :class:`TrainingError` is raised.
+    Between steps the learning rate and solver settings may be changed live
     (:meth:`set_lr`, :meth:`set_solver`). :meth:`state_dict` / :meth:`load_state_dict` capture everything
     needed for a bit-for-bit resumption (on the same device, same seed).
 
@@ -630,6 +631,10 @@ class Trainer:
         self._step = 0
         self._consecutive_rejections = 0
         self._rejected_total = 0
+        # Largest |parameter| after the last optimizer step and the parameters' version sum then: while neither the
+        # parameters changed since nor the next step can reach float overflow, that step needs no backup.
+        self._param_peak: float | None = None
+        self._param_versions = -1
         self._concat_state: bool | None = None
         self._test_set: Any = None
         self.history: deque[StepMetrics] = deque(maxlen=history_length)
@@ -775,6 +780,80 @@ class Trainer:
             return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
         return None
 
+    def _adam_step_bound(self) -> float:
+        """An upper bound on how far the next optimizer step moves any parameter entry (``inf``: none known).
+
+        Adam moves an entry by ``lr |m_hat| / (sqrt(v_hat) + eps)`` whatever the gradients: with
+        ``r = beta1^2 / beta2 < 1``, Cauchy-Schwarz over the two moving averages bounds ``|m_hat| / sqrt(v_hat)`` by
+        ``1 / sqrt((1 - beta2) (1 - r))`` (about 73 for the default betas). A factor 4 covers rounding.
+        """
+        if type(self.optimizer) is not torch.optim.Adam:  # another rule (or AdamW's decay): no bound known
+            return math.inf
+        bound = 0.0
+        for group in self.optimizer.param_groups:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            if group.get("decoupled_weight_decay", False) or not 0.0 <= beta1 * beta1 < beta2 < 1.0:
+                return math.inf
+            gain = 1.0 / math.sqrt((1.0 - beta2) * (1.0 - beta1 * beta1 / beta2))
+            bound = max(bound, 4.0 * abs(float(group["lr"])) * gain)
+        return bound
+
+    def _parameter_versions(self) -> int:
+        # Every in-place change of a parameter (optimizer, load_state_dict, ActNorm's init) bumps its version.
+        return sum(p._version for p in self._params)
+
+    def _optimizer_backup(self) -> tuple[list[Tensor], dict[Any, dict[str, Any]]]:
+        """Copies of the parameters and of the optimizer's state, to undo a step (:meth:`_restore_optimizer`)."""
+        params = [p.detach().clone() for p in self._params]
+        state = {p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
+                 for p, s in self.optimizer.state.items()}
+        return params, state
+
+    @torch.no_grad()
+    def _restore_optimizer(self, backup: tuple[list[Tensor], dict[Any, dict[str, Any]]]) -> None:
+        params, state = backup
+        torch._foreach_copy_([p.detach() for p in self._params], params)
+        # The saved copies become the state: bit-identical values, and the entries the step created vanish.
+        self.optimizer.state.clear()
+        self.optimizer.state.update(state)
+
+    def _guarded_optimizer_step(self, index: int, params_changed: bool) -> str:
+        """The optimizer step, undone if it left a non-finite parameter; returns the rejection message or "".
+
+        A huge learning rate overflows parameters to inf, and the next pass's spectral norms would fail on them.
+        The check is one reduction over all parameters and the step's only host sync after the update. A backup to
+        undo the step is taken only when the step could overflow (:meth:`_adam_step_bound` from the last measured
+        peak) or that peak is stale, so ordinary steps copy nothing.
+        """
+        peak = self._param_peak
+        limit = 0.5 * torch.finfo(self.dtype).max
+        risky = (
+            peak is None
+            or params_changed
+            or self._param_versions != self._parameter_versions()
+            or not peak + self._adam_step_bound() < limit
+        )
+        backup = self._optimizer_backup() if risky else None
+        self.optimizer.step()
+        with torch.no_grad():
+            # One flat copy (a C++ loop, not a Python one per tensor) and one reduction; the max-norm propagates
+            # NaN and turns -inf into inf, so the peak is finite iff every entry is.
+            flat = torch._utils._flatten_dense_tensors(self._params) if self._params else None
+            peak = float(torch.linalg.vector_norm(flat, math.inf)) if flat is not None and flat.numel() else 0.0
+        self._param_versions = self._parameter_versions()
+        if math.isfinite(peak):
+            self._param_peak = peak
+            return ""
+        self._param_peak = None
+        if backup is None:  # only if the parameters were replaced without an in-place change (``p.data = ...``)
+            raise TrainingError(
+                f"step {index}: the optimizer step left non-finite parameters ({peak}) and no backup was taken to "
+                "undo it (the parameters were changed outside the trainer); resume from a checkpoint"
+            )
+        self._restore_optimizer(backup)
+        self._param_versions = self._parameter_versions()
+        return f"step {index}: the optimizer step made parameters non-finite ({peak}); step undone"
+
     def _accumulate_gradients(self, batch: tuple[Tensor, ...]) -> tuple[float, str]:
         """Forward and backward over this process's micro-batches; sum gradients and loss over processes.
 
@@ -873,6 +952,10 @@ class Trainer:
             grad_norm = self._grad_norm()
             if not math.isfinite(grad_norm):
                 message = f"step {index}: non-finite gradient norm ({grad_norm}); optimizer step skipped"
+        if not message:
+            self._clip(grad_norm)
+            # (a step whose update overflows is rejected like a non-finite loss, parameters and state restored)
+            message = self._guarded_optimizer_step(index, params_changed=snapshot is not None)
         rejected = bool(message)
         if rejected:
             self.optimizer.zero_grad(set_to_none=True)
@@ -881,8 +964,6 @@ class Trainer:
             self._consecutive_rejections += 1
             self._rejected_total += 1
         else:
-            self._clip(grad_norm)
-            self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.train_config.lipschitz_iterations:
                 update_lipschitz(self.flow, self.train_config.lipschitz_iterations)
