@@ -1,7 +1,7 @@
 """Shipped run presets: JSON files with a model (:class:`FlowConfig`) and a training protocol (``TrainConfig``).
 
-Presets live in the repository's ``assets/presets/`` (one ``NAME.json`` each, with keys ``name``,
-``description``, ``model`` and ``training``). :func:`load_preset` accepts a preset name or the path of any
+Presets live in the repository's ``assets/presets/``, installed as package data (one ``NAME.json`` each, with keys
+``name``, ``description``, ``model`` and ``training``). :func:`load_preset` accepts a preset name or the path of any
 JSON file of that shape.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .assets import assets_dir
 from .config import FlowConfig
 
 __all__ = ["MAX_PRESET_DEPTH", "Preset", "list_presets", "load_preset", "preset_dir"]
@@ -47,11 +48,14 @@ def _nesting_error(data: Any, path: Path) -> str | None:
 
 
 def preset_dir() -> Path:
-    """The folder the shipped presets are read from (``$MONOFLOW_PRESET_DIR`` overrides it)."""
+    """The folder the shipped presets are read from (``$MONOFLOW_PRESET_DIR`` overrides it).
+
+    The presets ship as package data (:func:`monoflow_core.assets.assets_dir`), so a wheel install finds them too.
+    """
     env = os.environ.get(PRESET_DIR_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "assets" / "presets"
+    return assets_dir() / "presets"
 
 
 @dataclass
