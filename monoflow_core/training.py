@@ -1311,8 +1311,13 @@ class Trainer:
         if ckpt.train_config is None or ckpt.trainer_state is None:
             raise CheckpointError(f"checkpoint {ckpt.path}: holds a flow only, no training state to resume")
         train_config = ckpt.train_config if device is None else ckpt.train_config.replace(device=device)
-        trainer = cls(ckpt.model_config, train_config, flow=ckpt.flow)
-        trainer.load_state_dict(ckpt.trainer_state)
+        try:
+            trainer = cls(ckpt.model_config, train_config, flow=ckpt.flow)
+            trainer.load_state_dict(ckpt.trainer_state)
+        except (ValueError, TypeError, KeyError) as err:
+            # What depends on the data rather than the file (e.g. an image set whose levels differ from the
+            # flow's) surfaces here: name the checkpoint, as every other loading error does.
+            raise CheckpointError(f"checkpoint {ckpt.path}: cannot resume: {err}") from err
         return trainer
 
     resume = from_checkpoint
