@@ -15,15 +15,17 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "remove_stale_temporaries"]
+__all__ = ["atomic_write", "atomic_write_with", "remove_stale_temporaries"]
 
 #: Eight hex digits naming this host in temporary file names (a hash: host names may hold dots and dashes).
 HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 # What follows ``.<target name>.`` in a temporary file's name: host tag, writer's pid, mkstemp's random part.
-_TEMP_TAIL = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,12})\.[A-Za-z0-9_]+\.tmp")
+# An optional format suffix may follow ``.tmp`` (see :func:`atomic_write_with`).
+_TEMP_TAIL = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,12})\.[A-Za-z0-9_]+\.tmp(\.[A-Za-z0-9]{1,8})?")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -86,8 +88,32 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
         OSError: the folder is missing or unwritable, or the path is a directory; no temporary file is left
             behind and an existing target is unchanged.
     """
-    target = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+
+    return atomic_write_with(path, write)
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None], *, suffix: str = "") -> Path:
+    """Have ``write(tmp_path)`` write a temporary file next to ``path``, then move it over ``path`` atomically.
+
+    For writers that want a path rather than bytes (e.g. Qt's image and SVG writers, which choose the format by
+    the file's suffix). The temporary file is named like every other (so a killed write's leftover is removed by
+    the next write) and ends in ``.tmp`` followed by ``suffix``.
+
+    Args:
+        path: the target file.
+        write: writes the content to the path it is given; it may raise.
+        suffix: what the temporary file's name ends with after ``.tmp`` (e.g. ``".png"``).
+
+    Raises:
+        OSError: the folder is missing or unwritable, the path is a directory, or ``write`` failed; no temporary
+            file is left behind and an existing target is unchanged.
+    """
+    target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(target))
     directory = target.parent
@@ -99,13 +125,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
         raise FileNotFoundError(2, "No such directory", str(directory))
     remove_stale_temporaries(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp" + suffix,
+                                   dir=directory)
     except OSError as err:  # name the target, not the temporary file, in the message
         raise type(err)(err.errno, err.strerror, str(target)) from None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb+") as fh:  # the content is on disk before the rename makes it the target
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)

@@ -40,7 +40,7 @@ from monoflow_core.examples import list_examples
 from monoflow_core.training import EvalMetrics, StepMetrics
 
 from .controls import ControlsPanel
-from .files import atomic_write
+from .files import atomic_write_with
 from .run_spec import RunSpec, image_presets, toy_presets
 from .session import PAUSED, TRAINING, ImageFrame, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
 from .theme import THEMES, apply_theme, plot_colors
@@ -586,7 +586,7 @@ class MainWindow(QMainWindow):
         self.apply_spec(spec, f"the configuration {Path(path).name}")
 
     def _write_file(self, path: str, write: Callable[[str], None], what: str, suffix: str = "") -> None:
-        self._guard_file(lambda: atomic_write(path, write, suffix=suffix), path, what)
+        self._guard_file(lambda: atomic_write_with(path, write, suffix=suffix), path, what)
 
     def _guard_file(self, fn: Callable[[], object], path: str, what: str) -> None:
         try:
