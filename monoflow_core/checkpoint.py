@@ -42,7 +42,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +51,36 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .config import FlowConfig
+from .config import FlowConfig, TrainConfig
 from .fileio import atomic_write
 from .flow import Flow
+from .metrics import TRAINER_STATE_FORMAT, EvalMetrics, StepMetrics
 from .models import build_flow
 
-if TYPE_CHECKING:
-    from .training import TrainConfig, Trainer
+
+@typing.runtime_checkable
+class TrainingRun(typing.Protocol):
+    """What a checkpoint reads from a training run; :class:`monoflow_core.training.Trainer` is one.
+
+    A protocol rather than the class itself, so that checkpoints depend on the configuration, the flow and the
+    models, never on the training loop (which depends on checkpoints to resume).
+    """
+
+    flow: Flow
+    model_config: FlowConfig
+    train_config: TrainConfig
+    history: Any
+    eval_history: list[EvalMetrics]
+
+    @property
+    def step_count(self) -> int: ...
+
+    @property
+    def task(self) -> str: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def paper_protocol(self) -> float | None: ...
 
 __all__ = [
     "FORMAT_TAG",
@@ -204,7 +227,7 @@ def _unpack_optimizer(packed: dict[str, Any], tensors: dict[str, Tensor]) -> dic
 
 
 def _trainer_payload(
-    trainer: Trainer, tensors: dict[str, Tensor], path: Path
+    trainer: TrainingRun, tensors: dict[str, Tensor], path: Path
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Split a trainer's state into tensors (added to ``tensors``) and JSON metadata entries."""
     state = trainer.state_dict()
@@ -239,7 +262,7 @@ def _trainer_payload(
 
 
 def save_checkpoint(
-    path: str | os.PathLike[str], source: Flow | Trainer, *, metadata: dict[str, Any] | None = None
+    path: str | os.PathLike[str], source: Flow | TrainingRun, *, metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write a checkpoint of a flow, or of a whole training run, atomically.
 
@@ -259,11 +282,10 @@ def save_checkpoint(
             refuses), or writing failed (the previous file, if any, is left intact).
     """
     from . import __version__
-    from .training import Trainer
 
     path = Path(path)
     tensors: dict[str, Tensor] = {}
-    if isinstance(source, Trainer):
+    if not isinstance(source, Flow) and isinstance(source, TrainingRun):
         flow = source.flow
         config = flow.config if flow.config is not None else source.model_config
         meta, info = _trainer_payload(source, tensors, path)
@@ -595,7 +617,6 @@ def _check_record(path: Path, where: str, record: Any, cls: type[Any]) -> None:
 
 
 def _check_eval_record(path: Path, where: str, record: Any) -> None:
-    from .training import EvalMetrics
 
     _check_record(path, where, record, EvalMetrics)
     # The headline value (EvalMetrics.value) reads the first of these that is set.
@@ -605,7 +626,6 @@ def _check_eval_record(path: Path, where: str, record: Any) -> None:
 
 def _check_info(path: Path, info: Any) -> dict[str, Any]:
     """The ``metadata`` entry: a JSON object with typed known fields (the caller's own under ``"user"``)."""
-    from .training import StepMetrics
 
     if info is None:
         return {}
@@ -641,7 +661,6 @@ class _Stored:
 
 def _read_stored(path: Path) -> _Stored:
     """Read and check the header and every metadata entry (no tensor data is read)."""
-    from .training import TrainConfig
 
     header = _read_header(path)
     meta = header.meta
@@ -972,7 +991,6 @@ _TENSOR_STATE = {"flow": "flow.*", "ema": "ema.*", "torch_rng": "rng.torch", "no
 
 def _check_trainer_state(path: Path, packed: Any, stored: _Stored, plan: _FlowPlan) -> None:
     """Everything :meth:`Trainer.load_state_dict` will read, checked against the flow and the configuration."""
-    from .training import TRAINER_STATE_FORMAT, StepMetrics
 
     train = stored.train_config
     if train is None:

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from .data import DATASETS, TOY_DATASETS, check_dataset_name
+from .data.images import IMAGE_DATASETS
 from .dequantization import DEQUANTIZATIONS
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
@@ -286,3 +291,195 @@ class FlowConfig(JsonConfig):
             )
         except ValueError as err:
             raise ValueError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training configuration
+# --------------------------------------------------------------------------------------------------------------
+
+SCHEDULES = ("constant", "step", "warmup")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+EVAL_SPLITS = ("test", "validation")
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low`` (bools refused), else ``ValueError("name: ...")``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any) -> float:
+    """``value`` as a finite float (bools refused), else ``ValueError("name: ...")``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class TrainConfig(JsonConfig):
+    """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
+
+    Attributes:
+        data: data set name: one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
+            task, the others are 2-D densities) or an image set of
+            :data:`monoflow_core.data.images.IMAGE_DATASETS` (``"digits"`` is built in; the others read
+            ``data_dir``). Image runs train on bits/dim.
+        data_dir: folder holding an image set's files (``None`` for the built-in sets).
+        grad_accumulation: split each batch of ``batch_size`` into this many micro-batches whose gradients are
+            accumulated (less memory; the same update as one big batch when the log-dets are exact, and an update
+            with the same expectation when they are estimated, since each micro-batch draws its own probes),
+            >= 1 and <= batch_size.
+        eval_split: image split used by evaluations, ``"test"`` or ``"validation"`` (digits only).
+        iterations: total training iterations of a run, >= 1 (the paper: 50,000 for 2-D, 15,000 for 1-D).
+        batch_size: fresh samples per iteration, >= 1 (paper: 500 for 2-D, 5,000 for 1-D).
+        lr: Adam learning rate, > 0.
+        betas: Adam betas, each in [0, 1).
+        weight_decay: Adam's *coupled* L2 weight decay (``torch.optim.Adam``), >= 0.
+        schedule: ``"constant"``, ``"step"`` (multiply by ``lr_gamma`` at each of ``lr_milestones``) or
+            ``"warmup"`` (linear warm-up over ``warmup_iterations``, then constant). A non-zero
+            ``warmup_iterations`` also prepends the warm-up to the other schedules.
+        lr_milestones: strictly increasing iteration indices where ``"step"`` multiplies the lr by ``lr_gamma``
+            (the 1-D preset: [5000, 10000] with gamma 0.2: 0.01 -> 0.002 -> 0.0004).
+        lr_gamma: factor of the ``"step"`` schedule, > 0.
+        warmup_iterations: length of the linear warm-up, >= 0 (>= 1 for ``"warmup"``).
+        concat_learnable_from: iteration from which the DenseNet concatenation weights are trained (frozen
+            before it; the paper's "learnable concatenation" from 25,000); ``None`` follows the model config.
+        lipschitz_iterations: power iterations on every spectrally normalised layer after each step, >= 0.
+        grad_clip: maximum global gradient norm, > 0, or ``None`` for no clipping.
+        ema: decay of an exponential moving average of the weights in (0, 1) (used for evaluation), or
+            ``None``.
+        seed: seed (>= 0) of the weights (``torch.manual_seed``) and of the training data stream.
+        eval_every: a fresh-sample test every this many iterations during :meth:`Trainer.run`; 0 = never.
+        eval_size: points per fresh-sample test, >= 1 (paper: 10,000). Also the size of the fixed regression
+            test set (the paper's 1-D test MSE is on 10,000 points).
+        test_size: size of the fixed, seeded held-out set of density tasks, >= 1.
+        test_seed: seed (>= 0) of the held-out set.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: ``"float32"`` or ``"float64"`` for training.
+        max_rejected_steps: consecutive rejected (non-finite) steps before :class:`TrainingError`, >= 1.
+        checkpoint_every: iterations between checkpoints in :meth:`Trainer.run` when it is given a path; 0 =
+            only at the end.
+    """
+
+    kind: typing.ClassVar[str] = "training configuration"
+
+    data: str = "8gaussians"
+    iterations: int = 50000
+    batch_size: int = 500
+    lr: float = 1e-3
+    betas: tuple[float, float] | list[float] = (0.9, 0.999)
+    weight_decay: float = 1e-5
+    schedule: str = "constant"
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    warmup_iterations: int = 0
+    concat_learnable_from: int | None = 25000
+    lipschitz_iterations: int = 5
+    grad_clip: float | None = None
+    ema: float | None = None
+    seed: int = 0
+    eval_every: int = 100
+    eval_size: int = 10000
+    test_size: int = 100000
+    test_seed: int = 1234
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_rejected_steps: int = 20
+    checkpoint_every: int = 1000
+    data_dir: str | None = None
+    grad_accumulation: int = 1
+    eval_split: str = "test"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field; raise ``ValueError("field: ...")`` with the allowed range."""
+        if isinstance(self.data, str) and self.data.lower() in IMAGE_DATASETS:
+            self.data = self.data.lower()
+        elif not (isinstance(self.data, str) and self.data.lower() in DATASETS):
+            raise ValueError(
+                f"data: unknown data set {self.data!r}; choose one of {[*DATASETS, *IMAGE_DATASETS]}"
+            )
+        else:
+            self.data = check_dataset_name(self.data)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"data_dir: must be a folder path or null, got {self.data_dir!r}")
+        if self.data in IMAGE_DATASETS and self.data != "digits" and not self.data_dir:
+            raise ValueError(f"data_dir: --data {self.data} needs --data-dir DIR (the folder holding its files)")
+        if not isinstance(self.eval_split, str) or self.eval_split.lower() not in EVAL_SPLITS:
+            raise ValueError(f"eval_split: unknown value {self.eval_split!r}; choose one of {list(EVAL_SPLITS)}")
+        self.eval_split = self.eval_split.lower()
+        self.iterations = check_int("iterations", self.iterations, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_float("lr", self.lr)
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr!r}")
+        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
+            raise ValueError(f"betas: must be a pair (beta1, beta2), each in [0, 1), got {self.betas!r}")
+        betas = tuple(check_float("betas", b) for b in self.betas)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas: each must lie in [0, 1), got {self.betas!r}")
+        self.betas = (betas[0], betas[1])
+        self.weight_decay = check_float("weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.schedule, str) or self.schedule.lower() not in SCHEDULES:
+            raise ValueError(f"schedule: unknown value {self.schedule!r}; choose one of {list(SCHEDULES)}")
+        self.schedule = self.schedule.lower()
+        if not isinstance(self.lr_milestones, list | tuple):
+            raise ValueError(f"lr_milestones: must be a list of increasing iterations >= 1, got {self.lr_milestones!r}")
+        self.lr_milestones = [check_int("lr_milestones", m, 1) for m in self.lr_milestones]
+        if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)):
+            raise ValueError(f"lr_milestones: must be strictly increasing, got {self.lr_milestones!r}")
+        self.lr_gamma = check_float("lr_gamma", self.lr_gamma)
+        if not self.lr_gamma > 0:
+            raise ValueError(f"lr_gamma: must be > 0, got {self.lr_gamma!r}")
+        self.warmup_iterations = check_int("warmup_iterations", self.warmup_iterations, 0)
+        if self.schedule == "warmup" and self.warmup_iterations < 1:
+            raise ValueError("warmup_iterations: must be >= 1 for schedule 'warmup'")
+        if self.concat_learnable_from is not None:
+            self.concat_learnable_from = check_int("concat_learnable_from", self.concat_learnable_from, 0)
+        self.lipschitz_iterations = check_int("lipschitz_iterations", self.lipschitz_iterations, 0)
+        if self.grad_clip is not None:
+            self.grad_clip = check_float("grad_clip", self.grad_clip)
+            if not self.grad_clip > 0:
+                raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip!r}")
+        if self.ema is not None:
+            self.ema = check_float("ema", self.ema)
+            if not 0.0 < self.ema < 1.0:
+                raise ValueError(f"ema: must lie in (0, 1) or be null, got {self.ema!r}")
+        self.seed = check_int("seed", self.seed, 0)
+        self.eval_every = check_int("eval_every", self.eval_every, 0)
+        self.eval_size = check_int("eval_size", self.eval_size, 1)
+        self.test_size = check_int("test_size", self.test_size, 1)
+        self.test_seed = check_int("test_seed", self.test_seed, 0)
+        if not isinstance(self.device, str):
+            raise ValueError(f"device: must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"device: invalid device {self.device!r} ({err}); e.g. 'cpu', 'cuda', 'cuda:1'") from None
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
+            raise ValueError(f"dtype: unknown value {self.dtype!r}; choose one of {list(DTYPES)}")
+        self.dtype = self.dtype.lower()
+        self.max_rejected_steps = check_int("max_rejected_steps", self.max_rejected_steps, 1)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
+        self.grad_accumulation = check_int("grad_accumulation", self.grad_accumulation, 1)
+        if self.grad_accumulation > self.batch_size:
+            raise ValueError(
+                f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The training dtype as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
+
+    @property
+    def task(self) -> str:
+        """``"density"`` (2-D toy densities), ``"regression"`` (the staircase) or ``"image"`` (bits/dim)."""
+        if self.data in IMAGE_DATASETS:
+            return "image"
+        return "density" if self.data in TOY_DATASETS else "regression"

@@ -21,32 +21,36 @@ from __future__ import annotations
 
 import bisect
 import copy
-import dataclasses
 import math
 import time
-import typing
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import evaluation
 from .blocks import ActNorm
-from .config import FlowConfig, JsonConfig
-from .data import DATASETS, TOY_DATASETS, ToyStream, check_dataset_name, sample_staircase, sample_toy
-from .data.images import IMAGE_DATASETS, ImageSet, ImageStream, load_image_set
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .config import DTYPES, SCHEDULES, FlowConfig, TrainConfig, check_float, check_int
+from .data import ToyStream, sample_staircase, sample_toy
+from .data.images import ImageSet, ImageStream, load_image_set
 from .distributed import DistributedContext
 from .flow import Flow
 from .image_layers import ActNorm2d
+from .metrics import (
+    PAPER_PROTOCOL_TESTS,
+    TRAINER_STATE_FORMAT,
+    EvalMetrics,
+    RunSummary,
+    StepMetrics,
+    paper_protocol_nll,
+    paper_protocol_value,
+)
 from .models import build_flow
 from .nn.lipschitz import spectral_layers, update_lipschitz
-
-if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
 
 __all__ = [
     "DTYPES",
@@ -63,11 +67,7 @@ __all__ = [
     "paper_protocol_value",
 ]
 
-SCHEDULES = ("constant", "step", "warmup")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-#: Table 1 of Ahn et al. (2022) reports the mean of the last 20 tests (ALGORITHM.md 7.1).
-PAPER_PROTOCOL_TESTS = 20
 
 #: Power iterations before an evaluation (the released code's 200; only layers in ``"power"`` mode need them).
 EVAL_POWER_ITERATIONS = 200
@@ -82,9 +82,7 @@ EVAL_CHUNK = 10_000
 #: The dequantization noise generator is seeded with ``seed + NOISE_SEED_OFFSET``.
 NOISE_SEED_OFFSET = 7919
 
-EVAL_SPLITS = ("test", "validation")
 
-TRAINER_STATE_FORMAT = "monoflow-trainer-state/1"
 # A checkpoint's header keeps at most this many step records and this many test records, thinned evenly over the
 # run (the newest always kept, and the last PAPER_PROTOCOL_TESTS tests intact): the header's size and the save's time
 # must not grow with the number of steps (the whole history lives in the run's metrics.csv). At about 250 bytes a
@@ -94,192 +92,6 @@ CHECKPOINT_HISTORY = 512
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many consecutive steps with a non-finite loss or gradient)."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    return float(value)
-
-
-@dataclass
-class TrainConfig(JsonConfig):
-    """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
-
-    Attributes:
-        data: data set name: one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
-            task, the others are 2-D densities) or an image set of
-            :data:`monoflow_core.data.images.IMAGE_DATASETS` (``"digits"`` is built in; the others read
-            ``data_dir``). Image runs train on bits/dim.
-        data_dir: folder holding an image set's files (``None`` for the built-in sets).
-        grad_accumulation: split each batch of ``batch_size`` into this many micro-batches whose gradients are
-            accumulated (less memory; the same update as one big batch when the log-dets are exact, and an update
-            with the same expectation when they are estimated, since each micro-batch draws its own probes),
-            >= 1 and <= batch_size.
-        eval_split: image split used by evaluations, ``"test"`` or ``"validation"`` (digits only).
-        iterations: total training iterations of a run, >= 1 (the paper: 50,000 for 2-D, 15,000 for 1-D).
-        batch_size: fresh samples per iteration, >= 1 (paper: 500 for 2-D, 5,000 for 1-D).
-        lr: Adam learning rate, > 0.
-        betas: Adam betas, each in [0, 1).
-        weight_decay: Adam's *coupled* L2 weight decay (``torch.optim.Adam``), >= 0.
-        schedule: ``"constant"``, ``"step"`` (multiply by ``lr_gamma`` at each of ``lr_milestones``) or
-            ``"warmup"`` (linear warm-up over ``warmup_iterations``, then constant). A non-zero
-            ``warmup_iterations`` also prepends the warm-up to the other schedules.
-        lr_milestones: strictly increasing iteration indices where ``"step"`` multiplies the lr by ``lr_gamma``
-            (the 1-D preset: [5000, 10000] with gamma 0.2: 0.01 -> 0.002 -> 0.0004).
-        lr_gamma: factor of the ``"step"`` schedule, > 0.
-        warmup_iterations: length of the linear warm-up, >= 0 (>= 1 for ``"warmup"``).
-        concat_learnable_from: iteration from which the DenseNet concatenation weights are trained (frozen
-            before it; the paper's "learnable concatenation" from 25,000); ``None`` follows the model config.
-        lipschitz_iterations: power iterations on every spectrally normalised layer after each step, >= 0.
-        grad_clip: maximum global gradient norm, > 0, or ``None`` for no clipping.
-        ema: decay of an exponential moving average of the weights in (0, 1) (used for evaluation), or
-            ``None``.
-        seed: seed (>= 0) of the weights (``torch.manual_seed``) and of the training data stream.
-        eval_every: a fresh-sample test every this many iterations during :meth:`Trainer.run`; 0 = never.
-        eval_size: points per fresh-sample test, >= 1 (paper: 10,000). Also the size of the fixed regression
-            test set (the paper's 1-D test MSE is on 10,000 points).
-        test_size: size of the fixed, seeded held-out set of density tasks, >= 1.
-        test_seed: seed (>= 0) of the held-out set.
-        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-        dtype: ``"float32"`` or ``"float64"`` for training.
-        max_rejected_steps: consecutive rejected (non-finite) steps before :class:`TrainingError`, >= 1.
-        checkpoint_every: iterations between checkpoints in :meth:`Trainer.run` when it is given a path; 0 =
-            only at the end.
-    """
-
-    kind: typing.ClassVar[str] = "training configuration"
-
-    data: str = "8gaussians"
-    iterations: int = 50000
-    batch_size: int = 500
-    lr: float = 1e-3
-    betas: tuple[float, float] | list[float] = (0.9, 0.999)
-    weight_decay: float = 1e-5
-    schedule: str = "constant"
-    lr_milestones: list[int] = field(default_factory=list)
-    lr_gamma: float = 0.1
-    warmup_iterations: int = 0
-    concat_learnable_from: int | None = 25000
-    lipschitz_iterations: int = 5
-    grad_clip: float | None = None
-    ema: float | None = None
-    seed: int = 0
-    eval_every: int = 100
-    eval_size: int = 10000
-    test_size: int = 100000
-    test_seed: int = 1234
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_rejected_steps: int = 20
-    checkpoint_every: int = 1000
-    data_dir: str | None = None
-    grad_accumulation: int = 1
-    eval_split: str = "test"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Check and normalise every field; raise ``ValueError("field: ...")`` with the allowed range."""
-        if isinstance(self.data, str) and self.data.lower() in IMAGE_DATASETS:
-            self.data = self.data.lower()
-        elif not (isinstance(self.data, str) and self.data.lower() in DATASETS):
-            raise ValueError(
-                f"data: unknown data set {self.data!r}; choose one of {[*DATASETS, *IMAGE_DATASETS]}"
-            )
-        else:
-            self.data = check_dataset_name(self.data)
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise ValueError(f"data_dir: must be a folder path or null, got {self.data_dir!r}")
-        if self.data in IMAGE_DATASETS and self.data != "digits" and not self.data_dir:
-            raise ValueError(f"data_dir: --data {self.data} needs --data-dir DIR (the folder holding its files)")
-        if not isinstance(self.eval_split, str) or self.eval_split.lower() not in EVAL_SPLITS:
-            raise ValueError(f"eval_split: unknown value {self.eval_split!r}; choose one of {list(EVAL_SPLITS)}")
-        self.eval_split = self.eval_split.lower()
-        self.iterations = _int("iterations", self.iterations, 1)
-        self.batch_size = _int("batch_size", self.batch_size, 1)
-        self.lr = _float("lr", self.lr)
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr!r}")
-        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
-            raise ValueError(f"betas: must be a pair (beta1, beta2), each in [0, 1), got {self.betas!r}")
-        betas = tuple(_float("betas", b) for b in self.betas)
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas: each must lie in [0, 1), got {self.betas!r}")
-        self.betas = (betas[0], betas[1])
-        self.weight_decay = _float("weight_decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.schedule, str) or self.schedule.lower() not in SCHEDULES:
-            raise ValueError(f"schedule: unknown value {self.schedule!r}; choose one of {list(SCHEDULES)}")
-        self.schedule = self.schedule.lower()
-        if not isinstance(self.lr_milestones, list | tuple):
-            raise ValueError(f"lr_milestones: must be a list of increasing iterations >= 1, got {self.lr_milestones!r}")
-        self.lr_milestones = [_int("lr_milestones", m, 1) for m in self.lr_milestones]
-        if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)):
-            raise ValueError(f"lr_milestones: must be strictly increasing, got {self.lr_milestones!r}")
-        self.lr_gamma = _float("lr_gamma", self.lr_gamma)
-        if not self.lr_gamma > 0:
-            raise ValueError(f"lr_gamma: must be > 0, got {self.lr_gamma!r}")
-        self.warmup_iterations = _int("warmup_iterations", self.warmup_iterations, 0)
-        if self.schedule == "warmup" and self.warmup_iterations < 1:
-            raise ValueError("warmup_iterations: must be >= 1 for schedule 'warmup'")
-        if self.concat_learnable_from is not None:
-            self.concat_learnable_from = _int("concat_learnable_from", self.concat_learnable_from, 0)
-        self.lipschitz_iterations = _int("lipschitz_iterations", self.lipschitz_iterations, 0)
-        if self.grad_clip is not None:
-            self.grad_clip = _float("grad_clip", self.grad_clip)
-            if not self.grad_clip > 0:
-                raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip!r}")
-        if self.ema is not None:
-            self.ema = _float("ema", self.ema)
-            if not 0.0 < self.ema < 1.0:
-                raise ValueError(f"ema: must lie in (0, 1) or be null, got {self.ema!r}")
-        self.seed = _int("seed", self.seed, 0)
-        self.eval_every = _int("eval_every", self.eval_every, 0)
-        self.eval_size = _int("eval_size", self.eval_size, 1)
-        self.test_size = _int("test_size", self.test_size, 1)
-        self.test_seed = _int("test_seed", self.test_seed, 0)
-        if not isinstance(self.device, str):
-            raise ValueError(f"device: must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, ValueError) as err:
-            raise ValueError(f"device: invalid device {self.device!r} ({err}); e.g. 'cpu', 'cuda', 'cuda:1'") from None
-        if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
-            raise ValueError(f"dtype: unknown value {self.dtype!r}; choose one of {list(DTYPES)}")
-        self.dtype = self.dtype.lower()
-        self.max_rejected_steps = _int("max_rejected_steps", self.max_rejected_steps, 1)
-        self.checkpoint_every = _int("checkpoint_every", self.checkpoint_every, 0)
-        self.grad_accumulation = _int("grad_accumulation", self.grad_accumulation, 1)
-        if self.grad_accumulation > self.batch_size:
-            raise ValueError(
-                f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
-            )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The training dtype as a ``torch.dtype``."""
-        return DTYPES[self.dtype]
-
-    @property
-    def task(self) -> str:
-        """``"density"`` (2-D toy densities), ``"regression"`` (the staircase) or ``"image"`` (bits/dim)."""
-        if self.data in IMAGE_DATASETS:
-            return "image"
-        return "density" if self.data in TOY_DATASETS else "regression"
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -295,178 +107,6 @@ def lr_factor(config: TrainConfig, step: int) -> float:
     if config.schedule == "step":
         factor *= config.lr_gamma ** bisect.bisect_right(config.lr_milestones, step)
     return factor
-
-
-# --------------------------------------------------------------------------------------------------------------
-# metrics
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepMetrics:
-    """What one training iteration did.
-
-    Attributes:
-        step: 0-based index of the iteration.
-        loss: the training loss: NLL in nats (density tasks) or MSE (regression); NaN/inf when rejected.
-        lr: learning rate used.
-        grad_norm: global gradient norm before clipping (NaN when no gradient was computed).
-        seconds: wall time of the iteration, in seconds.
-        rejected: whether the optimizer step was skipped or undone (non-finite loss, gradient or parameters).
-        message: why it was rejected ("" otherwise).
-        solver_iterations_mean: forward-solve G-evaluations per sample, summed over blocks (whole-flow cost).
-        solver_iterations_max: largest per-sample forward-solve iteration count of any block.
-        solver_failed: samples that missed the solver tolerance, summed over blocks.
-        exact: whether the loss used exact log-dets (False: an unbiased estimate).
-    """
-
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    seconds: float
-    rejected: bool = False
-    message: str = ""
-    solver_iterations_mean: float = 0.0
-    solver_iterations_max: int = 0
-    solver_failed: int = 0
-    exact: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StepMetrics:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass
-class EvalMetrics:
-    """One test of the model.
-
-    Attributes:
-        step: iterations completed when the test ran.
-        nll_nats: mean test negative log-likelihood in nats (density tasks), else ``None``.
-        nll_stderr_nats: standard error of that mean, in nats.
-        mse: mean test squared error (regression), else ``None``.
-        n_test: number of test points.
-        seconds: wall time of the evaluation, in seconds.
-        exact: whether the log-dets were exact; if False ``nll_nats`` is a stochastic *estimate*.
-        fixed: True for the fixed seeded held-out set, False for fresh samples (the paper's protocol).
-        dtype: the dtype the evaluation ran in.
-        bpd: image tasks: mean test bits per dimension (the dequantization bound, ALGORITHM.md 7.3), else
-            ``None``. ``nll_nats`` then holds the same bound in nats per image.
-        bpd_stderr: standard error of ``bpd`` over the test images (bits/dim).
-        split: image tasks: the split evaluated (``"test"`` or ``"validation"``).
-        dequantization: image tasks: ``"uniform"`` or ``"variational"`` (an ELBO).
-    """
-
-    step: int
-    nll_nats: float | None
-    mse: float | None
-    n_test: int
-    seconds: float
-    exact: bool
-    fixed: bool
-    nll_stderr_nats: float | None = None
-    dtype: str = "float64"
-    bpd: float | None = None
-    bpd_stderr: float | None = None
-    split: str = ""
-    dequantization: str = ""
-
-    @property
-    def value(self) -> float:
-        """The headline number: bits/dim (images), NLL in nats (2-D densities) or MSE."""
-        if self.bpd is not None:
-            return float(self.bpd)
-        return float(self.nll_nats if self.nll_nats is not None else self.mse)  # type: ignore[arg-type]
-
-    def describe(self) -> str:
-        """A one-line human-readable summary with units."""
-        if self.bpd is not None:
-            how = "exact log-det" if self.exact else "power-series log-det estimate"
-            bound = "ELBO, variational" if self.dequantization == "variational" else "uniform"
-            return (
-                f"step {self.step}: {self.split} bpd {self.bpd:.4f} +- {self.bpd_stderr or 0.0:.4f} bits/dim on "
-                f"{self.n_test} {self.split} images ({how}; {bound} dequantization bound)"
-            )
-        where = "held-out" if self.fixed else "fresh"
-        if self.nll_nats is not None:
-            label = "test NLL" if self.exact else "test NLL (estimate)"
-            err = f" +- {self.nll_stderr_nats:.4f}" if self.nll_stderr_nats is not None else ""
-            return f"step {self.step}: {label} {self.nll_nats:.4f}{err} nats on {self.n_test} {where} points"
-        return f"step {self.step}: test MSE {self.mse:.4g} on {self.n_test} {where} points"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalMetrics:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def paper_protocol_value(evals: Iterable[EvalMetrics], last: int = PAPER_PROTOCOL_TESTS) -> float | None:
-    """Mean of the last ``last`` fresh-sample tests: Table 1's protocol (Ahn et al. 2022; ALGORITHM.md 7.1).
-
-    Returns the mean test NLL in nats (density) or MSE (regression) over at most ``last`` of the most recent
-    tests with ``fixed == False``, or ``None`` if there are none.
-    """
-    values = [e.value for e in evals if not e.fixed]
-    if not values:
-        return None
-    tail = values[-last:]
-    return float(sum(tail) / len(tail))
-
-
-def paper_protocol_nll(evals: Iterable[EvalMetrics], last: int = PAPER_PROTOCOL_TESTS) -> float | None:
-    """Table 1's number in nats: mean test NLL of the last ``last`` fresh-sample tests (density tasks only)."""
-    return paper_protocol_value([e for e in evals if e.nll_nats is not None], last)
-
-
-@dataclass
-class RunSummary:
-    """What :meth:`Trainer.run` did.
-
-    Attributes:
-        steps_run: iterations run by this call.
-        step: iterations completed in total.
-        seconds: wall time of the call, in seconds.
-        rejected_steps: iterations of this call whose optimizer step was skipped.
-        last_loss: the last training loss (nats or MSE).
-        paper_protocol: mean of the last 20 fresh-sample tests (nats or MSE), ``None`` without tests.
-        paper_protocol_tests: how many tests that mean covers (the paper uses 20).
-        last_eval: the last test, if any.
-        stopped_early: whether the callback stopped the run.
-        task: ``"density"`` or ``"regression"``.
-    """
-
-    steps_run: int
-    step: int
-    seconds: float
-    rejected_steps: int
-    last_loss: float | None
-    paper_protocol: float | None
-    paper_protocol_tests: int
-    last_eval: EvalMetrics | None
-    stopped_early: bool
-    task: str
-
-    def describe(self) -> str:
-        if self.task == "image":
-            last = f"; last {self.last_eval.describe()}" if self.last_eval is not None else ""
-            return f"{self.steps_run} iterations in {self.seconds:.1f} s (step {self.step}){last}"
-        unit = " nats" if self.task == "density" else ""
-        what = "test NLL" if self.task == "density" else "test MSE"
-        pp = (
-            f"; paper protocol ({what}, mean of last {self.paper_protocol_tests} fresh tests): "
-            f"{self.paper_protocol:.4f}{unit}"
-            if self.paper_protocol is not None
-            else ""
-        )
-        return f"{self.steps_run} iterations in {self.seconds:.1f} s (step {self.step}){pp}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -676,7 +316,7 @@ class Trainer:
 
     def set_lr(self, lr: float) -> None:
         """Change the base learning rate from the next step on (the schedule's factor still applies)."""
-        lr = _float("lr", lr)
+        lr = check_float("lr", lr)
         if not lr > 0:
             raise ValueError(f"lr: must be > 0, got {lr!r}")
         self._base_lr = lr
@@ -1056,7 +696,7 @@ class Trainer:
         cfg = self.train_config
         dt = self._eval_dtype(dtype)
         if n is not None:
-            n = _int("n", n, 1)
+            n = check_int("n", n, 1)
         if self.task == "image":
             result = self._evaluate_images(n, dt, split or cfg.eval_split)
             result.seconds = time.perf_counter() - t0
@@ -1183,7 +823,7 @@ class Trainer:
         cfg = self.train_config
         if iterations is None:
             iterations = max(0, cfg.iterations - self._step)
-        iterations = _int("iterations", iterations, 0)
+        iterations = check_int("iterations", iterations, 0)
         t0 = time.perf_counter()
         rejected = 0
         stopped = False
@@ -1290,8 +930,6 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write a resumable checkpoint (see :func:`monoflow_core.checkpoint.save_checkpoint`)."""
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(path, self, metadata=metadata)
 
     @classmethod
@@ -1305,8 +943,6 @@ class Trainer:
         Raises:
             CheckpointError: if the file is unreadable or holds no training state.
         """
-        from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-
         ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(source)
         if ckpt.train_config is None or ckpt.trainer_state is None:
             raise CheckpointError(f"checkpoint {ckpt.path}: holds a flow only, no training state to resume")
