@@ -7,7 +7,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from ..session import RunInfo, ViewFrame
+from ..frames import RunInfo, ViewFrame
 from ..theme import PlotColors, style_plot
 from ..widgets import set_axis_label
 

@@ -9,7 +9,7 @@ from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QHBoxLayout, QLabel, QV
 
 from monoflow_core.evaluation import image_grid
 
-from ..session import ImageFrame, RunInfo
+from ..frames import ImageFrame, RunInfo
 from ..theme import PlotColors
 
 __all__ = ["SAMPLE_COUNTS", "SamplesView"]

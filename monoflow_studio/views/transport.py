@@ -8,7 +8,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
 
-from ..session import RunInfo, TransportFrame
+from ..frames import RunInfo, TransportFrame
 from ..theme import PlotColors, style_plot
 
 __all__ = ["DIRECTION_LABELS", "TransportView"]
