@@ -97,11 +97,13 @@ class _NetEvaluator:
 
     def value(self, w: Tensor) -> Tensor:
         if isinstance(self.net, JacobianNet):
+            assert self.prepared is not None  # prepared in __init__ for every JacobianNet
             return self.net.evaluate(w, self.prepared)
         return self.net(w)
 
     def value_and_jacobian(self, w: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
         if isinstance(self.net, JacobianNet):
+            assert self.prepared is not None  # prepared in __init__ for every JacobianNet
             if create_graph:
                 return self.net.evaluate_with_jacobian(w, self.prepared)
             with torch.no_grad():
@@ -368,6 +370,8 @@ class ActNorm(nn.Module):
         dim: number of features (the event dimension).
         data_init: initialise from the first training batch (otherwise start at the identity).
     """
+
+    initialized: Tensor  # a boolean buffer, registered in __init__
 
     def __init__(self, dim: int, data_init: bool = True) -> None:
         super().__init__()

@@ -42,7 +42,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -291,12 +291,12 @@ def save_checkpoint(
         meta, info = _trainer_payload(source, tensors, path)
     elif isinstance(source, Flow):
         flow = source
-        config = flow.config
-        if config is None:
+        if flow.config is None:
             raise CheckpointError(
                 f"cannot write checkpoint {path}: the flow has no FlowConfig (only flows built by build_flow, "
                 "whose architecture can be rebuilt from JSON, can be checkpointed)"
             )
+        config = flow.config
         for name, value in flow.state_dict().items():
             tensors[f"flow.{name}"] = _cpu_copy(value)
         meta, info = {}, {}
@@ -380,11 +380,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -596,13 +596,14 @@ def _check_type(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+# ``cls: type`` rather than ``type[Any]``: mypy does not see a ``type[...]`` as Hashable (which functools.cache needs).
 @functools.cache
-def _field_hints(cls: type[Any]) -> dict[str, Any]:
+def _field_hints(cls: type) -> dict[str, Any]:
     # Resolving the annotations (strings under ``from __future__ import annotations``) is slow: once per class.
     return typing.get_type_hints(cls)
 
 
-def _check_record(path: Path, where: str, record: Any, cls: type[Any]) -> None:
+def _check_record(path: Path, where: str, record: Any, cls: type) -> None:
     """A step or test record as :meth:`from_dict` of ``cls`` (a metrics dataclass) will read it."""
     if not isinstance(record, dict):
         raise _fail(path, f"{where}: must be an object, got {_kind(record)}")
@@ -807,16 +808,17 @@ def _count_guard(path: Path, config: FlowConfig, stored: dict[str, _Entry]) -> N
                 f"than the {n} flow tensors stored can hold",
             )
     numbers = sum(math.prod(entry.shape) for entry in stored.values())
+    setting: list[int] | int | None
     if config.is_image:
         # Each factor-out halves the channels left; the narrowest scale still holds that many numbers a sample.
         halvings = len(config.blocks_per_scale) - 1 if config.factor_out else 0
-        field, value, width = "image_shape", config.image_shape, config.dim >> halvings
+        field, setting, width = "image_shape", config.image_shape, config.dim >> halvings
     else:
-        field, value, width = "dim", config.dim, config.dim
+        field, setting, width = "dim", config.dim, config.dim
     if width > numbers:
         raise _fail(
             path,
-            f"the stored flow tensors do not match model_config: {field} = {_short(value)} needs tensors of more "
+            f"the stored flow tensors do not match model_config: {field} = {_short(setting)} needs tensors of more "
             f"than the {numbers} numbers stored",
         )
 

@@ -122,7 +122,7 @@ class ConditionalCoupling(nn.Module):
             nn.Conv2d(hidden, 2 * channels, 3, padding=1),
         )
         last = self.net[-1]
-        assert isinstance(last, nn.Conv2d)
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 

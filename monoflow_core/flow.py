@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,12 @@ __all__ = ["SUPPORTED_DTYPES", "Flow", "standard_normal_log_prob"]
 #: The floating-point dtypes a flow computes in: the solvers' tolerances, the compiled kernels and the fused path
 #: are written for these two (half precision cannot reach the solvers' default tolerances).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+class _Invertible(Protocol):
+    """What a flow needs of a layer besides ``forward``: ``inverse(y) -> x`` (every layer of a flow has one)."""
+
+    def inverse(self, y: Tensor) -> Tensor: ...
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -46,6 +52,8 @@ class Flow(nn.Module):
         event_shape: shape of one sample, e.g. ``(2,)``.
         config: the configuration the flow was built from (kept for checkpoints), if any.
     """
+
+    _anchor: Tensor  # a buffer, registered in __init__
 
     def __init__(
         self, layers: Sequence[nn.Module], event_shape: Sequence[int], config: FlowConfig | None = None
@@ -158,7 +166,7 @@ class Flow(nn.Module):
         layers = list(self.layers)
         if not fast:
             for layer in reversed(layers):
-                z = layer.inverse(z)
+                z = cast(_Invertible, layer).inverse(z)
             return z
         starts = {stop: start for start, stop in fusable_runs(layers, self.dim)}
         with folded_runs(layers, self.dim):  # one fold per run of blocks
@@ -169,7 +177,7 @@ class Flow(nn.Module):
                     stop = starts[stop]
                 else:
                     stop -= 1
-                    z = layers[stop].inverse(z)
+                    z = cast(_Invertible, layers[stop]).inverse(z)
         return z
 
     def log_prob(self, x: Tensor) -> Tensor:

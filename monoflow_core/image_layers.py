@@ -84,6 +84,8 @@ class ActNorm2d(nn.Module):
         data_init: initialise from the first training batch (otherwise start at the identity).
     """
 
+    initialized: Tensor  # a boolean buffer, registered in __init__
+
     def __init__(self, channels: int, data_init: bool = True) -> None:
         super().__init__()
         self.channels = channels

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .dequantization import draw_noise
-from .flow import Flow
+from .flow import Flow, _Invertible
 from .image_layers import Squeeze
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class MultiscaleFlow(Flow):
         factor_index = len(pieces) - 1
         for kind, arg in reversed(self.plan):
             if kind == "layer":
-                x = self.layers[arg].inverse(x)
+                x = cast(_Invertible, self.layers[arg]).inverse(x)
             else:
                 piece = pieces[factor_index].reshape(b, *self._piece_shapes[factor_index])
                 x = torch.cat([x, piece], dim=1)

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -50,6 +50,7 @@ from .metrics import (
     paper_protocol_value,
 )
 from .models import build_flow
+from .multiscale import MultiscaleFlow
 from .nn.lipschitz import spectral_layers, update_lipschitz
 
 __all__ = [
@@ -252,7 +253,7 @@ class Trainer:
         self.optimizer = make_adam(
             self.flow.parameters(),
             lr=train_config.lr,
-            betas=tuple(train_config.betas),  # type: ignore[arg-type]
+            betas=tuple(train_config.betas),
             weight_decay=train_config.weight_decay,
         )
         self._base_lr = float(train_config.lr)
@@ -344,8 +345,9 @@ class Trainer:
         if learnable == self._concat_state:
             return
         for module in self.flow.modules():
-            if hasattr(module, "set_concat_learnable"):  # the dense and the conv DenseNet G
-                module.set_concat_learnable(learnable)
+            set_learnable = getattr(module, "set_concat_learnable", None)
+            if set_learnable is not None:  # the dense and the conv DenseNet G
+                set_learnable(learnable)
         self._concat_state = learnable
 
     def _apply_schedules(self, step: int) -> None:
@@ -367,7 +369,8 @@ class Trainer:
     def _draw_noise(self, shape: torch.Size) -> Tensor:
         from .dequantization import draw_noise
 
-        noise = draw_noise(self.flow.dequantizer, shape, self.dtype, "cpu", self._noise_generator)
+        flow = cast(MultiscaleFlow, self.flow)  # the image task's flow (its levels were checked in __init__)
+        noise = draw_noise(flow.dequantizer, shape, self.dtype, "cpu", self._noise_generator)
         return noise.to(self.device)
 
     def _loss_sum(self, batch: tuple[Tensor, ...]) -> Tensor:
@@ -378,7 +381,8 @@ class Trainer:
         """
         if self.task == "image":
             images, noise = batch
-            return self.flow.bpd(images, noise=noise).sum()
+            flow = cast(MultiscaleFlow, self.flow)  # the image task's flow (its levels were checked in __init__)
+            return flow.bpd(images, noise=noise).sum()
         if self.task == "density":
             return -self.flow.log_prob(batch[0]).sum()
         x, y = batch
@@ -536,8 +540,8 @@ class Trainer:
 
     def _solver_summary(self) -> tuple[float, int, int]:
         """Summed mean, largest and failed counts of the forward solves' iterations over the blocks."""
-        forward = [stats.get("forward") for stats in self.flow.solver_stats()]
-        forward = [fwd for fwd in forward if fwd is not None and fwd.batch_size > 0]
+        recorded = [stats.get("forward") for stats in self.flow.solver_stats()]
+        forward = [fwd for fwd in recorded if fwd is not None and fwd.batch_size > 0]
         if not forward:
             return 0.0, 0, 0
         if len({fwd.batch_size for fwd in forward}) == 1:  # the usual case: a few operators for all blocks at once

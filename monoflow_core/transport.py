@@ -9,7 +9,7 @@ flow in eval mode, on a copy when another dtype is asked for (as in :mod:`monofl
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,8 @@ def transport_stages(
     if dtype is not None and dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: torch.float32, torch.float64 or None, got {dtype!r}")
     chunk = _check_chunk(chunk)
-    with _evaluating(flow, dtype) as model:
+    with _evaluating(flow, dtype) as evaluated:
+        model = cast(Flow, evaluated)  # ``flow`` itself or a copy of it in ``dtype``
         dt, dev = _flow_dtype_device(model)
         x = _as_tensor(points, dt, dev)
         model._check(x)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,10 @@ class SpectralConv2d(SpectralLayer):
         mode: ``"exact"``, ``"power"`` or ``"auto"``.
     """
 
+    # Power-iteration buffers (registered in ``set_input_shape``); declared so that attribute access types as a Tensor.
+    u: Tensor
+    v: Tensor
+
     def __init__(
         self,
         in_channels: int,
@@ -180,9 +185,9 @@ class SpectralConv2d(SpectralLayer):
         if mode == "auto":
             mode = "exact" if self.operator_numel <= EXACT_CONV_MAX_NUMEL else "power"
         self.mode = mode
-        kw = {"dtype": self.weight.dtype, "device": self.weight.device}
-        u = F.normalize(torch.randn(self.out_channels * height * width, **kw), dim=0)
-        v = F.normalize(torch.randn(self.in_channels * height * width, **kw), dim=0)
+        dtype, device = self.weight.dtype, self.weight.device
+        u = F.normalize(torch.randn(self.out_channels * height * width, dtype=dtype, device=device), dim=0)
+        v = F.normalize(torch.randn(self.in_channels * height * width, dtype=dtype, device=device), dim=0)
         # Assigning to an existing buffer name replaces the buffer (new shape included).
         self.register_buffer("u", u.view(self.out_channels, height, width))
         self.register_buffer("v", v.view(self.in_channels, height, width))
@@ -452,7 +457,7 @@ class ConvDenseNetG(LearnableConcat, JacobianNet):
             s = torch.cat([primal, seeds.expand(batch, *seeds.shape)], dim=1).view(batch * (1 + m), height, width, c)
             for i, act in enumerate(self.activations):
                 h = _conv_stacked(s, weights[i], prepared.biases[i], batch)
-                s = torch.cat([s, _activation_stacked(act, h, batch)], dim=-1)
+                s = torch.cat([s, _activation_stacked(cast(LipschitzActivation, act), h, batch)], dim=-1)
             out = _conv_stacked(s, weights[-1], prepared.biases[-1], batch)
             # Back to the (C, H, W) order of the event: (B, 1 + m, n).
             out = out.view(batch, 1 + m, height, width, c).permute(0, 1, 4, 2, 3).reshape(batch, 1 + m, n)

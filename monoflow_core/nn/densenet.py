@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,9 @@ class DenseNetG(LearnableConcat, JacobianNet):
         _check_width(x, self.in_features)
         s = _identity_tangents(x)
         for i, act in enumerate(self.activations):
-            new = _activation_stacked(act, _linear_stacked(s, prepared.weights[i], prepared.biases[i]))
+            new = _activation_stacked(
+                cast(LipschitzActivation, act), _linear_stacked(s, prepared.weights[i], prepared.biases[i])
+            )
             eta1, eta2 = prepared.mix[i]
             s = torch.cat([eta1 * s, eta2 * new], dim=-1)
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
@@ -244,9 +247,10 @@ class LipschitzMLP(JacobianNet):
         self.layers.append(SpectralLinear(width, n, coeff, mode=spectral_mode))
 
     def prepare(self) -> PreparedNet:
+        linears = [cast(SpectralLinear, lin) for lin in self.layers]
         return PreparedNet(
-            weights=[lin.normalized_weight() for lin in self.layers],
-            biases=[lin.bias for lin in self.layers],
+            weights=[lin.normalized_weight() for lin in linears],
+            biases=[lin.bias for lin in linears],
             mix=[],
         )
 
@@ -260,7 +264,9 @@ class LipschitzMLP(JacobianNet):
         _check_width(x, self.in_features)
         s = _identity_tangents(x)
         for i, act in enumerate(self.activations):
-            s = _activation_stacked(act, _linear_stacked(s, prepared.weights[i], prepared.biases[i]))
+            s = _activation_stacked(
+                cast(LipschitzActivation, act), _linear_stacked(s, prepared.weights[i], prepared.biases[i])
+            )
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
         return out[:, 0], out[:, 1:].transpose(1, 2)
 

@@ -108,6 +108,10 @@ class SpectralLinear(SpectralLayer):
         mode: ``"exact"``, ``"power"`` or ``"auto"`` (see the module docstring).
     """
 
+    # Power-iteration buffers (registered in ``__init__``); declared so that attribute access types as a Tensor.
+    u: Tensor
+    v: Tensor
+
     def __init__(
         self, in_features: int, out_features: int, coeff: float = 0.97, bias: bool = True, mode: str = "auto"
     ) -> None:
