@@ -13,8 +13,17 @@ Subcommands (``monoflow SUBCOMMAND --help`` for each):
 
 The command adds no mathematics: it drives :class:`~monoflow_core.training.Trainer` and the functions of
 :mod:`monoflow_core.evaluation`. User mistakes (a missing or corrupt file, an unknown name, a value out of range,
-an unwritable path) end with one line ``monoflow: error: ...`` on stderr and exit status 2; anything else is a
-bug and keeps its traceback (set ``MONOFLOW_DEBUG=1`` to get tracebacks for user errors too).
+an unwritable path, a FIFO or device given as a file) end with one line ``monoflow: error: ...`` on stderr and
+exit status 2; anything else is a bug and keeps its traceback (set ``MONOFLOW_DEBUG=1`` to get tracebacks for user
+errors too).
+
+Resources are checked before they are spent (:mod:`monoflow_core.resources`): every size (points, batch, blocks,
+grid resolution, image size, threads) is compared with this machine's memory, disk and cores, and a request that
+cannot fit is refused naming the flag and the estimated need. Large outputs are streamed: ``sample`` and
+``density`` write ``.npy`` files a piece at a time (bounded memory; only the disk limits them) with a progress bar.
+Output that is not finite (samples or log-densities of a diverged solve) is an error (exit status 1), never a file
+written with exit status 0, and running out of memory anyway is one line with exit status 1. ``train`` holds an
+advisory lock on its output folder (:mod:`monoflow_core.runlock`), so two runs never write into one folder.
 """
 
 from __future__ import annotations
@@ -26,25 +35,40 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, cast
 
 import numpy as np
 import torch
 
 from . import __version__, evaluation
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint_metadata
+from .config import FlowConfig
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
-from .data.images import IMAGE_DATASETS
+from .data.images import IMAGE_DATASETS, image_set_shape
 from .distributed import init_from_environment
+from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
 from .nn.lipschitz import update_lipschitz
 from .presets import list_presets, load_preset
+from .resources import (
+    MAX_THREADS_PER_CORE,
+    SEED_MAX,
+    check_disk,
+    check_memory,
+    check_training,
+    max_threads,
+    npy_bytes,
+    points_bytes,
+)
+from .runlock import RunLock, RunLockedError
 from .runtime import tune_allocator
 from .training import DTYPES, EVAL_POWER_ITERATIONS, TrainConfig, Trainer, TrainingError
 
@@ -75,6 +99,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 DEBUG_ENV = "MONOFLOW_DEBUG"
+
+#: Largest ``--temperature``: the paper samples at temperatures up to 1, and far beyond a few thousand the base
+#: noise overflows the flow's inverse (1e300 gave all-NaN samples).
+MAX_TEMPERATURE = 1000.0
 
 
 class CLIError(Exception):
@@ -127,8 +155,69 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed in ``[0, SEED_MAX]`` (torch takes 64-bit seeds; the trainer adds offsets)."""
+    value = _nonnegative_int(text)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1 = {SEED_MAX}], got {text}")
+    return value
+
+
+def _threads(text: str) -> int:
+    """An argparse type: a thread count of at most :data:`MAX_THREADS_PER_CORE` per core of this machine."""
+    value = _positive_int(text)
+    cap = max_threads()
+    if value > cap:
+        cores = os.cpu_count() or 1
+        raise argparse.ArgumentTypeError(
+            f"at most {cap} on this machine ({cores} CPU core{'s' if cores != 1 else ''}, {MAX_THREADS_PER_CORE} "
+            f"threads per core), got {text}"
+        )
+    return value
+
+
+def _temperature(text: str) -> float:
+    """An argparse type: a temperature in ``(0, MAX_TEMPERATURE]``."""
+    value = _finite_float(text)
+    if not 0.0 < value <= MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must lie in (0, {MAX_TEMPERATURE:g}], got {text}")
+    return value
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _require_regular_file(flag: str, path: str | os.PathLike[str], what: str) -> None:
+    """Refuse a path that exists but is not a regular file, before anything opens it.
+
+    Opening a FIFO blocks until a writer appears (the command would hang for ever), and a device can be endless
+    (``/dev/zero``). A missing or unreadable path passes: the reader then reports it in its own words.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise CLIError(f"{flag} {path}: is {kind}, not a regular file; give {what}")
+
+
+def _nonempty_path(flag: str, text: str) -> str:
+    """``text`` unless it is empty or blank: ``Path("")`` means the current folder, which nobody names that way."""
+    if not text.strip():
+        raise CLIError(f"{flag}: empty path; name a folder or file (use '.' for the current folder)")
+    return text
+
+
 def _add_workers_option(p: argparse.ArgumentParser, note: str = "") -> None:
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="W",
+    p.add_argument("--workers", type=_threads, default=1, metavar="W",
                    help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
                         f"(default 1; 2 used the 2-core development machine best){note}")
 
@@ -136,7 +225,8 @@ def _add_workers_option(p: argparse.ArgumentParser, note: str = "") -> None:
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, shared by the subcommands that evaluate a checkpoint."""
     p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="torch intra-op threads (default 1)")
+    p.add_argument("--threads", type=_threads, default=1, metavar="N",
+                   help=f"torch intra-op threads (default 1; at most {MAX_THREADS_PER_CORE} per core)")
 
 
 def _finite_float(text: str) -> float:
@@ -181,6 +271,61 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+class _NpyWriter:
+    """A ``.npy`` file written piece by piece, for arrays too large to hold: the header first, then the rows.
+
+    The bytes go to a temporary file next to the target, renamed over it by :meth:`commit`, so an interrupted or
+    failed write (a full disk, non-finite samples, Ctrl-C) leaves no partial file and keeps an older one. Plain
+    sequential writes rather than a memory map: a disk that fills up is then an ``OSError`` (ENOSPC), not a
+    ``SIGBUS`` that kills the process. The file's bytes equal ``np.save`` of the whole array.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.size = math.prod(int(s) for s in shape)
+        self.written = 0
+        # Named as atomic_write names its temporary files, so that a write killed with SIGKILL (which no cleanup
+        # survives) leaves a file the next write of the same target removes.
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        self.tmp = Path(tmp)
+        self._fh = os.fdopen(fd, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": tuple(shape)}
+        try:
+            try:
+                np.lib.format.write_array_header_1_0(self._fh, header)
+            except ValueError:  # a header over 64 KiB needs format 2.0 (what np.save falls back to as well)
+                np.lib.format.write_array_header_2_0(self._fh, header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, values: np.ndarray) -> None:
+        """Append ``values``' elements in C order, converted to the file's dtype (rows, or any run of elements)."""
+        block = np.ascontiguousarray(values, dtype=self.dtype)
+        if self.written + block.size > self.size:
+            raise AssertionError(f"npy writer: {self.written + block.size} elements for a file of {self.size}")
+        self._fh.write(block.data)  # the array's own buffer: no copy of a piece that may be hundreds of MB
+        self.written += block.size
+
+    def commit(self) -> None:
+        """Flush, fsync and rename the file into place (every element must have been written)."""
+        if self.written != self.size:
+            raise AssertionError(f"npy writer: {self.written} of {self.size} elements written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (idempotent)."""
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 def _eval_dtype(device: torch.device, flow: Flow) -> torch.dtype:
     # As the Trainer does: float64 on the CPU (about as fast as float32 there and every solve converges),
     # the flow's own dtype elsewhere and for image flows (float64 convolutions are slow on CPUs).
@@ -189,7 +334,8 @@ def _eval_dtype(device: torch.device, flow: Flow) -> torch.dtype:
     return torch.float64 if device.type == "cpu" else flow.dtype
 
 
-def _load(path: str, device: str) -> Checkpoint:
+def _load(path: str, device: str, flag: str = "checkpoint") -> Checkpoint:
+    _require_regular_file(flag, path, "a .safetensors checkpoint file")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as err:
@@ -197,6 +343,17 @@ def _load(path: str, device: str) -> Checkpoint:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device: {device!r} requested but CUDA is not available on this machine")
     return load_checkpoint(path, map_location=dev)
+
+
+def _require_finite_weights(flow: Flow, path: Path) -> None:
+    """Refuse a flow whose weights hold NaN or infinities (before a solver or a norm computation trips on them).
+
+    Training never saves such weights (it rejects non-finite steps): a file holding them is damaged, and every
+    sample, density or training step from it would be NaN.
+    """
+    for name, tensor in (*flow.named_parameters(), *flow.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CLIError(f"{path}: the weights hold NaN or infinite values ({name}); the checkpoint is damaged")
 
 
 def _evaluation_flow(ckpt: Checkpoint) -> Flow:
@@ -209,6 +366,7 @@ def _evaluation_flow(ckpt: Checkpoint) -> Flow:
     ema = ckpt.trainer_state.get("ema") if ckpt.trainer_state is not None else None
     if ema is not None:
         flow.load_state_dict(ema)
+    _require_finite_weights(flow, ckpt.path)
     update_lipschitz(flow, EVAL_POWER_ITERATIONS)
     return flow.eval()
 
@@ -343,7 +501,12 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     data = _data_name(args.data)
     need, default = _data_kind(data), _default_preset(data)
     preset_name = args.preset or default
-    preset = load_preset(preset_name)
+    if preset_name.endswith(".json"):  # load_preset opens only names ending in .json (or regular files)
+        _require_regular_file("--preset", preset_name, "a preset name or a JSON file")
+    try:
+        preset = load_preset(preset_name)
+    except UnicodeDecodeError as err:  # a ValueError, but one that names neither the file nor the flag
+        raise CLIError(f"--preset {preset_name}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     kind = _preset_kind(preset)
     if kind != need:
         raise CLIError(
@@ -367,19 +530,85 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
         train_changes["eval_size"] = args.test_size
     model_config = preset.model_config(**model_changes)
     train_config = preset.train_config(**train_changes)
+    source = f"preset {preset_name!r}"
+    _check_seeds(train_config, source)
 
-    out = Path(args.out)
+    out = Path(_nonempty_path("--out", args.out))
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out}: exists and is not a directory")
-    ckpt_path = out / CHECKPOINT_NAME
-    if ckpt_path.exists() and not args.force:
-        raise CLIError(
-            f"--out {out}: already holds a checkpoint ({ckpt_path}); continue it with "
-            f"'monoflow train --resume {ckpt_path} --iterations N', or pass --force to start over and overwrite it"
-        )
+    _check_folder_free(args, out, None)
+    # Before the trainer loads data or builds the model: a request that cannot fit is refused while nothing has
+    # been spent (the folder is not even created yet).
+    _check_training_resources(args, model_config, train_config, source)
     trainer = Trainer(model_config, train_config)
-    out.mkdir(parents=True, exist_ok=True)
     return trainer, out, preset.name, preset.description
+
+
+def _check_seeds(config: TrainConfig, source: str) -> None:
+    """Refuse seeds beyond 64 bits coming from a preset or checkpoint (the flags are checked when parsed): torch
+    would fail deep in the run with an ``OverflowError`` that names no setting."""
+    for field_name, advice in (("seed", "; override it with --seed"), ("test_seed", "")):
+        value = getattr(config, field_name)
+        if value > SEED_MAX:
+            raise CLIError(
+                f"{field_name} {value} (from the {source}): must be an integer in [0, 2**63 - 1 = {SEED_MAX}]{advice}"
+            )
+
+
+def _check_folder_free(args: argparse.Namespace, out: Path, source: Path | None) -> None:
+    """Refuse to overwrite a checkpoint in ``out`` without ``--force`` (``source``: the checkpoint resumed).
+
+    Checked before the run is set up, and again once the folder is locked: another run may have written its
+    first checkpoint in between.
+    """
+    target = out / CHECKPOINT_NAME
+    if args.force or not target.exists():
+        return
+    if source is None:
+        raise CLIError(
+            f"--out {out}: already holds a checkpoint ({target}); continue it with "
+            f"'monoflow train --resume {target} --iterations N', or pass --force to start over and overwrite it"
+        )
+    if target.resolve() != source.resolve():
+        raise CLIError(
+            f"--out {out}: already holds another checkpoint ({target}); choose another folder or pass --force "
+            "to overwrite it"
+        )
+
+
+def _setting(args: argparse.Namespace, attr: str, flag: str, value: Any, source: str) -> str:
+    """How a message names a setting: the flag as given (``--batch-size 64``), or its value and origin."""
+    given = getattr(args, attr, None)
+    if given is not None:
+        return f"{flag} {given}"
+    return f"{attr} {value} (from the {source}; override it with {flag})"
+
+
+def _check_training_resources(
+    args: argparse.Namespace, model: FlowConfig, train: TrainConfig, source: str
+) -> None:
+    """Refuse a run whose model, batch or tests cannot fit in memory (:func:`resources.check_training`).
+
+    Image runs learn their image shape from the data first (headers only: no image is decoded), so that a
+    folder of large photos is refused by the size of the model it would need.
+    """
+    labels = {
+        "blocks": _setting(args, "blocks", "--blocks", model.blocks, source),
+        "batch_size": _setting(args, "batch_size", "--batch-size", train.batch_size, source),
+        "eval_size": _setting(args, "eval_size", "--eval-size", train.eval_size, source),
+        "test_size": _setting(args, "test_size", "--test-size", train.test_size, source),
+    }
+    hints: dict[str, str] = {}
+    if train.task == "regression" and args.test_size is not None:
+        labels["eval_size"] = f"--test-size {args.test_size}"  # the staircase's one test size
+    if train.task == "image":
+        c, h, w = image_set_shape(train.data, train.data_dir)
+        model = model.replace(image_shape=[c, h, w])
+        where = f" in {train.data_dir}" if train.data_dir else ""
+        labels["blocks"] = f"--data {train.data} (images of {w} x {h} pixels, {c} channel{'s' if c > 1 else ''}{where})"
+        hints["blocks"] = ("resize the images (the shipped image models train on 8 x 8 to 64 x 64 pixels) or use a "
+                           "smaller model")
+    check_training(model, train, labels, hints=hints)
 
 
 def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: str | None) -> None:
@@ -439,24 +668,34 @@ def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
 
 
 def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
-    source = Path(args.resume)
+    source = Path(_nonempty_path("--resume", args.resume))
+    out = Path(_nonempty_path("--out", args.out)) if args.out is not None else source.parent
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    _require_regular_file("--resume", source, "a .safetensors checkpoint file")
     ckpt = load_checkpoint(source)
+    _require_finite_weights(ckpt.flow, source)
     trainer = Trainer.from_checkpoint(ckpt, device=args.device)
-    user = ckpt.metadata.get("user") if isinstance(ckpt.metadata.get("user"), dict) else {}
+    stored_user = ckpt.metadata.get("user")
+    user: dict[str, Any] = stored_user if isinstance(stored_user, dict) else {}
     preset_name = str(user.get("preset", "")) or None
     description = str(user.get("description", ""))
     _check_unchanged(args, trainer, preset_name)
     _apply_resume_changes(args, trainer)
-    out = Path(args.out) if args.out is not None else source.parent
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a directory")
-    target = out / CHECKPOINT_NAME
-    if target.exists() and not args.force and target.resolve() != source.resolve():
-        raise CLIError(
-            f"--out {out}: already holds another checkpoint ({target}); choose another folder or pass --force "
-            "to overwrite it"
-        )
-    out.mkdir(parents=True, exist_ok=True)
+    cfg = trainer.train_config
+    if trainer.task != "image":
+        # The model is loaded already; the tests' points are not (image tests are capped by their split). The
+        # sizes come from --eval-size or from the checkpoint, whose header may have been edited.
+        sizes = [("eval_size", "--eval-size", "a fresh-sample test")]
+        if trainer.task == "density":
+            sizes.append(("test_size", "--test-size", "the fixed held-out test"))
+        for attr, flag, what in sizes:
+            n = getattr(cfg, attr)
+            label = f"{flag} {n}" if getattr(args, attr) is not None else f"{attr} {n} (from the checkpoint {source})"
+            check_memory(label, points_bytes(n, trainer.flow.dim), what, hint=f"use a smaller {flag}")
+    _check_seeds(cfg, f"checkpoint {source}")
+    _check_folder_free(args, out, source)
+    # The folder is created only once there is work to do (_cmd_train): a no-op resume leaves no trace.
     return trainer, out, preset_name or "(unknown preset)", description
 
 
@@ -522,19 +761,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.no_progress = args.no_progress or not dist_context.is_main
         if not dist_context.is_main:
             return _train_worker(args)
-    trainer, out, preset_name, description = _resume_run(args) if args.resume else _new_run(args)
-    cfg = trainer.train_config
-    task = trainer.task
-    ckpt_path = out / CHECKPOINT_NAME
-    start = trainer.step_count
-    target = cfg.iterations
-    if args.resume and start >= target:
+    resuming = args.resume is not None  # --resume "" is an error of its own, not a new run
+    trainer, out, preset_name, description = _resume_run(args) if resuming else _new_run(args)
+    start, target = trainer.step_count, trainer.train_config.iterations
+    if resuming and start >= target:
         print(
             f"the checkpoint is already at iteration {start} (--iterations {target}): nothing to train; "
             "pass a larger --iterations to continue",
             file=sys.stderr,
         )
         return EXIT_OK
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except RunLockedError as err:
+        raise CLIError(f"{'--out' if args.out is not None else '--resume'} {err}") from None
+    with lock:
+        if lock.warning:
+            print(f"warning: {lock.warning}", file=sys.stderr)
+        # Again under the lock: a run that held the folder a moment ago may have left its checkpoint here.
+        _check_folder_free(args, out, Path(args.resume) if resuming else None)
+        return _train_in_folder(args, trainer, out, preset_name, description)
+
+
+def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, preset_name: str,
+                     description: str) -> int:
+    """The training loop of :func:`_cmd_train`, writing into ``out`` (created and locked by the caller)."""
+    cfg = trainer.train_config
+    task = trainer.task
+    ckpt_path = out / CHECKPOINT_NAME
+    start = trainer.step_count
+    target = cfg.iterations
     metrics = _MetricsFile(out / METRICS_NAME, task, start if args.resume else None)
     atomic_write(out / CONFIG_NAME, _config_document(preset_name, description, trainer))
     metadata = {"preset": preset_name, "description": description}
@@ -698,6 +956,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint}: holds a flow only (no training configuration); pass --data NAME, one of "
             f"{list(ALL_DATA)}"
         )
+    if args.split is not None and data not in IMAGE_DATASETS:
+        raise CLIError(
+            f"--split {args.split}: only image data sets have splits; {data!r} is tested on its fixed, seeded "
+            "held-out set (choose it with --seed and --test-size)"
+        )
     flow = _evaluation_flow(ckpt)
     if stored is not None:
         base = stored
@@ -716,6 +979,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     elif data in IMAGE_DATASETS:
         changes["eval_size"] = 10**9  # the whole split
     test_config = base.replace(**changes)
+    if test_config.test_seed > SEED_MAX:
+        raise CLIError(f"test_seed {test_config.test_seed} (from the checkpoint {args.checkpoint}): must be an integer "
+                       f"in [0, 2**63 - 1 = {SEED_MAX}]; override it with --seed")
+    if data not in IMAGE_DATASETS:  # image tests are capped by their split, which is loaded anyway
+        n = test_config.test_size if test_config.task == "density" else test_config.eval_size
+        label = f"--test-size {args.test_size}" if args.test_size is not None else (
+            f"test_size {n} (the run's; override it with --test-size)")
+        copy = sum(t.numel() for t in (*flow.parameters(), *flow.buffers())) * 8  # the float64 evaluation copy
+        check_memory(label, points_bytes(n, flow.dim) + copy, "the held-out test", hint="use a smaller --test-size")
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
     trainer = Trainer(ckpt.model_config, test_config, flow=flow)
     result = trainer.evaluate(fixed=True)
@@ -754,9 +1026,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _progress(total: int, unit: str, desc: str, piece: int | None = None) -> Any:
+    """A progress bar on stderr for work of more than one piece (default size: ``evaluation.PIECE_POINTS``); a
+    single piece is done at once, and a bar would only add lines to the output."""
+    from tqdm import tqdm
+
+    piece = evaluation.PIECE_POINTS if piece is None else piece
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, unit_scale=True,
+                disable=total <= piece)
+
+
+def _refuse_non_finite(values: np.ndarray, done: int, what: str, cause: str) -> None:
+    """Stop with exit status 1 if ``values`` hold a NaN or an infinity: never report success for such output."""
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise CLIError(
+            f"{bad:,} of the first {done + values.shape[0]:,} {what} are not finite (NaN or infinite: {cause}); "
+            "nothing was written",
+            code=EXIT_FAILURE,
+        )
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    out = Path(args.out)
+    out = Path(_nonempty_path("--out", args.out))
     suffix = _check_output_path(out, (".npy", ".png"), "samples")
     ckpt = _load(args.checkpoint, args.device)
     flow = _evaluation_flow(ckpt)
@@ -767,83 +1064,187 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"{args.checkpoint}: holds a flow on {flow.dim}-D samples; a .png histogram needs 2-D samples "
             "(write .npy instead)"
         )
-    t0 = time.perf_counter()
-    samples = evaluation.sample(
-        flow, args.n, temperature=args.temperature, seed=args.seed, dtype=_eval_dtype(flow.device, flow),
-        workers=args.workers,
-    )
-    seconds = time.perf_counter() - t0
+    n, dtype = args.n, _eval_dtype(flow.device, flow)
+    np_dtype = _numpy_dtype(dtype)
+    e, r = args.extent, args.resolution
     if suffix == ".npy":
-        _save_npy(out, samples.reshape(samples.shape[0], -1))
-        what = f"{_fmt_int(args.n)} samples ({flow.dim}-D, float array {args.n} x {flow.dim})"
+        # Streamed to disk a piece at a time, so memory stays bounded whatever --n is; only the disk can refuse.
+        check_disk(f"--n {n}", npy_bytes((n, flow.dim), np_dtype.itemsize), out.parent,
+                   f"{_fmt_int(n)} samples of {flow.dim} {np_dtype} value{'s' if flow.dim > 1 else ''}")
     else:
-        e = args.extent
         if not e > 0:
             raise CLIError(f"--extent: must be positive, got {e}")
-        counts, _, _ = np.histogram2d(
-            samples[:, 0], samples[:, 1], bins=args.resolution, range=[[-e, e], [-e, e]]
-        )
+        # float64 counts, their transposed and normalised copies, the RGB picture and its PNG encoding
+        check_memory(f"--resolution {r}", r * r * (4 * 8 + 3 * 3), f"the {r} x {r} histogram",
+                     hint="use a smaller --resolution")
+    cause = f"the inverse solve diverged at temperature {args.temperature:g}"
+    done = 0
+    counts = np.zeros((r, r), dtype=np.float64) if suffix == ".png" else None
+    writer = _NpyWriter(out, (n, flow.dim), np_dtype) if suffix == ".npy" else None
+    bar = _progress(n, "samples", "sample")
+
+    def consume(piece: np.ndarray) -> None:
+        nonlocal done
+        _refuse_non_finite(piece, done, "samples", cause)
+        if writer is not None:
+            writer.write(piece)
+        else:
+            assert counts is not None
+            hist = np.histogram2d(piece[:, 0], piece[:, 1], bins=r, range=[[-e, e], [-e, e]])[0]
+            np.add(counts, hist, out=counts)
+        done += piece.shape[0]
+        bar.update(piece.shape[0])
+
+    t0 = time.perf_counter()
+    try:
+        evaluation.sample_pieces(flow, n, consume, temperature=args.temperature, seed=args.seed, dtype=dtype,
+                                 workers=args.workers)
+        seconds = time.perf_counter() - t0
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    if writer is not None:
+        what = f"{_fmt_int(n)} samples ({flow.dim}-D, float array {n} x {flow.dim})"
+    else:
+        assert counts is not None
         # counts[i, j]: x bin i, y bin j -> image rows from the highest y (top) to the lowest.
         image = counts.T[::-1]
         peak = image.max()
         write_png(out, colormap(image / peak if peak > 0 else image))
-        inside = int(counts.sum())
         what = (
-            f"a {args.resolution} x {args.resolution} histogram of {_fmt_int(args.n)} samples on [-{e:g}, {e:g}]^2 "
-            f"({_fmt_int(inside)} inside)"
+            f"a {r} x {r} histogram of {_fmt_int(n)} samples on [-{e:g}, {e:g}]^2 ({_fmt_int(int(counts.sum()))} "
+            "inside)"
         )
     print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
     return EXIT_OK
 
 
 def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str) -> int:
-    t0 = time.perf_counter()
-    images = evaluation.sample_images(
-        flow, args.n, temperature=args.temperature, seed=args.seed, dtype=_eval_dtype(flow.device, flow)
-    )
-    seconds = time.perf_counter() - t0
-    levels = int(flow.levels)  # type: ignore[attr-defined]
-    shape = " x ".join(str(s) for s in images.shape[1:])
+    from .multiscale import quantize
+
+    n, dtype = args.n, _eval_dtype(flow.device, flow)
+    levels = int(cast(Any, flow).levels)  # an image flow (MultiscaleFlow), as the caller checked
+    c, h, w = (int(s) for s in flow.event_shape)
+    np_dtype = np.dtype(np.uint8 if levels <= 256 else np.int64)
     if suffix == ".npy":
-        _save_npy(out, images.astype(np.uint8 if levels <= 256 else np.int64))
-        what = f"{_fmt_int(args.n)} images ({shape}, integer levels 0-{levels - 1})"
+        check_disk(f"--n {n}", npy_bytes((n, c, h, w), np_dtype.itemsize), out.parent,
+                   f"{_fmt_int(n)} images of {c} x {h} x {w} {np_dtype} levels")
     else:
-        write_png(out, evaluation.image_grid(images, levels))
-        what = f"a grid of {_fmt_int(args.n)} sampled images ({shape}, {levels} levels)"
+        cols = math.ceil(math.sqrt(n))
+        grid = (math.ceil(n / cols) * (h + 1) + 1) * (cols * (w + 1) + 1) * 3
+        # The grid holds every image at once: the float samples, their levels, the scaled copy, the picture twice.
+        check_memory(f"--n {n}", n * c * h * w * (_numpy_dtype(dtype).itemsize + 8 + 3) + 2 * grid,
+                     f"a grid of {_fmt_int(n)} images", hint="write .npy instead (streamed to disk), or use a "
+                     "smaller --n")
+    cause = f"the inverse solve diverged at temperature {args.temperature:g}"
+    done = 0
+    pieces: list[np.ndarray] = []
+    writer = _NpyWriter(out, (n, c, h, w), np_dtype) if suffix == ".npy" else None
+    piece = 2000  # images per piece: a few MB of pixels for the shipped image shapes
+    bar = _progress(n, "images", "sample", piece)
+
+    def consume(y: np.ndarray) -> None:
+        nonlocal done
+        # Checked before quantizing: a NaN would become an arbitrary integer level.
+        _refuse_non_finite(y, done, "images", cause)
+        levels_of = quantize(torch.from_numpy(y), levels).numpy()
+        if writer is not None:
+            writer.write(levels_of)
+        else:
+            pieces.append(levels_of)
+        done += y.shape[0]
+        bar.update(y.shape[0])
+
+    t0 = time.perf_counter()
+    try:
+        # The draws of evaluation.sample_images (chunks of 500 images), a few chunks at a time.
+        evaluation.sample_pieces(flow, n, consume, chunk=500, piece=piece, temperature=args.temperature,
+                                 seed=args.seed, dtype=dtype)
+        seconds = time.perf_counter() - t0
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    shape = f"{c} x {h} x {w}"
+    if writer is not None:
+        what = f"{_fmt_int(n)} images ({shape}, integer levels 0-{levels - 1})"
+    else:
+        write_png(out, evaluation.image_grid(np.concatenate(pieces), levels))
+        what = f"a grid of {_fmt_int(n)} sampled images ({shape}, {levels} levels)"
     print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
     return EXIT_OK
 
 
 def _cmd_density(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    out = Path(args.out)
+    out = Path(_nonempty_path("--out", args.out))
     suffix = _check_output_path(out, (".npy", ".png"), "a density grid")
+    r = args.resolution
+    if r < 2:
+        raise CLIError(f"--resolution {r}: must be at least 2 (the grid includes both edges of the extent)")
+    box = evaluation.parse_extent(args.extent)
+    if suffix == ".npy":
+        # Streamed to disk a piece at a time: memory stays bounded whatever --resolution is.
+        check_disk(f"--resolution {r}", npy_bytes((r, r), 8), out.parent, f"the {r} x {r} float64 grid")
+    else:
+        # The heat map needs the whole grid: log-densities, densities, the RGB picture, its flip and its PNG.
+        check_memory(f"--resolution {r}", r * r * (8 + 8 + 3 * 3), f"the {r} x {r} heat map",
+                     hint="write .npy instead (streamed to disk), or use a smaller --resolution")
     ckpt = _load(args.checkpoint, args.device)
     flow = _evaluation_flow(ckpt)
     if flow.event_shape != (2,):
         raise CLIError(
             f"{args.checkpoint}: holds a flow on {flow.dim}-D samples; density grids need a 2-D flow (a toy density)"
         )
+    writer = _NpyWriter(out, (r, r), np.dtype(np.float64)) if suffix == ".npy" else None
+    grid = np.empty(r * r, dtype=np.float64) if writer is None else None
+    lo, hi, total = math.inf, -math.inf, 0.0
+    bar = _progress(r * r, "points", "density")
+
+    def consume(start: int, values: np.ndarray) -> None:
+        nonlocal lo, hi, total
+        _refuse_non_finite(values, start, "grid points' log-densities",
+                           f"the solver diverged; check --extent {args.extent:g}")
+        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+        total += float(np.exp(values).sum())
+        if writer is not None:
+            writer.write(values)
+        else:
+            assert grid is not None
+            grid[start : start + values.shape[0]] = values
+        bar.update(values.shape[0])
+
     t0 = time.perf_counter()
-    grid, (xmin, xmax, ymin, ymax) = evaluation.log_density_grid(
-        flow, extent=args.extent, resolution=args.resolution, dtype=_eval_dtype(flow.device, flow),
-        workers=args.workers,
-    )
-    seconds = time.perf_counter() - t0
-    finite = grid[np.isfinite(grid)]
-    if suffix == ".npy":
-        _save_npy(out, grid)
-    else:
-        top = finite.max() if finite.size else 0.0
-        density = np.exp(np.where(np.isfinite(grid), grid, -np.inf) - top)  # in [0, 1], 1 at the peak
-        write_png(out, colormap(density[::-1]))  # row 0 of the picture = highest y
-    r = args.resolution
+    try:
+        xmin, xmax, ymin, ymax = evaluation.log_density_pieces(
+            flow, consume, box, r, dtype=_eval_dtype(flow.device, flow), workers=args.workers
+        )
+        seconds = time.perf_counter() - t0
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    if grid is not None:
+        square = grid.reshape(r, r)
+        write_png(out, colormap(np.exp(square - hi)[::-1]))  # density in [0, 1], 1 at the peak; top row = highest y
     cell = (xmax - xmin) / (r - 1) * (ymax - ymin) / (r - 1)
-    mass = float(np.exp(finite).sum() * cell) if finite.size else math.nan
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (math.nan, math.nan)
     print(
         f"wrote the {r} x {r} log-density grid on [{xmin:g}, {xmax:g}] x [{ymin:g}, {ymax:g}] to {out} "
-        f"(log p from {lo:.3f} to {hi:.3f} nats; probability mass on the grid about {mass:.3f}; {seconds:.2f} s)"
+        f"(log p from {lo:.3f} to {hi:.3f} nats; probability mass on the grid about {total * cell:.3f}; "
+        f"{seconds:.2f} s)"
     )
     return EXIT_OK
 
@@ -878,7 +1279,14 @@ output folder (--out DIR, created if missing):
                           protocol), then a final row with the fixed held-out test (--test-size points).
                           train_loss is the mean training loss (nats, or MSE) since the previous row.
   checkpoint.safetensors  every --checkpoint-every iterations, at the end and on Ctrl-C
-  A folder that already holds a checkpoint is refused unless --resume or --force is given.
+  A folder that already holds a checkpoint is refused unless --resume or --force is given. One run at a time
+  writes into a folder: while a run holds its lock file (.monoflow-train.lock, removed at the end), a second
+  'monoflow train' into the same folder is refused; the system releases the lock of a run that crashed or was
+  killed, so the next run takes the folder over.
+
+sizes:
+  Sizes are checked against this machine before any work: a batch, test, model (--blocks, or an image folder's
+  image size) or thread count that cannot fit is refused with the estimated memory it would need.
 
 Ctrl-C stops after the current iteration, saves the checkpoint and exits with status 130 (a second Ctrl-C stops
 at once). --resume CHECKPOINT continues that run up to --iterations in total and appends to metrics.csv; only
@@ -933,7 +1341,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=_positive_int, metavar="N", help="total training iterations")
     g.add_argument("--batch-size", type=_positive_int, metavar="B", help="fresh samples per iteration")
     g.add_argument("--lr", type=_finite_float, metavar="LR", help="Adam learning rate")
-    g.add_argument("--seed", type=_nonnegative_int, metavar="S", help="seed of the weights and the data stream")
+    g.add_argument("--seed", type=_seed, metavar="S", help="seed of the weights and the data stream")
     g.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--eval-every", type=_nonnegative_int, metavar="N",
                    help="a fresh-sample test every N iterations (0: none)")
@@ -949,8 +1357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's folder)")
     g.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
     g.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
-    g.add_argument("--threads", type=_positive_int, default=1, metavar="N",
-                   help="torch intra-op threads (default 1: fastest for these small matrices)")
+    g.add_argument("--threads", type=_threads, default=1, metavar="N",
+                   help="torch intra-op threads (default 1: fastest for these small matrices; at most "
+                        f"{MAX_THREADS_PER_CORE} per core)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (test results still go to stderr)")
     p.set_defaults(handler=_cmd_train)
 
@@ -966,7 +1375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
     p.add_argument("--test-size", type=_positive_int, metavar="N",
                    help="held-out points (default: the run's test_size; staircase: eval_size)")
-    p.add_argument("--seed", type=_nonnegative_int, metavar="S", help="seed of the held-out set (default: the run's "
+    p.add_argument("--seed", type=_seed, metavar="S", help="seed of the held-out set (default: the run's "
                    "test_seed)")
     p.add_argument("--data", metavar="NAME", help="data set to test on (required for a flow-only checkpoint; "
                    "default: the run's)")
@@ -990,9 +1399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
     p.add_argument("--n", type=_positive_int, required=True, metavar="N", help="number of samples")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
-    p.add_argument("--temperature", type=_finite_float, default=1.0, metavar="T",
-                   help="scale of the base noise, > 0 (default 1)")
-    p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
+                   help=f"scale of the base noise, in (0, {MAX_TEMPERATURE:g}] (default 1)")
+    p.add_argument("--seed", type=_seed, default=0, metavar="S", help="sampling seed (default 0)")
     p.add_argument("--resolution", type=_positive_int, default=200, metavar="R",
                    help=".png only: histogram bins per axis (default 200)")
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
@@ -1035,6 +1444,14 @@ def _error(message: str, stream: TextIO | None = None) -> None:
     print(f"{PROG}: error: {_one_line(message)}", file=stream or sys.stderr)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` reports exhausted memory: Python's, torch's CPU allocator's or a CUDA device's."""
+    if isinstance(err, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "not enough memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``monoflow`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -1067,6 +1484,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(_describe_error(err))
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as err:
+        # Sizes are checked up front (monoflow_core.resources), but those checks are estimates: a request that
+        # passed them and still exhausted memory is reported as such, in one line, rather than as a crash.
+        if debug or not _out_of_memory(err):
+            raise
+        _error(f"out of memory ({_one_line(str(err)) or type(err).__name__}); use smaller sizes (--n, --batch-size, "
+               "--test-size, --resolution, ...)")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

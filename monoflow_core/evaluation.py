@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,16 +26,19 @@ from .flow import Flow
 
 __all__ = [
     "IMAGE_NOISE_BLOCK",
+    "PIECE_POINTS",
     "Extent",
     "density_grid_points",
     "grid_points",
     "image_bpd",
     "image_grid",
     "log_density_grid",
+    "log_density_pieces",
     "log_prob",
     "parse_extent",
     "sample",
     "sample_images",
+    "sample_pieces",
     "solver_diagnostics",
     "test_mse",
     "test_nll",
@@ -52,8 +55,11 @@ def _flow_dtype_device(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 @contextmanager
-def _evaluating(flow: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
+def _evaluating(flow: _M, dtype: torch.dtype | None) -> Iterator[_M]:
     """Yield ``flow`` (or a copy in ``dtype``) in eval mode with gradients off; restore the mode afterwards."""
     own_dtype, _ = _flow_dtype_device(flow)
     if dtype is not None and dtype != own_dtype:
@@ -231,9 +237,93 @@ def log_density_grid(
         ``ymax`` and ``xs`` from ``xmin`` (column 0) to ``xmax``, as a float64 array of shape
         (resolution, resolution) (use ``origin="lower"`` to display it); and the extent as a tuple.
     """
-    points, box = density_grid_points(flow, extent, resolution)
-    values = log_prob(flow, points, chunk=chunk, dtype=dtype, workers=workers)
-    return values.reshape(resolution, resolution).numpy(), box
+    _check_grid(flow, extent, resolution)  # before allocating the grid
+    grid = np.empty(resolution * resolution, dtype=np.float64)
+
+    def store(start: int, values: np.ndarray) -> None:
+        grid[start : start + values.shape[0]] = values
+
+    box = log_density_pieces(flow, store, extent, resolution, chunk=chunk, dtype=dtype, workers=workers)
+    return grid.reshape(resolution, resolution), box
+
+
+#: Points (or samples) handed to the consumer of :func:`log_density_pieces` / :func:`sample_pieces` at a time, by
+#: default: 100 chunks of 5,000, a few MB of 2-D points.
+PIECE_POINTS = 500_000
+
+
+def _check_resolution(resolution: int) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
+        raise ValueError(f"resolution: must be an integer >= 2, got {resolution!r}")
+    return resolution
+
+
+def _check_grid(flow: Flow, extent: float | tuple[float, float, float, float] | list[float], resolution: int) -> Extent:
+    """The parsed extent, once the flow is known to be 2-D and the resolution an integer >= 2."""
+    if tuple(getattr(flow, "event_shape", ())) != (2,):
+        raise ValueError(f"flow: a density grid needs a flow on 2-D samples, got event shape {flow.event_shape}")
+    _check_resolution(resolution)
+    return parse_extent(extent)
+
+
+def _piece_size(piece: int | None, chunk: int) -> int:
+    # A whole number of chunks, so that every chunk is the one the unpieced computation would form: the results
+    # then do not depend on the piece size, bit for bit. None: PIECE_POINTS, read at call time.
+    piece = _int_at_least("piece", PIECE_POINTS if piece is None else piece, 1)
+    return max(1, -(-piece // chunk)) * chunk
+
+
+def log_density_pieces(
+    flow: Flow,
+    consume: Callable[[int, np.ndarray], None],
+    extent: float | tuple[float, float, float, float] = 4.0,
+    resolution: int = 400,
+    *,
+    chunk: int = 5000,
+    dtype: torch.dtype | None = torch.float64,
+    workers: int = 1,
+    piece: int | None = None,
+) -> Extent:
+    """:func:`log_density_grid` a piece at a time, for grids too large to hold: memory stays bounded by ``piece``.
+
+    The grid's points are taken in row-major order (point ``i * resolution + j`` is ``(xs[j], ys[i])``) and
+    ``consume(start, values)`` receives the float64 log-densities of points ``start .. start + len(values) - 1``,
+    in order. The values equal those of :func:`log_density_grid` exactly, whatever ``piece`` is.
+
+    Args:
+        flow: a flow on 2-D samples.
+        consume: called with each piece's first flat index and its values.
+        extent: as for :func:`log_density_grid`.
+        resolution: points per axis, >= 2.
+        chunk: points per forward pass.
+        dtype: evaluation dtype (see :func:`log_density_grid`).
+        workers: threads evaluating chunks in parallel.
+        piece: points per call of ``consume`` (rounded up to whole chunks); default :data:`PIECE_POINTS`.
+
+    Returns:
+        The parsed extent ``(xmin, xmax, ymin, ymax)``.
+
+    Raises:
+        ValueError: a flow not on 2-D samples, a resolution that is not an integer >= 2, or a bad extent.
+    """
+    box = _check_grid(flow, extent, resolution)
+    chunk = _check_chunk(chunk)
+    workers = _check_workers(workers)
+    step = _piece_size(piece, chunk)
+    xmin, xmax, ymin, ymax = box
+    xs = torch.linspace(xmin, xmax, resolution, dtype=torch.float64)
+    ys = torch.linspace(ymin, ymax, resolution, dtype=torch.float64)
+    total = resolution * resolution
+    with _evaluating(flow, dtype) as model:
+        dt, dev = _flow_dtype_device(model)
+        for start in range(0, total, step):
+            index = torch.arange(start, min(total, start + step))
+            # The same points as grid_points(): x runs along a row, y down the rows.
+            points = torch.stack([xs[index % resolution], ys[index // resolution]], dim=1).to(device=dev, dtype=dt)
+            chunks = [points[i : i + chunk] for i in range(0, points.shape[0], chunk)]
+            values = [p.to(device="cpu", dtype=torch.float64) for p in _map_chunks(model.log_prob, chunks, workers)]
+            consume(start, torch.cat(values).numpy())
+    return box
 
 
 def density_grid_points(
@@ -244,11 +334,7 @@ def density_grid_points(
     Raises:
         ValueError: a flow not on 2-D samples, a resolution that is not an integer >= 2, or a bad extent.
     """
-    if tuple(getattr(flow, "event_shape", ())) != (2,):
-        raise ValueError(f"flow: a density grid needs a flow on 2-D samples, got event shape {flow.event_shape}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 2:
-        raise ValueError(f"resolution: must be an integer >= 2, got {resolution!r}")
-    box = parse_extent(extent)
+    box = _check_grid(flow, extent, resolution)
     _, _, points = grid_points(box, resolution)
     return points, box
 
@@ -275,28 +361,65 @@ def sample(
         workers: threads inverting chunks in parallel (see :func:`log_prob`); the base noise is drawn first, in
             chunk order, so the samples do not depend on ``workers``.
     """
+    pieces: list[np.ndarray] = []
+    dt = sample_pieces(flow, n, pieces.append, chunk=chunk, temperature=temperature, seed=seed, dtype=dtype,
+                       workers=workers)
+    if not pieces:
+        return np.zeros((0, *flow.event_shape), dtype=np.float64 if dt == torch.float64 else np.float32)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def sample_pieces(
+    flow: Flow,
+    n: int,
+    consume: Callable[[np.ndarray], None],
+    *,
+    chunk: int = 5000,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    workers: int = 1,
+    piece: int | None = None,
+) -> torch.dtype:
+    """:func:`sample` a piece at a time, for sample counts too large to hold: memory stays bounded by ``piece``.
+
+    ``consume`` receives consecutive arrays of shape (m, *event_shape) whose concatenation equals
+    ``sample(flow, n, ...)`` with the same arguments exactly: the base noise is drawn chunk by chunk, in order, from
+    one generator, whatever ``piece`` is.
+
+    Args:
+        flow: the flow.
+        n: number of samples, >= 0.
+        consume: called with each piece of samples, in order.
+        chunk, temperature, seed, dtype, workers: as for :func:`sample`.
+        piece: samples per call of ``consume`` (rounded up to whole chunks); default :data:`PIECE_POINTS`.
+
+    Returns:
+        The dtype the samples were drawn in.
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n: must be an integer >= 0, got {n!r}")
     if not temperature > 0:
         raise ValueError(f"temperature: must be positive, got {temperature!r}")
     chunk = _check_chunk(chunk)
     workers = _check_workers(workers)
+    step = _piece_size(piece, chunk)
     with _evaluating(flow, dtype) as model:
         dt, dev = _flow_dtype_device(model)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=dev)
             generator.manual_seed(int(seed))
-        # The same draws as Flow.sample chunk by chunk (one randn per chunk, in order).
-        noise = [
-            temperature * torch.randn((min(chunk, n - start), *model.event_shape), dtype=dt, device=dev,
-                                      generator=generator)
-            for start in range(0, n, chunk)
-        ]
-        parts = [p.to("cpu") for p in _map_chunks(model.inverse, noise, workers)]
-        if not parts:
-            return np.zeros((0, *flow.event_shape), dtype=np.float64 if dt == torch.float64 else np.float32)
-        return torch.cat(parts).numpy()
+        for first in range(0, n, step):
+            last = min(n, first + step)
+            # The same draws as Flow.sample chunk by chunk (one randn per chunk, in order).
+            noise = [
+                temperature * torch.randn((min(chunk, last - start), *model.event_shape), dtype=dt, device=dev,
+                                          generator=generator)
+                for start in range(first, last, chunk)
+            ]
+            consume(torch.cat([p.to("cpu") for p in _map_chunks(model.inverse, noise, workers)]).numpy())
+    return dt
 
 
 #: Dequantization noise for image tests is drawn this many images at a time, whatever the evaluation's slices.
@@ -332,6 +455,7 @@ def image_bpd(
     """
     from .dequantization import draw_noise
 
+    image_flow: Any = flow  # a MultiscaleFlow (its dequantizer and bpd), typed loosely for the training copies
     dtype, device = _flow_dtype_device(flow)
     generator = torch.Generator().manual_seed(int(seed))
     total = int(images.shape[0])
@@ -340,13 +464,13 @@ def image_bpd(
     done = 0
     with torch.no_grad():
         for block in torch.split(images, IMAGE_NOISE_BLOCK):
-            noise = draw_noise(flow.dequantizer, block.shape, dtype, "cpu", generator)
+            noise = draw_noise(image_flow.dequantizer, block.shape, dtype, "cpu", generator)
             for start in range(0, int(block.shape[0]), step):
                 if stop is not None and stop():
                     return None
                 x = block[start : start + step].to(device)
                 u = noise[start : start + step].to(device)
-                parts.append(flow.bpd(x, noise=u).double().cpu())
+                parts.append(image_flow.bpd(x, noise=u).double().cpu())
                 done += int(x.shape[0])
                 if progress is not None:
                     progress(done, total)
@@ -363,7 +487,8 @@ def sample_images(
 ) -> np.ndarray:
     """Draw ``n`` images from an image flow as integer levels: a ``uint8``/``int64`` array (n, C, H, W).
 
-    Continuous samples in [0, 1] are quantized to ``floor(K y)`` (clipped to [0, K-1]).
+    Continuous samples in [0, 1] are quantized to ``floor(K y)`` (clipped to [0, K-1]). For more images than fit in
+    memory, quantize the pieces of :func:`sample_pieces` (with the same ``chunk``) instead: the result is the same.
 
     Args:
         flow: a :class:`~monoflow_core.multiscale.MultiscaleFlow`.

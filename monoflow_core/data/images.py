@@ -44,8 +44,10 @@ import numbers
 import os
 import pickle
 import re
+import stat
 import struct
 import threading
+import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -485,13 +487,25 @@ def _imagenet_files(name: str, root: Path, split: str) -> list[Path]:
     return found
 
 
+def _open_npz(name: str, path: Path) -> Any:
+    """``np.load`` of an npz archive, refusing anything else before it is used as one.
+
+    ``np.load`` picks the format from the file's first bytes, whatever its name: a ``.npy`` array renamed to
+    ``.npz`` comes back as a bare ndarray, which is no context manager (a ``TypeError`` before any check could
+    run). Its array is memory-mapped, not read, so refusing it costs nothing.
+    """
+    loaded = np.load(path, allow_pickle=False, mmap_mode="r")
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ImageDataError(f"{name}: {path}: a single .npy array, not an npz archive (expected a 'data' array "
+                             "inside an .npz file)")
+    return loaded
+
+
 def _npz_data_header(name: str, path: Path, size: int) -> int:
     """Checks the ``data`` array header of one npz file without decompressing it; returns its row count."""
     row = 3 * size * size
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ImageDataError(f"{name}: {path}: a single .npy array, not an npz archive")
+        with _open_npz(name, path) as npz:
             if "data" not in npz.files:
                 raise ImageDataError(f"{name}: {path}: no 'data' array (arrays: {npz.files})")
             with npz.zip.open("data.npy") as fp:
@@ -524,7 +538,7 @@ def _load_imagenet(name: str, files: Sequence[Path]) -> np.ndarray:
     start = 0
     for f, count in zip(files, counts, strict=True):
         try:
-            with np.load(f, allow_pickle=False) as npz:
+            with _open_npz(name, f) as npz:
                 data = npz["data"]
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
             raise ImageDataError(f"{name}: {f}: not a readable npz file ({type(exc).__name__}: {exc})") from exc
@@ -601,8 +615,18 @@ def _folder_layout(signature: tuple[tuple[str, int, int], ...]) -> tuple[int, in
     first: tuple[str, tuple[int, int]] | None = None
     for path_str, _, _ in signature:
         try:
-            with Image.open(path_str) as im:
-                mode, size = im.mode, im.size
+            # A FIFO named like an image would block Image.open for ever, and a device never ends.
+            if not stat.S_ISREG(os.stat(path_str).st_mode):
+                raise ImageDataError(f"folder: {path_str}: not a regular file (a FIFO, device or socket)")
+        except OSError as exc:
+            raise ImageDataError(f"folder: {path_str}: cannot read this image ({exc.strerror or exc})") from exc
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns about images above ~89 million pixels; the size is judged below, in one message
+                # naming the sizes, before anything is decoded.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path_str) as im:
+                    mode, size = im.mode, im.size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             # UnidentifiedImageError is an OSError; SyntaxError is what some Pillow plugins raise on bad headers.
             raise ImageDataError(f"folder: {path_str}: Pillow cannot read this image ({exc})") from exc
@@ -622,6 +646,29 @@ def _folder_layout(signature: tuple[tuple[str, int, int], ...]) -> tuple[int, in
     assert first is not None  # _folder_splits never returns an empty listing
     width, height = first[1]
     return (1 if grey else 3, height, width)
+
+
+def _check_decoded_size(root: Path, split: str, count: int, shape: tuple[int, int, int]) -> None:
+    """Refuse a split whose decoded pixels cannot fit in memory, judged from the image headers alone.
+
+    A folder of photos decodes to ``count x C x H x W`` bytes, plus the cache's copy of a split up to
+    :data:`CACHE_MAX_BYTES`; asking for it anyway ends in an out-of-memory kill, after minutes of decoding.
+    """
+    from ..resources import available_memory, format_bytes
+
+    c, h, w = shape
+    need = count * c * h * w
+    if need <= CACHE_MAX_BYTES:
+        need *= 2
+    budget = available_memory()
+    if budget is not None and need > budget:
+        images = f"{count} image{'s' if count != 1 else ''}"
+        raise ImageDataError(
+            f"folder: {root}: the {split} split's {images} of {w} x {h} pixels ({c} channel"
+            f"{'s' if c > 1 else ''}) need about {format_bytes(need)} of memory once decoded, but only "
+            f"{format_bytes(budget)} is available; resize the images (the image models train on 8 x 8 to 64 x 64 "
+            "pixels) or use fewer"
+        )
 
 
 def _decode_images(paths: Sequence[Path], shape: tuple[int, int, int]) -> np.ndarray:
@@ -697,6 +744,7 @@ def load_image_set(name: str, split: str = "train", data_dir: PathLike | None = 
         signature = _signature(every_file)
         shape = _folder_layout(signature)
         files = splits[split]
+        _check_decoded_size(root, split, len(files), shape)
         images = _load_cached((name, split, signature), lambda: _decode_images(files, shape))
     return ImageSet(name, split, images, 256)
 
