@@ -27,8 +27,11 @@ The kernels of this path come in two implementations with the same algorithm and
 * compiled (:mod:`monoflow_core.kernels`, Numba; CPU, float32/float64): a run's solves, log-dets and backward,
   and the fold, are one compiled call each, per sample and layer in loops, with BLAS for the layer products.
   PyTorch's per-operator cost (a few microseconds, ~3,400 operators per training step of the paper's model)
-  disappears. They compile in the background at first use (about half a minute on a new machine, then loaded from
-  Numba's on-disk cache in about a second); :func:`kernels_ready` says when, and serves meanwhile with:
+  disappears. They compile at first use (about half a minute on a new machine, then loaded from Numba's on-disk
+  cache in about a second), and the fused path waits for them (:data:`KERNELS_WAIT`): a run that switched from
+  one kernel set to the other at whatever step the compile happened to finish would not be reproducible bit for
+  bit. :func:`kernels_ready` without ``wait`` starts the compile in a background thread ahead of time (the studio
+  does at start), which is cancelled and joined before the interpreter finalises (:func:`_stop_background_compiles`);
 * PyTorch (this module): feature-major batched operators as described above; also the CUDA path, and the
   fallback without Numba or with ``MONOFLOW_KERNELS=0``.
 
@@ -38,6 +41,7 @@ tests/core/test_kernels.py compares them piece by piece), and the generic path r
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import math
 import os
@@ -77,6 +81,13 @@ USE_KERNELS = os.environ.get("MONOFLOW_KERNELS", "1") != "0"
 KERNEL_PART_MIN = 128
 #: Threads the compiled kernels split a batch over; None follows ``torch.get_num_threads()`` (:func:`kernel_parts`).
 KERNEL_THREADS: int | None = None
+#: Whether the fused path waits for the compiled kernels at its first use for a dtype (compiling or loading them in
+#: the calling thread, or waiting for a background compile already under way) rather than serving with the PyTorch
+#: kernels until they are ready. Waiting makes the kernel set of every step a fixed function of the settings, so two
+#: identical runs, and a resumed run and a straight one, agree bit for bit; serving meanwhile switches kernel sets
+#: (which agree only to rounding) at whatever step the compile finishes. The cost is the wait itself, once per dtype
+#: and process: about a second from Numba's on-disk cache, half a minute or more the first time on a machine.
+KERNELS_WAIT = True
 SQRT2 = math.sqrt(2.0)
 
 # activation class -> (shift, output scale, kind)
@@ -334,7 +345,7 @@ def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
     return (
         USE_KERNELS and kernels.AVAILABLE and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
         and all(lin.mode == "exact" and lin.bias is not None for lin in [*nets[0].layers, nets[0].final])
-        and kernels_ready(ref.dtype)
+        and kernels_ready(ref.dtype, wait=KERNELS_WAIT)
     )
 
 
@@ -1121,11 +1132,12 @@ _KERNEL_INVERSE = {
 def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
     """Whether the compiled kernels serve points ``x`` with the folded weights ``net`` (CPU, float32/64).
 
-    They serve once compiled for ``x``'s dtype (:func:`kernels_ready`); until then the PyTorch kernels do.
+    They serve once compiled for ``x``'s dtype (:func:`kernels_ready`). The first call for a dtype waits for them
+    (:data:`KERNELS_WAIT`); without waiting the PyTorch kernels serve until they are ready.
     """
     return (
         USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and kernels_ready(x.dtype)
+        and kernels_ready(x.dtype, wait=KERNELS_WAIT)
     )
 
 
@@ -1138,22 +1150,28 @@ def kernels_ready(dtype: torch.dtype, wait: bool = False) -> bool:
     """Whether the compiled kernels are ready for ``dtype``; the first call starts compiling them.
 
     Compiling takes about half a minute per dtype the first time on a machine (Numba then caches the machine code
-    on disk, and later processes load it in about a second). It runs in a background thread so that nothing waits
-    for it: the PyTorch kernels serve meanwhile, with the same results to rounding. ``wait=True`` compiles (or
-    loads) in the calling thread and returns when done; benchmarks and tests use it so that every step they time
-    or check runs on the same kernels. A failure to compile is reported once as a warning and leaves the PyTorch
-    kernels in charge for that dtype.
+    on disk, and later processes load it in about a second). Without ``wait`` it runs in a background thread and
+    this returns at once (False until done): a caller can start it ahead of the first use. ``wait=True`` compiles
+    (or loads) in the calling thread, or waits for the background compile under way, and returns when done; the
+    fused path itself waits (:data:`KERNELS_WAIT`). A failure to compile is reported once as a warning and leaves
+    the PyTorch kernels in charge for that dtype. Once the interpreter has begun to shut down no background compile
+    starts (:func:`_stop_background_compiles`).
     """
     if not (USE_KERNELS and kernels.AVAILABLE):
         return False
     with _KERNEL_LOCK:
         state = _KERNEL_STATE.get(dtype)
         if state is None:
-            _KERNEL_STATE[dtype] = state = "compiling"
             if not wait:
-                threading.Thread(target=_compile_kernels, args=(dtype,), name=f"monoflow-kernels-{dtype}",
-                                 daemon=True).start()
+                if _SHUTDOWN.is_set():
+                    return False  # (it would be cancelled before its first piece anyway)
+                _KERNEL_STATE[dtype] = "compiling"
+                thread = threading.Thread(target=_compile_in_background, args=(dtype,),
+                                          name=f"monoflow-kernels-{dtype}", daemon=True)
+                _COMPILE_THREADS.append(thread)
+                thread.start()
                 return False
+            _KERNEL_STATE[dtype] = state = "compiling"
         elif state == "compiling" and not wait:
             return False
     if state == "compiling" and wait:
@@ -1164,6 +1182,50 @@ def kernels_ready(dtype: torch.dtype, wait: bool = False) -> bool:
 
 
 _KERNEL_COMPILE_LOCK = threading.RLock()
+#: Set once the interpreter has begun to shut down: background compiles stop at their next piece.
+_SHUTDOWN = threading.Event()
+#: Background compile threads started by :func:`kernels_ready` (joined at exit).
+_COMPILE_THREADS: list[threading.Thread] = []
+#: ``active`` is True in a background compile thread (whose work :data:`_SHUTDOWN` cancels).
+_BACKGROUND = threading.local()
+
+
+class _CompileCancelledError(Exception):
+    """Raised between the pieces of a background compile once the interpreter has begun to shut down."""
+
+
+def _compile_in_background(dtype: torch.dtype) -> None:
+    """The body of a background compile thread: :func:`_compile_kernels`, cancellable by :data:`_SHUTDOWN`."""
+    _BACKGROUND.active = True
+    _compile_kernels(dtype)
+
+
+def _check_not_cancelled() -> None:
+    """Between two pieces of a compile: stop a background one if the interpreter has begun to shut down."""
+    if getattr(_BACKGROUND, "active", False) and _SHUTDOWN.is_set():
+        raise _CompileCancelledError
+
+
+@atexit.register
+def _stop_background_compiles() -> None:
+    """Cancel the background compiles and wait for their threads to end, before the interpreter finalises.
+
+    At finalisation Python ends every daemon thread still running the next time it needs the interpreter, by
+    unwinding its stack without running it (``pthread_exit``). A thread inside PyTorch's autograd engine (the
+    warm-up differentiates the fold) or any other C++ code that calls back into Python then ends the whole process
+    with ``terminate called without an active exception`` (exit status 134), after the program's work is done.
+    A compile cannot be interrupted inside one piece (one kernel's compilation by Numba), so this waits for the
+    piece under way (only while a compile is in progress: from a few seconds to half a minute on a slow machine)
+    and the thread stops before the next one. ``atexit`` runs after the program's non-daemon threads have ended and
+    before finalisation; the threads are daemon threads so that this hook, not the interpreter, decides when they
+    are joined (after cancelling: a non-daemon thread would be joined first, after its whole compile).
+    """
+    with _KERNEL_LOCK:  # (kernels_ready starts threads under it: none starts after this)
+        _SHUTDOWN.set()
+        threads = list(_COMPILE_THREADS)
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 def _compile_kernels(dtype: torch.dtype) -> None:
@@ -1171,14 +1233,20 @@ def _compile_kernels(dtype: torch.dtype) -> None:
 
     A tiny problem with deterministic weights (no random numbers: this may run in a background thread, and the
     global generator belongs to the user), 2 dimensions, 2 layers of 4 units. Every kernel takes its sizes as
-    arguments, so these compiled versions serve every architecture of the dtype.
+    arguments, so these compiled versions serve every architecture of the dtype. A background compile cancelled at
+    shutdown leaves the state "compiling" (a later caller that waits compiles in its own thread).
     """
     with _KERNEL_COMPILE_LOCK:
         if _KERNEL_STATE.get(dtype) != "compiling":
             return
         try:
             kernels.limit_blas_threads()
-            _run_kernels_once(dtype)
+            # A caller that waits may be inside no_grad or inference_mode (an evaluation's first use); the warm-up
+            # differentiates the fold, as training does, so that its backward is compiled too.
+            with torch.inference_mode(False), torch.enable_grad():
+                _run_kernels_once(dtype)
+        except _CompileCancelledError:
+            return
         except Exception as error:  # any failure leaves the PyTorch kernels in charge
             _KERNEL_STATE[dtype] = "failed"
             warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
@@ -1188,7 +1256,12 @@ def _compile_kernels(dtype: torch.dtype) -> None:
 
 
 def _run_kernels_once(dtype: torch.dtype) -> None:
-    """Call every compiled kernel once in ``dtype`` on a tiny deterministic problem (see :func:`_compile_kernels`)."""
+    """Call every compiled kernel once in ``dtype`` on a tiny deterministic problem (see :func:`_compile_kernels`).
+
+    Each call is one piece of the compile (Numba compiles a kernel at its first call); a background compile checks
+    for shutdown before each (:func:`_check_not_cancelled`), so no piece, and no autograd pass, starts once the
+    interpreter is shutting down.
+    """
     from types import SimpleNamespace
 
     def ramp(*shape: int, scale: float = 0.1) -> Tensor:
@@ -1204,15 +1277,20 @@ def _run_kernels_once(dtype: torch.dtype) -> None:
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), _K * _LOG2E, 0.2, 1.0 / 1.06 /
             (_K * _LOG2E), layout)
+    _check_not_cancelled()
     out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat)
+    _check_not_cancelled()
     torch.autograd.grad(out.sum(), [wflat, bflat])
     net = _folded_from_flat(out.detach(), layout, n, "pila")
     block = SimpleNamespace(tol=1e-6, max_iter=20, kind="monotone")
     x = ramp(4, n, scale=1.0)
     ws = _Workspace(net, 1, 4, x)
     setup = [_KERNEL_FORWARD["monotone"]]
+    _check_not_cancelled()
     _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], [ws], [(0, 4)])
+    _check_not_cancelled()
     _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], None, [(0, 4)])
+    _check_not_cancelled()
     _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
 
 

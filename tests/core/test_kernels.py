@@ -148,6 +148,9 @@ def _count_kernel_calls(monkeypatch):
 
 
 def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch):
+    # With KERNELS_WAIT off (the default waits, so that a run never switches kernel sets at a timing-dependent
+    # step), the PyTorch kernels serve while the compiled ones are not ready.
+    monkeypatch.setattr(fast, "KERNELS_WAIT", False)
     calls = _count_kernel_calls(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     x = torch.randn(20, 2, dtype=DT)
