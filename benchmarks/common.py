@@ -1,6 +1,6 @@
 """Shared helpers of the reproduction benchmarks (``table1.py``, ``time_to_quality.py``, ``fig4.py``).
 
-Published numbers (Ahn et al., NeurIPS 2022; ALGORITHM.md 7 and 8), machine description, thread settings and the
+Published numbers (Ahn et al., NeurIPS 2022; docs/algorithm.md §9), machine description, thread settings and the
 Markdown / JSON writers. Nothing here trains anything: the scripts drive the core's one training loop
 (:class:`monoflow_core.training.Trainer`).
 """
@@ -28,7 +28,7 @@ from monoflow_core.runtime import tune_allocator
 # Every benchmark measures the engine as the CLI and the studio run it (glibc malloc settings, monoflow_core.runtime).
 tune_allocator()
 
-#: Table 1 of the paper: test NLL in nats (mean of the last 20 tests of 10,000 fresh points; ALGORITHM.md 7.1).
+#: Table 1 of the paper: test NLL in nats (mean of the last 20 tests of 10,000 fresh points; docs/algorithm.md §9.1).
 TABLE1: dict[str, dict[str, float]] = {
     "2spirals": {"idensenet": 2.729, "monotone": 2.658},
     "8gaussians": {"idensenet": 2.840, "monotone": 2.840},
@@ -40,7 +40,7 @@ TABLE1: dict[str, dict[str, float]] = {
     "swissroll": {"idensenet": 2.680, "monotone": 2.676},
 }
 
-#: Entropy floors in nats: the lowest expected test NLL any model can reach on each generator (ALGORITHM.md 8).
+#: Entropy floors in nats: the lowest expected test NLL any model can reach on each generator.
 ENTROPY_FLOOR: dict[str, float] = {
     "2spirals": 2.656,
     "8gaussians": 2.835,
@@ -52,7 +52,7 @@ ENTROPY_FLOOR: dict[str, float] = {
     "swissroll": 2.671,
 }
 
-#: Figure 4 of the paper: test MSE on 10,000 points of the 1-D staircase fit (ALGORITHM.md 7.2).
+#: Figure 4 of the paper: test MSE on 10,000 points of the 1-D staircase fit (docs/algorithm.md section 9.2).
 FIG4: dict[str, tuple[str, float]] = {
     "paper-1d-a": ("(a) residual o residual", 1.6e-2),
     "paper-1d-b": ("(b) R+ residual o R+ residual", 5.8e-3),
@@ -73,7 +73,7 @@ SHARED_MACHINE_NOTE = (
 
 
 def set_threads(n: int) -> None:
-    """Set torch's intra-op threads (1 was fastest for the paper's tiny matrices, ALGORITHM.md 8)."""
+    """Set torch's intra-op threads (1 was fastest for the paper's tiny matrices, docs/performance.md)."""
     torch.set_num_threads(int(n))
 
 

@@ -13,7 +13,7 @@ dimensions per block; the dequantization noise is seeded):
 * validation bpd on the 350 validation images (1000-1349) every ``--eval-minutes`` of training;
 * iterations run, training seconds, seconds per iteration.
 
-Reference points (ALGORITHM.md 8): uniform 4.087 bpd, full-covariance Gaussian 2.965, independent per-pixel
+Reference points (docs/performance.md): uniform 4.087 bpd, full-covariance Gaussian 2.965, independent per-pixel
 categorical 2.398. Goal: Monotone below 2.40 within 30 minutes on a 2-core CPU, and better than residual.
 
 Usage::

@@ -1,4 +1,4 @@
-"""Engine speed on the paper's 2-D toy model (10 monotone blocks, DenseNet G 3x16, CPila; ALGORITHM.md 7.1).
+"""Engine speed on the paper's 2-D toy model (10 monotone blocks, DenseNet G 3x16, CPila; docs/algorithm.md §9.1).
 
 Measures, on this machine, in float32 at batch 500:
 

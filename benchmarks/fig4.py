@@ -1,6 +1,6 @@
 """Reproduce Figure 4 of Ahn et al. (NeurIPS 2022): test MSE of 1-D staircase fits by four 2-block flows.
 
-Presets ``paper-1d-a`` .. ``paper-1d-d`` (ALGORITHM.md 7.2): the flow is used as a map x -> y, trained on the MSE
+Presets ``paper-1d-a`` .. ``paper-1d-d`` (docs/algorithm.md §9.2): the flow is used as a map x -> y, trained on the MSE
 with batches of 5,000 fresh points (Adam lr 0.01, x0.2 at 1/3 and 2/3 of training), and tested on a fixed,
 seeded set of 10,000 points (``Trainer.evaluate(fixed=True)``, float64). Reported next to Figure 4's values
 (1.6e-2, 5.8e-3, 4.5e-3, 7.6e-5).

@@ -7,11 +7,11 @@ acts on each sample independently and has Lipschitz constant below 1. The projec
 (:class:`~monoflow_core.nn.densenet.JacobianNet`) take a fast path: their Jacobian comes with their value by
 forward-mode tangents, and their normalised weights are computed once per pass of the block.
 
-Gradients through every solve are exact implicit-function gradients (Ahn et al. 2022, ALGORITHM.md 4); no
+Gradients through every solve are exact implicit-function gradients (Ahn et al. 2022, docs/algorithm.md section 6); no
 solver iteration is ever differentiated:
 
 * small dimensions (``n <= ONE_STEP_MAX_DIM``): the one-step correction ``w = w* - A^{-1} r(w*)`` with
-  ``A = I +- J_G(w*)`` detached (ALGORITHM.md 8): its value is ``w*`` and autograd through it is exactly the
+  ``A = I +- J_G(w*)`` detached (docs/performance.md): its value is ``w*`` and autograd through it is exactly the
   implicit-function gradient;
 * larger dimensions: a backward fixed-point solve ``a = g -+ a J_G(w*)`` of vector-Jacobian products, hooked
   onto ``w``, so the log-det's gradient joins the incoming gradient before the single backward solve.
@@ -364,7 +364,7 @@ class ActNorm(nn.Module):
     """Activation normalisation ``y = (x + b) * exp(s)`` per feature (Kingma & Dhariwal 2018).
 
     With ``data_init`` the first forward pass in training mode sets ``b = -mean`` and
-    ``s = -0.5 log max(var, 0.2)`` from its batch (ALGORITHM.md 6), so that the output starts standardised.
+    ``s = -0.5 log max(var, 0.2)`` from its batch (docs/algorithm.md section 7), so that the output starts standardised.
 
     Args:
         dim: number of features (the event dimension).

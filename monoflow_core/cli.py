@@ -3,7 +3,7 @@
 Subcommands (``monoflow SUBCOMMAND --help`` for each):
 
 * ``train``: train on a toy density, the 1-D staircase or images from a shipped preset (the paper's protocols,
-  ALGORITHM.md 7.1 / 7.2 / 7.3), with flags overriding the preset; writes ``config.json``, ``metrics.csv`` and a
+  docs/algorithm.md §§9.1, 9.2, 9.3), with flags overriding the preset; writes ``config.json``, ``metrics.csv`` and a
   resumable ``checkpoint.safetensors`` into an output folder; Ctrl-C saves a checkpoint and exits 130. Under
   ``torchrun`` it trains data-parallel (:mod:`monoflow_core.distributed`).
 * ``eval``: test NLL in nats (test MSE for the staircase, bits/dim for images) on the fixed, seeded test set.

@@ -1,6 +1,6 @@
 """Model configuration: the :class:`FlowConfig` dataclass, its validation and (de)serialisation.
 
-Defaults reproduce the paper's 2-D toy Monotone Flow (Ahn et al. 2022, Table 1; ALGORITHM.md 7.1): 10 monotone
+Defaults reproduce the paper's 2-D toy Monotone Flow (Ahn et al. 2022, Table 1; docs/algorithm.md §9.1): 10 monotone
 blocks, DenseNet G of depth 3 and growth 16, CPila, linear coefficient 0.9, concatenation coefficient 0.98,
 exact log-det, no ActNorm.
 """
@@ -123,7 +123,7 @@ class FlowConfig(JsonConfig):
         roulette_param: geometric p in (0, 1) or Poisson lambda > 0.
         n_probes: Hutchinson probes per sample.
         neumann_grad: Neumann-series gradient for the estimator.
-        image_shape: ``[C, H, W]`` for a multiscale image flow (ALGORITHM.md 7.3), or ``None`` for a flow on
+        image_shape: ``[C, H, W]`` for a multiscale image flow (docs/algorithm.md §9.3), or ``None`` for a flow on
             vectors of length ``dim``. With an image shape, ``dim`` is set to ``C * H * W`` and the layout comes
             from ``blocks_per_scale`` and ``fc_blocks`` (``blocks`` is then unused); ``depth`` and ``growth``
             describe the conv DenseNet G (the paper: 3 and 172, i.e. 3x3 convs to 86 channels and CPila).
@@ -318,7 +318,7 @@ def check_float(name: str, value: Any) -> float:
 
 @dataclass
 class TrainConfig(JsonConfig):
-    """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (ALGORITHM.md 7.1).
+    """Settings of a training run; defaults reproduce the paper's 2-D toy protocol (docs/algorithm.md section 9.1).
 
     Attributes:
         data: data set name: one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression

@@ -5,7 +5,7 @@ scikit-learn's digits). With noise ``u in [0, 1)^D`` drawn from ``q(u | x)`` and
 
     log P(x) >= E_q[ log p(y) - D log K - log q(u | x) ]
 
-(Theis et al. 2016; Ho et al. 2019, "Flow++"). Uniform dequantization takes ``q = 1`` (ALGORITHM.md 7.3);
+(Theis et al. 2016; Ho et al. 2019, "Flow++"). Uniform dequantization takes ``q = 1`` (docs/algorithm.md section 9.3);
 variational dequantization (VDQ) learns ``q`` with a small conditional flow, and the reported number is then
 this bound (an ELBO), never the exact likelihood. bits/dim = ``-bound / (D ln 2)``.
 """
@@ -143,7 +143,7 @@ class VariationalDequantizer(_Dequantizer):
     """Variational dequantization: ``u = sigmoid(f(eps; x))``, ``eps ~ N(0, I)``, f a small conditional flow.
 
     The flow f is ``blocks`` checkerboard affine couplings conditioned on the image (the paper's VDQ uses a
-    3-block conditional flow; ALGORITHM.md 7.3). ``log q(u | x) = log N(eps) - log|det df/deps| -
+    3-block conditional flow; docs/algorithm.md section 9.3). ``log q(u | x) = log N(eps) - log|det df/deps| -
     sum log sigmoid'(h)``, all exact.
 
     Args:

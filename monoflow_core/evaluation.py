@@ -1,7 +1,7 @@
 """Evaluation of trained flows: log-density grids, samples, test NLL / MSE and solver diagnostics.
 
 Everything here runs under ``torch.no_grad()`` with the flow in eval mode, and hands back plain numbers or numpy
-arrays (what the CLI and the studio display). Likelihoods are best evaluated in float64 (ALGORITHM.md 8: in
+arrays (what the CLI and the studio display). Likelihoods are best evaluated in float64 (docs/performance.md: in
 float32 a few stagnating points can hold a whole grid's solve, in float64 every block converges in a handful of
 iterations); a float32 flow is then evaluated on a float64 *copy*, so the caller's flow keeps its dtype, its
 mode and its weights.
@@ -121,7 +121,7 @@ def log_prob(
 ) -> Tensor:
     """Log-density ``log p(x)`` of every point in nats, as a float64 CPU tensor of shape (N,).
 
-    ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (ALGORITHM.md 1), evaluated in chunks of ``chunk`` points.
+    ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (docs/algorithm.md §1), evaluated in chunks of ``chunk`` points.
     If the flow's log-det is not exact (``flow.logdet_is_exact`` is False afterwards) the values are unbiased
     stochastic estimates.
 
@@ -143,7 +143,7 @@ def log_prob(
 
 
 def test_nll(flow: Flow, x: Tensor | np.ndarray, chunk: int = 10_000, dtype: torch.dtype | None = None) -> float:
-    """Mean test negative log-likelihood in nats (ALGORITHM.md 7.1), evaluated in chunks.
+    """Mean test negative log-likelihood in nats (docs/algorithm.md section 9.1), evaluated in chunks.
 
     Args:
         flow: the flow.
@@ -160,7 +160,7 @@ test_nll.__test__ = False  # type: ignore[attr-defined]  # not a pytest test des
 def test_mse(
     flow: Flow, x: Tensor | np.ndarray, y: Tensor | np.ndarray, chunk: int = 10_000, dtype: torch.dtype | None = None
 ) -> float:
-    """Mean squared error of the flow used as a map ``x -> y`` (the 1-D fitting task, ALGORITHM.md 7.2).
+    """Mean squared error of the flow used as a map ``x -> y`` (the 1-D fitting task, docs/algorithm.md section 9.2).
 
     The mean runs over points and output dimensions; the flow's forward map ``F(x)`` is the prediction.
     """
@@ -435,7 +435,7 @@ def image_bpd(
     stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor | None:
-    """Bits/dim of each integer image under an image flow: the test of image runs (ALGORITHM.md 7.3).
+    """Bits/dim of each integer image under an image flow: the test of image runs (docs/algorithm.md section 9.3).
 
     The flow is used as given (pass an evaluation copy in eval mode and the wanted dtype). The dequantization
     noise comes from a generator seeded with ``seed`` and is drawn :data:`IMAGE_NOISE_BLOCK` images at a time, so

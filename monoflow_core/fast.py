@@ -3,7 +3,7 @@
 The generic blocks (``monoflow_core.blocks``) work for any G through autograd. For the project's own
 :class:`~monoflow_core.nn.densenet.DenseNetG` with a parameter-free concatenated activation (CPila, CReLU) in
 small dimensions (the paper's 2-D and 1-D models) this module runs a whole run of consecutive blocks as one
-``torch.autograd.Function`` with a hand-written exact backward (ALGORITHM.md section 8):
+``torch.autograd.Function`` with a hand-written exact backward (docs/performance.md):
 
 * weights: every block's spectrally normalised weights are computed *batched* over the blocks, and the
   DenseNet's concatenation weights, the activation's shift, ``1/1.06`` scale, Pila's ``k`` (times ``log2 e``,
@@ -15,7 +15,7 @@ small dimensions (the paper's 2-D and 1-D models) this module runs a whole run o
 * forward: Newton's method with the exact Jacobian (forward-mode tangents), each sample frozen once it meets
   the tolerance; the last evaluation is at the solution and provides ``J_G(w*)`` for the exact log-det and
   every activation the backward pass needs. Without a backward pass, converged samples leave the batch;
-* backward: the implicit-function gradient in closed form (ALGORITHM.md 4), batched over the blocks wherever
+* backward: the implicit-function gradient in closed form (docs/algorithm.md §6), batched over the blocks wherever
   the blocks do not depend on each other: one reverse pass through the tangent networks of all blocks carries
   the log-dets' gradient (this is where the activation's second derivative enters); the recursion
   ``a = (g_w + v) (I + J)^{-1}`` (``g_w = sqrt 2 g`` for a monotone block, ``g`` for an inverse residual one) runs
@@ -240,7 +240,7 @@ def _singular_pair(layers: Sequence[Any], w: Tensor) -> tuple[Tensor, Tensor]:
 class _FoldLayer(torch.autograd.Function):
     """One layer position of the fold, batched over the blocks, with a hand-written backward.
 
-    Forward: ``wn = W / max(1, sigma / coeff) * cols`` (soft spectral normalisation, ALGORITHM.md 6, with
+    Forward: ``wn = W / max(1, sigma / coeff) * cols`` (soft spectral normalisation, docs/algorithm.md section 7, with
     ``sigma = u^T W v``, then the DenseNet's column scales); a hidden layer becomes
     ``[[k (b - shift), k wn], [k (-b - shift), -k wn]]`` (the concatenated activation's two halves), the final
     layer ``[b, wn]``. Autograd through these ~12 operators per layer cost more than the arithmetic; the
@@ -702,7 +702,7 @@ def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, v: _BlockViews, final:
     """The map ``w + sign G(w)`` and its Jacobian at the points ``w`` (n, B), written into the views ``v``.
 
     Each layer is one matrix product over the stacked primal and tangent columns (forward-mode tangents,
-    ALGORITHM.md 8); ``final`` is :meth:`_BlockWeights.map_weights` (``sign``), so ``v.out_p`` receives
+    docs/performance.md); ``final`` is :meth:`_BlockWeights.map_weights` (``sign``), so ``v.out_p`` receives
     ``w + sign G(w)`` and ``v.jacobian_map`` receives ``I + sign J_G(w)``.
     """
     c = _Consts.get(w)
@@ -1057,8 +1057,8 @@ def _logdet_terms(kinds: Sequence[str], a: Tensor) -> tuple[Tensor, list[int], T
     """The pieces of each block's log-det in terms of its Jacobian map ``a = I + J_G`` (blocks, n, n, B).
 
     Returns ``(sign, mono, a_minus)``: the log-det is ``sign_j log|det A_j|`` (+1 residual, -1 inverse residual and
-    monotone; ALGORITHM.md 2), plus ``log|det(2I - A_j)| = log|det(I - J)|`` for the monotone blocks ``mono``, whose
-    ``2I - A`` stack is ``a_minus`` (None without monotone blocks).
+    monotone; docs/algorithm.md §3) plus ``log|det(2I - A_j)| = log|det(I - J)|`` for the monotone blocks
+    ``mono``, whose ``2I - A`` stack is ``a_minus`` (None without monotone blocks).
     """
     sign = torch.tensor([1.0 if k == "residual" else -1.0 for k in kinds], dtype=a.dtype, device=a.device)
     mono = [j for j, k in enumerate(kinds) if k == "monotone"]
@@ -1558,7 +1558,7 @@ class _FusedBlocks(torch.autograd.Function):
         torch.mul(dlog.transpose(1, 2), grad_logdet, out=c[:, :n, b:].view(nb, n, n, b))
         c[:, :n, :b].zero_()
         v_all = _reverse_tangents(net, ws, lay, c)  # dL/dw through each block's log-det
-        # The sequential part: the implicit-function gradient through each solve (ALGORITHM.md 4), block by block.
+        # The sequential part: the implicit-function gradient through each solve (docs/algorithm.md §6), block by block.
         gy = grad_z.t().contiguous()
         c2 = ws.x.new_empty(nb, lay.rows, b)  # pass 2: cotangents of G(w) in the first n rows, filled below
         for j in reversed(range(nb)):

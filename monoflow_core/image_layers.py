@@ -1,7 +1,7 @@
 """Invertible layers for image flows: logit transform, squeeze, per-channel ActNorm, flattening adapter for G.
 
 These are the non-implicit pieces of the multiscale architecture of Residual Flows / Monotone Flows (Chen et al.
-2019; Ahn et al. 2022, ALGORITHM.md 7.3). Each layer follows the block protocol: ``forward(x) -> (y, logdet)``
+2019; Ahn et al. 2022, docs/algorithm.md §9.3). Each layer follows the block protocol: ``forward(x) -> (y, logdet)``
 with ``logdet`` of shape (B,) in nats, and ``inverse(y) -> x``.
 """
 
@@ -18,7 +18,7 @@ __all__ = ["ActNorm2d", "FlatG", "LogitTransform", "Squeeze", "squeeze2d", "unsq
 
 
 class LogitTransform(nn.Module):
-    """``y = logit(alpha + (1 - 2 alpha) x)`` for pixels ``x`` in [0, 1] (Dinh et al. 2017; ALGORITHM.md 7.3).
+    """``y = logit(alpha + (1 - 2 alpha) x)`` for pixels ``x`` in [0, 1] (Dinh et al. 2017; docs/algorithm.md §9.3).
 
     ``alpha`` keeps the logit finite at 0 and 1: the paper uses 0.05 (1e-6 for MNIST). The log-det is
     ``sum log(1 - 2 alpha) - log s - log(1 - s)`` with ``s = alpha + (1 - 2 alpha) x``.
@@ -77,7 +77,7 @@ class ActNorm2d(nn.Module):
     """Per-channel ActNorm ``y = (x + b) * exp(s)`` for (B, C, H, W) tensors (Kingma & Dhariwal 2018).
 
     The first forward pass in training mode sets ``b = -mean`` and ``s = -0.5 log max(var, 0.2)`` per channel
-    from its batch (ALGORITHM.md 6). Log-det ``H W sum_c s_c``.
+    from its batch (docs/algorithm.md section 7). Log-det ``H W sum_c s_c``.
 
     Args:
         channels: number of channels C.
@@ -118,7 +118,7 @@ class ActNorm2d(nn.Module):
 class FlatG(JacobianNet):
     """Runs a vector G (e.g. :class:`~monoflow_core.nn.densenet.DenseNetG`) on flattened (B, C, H, W) inputs.
 
-    The fully connected blocks at the end of the multiscale flow (Chen et al. 2019; ALGORITHM.md 7.3) act on
+    The fully connected blocks at the end of the multiscale flow (Chen et al. 2019; docs/algorithm.md §9.3) act on
     the whole image as one vector; the Jacobian is that of the flattened map, in (C, H, W) order.
 
     Args:

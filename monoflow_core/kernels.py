@@ -3,7 +3,7 @@
 The fused path (:mod:`monoflow_core.fast`) evaluates G with its Jacobian as a few PyTorch operators per layer over
 the whole batch. On a CPU with small batches each operator costs a few microseconds of dispatch, and one training
 step of the paper's 2-D model issued about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
-itself is a fraction of that (ALGORITHM.md section 8). These kernels run the same algorithm, on the same
+itself is a fraction of that (docs/performance.md). These kernels run the same algorithm, on the same
 feature-major layout, as one compiled call each, with BLAS for the layer products (:mod:`monoflow_core.blas`) and
 loops over the batch's contiguous columns for everything else:
 
@@ -12,7 +12,7 @@ loops over the batch's contiguous columns for everything else:
   step that makes the residual grow is replaced by the plain contracting step), the exact log-det from the Jacobian
   at the solution, per-point statistics, and, for a training forward, the final evaluation written into the
   workspace that :func:`backward_run` reads (without one, converged points leave the batch);
-* :func:`backward_run`: the exact implicit-function backward of such a run (ALGORITHM.md 4 and 5);
+* :func:`backward_run`: the exact implicit-function backward of such a run (docs/algorithm.md sections 6, 5);
 * :func:`fold_forward` / :func:`fold_backward`: the spectral normalisation and concatenation folding of the
   weights (as :func:`monoflow_core.fast.fold_nets_torch`) and its gradient.
 
@@ -285,7 +285,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
 
     The layout of :class:`monoflow_core.fast._Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
     features, one column per point (primal columns first, then the tangents along each input direction; forward
-    mode, ALGORITHM.md 8): the bias row, the input rows (``w`` and the identity, set by the caller), then each
+    mode, docs/performance.md): the bias row, the input rows (``w`` and the identity, set by the caller), then each
     layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
     columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
     the activation (CPila folded as in :func:`monoflow_core.fast._activate`: ``relu(h) + y p(y / c) 2^y`` with
@@ -396,7 +396,7 @@ def solve_run(
         rhs_scale, out_w, out_x: (nb,) the right-hand side ``rhs_scale * x`` and the output
             ``out_w * w + out_x * x``.
         ld_plus, ld_mono: (nb,) log-det weights: ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with
-            ``A = I + sign J_G(w)`` at the solution (ALGORITHM.md 2).
+            ``A = I + sign J_G(w)`` at the solution (docs/algorithm.md section 3).
         tols, max_iters: (nb,) each block's effective relative tolerance and iteration cap.
         y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
         iterations, residual, converged: (nb, B) per-point statistics: evaluations until converged, final
@@ -666,7 +666,7 @@ def backward_run(
 ):  # pragma: no cover - compiled
     """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
 
-    The algorithm of :meth:`monoflow_core.fast._FusedBlocks.backward` (ALGORITHM.md 4 and 5), from the last block:
+    The algorithm of :meth:`monoflow_core.fast._FusedBlocks.backward` (docs/algorithm.md §§6, 5), from the last block:
     (1) the log-det's cotangent ``d log|det| / dA`` (``A^{-T}`` with the block's signs) goes back through G's
     tangent network, where the activation's second derivative enters, giving the log-det's gradient ``v`` with
     respect to the solution ``w``; (2) the implicit-function gradient ``a = (g_w + v) A^{-1}`` (``g_w = sqrt 2 g``
@@ -841,7 +841,7 @@ def _logdet_cotangent_monotone2(outj, grad_logdet, c_out, b):  # pragma: no cove
 def _implicit_gradient_monotone2(outj, gx, gy, c_out, root2, b):  # pragma: no cover - compiled
     """Step (2) of :func:`backward_run` for a monotone block in two dimensions, in closed form per point:
     ``a = (v + sqrt 2 g) A^{-1}`` (``v`` the log-det's gradient in rows 1-2 of ``gx``), G's output receives ``-a`` and
-    the block's input ``sqrt 2 a - g`` (ALGORITHM.md 4)."""
+    the block's input ``sqrt 2 a - g`` (docs/algorithm.md section 6)."""
     for s in range(b):
         a00, a01 = outj[0, b + s], outj[0, 2 * b + s]
         a10, a11 = outj[1, b + s], outj[1, 2 * b + s]
@@ -889,7 +889,7 @@ def _transpose_product(fw, c, out, n, total, cols):  # pragma: no cover - compil
 
 @_jit
 def _mix(concat_k, lip, eta1, eta2, prods):  # pragma: no cover - compiled
-    """The DenseNet's concatenation coefficients (ALGORITHM.md 6): ``(eta1, eta2) = lip e / |e|`` with
+    """The DenseNet's concatenation coefficients (docs/algorithm.md section 7): ``(eta1, eta2) = lip e / |e|`` with
     ``e = softplus(K) + 0.1`` per dense layer, and ``prods[i] = prod_{l < i} eta1_l``."""
     depth = concat_k.shape[0]
     prods[0] = 1.0
@@ -941,7 +941,7 @@ def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, 
 
     Per block ``j`` and layer position ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair
     (:func:`_top_singular_pair`, no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)``
-    (ALGORITHM.md 6), the column scales of the learnable concatenation, and for a hidden layer the concatenated
+    (docs/algorithm.md §7), the column scales of the learnable concatenation, and for a hidden layer the concatenated
     activation's two halves ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``).
 
     Every per-layer array is one row per block with the layers side by side (so one compiled version serves every

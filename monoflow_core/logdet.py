@@ -1,6 +1,6 @@
 """Log-determinants of flow blocks: exact for small dimensions, power-series estimators for large ones.
 
-For a block built on G with Jacobian ``J = J_G(w)`` (Ahn et al. 2022, Definition 3 and ALGORITHM.md 2, 5):
+For a block built on G with Jacobian ``J = J_G(w)`` (Ahn et al. 2022, Definition 3 and docs/algorithm.md sections 3, 5):
 
 * monotone:          ``log|det(I - J)| - log|det(I + J)|``  = ``sum_k c_k tr(J^k)``, ``c_k = -2/k`` (k odd)
 * residual:          ``log|det(I + J)|``                      = ``sum_k (-1)^(k+1)/k tr(J^k)``
@@ -10,7 +10,7 @@ The exact form uses the full Jacobian (cheap by forward-mode tangents in small d
 the Residual-Flows power series (Chen et al. 2019): Hutchinson traces ``v^T J^k v`` with Gaussian probes and a
 Russian-roulette truncation, optionally with the Neumann-series gradient. Its value is an *unbiased estimate*,
 never an exact log-likelihood, and callers must label it so. Beware: the roulette's variance is infinite once
-the spectral radius of J exceeds ``sqrt(1 - p)`` (ALGORITHM.md section 8).
+the spectral radius of J exceeds ``sqrt(1 - p)`` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def power_series_logdet(
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Unbiased power-series estimate of a block's log-det (Chen et al. 2019; ALGORITHM.md 5).
+    """Unbiased power-series estimate of a block's log-det (Chen et al. 2019; docs/algorithm.md section 5).
 
     Args:
         vjp: ``vjp(u, create_graph) -> u^T J`` for (B, ...) tensors ``u``; with ``create_graph`` the product

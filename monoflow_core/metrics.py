@@ -81,7 +81,7 @@ class EvalMetrics:
         exact: whether the log-dets were exact; if False ``nll_nats`` is a stochastic *estimate*.
         fixed: True for the fixed seeded held-out set, False for fresh samples (the paper's protocol).
         dtype: the dtype the evaluation ran in.
-        bpd: image tasks: mean test bits per dimension (the dequantization bound, ALGORITHM.md 7.3), else
+        bpd: image tasks: mean test bits per dimension (the dequantization bound, docs/algorithm.md section 9.3), else
             ``None``. ``nll_nats`` then holds the same bound in nats per image.
         bpd_stderr: standard error of ``bpd`` over the test images (bits/dim).
         split: image tasks: the split evaluated (``"test"`` or ``"validation"``).
@@ -135,7 +135,7 @@ class EvalMetrics:
 
 
 def paper_protocol_value(evals: Iterable[EvalMetrics], last: int = PAPER_PROTOCOL_TESTS) -> float | None:
-    """Mean of the last ``last`` fresh-sample tests: Table 1's protocol (Ahn et al. 2022; ALGORITHM.md 7.1).
+    """Mean of the last ``last`` fresh-sample tests: Table 1's protocol (Ahn et al. 2022; docs/algorithm.md §9.1).
 
     Returns the mean test NLL in nats (density) or MSE (regression) over at most ``last`` of the most recent
     tests with ``fixed == False``, or ``None`` if there are none.

@@ -58,7 +58,7 @@ def _block(config: FlowConfig, net: JacobianNet) -> nn.Module:
 
 
 def build_image_flow(config: FlowConfig) -> MultiscaleFlow:
-    """The multiscale image flow of ALGORITHM.md 7.3 from a configuration with ``image_shape``.
+    """The multiscale image flow of docs/algorithm.md section 9.3 from a configuration with ``image_shape``.
 
     Per scale ``n x [block(conv DenseNet G), ActNorm2d]``, a 2x2 squeeze between scales (with ``factor_out``,
     half of the channels then leave for the base density), and ``fc_blocks x [block(fully connected DenseNet

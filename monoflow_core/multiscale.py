@@ -1,4 +1,6 @@
-"""The multiscale image flow of Residual Flows / Monotone Flows (Chen et al. 2019; Ahn et al. 2022, ALGORITHM.md 7.3).
+"""The multiscale image flow of Residual Flows / Monotone Flows (Chen et al. 2019; Ahn et al. 2022).
+
+See docs/algorithm.md §8 and §9.3.
 
 Layout, for an image of shape (C, H, W) with pixels dequantized into [0, 1):
 
@@ -12,7 +14,7 @@ flattened and concatenated into z of shape (B, D).
 
 Discrete data: :meth:`MultiscaleFlow.log_prob_bound` returns the dequantization bound
 ``log p(y) - D log K - log q(u | x)`` (nats per image) and :meth:`MultiscaleFlow.bpd` the bits/dim
-``-bound / (D ln 2)`` (ALGORITHM.md 7.3). With uniform dequantization ``log q = 0``.
+``-bound / (D ln 2)`` (docs/algorithm.md section 9.3). With uniform dequantization ``log q = 0``.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ the flow, an Adam optimizer, a seeded resumable stream of fresh training batches
 Two kinds of task, chosen by the data set:
 
 * **density** (the eight 2-D toy densities): loss = ``-mean log p(x)`` in nats, with
-  ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (ALGORITHM.md 1);
+  ``log p(x) = log N(F(x); 0, I) + log|det J_F(x)|`` (docs/algorithm.md section 1);
 * **regression** (``"staircase"``): the flow is used as a map ``x -> y`` and trained on the mean squared error
-  (Ahn et al. 2022, Figure 4; ALGORITHM.md 7.2).
+  (Ahn et al. 2022, Figure 4; docs/algorithm.md section 9.2).
 
-The published protocols (ALGORITHM.md 7.1) are reproduced by the defaults: Adam with lr 1e-3, betas
+The published protocols (docs/algorithm.md section 9.1) are reproduced by the defaults: Adam with lr 1e-3, betas
 (0.9, 0.999) and coupled weight decay 1e-5, batches of 500 fresh samples, 5 power iterations after every step,
 concatenation weights frozen for the first 25,000 iterations, a test on 10,000 fresh samples every 100 iterations
 and the mean of the last 20 tests as the reported number (:func:`paper_protocol_value`).
@@ -649,7 +649,7 @@ class Trainer:
             # Convolutions in float64 run about 10x slower than in float32 on CPUs (oneDNN has no float64 path),
             # and the exact log-det of an image block needs ~65 evaluations of G: evaluate in the training dtype.
             return self.dtype
-        # Likelihoods in float64 on CPU (ALGORITHM.md 8): about 1.8x the cost of float32 here, and no test point
+        # Likelihoods in float64 on CPU (docs/performance.md): about 1.8x the cost of float32 here, and no test point
         # is held back by float32's solver-tolerance floor.
         return torch.float64 if self.device.type == "cpu" else self.dtype
 
@@ -686,7 +686,7 @@ class Trainer:
 
         Density tasks: the mean negative log-likelihood in nats, on the first ``n`` (default ``test_size``)
         points of the fixed seeded held-out set, or with ``fixed=False`` on ``n`` (default ``eval_size``) fresh
-        points from a separate seeded stream (the paper's protocol, ALGORITHM.md 7.1). Regression: the test MSE
+        points from a separate seeded stream (the paper's protocol, docs/algorithm.md §9.1). Regression: the test MSE
         on ``eval_size`` seeded points (the paper's 10,000) or on fresh ones.
 
         Args:

@@ -1,6 +1,6 @@
 """The training session: a worker thread that owns the core :class:`~monoflow_core.training.Trainer`.
 
-Threading contract (DESIGN.md, studio section):
+Threading contract (docs/studio.md):
 
 * the worker thread is the only thread that touches the trainer and its flow: it builds it, runs
   :meth:`Trainer.step`, evaluates it and saves it;

@@ -1,7 +1,7 @@
 """Data for monoflow: the 2-D toy densities, the 1-D staircase task and image sets.
 
 See :mod:`monoflow_core.data.toy` (Ahn et al., NeurIPS 2022, Table 1 and Figure 4; the 2-D sets are FFJORD's /
-Residual Flows' toy data, ALGORITHM.md sections 7.1 and 7.2) and :mod:`monoflow_core.data.images` (scikit-learn's
+Residual Flows' toy data, docs/algorithm.md sections 9.1, 9.2) and :mod:`monoflow_core.data.images` (scikit-learn's
 8x8 digits built in; readers for MNIST, CIFAR-10, downsampled ImageNet and folders of PNG/JPEG files).
 """
 

@@ -3,7 +3,7 @@
 The 2-D densities are those of Table 1 of Ahn et al., "Invertible Monotone Operators for Normalizing Flows"
 (NeurIPS 2022), which took them unchanged from the FFJORD code base (Grathwohl et al., ICLR 2019,
 ``lib/toy_data.py``), also used by Residual Flows (Chen et al., NeurIPS 2019) and i-DenseNets (Perugachi-Diaz
-et al., NeurIPS 2021). ALGORITHM.md section 7.1 spells each one out; this module follows it line by line:
+et al., NeurIPS 2021). docs/algorithm.md section 9.1 spells each one out; this module follows it line by line:
 
 * ``swissroll``: scikit-learn ``make_swiss_roll(n, noise=1.0)``, columns 0 and 2, divided by 5;
 * ``circles``: scikit-learn ``make_circles(n, factor=0.5, noise=0.08)``, times 3;
@@ -18,7 +18,7 @@ et al., NeurIPS 2021). ALGORITHM.md section 7.1 spells each one out; this module
   N(0, 0.1^2) noise;
 * ``checkerboard``: uniform on the 8 "black" squares of a 4 x 4 board of side-2 squares on [-4, 4]^2.
 
-The 1-D task is the staircase of the paper's Figure 4 (ALGORITHM.md section 7.2): ``x ~ U(-2, 2)`` and
+The 1-D task is the staircase of the paper's Figure 4 (docs/algorithm.md section 9.2): ``x ~ U(-2, 2)`` and
 ``y(x) = t(x + 2) + t(x + 1) + t(x) + t(x - 1)`` with
 ``t(w) = min(max(max(0, a w), min((w - (1 - a)) / a, 1)), 1)``, ``a = 0.05``.
 
@@ -51,7 +51,7 @@ __all__ = [
     "staircase_target",
 ]
 
-#: Names of the eight 2-D toy densities (ALGORITHM.md 7.1), in the order of the paper's Table 1.
+#: Names of the eight 2-D toy densities (docs/algorithm.md section 9.1), in the order of the paper's Table 1.
 TOY_DATASETS: tuple[str, ...] = (
     "2spirals",
     "8gaussians",
@@ -66,7 +66,7 @@ TOY_DATASETS: tuple[str, ...] = (
 #: Every data set name this package knows: the 2-D densities plus the 1-D ``"staircase"`` task (7.2).
 DATASETS: tuple[str, ...] = (*TOY_DATASETS, "staircase")
 
-#: Slope ``a`` of the staircase treads (the risers have slope ``1 / a = 20``), ALGORITHM.md 7.2.
+#: Slope ``a`` of the staircase treads (the risers have slope ``1 / a = 20``), docs/algorithm.md section 9.2
 STAIRCASE_SLOPE_A: float = 0.05
 
 RngLike = np.random.Generator | int | None
@@ -248,7 +248,7 @@ _GENERATORS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
 
 
 def sample_toy(name: str, n: int, rng: RngLike = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Draws ``n`` points from one of the eight 2-D toy densities of ALGORITHM.md 7.1.
+    """Draws ``n`` points from one of the eight 2-D toy densities of docs/algorithm.md section 9.1
 
     The densities are those of the Monotone Flows paper's Table 1 (Ahn et al. 2022), i.e. FFJORD's and
     Residual Flows' toy data (see the module docstring for each formula).
@@ -281,7 +281,7 @@ def sample_toy(name: str, n: int, rng: RngLike = None, dtype: torch.dtype = torc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the 1-D staircase (ALGORITHM.md 7.2)
+# the 1-D staircase (docs/algorithm.md section 9.2)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -294,7 +294,7 @@ def _step(w: Tensor, a: float) -> Tensor:
 
 
 def staircase_target(x: Tensor, a: float = STAIRCASE_SLOPE_A) -> Tensor:
-    """The staircase regression target of the paper's Figure 4 (ALGORITHM.md 7.2).
+    """The staircase regression target of the paper's Figure 4 (docs/algorithm.md section 9.2).
 
     ``y(x) = t(x + 2) + t(x + 1) + t(x) + t(x - 1)`` with
     ``t(w) = min(max(max(0, a w), min((w - (1 - a)) / a, 1)), 1)``: on [-2, 2] it climbs from ``y(-2) = 0`` to
@@ -313,7 +313,7 @@ def staircase_target(x: Tensor, a: float = STAIRCASE_SLOPE_A) -> Tensor:
 
 
 def sample_staircase(n: int, rng: RngLike = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Draws ``n`` (x, y) pairs of the 1-D staircase task (Ahn et al. 2022, Figure 4; ALGORITHM.md 7.2).
+    """Draws ``n`` (x, y) pairs of the 1-D staircase task (Ahn et al. 2022, Figure 4; docs/algorithm.md section 9.2).
 
     Args:
         n: number of points, a positive int.

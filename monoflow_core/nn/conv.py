@@ -9,9 +9,9 @@
   released Residual-Flow, i-DenseNet and Monotone-Flow code); in ``"exact"`` mode it is computed from the dense
   operator matrix on every use, which only small images afford.
 * :class:`ConvDenseNetG`: the convolutional i-DenseNet with learnable concatenation (Perugachi-Diaz et al. 2021)
-  used as G by Monotone Flows on images (Ahn et al. 2022; ALGORITHM.md sections 6 and 7.3). It evaluates G
+  used as G by Monotone Flows on images (Ahn et al. 2022; docs/algorithm.md sections 7, 9.3). It evaluates G
   together with its full Jacobian over the flattened event ``(C, H, W)``, by pushing the identity tangents through
-  the network alongside the primal image (ALGORITHM.md section 8): one convolution per layer on a batch of
+  the network alongside the primal image (docs/performance.md): one convolution per layer on a batch of
   ``B (1 + n)`` images yields both G and J, and autograd through it differentiates the exact log-det. Images are
   kept channels-last inside G (faster oneDNN convolutions; activations act along the last dimension) and the
   concatenation factors are folded into the convolution weights, so the large tangent stack is only convolved,

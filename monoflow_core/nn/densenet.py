@@ -3,7 +3,7 @@
 Two architectures:
 
 * :class:`DenseNetG`: the i-DenseNet network with learnable concatenation used by Monotone Flows
-  (Perugachi-Diaz et al. 2021; Ahn et al. 2022, ALGORITHM.md section 6). Each dense layer computes
+  (Perugachi-Diaz et al. 2021; Ahn et al. 2022, docs/algorithm.md section 7). Each dense layer computes
   ``[eta1 * x, eta2 * act(W x + b)]`` with ``sqrt(eta1^2 + eta2^2) = lip_coeff``.
 * :class:`LipschitzMLP`: a plain chain of spectrally normalised linear layers and activations.
 
@@ -11,7 +11,7 @@ Both derive from :class:`JacobianNet`: besides ``forward`` they evaluate G *toge
 propagating tangent vectors alongside the primal values (forward mode by hand: a linear layer maps tangents by
 ``W``, an activation multiplies them by its derivative, a concatenation concatenates). The primal row and the
 tangent rows are stacked so that one matrix product per layer yields both. One such pass serves Newton's solve,
-the exact log-det and the one-step implicit gradient (ALGORITHM.md section 8), and it needs no double backward.
+the exact log-det and the one-step implicit gradient (docs/performance.md), and it needs no double backward.
 
 The normalised weights are computed once by :meth:`JacobianNet.prepare` and reused for every evaluation of G
 inside a fixed-point solve, rather than once per evaluation.
@@ -112,7 +112,7 @@ class LearnableConcat:
     """The learnable concatenation of i-DenseNet (Perugachi-Diaz et al. 2021), shared by the dense and conv G.
 
     Dense layer ``i`` outputs ``[eta1 * input, eta2 * new]`` with ``(eta1, eta2) = lip_coeff * e / |e|``,
-    ``e = softplus(K_i) + 0.1``, so that ``sqrt(eta1^2 + eta2^2) = lip_coeff`` (ALGORITHM.md 6).
+    ``e = softplus(K_i) + 0.1``, so that ``sqrt(eta1^2 + eta2^2) = lip_coeff`` (docs/algorithm.md section 7).
     """
 
     lip_coeff: float

@@ -1,7 +1,7 @@
 """Spectrally normalised (Lipschitz-constrained) linear layers.
 
 A layer stores an unconstrained weight ``W`` and uses the soft-normalised weight
-``W / max(1, sigma(W) / coeff)`` (Behrmann et al. 2019; Ahn et al. 2022, section 6 of ALGORITHM.md), so its
+``W / max(1, sigma(W) / coeff)`` (Behrmann et al. 2019; Ahn et al. 2022, section 6 of docs/algorithm.md), so its
 spectral norm is ``min(sigma, coeff) <= coeff``.
 
 ``sigma`` is computed in one of two ways:

@@ -1,4 +1,4 @@
-"""Toy data (ALGORITHM.md 7.1 and 7.2): shapes, seeding, resumable streams and statistics of every generator.
+"""Toy data (docs/algorithm.md sections 9.1, 9.2): shapes, seeding, resumable streams and statistics of every generator.
 
 The statistics are derived from the formulas of the spec (not from the implementation), with tolerances of
 about five standard errors for a few thousand points, so that a wrong scale, offset, radius or orientation
@@ -388,7 +388,7 @@ def test_swissroll_moments():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# staircase (ALGORITHM.md 7.2)
+# staircase (docs/algorithm.md section 9.2)
 # ----------------------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 Every check compares against an independent reference: ``torch.linalg.slogdet`` of a brute-force autograd
 Jacobian, ``pixel_unshuffle``, central finite differences, or a hand evaluation of the documented formula
-(ALGORITHM.md sections 2, 5, 7.3). Models are tiny (1x8x8 or 2x4x4 images, one block per scale, small G) so the
+(docs/algorithm.md sections 3, 5, 9.3). Models are tiny (1x8x8 or 2x4x4 images, one block per scale, small G) so the
 file runs in seconds on one thread.
 """
 
@@ -263,7 +263,7 @@ def test_statistical_estimator_is_unbiased():
     flow and weights.
 
     Lipschitz coefficient 0.7 keeps the spectral radius of J_G below sqrt(1 - p) = 0.707 for the geometric
-    roulette (p = 0.5), so the estimator's variance is finite (ALGORITHM.md 8). Terms 1-4 are exact and the
+    roulette (p = 0.5), so the estimator's variance is finite (docs/performance.md). Terms 1-4 are exact and the
     roulette weights the rest by 1 / P(N >= k - 4); with fewer exact terms the estimate is strongly skewed (mostly
     below, rarely far above) and 30 calls resolve its mean poorly. The roulette's N is drawn once per call and
     block (shared by the batch), so the standard error comes from i.i.d. per-call means.

@@ -292,7 +292,7 @@ def test_image_presets_are_valid_configurations(name):
     assert model.dim == c * h * w
     assert h % 2 ** (len(model.blocks_per_scale) - 1) == 0
     if name.startswith("paper-"):
-        # ALGORITHM.md 7.3: growth 172 (3x3 convs to 86 channels, CPila), 4 FC blocks, Poisson roulette,
+        # docs/algorithm.md section 9.3: growth 172 (3x3 convs to 86 channels, CPila), 4 FC blocks, Poisson roulette,
         # 10 / 20 exact terms, warm-up 1,000, clipping 1, EMA 0.999.
         assert (model.growth, model.depth, model.fc_blocks) == (172, 3, 4)
         assert (model.roulette, model.n_exact_terms, model.n_exact_terms_eval) == ("poisson", 10, 20)
