@@ -1,7 +1,6 @@
 """Steps whose update overflows the parameters are undone like a non-finite loss; spectral norms of non-finite
 weights fail with a clear error."""
 
-import copy
 
 import pytest
 import torch
@@ -9,33 +8,12 @@ import torch
 from monoflow_core import FlowConfig
 from monoflow_core.nn.conv import SpectralConv2d
 from monoflow_core.nn.lipschitz import SpectralLinear
-from monoflow_core.training import TrainConfig, Trainer, TrainingError
+from monoflow_core.training import TrainingError
 
 torch.set_num_threads(1)
 
-SMALL = FlowConfig(blocks=2, growth=8)
-
-
-def small_trainer(model=SMALL, **changes):
-    settings = {"batch_size": 64, "eval_size": 500, "test_size": 1000, "concat_learnable_from": None}
-    settings.update(changes)
-    return Trainer(model, TrainConfig(**settings))
-
-
-def snapshot(trainer):
-    params = {k: v.detach().clone() for k, v in trainer.flow.state_dict().items()}
-    return params, copy.deepcopy(trainer.optimizer.state_dict())
-
-
-def assert_same_state(trainer, snap):
-    params, opt = snap
-    for k, v in trainer.flow.state_dict().items():
-        assert torch.equal(v, params[k]), k
-    now = trainer.optimizer.state_dict()
-    assert now["state"].keys() == opt["state"].keys()
-    for i, entry in opt["state"].items():
-        for key, value in entry.items():
-            assert torch.equal(now["state"][i][key], value), (i, key)
+# The small trainer and the state comparison are test_training's own (one copy of each).
+from test_training import assert_same_state, small_trainer, snapshot  # noqa: E402
 
 
 def count_backups(trainer, monkeypatch):
