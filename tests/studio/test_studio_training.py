@@ -101,11 +101,9 @@ def test_closing_mid_training_stops_the_worker(make_window, qtbot):
     window = make_window()
     window.train_action.trigger()
     qtbot.waitUntil(lambda: window.step >= 2, timeout=WAIT_MS)
-    t0 = time.perf_counter()
     window.close()
-    elapsed = time.perf_counter() - t0
+    # close() returns once the worker has stopped (no wall-clock bound: it would depend on the machine's load).
     assert not window.session.is_alive()
-    assert elapsed < 5.0, f"the worker took {elapsed:.1f} s to stop"
 
 
 def test_non_finite_loss_and_divergence_are_reported(make_window, qtbot):
