@@ -261,7 +261,7 @@ def test_large_photos_are_refused_from_their_headers(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded the images before judging their size")
 
-    monkeypatch.setattr(image_data, "_decode_images", no_decoding)
+    monkeypatch.setattr(image_data, "decode_images", no_decoding)
     image_data.clear_image_cache()
     code, _, err = run(["train", "--data", "folder", "--data-dir", folder, "--out", tmp_path / "r"])
     assert_user_error(code, err, "--data folder", "3000 x 2000 pixels", "3 channels", "resize")
