@@ -12,14 +12,13 @@ tolerance) become a line in the log and in the status bar; a dialog appears only
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QRect, QSettings, Qt, QTimer
+from PySide6.QtCore import QRect, QSettings, Qt, QTimer
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence, QPainter
 from PySide6.QtSvg import QSvgGenerator
 from PySide6.QtWidgets import (
@@ -43,6 +42,7 @@ from .controls import ControlsPanel
 from .files import atomic_write_with
 from .run_spec import RunSpec, image_presets, toy_presets
 from .session import PAUSED, TRAINING, ImageFrame, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
+from .settings import StudioSettings, last_dir, read_settings, remember_dir, window_layout, write_settings
 from .theme import THEMES, apply_theme, plot_colors
 from .views.curves import BITS_PER_DIM, NATS, CurvesView
 from .views.density import DensityView
@@ -133,6 +133,7 @@ class MainWindow(QMainWindow):
         self._last_solver_warning = -1e9
         self._closing = False
         self._restoring = False
+        self._theme = "system"  # set_theme() sets it; kept so that saving the view settings keeps the theme
 
         options = self._with_sample_settings(options or SessionOptions())
         self.options = options
@@ -143,7 +144,7 @@ class MainWindow(QMainWindow):
         self._set_image_mode(spec.is_image)  # until the first run is built
         self._connect_session()
         self._restore_settings()
-        self.set_theme(theme if theme is not None else str(self.settings.value("theme", "system")))
+        self.set_theme(theme if theme is not None else read_settings(self.settings).theme)
         self._update_title()
         self._rate_timer = QTimer(self)
         self._rate_timer.setInterval(500)
@@ -164,14 +165,10 @@ class MainWindow(QMainWindow):
 
     def _with_sample_settings(self, options: SessionOptions) -> SessionOptions:
         """The persisted sample-grid settings, so the first grid is already drawn with them."""
-        with contextlib.suppress(TypeError, ValueError):
-            options = dataclasses.replace(options, image_samples=int(self.settings.value("images/count",
-                                                                                        options.image_samples)))
-        with contextlib.suppress(TypeError, ValueError):
-            t = float(self.settings.value("images/temperature", options.sample_temperature))
-            if 0 < t <= 2:
-                options = dataclasses.replace(options, sample_temperature=t)
-        return options
+        wanted = StudioSettings(images_count=options.image_samples, images_temperature=options.sample_temperature)
+        stored = read_settings(self.settings, wanted)
+        return dataclasses.replace(options, image_samples=stored.images_count,
+                                   sample_temperature=stored.images_temperature)
 
     def _build_views(self, spec: RunSpec) -> None:
         self.density = DensityView()
@@ -362,21 +359,20 @@ class MainWindow(QMainWindow):
     # settings and theme
     # ------------------------------------------------------------------------------------------------------
     def _restore_settings(self) -> None:
-        s = self.settings
+        stored = read_settings(self.settings)
         self._restoring = True  # restoring one view setting must not save the others' defaults over theirs
-        geometry, state = s.value("window/geometry"), s.value("window/state")
-        if isinstance(geometry, QByteArray | bytes):
+        geometry, state = window_layout(self.settings)
+        if geometry is not None:
             self.restoreGeometry(geometry)
-        if isinstance(state, QByteArray | bytes):
+        if state is not None:
             self.restoreState(state)
-        self.density.set_mode(str(s.value("view/mode", "density")))
-        self.density.overlay_box.setChecked(s.value("view/overlay", "false") in (True, "true"))
-        self.density.samples_box.setChecked(s.value("view/samples", "false") in (True, "true"))
-        with contextlib.suppress(TypeError, ValueError):
-            self.curves.smoothing.setValue(float(s.value("curves/smoothing", 0.9)))
-        self.curves.log_y.setChecked(s.value("curves/log_y", "false") in (True, "true"))
-        self.transport.set_direction(str(s.value("transport/direction", "forward")))
-        self.samples.set_mode(str(s.value("images/mode", "samples")))
+        self.density.set_mode(stored.density_mode)
+        self.density.overlay_box.setChecked(stored.overlay)
+        self.density.samples_box.setChecked(stored.show_samples)
+        self.curves.smoothing.setValue(stored.smoothing)
+        self.curves.log_y.setChecked(stored.log_y)
+        self.transport.set_direction(stored.transport_direction)
+        self.samples.set_mode(stored.images_mode)
         self.samples.blockSignals(True)  # the session already has these (SessionOptions)
         try:
             self.samples.set_count(self.options.image_samples)
@@ -385,19 +381,18 @@ class MainWindow(QMainWindow):
             self.samples.blockSignals(False)
         self._restoring = False
 
+    def _view_settings(self) -> StudioSettings:
+        """The preferences as the views show them now."""
+        return StudioSettings(
+            theme=self._theme, density_mode=self.density.mode, overlay=self.density.overlay_box.isChecked(),
+            show_samples=self.density.samples_box.isChecked(), smoothing=float(self.curves.smoothing.value()),
+            log_y=self.curves.log_y.isChecked(), transport_direction=self.transport.direction,
+            images_mode=self.samples.mode, images_count=self.samples.count,
+            images_temperature=float(self.samples.temperature.value()))
+
     def _save_view_settings(self) -> None:
-        if self._restoring:
-            return
-        s = self.settings
-        s.setValue("view/mode", self.density.mode)
-        s.setValue("view/overlay", self.density.overlay_box.isChecked())
-        s.setValue("view/samples", self.density.samples_box.isChecked())
-        s.setValue("curves/smoothing", float(self.curves.smoothing.value()))
-        s.setValue("curves/log_y", self.curves.log_y.isChecked())
-        s.setValue("transport/direction", self.transport.direction)
-        s.setValue("images/mode", self.samples.mode)
-        s.setValue("images/count", self.samples.count)
-        s.setValue("images/temperature", float(self.samples.temperature.value()))
+        if not self._restoring:
+            write_settings(self.settings, self._view_settings())
 
     def _save_settings(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
@@ -406,10 +401,10 @@ class MainWindow(QMainWindow):
         self.settings.sync()
 
     def _last_dir(self, kind: str) -> str:
-        return str(self.settings.value(f"dirs/{kind}", str(Path.home())))
+        return last_dir(self.settings, kind)
 
     def _remember_dir(self, kind: str, path: str) -> None:
-        self.settings.setValue(f"dirs/{kind}", str(Path(path).parent))
+        remember_dir(self.settings, kind, path)
 
     def set_theme(self, mode: str) -> None:
         """Switch between the system, light and dark themes (persisted)."""
@@ -421,7 +416,8 @@ class MainWindow(QMainWindow):
         for view in (self.density, self.samples, self.curves, self.solver_view, self.transport):
             view.set_colors(colors)
         self.theme_actions[mode].setChecked(True)
-        self.settings.setValue("theme", mode)
+        self._theme = mode
+        write_settings(self.settings, StudioSettings(theme=mode), "theme")
 
     # ------------------------------------------------------------------------------------------------------
     # run control

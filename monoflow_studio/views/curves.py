@@ -22,7 +22,10 @@ from ..smoothing import debiased_ema
 from ..theme import PlotColors, style_plot
 from ..widgets import set_axis_label
 
-__all__ = ["BITS_PER_DIM", "NATS", "CurvesView", "RunCurves"]
+__all__ = ["BITS_PER_DIM", "NATS", "SMOOTHING_RANGE", "CurvesView", "RunCurves"]
+
+#: The smoothing weight's range (a debiased exponential moving average; 1 would freeze the curve).
+SMOOTHING_RANGE: tuple[float, float] = (0.0, 0.999)
 
 #: Units of the curves (2-D runs and image runs).
 NATS, BITS_PER_DIM = "nats", "bits/dim"
@@ -101,7 +104,7 @@ class CurvesView(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.smoothing = QDoubleSpinBox()
-        self.smoothing.setRange(0.0, 0.999)
+        self.smoothing.setRange(*SMOOTHING_RANGE)
         self.smoothing.setDecimals(3)
         self.smoothing.setSingleStep(0.05)
         self.smoothing.setValue(0.9)

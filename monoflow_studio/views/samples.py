@@ -12,13 +12,15 @@ from monoflow_core.evaluation import image_grid
 from ..frames import ImageFrame, RunInfo
 from ..theme import PlotColors
 
-__all__ = ["SAMPLE_COUNTS", "SamplesView"]
+__all__ = ["SAMPLE_COUNTS", "TEMPERATURE_RANGE", "SamplesView"]
 
 #: What the grid shows.
 MODES = ("samples", "data")
 MODE_LABELS = {"samples": "Model samples", "data": "Training images"}
 #: Images per grid offered (square numbers: full grids).
 SAMPLE_COUNTS = (16, 36, 64, 100, 144)
+#: The sample temperature's range (the scale of the base noise).
+TEMPERATURE_RANGE: tuple[float, float] = (0.05, 2.0)
 
 
 class SamplesView(QWidget):
@@ -49,7 +51,7 @@ class SamplesView(QWidget):
         self.count_box.setCurrentIndex(SAMPLE_COUNTS.index(64))
         self.count_box.setToolTip("Images in the grid (model samples are drawn in the background)")
         self.temperature = QDoubleSpinBox()
-        self.temperature.setRange(0.05, 2.0)
+        self.temperature.setRange(*TEMPERATURE_RANGE)
         self.temperature.setSingleStep(0.05)
         self.temperature.setDecimals(2)
         self.temperature.setValue(1.0)
