@@ -851,8 +851,6 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
         if ev is not None:
             metrics.append(trainer.step_count, wall(), mean_pending(), ev.value)
             note(ev.describe() + f" ({ev.seconds:.2f} s)")
-        if cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0:
-            trainer.save_checkpoint(ckpt_path, metadata=metadata)
         if stop:
             note("Ctrl-C: stopping after this iteration and saving the checkpoint (press Ctrl-C again to stop at once)")
             return False
@@ -862,9 +860,10 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
     summary = None
     try:
         with _graceful_sigint(request_stop):
-            summary = trainer.run(target - start, callback)
+            # Periodic checkpoints, and one when the run ends or Ctrl-C stops it, are Trainer.run's job.
+            summary = trainer.run(target - start, callback, checkpoint_path=ckpt_path, checkpoint_metadata=metadata)
         interrupted = summary.stopped_early
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, inside a step: Trainer.run did not get to save
         interrupted = True
     except TrainingError as err:
         bar.close()
@@ -876,7 +875,8 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
     seconds = time.perf_counter() - t0
     steps_run = trainer.step_count - start
     if interrupted:
-        trainer.save_checkpoint(ckpt_path, metadata=metadata)
+        if summary is None:
+            trainer.save_checkpoint(ckpt_path, metadata=metadata)
         print(
             f"interrupted at iteration {trainer.step_count} of {target} after {seconds:.1f} s; "
             f"checkpoint saved to {ckpt_path}",
@@ -885,7 +885,6 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
         print(f"resume with: monoflow train --resume {ckpt_path} --iterations {target}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
-    trainer.save_checkpoint(ckpt_path, metadata=metadata)
     rate = steps_run / seconds if seconds > 0 else math.inf
     plural = "" if steps_run == 1 else "s"
     print(f"trained {_fmt_int(steps_run)} iteration{plural} in {seconds:.1f} s ({rate:.1f} it/s); "

@@ -808,6 +808,7 @@ class Trainer:
         callback: StepCallback | None = None,
         *,
         checkpoint_path: str | Path | None = None,
+        checkpoint_metadata: dict[str, Any] | None = None,
     ) -> RunSummary:
         """Run ``iterations`` steps (default: up to ``train_config.iterations`` in total).
 
@@ -819,7 +820,9 @@ class Trainer:
             callback: called after every step as ``callback(step_metrics, eval_metrics_or_None)``; returning
                 ``False`` (not merely a falsy value) stops the run.
             checkpoint_path: if given, a checkpoint is written there every ``checkpoint_every`` iterations and
-                at the end.
+                at the end, also when the callback stops the run (the project's one periodic-checkpoint
+                implementation; ``monoflow train`` uses it).
+            checkpoint_metadata: extra metadata for those checkpoints (e.g. the preset's name).
 
         Raises:
             TrainingError: from :meth:`step`.
@@ -844,13 +847,13 @@ class Trainer:
                 ev = self.evaluate(fixed=False, record=True)
             if checkpoint_path is not None and cfg.checkpoint_every and self._step % cfg.checkpoint_every == 0:
                 if self.dist.is_main:
-                    self.save_checkpoint(checkpoint_path)
+                    self.save_checkpoint(checkpoint_path, metadata=checkpoint_metadata)
                 saved_at = self._step
             if callback is not None and callback(last, ev) is False:
                 stopped = True
                 break
         if checkpoint_path is not None and saved_at != self._step and self.dist.is_main:
-            self.save_checkpoint(checkpoint_path)
+            self.save_checkpoint(checkpoint_path, metadata=checkpoint_metadata)
         fresh = [e for e in self.eval_history if not e.fixed]
         return RunSummary(
             steps_run=steps_run,
