@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", choices=TOY_DATASETS,
                         help="2-D toy data set of a 2-D preset (default: the preset's, 8gaussians)")
     parser.add_argument("--preset", default=None,
-                        help="shipped preset name or JSON file (default: paper-toy-monotone; digits-cpu trains an "
-                             "image flow on 8x8 digits)")
+                        help="shipped preset name or JSON file (default: quick-monotone; paper-toy-monotone is the "
+                             "paper's Table 1 model; digits-cpu trains an image flow on 8x8 digits)")
     parser.add_argument("--checkpoint", default=None, help="open this checkpoint (.safetensors) at start")
     parser.add_argument("--start", action="store_true", help="start training at once")
     parser.add_argument("--theme", choices=("system", "light", "dark"), default=None,
