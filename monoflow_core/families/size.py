@@ -9,6 +9,7 @@ compares them with built flows.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def _mlp(n_in: int, n_out: int, hidden: Sequence[int]) -> tuple[int, int]:
     """Parameters and modules of an MLP (zuko's ``MLP`` or ``MaskedMLP``): linear layers, an activation after
     each hidden one, and the sequential container."""
     widths = [n_in, *hidden, n_out]
-    params = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+    params = sum(a * b + b for a, b in pairwise(widths))
     return params, 1 + (len(widths) - 1) + len(hidden)
 
 
@@ -75,6 +76,6 @@ def family_size(config: FlowConfig) -> tuple[int, int, int]:
 
 
 def family_state_numbers(config: FlowConfig) -> int:
-    """Elements of the flow's state (parameters and buffers): what a checkpoint of it stores."""
+    """Elements of the flow's ``state_dict`` (parameters and persistent buffers): what a checkpoint of it stores."""
     params, buffers, _ = family_size(config)
-    return params + buffers
+    return params + buffers - 1  # (the flow's dtype anchor is not saved)
