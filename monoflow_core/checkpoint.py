@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .config import FlowConfig, TrainConfig
+from .families.size import family_state_numbers
 from .fileio import atomic_write
 from .flow import Flow
 from .metrics import TRAINER_STATE_FORMAT, EvalMetrics, StepMetrics
@@ -800,6 +801,8 @@ def _count_guard(path: Path, config: FlowConfig, stored: dict[str, _Entry]) -> N
             counts.append(("depth", config.depth, n))
         else:
             counts.append(("hidden", len(config.hidden), n))
+    if config.family != "implicit":  # a comparison family: one network of len(hidden) + 1 layers per block
+        counts.append(("hidden", len(config.hidden), n))
     for field, value, limit in counts:
         if value > limit:
             raise _fail(
@@ -815,6 +818,17 @@ def _count_guard(path: Path, config: FlowConfig, stored: dict[str, _Entry]) -> N
         field, setting, width = "image_shape", config.image_shape, config.dim >> halvings
     else:
         field, setting, width = "dim", config.dim, config.dim
+    if config.family != "implicit":
+        # Comparison families are built on the CPU even in the shape-only build (zuko computes its masks from
+        # values): sizes beyond what the file stores are refused first, so that build allocates no more than it.
+        need = family_state_numbers(config)
+        if need > numbers:
+            raise _fail(
+                path,
+                f"the stored flow tensors do not match model_config: family {config.family!r} with blocks = "
+                f"{_short(config.blocks)}, hidden = {_short(config.hidden)}, bins = {_short(config.bins)} holds "
+                f"{need} numbers, more than the {numbers} stored",
+            )
     if width > numbers:
         raise _fail(
             path,

@@ -19,6 +19,7 @@ import torch
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS
 from .dequantization import DEQUANTIZATIONS
+from .families.names import FAMILIES, IMPLICIT
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
@@ -138,6 +139,13 @@ class FlowConfig(JsonConfig):
         vdq_channels: hidden channels of each coupling's network, >= 1.
         levels: pixel levels K of the data (256 for 8-bit images, 17 for the digits); set from the data set by
             the trainer.
+        family: ``"implicit"`` (the paper's blocks, chosen by ``formulation``; the default) or a comparison family
+            built from the optional package zuko (docs/families.md): ``"realnvp"``, ``"glow"``, ``"nsf"``,
+            ``"maf"`` or ``"cnf"``. A comparison family models vectors of ``dim >= 2``; its size comes from
+            ``blocks`` (couplings, Glow steps, autoregressive transforms or stacked continuous flows), ``hidden``
+            (the widths of each block's network) and ``bins``; ``tol`` is the CNF's ODE tolerance. The fields
+            of G, the solvers and the log-det estimator do not apply to them.
+        bins: spline bins of the ``"nsf"`` family, >= 2.
     """
 
     kind: typing.ClassVar[str] = "flow configuration"
@@ -178,6 +186,8 @@ class FlowConfig(JsonConfig):
     vdq_blocks: int = 3
     vdq_channels: int = 32
     levels: int = 256
+    family: str = IMPLICIT
+    bins: int = 8
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,6 +239,7 @@ class FlowConfig(JsonConfig):
         self.roulette_param = _number("roulette_param", self.roulette_param)
         self.estimator_settings()  # validates the roulette parameter
         self._validate_image_fields()
+        self._validate_family()
 
     @property
     def is_image(self) -> bool:
@@ -271,6 +282,17 @@ class FlowConfig(JsonConfig):
         if sum(self.blocks_per_scale) + self.fc_blocks < 1:
             raise ValueError("blocks_per_scale / fc_blocks: an image flow needs at least one block")
         self.dim = c * h * w
+
+    def _validate_family(self) -> None:
+        self.family = _choice("family", self.family, FAMILIES)
+        self.bins = _int_at_least("bins", self.bins, 2)
+        if self.family == IMPLICIT:
+            return
+        if self.image_shape is not None:
+            raise ValueError(f"family: {self.family!r} models vectors; image flows use the implicit family "
+                             "(image_shape must be null)")
+        if self.dim < 2:
+            raise ValueError(f"family: {self.family!r} needs dim >= 2, got dim {self.dim}")
 
     def formulations(self) -> list[str]:
         """The formulation of each block."""

@@ -7,6 +7,8 @@ from torch import nn
 from .blocks import ActNorm, InverseResidualBlock, MonotoneBlock, ResidualBlock
 from .config import FlowConfig
 from .dequantization import UniformDequantizer, VariationalDequantizer
+from .families.build import build_family_flow
+from .families.names import IMPLICIT
 from .flow import Flow
 from .image_layers import ActNorm2d, FlatG, LogitTransform, Squeeze
 from .multiscale import MultiscaleFlow
@@ -115,11 +117,14 @@ def build_flow(config: FlowConfig | None = None) -> Flow:
 
     Layers: ``[ActNorm]`` if ``actnorm_input``, then per block the configured formulation around a fresh G,
     followed by an ActNorm if ``actnorm``. A configuration with ``image_shape`` builds a
-    :class:`~monoflow_core.multiscale.MultiscaleFlow` (:func:`build_image_flow`).
+    :class:`~monoflow_core.multiscale.MultiscaleFlow` (:func:`build_image_flow`); one whose ``family`` is not
+    ``"implicit"`` a :class:`~monoflow_core.families.build.ComparisonFlow` (docs/families.md; needs zuko).
     """
     # The flow keeps its own copy: live changes (``Flow.set_solver_options``) never touch the caller's object.
     config = FlowConfig() if config is None else config.replace()
     config.validate()
+    if config.family != IMPLICIT:  # a comparison family (Real NVP, Glow, NSF, MAF, CNF), built from zuko
+        return build_family_flow(config)
     if config.is_image:
         return build_image_flow(config)
     estimator = config.estimator_settings()

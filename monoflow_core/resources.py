@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .families.size import family_size, family_widths
+
 if TYPE_CHECKING:
     from .config import FlowConfig
     from .training import TrainConfig
@@ -82,6 +84,11 @@ class ResourceError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # formatting
 # --------------------------------------------------------------------------------------------------------------
+
+
+#: Accepted steps of a CNF's adaptive ODE solver assumed by the memory estimate (a trained 2-D FFJORD model takes
+#: tens to a few hundred at tolerance 1e-5).
+CNF_STEPS_ESTIMATE = 200
 
 
 def format_bytes(n: float) -> str:
@@ -359,6 +366,8 @@ def model_size(config: FlowConfig) -> ModelSize:
     Exact for the vector flows and for image flows with uniform dequantization (the tests compare with built
     flows); the variational dequantizer's small convolutions are counted without their Python details.
     """
+    if config.family != "implicit":  # a comparison family (monoflow_core.families)
+        return ModelSize(*family_size(config))
     block = ModelSize(0, 0, 1)  # the block module around G
     if not config.is_image:
         if config.g == "densenet":
@@ -412,6 +421,8 @@ def activation_bytes_per_sample(config: FlowConfig, itemsize: int) -> int:
     G's features, since their convolutions dominate and the implicit gradient keeps no per-iteration state. Image
     samples add their uint8 pixels and two float copies (dequantized, logit).
     """
+    if config.family != "implicit":
+        return _family_activation_bytes(config, itemsize)
     if not config.is_image:
         dim = config.dim
         if config.g == "densenet":
@@ -429,6 +440,24 @@ def activation_bytes_per_sample(config: FlowConfig, itemsize: int) -> int:
     _, width = _dense_widths(fc_dim, config.depth, config.fc_growth, config.activation)
     total += fc_blocks * itemsize * (width + 2 * fc_dim)
     return total + config.dim * (1 + 2 * itemsize)
+
+
+def _family_activation_bytes(config: FlowConfig, itemsize: int) -> int:
+    """:func:`activation_bytes_per_sample` of a comparison family (an estimate).
+
+    Per block: each network's features twice (activations and their derivatives) and the block's input four times.
+    A CNF keeps more: every evaluation of its ODE network builds ``dim`` Jacobian rows (the exact trace), and the
+    adjoint keeps the state of each accepted step; :data:`CNF_STEPS_ESTIMATE` steps are assumed.
+    """
+    dim = config.dim
+    total = 0
+    for block in range(min(config.blocks, 2)):  # blocks differ only by parity (families.size)
+        n_in, n_out = family_widths(config, block)
+        per_block = itemsize * (2 * (n_in + sum(config.hidden) + n_out) + 4 * dim)
+        if config.family == "cnf":
+            per_block = per_block * (dim + 1) + itemsize * CNF_STEPS_ESTIMATE * (dim + 1)
+        total += per_block * ((config.blocks + 1 - block) // 2)
+    return total
 
 
 def points_bytes(n: int, dim: int) -> int:

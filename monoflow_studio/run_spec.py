@@ -17,6 +17,7 @@ from typing import Any
 from monoflow_core.config import FlowConfig
 from monoflow_core.data import TOY_DATASETS
 from monoflow_core.data.images import IMAGE_DATASETS
+from monoflow_core.families import IMPLICIT, describe_family
 from monoflow_core.presets import Preset, list_presets, load_preset
 from monoflow_core.training import TrainConfig
 
@@ -106,6 +107,8 @@ class RunSpec:
     def describe_model(self) -> str:
         """A short description of the architecture, e.g. ``10 monotone blocks, cpila``."""
         m = self.model
+        if m.family != IMPLICIT:  # a comparison family (docs/families.md)
+            return describe_family(m)
         formulation = m.formulation if isinstance(m.formulation, str) else "/".join(sorted(set(m.formulation)))
         if m.is_image:
             scales = ", ".join(str(n) for n in m.blocks_per_scale)

@@ -39,6 +39,12 @@ SHIPPED_PRESETS = {
     "paper-1d-d",
     "paper-toy-idensenet",
     "paper-toy-monotone",
+    # the comparison families (monoflow_core.families, docs/families.md)
+    "toy-cnf",
+    "toy-glow",
+    "toy-maf",
+    "toy-nsf",
+    "toy-realnvp",
 }
 
 
