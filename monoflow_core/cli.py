@@ -9,6 +9,7 @@ Subcommands (``monoflow SUBCOMMAND --help`` for each):
 * ``eval``: test NLL in nats (test MSE for the staircase, bits/dim for images) on the fixed, seeded test set.
 * ``sample``: model samples as ``.npy``, a 2-D histogram ``.png`` or, for images, a ``.png`` sample grid.
 * ``density``: the log-density on a grid as ``.npy`` or a heat map ``.png``.
+* ``warmup``: compile the engine's kernels ahead of time (:mod:`monoflow_core.warmup`).
 * ``presets``: the shipped presets.
 
 The command adds no mathematics: it drives :class:`~monoflow_core.training.Trainer` and the functions of
@@ -47,7 +48,7 @@ from typing import Any, NoReturn, TextIO, cast
 import numpy as np
 import torch
 
-from . import __version__, evaluation
+from . import __version__, evaluation, fast
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint_metadata
 from .config import DTYPES, FlowConfig
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
@@ -1276,6 +1277,24 @@ def _cmd_density(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from .kernel_cache import kernel_cache_dir
+    from .warmup import warm_up
+
+    dtypes = [args.dtype] if args.dtype is not None else [torch.float32, torch.float64]
+    results = warm_up(dtypes, train=not args.solve_only)
+    if not results:
+        print(f"{PROG}: the compiled kernels are unavailable here (Numba or a BLAS is missing, or MONOFLOW_KERNELS=0); "
+              "nothing to prepare: the PyTorch kernels serve", file=sys.stderr)
+        return EXIT_FAILURE
+    for r in results:
+        what = "training and solver" if r.kit == "train" else "solver"
+        state = "ready" if r.ready else "FAILED (the PyTorch kernels serve instead)"
+        print(f"{_dtype_name(r.dtype)} {what} kernels: {state} ({r.seconds:.1f} s)")
+    print(f"cache folder: {kernel_cache_dir()}")
+    return EXIT_OK if all(r.ready for r in results) else EXIT_FAILURE
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     presets = list_presets()
     if not presets:
@@ -1459,6 +1478,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_density)
 
+    # -- warmup
+    p = sub.add_parser(
+        "warmup",
+        help="compile the engine's kernels now (e.g. while building an image), so that no run waits for them",
+        description="Compile the engine's compiled CPU kernels (or load them from the cache) ahead of time. The first "
+        "process on a machine otherwise compiles them before its first step (half a minute to a few minutes); they "
+        "are cached per user (MONOFLOW_CACHE_DIR overrides the folder) and later processes load them in about a "
+        "second. In an image, run this as the user who will run monoflow, on the kind of CPU that will run it.",
+    )
+    p.add_argument("--dtype", type=_dtype, metavar="DT", help="float32 or float64 only (default: both)")
+    p.add_argument("--solve-only", action="store_true",
+                   help="only the kernels of densities, samples and tests (not those of training)")
+    p.set_defaults(handler=_cmd_warmup)
+
     # -- presets
     p = sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets: name and "
                        "description, one per line.")
@@ -1469,6 +1502,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_notice(text: str) -> None:
+    """Print a notice of the compiled kernels (:data:`monoflow_core.fast.kernel_notice`) on stderr, above any
+    progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _error(message: str, stream: TextIO | None = None) -> None:
@@ -1503,6 +1544,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("train: --out DIR is required for a new run (see 'monoflow train --help')")
         return EXIT_USAGE
     debug = bool(os.environ.get(DEBUG_ENV))
+    previous_notice = fast.kernel_notice
+    fast.kernel_notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
     try:
         return int(args.handler(args))
     except CLIError as err:
@@ -1526,6 +1569,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        fast.kernel_notice = previous_notice
 
 
 if __name__ == "__main__":  # pragma: no cover

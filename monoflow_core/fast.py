@@ -1270,7 +1270,7 @@ def _cache_stamp(dtype: torch.dtype, kit: str) -> tuple[Path, str]:
 def _expect_compile(dtype: torch.dtype, kit: str) -> bool:
     """Whether the kernels of ``kit`` in ``dtype`` will be compiled rather than loaded from the on-disk cache (as
     far as this process can tell: compiled here already, or the cache folder's marker of an earlier compile)."""
-    if all(any(_signature_dtype(sig) == dtype for sig in getattr(kernels, name).overloads)
+    if all(any(_signature_dtype(sig) == dtype for sig in getattr(getattr(kernels, name), "overloads", ()))
            for name in KERNEL_SETS[kit]):
         return False
     try:
