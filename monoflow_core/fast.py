@@ -1330,8 +1330,9 @@ def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
         if kit == "train":
             _KERNEL_STATE[(dtype, "solve")] = "ready"
         seconds = time.perf_counter() - t0
-        with suppress(OSError):
+        with suppress(OSError):  # (a cache folder that cannot be written only costs the notices' accuracy)
             path, text = _cache_stamp(dtype, kit)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         if announced or seconds >= 5.0:
             _notify(f"monoflow: the {what} are ready ({seconds:.0f} s)")
