@@ -1149,14 +1149,16 @@ def kernels_apply(x: Tensor, net: FoldedNet, backward: bool = True) -> bool:
 #: and the solves: all that densities, samples and tests need) and "train" (the "solve" set, the fold's backward
 #: and the runs' backward). Every kernel takes the formulation (block kind), the dimension and the architecture as
 #: arguments, so one compiled version per dtype serves them all; there is nothing finer to leave out. The cost of
-#: each piece is measured by ``benchmarks/first_run.py --pieces`` (``benchmarks/results/first_run.md``).
+#: each piece is measured by ``benchmarks/first_run.py`` (``benchmarks/results/first_run.md``).
 KERNEL_SETS = {
     "solve": ("fold_forward", "solve_run"),
     "train": ("fold_forward", "solve_run", "fold_backward", "backward_run"),
 }
-#: Rough cold compile time of each set, in seconds (low, high): the 2-core development machine took the low end
-#: idle and the high end under load (``benchmarks/results/first_run.md``); the kernels' notices quote it.
-KERNEL_COMPILE_SECONDS = {"solve": (30, 90), "train": (50, 150)}
+#: Rough cold compile time of each set, in seconds (low, high), quoted by the kernels' notices. On the 2-core
+#: development machine (float32): the solvers' set 56 s and the training set 90 s at a load average of about 4, and
+#: 175 s and 163-235 s at a load average of 8-11 (``benchmarks/results/first_run.md``); the low ends are a guess for
+#: an idle machine of that kind.
+KERNEL_COMPILE_SECONDS = {"solve": (30, 180), "train": (50, 300)}
 
 # (dtype, kernel set) -> "compiling" | "ready" | "failed"
 _KERNEL_STATE: dict[tuple[torch.dtype, str], str] = {}
@@ -1313,6 +1315,8 @@ def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
         announced = _expect_compile(dtype, kit)
         if announced:
             low, high = KERNEL_COMPILE_SECONDS[kit]
+            if kit == "train" and _KERNEL_STATE.get((dtype, "solve")) == "ready":  # (the rest of the set only)
+                low, high = low - KERNEL_COMPILE_SECONDS["solve"][0], high - KERNEL_COMPILE_SECONDS["solve"][1]
             _notify(f"monoflow: compiling the {what} (first use with this cache; about {low}-{high} s, once: later "
                     f"runs load them from {kernel_cache_dir()})")
         t0 = time.perf_counter()
@@ -1337,8 +1341,10 @@ def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
             path, text = _cache_stamp(dtype, kit)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        if announced or seconds >= 5.0:
-            _notify(f"monoflow: the {what} are ready ({seconds:.0f} s)")
+        if announced:
+            _notify(f"monoflow: the {what} are ready (compiled in {seconds:.0f} s)")
+        elif seconds >= 5.0:  # (a busy machine, or a cache whose marker was gone)
+            _notify(f"monoflow: the {what} are ready (prepared in {seconds:.0f} s)")
 
 
 def _run_kernels_once(dtype: torch.dtype, backward: bool = True) -> None:
