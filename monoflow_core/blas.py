@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernel_cache import numba_cache_location
+
 try:
     import numba
     from numba import types
@@ -114,11 +116,16 @@ if numba is not None and LIBRARY is not None:
     _sgemm = types.ExternalFunction(_SYMBOLS[0], _SIGNATURE)
     _dgemm = types.ExternalFunction(_SYMBOLS[1], _SIGNATURE)
 
-    @numba.njit(cache=True, nogil=True)
+    def _njit(fn: Any) -> Any:
+        # cached in the per-user folder of monoflow_core.kernel_cache, as the kernels are
+        with numba_cache_location():
+            return numba.njit(cache=True, nogil=True)(fn)
+
+    @_njit
     def _rows_contiguous(arr):  # pragma: no cover - compiled
         return arr.shape[1] <= 1 or arr.strides[1] == arr.itemsize  # (a one-element row has no stride to speak of)
 
-    @numba.njit(cache=True, nogil=True)
+    @_njit
     def gemm(trans_a, trans_b, a, b, out):  # pragma: no cover - compiled
         """``out = op(a) op(b)`` for row-major float32 or float64 matrices whose rows are contiguous (``op``
         transposes where its flag is set; the row strides may exceed the rows' lengths); ``out`` is overwritten.

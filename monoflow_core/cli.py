@@ -9,6 +9,7 @@ Subcommands (``monoflow SUBCOMMAND --help`` for each):
 * ``eval``: test NLL in nats (test MSE for the staircase, bits/dim for images) on the fixed, seeded test set.
 * ``sample``: model samples as ``.npy``, a 2-D histogram ``.png`` or, for images, a ``.png`` sample grid.
 * ``density``: the log-density on a grid as ``.npy`` or a heat map ``.png``.
+* ``warmup``: compile the engine's kernels ahead of time (:mod:`monoflow_core.warmup`).
 * ``presets``: the shipped presets.
 
 The command adds no mathematics: it drives :class:`~monoflow_core.training.Trainer` and the functions of
@@ -47,9 +48,9 @@ from typing import Any, NoReturn, TextIO, cast
 import numpy as np
 import torch
 
-from . import __version__, evaluation
+from . import __version__, evaluation, fast
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint_metadata
-from .config import FlowConfig
+from .config import DTYPES, FlowConfig
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS, image_set_shape
 from .distributed import init_from_environment
@@ -70,7 +71,7 @@ from .resources import (
 )
 from .runlock import RunLock, RunLockedError
 from .runtime import tune_allocator
-from .training import DTYPES, EVAL_POWER_ITERATIONS, TrainConfig, Trainer, TrainingError
+from .training import EVAL_POWER_ITERATIONS, TrainConfig, Trainer, TrainingError
 
 __all__ = ["main"]
 
@@ -326,12 +327,33 @@ class _NpyWriter:
             os.unlink(self.tmp)
 
 
-def _eval_dtype(device: torch.device, flow: Flow) -> torch.dtype:
-    # As the Trainer does: float64 on the CPU (about as fast as float32 there and every solve converges),
-    # the flow's own dtype elsewhere and for image flows (float64 convolutions are slow on CPUs).
-    if getattr(flow, "levels", None) is not None:
-        return flow.dtype
-    return torch.float64 if device.type == "cpu" else flow.dtype
+def _dtype(text: str) -> torch.dtype:
+    """An argparse type: ``float32`` or ``float64``, the dtype that computes a command's output."""
+    dtype = DTYPES.get(text.strip().lower())
+    if dtype is None:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)}, got {text!r}")
+    return dtype
+
+
+def _add_dtype_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--dtype", type=_dtype, metavar="DT", help=f"float32 or float64: the dtype the output is computed "
+                   f"in (default: {default}); the output states it")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _picture_dtype(args: argparse.Namespace, flow: Flow) -> torch.dtype:
+    """The dtype of samples and density grids: ``--dtype``, by default the flow's training dtype (float32 unless
+    the run trained in float64). A picture or a sample set does not need float64's last digits; a reported
+    likelihood does, and ``eval`` keeps float64 (:meth:`~monoflow_core.training.Trainer.evaluation_dtype`)."""
+    return cast(torch.dtype, args.dtype) if args.dtype is not None else flow.dtype
+
+
+def _png_text(dtype: torch.dtype) -> dict[str, str]:
+    """The ``tEXt`` metadata of the command's pictures: the program and the dtype that computed the picture."""
+    return {"Software": f"{PROG} {__version__}", "monoflow:dtype": _dtype_name(dtype)}
 
 
 def _load(path: str, device: str, flag: str = "checkpoint") -> Checkpoint:
@@ -928,13 +950,13 @@ def _train_worker(args: argparse.Namespace) -> int:
 
 def _describe_test(ev: Any, data: str) -> str:
     if ev.bpd is not None:
-        return f"{ev.describe()}; {ev.seconds:.2f} s"
+        return f"{ev.describe()}; {ev.dtype}; {ev.seconds:.2f} s"
     points = f"{_fmt_int(ev.n_test)} fixed {data} points"
     if ev.nll_nats is not None:
         err = f" +- {ev.nll_stderr_nats:.4f}" if ev.nll_stderr_nats is not None else ""
         logdet = "exact log-det" if ev.exact else "estimated log-det (unbiased, stochastic)"
-        return f"test NLL {ev.nll_nats:.4f}{err} nats ({points}, {logdet}; {ev.seconds:.2f} s)"
-    return f"test MSE {ev.mse:.4g} ({points}; {ev.seconds:.2f} s)"
+        return f"test NLL {ev.nll_nats:.4f}{err} nats ({points}, {logdet}, {ev.dtype}; {ev.seconds:.2f} s)"
+    return f"test MSE {ev.mse:.4g} ({points}, {ev.dtype}; {ev.seconds:.2f} s)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -985,11 +1007,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         n = test_config.test_size if test_config.task == "density" else test_config.eval_size
         label = f"--test-size {args.test_size}" if args.test_size is not None else (
             f"test_size {n} (the run's; override it with --test-size)")
-        copy = sum(t.numel() for t in (*flow.parameters(), *flow.buffers())) * 8  # the float64 evaluation copy
+        # the evaluation copy (float64 by default)
+        copy = sum(t.numel() for t in (*flow.parameters(), *flow.buffers())) * 8
         check_memory(label, points_bytes(n, flow.dim) + copy, "the held-out test", hint="use a smaller --test-size")
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
     trainer = Trainer(ckpt.model_config, test_config, flow=flow)
-    result = trainer.evaluate(fixed=True)
+    result = trainer.evaluate(fixed=True, dtype=args.dtype)
     step = ckpt.metadata.get("step")
     if isinstance(step, int):
         # The evaluation trainer starts at step 0; report the checkpoint's iteration (image results print it).
@@ -1063,7 +1086,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"{args.checkpoint}: holds a flow on {flow.dim}-D samples; a .png histogram needs 2-D samples "
             "(write .npy instead)"
         )
-    n, dtype = args.n, _eval_dtype(flow.device, flow)
+    n, dtype = args.n, _picture_dtype(args, flow)
     np_dtype = _numpy_dtype(dtype)
     e, r = args.extent, args.resolution
     if suffix == ".npy":
@@ -1114,19 +1137,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         # counts[i, j]: x bin i, y bin j -> image rows from the highest y (top) to the lowest.
         image = counts.T[::-1]
         peak = image.max()
-        write_png(out, colormap(image / peak if peak > 0 else image))
+        write_png(out, colormap(image / peak if peak > 0 else image), _png_text(dtype))
         what = (
             f"a {r} x {r} histogram of {_fmt_int(n)} samples on [-{e:g}, {e:g}]^2 ({_fmt_int(int(counts.sum()))} "
             "inside)"
         )
-    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
+    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
+          f"sampling took {seconds:.2f} s)")
     return EXIT_OK
 
 
 def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str) -> int:
     from .multiscale import quantize
 
-    n, dtype = args.n, _eval_dtype(flow.device, flow)
+    n, dtype = args.n, _picture_dtype(args, flow)
     levels = int(cast(Any, flow).levels)  # an image flow (MultiscaleFlow), as the caller checked
     c, h, w = (int(s) for s in flow.event_shape)
     np_dtype = np.dtype(np.uint8 if levels <= 256 else np.int64)
@@ -1177,9 +1201,10 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     if writer is not None:
         what = f"{_fmt_int(n)} images ({shape}, integer levels 0-{levels - 1})"
     else:
-        write_png(out, evaluation.image_grid(np.concatenate(pieces), levels))
+        write_png(out, evaluation.image_grid(np.concatenate(pieces), levels), _png_text(dtype))
         what = f"a grid of {_fmt_int(n)} sampled images ({shape}, {levels} levels)"
-    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}; sampling took {seconds:.2f} s)")
+    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
+          f"sampling took {seconds:.2f} s)")
     return EXIT_OK
 
 
@@ -1193,7 +1218,7 @@ def _cmd_density(args: argparse.Namespace) -> int:
     box = evaluation.parse_extent(args.extent)
     if suffix == ".npy":
         # Streamed to disk a piece at a time: memory stays bounded whatever --resolution is.
-        check_disk(f"--resolution {r}", npy_bytes((r, r), 8), out.parent, f"the {r} x {r} float64 grid")
+        check_disk(f"--resolution {r}", npy_bytes((r, r), 8), out.parent, f"the {r} x {r} grid")
     else:
         # The heat map needs the whole grid: log-densities, densities, the RGB picture, its flip and its PNG.
         check_memory(f"--resolution {r}", r * r * (8 + 8 + 3 * 3), f"the {r} x {r} heat map",
@@ -1204,7 +1229,9 @@ def _cmd_density(args: argparse.Namespace) -> int:
         raise CLIError(
             f"{args.checkpoint}: holds a flow on {flow.dim}-D samples; density grids need a 2-D flow (a toy density)"
         )
-    writer = _NpyWriter(out, (r, r), np.dtype(np.float64)) if suffix == ".npy" else None
+    dtype = _picture_dtype(args, flow)
+    # The file holds the values in the dtype that computed them (its header says which).
+    writer = _NpyWriter(out, (r, r), _numpy_dtype(dtype)) if suffix == ".npy" else None
     grid = np.empty(r * r, dtype=np.float64) if writer is None else None
     lo, hi, total = math.inf, -math.inf, 0.0
     bar = _progress(r * r, "points", "density")
@@ -1225,7 +1252,7 @@ def _cmd_density(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         xmin, xmax, ymin, ymax = evaluation.log_density_pieces(
-            flow, consume, box, r, dtype=_eval_dtype(flow.device, flow), workers=args.workers
+            flow, consume, box, r, dtype=dtype, workers=args.workers
         )
         seconds = time.perf_counter() - t0
         if writer is not None:
@@ -1238,14 +1265,33 @@ def _cmd_density(args: argparse.Namespace) -> int:
         bar.close()
     if grid is not None:
         square = grid.reshape(r, r)
-        write_png(out, colormap(np.exp(square - hi)[::-1]))  # density in [0, 1], 1 at the peak; top row = highest y
+        # density in [0, 1], 1 at the peak; top row = highest y
+        write_png(out, colormap(np.exp(square - hi)[::-1]), _png_text(dtype))
     cell = (xmax - xmin) / (r - 1) * (ymax - ymin) / (r - 1)
     print(
         f"wrote the {r} x {r} log-density grid on [{xmin:g}, {xmax:g}] x [{ymin:g}, {ymax:g}] to {out} "
         f"(log p from {lo:.3f} to {hi:.3f} nats; probability mass on the grid about {total * cell:.3f}; "
-        f"{seconds:.2f} s)"
+        f"{_dtype_name(dtype)}; {seconds:.2f} s)"
     )
     return EXIT_OK
+
+
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from .kernel_cache import kernel_cache_dir
+    from .warmup import warm_up
+
+    dtypes = [args.dtype] if args.dtype is not None else [torch.float32, torch.float64]
+    results = warm_up(dtypes, train=not args.solve_only)
+    if not results:
+        print(f"{PROG}: the compiled kernels are unavailable here (Numba or a BLAS is missing, or MONOFLOW_KERNELS=0); "
+              "nothing to prepare: the PyTorch kernels serve", file=sys.stderr)
+        return EXIT_FAILURE
+    for r in results:
+        what = "training and solver" if r.kit == "train" else "solver"
+        state = "ready" if r.ready else "FAILED (the PyTorch kernels serve instead)"
+        print(f"{_dtype_name(r.dtype)} {what} kernels: {state} ({r.seconds:.1f} s)")
+    print(f"cache folder: {kernel_cache_dir()}")
+    return EXIT_OK if all(r.ready for r in results) else EXIT_FAILURE
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -1382,7 +1428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "validation"), help="image sets: split to test on (default: the "
                    "run's eval_split, test)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: bpd (images), nll_nats (or mse), n_test, seconds, exact, data, ...")
+                   help="print one JSON object: bpd (images), nll_nats (or mse), n_test, seconds, exact, dtype, "
+                        "data, ...")
+    _add_dtype_option(p, "float64 on the CPU, the training dtype for image flows and on GPUs")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_eval)
 
@@ -1406,6 +1454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
                    help=".png only: half-width of the histogram's square (default 4)")
     _add_workers_option(p, "; image flows sample serially")
+    _add_dtype_option(p, "the training dtype, float32 for the shipped presets")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_sample)
 
@@ -1414,7 +1463,7 @@ def build_parser() -> argparse.ArgumentParser:
         "density",
         help="log-density on a grid to .npy, or a heat map .png (2-D flows)",
         description="Evaluate log p(x) in nats on an R x R grid over [-extent, extent]^2 (the paper draws 400 x 400 "
-        "on [-4, 4]^2). FILE.npy: the (R, R) float64 array of log-densities, row 0 = lowest y, column 0 = lowest x. "
+        "on [-4, 4]^2). FILE.npy: the (R, R) array of log-densities in --dtype, row 0 = lowest y, column 0 = lowest x. "
         "FILE.png: the density exp(log p) divided by its peak, viridis-like colours, highest y at the top.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint of a 2-D flow")
@@ -1424,8 +1473,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half-width of the square grid (default 4)")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
     _add_workers_option(p)
+    _add_dtype_option(p, "the training dtype, float32 for the shipped presets")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_density)
+
+    # -- warmup
+    p = sub.add_parser(
+        "warmup",
+        help="compile the engine's kernels now (e.g. while building an image), so that no run waits for them",
+        description="Compile the engine's compiled CPU kernels (or load them from the cache) ahead of time. The first "
+        "process on a machine otherwise compiles them before its first step (half a minute to a few minutes); they "
+        "are cached per user (MONOFLOW_CACHE_DIR overrides the folder) and later processes load them in about a "
+        "second. In an image, run this as the user who will run monoflow, on the kind of CPU that will run it.",
+    )
+    p.add_argument("--dtype", type=_dtype, metavar="DT", help="float32 or float64 only (default: both)")
+    p.add_argument("--solve-only", action="store_true",
+                   help="only the kernels of densities, samples and tests (not those of training)")
+    p.set_defaults(handler=_cmd_warmup)
 
     # -- presets
     p = sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets: name and "
@@ -1437,6 +1501,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _kernel_notice(text: str) -> None:
+    """Print a notice of the compiled kernels (:data:`monoflow_core.fast.kernel_notice`) on stderr, above any
+    progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _error(message: str, stream: TextIO | None = None) -> None:
@@ -1471,6 +1543,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("train: --out DIR is required for a new run (see 'monoflow train --help')")
         return EXIT_USAGE
     debug = bool(os.environ.get(DEBUG_ENV))
+    previous_notice = fast.kernel_notice
+    fast.kernel_notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
     try:
         return int(args.handler(args))
     except CLIError as err:
@@ -1494,6 +1568,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        fast.kernel_notice = previous_notice
 
 
 if __name__ == "__main__":  # pragma: no cover

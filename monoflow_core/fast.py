@@ -46,12 +46,14 @@ import concurrent.futures
 import math
 import os
 import threading
+import time
 import typing
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import blas, kernels
+from .kernel_cache import kernel_cache_dir
 from .logdet import resolve_logdet_mode
 from .nn.activations import CPila, CReLU
 from .nn.densenet import DenseNetG
@@ -345,7 +348,7 @@ def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
     return (
         USE_KERNELS and kernels.AVAILABLE and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
         and all(lin.mode == "exact" and lin.bias is not None for lin in [*nets[0].layers, nets[0].final])
-        and kernels_ready(ref.dtype, wait=KERNELS_WAIT)
+        and kernels_ready(ref.dtype, wait=KERNELS_WAIT, backward=torch.is_grad_enabled())
     )
 
 
@@ -1129,56 +1132,83 @@ _KERNEL_INVERSE = {
 }
 
 
-def kernels_apply(x: Tensor, net: FoldedNet) -> bool:
+def kernels_apply(x: Tensor, net: FoldedNet, backward: bool = True) -> bool:
     """Whether the compiled kernels serve points ``x`` with the folded weights ``net`` (CPU, float32/64).
 
-    They serve once compiled for ``x``'s dtype (:func:`kernels_ready`). The first call for a dtype waits for them
+    They serve once compiled for ``x``'s dtype and for what the caller needs (:func:`kernels_ready`; ``backward``:
+    a forward pass whose backward pass follows, else a solve without gradients). The first call waits for them
     (:data:`KERNELS_WAIT`); without waiting the PyTorch kernels serve until they are ready.
     """
     return (
         USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and kernels_ready(x.dtype, wait=KERNELS_WAIT)
+        and kernels_ready(x.dtype, wait=KERNELS_WAIT, backward=backward)
     )
 
 
-# dtype -> "compiling" | "ready" | "failed"
-_KERNEL_STATE: dict[torch.dtype, str] = {}
+#: The compiled kernels of a dtype come in two sets, each compiled when first needed: "solve" (the fold's forward
+#: and the solves: all that densities, samples and tests need) and "train" (the "solve" set, the fold's backward
+#: and the runs' backward). Every kernel takes the formulation (block kind), the dimension and the architecture as
+#: arguments, so one compiled version per dtype serves them all; there is nothing finer to leave out. The cost of
+#: each piece is measured by ``benchmarks/first_run.py`` (``benchmarks/results/first_run.md``).
+KERNEL_SETS = {
+    "solve": ("fold_forward", "solve_run"),
+    "train": ("fold_forward", "solve_run", "fold_backward", "backward_run"),
+}
+#: Rough cold compile time of each set, in seconds (low, high), quoted by the kernels' notices. On the 2-core
+#: development machine (float32): the solvers' set 56 s and the training set 90 s at a load average of about 4, and
+#: 175 s and 163-235 s at a load average of 8-11 (``benchmarks/results/first_run.md``); the low ends are a guess for
+#: an idle machine of that kind.
+KERNEL_COMPILE_SECONDS = {"solve": (30, 180), "train": (50, 300)}
+
+# (dtype, kernel set) -> "compiling" | "ready" | "failed"
+_KERNEL_STATE: dict[tuple[torch.dtype, str], str] = {}
 _KERNEL_LOCK = threading.Lock()
 
+#: Called with one line of text when this process starts to compile kernels that the on-disk cache does not hold
+#: (with a rough duration), and again when they are ready; ``None`` (the library's default) says nothing. The
+#: command line prints the lines on stderr and the studio shows them in its status bar. It may be called from a
+#: background compile thread.
+kernel_notice: Callable[[str], None] | None = None
 
-def kernels_ready(dtype: torch.dtype, wait: bool = False) -> bool:
+
+def kernels_ready(dtype: torch.dtype, wait: bool = False, backward: bool = True) -> bool:
     """Whether the compiled kernels are ready for ``dtype``; the first call starts compiling them.
 
-    Compiling takes about half a minute per dtype the first time on a machine (Numba then caches the machine code
-    on disk, and later processes load it in about a second). Without ``wait`` it runs in a background thread and
-    this returns at once (False until done): a caller can start it ahead of the first use. ``wait=True`` compiles
-    (or loads) in the calling thread, or waits for the background compile under way, and returns when done; the
-    fused path itself waits (:data:`KERNELS_WAIT`). A failure to compile is reported once as a warning and leaves
-    the PyTorch kernels in charge for that dtype. Once the interpreter has begun to shut down no background compile
-    starts (:func:`_stop_background_compiles`).
+    ``backward``: the kernels of training too (the "train" set of :data:`KERNEL_SETS`), else only those of solves
+    without gradients ("solve": densities, samples, tests), which compile in about 60% of the time. Compiling takes
+    half a minute or more the first time on a machine (Numba then caches the machine code on disk, in the folder of
+    :mod:`monoflow_core.kernel_cache`, and later processes load it in about a second); :data:`kernel_notice` hears
+    of it. Without ``wait`` it runs in a background thread and this returns at once (False until done): a caller
+    can start it ahead of the first use. ``wait=True`` compiles (or loads) in the calling thread, or waits for the
+    background compile under way, and returns when done; the fused path itself waits (:data:`KERNELS_WAIT`). A
+    failure to compile is reported once as a warning and leaves the PyTorch kernels in charge for that dtype and
+    set. Once the interpreter has begun to shut down no background compile starts (:func:`_stop_background_compiles`).
     """
     if not (USE_KERNELS and kernels.AVAILABLE):
         return False
+    key = (dtype, "train" if backward else "solve")
     with _KERNEL_LOCK:
-        state = _KERNEL_STATE.get(dtype)
+        state = _KERNEL_STATE.get(key)
+        if state is None and not backward and _KERNEL_STATE.get((dtype, "train")) == "ready":
+            _KERNEL_STATE[key] = state = "ready"  # (the "train" set holds the "solve" set)
         if state is None:
             if not wait:
                 if _SHUTDOWN.is_set():
                     return False  # (it would be cancelled before its first piece anyway)
-                _KERNEL_STATE[dtype] = "compiling"
-                thread = threading.Thread(target=_compile_in_background, args=(dtype,),
-                                          name=f"monoflow-kernels-{dtype}", daemon=True)
+                _KERNEL_STATE[key] = "compiling"
+                thread = threading.Thread(target=_compile_in_background, args=key,
+                                          name=f"monoflow-kernels-{dtype}-{key[1]}", daemon=True)
                 _COMPILE_THREADS.append(thread)
                 thread.start()
                 return False
-            _KERNEL_STATE[dtype] = state = "compiling"
+            _KERNEL_STATE[key] = state = "compiling"
         elif state == "compiling" and not wait:
             return False
     if state == "compiling" and wait:
-        with _KERNEL_COMPILE_LOCK:  # the thread compiling it (if any) holds it until done
-            if _KERNEL_STATE.get(dtype) == "compiling":
-                _compile_kernels(dtype)
-    return _KERNEL_STATE.get(dtype) == "ready"
+        with _KERNEL_COMPILE_LOCK:  # the thread compiling (if any) holds it until done
+            if _KERNEL_STATE.get(key) == "compiling":
+                _compile_kernels(*key)
+    return _KERNEL_STATE.get(key) == "ready"
 
 
 _KERNEL_COMPILE_LOCK = threading.RLock()
@@ -1194,10 +1224,10 @@ class _CompileCancelledError(Exception):
     """Raised between the pieces of a background compile once the interpreter has begun to shut down."""
 
 
-def _compile_in_background(dtype: torch.dtype) -> None:
+def _compile_in_background(dtype: torch.dtype, kit: str) -> None:
     """The body of a background compile thread: :func:`_compile_kernels`, cancellable by :data:`_SHUTDOWN`."""
     _BACKGROUND.active = True
-    _compile_kernels(dtype)
+    _compile_kernels(dtype, kit)
 
 
 def _check_not_cancelled() -> None:
@@ -1228,35 +1258,99 @@ def _stop_background_compiles() -> None:
             thread.join()
 
 
-def _compile_kernels(dtype: torch.dtype) -> None:
-    """Compile (or load from Numba's cache) the kernels for ``dtype``, through the same calls the engine makes.
+def _cache_stamp(dtype: torch.dtype, kit: str) -> tuple[Path, str]:
+    """A marker file in the kernels' cache folder, and the text it holds once ``kit`` of ``dtype`` was compiled
+    there: the sources' sizes and modification times (what Numba's cache checks) and Numba's version."""
+    import numba
+
+    sources = [Path(kernels.__file__), Path(blas.__file__)]
+    text = " ".join([numba.__version__, *(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources)])
+    name = f"monoflow-kernels-{str(dtype).replace('torch.', '')}-{kit}.stamp"
+    return kernel_cache_dir() / name, text
+
+
+def _expect_compile(dtype: torch.dtype, kit: str) -> bool:
+    """Whether the kernels of ``kit`` in ``dtype`` will be compiled rather than loaded from the on-disk cache (as
+    far as this process can tell: compiled here already, or the cache folder's marker of an earlier compile)."""
+    if all(any(_signature_dtype(sig) == dtype for sig in getattr(getattr(kernels, name), "overloads", ()))
+           for name in KERNEL_SETS[kit]):
+        return False
+    for held_by in ("solve", "train") if kit == "solve" else ("train",):  # (the "train" set holds the "solve" set)
+        try:
+            path, text = _cache_stamp(dtype, held_by)
+            if path.read_text() == text:
+                return False
+        except OSError:
+            pass
+    return True
+
+
+def _signature_dtype(sig: Any) -> torch.dtype | None:
+    """The torch dtype of a compiled kernel's signature (that of its first floating-point array)."""
+    for arg in sig:
+        name = str(getattr(arg, "dtype", ""))
+        if name in ("float32", "float64"):
+            return getattr(torch, name)  # type: ignore[no-any-return]
+    return None
+
+
+def _notify(text: str) -> None:
+    if kernel_notice is not None:
+        kernel_notice(text)
+
+
+def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
+    """Compile (or load from Numba's cache) the kernels of set ``kit`` for ``dtype``, through the engine's calls.
 
     A tiny problem with deterministic weights (no random numbers: this may run in a background thread, and the
     global generator belongs to the user), 2 dimensions, 2 layers of 4 units. Every kernel takes its sizes as
     arguments, so these compiled versions serve every architecture of the dtype. A background compile cancelled at
     shutdown leaves the state "compiling" (a later caller that waits compiles in its own thread).
     """
+    key = (dtype, kit)
     with _KERNEL_COMPILE_LOCK:
-        if _KERNEL_STATE.get(dtype) != "compiling":
+        if _KERNEL_STATE.get(key) != "compiling":
             return
+        what = f"{'training' if kit == 'train' else 'solver'} kernels for {str(dtype).replace('torch.', '')}"
+        announced = _expect_compile(dtype, kit)
+        if announced:
+            low, high = KERNEL_COMPILE_SECONDS[kit]
+            if kit == "train" and _KERNEL_STATE.get((dtype, "solve")) == "ready":  # (the rest of the set only)
+                low, high = low - KERNEL_COMPILE_SECONDS["solve"][0], high - KERNEL_COMPILE_SECONDS["solve"][1]
+            _notify(f"monoflow: compiling the {what} (first use with this cache; about {low}-{high} s, once: later "
+                    f"runs load them from {kernel_cache_dir()})")
+        t0 = time.perf_counter()
         try:
             kernels.limit_blas_threads()
             # A caller that waits may be inside no_grad or inference_mode (an evaluation's first use); the warm-up
             # differentiates the fold, as training does, so that its backward is compiled too.
             with torch.inference_mode(False), torch.enable_grad():
-                _run_kernels_once(dtype)
+                _run_kernels_once(dtype, backward=kit == "train")
         except _CompileCancelledError:
             return
         except Exception as error:  # any failure leaves the PyTorch kernels in charge
-            _KERNEL_STATE[dtype] = "failed"
+            _KERNEL_STATE[key] = "failed"
             warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
                           "kernels serve instead", RuntimeWarning, stacklevel=2)
             return
-        _KERNEL_STATE[dtype] = "ready"
+        _KERNEL_STATE[key] = "ready"
+        if kit == "train":
+            _KERNEL_STATE[(dtype, "solve")] = "ready"
+        seconds = time.perf_counter() - t0
+        with suppress(OSError):  # (a cache folder that cannot be written only costs the notices' accuracy)
+            path, text = _cache_stamp(dtype, kit)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        if announced:
+            _notify(f"monoflow: the {what} are ready (compiled in {seconds:.0f} s)")
+        elif seconds >= 5.0:  # (a busy machine, or a cache whose marker was gone)
+            _notify(f"monoflow: the {what} are ready (prepared in {seconds:.0f} s)")
 
 
-def _run_kernels_once(dtype: torch.dtype) -> None:
-    """Call every compiled kernel once in ``dtype`` on a tiny deterministic problem (see :func:`_compile_kernels`).
+def _run_kernels_once(dtype: torch.dtype, backward: bool = True) -> None:
+    """Call every compiled kernel of a set once in ``dtype`` on a tiny deterministic problem (see
+    :func:`_compile_kernels`): the fold's forward and a solve, then with ``backward`` the fold's backward, a training
+    solve and the run's backward.
 
     Each call is one piece of the compile (Numba compiles a kernel at its first call); a background compile checks
     for shutdown before each (:func:`_check_not_cancelled`), so no piece, and no autograd pass, starts once the
@@ -1272,26 +1366,29 @@ def _run_kernels_once(dtype: torch.dtype) -> None:
     linears = [SimpleNamespace(weight=torch.empty(r, c)) for r, c in shapes]
     layout = _fold_layout(linears)
     sizes = [r * c for r, c in shapes]
-    wflat = ramp(1, sum(sizes)).requires_grad_()
-    bflat = ramp(1, sum(r for r, _ in shapes)).requires_grad_()
+    wflat = ramp(1, sum(sizes)).requires_grad_(backward)
+    bflat = ramp(1, sum(r for r, _ in shapes)).requires_grad_(backward)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), _K * _LOG2E, 0.2, 1.0 / 1.06 /
             (_K * _LOG2E), layout)
     _check_not_cancelled()
-    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat)
-    _check_not_cancelled()
-    torch.autograd.grad(out.sum(), [wflat, bflat])
+    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=backward), wflat, bflat)
+    if backward:
+        _check_not_cancelled()
+        torch.autograd.grad(out.sum(), [wflat, bflat])
     net = _folded_from_flat(out.detach(), layout, n, "pila")
     block = SimpleNamespace(tol=1e-6, max_iter=20, kind="monotone")
     x = ramp(4, n, scale=1.0)
-    ws = _Workspace(net, 1, 4, x)
     setup = [_KERNEL_FORWARD["monotone"]]
-    _check_not_cancelled()
-    _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], [ws], [(0, 4)])
+    if backward:
+        ws = _Workspace(net, 1, 4, x)
+        _check_not_cancelled()
+        _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], [ws], [(0, 4)])
     _check_not_cancelled()
     _kernel_run(x, [block], net, setup, [1.0], ["warm-up"], None, [(0, 4)])
-    _check_not_cancelled()
-    _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
+    if backward:
+        _check_not_cancelled()
+        _kernel_backward(net, [ws], [(0, 4)], ["monotone"], torch.zeros_like(x), torch.zeros(4, dtype=dtype))
 
 
 def _kernel_weights(net: FoldedNet, signs: Sequence[float]) -> tuple[Any, Any, Any, Any]:
@@ -1513,7 +1610,7 @@ class _FusedBlocks(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, plan: _Plan, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         net = FoldedNet.from_tensors([t.detach() for t in tensors], plan.n, plan.kind)
         ctx.token = _GraphToken()
-        ctx.compiled = kernels_apply(x, net)
+        ctx.compiled = kernels_apply(x, net, backward=True)
         if ctx.compiled:
             # one workspace per part of the batch (the parts run in parallel, kernel_parts)
             ctx.parts = kernel_parts(x.shape[0])
@@ -1593,7 +1690,7 @@ def run_fused(blocks: Sequence[Any], x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             folded = cached_fold(nets)
             plan = _Plan(list(blocks), folded.n, folded.kind)
-            if kernels_apply(x, folded):
+            if kernels_apply(x, folded, backward=False):
                 return _kernel_forward(x, plan, folded, None)
             y, logdet = _fused_forward(x.t().contiguous(), plan, folded, None)
         return y.t(), logdet
@@ -1609,7 +1706,7 @@ def fused_inverse_run(blocks: Sequence[Any], y: Tensor) -> Tensor:
     if len(blocks) > 1:
         with torch.no_grad():
             folded = cached_fold([blk.net for blk in blocks])
-            if kernels_apply(y, folded):
+            if kernels_apply(y, folded, backward=False):
                 order = list(reversed(blocks))
                 signs = [-1.0 if blk.kind == "monotone" else 1.0 for blk in order]
                 labels = [f"{type(blk).__name__} inverse solve" for blk in order]
@@ -1628,7 +1725,7 @@ def fused_inverse(block: Any, y: Tensor) -> Tensor:
     """Inverse of one eligible block on ``y`` (B, n) without autograd (sampling): Newton on the folded kernel."""
     with torch.no_grad():
         folded = cached_fold([block.net])
-        if kernels_apply(y, folded):
+        if kernels_apply(y, folded, backward=False):
             sign = -1.0 if block.kind == "monotone" else 1.0
             x, _, (stats,) = _kernel_run(y, [block], folded, [_KERNEL_INVERSE[block.kind]], [sign],
                                          [f"{type(block).__name__} inverse solve"], None)

@@ -7,7 +7,8 @@ directory and replace the target with ``os.replace``, so a failure never leaves 
 PNG layout (W3C PNG specification, 2nd edition): the 8-byte signature, an ``IHDR`` chunk (width, height, bit
 depth 8, colour type 2 = truecolour RGB, compression 0, filter 0, interlace 0), one ``IDAT`` chunk holding the
 zlib-compressed scanlines (each prefixed with filter type 0, "None"), and ``IEND``; every chunk is
-``length | type | data | CRC-32(type + data)``.
+``length | type | data | CRC-32(type + data)``. Optional ``tEXt`` chunks (``keyword NUL text``, Latin-1, section
+11.3.4.3) between ``IHDR`` and ``IDAT`` record how a picture was made (e.g. the dtype that computed it).
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
+def _text_chunk(keyword: str, text: str) -> bytes:
+    """A ``tEXt`` chunk: a keyword of 1-79 printable Latin-1 characters, NUL, then the Latin-1 text."""
+    if not 1 <= len(keyword) <= 79 or not all(32 <= ord(c) <= 126 for c in keyword):
+        raise ValueError(f"png: invalid tEXt keyword {keyword!r}")
+    return _chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + text.encode("latin-1"))
+
+
+def encode_png(rgb: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     """The bytes of an 8-bit RGB PNG of an (H, W, 3) ``uint8`` array (row 0 is the top of the picture).
 
+    ``text``: keyword -> text pairs stored as ``tEXt`` chunks (readers show them as the file's metadata).
+
     Raises:
-        ValueError: if the array is not (H, W, 3) ``uint8`` with H, W >= 1.
+        ValueError: if the array is not (H, W, 3) ``uint8`` with H, W >= 1, or a keyword is not valid.
     """
     a = np.asarray(rgb)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
@@ -87,19 +97,21 @@ def encode_png(rgb: np.ndarray) -> bytes:
         (
             PNG_SIGNATURE,
             _chunk(b"IHDR", header),
+            *(_text_chunk(k, v) for k, v in (text or {}).items()),
             _chunk(b"IDAT", zlib.compress(np.ascontiguousarray(rows).tobytes(), 6)),
             _chunk(b"IEND", b""),
         )
     )
 
 
-def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> Path:
-    """Write an (H, W, 3) ``uint8`` RGB array as a PNG file, atomically; returns the path.
+def write_png(path: str | os.PathLike[str], rgb: np.ndarray, text: dict[str, str] | None = None) -> Path:
+    """Write an (H, W, 3) ``uint8`` RGB array as a PNG file, atomically, with ``text`` as ``tEXt`` chunks (see
+    :func:`encode_png`); returns the path.
 
     Raises:
         ValueError: bad array shape or dtype.
         OSError: the file cannot be written (the target is left untouched).
     """
-    return atomic_write(path, encode_png(rgb))
+    return atomic_write(path, encode_png(rgb, text))
 
 

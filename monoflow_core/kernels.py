@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .blas import LIBRARY, gemm
+from .kernel_cache import numba_cache_location
 
 try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
     import numba
@@ -52,7 +53,9 @@ def _jit(fn: Any) -> Any:
         return fn
     # error_model="numpy": a division by zero gives inf or NaN as in NumPy and PyTorch (whose kernels these mirror;
     # such a point is then reported as not converged) instead of raising, and no division carries a zero test.
-    return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})(fn)
+    # Cached in the per-user folder of monoflow.kernel_cache (which survives a read-only install).
+    with numba_cache_location():
+        return numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})(fn)
 
 
 @_jit

@@ -13,7 +13,8 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from monoflow_core.data import TOY_DATASETS
@@ -63,6 +64,36 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 SWITCH_INTERVAL_S = 0.001
 
 
+class KernelNotices:
+    """The engine's notices about its compiled kernels (:data:`monoflow_core.fast.kernel_notice`), held until a
+    receiver is connected (the compile starts before the window exists) and then passed on as they come. They may
+    come from the background compile thread: the receiver must be thread-safe (a Qt signal's ``emit`` is)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[str] = []
+        self._receiver: Callable[[str], None] | None = None
+
+    def __call__(self, text: str) -> None:
+        with self._lock:
+            if self._receiver is None:
+                self._held.append(text)
+                return
+            receiver = self._receiver
+        receiver(text)
+
+    def connect(self, receiver: Callable[[str], None]) -> None:
+        """Pass the held notices, and every later one, to ``receiver``."""
+        with self._lock:
+            held, self._held, self._receiver = self._held, [], receiver
+        for text in held:
+            receiver(text)
+
+
+#: Where the studio's process sends the kernels' notices: the main window's log and status bar.
+KERNEL_NOTICES = KernelNotices()
+
+
 def configure_process() -> None:
     """Process-wide settings that keep the event loop responsive next to the training thread.
 
@@ -73,7 +104,8 @@ def configure_process() -> None:
       hundred milliseconds;
     * antialiased plots (pyqtgraph), here so that the benchmarks measure the studio as it paints;
     * the engine's compiled kernels start loading (or, the first time on a machine, compiling) in the background
-      now, not at the first training step (the PyTorch kernels serve until they are ready).
+      now, not at the first training step; their notices (compiling, ready) are kept in :data:`KERNEL_NOTICES`
+      until the window shows them.
     """
     import torch
 
@@ -81,6 +113,7 @@ def configure_process() -> None:
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
+    fast.kernel_notice = KERNEL_NOTICES
     fast.kernels_ready(torch.float32)
     import pyqtgraph as pg
 
@@ -132,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     app.setApplicationName(APPLICATION)
     app.setApplicationDisplayName("monoflow studio")
     window = MainWindow(spec, theme=args.theme)
+    KERNEL_NOTICES.connect(lambda text: window.session.message.emit("info", text))
     freeze_heap_after_first_build(window)
     window.show()
     if args.checkpoint:

@@ -71,6 +71,7 @@ class ViewFrame:
         seconds: time the worker spent on this frame.
         process_seconds: the part of ``seconds`` spent waiting for the view process (0: computed in the view
             thread).
+        dtype: the dtype that computed the density, the samples and the test (the views show it).
     """
 
     run_id: int
@@ -83,6 +84,7 @@ class ViewFrame:
     eval: EvalMetrics | None
     seconds: float
     process_seconds: float = 0.0
+    dtype: str = "float32"
 
     @property
     def computed_in_process(self) -> bool:
@@ -104,6 +106,7 @@ class ImageFrame:
         seed: seed of the base noise (the same every frame, so the samples change only as the model learns).
         diagnostics: :func:`monoflow_core.evaluation.solver_diagnostics` of the latest *training* step.
         seconds: time the view thread spent on it.
+        dtype: the dtype the samples were drawn in.
     """
 
     run_id: int
@@ -115,6 +118,7 @@ class ImageFrame:
     seed: int
     diagnostics: list[dict[str, Any]]
     seconds: float
+    dtype: str = "float32"
 
 
 @dataclass

@@ -62,6 +62,7 @@ from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 from .frames import ImageFrame, RunInfo, TransportFrame, ViewFrame
 from .run_spec import RunSpec
 from .view_process import (
+    VIEW_DTYPE,
     DensityResult,
     ViewComputeError,
     ViewProcess,
@@ -776,11 +777,11 @@ class _ViewThread(QThread):
         t0 = time.perf_counter()
         # float32 and a fixed seed, as the 2-D samples: the grid changes only as the model learns.
         images = evaluation.sample_images(job.flow, job.n_samples, temperature=job.temperature, seed=SAMPLE_SEED,
-                                          dtype=torch.float32)
+                                          dtype=VIEW_DTYPE)
         return ImageFrame(run_id=job.run_id, step=job.step, images=images,
                           grid=evaluation.image_grid(images, job.levels), levels=job.levels,
                           temperature=job.temperature, seed=SAMPLE_SEED, diagnostics=job.diagnostics,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, dtype=str(VIEW_DTYPE).replace("torch.", ""))
 
     def _compute(self, job: _FrameJob) -> ViewFrame | None:
         opts = self._worker.options
@@ -798,7 +799,7 @@ class _ViewThread(QThread):
         # (``seconds``: the pass over the grid and the test points together)
         ev = EvalMetrics(step=job.step, nll_nats=float(-test.mean()), mse=None, n_test=int(test.size),
                          seconds=result.pass_seconds, exact=result.logdet_exact, fixed=True,
-                         dtype="float32") if test.size else None
+                         dtype=result.dtype) if test.size else None
         return ViewFrame(
             run_id=job.run_id,
             step=job.step,
@@ -810,6 +811,7 @@ class _ViewThread(QThread):
             eval=ev,
             seconds=time.perf_counter() - t0,
             process_seconds=process_seconds,
+            dtype=result.dtype,
         )
 
     def _compute_in_process(self, job: _FrameJob, args: dict[str, Any]) -> DensityResult | None:

@@ -46,6 +46,12 @@ START_TIMEOUT_S = 240.0
 CLOSE_TIMEOUT_S = 0.5
 
 
+#: The dtype of the live views (density frames, samples and the frames' quick test): the training dtype of the
+#: studio's runs. A picture does not need float64's last digits; the run's reported test NLL keeps float64
+#: (:meth:`monoflow_core.training.Trainer.evaluation_dtype`).
+VIEW_DTYPE = torch.float32
+
+
 class ViewProcessError(RuntimeError):
     """The view process could not start, died, or stopped answering."""
 
@@ -65,6 +71,7 @@ class DensityResult:
         samples: model samples (n_samples, 2), float64; (0, 2) when none were asked for.
         pass_seconds: wall time of the pass over the grid and the held-out points.
         logdet_exact: whether the flow's log-det was exact (else the values are estimates).
+        dtype: the dtype that computed the numbers (:data:`VIEW_DTYPE`).
     """
 
     log_density: np.ndarray
@@ -73,6 +80,7 @@ class DensityResult:
     samples: np.ndarray
     pass_seconds: float
     logdet_exact: bool
+    dtype: str = "float32"
 
 
 def compute_density(
@@ -82,18 +90,18 @@ def compute_density(
     """Log-density on a ``resolution``-square grid over ``[-extent, extent]^2``, of ``test_points``, and samples.
 
     The grid and the held-out points go through the flow together (one call, passes of ``chunk`` points);
-    everything in float32 (a live view does not need float64's last digits). The samples use a fixed seed, so they
-    move smoothly from frame to frame. Returns None if ``stop()`` turns true between the two parts.
+    everything in :data:`VIEW_DTYPE` (a live view does not need float64's last digits). The samples use a fixed
+    seed, so they move smoothly from frame to frame. Returns None if ``stop()`` turns true between the two parts.
     """
     t0 = time.perf_counter()
     grid_pts, box = evaluation.density_grid_points(flow, extent, resolution)
     n_grid = grid_pts.shape[0]
     points = torch.cat([grid_pts, torch.as_tensor(test_points).to(grid_pts.dtype).reshape(-1, 2)])
-    values = evaluation.log_prob(flow, points, chunk=chunk, dtype=torch.float32)
+    values = evaluation.log_prob(flow, points, chunk=chunk, dtype=VIEW_DTYPE)
     pass_seconds = time.perf_counter() - t0
     if stop():
         return None
-    samples = (np.asarray(evaluation.sample(flow, n_samples, seed=0, dtype=torch.float32), dtype=np.float64)
+    samples = (np.asarray(evaluation.sample(flow, n_samples, seed=0, dtype=VIEW_DTYPE), dtype=np.float64)
                if n_samples > 0 else np.zeros((0, 2)))
     return DensityResult(
         log_density=values[:n_grid].reshape(resolution, resolution).numpy(),
@@ -102,6 +110,7 @@ def compute_density(
         samples=samples,
         pass_seconds=pass_seconds,
         logdet_exact=bool(flow.logdet_is_exact),
+        dtype=str(VIEW_DTYPE).replace("torch.", ""),
     )
 
 
@@ -139,8 +148,9 @@ def _serve(conn: Any) -> None:
     from monoflow_core import fast
 
     # The compiled kernels, loaded (or compiled) before this child says it is ready, so that its frames come from
-    # the same kernels as the studio's own: the parent's view thread draws meanwhile.
-    fast.kernels_ready(torch.float32, wait=True)
+    # the same kernels as the studio's own: the parent's view thread draws meanwhile. Only the solvers' set: the
+    # child never trains.
+    fast.kernels_ready(VIEW_DTYPE, wait=True, backward=False)
     cache: dict[str, Flow] = {}
     try:
         conn.send(("ready", 0, None))  # imports done: the parent may count on this child

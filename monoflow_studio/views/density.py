@@ -151,5 +151,6 @@ class DensityView(QWidget):
         self.image.setRect(QRectF(xmin, ymin, xmax - xmin, ymax - ymin))
         self.colorbar.setLevels(levels)
         set_axis_label(self.colorbar.axis, label)
-        step = self._frame.step if self._frame is not None else 0
-        self.caption.setText(f"step {step}")
+        frame = self._frame
+        # (which dtype computed the picture: the training dtype, while the run's test NLL is float64)
+        self.caption.setText(f"step {frame.step}, {frame.dtype}" if frame is not None else "step 0")

@@ -31,9 +31,30 @@ def assert_user_error(code, err, *words):
         assert word in lines[0], (word, lines[0])
 
 
+def _png_chunks(path):
+    """The chunks of a PNG file in order, ``[(type, data)]``, checking the signature and every chunk's CRC."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+def png_text(path):
+    """The ``tEXt`` metadata of a PNG file: ``{keyword: text}``."""
+    return dict(body.decode("latin-1").split("\0", 1) for kind, body in _png_chunks(path) if kind == b"tEXt")
+
+
 def read_png(path):
     """Decode the writer's output (8-bit RGB, no interlace, filter 0), checking the signature, every chunk's CRC
-    and the chunks (IHDR first, IEND last, nothing but IHDR / IDAT / IEND): ``(width, height, RGB pixels)``."""
+    and the chunks (IHDR first, IEND last, nothing but IHDR / tEXt / IDAT / IEND): ``(width, height, RGB pixels)``."""
     data = Path(path).read_bytes()
     assert data[:8] == PNG_SIGNATURE
     pos, chunks, order = 8, {}, []
@@ -46,7 +67,7 @@ def read_png(path):
         order.append(kind)
         chunks[kind] = chunks.get(kind, b"") + body
         pos += 12 + length
-    assert order[0] == b"IHDR" and order[-1] == b"IEND" and set(chunks) == {b"IHDR", b"IDAT", b"IEND"}
+    assert order[0] == b"IHDR" and order[-1] == b"IEND" and set(chunks) - {b"tEXt"} == {b"IHDR", b"IDAT", b"IEND"}
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
     assert (depth, colour, interlace) == (8, 2, 0)
     raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8).reshape(height, 1 + 3 * width)

@@ -38,7 +38,7 @@ import threading
 def report():
     from monoflow_core import fast
     alive = [t.name for t in fast._COMPILE_THREADS if t.is_alive()]
-    print("state", fast._KERNEL_STATE.get(torch.float32), "alive", alive, flush=True)
+    print("state", fast._KERNEL_STATE.get((torch.float32, "train")), "alive", alive, flush=True)
 
 atexit.register(report)
 

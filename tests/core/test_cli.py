@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import assert_user_error, read_png, run
+from cli_helpers import assert_user_error, png_text, read_png, run
 
 from monoflow_core import FlowConfig, build_flow
 from monoflow_core.checkpoint import read_checkpoint_metadata, save_checkpoint
@@ -355,3 +355,92 @@ def test_colormap_range():
     assert tuple(rgb[1, 0]) == tuple(rgb[1, 1]) == (68, 1, 84) and tuple(rgb[1, 2]) == (253, 231, 37)
     lum = colormap(np.linspace(0, 1, 64)).astype(float) @ np.array([0.2126, 0.7152, 0.0722])
     assert (np.diff(lum) > 0).all()  # monotone in brightness, like viridis
+
+
+# -- dtype by purpose ------------------------------------------------------------------------------------------------
+
+#: float32 log-densities agree with float64 ones to this many nats on the tiny run's grid (measured: about 1e-5; the
+#: float32 solves stop at a relative residual of about 1e-6, see monoflow_core.solvers.effective_tolerance).
+DENSITY_FLOAT32_TOLERANCE_NATS = 1e-3
+
+
+def test_density_and_samples_default_to_the_training_dtype_and_say_so(toy_run, tmp_path):
+    out, _ = toy_run
+    ckpt = out / "checkpoint.safetensors"
+    code, stdout, err = run(["density", ckpt, "--resolution", "30", "--out", tmp_path / "d.npy"])
+    assert code == 0, err
+    assert "float32" in stdout  # the run trained in float32
+    d32 = np.load(tmp_path / "d.npy")
+    assert d32.dtype == np.float32  # the file holds the values in the dtype that computed them
+    code, stdout, err = run(["density", ckpt, "--resolution", "30", "--dtype", "float64", "--out", tmp_path / "e.npy"])
+    assert code == 0, err
+    assert "float64" in stdout and "float32" not in stdout
+    d64 = np.load(tmp_path / "e.npy")
+    assert d64.dtype == np.float64
+    assert np.abs(d32 - d64).max() < DENSITY_FLOAT32_TOLERANCE_NATS
+    assert np.abs(d32 - d64).max() > 0  # (two computations, not one copied)
+    code, _, err = run(["density", ckpt, "--resolution", "30", "--out", tmp_path / "d.png"])
+    assert code == 0, err
+    assert png_text(tmp_path / "d.png")["monoflow:dtype"] == "float32"
+    code, stdout, err = run(["sample", ckpt, "--n", "200", "--out", tmp_path / "s.npy"])
+    assert code == 0, err
+    assert "float32" in stdout and np.load(tmp_path / "s.npy").dtype == np.float32
+    code, stdout, err = run(["sample", ckpt, "--n", "200", "--dtype", "float64", "--out", tmp_path / "t.npy"])
+    assert code == 0, err
+    assert "float64" in stdout and np.load(tmp_path / "t.npy").dtype == np.float64
+    code, _, err = run(["sample", ckpt, "--n", "200", "--resolution", "20", "--dtype", "float64", "--out",
+                        tmp_path / "s.png"])
+    assert code == 0, err
+    assert png_text(tmp_path / "s.png")["monoflow:dtype"] == "float64"
+
+
+def test_eval_reports_float64_by_default_and_takes_dtype(toy_run):
+    out, _ = toy_run
+    ckpt = out / "checkpoint.safetensors"
+    code, stdout, err = run(["eval", ckpt, "--test-size", "200"])
+    assert code == 0, err
+    assert "float64" in stdout
+    code, stdout, err = run(["eval", ckpt, "--test-size", "200", "--json"])
+    assert code == 0, err
+    doc64 = json.loads(stdout)
+    assert doc64["dtype"] == "float64"
+    code, stdout, err = run(["eval", ckpt, "--test-size", "200", "--json", "--dtype", "float32"])
+    assert code == 0, err
+    doc32 = json.loads(stdout)
+    assert doc32["dtype"] == "float32"
+    assert doc32["nll_nats"] == pytest.approx(doc64["nll_nats"], abs=1e-3)
+
+
+@pytest.mark.parametrize("command", ["density", "sample", "eval"])
+def test_a_bad_dtype_is_one_clear_error(toy_run, tmp_path, command):
+    out, _ = toy_run
+    extra = {"density": ["--out", tmp_path / "d.npy"], "sample": ["--n", "5", "--out", tmp_path / "s.npy"],
+             "eval": []}[command]
+    code, _, err = run([command, out / "checkpoint.safetensors", "--dtype", "float16", *extra])
+    assert_user_error(code, err, "--dtype", "float16", "float32", "float64")
+    assert not (tmp_path / "d.npy").exists() and not (tmp_path / "s.npy").exists()
+
+
+def test_warmup_prepares_every_kernel_set_and_names_the_cache(monkeypatch, tmp_path):
+    from monoflow_core import fast, kernels
+
+    if not (fast.USE_KERNELS and kernels.AVAILABLE):
+        pytest.skip("the compiled kernels are unavailable here")
+    monkeypatch.setenv("MONOFLOW_CACHE_DIR", str(tmp_path))
+    for dtype in (torch.float32, torch.float64):  # as in a new process (Numba's versions stay compiled)
+        for kit in fast.KERNEL_SETS:
+            monkeypatch.delitem(fast._KERNEL_STATE, (dtype, kit), raising=False)
+    code, stdout, err = run(["warmup", "--dtype", "float64", "--solve-only"])
+    assert code == 0, err
+    assert "float64 solver kernels: ready" in stdout and str(tmp_path / "numba") in stdout
+    assert fast._KERNEL_STATE[torch.float64, "solve"] == "ready"
+    assert (torch.float64, "train") not in fast._KERNEL_STATE and (torch.float32, "solve") not in fast._KERNEL_STATE
+    code, stdout, err = run(["warmup"])
+    assert code == 0, err
+    assert "float32 training and solver kernels: ready" in stdout
+    assert "float64 training and solver kernels: ready" in stdout
+    assert all(fast._KERNEL_STATE[dt, kit] == "ready" for dt in (torch.float32, torch.float64)
+               for kit in fast.KERNEL_SETS)
+    monkeypatch.setattr(fast, "USE_KERNELS", False)
+    code, _, err = run(["warmup"])
+    assert code == 1 and "unavailable" in err

@@ -121,14 +121,14 @@ def test_a_run_started_while_the_kernels_compile_uses_them_from_its_first_step(m
         pytest.skip("the compiled kernels are unavailable here")
     reference = straight_run()
     calls = _count_solves(monkeypatch)
-    monkeypatch.setitem(fast._KERNEL_STATE, torch.float32, "compiling")
+    monkeypatch.setitem(fast._KERNEL_STATE, (torch.float32, "train"), "compiling")
     holding = threading.Event()
 
     def background_compile() -> None:  # holds the compile lock, as _compile_kernels does, then reports success
         with fast._KERNEL_COMPILE_LOCK:
             holding.set()
             threading.Event().wait(0.5)
-            fast._KERNEL_STATE[torch.float32] = "ready"
+            fast._KERNEL_STATE[torch.float32, "train"] = "ready"
 
     thread = threading.Thread(target=background_compile)
     thread.start()
@@ -154,7 +154,8 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
         pytest.skip("Numba is not installed")
     dt = torch.float64
     assert fast.kernels_ready(dt, wait=True)
-    monkeypatch.delitem(fast._KERNEL_STATE, dt)  # as at the first use in a process (Numba's versions stay compiled)
+    for kit in fast.KERNEL_SETS:  # as at the first use in a process (Numba's versions stay compiled)
+        monkeypatch.delitem(fast._KERNEL_STATE, (dt, kit))
     calls = _count_solves(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
@@ -162,8 +163,12 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
         warnings.simplefilter("error")
         with context:
             flow.log_prob(torch.randn(10, 2, dtype=dt))
-    assert fast._KERNEL_STATE[dt] == "ready"
-    assert len(calls) == 2 + 1  # the warm-up's two solves, then the evaluation's
+            assert fast._KERNEL_STATE[dt, "solve"] == "ready"
+            assert len(calls) == 1 + 1  # the solvers' warm-up solve, then the evaluation's
+            # the training kernels, asked for from inside no_grad too: their warm-up differentiates the fold
+            assert fast.kernels_ready(dt, wait=True)
+    assert fast._KERNEL_STATE[dt, "train"] == "ready"
+    assert len(calls) == 2 + 2  # and the training warm-up's two solves
 
 
 _FRESH_RUN = """

@@ -154,10 +154,12 @@ def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch
     calls = _count_kernel_calls(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     x = torch.randn(20, 2, dtype=DT)
-    monkeypatch.setitem(fast._KERNEL_STATE, DT, "compiling")
+    for kit in fast.KERNEL_SETS:
+        monkeypatch.setitem(fast._KERNEL_STATE, (DT, kit), "compiling")
     reference = flow.log_prob(x)
     assert not calls
-    monkeypatch.setitem(fast._KERNEL_STATE, DT, "ready")
+    for kit in fast.KERNEL_SETS:
+        monkeypatch.setitem(fast._KERNEL_STATE, (DT, kit), "ready")
     assert torch.allclose(flow.log_prob(x), reference, atol=1e-12)
     assert calls
 
@@ -166,13 +168,13 @@ def test_compiling_starts_in_the_background_and_then_serves(monkeypatch):
     started = threading.Event()
     release = threading.Event()
 
-    def slow_compile(dtype):
+    def slow_compile(dtype, kit):
         started.set()
         release.wait(10)
-        fast._KERNEL_STATE[dtype] = "ready"
+        fast._KERNEL_STATE[dtype, kit] = "ready"
 
     monkeypatch.setattr(fast, "_compile_kernels", slow_compile)
-    monkeypatch.delitem(fast._KERNEL_STATE, DT)
+    monkeypatch.delitem(fast._KERNEL_STATE, (DT, "train"))
     assert not fast.kernels_ready(DT)  # starts the compile and returns at once
     assert started.wait(10)
     assert not fast.kernels_ready(DT)  # still compiling: the PyTorch kernels serve
@@ -189,7 +191,8 @@ def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(mo
         raise RuntimeError("no machine code today")
 
     monkeypatch.setattr(kernels, "solve_run", broken)
-    monkeypatch.delitem(fast._KERNEL_STATE, DT)
+    for kit in fast.KERNEL_SETS:
+        monkeypatch.delitem(fast._KERNEL_STATE, (DT, kit))
     with pytest.warns(RuntimeWarning, match="compiled kernels"):
         assert not fast.kernels_ready(DT, wait=True)
     with warnings.catch_warnings():
@@ -197,6 +200,50 @@ def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(mo
         assert not fast.kernels_ready(DT, wait=True)  # no second warning
         flow = build_flow(FlowConfig(blocks=2)).double()
         assert torch.isfinite(flow.log_prob(torch.randn(10, 2, dtype=DT))).all()
+
+
+def _forget_kernel_state(monkeypatch, dtype):
+    """As at the first use in a process (Numba's compiled versions stay compiled: no compile is repeated)."""
+    for kit in fast.KERNEL_SETS:
+        monkeypatch.delitem(fast._KERNEL_STATE, (dtype, kit), raising=False)
+
+
+def test_a_solve_without_gradients_prepares_only_the_solvers_kernels(monkeypatch):
+    backward = []
+    for name in ("fold_backward", "backward_run"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _o=original: (backward.append(1), _o(*a))[1])
+    solves = _count_kernel_calls(monkeypatch)
+    _forget_kernel_state(monkeypatch, DT)
+    flow = build_flow(FlowConfig(blocks=2)).double()
+    with torch.no_grad():
+        flow.log_prob(torch.randn(20, 2, dtype=DT))
+    assert fast._KERNEL_STATE[DT, "solve"] == "ready" and (DT, "train") not in fast._KERNEL_STATE
+    assert solves and not backward  # the compiled kernels served, and nothing of training was prepared
+    flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()  # training: the rest of the kernels
+    assert fast._KERNEL_STATE[DT, "train"] == "ready" and backward
+
+
+def test_the_notices_say_when_a_compile_starts_and_ends(monkeypatch, tmp_path):
+    notices = []
+    monkeypatch.setattr(fast, "kernel_notice", notices.append)
+    monkeypatch.setenv("MONOFLOW_CACHE_DIR", str(tmp_path))
+    _forget_kernel_state(monkeypatch, DT)
+    # Compiled in this process already: a load, announced by nothing.
+    assert not fast._expect_compile(DT, "solve")
+    assert fast.kernels_ready(DT, wait=True, backward=False)
+    assert notices == []
+    # A compile (as in a process whose cache does not hold them): said before it starts, with how long, then ready.
+    monkeypatch.setattr(fast, "_expect_compile", lambda dtype, kit: True)
+    _forget_kernel_state(monkeypatch, DT)
+    assert fast.kernels_ready(DT, wait=True, backward=False)
+    assert len(notices) == 2
+    assert "compiling the solver kernels for float64" in notices[0] and " s, once" in notices[0]
+    assert str(tmp_path / "numba") in notices[0]
+    assert "ready" in notices[1]
+    # The cache folder's marker tells a later process that they are there.
+    path, text = fast._cache_stamp(DT, "solve")
+    assert path.parent == tmp_path / "numba" and path.read_text() == text
 
 
 def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
