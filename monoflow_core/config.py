@@ -481,7 +481,7 @@ class TrainConfig(JsonConfig):
 
     @property
     def task(self) -> str:
-        """``"density"`` (2-D toy densities and user points), ``"regression"`` (the staircase) or ``"image"`` (bits/dim)."""
+        """``"density"`` (2-D toy densities, a user's points), ``"regression"`` (the staircase) or ``"image"``."""
         if self.data in IMAGE_DATASETS:
             return "image"
         return "density" if self.data in TOY_DATASETS or self.data == POINTS_DATA else "regression"
