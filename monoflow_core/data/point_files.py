@@ -344,16 +344,16 @@ def _row_label(r: int) -> str:
 
 def _npy_table(path: Path) -> PointTable:
     with path.open("rb") as fh:
-        shape, dtype = _array_header(fh, path)
+        shape, dtype = _array_header(fh, str(path))
         problem = _usable(shape, dtype)
         if problem:
             raise PointDataError(f"{path}: {problem}")
-        _check_rows(path, shape)
+        _check_rows(str(path), shape)
         if len(shape) == 1:
             raise PointDataError(f"{path}: is a 1-D array of {shape[0]:,} values (one column); 2-D points "
                                  "need an array of shape (n, 2) or more columns")
         fh.seek(0)
-        array = _read_array(fh, path)
+        array = _read_array(fh, str(path))
     names = [str(j) for j in range(shape[1])]
     return PointTable(path, names, lambda j: (np.asarray(array[:, j], dtype=np.float64), _row_label))
 
