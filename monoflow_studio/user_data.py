@@ -38,7 +38,11 @@ class ColumnDialog(QDialog):
         for box in (self.first, self.second):
             for name in table.names:
                 box.addItem(name, name)
-        self.second.setCurrentIndex(1)
+        # Columns named x and y (any case) are the likely choice; else the first two.
+        lower = [name.lower() for name in table.names]
+        first, second = (lower.index("x"), lower.index("y")) if {"x", "y"} <= set(lower) else (0, 1)
+        self.first.setCurrentIndex(first)
+        self.second.setCurrentIndex(second)
         note = QLabel(f"{table.path.name} has {len(table.names)} columns. Choose the two that hold the points; the "
                       "others are ignored (they may hold text, such as labels).")
         note.setWordWrap(True)

@@ -110,6 +110,7 @@ class DensityView(QWidget):
     def _on_draw_toggled(self, on: bool) -> None:
         """Drawing mode: an empty canvas (the heatmap and the overlays hidden) that takes the mouse."""
         self.drawing.set_active(on)
+        self.draw_button.setText("Back to the density" if on else "Draw data")
         for widget in (self.mode_box, self.overlay_box, self.samples_box):
             widget.setEnabled(not on)
         self._redraw()
@@ -119,9 +120,15 @@ class DensityView(QWidget):
         """A new run: data overlay and data histogram; the heatmap waits for the run's first frame."""
         self._run = info
         self._frame = None
-        points = info.spec.points
+        points = info.spec.points if info.spec.training.data == "points" else None
         self._note = ""
         self.caption.setToolTip("")
+        labels = ("x1", "x2")
+        if points is not None and not points.is_identity:
+            labels = (f"{points.columns[0]} (standardised)", f"{points.columns[1]} (standardised)")
+        item = self.plot.getPlotItem()
+        item.setLabel("bottom", labels[0])
+        item.setLabel("left", labels[1])
         if points is not None:
             # Short (the bar has little room); the transform and the whole split are in the tooltip and the log.
             self._note = f"; {points.test.shape[0]:,} of {points.n_points:,} held out ({points.holdout:.0%})"

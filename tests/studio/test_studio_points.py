@@ -207,9 +207,31 @@ def test_the_column_dialog_offers_every_column(qtbot, tmp_path):
     dialog = ColumnDialog(table)
     qtbot.addWidget(dialog)
     assert [dialog.first.itemText(i) for i in range(dialog.first.count())] == ["x", "y", "label"]
-    assert dialog.columns() == ("x", "y")  # the first two by default
+    assert dialog.columns() == ("x", "y")  # named x and y
     dialog.first.setCurrentIndex(1)
     dialog.second.setCurrentIndex(0)
     assert dialog.columns() == ("y", "x")
     chosen = load_point_file(tmp_path / "mine.csv", lambda t: dialog.columns(), split_seed=1)
     assert chosen.columns == ("y", "x")
+    (tmp_path / "ids.csv").write_text("id,Y,X\n" + "".join(f"{i},{i % 7},{i % 5}\n" for i in range(30)))
+    ids = ColumnDialog(read_point_table(tmp_path / "ids.csv"))
+    qtbot.addWidget(ids)
+    assert ids.columns() == ("X", "Y")  # columns named x and y, in that order, rather than the first two
+
+
+def test_switching_to_a_toy_set_and_back_keeps_the_points(window, qtbot, monkeypatch, tmp_path):
+    write_table(tmp_path / "mine.csv")
+    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: (lambda table: ("x", "y")))
+    run = window.run_id
+    window.load_data(str(tmp_path / "mine.csv"))
+    qtbot.waitUntil(lambda: window.run_id == run + 1 and window.state == PAUSED, timeout=WAIT_MS)
+    loaded = window.spec.points
+    combo = window.controls.data
+    combo.setCurrentIndex(combo.findData("moons"))
+    qtbot.waitUntil(lambda: window.run_id == run + 2 and window.state == PAUSED, timeout=WAIT_MS)
+    assert window.spec.training.data == "moons"
+    combo.setCurrentIndex(combo.findData("points"))
+    qtbot.waitUntil(lambda: window.run_id == run + 3 and window.state == PAUSED, timeout=WAIT_MS)
+    assert window.spec.training.data == "points" and window.spec.points is loaded
+    axis = window.density.plot.getPlotItem().getAxis("bottom")
+    assert axis.labelText == "x (standardised)"
