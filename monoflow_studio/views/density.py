@@ -110,6 +110,8 @@ class DensityView(QWidget):
     def _on_draw_toggled(self, on: bool) -> None:
         """Drawing mode: an empty canvas (the heatmap and the overlays hidden) that takes the mouse."""
         self.drawing.set_active(on)
+        self.image.setVisible(not on)
+        self.colorbar.setVisible(not on)
         self.draw_button.setText("Back to the density" if on else "Draw data")
         for widget in (self.mode_box, self.overlay_box, self.samples_box):
             widget.setEnabled(not on)
@@ -171,8 +173,6 @@ class DensityView(QWidget):
 
     def _redraw(self) -> None:
         drawing = self.drawing.active
-        self.image.setVisible(not drawing)
-        self.colorbar.setVisible(not drawing)
         self.data_scatter.setVisible(self.overlay_box.isChecked() and not drawing)
         self.sample_scatter.setVisible(self.samples_box.isChecked() and not drawing)
         if drawing:

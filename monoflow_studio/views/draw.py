@@ -213,12 +213,11 @@ class DrawingPanel(QWidget):
         row.addWidget(self.count_label)
         row.addWidget(self.use_button)
 
+        # Added to the plot on the first switch to drawing: until then the live density view carries no extra items.
         self.canvas = _Canvas(self)
         self.scatter = pg.ScatterPlotItem(size=4, pen=None, brush=pg.mkBrush(40, 110, 220, 170))
         self.scatter.setZValue(50)
-        for item in (self.canvas, self.scatter):
-            item.setVisible(False)
-            plot.addItem(item)
+        self._added = False
         self.brush.valueChanged.connect(lambda v: setattr(self.model, "radius", float(v)))
         self.density.valueChanged.connect(lambda v: setattr(self.model, "density", int(v)))
         self.undo_button.clicked.connect(self.undo)
@@ -236,6 +235,10 @@ class DrawingPanel(QWidget):
     def set_active(self, active: bool) -> None:
         """Switch the drawing mode: the canvas takes the mouse (no panning) and shows the whole square."""
         self.active = bool(active)
+        if self.active and not self._added:
+            for item in (self.canvas, self.scatter):
+                self.plot.addItem(item)
+            self._added = True
         self.setVisible(self.active)
         self.canvas.setVisible(self.active)
         self.scatter.setVisible(self.active)
