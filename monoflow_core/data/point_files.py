@@ -23,6 +23,7 @@ Every problem raises one :class:`PointDataError` (a ``ValueError``) whose messag
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import stat
@@ -244,10 +245,11 @@ def _number(text: str) -> float | None:
 
 
 def _splitter(line: str) -> Any:
+    # Fields keep their surrounding spaces: both numpy's and Python's float parsers ignore them.
     for sep in (",", ";", "\t"):
         if sep in line:
-            return lambda s, sep=sep: [f.strip() for f in s.split(sep)]
-    return lambda s: s.split()
+            return operator.methodcaller("split", sep)
+    return operator.methodcaller("split")
 
 
 def _csv_table(path: Path) -> PointTable:
@@ -274,20 +276,23 @@ def _csv_table(path: Path) -> PointTable:
     body = lines[1:] if header else lines
     if len(body) > MAX_POINTS:
         raise PointDataError(f"{path}: holds {len(body):,} rows; at most {MAX_POINTS:,} points are read")
-    rows = [split(line) for _, line in body]
-    for (n, _), fields in zip(body, rows, strict=True):
+    rows = list(map(split, (line for _, line in body)))
+    widths = set(map(len, rows))
+    for (n, _), fields in zip(body, rows, strict=True) if widths != {len(names)} else ():
         if len(fields) != len(names):
             raise PointDataError(f"{path}: line {n} has {len(fields)} field{'s' if len(fields) != 1 else ''}, "
                                  f"the {'header' if header else 'first line'} has {len(names)}")
 
     def column(i: int) -> tuple[np.ndarray, Any]:
-        values = np.empty(len(rows), dtype=np.float64)
-        for r, fields in enumerate(rows):
-            value = _number(fields[i])
-            if value is None:
-                raise PointDataError(f"{path}: line {body[r][0]}, column {names[i]!r}: cannot read "
-                                     f"{fields[i][:40]!r} as a number")
-            values[r] = value
+        texts = [fields[i] for fields in rows]
+        try:
+            values = np.array(texts, dtype=np.float64)  # numpy's parser: about 5x faster than float() per value
+        except ValueError:
+            for r, text in enumerate(texts):  # find the culprit, for the message
+                if _number(text) is None:
+                    raise PointDataError(f"{path}: line {body[r][0]}, column {names[i]!r}: cannot read "
+                                         f"{text[:40]!r} as a number") from None
+            raise PointDataError(f"{path}: column {names[i]!r} cannot be read as numbers") from None
         return values, lambda r: f"line {body[r][0]}"
 
     return PointTable(path, names, column)
