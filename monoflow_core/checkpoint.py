@@ -6,7 +6,8 @@ header length, a JSON header, raw tensor bytes):
 * tensors, under prefixed keys: ``flow.<name>`` (the flow's ``state_dict`` including buffers such as the
   spectral-norm vectors ``u, v`` and ActNorm's ``initialized``), and for a training run ``optim.state.<i>.<key>``
   (Adam moments), ``ema.<name>`` (EMA weights) and ``rng.torch`` / ``rng.noise`` / ``rng.cuda`` (generator
-  states, uint8);
+  states, uint8); a run on a user's points also stores them as ``data.train``, ``data.test``, ``data.mean`` and
+  ``data.scale`` (float64, :class:`~monoflow_core.data.points.PointSet`), described by the ``points`` metadata entry;
 * string metadata: ``format`` (:data:`FORMAT_TAG`), ``monoflow_version``, ``torch_version``, ``created``,
   ``dtype``, ``model_config`` (the :class:`~monoflow_core.config.FlowConfig` as JSON), and for a training run
   ``train_config`` and ``trainer_state`` (everything of :meth:`Trainer.state_dict` that is not a tensor: step,
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .config import FlowConfig, TrainConfig
+from .data.points import POINTS_DATA, PointSet, check_stream_state
 from .families.size import family_state_numbers
 from .fileio import atomic_write
 from .flow import Flow
@@ -164,6 +166,7 @@ class Checkpoint:
         metadata: format tag, versions, creation time, dtype, step, data set, latest metrics and the caller's
             own entries (under ``"user"``).
         trainer_state: the :meth:`Trainer.state_dict` to resume from (tensors restored), or ``None``.
+        points: the user's points of a run on ``data = "points"`` (stored with it), else ``None``.
     """
 
     path: Path
@@ -172,6 +175,7 @@ class Checkpoint:
     train_config: TrainConfig | None
     metadata: dict[str, Any]
     trainer_state: dict[str, Any] | None
+    points: PointSet | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,6 +263,10 @@ def _trainer_payload(
         "train_config": _dumps("train_config", trainer.train_config.to_dict(), path),
         "trainer_state": _dumps("trainer state", state, path),
     }
+    points = getattr(trainer, "points", None)
+    if isinstance(points, PointSet):  # a run on a user's points carries them: data.* tensors and their description
+        tensors.update({f"data.{name}": value for name, value in points.tensors().items()})
+        meta["points"] = _dumps("points", points.info(), path)
     return meta, info
 
 
@@ -910,6 +918,8 @@ def _check_stream(path: Path, field: str, state: Any, train: TrainConfig) -> Non
     """A data-stream state as the trainer's stream will read it."""
     from .data import ToyStream
 
+    if train.data == POINTS_DATA:
+        return  # checked with the stored points (_check_points), whose size it must match
     if train.task == "image":
         # ImageStream.load_state_dict's checks (the set's name, split and size are checked against the data
         # when the trainer loads it).
@@ -1052,7 +1062,7 @@ def _check_trainer_state(path: Path, packed: Any, stored: _Stored, plan: _FlowPl
 
 
 def _check_tensor_names(path: Path, tensors: dict[str, _Entry], training: bool) -> None:
-    allowed = ("flow.", "ema.", "optim.") if training else ("flow.",)
+    allowed = ("flow.", "ema.", "optim.", "data.") if training else ("flow.",)
     rngs = ("rng.torch", "rng.noise", "rng.cuda") if training else ()
     for key in tensors:
         if not key.startswith(allowed) and key not in rngs:
@@ -1102,6 +1112,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             raise _fail(path, f"dtype {stored.dtype_name!r} differs from train_config.dtype "
                               f"{stored.train_config.dtype!r}")
         _check_trainer_state(path, packed, stored, plan)
+    points_info = _check_points(path, stored, packed)
 
     # Everything is consistent: only now are the tensors read and the flow built.
     try:
@@ -1144,6 +1155,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             trainer_state["cuda_rng"] = tensors["rng.cuda"]
         if "rng.noise" in tensors:
             trainer_state["noise_rng"] = tensors["rng.noise"]
+    points = None
+    if points_info is not None:
+        try:
+            points = PointSet.from_checkpoint({k[len("data.") :]: v for k, v in tensors.items()
+                                               if k.startswith("data.")}, points_info)
+        except ValueError as err:
+            raise _fail(path, str(err)) from None
     return Checkpoint(
         path=path,
         flow=flow,
@@ -1151,4 +1169,31 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         train_config=stored.train_config,
         metadata=_metadata_dict(stored),
         trainer_state=trainer_state,
+        points=points,
     )
+
+
+def _check_points(path: Path, stored: _Stored, packed: Any) -> dict[str, Any] | None:
+    """A run on a user's points: its ``data.*`` tensors (table), their description and the batch stream's state.
+
+    Returns the checked description (``None`` for any other checkpoint, which must hold no point data).
+    """
+    table = {k[len("data.") :]: (e.dtype, e.shape) for k, e in stored.header.tensors.items() if k.startswith("data.")}
+    wants = packed is not None and stored.train_config is not None and stored.train_config.data == POINTS_DATA
+    if not wants:
+        if table:
+            raise _fail(path, f"unexpected tensor {_short('data.' + next(iter(table)))} (only a run on "
+                              f"{POINTS_DATA!r} stores point data)")
+        if "points" in stored.header.meta:
+            raise _fail(path, f"unexpected metadata entry 'points' (only a run on {POINTS_DATA!r} stores points)")
+        return None
+    if not table:
+        raise _fail(path, f"a run on {POINTS_DATA!r} must store its points (tensors data.train, data.test, "
+                          "data.mean, data.scale); none are there")
+    try:
+        PointSet.check_table(table)
+        info = PointSet.check_info(_json_field(path, stored.header.meta, "points", required=True))
+        check_stream_state(packed.get("stream"), table["train"][1][0])
+    except ValueError as err:
+        raise _fail(path, f"trainer_state: stream: {err}" if str(err).startswith("data:") else str(err)) from None
+    return info

@@ -50,9 +50,12 @@ import torch
 
 from . import __version__, evaluation, fast
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_checkpoint_metadata
+from .cli_points import holdout_fraction, point_set_from_args, points_note, refuse_point_flags_on_resume
 from .config import DTYPES, FlowConfig
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS, image_set_shape
+from .data.point_files import looks_like_point_file
+from .data.points import POINTS_DATA
 from .distributed import init_from_environment
 from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
@@ -426,21 +429,24 @@ def _data_name(name: str) -> str:
         return name.lower()
     if isinstance(name, str) and name.lower() in DATASETS:
         return check_dataset_name(name)
-    raise CLIError(f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}")
+    if isinstance(name, str) and name and looks_like_point_file(name):
+        return POINTS_DATA  # a file of the user's own 2-D points (cli_points)
+    raise CLIError(f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}, or give a .csv, .npy or "
+                   ".npz file of 2-D points")
 
 
 def _data_kind(data: str) -> str:
     """The kind of preset a canonical data name needs: ``"image"``, ``"2-D density"`` or ``"1-D staircase"``."""
     if data in IMAGE_DATASETS:
         return "image"
-    return "2-D density" if data in TOY_DATASETS else "1-D staircase"
+    return "2-D density" if data in TOY_DATASETS or data == POINTS_DATA else "1-D staircase"
 
 
 def _default_preset(data: str) -> str:
     """The preset ``train`` uses for a canonical data name when ``--preset`` is not given."""
     if data in IMAGE_DATASETS:
         return DEFAULT_IMAGE_PRESETS[data]
-    return DEFAULT_TOY_PRESET if data in TOY_DATASETS else DEFAULT_1D_PRESET
+    return DEFAULT_TOY_PRESET if data in TOY_DATASETS or data == POINTS_DATA else DEFAULT_1D_PRESET
 
 
 def _preset_kind(preset: Any) -> str:
@@ -562,7 +568,8 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     # Before the trainer loads data or builds the model: a request that cannot fit is refused while nothing has
     # been spent (the folder is not even created yet).
     _check_training_resources(args, model_config, train_config, source)
-    trainer = Trainer(model_config, train_config)
+    points = point_set_from_args(args, data, train_config)
+    trainer = Trainer(model_config, train_config, points=points)
     return trainer, out, preset.name, preset.description
 
 
@@ -637,6 +644,7 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
     """On ``--resume``, refuse flags that would change the architecture or the data stream."""
     model = trainer.model_config
     tc = trainer.train_config
+    refuse_point_flags_on_resume(args)
     checks: list[tuple[str, Any, Any]] = []
     if args.data is not None:
         checks.append(("--data", _data_name(args.data), tc.data))
@@ -843,6 +851,8 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
         f"({'resuming at' if args.resume else 'starting at'} iteration {start}, target {target}) into {out}",
         file=sys.stderr,
     )
+    if trainer.points is not None:
+        print(f"points: {trainer.points.describe()}", file=sys.stderr)
     bar = tqdm(
         total=target,
         initial=start,
@@ -943,7 +953,9 @@ def _train_worker(args: argparse.Namespace) -> int:
         model_changes = {key: getattr(args, attr) for attr, key in _MODEL_FLAGS if getattr(args, attr) is not None}
         train_changes = {key: getattr(args, attr) for attr, key in _TRAIN_FLAGS if getattr(args, attr) is not None}
         train_changes["data"] = data
-        trainer = Trainer(preset.model_config(**model_changes), preset.train_config(**train_changes))
+        train_config = preset.train_config(**train_changes)
+        trainer = Trainer(preset.model_config(**model_changes), train_config,
+                          points=point_set_from_args(args, data, train_config))
     trainer.run(max(0, trainer.train_config.iterations - trainer.step_count))
     return EXIT_OK
 
@@ -951,7 +963,7 @@ def _train_worker(args: argparse.Namespace) -> int:
 def _describe_test(ev: Any, data: str) -> str:
     if ev.bpd is not None:
         return f"{ev.describe()}; {ev.dtype}; {ev.seconds:.2f} s"
-    points = f"{_fmt_int(ev.n_test)} fixed {data} points"
+    points = f"{_fmt_int(ev.n_test)} {'held-out' if data == POINTS_DATA else f'fixed {data}'} points"
     if ev.nll_nats is not None:
         err = f" +- {ev.nll_stderr_nats:.4f}" if ev.nll_stderr_nats is not None else ""
         logdet = "exact log-det" if ev.exact else "estimated log-det (unbiased, stochastic)"
@@ -977,6 +989,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint}: holds a flow only (no training configuration); pass --data NAME, one of "
             f"{list(ALL_DATA)}"
         )
+    if data == POINTS_DATA and (args.data is not None or ckpt.points is None):
+        raise CLIError(f"--data {args.data}: a run on your own points is tested on the held-out points stored in "
+                       "its checkpoint; omit --data" if ckpt.points is not None else
+                       f"--data {args.data}: {args.checkpoint} holds no points of its own (only checkpoints of runs "
+                       "on a point file do)")
     if args.split is not None and data not in IMAGE_DATASETS:
         raise CLIError(
             f"--split {args.split}: only image data sets have splits; {data!r} is tested on its fixed, seeded "
@@ -1011,7 +1028,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         copy = sum(t.numel() for t in (*flow.parameters(), *flow.buffers())) * 8
         check_memory(label, points_bytes(n, flow.dim) + copy, "the held-out test", hint="use a smaller --test-size")
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
-    trainer = Trainer(ckpt.model_config, test_config, flow=flow)
+    trainer = Trainer(ckpt.model_config, test_config, flow=flow, points=ckpt.points if data == POINTS_DATA else None)
     result = trainer.evaluate(fixed=True, dtype=args.dtype)
     step = ckpt.metadata.get("step")
     if isinstance(step, int):
@@ -1030,6 +1047,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             doc["nll_stderr_nats"] = _jsonable(result.nll_stderr_nats)
         else:
             doc["mse"] = _jsonable(result.mse)
+        if ckpt.points is not None and result.nll_nats is not None:
+            doc["points"] = {"source": ckpt.points.source, "mean": ckpt.points.mean.tolist(),
+                             "scale": ckpt.points.scale.tolist(), "log_scale": ckpt.points.log_scale,
+                             "nll_nats_data_units": _jsonable(result.nll_nats + ckpt.points.log_scale)}
         doc.update(
             {
                 "n_test": result.n_test,
@@ -1045,6 +1066,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     else:
         at = f" at iteration {step}" if step is not None else ""
         print(f"{args.checkpoint}{at}: {_describe_test(result, data)} [test seed {test_config.test_seed}]")
+        if ckpt.points is not None and result.nll_nats is not None:
+            print(f"points: {ckpt.points.describe()}; in the data's units the test NLL is "
+                  f"{result.nll_nats + ckpt.points.log_scale:.4f} nats")
     return EXIT_OK
 
 
@@ -1144,6 +1168,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         )
     print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
           f"sampling took {seconds:.2f} s)")
+    note = points_note(ckpt.points, "the samples")
+    if note:
+        print(note)
     return EXIT_OK
 
 
@@ -1273,6 +1300,9 @@ def _cmd_density(args: argparse.Namespace) -> int:
         f"(log p from {lo:.3f} to {hi:.3f} nats; probability mass on the grid about {total * cell:.3f}; "
         f"{_dtype_name(dtype)}; {seconds:.2f} s)"
     )
+    note = points_note(ckpt.points, "the grid and its log-densities")
+    if note:
+        print(note)
     return EXIT_OK
 
 
@@ -1333,6 +1363,13 @@ sizes:
   Sizes are checked against this machine before any work: a batch, test, model (--blocks, or an image folder's
   image size) or thread count that cannot fit is refused with the estimated memory it would need.
 
+your own points (--data FILE):
+  A .csv (header optional), .npy (an (n, k) array) or .npz file of 2-D points; --columns picks two of more
+  columns. Rows with a non-finite value are refused (the error names the first). The points are split with the
+  run's test seed (--holdout of them, default 20%, for the test NLL: every test uses them, there are no fresh
+  samples) and standardised with the training part's mean and standard deviation; the flow models the
+  standardised points and the checkpoint keeps them with their transform (eval, sample and density print it).
+
 Ctrl-C stops after the current iteration, saves the checkpoint and exits with status 130 (a second Ctrl-C stops
 at once). --resume CHECKPOINT continues that run up to --iterations in total and appends to metrics.csv; only
 --iterations, --lr, --solver, --tol, --eval-every, --eval-size, --checkpoint-every, --device and --threads may
@@ -1342,6 +1379,7 @@ examples:
   monoflow train --data 8gaussians --out runs/8g
   monoflow train --data moons --preset paper-toy-idensenet --iterations 5000 --out runs/moons-res
   monoflow train --data staircase --preset paper-1d-a --out runs/stairs-a
+  monoflow train --data my_points.csv --columns x,y --iterations 5000 --out runs/mine
   monoflow train --resume runs/8g/checkpoint.safetensors --iterations 60000
 """
 
@@ -1366,8 +1404,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     g = p.add_argument_group("data and preset")
-    g.add_argument("--data", metavar="NAME", help=f"training data: one of {', '.join(ALL_DATA)} (required unless "
-                   "--resume)")
+    g.add_argument("--data", metavar="NAME", help=f"training data: one of {', '.join(ALL_DATA)}, or a .csv, .npy or "
+                   ".npz file of your own 2-D points (required unless --resume)")
+    g.add_argument("--columns", metavar="A,B", help="--data FILE with more than two columns: the two to use, by name "
+                   "(a CSV header, an NPZ key) or position, e.g. x,y or 0,2")
+    g.add_argument("--holdout", type=holdout_fraction, metavar="F", help="--data FILE: fraction of the points held "
+                   "out for the test NLL, in (0, 0.5] (default 0.2; split with the run's test seed)")
     g.add_argument("--data-dir", metavar="DIR", help="folder holding an image set's files (mnist, cifar10, "
                    "imagenet32, imagenet64, folder; digits is built in)")
     g.add_argument("--preset", metavar="NAME", help=f"preset name or JSON path (default {DEFAULT_TOY_PRESET} for 2-D "

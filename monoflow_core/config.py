@@ -18,6 +18,7 @@ import torch
 
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS
+from .data.points import POINTS_DATA
 from .dequantization import DEQUANTIZATIONS
 from .families.names import FAMILIES, IMPLICIT
 from .logdet import LOGDET_MODES, EstimatorSettings
@@ -346,7 +347,8 @@ class TrainConfig(JsonConfig):
         data: data set name: one of :data:`monoflow_core.data.DATASETS` (``"staircase"`` is the 1-D regression
             task, the others are 2-D densities) or an image set of
             :data:`monoflow_core.data.images.IMAGE_DATASETS` (``"digits"`` is built in; the others read
-            ``data_dir``). Image runs train on bits/dim.
+            ``data_dir``). Image runs train on bits/dim. ``"points"``: a user's 2-D points, a
+            :class:`~monoflow_core.data.points.PointSet` handed to the trainer (and stored in its checkpoints).
         data_dir: folder holding an image set's files (``None`` for the built-in sets).
         grad_accumulation: split each batch of ``batch_size`` into this many micro-batches whose gradients are
             accumulated (less memory; the same update as one big batch when the log-dets are exact, and an update
@@ -418,11 +420,11 @@ class TrainConfig(JsonConfig):
 
     def validate(self) -> None:
         """Check and normalise every field; raise ``ValueError("field: ...")`` with the allowed range."""
-        if isinstance(self.data, str) and self.data.lower() in IMAGE_DATASETS:
-            self.data = self.data.lower()
+        if isinstance(self.data, str) and self.data.lower() in (*IMAGE_DATASETS, POINTS_DATA):
+            self.data = self.data.lower()  # (a run on "points" gets its PointSet from the trainer's caller)
         elif not (isinstance(self.data, str) and self.data.lower() in DATASETS):
             raise ValueError(
-                f"data: unknown data set {self.data!r}; choose one of {[*DATASETS, *IMAGE_DATASETS]}"
+                f"data: unknown data set {self.data!r}; choose one of {[*DATASETS, *IMAGE_DATASETS, POINTS_DATA]}"
             )
         else:
             self.data = check_dataset_name(self.data)
@@ -501,7 +503,7 @@ class TrainConfig(JsonConfig):
 
     @property
     def task(self) -> str:
-        """``"density"`` (2-D toy densities), ``"regression"`` (the staircase) or ``"image"`` (bits/dim)."""
+        """``"density"`` (2-D toy densities, a user's points), ``"regression"`` (the staircase) or ``"image"``."""
         if self.data in IMAGE_DATASETS:
             return "image"
-        return "density" if self.data in TOY_DATASETS else "regression"
+        return "density" if self.data in TOY_DATASETS or self.data == POINTS_DATA else "regression"

@@ -37,6 +37,7 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_check
 from .config import DTYPES, SCHEDULES, FlowConfig, TrainConfig, check_float, check_int
 from .data import ToyStream, sample_staircase, sample_toy
 from .data.images import ImageSet, ImageStream, load_image_set
+from .data.points import POINTS_DATA, PointSet, PointStream
 from .distributed import DistributedContext
 from .flow import Flow
 from .image_layers import ActNorm2d
@@ -180,6 +181,8 @@ class Trainer:
             or user arrays; a checkpoint of such a run resumes only with the same ``images`` passed again).
         eval_images: image runs with ``images``: the set evaluations of ``eval_split`` use (default: that split
             of ``train_config.data``, loaded when first needed).
+        points: runs on ``data = "points"``: the user's :class:`~monoflow_core.data.points.PointSet` (batches from
+            its training part, tests on its held-out part; checkpoints store it, so a resume needs nothing else).
 
     Attributes:
         flow: the flow being trained.
@@ -199,9 +202,15 @@ class Trainer:
         history_length: int = 10_000,
         images: ImageSet | None = None,
         eval_images: ImageSet | None = None,
+        points: PointSet | None = None,
     ) -> None:
         model_config.validate()
         train_config.validate()
+        if (points is not None) != (train_config.data == POINTS_DATA):
+            raise ValueError(f"data: a PointSet goes with data {POINTS_DATA!r} and only with it (got data "
+                             f"{train_config.data!r} and {'a' if points is not None else 'no'} PointSet)")
+        #: The user's points of a ``"points"`` run, else None.
+        self.points: PointSet | None = points
         self.model_config = model_config
         self.train_config = train_config
         self.task = train_config.task
@@ -257,10 +266,14 @@ class Trainer:
             weight_decay=train_config.weight_decay,
         )
         self._base_lr = float(train_config.lr)
-        self._stream: ToyStream | ImageStream
+        self._stream: ToyStream | ImageStream | PointStream
         self._eval_stream: ToyStream | None
         if self._train_images is not None:
             self._stream = ImageStream(self._train_images, train_config.seed)
+            self._eval_stream = None
+        elif points is not None:
+            # No fresh samples of a user's points: every test uses the held-out part.
+            self._stream = PointStream(points, train_config.seed)
             self._eval_stream = None
         else:
             self._stream = ToyStream(train_config.data, train_config.seed)
@@ -667,7 +680,9 @@ class Trainer:
     def _fixed_test_set(self) -> Any:
         if self._test_set is None:
             cfg = self.train_config
-            if self.task == "density":
+            if self.points is not None:
+                self._test_set = self.points.test[: cfg.test_size]
+            elif self.task == "density":
                 self._test_set = sample_toy(cfg.data, cfg.test_size, rng=cfg.test_seed, dtype=torch.float64)
             else:
                 self._test_set = sample_staircase(cfg.eval_size, rng=cfg.test_seed, dtype=torch.float64)
@@ -707,6 +722,7 @@ class Trainer:
             if record:
                 self.eval_history.append(result)
             return result
+        fixed = fixed or self.points is not None  # a user's points have no fresh samples: the held-out part
         if fixed:
             data = self._fixed_test_set()
             size = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
@@ -955,7 +971,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {ckpt.path}: holds a flow only, no training state to resume")
         train_config = ckpt.train_config if device is None else ckpt.train_config.replace(device=device)
         try:
-            trainer = cls(ckpt.model_config, train_config, flow=ckpt.flow)
+            trainer = cls(ckpt.model_config, train_config, flow=ckpt.flow, points=ckpt.points)
             trainer.load_state_dict(ckpt.trainer_state)
         except (ValueError, TypeError, KeyError) as err:
             # What depends on the data rather than the file (e.g. an image set whose levels differ from the

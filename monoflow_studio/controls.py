@@ -324,7 +324,7 @@ class ControlsPanel(QWidget):
             data=base.training.data if image else self.data.currentData(), batch_size=int(self.batch_size.value()),
             seed=int(self.seed.value()), device=self.device.currentData(), lr=float(self.lr.value()), **tests,
         )
-        return RunSpec(model, training, name=base.name, description=base.description)
+        return RunSpec(model, training, name=base.name, description=base.description, points=base.points)
 
     def set_enabled_for_run(self, enabled: bool) -> None:
         """Enable or disable the controls (e.g. while a run is being built); an image run's data set stays off."""

@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from monoflow_core.checkpoint import CheckpointError
+from monoflow_core.data import POINTS_DATA, PointDataError, PointSet
 from monoflow_core.examples import list_examples
 from monoflow_core.training import EvalMetrics, StepMetrics
 
@@ -44,6 +45,7 @@ from .run_spec import RunSpec, image_presets, toy_presets
 from .session import PAUSED, TRAINING, ImageFrame, RunInfo, Session, SessionOptions, TransportFrame, ViewFrame
 from .settings import StudioSettings, last_dir, read_settings, remember_dir, window_layout, write_settings
 from .theme import THEMES, apply_theme, plot_colors
+from .user_data import DATA_FILTER, ask_columns, drawn_point_set, load_point_file, points_spec
 from .views.curves import BITS_PER_DIM, NATS, CurvesView
 from .views.density import DensityView
 from .views.diagnostics import SolverView
@@ -209,6 +211,7 @@ class MainWindow(QMainWindow):
         self.curves.settings_changed.connect(self._save_view_settings)
         self.transport.direction_changed.connect(self._on_transport_direction)
         self.transport_dock.visibilityChanged.connect(self._on_transport_visibility)
+        self.density.drawing.use_requested.connect(self.use_drawing)
 
     def _action(self, text: str, slot: Callable[[], None], shortcut: QKeySequence | str | None = None,
                 tip: str = "") -> QAction:
@@ -241,6 +244,8 @@ class MainWindow(QMainWindow):
                                                "Save the main view as a PNG or SVG image")
         self.export_csv_action = self._action("Export curves as CSV...", self.export_curves, "Ctrl+Shift+E",
                                               "Save every run's loss and test NLL series")
+        self.load_data_action = self._action("Load data...", self.load_data, "Ctrl+L",
+                                             "Train on your own 2-D points from a CSV, NPY or NPZ file")
         self.load_config_action = self._action("Load run configuration...", self.load_config, "Ctrl+Shift+O",
                                                "Load a run configuration (or preset) from JSON")
         self.save_config_action = self._action("Save run configuration...", self.save_config, "Ctrl+Shift+S",
@@ -252,6 +257,7 @@ class MainWindow(QMainWindow):
         file_menu = menu.addMenu("&File")
         file_menu.addAction(self.open_action)
         self._build_examples_menu(file_menu.addMenu("Open &example"))
+        file_menu.addAction(self.load_data_action)
         for a in (self.save_ckpt_action, None, self.load_config_action, self.save_config_action,
                   None, self.export_view_action, self.export_csv_action, None, self.quit_action):
             file_menu.addSeparator() if a is None else file_menu.addAction(a)
@@ -581,6 +587,39 @@ class MainWindow(QMainWindow):
             return
         self.apply_spec(spec, f"the configuration {Path(path).name}")
 
+    def load_data(self, path: str | None = None) -> None:
+        """Train on a file of 2-D points (a column chooser where it has more than two columns); a malformed file is
+        a message and the current run goes on."""
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Load data", self._last_dir("data"), DATA_FILTER)
+            if not path:
+                return
+        self._remember_dir("data", path)
+        try:
+            points = load_point_file(path, ask_columns(self), split_seed=self.spec.training.test_seed)
+        except PointDataError as err:
+            self._on_message("error", f"could not load data: {err}; the current run is kept")
+            return
+        if points is not None:
+            self._train_on_points(points, f"the data {Path(path).name}")
+
+    def use_drawing(self, drawn: object) -> None:
+        """Train on the points drawn in the density view (too few: a message, the current run goes on)."""
+        try:
+            points = drawn_point_set(drawn, split_seed=self.spec.training.test_seed)  # type: ignore[arg-type]
+        except PointDataError as err:
+            self._on_message("error", f"cannot train on the drawing: {err}")
+            return
+        if self._train_on_points(points, "the drawn data"):
+            self.density.draw_button.setChecked(False)  # back to the density, to watch it learn
+
+    def _train_on_points(self, points: PointSet, why: str) -> bool:
+        base = self._controls_spec() or self.spec
+        if base.is_image:  # the user's points are 2-D: start from the 2-D default
+            base = RunSpec.default()
+        self.log.add("info", f"{why}: {points.describe()}")
+        return self.apply_spec(points_spec(base, points), why)
+
     def _write_file(self, path: str, write: Callable[[str], None], what: str, suffix: str = "") -> None:
         self._guard_file(lambda: atomic_write_with(path, write, suffix=suffix), path, what)
 
@@ -623,6 +662,8 @@ class MainWindow(QMainWindow):
         self._update_title()
         self._update_status()
         text = f"{label}: {info.spec.describe_model()}, step {info.step}"
+        if info.spec.points is not None and info.spec.training.data == POINTS_DATA:
+            text += f"; data {info.spec.points.describe()}"
         if image:
             t = info.spec.training
             text += (f"; training loss in bits/dim; tests every {info.eval_every} steps on {t.eval_size} "

@@ -17,6 +17,7 @@ from typing import Any
 from monoflow_core.config import FlowConfig
 from monoflow_core.data import TOY_DATASETS
 from monoflow_core.data.images import IMAGE_DATASETS
+from monoflow_core.data.points import POINTS_DATA, PointSet
 from monoflow_core.families import IMPLICIT, describe_family
 from monoflow_core.presets import Preset, list_presets, load_preset
 from monoflow_core.training import TrainConfig
@@ -35,12 +36,18 @@ DEFAULT_PRESET = "quick-monotone"
 
 @dataclass
 class RunSpec:
-    """The model and training configuration of one run (both validated by the core)."""
+    """The model and training configuration of one run (both validated by the core).
+
+    ``points``: the user's own points (loaded from a file or drawn), which a run on ``data = "points"`` trains on.
+    They are kept when the data set changes, so switching back to ``points`` needs no reload; a saved run
+    configuration (JSON) does not hold them (checkpoints do).
+    """
 
     model: FlowConfig
     training: TrainConfig
     name: str = "custom"
     description: str = ""
+    points: PointSet | None = None
 
     @classmethod
     def from_preset(cls, preset: Preset | str, **training_overrides: Any) -> RunSpec:
@@ -87,6 +94,13 @@ class RunSpec:
         run is built: a loading error becomes a message and the current run is kept).
         """
         data = self.training.data
+        if data == POINTS_DATA:
+            if self.points is None:
+                raise ValueError("data 'points' trains on your own points: load them with File > Load data... or "
+                                 "draw them (Draw data in the density view)")
+            if self.model.dim != 2 or self.model.is_image:
+                raise ValueError("your own points are 2-D: they need a 2-D model (start from a 2-D preset)")
+            return
         if data in IMAGE_DATASETS:
             if not self.model.is_image:
                 raise ValueError(
@@ -131,7 +145,7 @@ class RunSpec:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def copy(self) -> RunSpec:
-        return RunSpec(self.model.replace(), self.training.replace(), self.name, self.description)
+        return RunSpec(self.model.replace(), self.training.replace(), self.name, self.description, self.points)
 
 
 def _needs_files(data: str, name: str) -> str:

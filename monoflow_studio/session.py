@@ -47,7 +47,8 @@ from PySide6.QtCore import QObject, QThread, Signal
 
 from monoflow_core import evaluation
 from monoflow_core.checkpoint import CheckpointError, load_checkpoint
-from monoflow_core.data import sample_toy
+from monoflow_core.data import POINTS_DATA, sample_toy
+from monoflow_core.data.points import PointSet
 from monoflow_core.flow import Flow
 from monoflow_core.nn.lipschitz import spectral_layers, update_lipschitz
 from monoflow_core.training import (
@@ -214,6 +215,18 @@ def evaluate_images(
     )
 
 
+def _points_info(points: PointSet, run_id: int, opts: SessionOptions, seed: int, common: dict[str, Any]) -> RunInfo:
+    """The description of a run on a user's points: a seeded subsample of the training part for the overlay, and
+    the histogram of the whole training part (the held-out points are never shown as training data)."""
+    extent = (-opts.grid_extent, opts.grid_extent, -opts.grid_extent, opts.grid_extent)
+    train = points.train.numpy()
+    shown = train
+    if train.shape[0] > opts.data_points:
+        shown = train[np.random.default_rng(seed + 7).choice(train.shape[0], opts.data_points, replace=False)]
+    return RunInfo(run_id=run_id, data_points=shown.copy(), data_hist=histogram2d(train, extent, opts.hist_bins),
+                   **common)
+
+
 def histogram2d(points: np.ndarray, extent: tuple[float, float, float, float], bins: int) -> np.ndarray:
     """Counts of ``points`` on a ``bins x bins`` grid over ``extent``, row-major with row 0 at ``ymin``."""
     xmin, xmax, ymin, ymax = extent
@@ -339,7 +352,8 @@ class _Worker(QObject):
         self._set_state(BUILDING)
         try:
             spec.check_studio()
-            trainer = Trainer(spec.model.replace(), spec.training.replace())
+            points = spec.points if spec.training.data == POINTS_DATA else None
+            trainer = Trainer(spec.model.replace(), spec.training.replace(), points=points)
         except Exception as err:  # any failure of the model or the data: the session and the old run go on
             self._running = False
             kept = "; the current run is kept" if self.trainer is not None else ""
@@ -363,8 +377,11 @@ class _Worker(QObject):
                 stored = user.get("data") if isinstance(user, dict) else None
                 data = ckpt.metadata.get("data") or stored or (self.trainer.train_config.data if self.trainer else None)
                 tc = self._initial_spec.training.replace(**({"data": data} if data else {}))
-                trainer = Trainer(ckpt.model_config, tc, flow=ckpt.flow)
-            spec = RunSpec(trainer.model_config.replace(), trainer.train_config.replace(), name=Path(path).name)
+                current = self.trainer.points if self.trainer is not None else None
+                trainer = Trainer(ckpt.model_config, tc, flow=ckpt.flow,
+                                  points=current if tc.data == POINTS_DATA else None)
+            spec = RunSpec(trainer.model_config.replace(), trainer.train_config.replace(), name=Path(path).name,
+                           points=trainer.points)
             spec.check_studio()
         except (CheckpointError, ValueError) as err:
             self.message.emit("error", f"could not open checkpoint: {err}")
@@ -391,6 +408,9 @@ class _Worker(QObject):
                 eval_every=cfg.eval_every or opts.default_eval_every, **common,
             )
             self._test_points = torch.zeros(0, 2, dtype=torch.float64)
+        elif trainer.points is not None:
+            info = _points_info(trainer.points, self._run_id + 1, opts, spec.training.seed, common)
+            self._test_points = trainer.points.test[: opts.eval_points]
         else:
             extent = (-opts.grid_extent, opts.grid_extent, -opts.grid_extent, opts.grid_extent)
             points = sample_toy(data, opts.data_points, rng=spec.training.seed + 7, dtype=torch.float64).numpy()

@@ -11,8 +11,8 @@ kept exactly). The sets and their on-disk formats:
   The 16-byte header is big-endian: magic ``0x00000803`` (unsigned byte, 3 dimensions), then N, rows, cols.
 * ``cifar10``: the "python version" batches ``data_batch_1`` .. ``data_batch_5`` and ``test_batch`` in
   ``data_dir`` or ``data_dir/cifar-10-batches-py``. They are pickles, so they are read with a restricted
-  unpickler that resolves only the few numpy globals an array needs (see ``_CifarUnpickler`` in :mod:`monoflow_core.data.image_formats`); a pickle that
-  names anything else is refused before it can run.
+  unpickler that resolves only the few numpy globals an array needs (see ``_CifarUnpickler`` in
+  :mod:`monoflow_core.data.image_formats`); a pickle that names anything else is refused before it can run.
 * ``imagenet32`` / ``imagenet64``: downsampled ImageNet (Chrabaszcz, Loshchilov and Hutter, 2017) in its npz
   format, ``train_data_batch_<k>.npz`` and ``val_data.npz`` in ``data_dir`` or one folder below it, read with
   ``allow_pickle=False``.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Signal
-from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..frames import RunInfo, ViewFrame
 from ..theme import PlotColors, style_plot
 from ..widgets import set_axis_label
+from .draw import DrawingPanel
 
 __all__ = ["DensityView"]
 
@@ -43,6 +44,9 @@ class DensityView(QWidget):
         self.overlay_box = QCheckBox("Overlay data points")
         self.samples_box = QCheckBox("Overlay model samples")
         self.caption = QLabel("")
+        self.draw_button = QPushButton("Draw data")
+        self.draw_button.setCheckable(True)
+        self.draw_button.setToolTip("Draw your own 2-D points with the mouse on an empty canvas, then train on them")
         bar = QHBoxLayout()
         bar.addWidget(QLabel("Show:"))
         bar.addWidget(self.mode_box)
@@ -50,6 +54,7 @@ class DensityView(QWidget):
         bar.addWidget(self.samples_box)
         bar.addStretch(1)
         bar.addWidget(self.caption)
+        bar.addWidget(self.draw_button)
 
         self.plot = pg.PlotWidget()
         item = self.plot.getPlotItem()
@@ -69,7 +74,11 @@ class DensityView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addLayout(bar)
+        #: The drawing mode's toolbar and canvas (hidden until Draw data is pressed).
+        self.drawing = DrawingPanel(self.plot)
+        layout.addWidget(self.drawing)
         layout.addWidget(self.plot, 1)
+        self._note = ""  # what the run's data are (a user's points: the held-out split), after the step
 
         self._frame: ViewFrame | None = None
         self._run: RunInfo | None = None
@@ -77,6 +86,7 @@ class DensityView(QWidget):
         self.mode_box.currentIndexChanged.connect(self._on_setting)
         self.overlay_box.toggled.connect(self._on_setting)
         self.samples_box.toggled.connect(self._on_setting)
+        self.draw_button.toggled.connect(self._on_draw_toggled)
 
     # -- settings ----------------------------------------------------------------------------------------
     @property
@@ -95,12 +105,36 @@ class DensityView(QWidget):
         style_plot(self.plot, colors)
         self.colorbar.axis.setPen(colors.foreground)
         self.colorbar.axis.setTextPen(colors.foreground)
+        self.drawing.set_colors(colors.dark)
+
+    def _on_draw_toggled(self, on: bool) -> None:
+        """Drawing mode: an empty canvas (the heatmap and the overlays hidden) that takes the mouse."""
+        self.drawing.set_active(on)
+        self.image.setVisible(not on)
+        self.colorbar.setVisible(not on)
+        self.draw_button.setText("Back to the density" if on else "Draw data")
+        for widget in (self.mode_box, self.overlay_box, self.samples_box):
+            widget.setEnabled(not on)
+        self._redraw()
 
     # -- data --------------------------------------------------------------------------------------------
     def set_run(self, info: RunInfo) -> None:
         """A new run: data overlay and data histogram; the heatmap waits for the run's first frame."""
         self._run = info
         self._frame = None
+        points = info.spec.points if info.spec.training.data == "points" else None
+        self._note = ""
+        self.caption.setToolTip("")
+        labels = ("x1", "x2")
+        if points is not None and not points.is_identity:
+            labels = (f"{points.columns[0]} (standardised)", f"{points.columns[1]} (standardised)")
+        item = self.plot.getPlotItem()
+        item.setLabel("bottom", labels[0])
+        item.setLabel("left", labels[1])
+        if points is not None:
+            # Short (the bar has little room); the transform and the whole split are in the tooltip and the log.
+            self._note = f"; {points.test.shape[0]:,} of {points.n_points:,} held out ({points.holdout:.0%})"
+            self.caption.setToolTip(f"{points.describe()}. The test NLL is measured on the held-out points.")
         self.data_scatter.setData(pos=info.data_points)
         self._redraw()
 
@@ -138,8 +172,12 @@ class DensityView(QWidget):
         return dens, (0.0, float(max(np.exp(top), 1e-12))), "p(x)", frame.extent
 
     def _redraw(self) -> None:
-        self.data_scatter.setVisible(self.overlay_box.isChecked())
-        self.sample_scatter.setVisible(self.samples_box.isChecked())
+        drawing = self.drawing.active
+        self.data_scatter.setVisible(self.overlay_box.isChecked() and not drawing)
+        self.sample_scatter.setVisible(self.samples_box.isChecked() and not drawing)
+        if drawing:
+            self.caption.setText("drawing: drag to paint points, click for one dab")
+            return
         # Scatter updates cost GUI time (Python): only for a visible overlay.
         if self.samples_box.isChecked() and self._frame is not None:
             self.sample_scatter.setData(pos=self._frame.samples[:1000])
@@ -153,4 +191,5 @@ class DensityView(QWidget):
         set_axis_label(self.colorbar.axis, label)
         frame = self._frame
         # (which dtype computed the picture: the training dtype, while the run's test NLL is float64)
-        self.caption.setText(f"step {frame.step}, {frame.dtype}" if frame is not None else "step 0")
+        caption = f"step {frame.step}, {frame.dtype}" if frame is not None else "step 0"
+        self.caption.setText(caption + self._note)
