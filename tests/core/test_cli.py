@@ -39,6 +39,9 @@ SHIPPED_PRESETS = {
     "paper-1d-d",
     "paper-toy-idensenet",
     "paper-toy-monotone",
+    # small, fast versions (the studio opens on quick-monotone)
+    "quick-idensenet",
+    "quick-monotone",
     # the comparison families (monoflow_core.families, docs/families.md)
     "toy-cnf",
     "toy-glow",
