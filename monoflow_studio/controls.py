@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (
 
 from monoflow_core.config import FORMULATIONS
 from monoflow_core.data import TOY_DATASETS, sample_toy
+from monoflow_core.families import IMPLICIT, describe_family
 from monoflow_core.nn.activations import ACTIVATIONS
 from monoflow_core.solvers import METHODS
 
@@ -46,7 +47,13 @@ REBUILD_FIELDS = ("data", "formulation", "activation", "lipschitz", "blocks", "b
 #: Fields shown only for one kind of run (the others apply to both).
 DENSITY_ONLY = ("blocks",)
 IMAGE_ONLY = ("blocks_per_scale", "fc_blocks", "eval_every", "eval_size")
+#: Fields of the paper's implicit family only: a comparison flow (Real NVP, Glow, ...) has no G network, no
+#: Lipschitz bound and no fixed-point solves, so these rows are hidden for it rather than shown doing nothing.
+IMPLICIT_ONLY = ("formulation", "activation", "lipschitz", "depth", "growth", "solver", "tol", "max_iter")
+#: ...except the tolerance, which a continuous flow uses for its ODE solver.
+CNF_FIELDS = ("tol",)
 
+TOL_TIP = "relative solver tolerance (never below 10 machine epsilons)"
 DATA_TIP = "one of the eight 2-D toy densities of the paper (Table 1)"
 IMAGE_DATA_TIP = ("image runs keep their data set (a 2-D density needs another model): choose another run from the "
                   "Presets menu or with File > Load run configuration")
@@ -144,7 +151,7 @@ class ControlsPanel(QWidget):
         self._add_rows(self._live_form, (
             ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
             ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
-            ("Tolerance", "tol", "relative solver tolerance (never below 10 machine epsilons)"),
+            ("Tolerance", "tol", TOL_TIP),
             ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
         ))
         self.tests = QGroupBox("Tests: apply from the next test")
@@ -259,12 +266,24 @@ class ControlsPanel(QWidget):
         self.data.setToolTip(IMAGE_DATA_TIP if image else DATA_TIP)
         self.data.setEnabled(not image and self._enabled)
 
+    def _set_family(self, family: str) -> None:
+        """Show only the fields that apply to the run's flow family."""
+        for name in IMPLICIT_ONLY:
+            shown = family == IMPLICIT or (family == "cnf" and name in CNF_FIELDS)
+            form = self._live_form if name in LIVE_FIELDS else self._rebuild_form
+            form.setRowVisible(self.widgets[name], shown)
+        if family == "cnf":
+            self.tol.setToolTip("relative and absolute tolerance of the continuous flow's ODE solver")
+        else:
+            self.tol.setToolTip(TOL_TIP)
+
     # -- spec <-> widgets --------------------------------------------------------------------------------
     def set_spec(self, spec: RunSpec) -> None:
         """Show ``spec`` without emitting change signals (it becomes the base of :meth:`spec`)."""
         self._base = spec.copy()
         m, t = spec.model, spec.training
         self._set_mode(spec.is_image, t.data)
+        self._set_family(m.family)
         self._blocks_per_scale_text = self._format_list(list(m.blocks_per_scale))
         self.blocks_per_scale.setText(self._blocks_per_scale_text)
         values: dict[str, Any] = {
@@ -290,6 +309,9 @@ class ControlsPanel(QWidget):
                 w.blockSignals(False)
         mixed = isinstance(m.formulation, list) and len(set(m.formulation)) > 1
         notes = ["This model mixes formulations per block; the combo shows the first."] if mixed else []
+        if m.family != IMPLICIT:
+            notes.append(f"Comparison flow (zuko) {describe_family(m)}: its architecture comes from the preset; "
+                         "the fields of the implicit flows are hidden.")
         if spec.is_image:
             shape = "x".join(str(v) for v in m.image_shape or ())
             notes.append(f"Image run on {t.data} ({shape}, {m.levels} levels, {m.dequantization} dequantization): "

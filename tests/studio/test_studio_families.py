@@ -73,3 +73,22 @@ def test_the_view_process_draws_a_family_as_the_studio_does():
     assert here is not None and there is not None
     np.testing.assert_allclose(there.log_density, here.log_density, rtol=0, atol=1e-5)
     np.testing.assert_allclose(there.samples, here.samples, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("preset", "shown"), [
+    ("toy-realnvp", set()),
+    ("toy-cnf", {"tol"}),
+    ("paper-toy-monotone", {"formulation", "activation", "lipschitz", "depth", "growth", "solver", "tol",
+                            "max_iter"}),
+])
+def test_controls_show_only_the_fields_of_the_runs_family(preset, shown, qtbot):
+    from monoflow_studio.controls import IMPLICIT_ONLY, ControlsPanel
+
+    panel = ControlsPanel(RunSpec.from_preset(preset))
+    qtbot.addWidget(panel)
+    panel.show()
+    visible = {name for name in IMPLICIT_ONLY if panel.widget(name).isVisibleTo(panel)}
+    assert visible == shown
+    assert ("Comparison flow" in panel.note.text()) == (preset != "paper-toy-monotone")
+    panel.set_spec(RunSpec.from_preset("paper-toy-monotone"))  # switching back shows them all again
+    assert all(panel.widget(name).isVisibleTo(panel) for name in IMPLICIT_ONLY)
