@@ -390,7 +390,7 @@ class Trainer:
         return ((y_hat - y) ** 2).reshape(x.shape[0], -1).mean(dim=1).sum()
 
     def _needs_actnorm_init(self) -> bool:
-        return any(not bool(m.initialized) for m in self._actnorms)
+        return any(not m.is_initialized for m in self._actnorms)
 
     def _initialize_actnorm(self, batch: tuple[Tensor, ...]) -> None:
         """ActNorm's data-dependent initialisation from the whole global batch (no gradient).
