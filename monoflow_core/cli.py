@@ -57,6 +57,7 @@ from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
 from .nn.lipschitz import update_lipschitz
+from .precision import PRECISIONS, arithmetic_statement, full_precision
 from .presets import list_presets, load_preset
 from .resources import (
     MAX_THREADS_PER_CORE,
@@ -478,7 +479,7 @@ _MODEL_FLAGS = (("formulation", "formulation"), ("activation", "activation"), ("
 _TRAIN_FLAGS = (("iterations", "iterations"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                 ("device", "device"), ("eval_every", "eval_every"), ("eval_size", "eval_size"),
                 ("checkpoint_every", "checkpoint_every"), ("test_size", "test_size"), ("data_dir", "data_dir"),
-                ("grad_accumulation", "grad_accumulation"))
+                ("grad_accumulation", "grad_accumulation"), ("precision", "precision"))
 
 
 def _config_document(preset_name: str, description: str, trainer: Trainer) -> str:
@@ -491,6 +492,8 @@ def _config_document(preset_name: str, description: str, trainer: Trainer) -> st
         "monoflow_version": __version__,
         "model": model.to_dict(),
         "training": trainer.train_config.to_dict(),
+        # What the run's "precision" resolved to on its device (docs/precision.md); presets ignore this key.
+        "precision": trainer.precision.to_dict(),
     }
     return json.dumps(doc, indent=2) + "\n"
 
@@ -639,7 +642,8 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
             raise CLIError(
                 f"{flag}: cannot change when resuming (the checkpoint's run uses {stored!r}, got {given!r}); "
                 "start a new run in another --out folder instead. On resume only --iterations, --lr, --solver, "
-                "--tol, --eval-every, --eval-size, --checkpoint-every, --device and --threads may change"
+                "--tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and --threads may "
+                "change"
             )
 
 
@@ -665,6 +669,8 @@ def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
         )
         trainer.set_solver(solver=checked.solver if args.solver is not None else None,
                            tol=checked.tol if args.tol is not None else None)
+    if args.precision is not None:
+        trainer.set_precision(args.precision)
 
 
 def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
@@ -821,6 +827,7 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
         f"({'resuming at' if args.resume else 'starting at'} iteration {start}, target {target}) into {out}",
         file=sys.stderr,
     )
+    print(trainer.precision.describe(), file=sys.stderr)
     bar = tqdm(
         total=target,
         initial=start,
@@ -991,6 +998,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
     trainer = Trainer(ckpt.model_config, test_config, flow=flow)
     result = trainer.evaluate(fixed=True)
+    with full_precision():  # the arithmetic evaluate() ran in (docs/precision.md)
+        arith = arithmetic_statement(getattr(torch, result.dtype), trainer.device)
     step = ckpt.metadata.get("step")
     if isinstance(step, int):
         # The evaluation trainer starts at step 0; report the checkpoint's iteration (image results print it).
@@ -1015,6 +1024,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "exact": result.exact,
                 "test_seed": test_config.test_seed,
                 "dtype": result.dtype,
+                "precision": arith,
                 "step": step,
                 "checkpoint": str(args.checkpoint),
             }
@@ -1290,8 +1300,8 @@ sizes:
 
 Ctrl-C stops after the current iteration, saves the checkpoint and exits with status 130 (a second Ctrl-C stops
 at once). --resume CHECKPOINT continues that run up to --iterations in total and appends to metrics.csv; only
---iterations, --lr, --solver, --tol, --eval-every, --eval-size, --checkpoint-every, --device and --threads may
-change on resume.
+--iterations, --lr, --solver, --tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and
+--threads may change on resume.
 
 examples:
   monoflow train --data 8gaussians --out runs/8g
@@ -1352,6 +1362,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the checkpoint every N iterations (0: only at the end)")
     g.add_argument("--grad-accumulation", type=_positive_int, metavar="K",
                    help="split each batch into K micro-batches (same update, less memory)")
+    g.add_argument("--precision", choices=PRECISIONS, type=str.lower,
+                   help="arithmetic of G in training: auto (default: TF32 off), highest, or tf32 (CUDA float32 "
+                        "products and convolutions in TF32, solves stop at its floor); tests always run in full "
+                        "precision (docs/precision.md)")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output folder (required for a new run; default on --resume: the "
                    "checkpoint's folder)")

@@ -50,6 +50,7 @@ __all__ = [
     "TOL_FLOOR_EPS",
     "SolverStats",
     "SolverWarning",
+    "default_fixed_shape",
     "default_tolerance",
     "effective_tolerance",
     "resolve_method",
@@ -481,6 +482,15 @@ def _newton(fj: NewtonMap, run: _Run, decrease: float) -> None:
         trial = ~plain
 
 
+def default_fixed_shape(device: torch.device) -> bool:
+    """Whether solves on ``device`` keep a fixed shape by default: everywhere but on the CPU.
+
+    On the CPU a host read costs nothing and compaction saves the evaluations of finished samples (docs/solvers.md,
+    "Host synchronisations", has the measurement); on a GPU each read stalls the queue of kernels.
+    """
+    return device.type != "cpu"
+
+
 def solve(
     f: FixedPointMap,
     x0: Tensor,
@@ -528,7 +538,7 @@ def solve(
     if key not in METHODS or key == "auto":
         raise ValueError(f"solver: method must be one of ['picard', 'anderson', 'newton'], got {method!r}")
     if fixed_shape is None:
-        fixed_shape = x0.device.type != "cpu"
+        fixed_shape = default_fixed_shape(x0.device)
     run = _Run(x0.detach(), effective_tolerance(tol, x0.dtype, x0.device), max_iter, key, fixed_shape, check_every)
     if x0.shape[0] > 0:
         if key == "picard":
