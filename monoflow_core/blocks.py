@@ -381,6 +381,10 @@ class InitFlag:
             self.tensor, self.version, self.value = flag, flag._version, bool(flag)
         return self.value
 
+    def wrote(self, flag: Tensor, value: bool) -> None:
+        """Record that ``flag`` was just set to ``value`` (so that reading it back needs no synchronisation)."""
+        self.tensor, self.version, self.value = flag, flag._version, value
+
 
 class ActNorm(nn.Module):
     """Activation normalisation ``y = (x + b) * exp(s)`` per feature (Kingma & Dhariwal 2018).
@@ -416,6 +420,7 @@ class ActNorm(nn.Module):
         var = flat.var(dim=0, unbiased=False) if flat.shape[0] > 1 else torch.ones_like(self.bias)
         self.log_scale.copy_(-0.5 * torch.log(torch.clamp(var, min=0.2)))
         self.initialized.fill_(True)
+        self._flag.wrote(self.initialized, True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self.is_initialized:

@@ -108,6 +108,7 @@ class ActNorm2d(nn.Module):
         var = per_channel.var(dim=1, unbiased=False) if per_channel.shape[1] > 1 else torch.ones_like(self.bias)
         self.log_scale.copy_(-0.5 * torch.log(torch.clamp(var, min=0.2)))
         self.initialized.fill_(True)
+        self._flag.wrote(self.initialized, True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self.is_initialized:

@@ -94,50 +94,63 @@ def tolerance_floor(kind: str) -> float:
     return factor * ARITHMETIC_EPS[kind]
 
 
-def _new_flags() -> bool:
-    """Whether this torch has the per-operator ``fp32_precision`` flags (torch >= 2.9)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    return conv is not None and hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul,
-                                                                            "fp32_precision")
+# PyTorch has two sets of TF32 flags: the long-standing ones (``torch.set_float32_matmul_precision``,
+# ``torch.backends.cudnn.allow_tf32``) and, since 2.9, per-operator ``fp32_precision`` strings. Mixing them makes the
+# long-standing getters raise (e.g. a per-operator matmul setting that differs between CUDA and the CPU's oneDNN).
+# This module sets the long-standing flags, which PyTorch keeps consistent across operators, and reads them; only
+# where a user's own mixing makes a getter raise does it read (and later restore) the per-operator strings.
+
+
+def _matmul_tf32() -> bool:
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # pragma: no cover - per-operator flags set apart by the user
+        return str(torch.backends.cuda.matmul.fp32_precision) == "tf32"
+
+
+def _conv_tf32() -> bool:
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # per-operator flags set apart (cuDNN convolutions and RNNs differ)
+        return str(torch.backends.cudnn.conv.fp32_precision) == "tf32"
 
 
 def tf32_enabled() -> tuple[bool, bool]:
-    """Whether float32 matrix products and cuDNN convolutions on CUDA may use TF32 now: ``(matmul, conv)``.
-
-    Reads the per-operator flags where this torch has them (mixing them with the legacy ``allow_tf32`` flags makes
-    the legacy getters raise), else the legacy flags.
-    """
-    matmul = torch.get_float32_matmul_precision() != "highest"
-    if _new_flags():
-        conv = str(torch.backends.cudnn.conv.fp32_precision)
-        if conv == "none":  # inherits cuDNN's, which inherits the generic setting
-            conv = str(getattr(torch.backends.cudnn, "fp32_precision", "none"))
-            if conv == "none":
-                conv = str(getattr(torch.backends, "fp32_precision", "none"))
-        return matmul, conv == "tf32"
-    return matmul, bool(torch.backends.cudnn.allow_tf32)
+    """Whether float32 matrix products and cuDNN convolutions on CUDA may use TF32 now: ``(matmul, conv)``."""
+    return _matmul_tf32(), _conv_tf32()
 
 
 def _set_tf32(matmul: bool, conv: bool) -> None:
-    if _new_flags():
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if conv else "ieee"
-    else:  # pragma: no cover - torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = conv
+    torch.set_float32_matmul_precision("high" if matmul else "highest")
+    torch.backends.cudnn.allow_tf32 = conv
 
 
-def _flag_state() -> tuple[Any, ...]:
-    if _new_flags():
-        return (str(torch.backends.cuda.matmul.fp32_precision), str(torch.backends.cudnn.conv.fp32_precision))
-    return (bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32))  # pragma: no cover
+def _flag_state() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    matmul: tuple[Any, ...]
+    conv: tuple[Any, ...]
+    try:
+        matmul = ("global", torch.get_float32_matmul_precision())
+    except RuntimeError:  # pragma: no cover - per-operator flags set apart by the user
+        matmul = ("per_op", str(torch.backends.cuda.matmul.fp32_precision),
+                  str(torch.backends.mkldnn.matmul.fp32_precision))
+    try:
+        conv = ("legacy", bool(torch.backends.cudnn.allow_tf32))
+    except RuntimeError:
+        conv = ("per_op", str(torch.backends.cudnn.conv.fp32_precision),
+                str(torch.backends.cudnn.rnn.fp32_precision))
+    return matmul, conv
 
 
-def _restore_flags(state: tuple[Any, ...]) -> None:
-    if _new_flags():
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state
-    else:  # pragma: no cover - torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state
+def _restore_flags(state: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
+    matmul, conv = state
+    if matmul[0] == "global":
+        torch.set_float32_matmul_precision(matmul[1])
+    else:  # pragma: no cover - per-operator flags set apart by the user
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = matmul[1:]
+    if conv[0] == "legacy":
+        torch.backends.cudnn.allow_tf32 = conv[1]
+    else:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = conv[1:]
 
 
 @contextlib.contextmanager
