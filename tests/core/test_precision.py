@@ -323,3 +323,64 @@ def test_actnorm_reads_its_flag_without_a_sync_once_known():
         assert not layer.is_initialized
         layer(x + 5.0)
         assert layer.is_initialized and not torch.allclose(layer.bias.detach(), bias)
+
+
+# -- where the choice is applied and stated ----------------------------------------------------------------------------
+
+
+def test_training_steps_use_the_policy_and_evaluations_full_precision(monkeypatch):
+    import dataclasses
+
+    from monoflow_core import FlowConfig, evaluation
+    from monoflow_core.training import Trainer
+
+    trainer = Trainer(FlowConfig(blocks=2, depth=2, growth=8),
+                      TrainConfig(batch_size=32, eval_size=50, test_size=50, concat_learnable_from=None))
+    assert trainer.precision.requested == "auto" and not trainer.precision.tf32
+    seen = []
+    trainer.loss_transform = lambda loss: seen.append(("step", tf32_enabled())) or loss
+    log_prob = evaluation.log_prob
+
+    def watched_log_prob(*args, **kwargs):
+        seen.append(("eval", tf32_enabled()))
+        return log_prob(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "log_prob", watched_log_prob)
+    with tf32_mode(True):  # flags left on by someone else: a step of the default policy turns them off
+        trainer.step()
+        trainer.evaluate(n=20)
+        assert tf32_enabled() == (True, True)  # and restores them
+    # A policy with TF32 (a CUDA run's "tf32"): on in the step, off in the evaluation.
+    trainer.precision = dataclasses.replace(trainer.precision, tf32=True)
+    trainer.step()
+    trainer.evaluate(n=20)
+    assert seen == [("step", (False, False)), ("eval", (False, False)), ("step", (True, True)),
+                    ("eval", (False, False))]
+    trainer.set_precision("HIGHEST")
+    assert trainer.train_config.precision == "highest" and not trainer.precision.tf32
+
+
+def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
+    import json
+
+    from cli_helpers import run
+
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--data", "8gaussians", "--blocks", "1", "--batch-size", "32", "--test-size", "50",
+                        "--iterations", "2", "--eval-every", "0", "--no-progress", "--precision", "TF32",
+                        "--out", out])
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["precision"] == "tf32"
+    stated = config["precision"]
+    # On the CPU a TF32 request runs in full precision, and says so.
+    assert (stated["requested"], stated["mode"], stated["tf32"], stated["device"]) == ("tf32", "highest", False, "cpu")
+    assert stated["tolerance_floor"] == pytest.approx(F32_FLOOR) and "no TF32" in stated["reason"]
+    assert "precision highest (requested tf32)" in err
+    code, stdout, err = run(["eval", out / "checkpoint.safetensors", "--json", "--test-size", "50"])
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["precision"] == {"arithmetic": "float64", "tf32": False, "device": "cpu", "dtype": "float64",
+                                "tolerance_floor": pytest.approx(10 * torch.finfo(torch.float64).eps)}
+    code, _, err = run(["train", "--data", "8gaussians", "--precision", "fp8", "--out", tmp_path / "x"])
+    assert code == 2 and "--precision" in err and "fp8" in err
