@@ -26,6 +26,7 @@ Usage: ``python benchmarks/precision_solves.py [--parts floors,window,training,c
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -261,6 +262,11 @@ def part_compaction(args: argparse.Namespace) -> list[dict[str, Any]]:
         img(x_img)
     img.eval()
     cases.append(("digits-cpu flow, batch 64 (anderson)", lambda: img(x_img)))
+    # Samples whose iteration counts differ widely: plain iteration on random contractions (L in [0.5, 0.99]).
+    batch = Batch(256, 4, 8, seed=7)
+    rhs, f, _ = batch.maps(torch.float64, "residual")
+    cases.append(("random contractions, picard, 1,024 samples of dimension 8 (float64)",
+                  lambda: solvers.solve(f, rhs, method="picard", max_iter=5000)))
     original = solvers.default_fixed_shape
     for label, fn in cases:
         times: dict[bool, list[float]] = {False: [], True: []}
@@ -345,17 +351,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "precision_solves"))
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other parts of an existing OUT.json and rerun only --parts")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     common.set_threads(args.threads)
+    command = common.command_line(None if argv is None else [sys.argv[0], *argv])
     payload: dict[str, Any] = {
         "machine": common.machine_info(),
-        "commands": [common.command_line(None if argv is None else [sys.argv[0], *argv])],
+        "commands": [command],
         "stall_window": solvers.STALL_WINDOW, "stall_factor": solvers.STALL_FACTOR,
     }
+    previous = Path(args.out).with_suffix(".json")
+    if args.update and previous.is_file():
+        payload = {**json.loads(previous.read_text()), "stall_window": solvers.STALL_WINDOW,
+                   "stall_factor": solvers.STALL_FACTOR}
+        payload["commands"] = [*payload.get("commands", []), command]
+        payload.setdefault("machines", []).append(common.machine_info())
     for part in parts:
         payload[part] = {"floors": part_floors, "window": part_window, "training": part_training,
                          "compaction": part_compaction}[part](args)

@@ -1061,6 +1061,7 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
+@full_precision()  # reported numbers and pictures in full float32 / float64 (docs/precision.md)
 def _cmd_sample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     out = Path(_nonempty_path("--out", args.out))
@@ -1194,6 +1195,7 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     return EXIT_OK
 
 
+@full_precision()  # reported numbers and pictures in full float32 / float64 (docs/precision.md)
 def _cmd_density(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     out = Path(_nonempty_path("--out", args.out))
