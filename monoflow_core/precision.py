@@ -101,18 +101,24 @@ def tolerance_floor(kind: str) -> float:
 # where a user's own mixing makes a getter raise does it read (and later restore) the per-operator strings.
 
 
+# Typed as Any: the per-operator flag objects exist only in recent torch versions (and in no type stubs).
+_cuda: Any = torch.backends.cuda
+_cudnn: Any = torch.backends.cudnn
+_mkldnn: Any = torch.backends.mkldnn
+
+
 def _matmul_tf32() -> bool:
     try:
         return torch.get_float32_matmul_precision() != "highest"
     except RuntimeError:  # pragma: no cover - per-operator flags set apart by the user
-        return str(torch.backends.cuda.matmul.fp32_precision) == "tf32"
+        return str(_cuda.matmul.fp32_precision) == "tf32"
 
 
 def _conv_tf32() -> bool:
     try:
         return bool(torch.backends.cudnn.allow_tf32)
     except RuntimeError:  # per-operator flags set apart (cuDNN convolutions and RNNs differ)
-        return str(torch.backends.cudnn.conv.fp32_precision) == "tf32"
+        return str(_cudnn.conv.fp32_precision) == "tf32"
 
 
 def tf32_enabled() -> tuple[bool, bool]:
@@ -131,13 +137,13 @@ def _flag_state() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     try:
         matmul = ("global", torch.get_float32_matmul_precision())
     except RuntimeError:  # pragma: no cover - per-operator flags set apart by the user
-        matmul = ("per_op", str(torch.backends.cuda.matmul.fp32_precision),
-                  str(torch.backends.mkldnn.matmul.fp32_precision))
+        matmul = ("per_op", str(_cuda.matmul.fp32_precision),
+                  str(_mkldnn.matmul.fp32_precision))
     try:
         conv = ("legacy", bool(torch.backends.cudnn.allow_tf32))
     except RuntimeError:
-        conv = ("per_op", str(torch.backends.cudnn.conv.fp32_precision),
-                str(torch.backends.cudnn.rnn.fp32_precision))
+        conv = ("per_op", str(_cudnn.conv.fp32_precision),
+                str(_cudnn.rnn.fp32_precision))
     return matmul, conv
 
 
@@ -146,11 +152,11 @@ def _restore_flags(state: tuple[tuple[Any, ...], tuple[Any, ...]]) -> None:
     if matmul[0] == "global":
         torch.set_float32_matmul_precision(matmul[1])
     else:  # pragma: no cover - per-operator flags set apart by the user
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = matmul[1:]
+        _cuda.matmul.fp32_precision, _mkldnn.matmul.fp32_precision = matmul[1:]
     if conv[0] == "legacy":
         torch.backends.cudnn.allow_tf32 = conv[1]
     else:
-        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = conv[1:]
+        _cudnn.conv.fp32_precision, _cudnn.rnn.fp32_precision = conv[1:]
 
 
 @contextlib.contextmanager
