@@ -360,6 +360,32 @@ class InverseResidualBlock(_ImplicitBlock):
         return y + ev.value(y)
 
 
+class InitFlag:
+    """Reads an ActNorm's boolean ``initialized`` buffer without a host synchronisation in the steady state.
+
+    ``bool(buffer)`` copies the flag to the host, which on CUDA waits for every queued kernel; an ActNorm asks on
+    every training pass. The value is cached with the buffer's identity and version counter: every in-place change
+    (``fill_``, ``copy_``, ``load_state_dict``) bumps the version and ``Module.to`` replaces the tensor, so a stale
+    cache is noticed and read again (once).
+    """
+
+    __slots__ = ("tensor", "value", "version")
+
+    def __init__(self) -> None:
+        self.tensor: Tensor | None = None
+        self.version = -1
+        self.value = False
+
+    def read(self, flag: Tensor) -> bool:
+        if flag is not self.tensor or flag._version != self.version:
+            self.tensor, self.version, self.value = flag, flag._version, bool(flag)
+        return self.value
+
+    def wrote(self, flag: Tensor, value: bool) -> None:
+        """Record that ``flag`` was just set to ``value`` (so that reading it back needs no synchronisation)."""
+        self.tensor, self.version, self.value = flag, flag._version, value
+
+
 class ActNorm(nn.Module):
     """Activation normalisation ``y = (x + b) * exp(s)`` per feature (Kingma & Dhariwal 2018).
 
@@ -379,6 +405,12 @@ class ActNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
         self.register_buffer("initialized", torch.tensor(not data_init))
+        self._flag = InitFlag()
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has run (no host synchronisation once known)."""
+        return self._flag.read(self.initialized)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -388,9 +420,10 @@ class ActNorm(nn.Module):
         var = flat.var(dim=0, unbiased=False) if flat.shape[0] > 1 else torch.ones_like(self.bias)
         self.log_scale.copy_(-0.5 * torch.log(torch.clamp(var, min=0.2)))
         self.initialized.fill_(True)
+        self._flag.wrote(self.initialized, True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized:
             self.initialize(x)
         y = (x + self.bias) * torch.exp(self.log_scale)
         return y, self.log_scale.sum().expand(x.shape[0])

@@ -61,6 +61,7 @@ from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
 from .nn.lipschitz import update_lipschitz
+from .precision import PRECISIONS, arithmetic_statement, full_precision
 from .presets import list_presets, load_preset
 from .resources import (
     MAX_THREADS_PER_CORE,
@@ -506,7 +507,7 @@ _MODEL_FLAGS = (("formulation", "formulation"), ("activation", "activation"), ("
 _TRAIN_FLAGS = (("iterations", "iterations"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
                 ("device", "device"), ("eval_every", "eval_every"), ("eval_size", "eval_size"),
                 ("checkpoint_every", "checkpoint_every"), ("test_size", "test_size"), ("data_dir", "data_dir"),
-                ("grad_accumulation", "grad_accumulation"))
+                ("grad_accumulation", "grad_accumulation"), ("precision", "precision"))
 
 
 def _config_document(preset_name: str, description: str, trainer: Trainer) -> str:
@@ -519,6 +520,8 @@ def _config_document(preset_name: str, description: str, trainer: Trainer) -> st
         "monoflow_version": __version__,
         "model": model.to_dict(),
         "training": trainer.train_config.to_dict(),
+        # What the run's "precision" resolved to on its device (docs/precision.md); presets ignore this key.
+        "precision": trainer.precision.to_dict(),
     }
     return json.dumps(doc, indent=2) + "\n"
 
@@ -669,7 +672,8 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
             raise CLIError(
                 f"{flag}: cannot change when resuming (the checkpoint's run uses {stored!r}, got {given!r}); "
                 "start a new run in another --out folder instead. On resume only --iterations, --lr, --solver, "
-                "--tol, --eval-every, --eval-size, --checkpoint-every, --device and --threads may change"
+                "--tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and --threads may "
+                "change"
             )
 
 
@@ -695,6 +699,8 @@ def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
         )
         trainer.set_solver(solver=checked.solver if args.solver is not None else None,
                            tol=checked.tol if args.tol is not None else None)
+    if args.precision is not None:
+        trainer.set_precision(args.precision)
 
 
 def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
@@ -853,6 +859,7 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
     )
     if trainer.points is not None:
         print(f"points: {trainer.points.describe()}", file=sys.stderr)
+    print(trainer.precision.describe(), file=sys.stderr)
     bar = tqdm(
         total=target,
         initial=start,
@@ -1030,6 +1037,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # The trainer's evaluate() is the one implementation of the held-out test (float64 copy, seeded).
     trainer = Trainer(ckpt.model_config, test_config, flow=flow, points=ckpt.points if data == POINTS_DATA else None)
     result = trainer.evaluate(fixed=True, dtype=args.dtype)
+    with full_precision():  # the arithmetic evaluate() ran in (docs/precision.md)
+        arith = arithmetic_statement(getattr(torch, result.dtype), trainer.device)
     step = ckpt.metadata.get("step")
     if isinstance(step, int):
         # The evaluation trainer starts at step 0; report the checkpoint's iteration (image results print it).
@@ -1058,6 +1067,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "exact": result.exact,
                 "test_seed": test_config.test_seed,
                 "dtype": result.dtype,
+                "precision": arith,
                 "step": step,
                 "checkpoint": str(args.checkpoint),
             }
@@ -1097,6 +1107,7 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
+@full_precision()  # reported numbers and pictures in full float32 / float64 (docs/precision.md)
 def _cmd_sample(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     out = Path(_nonempty_path("--out", args.out))
@@ -1235,6 +1246,7 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     return EXIT_OK
 
 
+@full_precision()  # reported numbers and pictures in full float32 / float64 (docs/precision.md)
 def _cmd_density(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     out = Path(_nonempty_path("--out", args.out))
@@ -1372,8 +1384,8 @@ your own points (--data FILE):
 
 Ctrl-C stops after the current iteration, saves the checkpoint and exits with status 130 (a second Ctrl-C stops
 at once). --resume CHECKPOINT continues that run up to --iterations in total and appends to metrics.csv; only
---iterations, --lr, --solver, --tol, --eval-every, --eval-size, --checkpoint-every, --device and --threads may
-change on resume.
+--iterations, --lr, --solver, --tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and
+--threads may change on resume.
 
 examples:
   monoflow train --data 8gaussians --out runs/8g
@@ -1439,6 +1451,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the checkpoint every N iterations (0: only at the end)")
     g.add_argument("--grad-accumulation", type=_positive_int, metavar="K",
                    help="split each batch into K micro-batches (same update, less memory)")
+    g.add_argument("--precision", choices=PRECISIONS, type=str.lower,
+                   help="arithmetic of G in training: auto (default: TF32 off), highest, or tf32 (CUDA float32 "
+                        "products and convolutions in TF32, solves stop at its floor); tests always run in full "
+                        "precision (docs/precision.md)")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output folder (required for a new run; default on --resume: the "
                    "checkpoint's folder)")

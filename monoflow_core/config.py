@@ -24,6 +24,7 @@ from .families.names import FAMILIES, IMPLICIT
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
+from .precision import check_precision
 from .solvers import DEFAULT_TOL, METHODS
 
 __all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig", "JsonConfig"]
@@ -384,6 +385,9 @@ class TrainConfig(JsonConfig):
         max_rejected_steps: consecutive rejected (non-finite) steps before :class:`TrainingError`, >= 1.
         checkpoint_every: iterations between checkpoints in :meth:`Trainer.run` when it is given a path; 0 =
             only at the end.
+        precision: how G is computed in training: ``"auto"`` (TF32 off everywhere), ``"highest"`` (the same,
+            explicitly) or ``"tf32"`` (TF32 in CUDA float32 products and convolutions, solves stopping at TF32's
+            floor); evaluations always run in full precision (:mod:`monoflow_core.precision`, docs/precision.md).
     """
 
     kind: typing.ClassVar[str] = "training configuration"
@@ -414,6 +418,7 @@ class TrainConfig(JsonConfig):
     data_dir: str | None = None
     grad_accumulation: int = 1
     eval_split: str = "test"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -495,6 +500,7 @@ class TrainConfig(JsonConfig):
             raise ValueError(
                 f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
             )
+        self.precision = check_precision(self.precision)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .blocks import InitFlag
 from .nn.densenet import JacobianNet, PreparedNet
 
 __all__ = ["ActNorm2d", "FlatG", "LogitTransform", "Squeeze", "squeeze2d", "unsqueeze2d"]
@@ -92,6 +93,12 @@ class ActNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(not data_init))
+        self._flag = InitFlag()
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent initialisation has run (no host synchronisation once known)."""
+        return self._flag.read(self.initialized)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -101,9 +108,10 @@ class ActNorm2d(nn.Module):
         var = per_channel.var(dim=1, unbiased=False) if per_channel.shape[1] > 1 else torch.ones_like(self.bias)
         self.log_scale.copy_(-0.5 * torch.log(torch.clamp(var, min=0.2)))
         self.initialized.fill_(True)
+        self._flag.wrote(self.initialized, True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
+        if self.training and not self.is_initialized:
             self.initialize(x)
         y = (x + self.bias.view(1, -1, 1, 1)) * torch.exp(self.log_scale).view(1, -1, 1, 1)
         return y, (self.log_scale.sum() * (x.shape[2] * x.shape[3])).expand(x.shape[0])

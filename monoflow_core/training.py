@@ -53,6 +53,7 @@ from .metrics import (
 from .models import build_flow
 from .multiscale import MultiscaleFlow
 from .nn.lipschitz import spectral_layers, update_lipschitz
+from .precision import PrecisionPolicy, full_precision, resolve_precision
 
 __all__ = [
     "DTYPES",
@@ -230,6 +231,8 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available (pass --device cpu)")
         self.dtype = train_config.torch_dtype
+        # How G is computed in training (TF32 or not, and the solvers' floor); evaluations use full precision.
+        self.precision: PrecisionPolicy = resolve_precision(train_config.precision, self.device, self.dtype)
         self.dist = DistributedContext.current()
         if self._train_images is not None:
             # The data decide the image shape and the number of levels; the architecture comes from the config.
@@ -338,6 +341,11 @@ class Trainer:
         self.train_config.lr = lr
         self._apply_lr(self._step)
 
+    def set_precision(self, precision: str) -> None:
+        """Change the precision policy (``TrainConfig.precision``) from the next step on."""
+        self.precision = resolve_precision(precision, self.device, self.dtype)
+        self.train_config.precision = self.precision.requested
+
     def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
         """Change the fixed-point solver settings of every block from the next pass on (no rebuild)."""
         for f in (self.flow, self._ema_flow):
@@ -403,7 +411,7 @@ class Trainer:
         return ((y_hat - y) ** 2).reshape(x.shape[0], -1).mean(dim=1).sum()
 
     def _needs_actnorm_init(self) -> bool:
-        return any(not bool(m.initialized) for m in self._actnorms)
+        return any(not m.is_initialized for m in self._actnorms)
 
     def _initialize_actnorm(self, batch: tuple[Tensor, ...]) -> None:
         """ActNorm's data-dependent initialisation from the whole global batch (no gradient).
@@ -584,11 +592,15 @@ class Trainer:
         self._ema_updates += 1
 
     def step(self) -> StepMetrics:
-        """Run one training iteration and return its metrics.
+        """Run one training iteration, in the arithmetic of :attr:`precision`, and return its metrics.
 
         Raises:
             TrainingError: after ``max_rejected_steps`` consecutive rejected iterations.
         """
+        with self.precision.training():
+            return self._step_once()
+
+    def _step_once(self) -> StepMetrics:
         t0 = time.perf_counter()
         index = self._step
         self._apply_schedules(index)
@@ -688,6 +700,7 @@ class Trainer:
                 self._test_set = sample_staircase(cfg.eval_size, rng=cfg.test_seed, dtype=torch.float64)
         return self._test_set
 
+    @full_precision()
     def evaluate(
         self,
         n: int | None = None,
@@ -699,6 +712,7 @@ class Trainer:
     ) -> EvalMetrics:
         """Test the model (EMA weights if enabled) without changing the training state.
 
+        Always in full float32 / float64 arithmetic (TF32 off, :func:`~monoflow_core.precision.full_precision`).
         Density tasks: the mean negative log-likelihood in nats, on the first ``n`` (default ``test_size``)
         points of the fixed seeded held-out set, or with ``fixed=False`` on ``n`` (default ``eval_size``) fresh
         points from a separate seeded stream (the paper's protocol, docs/algorithm.md §9.1). Regression: the test MSE

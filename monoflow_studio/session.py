@@ -428,6 +428,7 @@ class _Worker(QObject):
         self.eval_generation += 1  # a test of the previous run still in the view thread is abandoned
         self._next_frame_step = trainer.step_count
         self.built.emit(info)
+        self.message.emit("info", trainer.precision.describe())  # how G is computed on this device (docs/precision.md)
         self._frame_consumed.set()
         self._submit_frame()  # the untrained model's picture, computed by the view thread
         self._set_state(TRAINING if self._running else PAUSED)

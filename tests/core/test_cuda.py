@@ -5,12 +5,18 @@ CI has no GPU, so these tests skip there; they run wherever CUDA is available (e
 with a brute-force reference, so a wrong kernel, a device mix-up or a silent CPU fallback would fail them.
 """
 
+import math
+import warnings
+
 import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow
 from monoflow_core.checkpoint import load_checkpoint, save_checkpoint
 from monoflow_core.nn.activations import ACTIVATIONS, get_activation
+from monoflow_core.precision import arithmetic, tf32_mode, tolerance_floor
+from monoflow_core.presets import load_preset
+from monoflow_core.solvers import SolverWarning
 from monoflow_core.training import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -110,3 +116,65 @@ def test_image_flow_on_cuda_matches_the_cpu():
         assert torch.allclose(z_c, z_g.cpu(), atol=1e-9)
         assert torch.allclose(l_c, l_g.cpu(), atol=1e-8)
         assert float((gpu.inverse(z_g) - x.cuda()).abs().max()) <= 1e-8
+
+
+# -- float32 at PyTorch's default TF32 settings (docs/precision.md) ------------------------------------------------
+
+
+@pytest.fixture
+def torch_default_tf32():
+    """PyTorch's default flags: TF32 off in matrix products, on in cuDNN convolutions; restored afterwards."""
+    with tf32_mode(False):  # saves and restores the flags around the test
+        torch.backends.cudnn.allow_tf32 = True
+        yield
+
+
+def smooth_images(shape, batch, seed):
+    c, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, c, h // 4, w // 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    return (torch.floor(x * 255) + torch.rand(x.shape, generator=g)) / 256
+
+
+def test_float32_cifar_block_solves_in_few_iterations_at_default_tf32_settings(torch_default_tf32):
+    """cuDNN's default TF32 convolutions: the solves aim at TF32's floor and end in a few iterations, without stalls.
+
+    (Before the precision policy they aimed at float32's floor, below TF32's rounding noise, and ran to max_iter.)
+    """
+    assert arithmetic(torch.float32, "cuda") == "tf32"
+    cfg = load_preset("paper-cifar10").model_config(blocks_per_scale=[1, 1, 1], fc_blocks=1)
+    torch.manual_seed(0)
+    flow = build_flow(cfg).cuda()
+    x = smooth_images(cfg.image_shape, 16, seed=1).cuda()
+    flow.train()
+    with torch.no_grad():
+        flow(x)  # ActNorm's data initialisation
+    flow.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SolverWarning)  # no sample may stall or reach the cap
+        with torch.no_grad():
+            flow(x)
+    for block in flow.implicit_blocks():
+        stats = block.forward_stats
+        assert stats.tol == pytest.approx(tolerance_floor("tf32"))
+        assert stats.all_converged and stats.n_stalled == 0
+        assert int(stats.iterations.max()) <= 12  # measured with TF32 emulated on the CPU: 3-8
+
+
+@pytest.mark.parametrize("precision", ["auto", "tf32"])
+def test_float32_training_steps_on_cuda_lower_the_loss(torch_default_tf32, precision):
+    """float32 image training on CUDA under each precision policy: the loss falls and no solve fails."""
+    preset = load_preset("digits-cpu")
+    trainer = Trainer(preset.model_config(), preset.train_config(device="cuda", dtype="float32", eval_every=0,
+                                                                  precision=precision, warmup_iterations=5))
+    assert trainer.precision.tf32 == (precision == "tf32")
+    steps = [trainer.step() for _ in range(40)]
+    first = sum(s.loss for s in steps[:5]) / 5
+    last = sum(s.loss for s in steps[-5:]) / 5
+    assert last < first - 0.2  # bits/dim
+    assert sum(s.solver_failed for s in steps) == 0
+    assert max(s.solver_iterations_max for s in steps) <= 30
+    # Evaluations run in full float32 whatever the training arithmetic.
+    result = trainer.evaluate(n=64)
+    assert math.isfinite(result.bpd)

@@ -291,6 +291,8 @@ def test_image_presets_are_valid_configurations(name):
     c, h, w = model.image_shape
     assert model.dim == c * h * w
     assert h % 2 ** (len(model.blocks_per_scale) - 1) == 0
+    # The iteration cap of image training: 10x the most any block needed in the measurements of docs/solvers.md.
+    assert model.max_iter == 100
     if name.startswith("paper-"):
         # docs/algorithm.md section 9.3: growth 172 (3x3 convs to 86 channels, CPila), 4 FC blocks, Poisson roulette,
         # 10 / 20 exact terms, warm-up 1,000, clipping 1, EMA 0.999.
