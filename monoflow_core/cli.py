@@ -57,10 +57,10 @@ from .data.images import IMAGE_DATASETS, image_set_shape
 from .data.point_files import looks_like_point_file
 from .data.points import POINTS_DATA
 from .distributed import init_from_environment
+from .evaluation_policy import prepare_for_test
 from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
-from .nn.lipschitz import update_lipschitz
 from .precision import PRECISIONS, arithmetic_statement, full_precision
 from .presets import list_presets, load_preset
 from .resources import (
@@ -75,7 +75,7 @@ from .resources import (
 )
 from .runlock import RunLock, RunLockedError
 from .runtime import tune_allocator
-from .training import EVAL_POWER_ITERATIONS, TrainConfig, Trainer, TrainingError
+from .training import TrainConfig, Trainer, TrainingError
 
 __all__ = ["main"]
 
@@ -385,16 +385,15 @@ def _require_finite_weights(flow: Flow, path: Path) -> None:
 def _evaluation_flow(ckpt: Checkpoint) -> Flow:
     """The weights to evaluate: the EMA weights if the run kept them, with tightened power-iteration norms.
 
-    Mirrors :meth:`Trainer.evaluate` (EMA copy, then ``EVAL_POWER_ITERATIONS`` power iterations on layers in
-    ``"power"`` spectral mode; exact-mode layers are untouched). The checkpoint's flow is modified in place.
+    The same preparation as every test (:func:`~monoflow_core.evaluation_policy.prepare_for_test`: eval mode,
+    power-iterated spectral norms tightened). The checkpoint's flow is modified in place.
     """
     flow = ckpt.flow
     ema = ckpt.trainer_state.get("ema") if ckpt.trainer_state is not None else None
     if ema is not None:
         flow.load_state_dict(ema)
     _require_finite_weights(flow, ckpt.path)
-    update_lipschitz(flow, EVAL_POWER_ITERATIONS)
-    return flow.eval()
+    return prepare_for_test(flow)
 
 
 def _set_threads(threads: int | None) -> None:

@@ -39,6 +39,7 @@ from .data import ToyStream, sample_staircase, sample_toy
 from .data.images import ImageSet, ImageStream, load_image_set
 from .data.points import POINTS_DATA, PointSet, PointStream
 from .distributed import DistributedContext
+from .evaluation_policy import evaluation_copy, evaluation_dtype, image_test
 from .flow import Flow
 from .image_layers import ActNorm2d
 from .metrics import (
@@ -52,7 +53,7 @@ from .metrics import (
 )
 from .models import build_flow
 from .multiscale import MultiscaleFlow
-from .nn.lipschitz import spectral_layers, update_lipschitz
+from .nn.lipschitz import update_lipschitz
 from .precision import PrecisionPolicy, full_precision, resolve_precision
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
 
 
 #: Power iterations before an evaluation (the released code's 200; only layers in ``"power"`` mode need them).
-EVAL_POWER_ITERATIONS = 200
 
 #: The fresh-sample test stream is seeded with ``seed + EVAL_STREAM_SEED_OFFSET`` so it never repeats the
 #: training batches.
@@ -668,26 +668,12 @@ class Trainer:
         return self._eval_dtype(None)
 
     def _eval_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        if dtype is not None:
-            return dtype
-        if self.task == "image":
-            # Convolutions in float64 run about 10x slower than in float32 on CPUs (oneDNN has no float64 path),
-            # and the exact log-det of an image block needs ~65 evaluations of G: evaluate in the training dtype.
-            return self.dtype
-        # Likelihoods in float64 on CPU (docs/performance.md): about 1.8x the cost of float32 here, and no test point
-        # is held back by float32's solver-tolerance floor.
-        return torch.float64 if self.device.type == "cpu" else self.dtype
+        return evaluation_dtype(self.task, self.device, self.dtype, dtype)
 
     def evaluation_copy(self, dtype: torch.dtype | None = None) -> Flow:
-        """A detached copy of the evaluation weights (EMA if kept) in eval mode, in ``dtype`` (default:
-        :meth:`evaluation_dtype`); power-iterated spectral norms are tightened on it. The live flow is untouched."""
-        dtype = self._eval_dtype(dtype)
-        model = copy.deepcopy(self.eval_flow).to(dtype=dtype).eval()
-        if any(layer.mode == "power" for layer in spectral_layers(model)):
-            # The released code tightens sigma with 200 power iterations before testing; on a copy, so that
-            # evaluating never changes the training trajectory.
-            update_lipschitz(model, EVAL_POWER_ITERATIONS)
-        return model
+        """A detached copy of the evaluation weights (EMA if kept), prepared for a test in ``dtype`` (default:
+        :meth:`evaluation_dtype`; see :mod:`monoflow_core.evaluation_policy`). The live flow is untouched."""
+        return evaluation_copy(self.eval_flow, self._eval_dtype(dtype))
 
     def _fixed_test_set(self) -> Any:
         if self._test_set is None:
@@ -801,31 +787,14 @@ class Trainer:
         cfg = self.train_config
         images = self.evaluation_images(split).images
         count = min(n if n is not None else cfg.eval_size, images.shape[0])
-        images = images[:count]
         model = self.evaluation_copy(dtype)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.test_seed)  # only a power-series log-det draws from it
-            bpd = evaluation.image_bpd(model, images, seed=cfg.test_seed)
-        assert bpd is not None
-        mean = float(bpd.mean())
-        stderr = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else 0.0
-        nats = mean * model.dim * math.log(2.0)
-        return EvalMetrics(
-            step=self._step,
-            nll_nats=nats,
-            mse=None,
-            n_test=int(bpd.numel()),
-            seconds=0.0,
-            exact=bool(model.logdet_is_exact),
-            fixed=True,
-            nll_stderr_nats=stderr * model.dim * math.log(2.0),
-            dtype=str(dtype).replace("torch.", ""),
-            bpd=mean,
-            bpd_stderr=stderr,
-            split=split,
-            dequantization=getattr(self.model_config, "dequantization", "uniform"),
-        )
+            result = image_test(model, images[:count], step=self._step, seed=cfg.test_seed, split=split,
+                                dequantization=getattr(self.model_config, "dequantization", "uniform"))
+        assert result is not None
+        return result
 
     def paper_protocol(self, last: int = PAPER_PROTOCOL_TESTS) -> float | None:
         """Mean of the last ``last`` recorded fresh-sample tests (nats or MSE); see :func:`paper_protocol_value`."""

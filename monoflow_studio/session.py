@@ -49,10 +49,9 @@ from monoflow_core import evaluation
 from monoflow_core.checkpoint import CheckpointError, load_checkpoint
 from monoflow_core.data import POINTS_DATA, sample_toy
 from monoflow_core.data.points import PointSet
+from monoflow_core.evaluation_policy import image_test, prepare_for_test
 from monoflow_core.flow import Flow
-from monoflow_core.nn.lipschitz import spectral_layers, update_lipschitz
 from monoflow_core.training import (
-    EVAL_POWER_ITERATIONS,
     EvalMetrics,
     StepMetrics,
     Trainer,
@@ -177,13 +176,12 @@ def evaluate_images(
 ) -> EvalMetrics | None:
     """Bits/dim of ``flow`` on ``images``: :meth:`Trainer.evaluate` of an image run, on a snapshot, off its thread.
 
-    The same computation as the core's test (an evaluation copy in ``dtype``, spectral norms tightened by
-    ``EVAL_POWER_ITERATIONS`` power iterations if they are power-iterated, then the core's
-    :func:`monoflow_core.evaluation.image_bpd`, mean and standard error), with two differences that let it run
-    in the view thread next to training: it never reseeds torch's global generator (``Trainer.evaluate`` forks
-    and reseeds it, which would disturb the training thread's log-det estimator; with an exact evaluation log-det
-    nothing here draws from it), and it proceeds in slices of ``chunk`` images so that it can be abandoned
-    (``stop()``) and report ``progress(done, total)``.
+    The core's test (:mod:`monoflow_core.evaluation_policy`: the snapshot prepared as every evaluation copy, then
+    :func:`~monoflow_core.evaluation_policy.image_test`), with two differences that let it run in the view thread
+    next to training: it never reseeds torch's global generator (``Trainer.evaluate`` forks and reseeds it, which
+    would disturb the training thread's log-det estimator; with an exact evaluation log-det nothing here draws from
+    it), and it proceeds in slices of ``chunk`` images so that it can be abandoned (``stop()``) and report
+    ``progress(done, total)``; the dequantization noise does not depend on the slicing.
 
     Args:
         flow: a snapshot of the evaluation weights; it is converted in place (pass a copy).
@@ -197,22 +195,9 @@ def evaluate_images(
         stop: polled between slices; True abandons the test (returns ``None``).
         progress: called after every slice with (images done, total).
     """
-    t0 = time.perf_counter()
-    model = flow.to(dtype=dtype).eval()
-    if any(layer.mode == "power" for layer in spectral_layers(model)):
-        update_lipschitz(model, EVAL_POWER_ITERATIONS)
-    bpd = evaluation.image_bpd(model, images, seed=seed, slice_size=chunk, stop=stop, progress=progress)
-    if bpd is None:
-        return None
-    mean = float(bpd.mean())
-    stderr = float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else 0.0
-    nats_per_bit = model.dim * math.log(2.0)
-    return EvalMetrics(
-        step=step, nll_nats=mean * nats_per_bit, mse=None, n_test=int(bpd.numel()),
-        seconds=time.perf_counter() - t0, exact=bool(model.logdet_is_exact), fixed=True,
-        nll_stderr_nats=stderr * nats_per_bit, dtype=str(dtype).replace("torch.", ""), bpd=mean,
-        bpd_stderr=stderr, split=split, dequantization=dequantization,
-    )
+    model = prepare_for_test(flow.to(dtype=dtype))
+    return image_test(model, images, step=step, seed=seed, split=split, dequantization=dequantization,
+                      slice_size=chunk, stop=stop, progress=progress)
 
 
 def _points_info(points: PointSet, run_id: int, opts: SessionOptions, seed: int, common: dict[str, Any]) -> RunInfo:
