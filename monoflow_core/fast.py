@@ -99,7 +99,7 @@ _FAST_ACTIVATIONS: dict[type, tuple[float, float, str]] = {
     CLipSwish: (0.0, 1.0 / CLipSwish.divisor, "swish"),
 }
 #: Activation kinds of the folded networks -> the compiled kernels' activation codes.
-_KERNEL_ACTIVATIONS = {"pila": 0, "relu": 1}
+_KERNEL_ACTIVATIONS = {"pila": kernels.ACT_PILA, "relu": kernels.ACT_RELU, "swish": kernels.ACT_SWISH}
 
 _K = 5.0  # Pila's k in CPila
 #: Folded into Pila's pre-activations with k so that ``e^(k x)`` is one ``exp2`` (twice as fast as ``exp`` here).
@@ -398,12 +398,16 @@ class _KernelFold(torch.autograd.Function):
     """:func:`fold_nets` as one compiled call each way (:func:`monoflow_core.kernels.fold_forward`).
 
     Inputs and output are flat, one row per block with the layers side by side (``layout`` has the offsets), so that
-    one compiled version serves networks of every depth.
+    one compiled version serves networks of every depth. ``gains`` and ``scales`` (nb, depth, float64) are each
+    block's and hidden layer's pre-activation factor and output scale (constants for Pila and ReLU; CLipSwish's
+    ``beta`` and ``1 / (1.1 * 1.004 * beta)``, differentiated, see :func:`_swish_gains`).
     """
 
     @staticmethod
-    def forward(ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, wflat: Tensor, bflat: Tensor) -> Tensor:  # type: ignore[override]
-        lip, coeff, k, shift, scale, layout = meta
+    def forward(  # type: ignore[override]
+        ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, wflat: Tensor, bflat: Tensor, gains: Tensor, scales: Tensor
+    ) -> Tensor:
+        lip, coeff, shift, layout = meta
         rows, cols, woffs, boffs, ooffs, voffs, out_size, v_size = layout
         nb = concat_k.shape[0]
         out = wflat.new_empty(nb, out_size)
@@ -412,27 +416,32 @@ class _KernelFold(torch.autograd.Function):
         sig = wflat.new_empty(len(rows), nb)
         kernels.fold_forward(
             concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
-            boffs, ooffs, voffs, k, shift, scale, out.numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(),
+            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), out.numpy(), uflat.numpy(),
+            vflat.numpy(), sig.numpy(),
         )
-        ctx.save_for_backward(concat_k, wflat)
-        ctx.extra = (meta, uflat, vflat, sig, bflat.shape)
+        ctx.save_for_backward(concat_k, wflat, bflat, gains, scales)
+        ctx.extra = (meta, uflat, vflat, sig)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        concat_k, wflat = ctx.saved_tensors
-        (lip, coeff, k, _, scale, layout), uflat, vflat, sig, b_shape = ctx.extra
+        concat_k, wflat, bflat, gains, scales = ctx.saved_tensors
+        (lip, coeff, shift, layout), uflat, vflat, sig = ctx.extra
         rows, cols, woffs, boffs, ooffs, voffs, _, _ = layout
         gw = torch.empty_like(wflat)
-        gb = wflat.new_empty(b_shape)
+        gb = torch.empty_like(bflat)
         gk = torch.empty_like(concat_k)
+        g_gains = torch.empty_like(gains)
+        g_scales = torch.empty_like(scales)
         kernels.fold_backward(
-            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), rows, cols, woffs, boffs, ooffs, voffs, k,
-            scale, grad.contiguous().numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(),
-            gk.numpy(),
+            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
+            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), grad.contiguous().numpy(),
+            uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(), gk.numpy(), g_gains.numpy(),
+            g_scales.numpy(),
         )
-        return None, gk, gw, gb
+        needs = ctx.needs_input_grad
+        return None, gk, gw, gb, g_gains if needs[4] else None, g_scales if needs[5] else None
 
 
 def _fold_layout(layers: Sequence[Any]) -> tuple[Any, ...]:
@@ -453,16 +462,23 @@ def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
     k = _K * _LOG2E if kind == "pila" else 1.0
     ref = nets[0].layers[0].weight
+    nb, depth = len(nets), len(nets[0].layers)
+    if kind == "swish":  # (float64: the fold's arithmetic with them is in float64, as with Pila's constant k)
+        gains = _swish_gains(nets).to(torch.float64)
+        scales = scale / gains
+    else:
+        gains = torch.full((nb, depth), k, dtype=torch.float64)
+        scales = torch.full((nb, depth), scale / k, dtype=torch.float64)
     np_dtype = torch.empty(0, dtype=ref.dtype).numpy().dtype
     layers = [[*g.layers, g.final] for g in nets]
-    nb, positions = len(nets), range(len(layers[0]))
+    positions = range(len(layers[0]))
     layout = _fold_layout(layers[0])
     wflat = torch.cat([torch.stack([row[i].weight for row in layers]).reshape(nb, -1) for i in positions], dim=1)
     bflat = torch.cat([torch.stack([row[i].bias for row in layers]) for i in positions], dim=1)
     lip = np.array([g.lip_coeff for g in nets], dtype=np_dtype)
     coeff = np.array([[row[i].coeff for row in layers] for i in positions], dtype=np_dtype)
-    meta = (lip, coeff, k, shift, scale / k, layout)
-    out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat)
+    meta = (lip, coeff, shift, layout)
+    out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat, gains, scales)
     return _folded_from_flat(out, layout, nets[0].in_features, kind)
 
 
@@ -1337,10 +1353,12 @@ def _run_kernels_once(dtype: torch.dtype) -> None:
     wflat = ramp(1, sum(sizes)).requires_grad_()
     bflat = ramp(1, sum(r for r, _ in shapes)).requires_grad_()
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), _K * _LOG2E, 0.2, 1.0 / 1.06 /
-            (_K * _LOG2E), layout)
+    meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), 0.2, layout)
+    gains = torch.full((1, depth), _K * _LOG2E, dtype=torch.float64)
+    scales = torch.full((1, depth), 1.0 / 1.06 / (_K * _LOG2E), dtype=torch.float64)
     _check_not_cancelled()
-    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat)
+    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=True), wflat, bflat, gains,
+                            scales)
     _check_not_cancelled()
     torch.autograd.grad(out.sum(), [wflat, bflat])
     net = _folded_from_flat(out.detach(), layout, n, "pila")
