@@ -1,13 +1,15 @@
 """Fused exact path for stacks of small-dimensional blocks built on the project's DenseNet G.
 
 The generic blocks (``monoflow_core.blocks``) work for any G through autograd. For the project's own
-:class:`~monoflow_core.nn.densenet.DenseNetG` with a parameter-free concatenated activation (CPila, CReLU) in
-small dimensions (the paper's 2-D and 1-D models) this module runs a whole run of consecutive blocks as one
-``torch.autograd.Function`` with a hand-written exact backward (docs/performance.md):
+:class:`~monoflow_core.nn.densenet.DenseNetG` with a concatenated activation (CPila, CReLU, or CLipSwish, the
+i-DenseNet baseline's, whose learnable ``beta`` is folded into the weights) in small dimensions (the paper's 2-D
+and 1-D models) this module runs a whole run of consecutive blocks as one ``torch.autograd.Function`` with a
+hand-written exact backward (docs/performance.md):
 
 * weights: every block's spectrally normalised weights are computed *batched* over the blocks, and the
   DenseNet's concatenation weights, the activation's shift, ``1/1.06`` scale, Pila's ``k`` (times ``log2 e``,
-  for ``exp2``) and the ``[x, -x]`` of the concatenated activation are folded into them; the solver's copy of the
+  for ``exp2``) or CLipSwish's ``beta`` and ``1/(1.1 * 1.004)`` (:func:`_swish_gains`), and the ``[x, -x]`` of the
+  concatenated activation are folded into them; the solver's copy of the
   last layer also carries the identity, so it yields ``w + G(w)`` and ``I + J_G`` directly;
 * layout: feature-major, one column per point: the primal points and their ``n`` tangent copies side by side,
   so one evaluation of G with its Jacobian is one ``W @ X`` per layer and a handful of elementwise operations,
@@ -64,7 +66,7 @@ from torch import Tensor
 from . import blas, kernels
 from .kernel_cache import kernel_cache_dir
 from .logdet import resolve_logdet_mode
-from .nn.activations import CPila, CReLU
+from .nn.activations import CLipSwish, CPila, CReLU
 from .nn.densenet import DenseNetG
 from .solvers import SolverStats, SolverWarning, effective_tolerance, resolve_method
 
@@ -97,7 +99,11 @@ SQRT2 = math.sqrt(2.0)
 _FAST_ACTIVATIONS: dict[type, tuple[float, float, str]] = {
     CPila: (CPila.shift, CPila.scale, "pila"),
     CReLU: (0.0, 1.0, "relu"),
+    CLipSwish: (0.0, 1.0 / CLipSwish.divisor, "swish"),
 }
+#: Activation kinds of the folded networks -> the compiled kernels' activation codes.
+_KERNEL_ACTIVATIONS = {"pila": kernels.ACT_PILA, "relu": kernels.ACT_RELU, "swish": kernels.ACT_SWISH}
+
 _K = 5.0  # Pila's k in CPila
 #: Folded into Pila's pre-activations with k so that ``e^(k x)`` is one ``exp2`` (twice as fast as ``exp`` here).
 _LOG2E = 1.0 / math.log(2.0)
@@ -185,7 +191,7 @@ class FoldedNet:
     weights: list[Tensor]  # (nb, 2k, 1 + width_i)
     final: Tensor  # (nb, n, 1 + width_total)
     n: int
-    kind: str  # "pila" or "relu"
+    kind: str  # "pila", "relu" or "swish"
 
     def tensors(self) -> list[Tensor]:
         return [*self.weights, self.final]
@@ -249,12 +255,15 @@ class _FoldLayer(torch.autograd.Function):
     layer ``[b, wn]``. Autograd through these ~12 operators per layer cost more than the arithmetic; the
     backward here is the same chain rule in a few batched operations (checked against autograd in float64 by
     the fused-versus-generic tests).
+
+    ``gain`` (nb,), if given, replaces the constant ``k`` of a hidden layer by a per-block factor that is itself
+    differentiated: CLipSwish's learnable ``beta`` (see :func:`_swish_gains`).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, w: Tensor, b: Tensor, cols: Tensor, u: Tensor, v: Tensor, coeff: Tensor, hidden: bool,
-        shift: float, k: float,
+        shift: float, k: float, gain: Tensor | None = None,
     ) -> Tensor:
         # u^T W v (einsum measured 60 us here, two bmm 22 us)
         sigma = torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).view(-1)
@@ -263,7 +272,14 @@ class _FoldLayer(torch.autograd.Function):
         raw = w / s[:, None, None]
         wn = raw * cols[:, None, :]
         nb, m, width = w.shape
-        if hidden:
+        if hidden and gain is not None:
+            out = w.new_empty(nb, 2 * m, 1 + width)
+            g1, g2 = gain[:, None], gain[:, None, None]
+            torch.mul(torch.sub(b, shift), g1, out=out[:, :m, 0])
+            torch.mul(torch.add(b, shift), g1, out=out[:, m:, 0]).neg_()
+            torch.mul(wn, g2, out=out[:, :m, 1:])
+            torch.mul(wn, g2, out=out[:, m:, 1:]).neg_()
+        elif hidden:
             out = w.new_empty(nb, 2 * m, 1 + width)
             torch.mul(torch.sub(b, shift), k, out=out[:, :m, 0])
             torch.mul(torch.add(b, shift), -k, out=out[:, m:, 0])
@@ -271,16 +287,25 @@ class _FoldLayer(torch.autograd.Function):
             torch.mul(wn, -k, out=out[:, m:, 1:])
         else:
             out = torch.cat([b.unsqueeze(2), wn], dim=2)
-        ctx.save_for_backward(w, raw, cols, u, v, coeff, s, ratio)
-        ctx.hidden, ctx.k = hidden, k
+        ctx.save_for_backward(w, raw, cols, u, v, coeff, s, ratio, *((b, wn, gain) if gain is not None else ()))
+        ctx.hidden, ctx.k, ctx.shift = hidden, k, shift
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        w, raw, cols, u, v, coeff, s, ratio = ctx.saved_tensors
+        w, raw, cols, u, v, coeff, s, ratio, *extra = ctx.saved_tensors
         m = w.shape[1]
-        if ctx.hidden:
+        g_gain = None
+        if ctx.hidden and extra:
+            # out = gain [[b - shift, wn], [-b - shift, -wn]]: the gain's gradient pairs grad with that matrix
+            b, wn, gain = extra
+            shift = ctx.shift
+            top0, bot0, d_wn = grad[:, :m, 0], grad[:, m:, 0], grad[:, :m, 1:] - grad[:, m:, 1:]
+            g_gain = (top0 * (b - shift) - bot0 * (b + shift)).sum(1) + (d_wn * wn).sum((1, 2))
+            g_b = (top0 - bot0).mul_(gain[:, None])
+            g_wn = d_wn.mul_(gain[:, None, None])
+        elif ctx.hidden:
             k = ctx.k
             g_b = (grad[:, :m, 0] - grad[:, m:, 0]).mul_(k)
             g_wn = (grad[:, :m, 1:] - grad[:, m:, 1:]).mul_(k)
@@ -291,7 +316,7 @@ class _FoldLayer(torch.autograd.Function):
         # raw = W / s, s = max(1, sigma / coeff) (clamp passes its gradient where ratio >= 1, as torch.clamp)
         g_sigma = (g_raw * w).sum((1, 2)).div_(s * s * coeff).neg_() * (ratio >= 1.0).to(w.dtype)
         g_w = g_raw / s[:, None, None] + g_sigma[:, None, None] * (u[:, :, None] * v[:, None, :])
-        return g_w, g_b, g_cols, None, None, None, None, None, None
+        return g_w, g_b, g_cols, None, None, None, None, None, None, g_gain
 
 
 def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
@@ -305,12 +330,28 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
     return fold_nets_torch(nets)
 
 
+def _swish_gains(nets: Sequence[DenseNetG]) -> Tensor:
+    """CLipSwish's ``beta = softplus(beta_raw)`` of every block and dense layer, (nb, depth), differentiable.
+
+    The fold multiplies a hidden layer's pre-activations by ``beta`` (``h = beta z``), so that the activation kernels
+    evaluate one fixed function, ``h sigmoid(h) = beta swish_beta(z)`` (LipSwish, Chen et al. 2019, section 4.1;
+    CLipSwish, Perugachi-Diaz et al. 2021, section 3.2), and the later layers' column scales carry the remaining
+    ``1 / (1.1 * 1.004 * beta)``. ``beta`` thus enters the folded weights only, and its gradient (including the
+    exact log-det's second-order terms) flows back through the fold like the weights' own.
+    """
+    raw = torch.stack([a.beta_raw for g in nets for a in g.activations])
+    return F.softplus(raw).view(len(nets), len(nets[0].activations))
+
+
 def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
     """:func:`fold_nets` in PyTorch operators (autograd through them)."""
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
-    # Pila's k (times log2 e, for exp2) is folded into the pre-activations and 1/k into the next layers' weights.
+    # Pila's k (times log2 e, for exp2) is folded into the pre-activations and 1/k into the next layers' weights;
+    # CLipSwish's learnable beta likewise, per block and layer (_swish_gains).
     k = _K * _LOG2E if kind == "pila" else 1.0
     scale = scale / k
+    gains = _swish_gains(nets) if kind == "swish" else None
+    scales = scale / gains if gains is not None else None  # (nb, depth): the output scale of each layer
     depth = len(nets[0].layers)
     n = nets[0].in_features
     ref = nets[0].layers[0].weight
@@ -328,7 +369,8 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
         # Scale of each feature block at the input of layer i: the input, then the new features of layer j < i.
         block_scales = [prods[:, i : i + 1]]
         for j in range(i):
-            block_scales.append(eta2[:, j : j + 1] * prods[:, i : i + 1] / prods[:, j + 1 : j + 2] * scale)
+            out_scale = scale if scales is None else scales[:, j : j + 1]
+            block_scales.append(eta2[:, j : j + 1] * prods[:, i : i + 1] / prods[:, j + 1 : j + 2] * out_scale)
         cols = torch.cat([s.expand(nb, wdt) for s, wdt in zip(block_scales, widths, strict=True)], dim=1)
         hidden = i < depth
         stack = [g.layers[i] for g in nets] if hidden else [g.final for g in nets]
@@ -336,7 +378,8 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
         u, v = _singular_pair(stack, w)
         coeff = torch.tensor([lin.coeff for lin in stack], dtype=w.dtype, device=w.device)
         b = torch.stack([lin.bias for lin in stack])
-        weights.append(_FoldLayer.apply(w, b, cols, u, v, coeff, hidden, shift, k))
+        gain = gains[:, i] if gains is not None and hidden else None
+        weights.append(_FoldLayer.apply(w, b, cols, u, v, coeff, hidden, shift, k, gain))
         if not hidden:
             break
         widths.append(2 * w.shape[1])
@@ -345,8 +388,10 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
 
 def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
     ref = nets[0].layers[0].weight
+    spec = _activation_spec(nets[0])
     return (
         USE_KERNELS and kernels.AVAILABLE and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
+        and spec is not None and spec[2] in _KERNEL_ACTIVATIONS
         and all(lin.mode == "exact" and lin.bias is not None for lin in [*nets[0].layers, nets[0].final])
         and kernels_ready(ref.dtype, wait=KERNELS_WAIT, backward=torch.is_grad_enabled())
     )
@@ -356,12 +401,16 @@ class _KernelFold(torch.autograd.Function):
     """:func:`fold_nets` as one compiled call each way (:func:`monoflow_core.kernels.fold_forward`).
 
     Inputs and output are flat, one row per block with the layers side by side (``layout`` has the offsets), so that
-    one compiled version serves networks of every depth.
+    one compiled version serves networks of every depth. ``gains`` and ``scales`` (nb, depth, float64) are each
+    block's and hidden layer's pre-activation factor and output scale (constants for Pila and ReLU; CLipSwish's
+    ``beta`` and ``1 / (1.1 * 1.004 * beta)``, differentiated, see :func:`_swish_gains`).
     """
 
     @staticmethod
-    def forward(ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, wflat: Tensor, bflat: Tensor) -> Tensor:  # type: ignore[override]
-        lip, coeff, k, shift, scale, layout = meta
+    def forward(  # type: ignore[override]
+        ctx: Any, meta: tuple[Any, ...], concat_k: Tensor, wflat: Tensor, bflat: Tensor, gains: Tensor, scales: Tensor
+    ) -> Tensor:
+        lip, coeff, shift, layout = meta
         rows, cols, woffs, boffs, ooffs, voffs, out_size, v_size = layout
         nb = concat_k.shape[0]
         out = wflat.new_empty(nb, out_size)
@@ -370,27 +419,32 @@ class _KernelFold(torch.autograd.Function):
         sig = wflat.new_empty(len(rows), nb)
         kernels.fold_forward(
             concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
-            boffs, ooffs, voffs, k, shift, scale, out.numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(),
+            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), out.numpy(), uflat.numpy(),
+            vflat.numpy(), sig.numpy(),
         )
-        ctx.save_for_backward(concat_k, wflat)
-        ctx.extra = (meta, uflat, vflat, sig, bflat.shape)
+        ctx.save_for_backward(concat_k, wflat, bflat, gains, scales)
+        ctx.extra = (meta, uflat, vflat, sig)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        concat_k, wflat = ctx.saved_tensors
-        (lip, coeff, k, _, scale, layout), uflat, vflat, sig, b_shape = ctx.extra
+        concat_k, wflat, bflat, gains, scales = ctx.saved_tensors
+        (lip, coeff, shift, layout), uflat, vflat, sig = ctx.extra
         rows, cols, woffs, boffs, ooffs, voffs, _, _ = layout
         gw = torch.empty_like(wflat)
-        gb = wflat.new_empty(b_shape)
+        gb = torch.empty_like(bflat)
         gk = torch.empty_like(concat_k)
+        g_gains = torch.empty_like(gains)
+        g_scales = torch.empty_like(scales)
         kernels.fold_backward(
-            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), rows, cols, woffs, boffs, ooffs, voffs, k,
-            scale, grad.contiguous().numpy(), uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(),
-            gk.numpy(),
+            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
+            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), grad.contiguous().numpy(),
+            uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(), gk.numpy(), g_gains.numpy(),
+            g_scales.numpy(),
         )
-        return None, gk, gw, gb
+        needs = ctx.needs_input_grad
+        return None, gk, gw, gb, g_gains if needs[4] else None, g_scales if needs[5] else None
 
 
 def _fold_layout(layers: Sequence[Any]) -> tuple[Any, ...]:
@@ -411,16 +465,23 @@ def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
     k = _K * _LOG2E if kind == "pila" else 1.0
     ref = nets[0].layers[0].weight
+    nb, depth = len(nets), len(nets[0].layers)
+    if kind == "swish":  # (float64: the fold's arithmetic with them is in float64, as with Pila's constant k)
+        gains = _swish_gains(nets).to(torch.float64)
+        scales = scale / gains
+    else:
+        gains = torch.full((nb, depth), k, dtype=torch.float64)
+        scales = torch.full((nb, depth), scale / k, dtype=torch.float64)
     np_dtype = torch.empty(0, dtype=ref.dtype).numpy().dtype
     layers = [[*g.layers, g.final] for g in nets]
-    nb, positions = len(nets), range(len(layers[0]))
+    positions = range(len(layers[0]))
     layout = _fold_layout(layers[0])
     wflat = torch.cat([torch.stack([row[i].weight for row in layers]).reshape(nb, -1) for i in positions], dim=1)
     bflat = torch.cat([torch.stack([row[i].bias for row in layers]) for i in positions], dim=1)
     lip = np.array([g.lip_coeff for g in nets], dtype=np_dtype)
     coeff = np.array([[row[i].coeff for row in layers] for i in positions], dtype=np_dtype)
-    meta = (lip, coeff, k, shift, scale / k, layout)
-    out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat)
+    meta = (lip, coeff, shift, layout)
+    out = _KernelFold.apply(meta, torch.stack([g.concat_k for g in nets]), wflat, bflat, gains, scales)
     return _folded_from_flat(out, layout, nets[0].in_features, kind)
 
 
@@ -672,11 +733,21 @@ def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
     ``c k Pila(x) = relu(h) + y p(y / c) e`` with ``p(u) = u^2/2 - u + 1``, and the derivative is
     ``Pila'(x) = (u^3/2 + u^2/2 - u + 1) e`` at ``u = y / c`` (Ahn et al. 2022, Pila). Both cubics are evaluated
     in one stacked Horner scheme; no ``where`` is needed because the branches meet at 0 with two derivatives.
+
+    For CLipSwish the pre-activations arrive as ``h = beta z`` (:func:`_swish_gains`); the stored value is
+    ``h sigmoid(h)`` and its derivative ``s (1 + h (1 - s))`` with ``s = sigmoid(h)``, which goes into ``e``
+    (the second derivative, :func:`_second`, reads it; ``y`` and the value polynomial stay unwritten).
     """
     hp = v.h_p[i]
     if kind == "relu":
         torch.clamp_min(hp, 0.0, out=v.x_act[i])
         v.q[i][1].copy_(hp > 0)
+        return
+    if kind == "swish":
+        sig, d = v.e[i], v.q[i][1]
+        torch.sigmoid(hp, out=sig)
+        torch.mul(sig, -1.0, out=d).add_(1.0).mul_(hp).add_(1.0).mul_(sig)  # s (1 + h (1 - s))
+        torch.mul(hp, sig, out=v.x_act[i])
         return
     a3, a2, a1, a0 = c["horner"]
     y, q = v.y[i], v.q[i]
@@ -689,14 +760,18 @@ def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
     torch.clamp_min(hp, 0.0, out=v.x_act[i]).add_(v.q_value[i])
 
 
-def _second(kind: str, y: Tensor, e: Tensor) -> Tensor | None:
+def _second(kind: str, h: Tensor, y: Tensor, e: Tensor) -> Tensor | None:
     """Derivative of the activation's derivative with respect to the folded input ``h``; None for ReLU.
 
     ``dPila'(x)/dh = Pila''(x) / (c k) = (u^3/2 + 2 u^2) e / c`` with ``u = y / c``
-    (``Pila''(x) = k (u^3/2 + 2 u^2) e^u``).
+    (``Pila''(x) = k (u^3/2 + 2 u^2) e^u``). For the folded swish ``h sigmoid(h)`` (``e`` holds ``s = sigmoid(h)``
+    there): ``s (1 - s) (2 + h (1 - 2 s))``.
     """
     if kind == "relu":
         return None
+    if kind == "swish":
+        spread = torch.mul(e, -2.0).add_(1.0).mul_(h).add_(2.0)  # 2 + h (1 - 2 s)
+        return torch.mul(e, -1.0).add_(1.0).mul_(e).mul_(spread)
     c = _LOG2E
     return torch.mul(y, 0.5 / c**4).add_(2.0 / c**3).mul_(y).mul_(y).mul_(e)
 
@@ -718,9 +793,12 @@ def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, v: _BlockViews, final:
 
 
 def _activation_value(kind: str, h: Tensor, out: Tensor) -> None:
-    """The value alone of :func:`_activate` (``relu(h) + y p(y / c) e``), written into ``out``."""
+    """The value alone of :func:`_activate` (``relu(h) + y p(y / c) e``, or ``h sigmoid(h)``), written into ``out``."""
     if kind == "relu":
         torch.clamp_min(h, 0.0, out=out)
+        return
+    if kind == "swish":
+        torch.mul(h, torch.sigmoid(h), out=out)
         return
     c = _LOG2E
     y = torch.clamp_max(h, 0.0)
@@ -1016,7 +1094,7 @@ def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Te
         d = ws.d(i)
         torch.mul(cx_t, d.unsqueeze(2), out=slot[:, :, b:].view(nb, m, n, b))
         torch.mul(cx[:, :, :b], d, out=slot[:, :, :b])
-        d2 = _second(net.kind, ws.y[i], ws.e[i])
+        d2 = _second(net.kind, ws.h[i][:, :, :b], ws.y[i], ws.e[i])
         if d2 is not None:
             h_t = ws.h[i][:, :, b:].view(nb, m, n, b)
             # sum_t c_t * ht_t, as a chain of fused products (a reduction across the middle dimension is slow)
@@ -1141,7 +1219,7 @@ def kernels_apply(x: Tensor, net: FoldedNet, backward: bool = True) -> bool:
     """
     return (
         USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and kernels_ready(x.dtype, wait=KERNELS_WAIT, backward=backward)
+        and net.kind in _KERNEL_ACTIVATIONS and kernels_ready(x.dtype, wait=KERNELS_WAIT, backward=backward)
     )
 
 
@@ -1369,10 +1447,12 @@ def _run_kernels_once(dtype: torch.dtype, backward: bool = True) -> None:
     wflat = ramp(1, sum(sizes)).requires_grad_(backward)
     bflat = ramp(1, sum(r for r, _ in shapes)).requires_grad_(backward)
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), _K * _LOG2E, 0.2, 1.0 / 1.06 /
-            (_K * _LOG2E), layout)
+    meta = (np.ones(1, np_dtype) * 0.98, np.full((depth + 1, 1), 0.9, np_dtype), 0.2, layout)
+    gains = torch.full((1, depth), _K * _LOG2E, dtype=torch.float64)
+    scales = torch.full((1, depth), 1.0 / 1.06 / (_K * _LOG2E), dtype=torch.float64)
     _check_not_cancelled()
-    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=backward), wflat, bflat)
+    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=backward), wflat, bflat, gains,
+                            scales)
     if backward:
         _check_not_cancelled()
         torch.autograd.grad(out.sum(), [wflat, bflat])
@@ -1509,7 +1589,7 @@ def _kernel_run(
     converged = torch.empty(nb, b, dtype=torch.bool)
     int_type = kernels.exp2_bits(np_dtype)
     common = (
-        x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1,
+        x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, _KERNEL_ACTIVATIONS[net.kind],
         table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
         y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), spaces is not None,
     )
@@ -1577,7 +1657,7 @@ def _kernel_backward(
     grad_fw = net.final.new_empty((len(parts), *fw.shape))
     grad_x = torch.empty(grad_z.shape, dtype=grad_z.dtype)
     codes = np.array([_KERNEL_KINDS[k] for k in kinds], dtype=np.int64)
-    common = (flat, offs, widths, net.weights[0].shape[1], fw, 0 if net.kind == "pila" else 1, codes,
+    common = (flat, offs, widths, net.weights[0].shape[1], fw, _KERNEL_ACTIVATIONS[net.kind], codes,
               grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy())
     cst = kernels.constants(grad_flat.numpy().dtype)
 

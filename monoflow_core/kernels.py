@@ -37,11 +37,18 @@ try:  # Numba is optional: without it (or on an unsupported platform) the PyTorc
 except ImportError:  # pragma: no cover - exercised only where Numba is missing
     numba = None
 
-__all__ = ["AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL", "MODE_EVALUATE", "MODE_SOLVE",
-           "backward_run", "fold_backward", "fold_forward", "limit_blas_threads", "scratch_size", "solve_run"]
+__all__ = ["ACT_PILA", "ACT_RELU", "ACT_SWISH", "AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL",
+           "MODE_EVALUATE", "MODE_SOLVE", "backward_run", "fold_backward", "fold_forward", "limit_blas_threads",
+           "scratch_size", "solve_run"]
 
 #: Whether the compiled kernels can be used in this process.
 AVAILABLE = numba is not None and gemm is not None
+
+#: Activation codes of :func:`solve_run` and :func:`backward_run` (the folded activations of
+#: :func:`monoflow_core.fast._activate`): CPila, CReLU, CLipSwish.
+ACT_PILA = 0
+ACT_RELU = 1
+ACT_SWISH = 2
 
 #: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
 MODE_EVALUATE = 0
@@ -282,6 +289,16 @@ def _exp2(y, e, ptmp, ibuf, scale, coeffs, cst, count):  # pragma: no cover - co
 
 
 @_jit
+def _sigmoid_fill(h, out, zero, one, count):  # pragma: no cover - compiled
+    """``out[:count] = sigmoid(h[:count])``, as ``1 / (1 + e^-h)`` or ``e^h / (1 + e^h)``: the exponential of
+    ``-|h|`` never overflows."""
+    for s in range(count):
+        hv = h[s]
+        ev = math.exp(-abs(hv))
+        out[s] = (one if hv >= zero else ev) / (one + ev)
+
+
+@_jit
 def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, cst, coeffs, tmp, ibuf,
               scale):  # pragma: no cover - compiled
     """``w + sign G(w)`` and ``I + sign J_G(w)`` at the ``b`` points of one block's feature buffer ``x``.
@@ -292,7 +309,8 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
     layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
     columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
     the activation (CPila folded as in :func:`monoflow_core.fast._activate`: ``relu(h) + y p(y / c) 2^y`` with
-    ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU), storing ``2^y`` (``ws_e``) and the
+    ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU; or CLipSwish folded with its ``beta``:
+    ``h s`` with ``s = sigmoid(h)``, derivative ``s (1 + h (1 - s))``), storing ``2^y`` (or ``s``; ``ws_e``) and the
     derivative (``ws_q[.., 1, ..]``) in workspace slice ``jw`` (the backward pass needs no more: it recomputes ``y``
     from ``h``; the value polynomial ``ws_q[.., 0, ..]`` of the PyTorch kernels is not written), and the tangents
     times the derivative. Layer ``i``'s outputs are rows ``widths[i] ..`` of ``x``. The last rows of ``tmp``
@@ -312,7 +330,7 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
             hrow = ws_h[i, jw, u]
             drow = ws_q[i, jw, 1, u]
             xrow = x[width + u]
-            if kind == 0:  # folded Pila
+            if kind == ACT_PILA:  # folded Pila
                 erow = ws_e[i, jw, u]
                 _exp2_fill(hrow, ibuf, ptmp, cst, coeffs, b)  # 2^y as _exp2, in two passes
                 for s in range(b):
@@ -321,6 +339,14 @@ def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, c
                     erow[s] = ev
                     drow[s] = (((b3 * yv + a2) * yv + a1) * yv + one) * ev
                     xrow[s] = max(hrow[s], zero) + ((a2 * yv + a1) * yv + one) * yv * ev
+            elif kind == ACT_SWISH:  # folded CLipSwish: h sigmoid(h)
+                erow = ws_e[i, jw, u]
+                _sigmoid_fill(hrow, erow, zero, one, b)
+                for s in range(b):
+                    hv = hrow[s]
+                    sv = erow[s]
+                    drow[s] = sv * (one + hv * (one - sv))
+                    xrow[s] = hv * sv
             else:  # ReLU
                 for s in range(b):
                     hv = hrow[s]
@@ -393,7 +419,8 @@ def solve_run(
         wflat: (nb, sum_i m widths[i]) each block's folded hidden weights, layer ``i`` at ``offs[i]`` as
             (m, widths[i]); widths: (L,) columns each layer reads (1 + its input width).
         fw: (nb, n, T) final weights of the map ``w + sign G(w)`` (identity included).
-        kind: 0 for folded Pila, 1 for ReLU.
+        kind: the activation, :data:`ACT_PILA` (folded Pila), :data:`ACT_RELU` or :data:`ACT_SWISH` (folded
+            CLipSwish).
         modes: (nb,) :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the
             map at the right-hand side).
         rhs_scale, out_w, out_x: (nb,) the right-hand side ``rhs_scale * x`` and the output
@@ -693,7 +720,8 @@ def backward_run(
     dt = grad_z.dtype
     total = fw.shape[2]
     cols = (1 + n) * b
-    zero, s3, s2, root2 = cst[0], cst[6], cst[7], cst[8]
+    zero, one, s3, s2, root2 = cst[0], cst[1], cst[6], cst[7], cst[8]
+    two = one + one
     gx = np.empty((total, cols), dt)
     gx2 = np.empty((total, b), dt)
     tmp = np.empty((total, cols), dt)
@@ -753,11 +781,17 @@ def backward_run(
                     for s in range(b):
                         gd[s] += grow[base + s] * hrow[base + s]
                         srow[base + s] = grow[base + s] * drow[s]
-                if kind == 0:
+                if kind == ACT_PILA:
                     erow = ws_e[i, j, u]
                     for s in range(b):
                         yv = min(hrow[s], zero)
                         srow[s] = grow[s] * drow[s] + gd[s] * ((s3 * yv + s2) * yv * yv * erow[s])
+                elif kind == ACT_SWISH:  # the folded swish's second derivative s (1 - s) (2 + h (1 - 2 s))
+                    erow = ws_e[i, j, u]
+                    for s in range(b):
+                        sv = erow[s]
+                        second = sv * (one - sv) * (two + hrow[s] * (one - two * sv))
+                        srow[s] = grow[s] * drow[s] + gd[s] * second
                 else:
                     for s in range(b):
                         srow[s] = grow[s] * drow[s]
@@ -914,13 +948,14 @@ def _softplus(x):  # pragma: no cover - compiled
 @_jit
 def _column_scales(i, n, hidden_widths, eta2, prods, scale, cols):  # pragma: no cover - compiled
     """Scale of each input column of layer ``i``: the input block scaled by ``prods[i]``, then the outputs of each
-    earlier dense layer ``l`` by ``eta2_l prods[i] / prods[l + 1]`` times the activation's folded ``scale``."""
+    earlier dense layer ``l`` by ``eta2_l prods[i] / prods[l + 1]`` times the activation's folded output scale
+    ``scale[l]``."""
     for c in range(n):
         cols[c] = prods[i]
     offset = n
     for layer in range(i):
         width = 2 * hidden_widths[layer]
-        value = eta2[layer] * prods[i] / prods[layer + 1] * scale
+        value = eta2[layer] * prods[i] / prods[layer + 1] * scale[layer]
         for c in range(width):
             cols[offset + c] = value
         offset += width
@@ -938,14 +973,15 @@ def _fold_setup(concat_k, rows, cols_):  # pragma: no cover - compiled
 
 
 @_jit
-def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, k, shift, scale,
+def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, gains, shift, scales,
                  out_flat, uflat, vflat, sig):  # pragma: no cover - compiled
     """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
 
     Per block ``j`` and layer position ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair
     (:func:`_top_singular_pair`, no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)``
     (docs/algorithm.md §7), the column scales of the learnable concatenation, and for a hidden layer the concatenated
-    activation's two halves ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``).
+    activation's two halves ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``), with the
+    pre-activation factor ``k`` of the block's layer (``gains[j, i]``: Pila's constant, or CLipSwish's ``beta``).
 
     Every per-layer array is one row per block with the layers side by side (so one compiled version serves every
     depth): layer ``i`` of block ``j`` is ``wflat[j, woffs[i]:]`` as (rows[i], cols_[i]), its bias
@@ -955,7 +991,8 @@ def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, 
     Args (``nb`` blocks, depth ``L``):
         concat_k: (nb, L, 2) the concatenation parameters K; lip: (nb,) each net's ``lip_coeff``.
         coeff: (L + 1, nb) each layer's Lipschitz bound.
-        k, shift, scale: the activation's folded pre-activation factor, shift and output scale (divided by k).
+        gains, scales: (nb, L) float64, each block's and hidden layer's folded pre-activation factor ``k`` and output
+            scale (divided by ``k``); shift: the activation's shift.
         out_flat, uflat, vflat, sig: written; ``sig`` (L + 1, nb) holds each layer's sigma.
     """
     nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
@@ -976,9 +1013,10 @@ def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, 
                 sigma += u[r] * acc
             sig[i, j] = sigma
             s = max(1.0, sigma / coeff[i, j])
-            _column_scales(i, n, rows, eta2, prods, scale, cols)
+            _column_scales(i, n, rows, eta2, prods, scales[j], cols)
             b = bflat[j, boffs[i] : boffs[i] + r_i]
             if i < depth:
+                k = gains[j, i]
                 out = out_flat[j, ooffs[i] : ooffs[i] + 2 * r_i * (1 + width)].reshape((2 * r_i, 1 + width))
                 for r in range(r_i):
                     out[r, 0] = k * (b[r] - shift)
@@ -1025,14 +1063,32 @@ def _top_singular_pair(w, u, v):  # pragma: no cover - compiled
 
 
 @_jit
-def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs, voffs, k, scale, gout, uflat, vflat,
-                  sig, gwflat, gbflat, gk):  # pragma: no cover - compiled
-    """The gradients of :func:`fold_forward` with respect to K, the weights and the biases (same layouts).
+def _gain_gradient(g, b, w, s, cols, shift):  # pragma: no cover - compiled
+    """The gradient of a hidden layer's pre-activation factor ``k`` in :func:`fold_backward`: its folded weights are
+    ``k [[b - shift, Wn], [-b - shift, -Wn]]`` with ``Wn = W / s * cols``, and ``g`` is their cotangent.
 
-    ``gout`` is the cotangent of ``out_flat``; ``gwflat``, ``gbflat`` and ``gk`` (nb, L, 2) receive the gradients:
-    the chain rule of the soft normalisation (the gradient flows through ``sigma = u^T W v``, and only where
-    ``sigma > coeff``), of the column scales through ``eta`` and ``prod eta1``, and of ``softplus`` (checked against
-    PyTorch's autograd of the same fold).
+    (A loop of its own: accumulating it in the weights' loop changed how that loop is vectorised, and so the rounding
+    of the Pila fold's gradients.)"""
+    r_i, width = w.shape
+    total = 0.0
+    for r in range(r_i):
+        total += g[r, 0] * (b[r] - shift) - g[r_i + r, 0] * (b[r] + shift)
+        for c in range(width):
+            total += (g[r, 1 + c] - g[r_i + r, 1 + c]) * (w[r, c] / s * cols[c])
+    return total
+
+
+@_jit
+def fold_backward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, gains, shift, scales,
+                  gout, uflat, vflat, sig, gwflat, gbflat, gk, ggains, gscales):  # pragma: no cover - compiled
+    """The gradients of :func:`fold_forward` with respect to K, the weights, the biases, and the activation's folded
+    factors and scales (same layouts).
+
+    ``gout`` is the cotangent of ``out_flat``; ``gwflat``, ``gbflat``, ``gk`` (nb, L, 2), ``ggains`` and ``gscales``
+    (nb, L, float64) receive the gradients: the chain rule of the soft normalisation (the gradient flows through
+    ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through ``eta``, ``prod eta1`` and
+    the output scales, of the pre-activation factors, and of ``softplus`` (checked against PyTorch's autograd of the
+    same fold; CLipSwish's ``beta`` reaches its parameter through ``ggains`` and ``gscales``).
     """
     nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
     g_eta1 = np.empty_like(eta1)
@@ -1044,6 +1100,7 @@ def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs,
         g_eta1[:] = 0.0
         g_eta2[:] = 0.0
         g_prods[:] = 0.0
+        gscales[j, :] = 0.0
         for i in range(depth + 1):
             r_i = rows[i]
             width = cols_[i]
@@ -1053,9 +1110,11 @@ def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs,
             g = gout[j, ooffs[i] : ooffs[i] + out_rows * (1 + width)].reshape((out_rows, 1 + width))
             ratio = sig[i, j] / coeff[i, j]
             s = max(1.0, ratio)
-            _column_scales(i, n, rows, eta2, prods, scale, cols)
+            _column_scales(i, n, rows, eta2, prods, scales[j], cols)
             gw = gwflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
             gb = gbflat[j, boffs[i] : boffs[i] + r_i]
+            b = bflat[j, boffs[i] : boffs[i] + r_i]
+            k = gains[j, i] if hidden else 1.0
             g_sigma_sum = 0.0
             for c in range(width):
                 g_cols[c] = 0.0
@@ -1070,6 +1129,8 @@ def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs,
                     g_raw = g_wn * cols[c]
                     gw[r, c] = g_raw / s
                     g_sigma_sum += g_raw * w[r, c]
+            if hidden:
+                ggains[j, i] = _gain_gradient(g, b, w, s, cols, shift)
             if ratio >= 1.0:  # W / s with s = sigma / coeff: the gradient through sigma = u^T W v
                 g_sigma = -g_sigma_sum / (s * s * coeff[i, j])
                 for r in range(r_i):
@@ -1088,9 +1149,11 @@ def fold_backward(concat_k, lip, coeff, wflat, rows, cols_, woffs, boffs, ooffs,
                     total += g_cols[offset + c]
                 offset += wdt
                 ratio_p = prods[i] / prods[layer + 1]
+                scale = scales[j, layer]
                 g_eta2[layer] += total * ratio_p * scale
                 g_prods[i] += total * eta2[layer] / prods[layer + 1] * scale
                 g_prods[layer + 1] -= total * eta2[layer] * ratio_p / prods[layer + 1] * scale
+                gscales[j, layer] += total * eta2[layer] * ratio_p
         # prods[i] = prod_{l < i} eta1_l (eta1 > 0)
         for i in range(1, depth + 1):
             for layer in range(i):

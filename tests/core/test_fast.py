@@ -40,7 +40,7 @@ def both_paths(flow, x, seed=0):
 
 
 @pytest.mark.parametrize("formulation", ["monotone", "residual", "inverse_residual"])
-@pytest.mark.parametrize("dim,activation", [(2, "cpila"), (1, "crelu"), (3, "cpila")])
+@pytest.mark.parametrize("dim,activation", [(2, "cpila"), (1, "crelu"), (3, "cpila"), (2, "clipswish")])
 def test_fused_matches_generic(formulation, dim, activation, kernels):
     torch.manual_seed(0)
     cfg = FlowConfig(dim=dim, blocks=4, depth=3, growth=8, activation=activation, formulation=formulation, **TIGHT)
@@ -87,8 +87,75 @@ def test_eligibility_rules():
         setattr(block, attr, value)
         assert not fast_eligible(block, 2), attr
         setattr(block, attr, old)
-    # learnable activations (CLipSwish has a trainable beta) stay on the generic path
-    assert not fast_eligible(build_flow(FlowConfig(blocks=1, activation="clipswish")).layers[0], 2)
+    # CLipSwish (learnable beta, folded into the weights) is fused; a plain, non-concatenated LipSwish is not
+    assert fast_eligible(build_flow(FlowConfig(blocks=1, activation="clipswish")).layers[0], 2)
+    assert not fast_eligible(build_flow(FlowConfig(blocks=1, activation="lipswish")).layers[0], 2)
+
+
+def idensenet_flow(dtype, formulation="residual", learnable_concat=True, seed=0):
+    """The i-DenseNet toy model (assets/presets/paper-toy-idensenet.json: residual blocks, DenseNet G 3 x 16,
+    CLipSwish, exact log-det), 4 blocks here, with every beta and concatenation weight moved off its initial value
+    (all betas equal would hide a mix-up of layers or blocks)."""
+    torch.manual_seed(seed)
+    cfg = FlowConfig(dim=2, blocks=4, depth=3, growth=16, activation="clipswish", formulation=formulation,
+                     learnable_concat=learnable_concat, **TIGHT)
+    flow = build_flow(cfg).to(dtype)
+    with torch.no_grad():
+        for blk in flow.layers:
+            for act in blk.net.activations:
+                act.beta_raw.add_(torch.randn(()) * 1.5)
+            blk.net.concat_k.add_(torch.randn_like(blk.net.concat_k))
+    return flow
+
+
+@pytest.mark.parametrize("formulation", ["residual", "monotone", "inverse_residual"])
+@pytest.mark.parametrize("learnable_concat", [True, False])
+def test_fused_clipswish_matches_generic_including_every_beta(formulation, learnable_concat, kernels):
+    """Outputs, log-dets, inverse and every gradient (each beta_raw, through the exact log-det's second-order terms
+    too) of the i-DenseNet toy model, fused against generic in float64; with the concatenation weights frozen (the
+    preset's first half) and learnable (after ``concat_learnable_from``)."""
+    flow = idensenet_flow(DT, formulation, learnable_concat)
+    assert fusable_runs(list(flow.layers), 2) == [(0, 4)]
+    names = ["x", *(name for name, p in flow.named_parameters() if p.requires_grad)]
+    assert sum("beta_raw" in name for name in names) == 12
+    assert any("concat_k" in name for name in names) == learnable_concat
+    x = torch.randn(60, 2, dtype=DT) * 2
+    (z0, l0, g0), (z1, l1, g1) = both_paths(flow, x)
+    assert torch.allclose(z0, z1, atol=1e-10, rtol=1e-10)
+    assert torch.allclose(l0, l1, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(names, g0, g1, strict=True):
+        assert float(a.abs().max()) > 0, name
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-9), name
+    with torch.no_grad():
+        flow.fast_path = False
+        slow_inverse = flow.inverse(z1)
+        flow.fast_path = True
+        fast_inverse = flow.inverse(z1)
+    assert torch.allclose(slow_inverse, fast_inverse, atol=1e-10, rtol=0)
+    assert float((fast_inverse - x).abs().max()) < 1e-9
+
+
+def test_fused_clipswish_matches_generic_in_float32(kernels):
+    """The same in float32 (training's dtype), to float32 rounding: relative to each tensor's scale."""
+    flow = idensenet_flow(torch.float32)
+    x = torch.randn(200, 2) * 2
+    params = [p for p in flow.parameters() if p.requires_grad]
+    results = []
+    for fast in (False, True):
+        flow.fast_path = fast
+        xi = x.clone().requires_grad_(True)
+        lp = flow.log_prob(xi)
+        results.append((lp.detach(), torch.autograd.grad(lp.mean(), [xi, *params])))
+    (lp0, g0), (lp1, g1) = results
+    assert torch.allclose(lp0, lp1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1, strict=True):
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()) + 1e-7
+    with torch.no_grad():
+        z = torch.randn(300, 2)
+        flow.fast_path = False
+        slow = flow.inverse(z)
+        flow.fast_path = True
+        assert torch.allclose(slow, flow.inverse(z), atol=1e-4, rtol=0)
 
 
 def test_fused_solver_statistics_and_non_convergence_warning(kernels):
@@ -195,9 +262,10 @@ def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
     assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
 
 
-@pytest.mark.parametrize("hidden", [True, False])
-def test_fold_layer_backward_against_finite_differences(hidden):
-    """The hand-written backward of the fold, with the spectral clamp active for one block and not the other."""
+@pytest.mark.parametrize("hidden,gain", [(True, False), (False, False), (True, True)])
+def test_fold_layer_backward_against_finite_differences(hidden, gain):
+    """The hand-written backward of the fold, with the spectral clamp active for one block and not the other;
+    ``gain``: a per-block, differentiated pre-activation factor (CLipSwish's beta) instead of the constant k."""
     from monoflow_core.fast import _FoldLayer
 
     torch.manual_seed(7)
@@ -209,7 +277,10 @@ def test_fold_layer_backward_against_finite_differences(hidden):
     assert float(torch.linalg.matrix_norm(w[0], 2)) > 0.9 > float(torch.linalg.matrix_norm(w[1], 2))
     inputs = (w.requires_grad_(), torch.randn(2, 4, dtype=DT, requires_grad=True),
               torch.rand(2, 5, dtype=DT, requires_grad=True))
-    assert torch.autograd.gradcheck(lambda a, b, c: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2), inputs)
+    if gain:
+        inputs += (torch.tensor([0.7, 1.9], dtype=DT, requires_grad=True),)
+    assert torch.autograd.gradcheck(lambda a, b, c, *g: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g),
+                                    inputs)
 
 
 def test_no_grad_evaluations_see_every_optimizer_step():

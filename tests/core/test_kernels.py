@@ -36,10 +36,23 @@ def test_exp2_matches_numpy_to_a_few_ulps(dtype, tol):
     assert out[0] == 1.0  # 2^0 exactly: Pila's linear branch must be untouched
 
 
-def _solve_pair(sign):
+#: The fused activations: CPila (Monotone Flows) and CLipSwish (the i-DenseNet baseline, learnable beta).
+ACTIVATIONS = ["cpila", "clipswish"]
+
+
+def _spread_betas(flow):
+    """Move every CLipSwish beta off its initial value (one shared value would hide a mix-up of layers or blocks)."""
+    with torch.no_grad():
+        for module in flow.modules():
+            if hasattr(module, "beta_raw"):
+                module.beta_raw.add_(torch.randn(()) * 1.5)
+    return flow
+
+
+def _solve_pair(sign, activation="cpila"):
     """The kernel's and the PyTorch freezing Newton solve of one block on a wide spread of right-hand sides."""
     torch.manual_seed(4)
-    flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
+    flow = _spread_betas(build_flow(FlowConfig(blocks=1, depth=2, growth=8, activation=activation)).double())
     block = flow.layers[0]
     block.tol, block.max_iter = 1e-12, 50
     folded = fast.fold_nets([block.net])
@@ -54,10 +67,11 @@ def _solve_pair(sign):
     return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_kernel_newton_matches_the_pytorch_solve_per_sample(sign):
+def test_kernel_newton_matches_the_pytorch_solve_per_sample(sign, activation):
     """Same iterate, Jacobian and iteration count for every sample (so the same safeguard and stopping rule)."""
-    (w0, s0, a0), (w1, s1, a1) = _solve_pair(sign)
+    (w0, s0, a0), (w1, s1, a1) = _solve_pair(sign, activation)
     assert len(set(s0.iterations.tolist())) >= 2  # samples really stop at different iterations
     assert torch.equal(s0.iterations, s1.iterations)
     assert torch.equal(s0.converged, s1.converged) and s1.all_converged
@@ -66,10 +80,13 @@ def test_kernel_newton_matches_the_pytorch_solve_per_sample(sign):
     assert torch.allclose(a0, a1, atol=1e-12, rtol=0)
 
 
-def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels(activation):
     """The backward pass reads the final evaluation of every block from the workspace: both kernels write the same."""
     torch.manual_seed(5)
-    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"])).double()
+    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"],
+                                 activation=activation)).double()
+    _spread_betas(flow)
     blocks = list(flow.layers)
     folded = fast.fold_nets([b.net for b in blocks])
     net = fast.FoldedNet.from_tensors([t.detach() for t in folded.tensors()], folded.n, folded.kind)
@@ -87,9 +104,10 @@ def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels():
     assert torch.allclose(ws_torch.q_all[:, :, 1], ws_kernel.q_all[:, :, 1], atol=1e-12, rtol=0)
 
 
-def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch, activation):
     torch.manual_seed(6)
-    flow = build_flow(FlowConfig(blocks=4, tol=1e-12)).double()
+    flow = _spread_betas(build_flow(FlowConfig(blocks=4, tol=1e-12, activation=activation)).double())
     x = torch.randn(2000, 2, dtype=DT) * 2
     z = torch.randn(500, 2, dtype=DT)
     results = []
@@ -103,11 +121,13 @@ def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch)
     assert torch.equal(it1, it0)
 
 
-def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch):
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch, activation):
     """Sampling inverts a run of blocks (last first, mixed formulations) in one call, as block-by-block PyTorch."""
     torch.manual_seed(8)
-    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"], tol=1e-12))
-    flow = flow.double()
+    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"], tol=1e-12,
+                                 activation=activation))
+    flow = _spread_betas(flow.double())
     z = torch.randn(300, 2, dtype=DT)
     calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
@@ -254,13 +274,16 @@ def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("learnable", [True, False])
-def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
-    """Values and gradients (weights, biases, concatenation K) of the fold, against PyTorch's autograd of it;
-    some layers are scaled above their bound so that the soft normalisation's branch through sigma is taken, and
-    two nets have bounds of their own."""
+def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable, dtype, activation):
+    """Values and gradients (weights, biases, concatenation K, CLipSwish's beta) of the fold, against PyTorch's
+    autograd of it; some layers are scaled above their bound so that the soft normalisation's branch through sigma is
+    taken, and two nets have bounds of their own."""
     torch.manual_seed(7)
-    flow = build_flow(FlowConfig(blocks=3, depth=3, growth=8, learnable_concat=learnable)).double()
+    flow = build_flow(FlowConfig(blocks=3, depth=3, growth=8, learnable_concat=learnable, activation=activation))
+    flow = _spread_betas(flow.to(dtype))
     nets = [blk.net for blk in flow.layers]
     with torch.no_grad():
         nets[0].layers[1].weight.mul_(5.0)
@@ -270,18 +293,20 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable):
     nets[1].layers[0].coeff = 0.5  # each net's own layer bounds (the fold must not take block 0's for all)
     nets[2].final.coeff = 0.7
     params = [p for g in nets for p in g.parameters() if p.requires_grad]
+    assert sum(p.dim() == 0 for p in params) == (9 if activation == "clipswish" else 0)  # the betas
     results = []
     for fold in (fast._kernel_fold, fast.fold_nets_torch):
         folded = fold(nets)
-        cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=DT)
+        cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype)
                for i, t in enumerate(folded.tensors())]
         loss = sum((t * c).sum() for t, c in zip(folded.tensors(), cot, strict=True))
         results.append(([t.detach() for t in folded.tensors()], torch.autograd.grad(loss, params)))
     (v1, g1), (v0, g0) = results
+    tight = dtype == torch.float64
     for a, b in zip(v1, v0, strict=True):
-        assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+        assert torch.allclose(a, b, atol=1e-12 if tight else 1e-6, rtol=1e-12 if tight else 1e-5)
     for a, b in zip(g1, g0, strict=True):
-        assert torch.allclose(a, b, atol=1e-10, rtol=1e-9)
+        assert float((a - b).abs().max()) <= (1e-10 if tight else 1e-4) * float(a.abs().max()) + 1e-12
 
 
 def test_a_batch_split_over_threads_gives_the_same_values_gradients_and_statistics(monkeypatch):
@@ -321,11 +346,12 @@ def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monke
     dispatchers = [kernels.solve_run, kernels.backward_run, kernels.fold_forward, kernels.fold_backward]
     before = [len(d.signatures) for d in dispatchers]
     torch.manual_seed(9)
-    flow = build_flow(FlowConfig(blocks=3, depth=5, growth=6, formulation=["monotone", "residual",
-                                                                            "inverse_residual"])).double()
-    flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()
-    with torch.no_grad():
-        flow.inverse(torch.randn(20, 2, dtype=DT))
+    for activation in ("cpila", "clipswish", "crelu"):
+        flow = build_flow(FlowConfig(blocks=3, depth=5, growth=6, activation=activation,
+                                     formulation=["monotone", "residual", "inverse_residual"])).double()
+        flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()
+        with torch.no_grad():
+            flow.inverse(torch.randn(20, 2, dtype=DT))
     assert [len(d.signatures) for d in dispatchers] == before
 
 
