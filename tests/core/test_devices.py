@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from cli_helpers import assert_user_error, run
 
 from monoflow_core import cli
 from monoflow_core.devices import resolve_device
 from monoflow_core.memory_plan import HEADROOM, plan_grad_accumulation
 from monoflow_core.presets import load_preset
-
-from cli_helpers import assert_user_error, run
 
 
 @pytest.mark.parametrize("cuda", [True, False])
