@@ -63,6 +63,7 @@ from .presets import list_presets, load_preset
 from .resources import (
     MAX_THREADS_PER_CORE,
     SEED_MAX,
+    ResourceError,
     available_memory,
     check_disk,
     check_memory,
@@ -540,7 +541,7 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     args.device_reason = reason  # said when training starts (errors before that stay one line)
     source = f"preset {preset_name!r}"
     _check_seeds(train_config, source)
-    train_config = _plan_memory(args, model_config, train_config)
+    train_config, unfit = _plan_memory(args, model_config, train_config)
 
     out = Path(_nonempty_path("--out", args.out))
     if out.exists() and not out.is_dir():
@@ -549,25 +550,35 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     # Before the trainer loads data or builds the model: a request that cannot fit is refused while nothing has
     # been spent (the folder is not even created yet).
     _check_training_resources(args, model_config, train_config, source)
+    if unfit is not None:  # the coarser checks above passed, but not even one image per micro-batch fits
+        raise unfit
     trainer = Trainer(model_config, train_config)
     return trainer, out, preset.name, preset.description
 
 
-def _plan_memory(args: argparse.Namespace, model: FlowConfig, train: TrainConfig) -> TrainConfig:
+def _plan_memory(
+    args: argparse.Namespace, model: FlowConfig, train: TrainConfig
+) -> tuple[TrainConfig, ResourceError | None]:
     """Image runs without ``--grad-accumulation``: split each batch into as many micro-batches as the device's
-    memory needs (:func:`~monoflow_core.memory_plan.plan_grad_accumulation`), said on stderr; a step that cannot
-    fit even one image per micro-batch is refused with the figures."""
+    memory needs (:func:`~monoflow_core.memory_plan.plan_grad_accumulation`), said when training starts.
+
+    Returns the training configuration and, when not even one image per micro-batch fits, the error to raise once
+    the other resource checks (whose messages name a too-large model or images first) have passed.
+    """
     if train.task != "image" or args.grad_accumulation is not None:
-        return train
+        return train, None
     budget = memory_budget(train.device) if torch.device(train.device).type == "cuda" else available_memory()
     if budget is None:
-        return train
+        return train, None
     c, h, w = image_set_shape(train.data, train.data_dir)
-    plan = plan_grad_accumulation(model.replace(image_shape=[c, h, w]), train, budget)
+    try:
+        plan = plan_grad_accumulation(model.replace(image_shape=[c, h, w]), train, budget)
+    except ResourceError as err:
+        return train, err
     if plan.grad_accumulation == train.grad_accumulation:
-        return train
+        return train, None
     args.memory_note = f"memory: {plan.describe()}"
-    return train.replace(grad_accumulation=plan.grad_accumulation)
+    return train.replace(grad_accumulation=plan.grad_accumulation), None
 
 
 def _check_seeds(config: TrainConfig, source: str) -> None:

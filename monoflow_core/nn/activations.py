@@ -80,6 +80,19 @@ class _SavedInputActivation(torch.autograd.Function):
         act, x, *params = inputs
         ctx.act = act
         ctx.save_for_backward(x, *params)
+        ctx.save_for_forward(x, *params)
+
+    @staticmethod
+    def jvp(ctx: Any, _act_tangent: None, x_tangent: Tensor | None, *param_tangents: Tensor | None) -> Tensor:
+        """Forward mode (input tangents): ``derivative(x) * t``, the tangent repeated per concatenated half."""
+        x, *params = ctx.saved_tensors
+        deriv = ctx.act.derivative(x)
+        out = torch.zeros_like(deriv) if x_tangent is None else (
+            deriv * x_tangent.repeat(*([1] * (x.dim() - 1)), ctx.act.expansion))
+        for i, tangent in enumerate(param_tangents):
+            if tangent is not None:
+                out = out + ctx.act.param_derivative(x, params, i) * tangent
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -115,6 +128,10 @@ class LipschitzActivation(nn.Module):
 
     def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
         """``(grad^T d act / dx, grad^T d act / d param for each param)``, in differentiable operators."""
+        raise NotImplementedError
+
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        """Elementwise derivative of the output with respect to the scalar parameter ``params[i]``."""
         raise NotImplementedError
 
     def _apply_saving_input(self, x: Tensor, *params: Tensor) -> Tensor:
@@ -205,6 +222,12 @@ def _swish_derivative(z: Tensor, beta: Tensor) -> Tensor:
     return s + beta * z * s * (1.0 - s)
 
 
+def _swish_beta_derivative(z: Tensor, beta_raw: Tensor, divisor: float) -> Tensor:
+    """``d (swish_beta(z) / divisor) / d beta_raw = z^2 s (1 - s) sigmoid(beta_raw) / divisor``, elementwise."""
+    s = torch.sigmoid(F.softplus(beta_raw) * z)
+    return z * z * s * (1.0 - s) * torch.sigmoid(beta_raw) / divisor
+
+
 def _swish_vjp(z: Tensor, beta_raw: Tensor, grad: Tensor, divisor: float) -> tuple[Tensor, Tensor]:
     """Gradients of ``sum(grad * swish_beta(z)) / divisor`` with respect to ``z`` and ``beta_raw``.
 
@@ -245,6 +268,9 @@ class LipSwish(LipschitzActivation):
     def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
         return _swish_vjp(x, params[0], grad, self.divisor)
 
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        return _swish_beta_derivative(x, params[0], self.divisor)
+
     def derivative(self, x: Tensor) -> Tensor:
         return _swish_derivative(x, self.beta) / self.divisor
 
@@ -278,6 +304,9 @@ class CLipSwish(LipschitzActivation):
         gx1, gb1 = _swish_vjp(x, params[0], grad[..., :n], self.divisor)
         gx2, gb2 = _swish_vjp(-x, params[0], grad[..., n:], self.divisor)
         return gx1 - gx2, gb1 + gb2
+
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        return _swish_beta_derivative(torch.cat([x, -x], dim=-1), params[0], self.divisor)
 
     def derivative(self, x: Tensor) -> Tensor:
         both = torch.cat([x, -x], dim=-1)
