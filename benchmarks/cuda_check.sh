@@ -2,7 +2,9 @@
 # The CUDA checks of the engine, in one run on a machine with a GPU (CI has none):
 #   1. the CUDA tests (tests/core/test_cuda.py, the CUDA case of test_activations.py);
 #   2. the whole core suite with CUDA visible (nothing else may break when a GPU is there);
-#   3. benchmarks/gpu_images.py (CIFAR-10-sized step time and memory; digits trained on CUDA).
+#   3. benchmarks/gpu_step.py (precision, G's products, training steps of MNIST- and CIFAR-10-shaped models,
+#      digits and the 2-D toy on CUDA); its JSON is rewritten after every measurement, so the time limit below
+#      still leaves everything measured before it in $OUT/gpu_step.json.
 # Usage: bash benchmarks/cuda_check.sh OUT_DIR   (run from the repository root; uses `python3` and PYTHONPATH=.)
 set -u
 out=${1:?usage: cuda_check.sh OUT_DIR}
@@ -21,7 +23,7 @@ xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 8")
 python3 -m pytest -q -p no:cacheprovider $xdist tests/core 2>&1 | tail -15 | tee -a "$out/cuda_check.log"
 status=$((status | PIPESTATUS[0]))
 echo "== 3. image flows on the GPU" | tee -a "$out/cuda_check.log"
-timeout 200 python3 benchmarks/gpu_images.py --blocks 1 --steps 3 --warmup 1 --digits-steps 200 --out "$out/gpu_images" 2>&1 \
+timeout 420 python3 benchmarks/gpu_step.py --out "$out/gpu_step.json" 2>&1 \
   | tee -a "$out/cuda_check.log"
 status=$((status | PIPESTATUS[0]))
 echo "== exit status $status" | tee -a "$out/cuda_check.log"

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .logdet import EstimatorSettings, exact_logdet, power_series_logdet, resolve_logdet_mode
+from .logdet import EstimatorSettings, exact_logdet, neumann_logdet, power_series_logdet, resolve_logdet_mode
 from .nn.densenet import JacobianNet
 from .solvers import DEFAULT_TOL, SolverStats, resolve_method, solve, solve_small_linear
 
@@ -46,6 +46,14 @@ IMPLICIT_GRAD_MODES = ("auto", "one_step", "backward_solve")
 SQRT2 = math.sqrt(2.0)
 
 GFunction = Callable[[Tensor], Tensor]
+
+
+class _Graph(NamedTuple):
+    """A graph of G kept by a block: ``value = G(point)``; gradients with respect to ``point`` go to ``attach``."""
+
+    point: Tensor
+    value: Tensor
+    attach: Tensor
 
 
 def _event_dim(x: Tensor) -> int:
@@ -190,8 +198,9 @@ class _ImplicitBlock(nn.Module):
 
     def _attach_gradient(
         self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float, a_mat: Tensor | None
-    ) -> Tensor:
-        """Return a tensor equal to ``w*`` whose gradient is the exact implicit-function gradient."""
+    ) -> tuple[Tensor, _Graph | None]:
+        """A tensor equal to ``w*`` whose gradient is the exact implicit-function gradient, and the graph of G at
+        ``w*`` it keeps (``None`` for the one-step correction), which the log-det may reuse."""
         n = _event_dim(w_star)
         mode = self.implicit_grad
         if mode == "auto":
@@ -202,14 +211,23 @@ class _ImplicitBlock(nn.Module):
                 a_mat = torch.eye(n, dtype=w_star.dtype, device=w_star.device) + sign * jac
             r = w_star + sign * ev.value(w_star) - rhs
             step = solve_small_linear(a_mat.detach(), r.reshape(r.shape[0], -1)).reshape(w_star.shape)
-            return w_star - step
+            return w_star - step, None
         return self._backward_solve_hook(ev, w_star, rhs, sign)
 
-    def _backward_solve_hook(self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float) -> Tensor:
+    def _backward_solve_hook(
+        self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float
+    ) -> tuple[Tensor, _Graph]:
+        """``w = rhs - sign G(w0)`` with ``w0 = w*`` a leaf, and a hook on ``w`` that solves the backward system.
+
+        One graph of G at ``w*`` serves everything: the vector-Jacobian products of the backward fixed-point solve
+        ``a = g -+ a J`` (taken with respect to the leaf ``w0``, so they never fire the hook), the parameters'
+        gradient ``-+ a^T dG/dtheta`` (autograd continues from the hook's ``a`` through the same graph; what reaches
+        the leaf ``w0`` stops there) and, in training with the Neumann estimator, the log-det's gradient.
+        """
         with torch.enable_grad():
             w0 = w_star.detach().requires_grad_(True)
             g0 = ev.value(w0)
-        w = rhs - sign * ev.value(w_star)
+        w = rhs - sign * g0
         method = "anderson" if resolve_method(self.solver, _event_dim(w_star)) == "newton" else self.solver
         method = resolve_method(method, 10**9)
 
@@ -237,12 +255,16 @@ class _ImplicitBlock(nn.Module):
 
         if w.requires_grad:
             w.register_hook(hook)
-        return w
+        return w, _Graph(w0, g0, w)
 
     def _logdet(
-        self, ev: _NetEvaluator, w: Tensor, jac: Tensor | None, need_grad: bool
+        self, ev: _NetEvaluator, w: Tensor, jac: Tensor | None, need_grad: bool, graph: _Graph | None = None
     ) -> Tensor:
-        """Log-det of this block's kind at ``w``; ``jac`` (J_G at w, no graph) is reused when no grad is needed."""
+        """Log-det of this block's kind at ``w``; ``jac`` (J_G at w, no graph) is reused when no grad is needed.
+
+        ``graph``: a graph of G at ``w`` that the block keeps for its own gradient; the memory-efficient estimator
+        (:func:`~monoflow_core.logdet.neumann_logdet`) takes its products through it instead of building another.
+        """
         n = _event_dim(w)
         mode = resolve_logdet_mode(self.logdet_mode, n, training=need_grad)
         self.last_logdet_exact = mode == "exact"
@@ -251,22 +273,46 @@ class _ImplicitBlock(nn.Module):
                 _, jac = ev.value_and_jacobian(w, create_graph=need_grad)
             return exact_logdet(jac, self.kind)
 
-        # One evaluation of G with a graph serves every vector-Jacobian product of the series. The products are
-        # taken with respect to an alias of w: a gradient with respect to w itself would fire the backward-solve
-        # hook registered on w (a full implicit solve per product, and a wrong product).
-        with torch.enable_grad():
-            wr = _grad_alias(w)
-            gw = ev.value(wr)
+        params = self._memory_efficient_params(need_grad)
+        if params is not None and graph is None:
+            # The products are taken at a leaf equal to w: the surrogate's gradient with respect to the parameters
+            # must not also flow through w's own history (the one-step correction depends on them too); its
+            # gradient with respect to the point is handed to w by the estimator.
+            with torch.enable_grad():
+                leaf = w.detach().requires_grad_(True)
+                graph = _Graph(leaf, ev.value(leaf), w)
+        elif params is None:
+            # One evaluation of G with a graph serves every vector-Jacobian product of the series. The products are
+            # taken with respect to an alias of w: a gradient with respect to w itself would fire the backward-solve
+            # hook registered on w (a full implicit solve per product, and a wrong product).
+            with torch.enable_grad():
+                wr = _grad_alias(w)
+                graph = _Graph(wr, ev.value(wr), wr)
+        assert graph is not None  # set above, or the block's own graph
+        point, gw = graph.point, graph.value
 
         def vjp(u: Tensor, create_graph: bool) -> Tensor:
             with torch.enable_grad():
-                (out,) = torch.autograd.grad(gw, wr, u, create_graph=create_graph, retain_graph=True,
+                (out,) = torch.autograd.grad(gw, point, u, create_graph=create_graph, retain_graph=True,
                                              allow_unused=True)
             return torch.zeros_like(u) if out is None else out
 
+        if params is not None:
+            return neumann_logdet(vjp, point, params, self.kind, self.estimator, attach_to=graph.attach)
         return power_series_logdet(
             vjp, w.shape, self.kind, self.estimator, training=need_grad, dtype=w.dtype, device=w.device
         )
+
+    def _memory_efficient_params(self, need_grad: bool) -> list[Tensor] | None:
+        """G's trainable parameters when the memory-efficient Neumann estimator applies, else ``None``.
+
+        It applies in training with ``neumann_grad`` and a G that is an ``nn.Module``, whose parameters are then
+        all the trainable tensors its value depends on (a plain callable may close over others, which only a
+        kept graph of the series would reach).
+        """
+        if not (need_grad and self.estimator.neumann_grad and isinstance(self.net, nn.Module)):
+            return None
+        return [p for p in self.net.parameters() if p.requires_grad]
 
     def extra_repr(self) -> str:
         return (
@@ -303,15 +349,15 @@ class MonotoneBlock(_ImplicitBlock):
         w_star, self.forward_stats, a_mat = self._solve(ev, rhs, 1.0, "forward solve")
         need_grad = self._needs_grad(x)
         jac = None if a_mat is None else a_mat - torch.eye(a_mat.shape[-1], dtype=x.dtype, device=x.device)
-        w = self._attach_gradient(ev, w_star, rhs, 1.0, a_mat) if need_grad else w_star
-        logdet = self._logdet(ev, w, jac, need_grad)
+        w, graph = self._attach_gradient(ev, w_star, rhs, 1.0, a_mat) if need_grad else (w_star, None)
+        logdet = self._logdet(ev, w, jac, need_grad, graph)
         return SQRT2 * w - x, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
         ev = _NetEvaluator(self.net)
         rhs = SQRT2 * y
         w_star, self.inverse_stats, a_mat = self._solve(ev, rhs, -1.0, "inverse solve")
-        w = self._attach_gradient(ev, w_star, rhs, -1.0, a_mat) if self._needs_grad(y) else w_star
+        w = self._attach_gradient(ev, w_star, rhs, -1.0, a_mat)[0] if self._needs_grad(y) else w_star
         return SQRT2 * w - y
 
 
@@ -331,12 +377,18 @@ class ResidualBlock(_ImplicitBlock):
             g, jac = ev.value_and_jacobian(x, create_graph=need_grad)
             self.last_logdet_exact = True
             return x + g, exact_logdet(jac, self.kind)
-        return x + ev.value(x), self._logdet(ev, x, None, need_grad)
+        if self._memory_efficient_params(need_grad) is None:
+            return x + ev.value(x), self._logdet(ev, x, None, need_grad)
+        # One graph of G at x serves the output and the log-det's gradient (taken with respect to an alias of x).
+        with torch.enable_grad():
+            xr = _grad_alias(x)
+            g = ev.value(xr)
+        return x + g, self._logdet(ev, x, None, need_grad, _Graph(xr, g, xr))
 
     def inverse(self, y: Tensor) -> Tensor:
         ev = _NetEvaluator(self.net)
         w_star, self.inverse_stats, a_mat = self._solve(ev, y, 1.0, "inverse solve")
-        return self._attach_gradient(ev, w_star, y, 1.0, a_mat) if self._needs_grad(y) else w_star
+        return self._attach_gradient(ev, w_star, y, 1.0, a_mat)[0] if self._needs_grad(y) else w_star
 
 
 class InverseResidualBlock(_ImplicitBlock):
@@ -352,8 +404,8 @@ class InverseResidualBlock(_ImplicitBlock):
         w_star, self.forward_stats, a_mat = self._solve(ev, x, 1.0, "forward solve")
         need_grad = self._needs_grad(x)
         jac = None if a_mat is None else a_mat - torch.eye(a_mat.shape[-1], dtype=x.dtype, device=x.device)
-        w = self._attach_gradient(ev, w_star, x, 1.0, a_mat) if need_grad else w_star
-        return w, self._logdet(ev, w, jac, need_grad)
+        w, graph = self._attach_gradient(ev, w_star, x, 1.0, a_mat) if need_grad else (w_star, None)
+        return w, self._logdet(ev, w, jac, need_grad, graph)
 
     def inverse(self, y: Tensor) -> Tensor:
         ev = _NetEvaluator(self.net)

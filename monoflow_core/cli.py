@@ -56,20 +56,25 @@ from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS, image_set_shape
 from .data.point_files import looks_like_point_file
 from .data.points import POINTS_DATA
+from .devices import AUTO, resolve_device
 from .distributed import init_from_environment
 from .evaluation_policy import prepare_for_test
 from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
 from .imageio import atomic_write, colormap, write_png
+from .memory_plan import plan_grad_accumulation
 from .precision import PRECISIONS, arithmetic_statement, full_precision
 from .presets import list_presets, load_preset
 from .resources import (
     MAX_THREADS_PER_CORE,
     SEED_MAX,
+    ResourceError,
+    available_memory,
     check_disk,
     check_memory,
     check_training,
     max_threads,
+    memory_budget,
     npy_bytes,
     points_bytes,
 )
@@ -559,9 +564,14 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
             )
         train_changes["eval_size"] = args.test_size
     model_config = preset.model_config(**model_changes)
+    # The device: --device, or the faster one for this task (monoflow_core.devices); said on stderr.
+    device, reason = resolve_device(args.device, model_config)
+    train_changes["device"] = device
     train_config = preset.train_config(**train_changes)
+    args.device_reason = reason  # said when training starts (errors before that stay one line)
     source = f"preset {preset_name!r}"
     _check_seeds(train_config, source)
+    train_config, unfit = _plan_memory(args, model_config, train_config)
 
     out = Path(_nonempty_path("--out", args.out))
     if out.exists() and not out.is_dir():
@@ -570,9 +580,36 @@ def _new_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     # Before the trainer loads data or builds the model: a request that cannot fit is refused while nothing has
     # been spent (the folder is not even created yet).
     _check_training_resources(args, model_config, train_config, source)
+    if unfit is not None:  # the coarser checks above passed, but not even one image per micro-batch fits
+        raise unfit
     points = point_set_from_args(args, data, train_config)
     trainer = Trainer(model_config, train_config, points=points)
     return trainer, out, preset.name, preset.description
+
+
+def _plan_memory(
+    args: argparse.Namespace, model: FlowConfig, train: TrainConfig
+) -> tuple[TrainConfig, ResourceError | None]:
+    """Image runs without ``--grad-accumulation``: split each batch into as many micro-batches as the device's
+    memory needs (:func:`~monoflow_core.memory_plan.plan_grad_accumulation`), said when training starts.
+
+    Returns the training configuration and, when not even one image per micro-batch fits, the error to raise once
+    the other resource checks (whose messages name a too-large model or images first) have passed.
+    """
+    if train.task != "image" or args.grad_accumulation is not None:
+        return train, None
+    budget = memory_budget(train.device) if torch.device(train.device).type == "cuda" else available_memory()
+    if budget is None:
+        return train, None
+    c, h, w = image_set_shape(train.data, train.data_dir)
+    try:
+        plan = plan_grad_accumulation(model.replace(image_shape=[c, h, w]), train, budget)
+    except ResourceError as err:
+        return train, err
+    if plan.grad_accumulation == train.grad_accumulation:
+        return train, None
+    args.memory_note = f"memory: {plan.describe()}"
+    return train.replace(grad_accumulation=plan.grad_accumulation), None
 
 
 def _check_seeds(config: TrainConfig, source: str) -> None:
@@ -710,7 +747,11 @@ def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
     _require_regular_file("--resume", source, "a .safetensors checkpoint file")
     ckpt = load_checkpoint(source)
     _require_finite_weights(ckpt.flow, source)
-    trainer = Trainer.from_checkpoint(ckpt, device=args.device)
+    # Without --device a resumed run stays on the checkpoint's device; --device auto picks one for its task.
+    device = None
+    if args.device is not None:
+        device, args.device_reason = resolve_device(args.device, ckpt.model_config)
+    trainer = Trainer.from_checkpoint(ckpt, device=device)
     stored_user = ckpt.metadata.get("user")
     user: dict[str, Any] = stored_user if isinstance(stored_user, dict) else {}
     preset_name = str(user.get("preset", "")) or None
@@ -790,7 +831,8 @@ def _configured_device(args: argparse.Namespace) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     # Under torchrun: join the process group; every process trains, only rank 0 writes and prints.
-    dist_context, device = init_from_environment(args.device or _configured_device(args))
+    requested = None if args.device is not None and args.device.strip().lower() == AUTO else args.device
+    dist_context, device = init_from_environment(requested or _configured_device(args))
     if dist_context.active:
         args.device = device
         args.no_progress = args.no_progress or not dist_context.is_main
@@ -856,6 +898,10 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
         f"({'resuming at' if args.resume else 'starting at'} iteration {start}, target {target}) into {out}",
         file=sys.stderr,
     )
+    reason = getattr(args, "device_reason", "requested" if args.device else "the checkpoint's")
+    print(f"device: {trainer.device} ({reason})", file=sys.stderr)
+    if getattr(args, "memory_note", None):
+        print(args.memory_note, file=sys.stderr)
     if trainer.points is not None:
         print(f"points: {trainer.points.describe()}", file=sys.stderr)
     print(trainer.precision.describe(), file=sys.stderr)
@@ -1440,7 +1486,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, metavar="B", help="fresh samples per iteration")
     g.add_argument("--lr", type=_finite_float, metavar="LR", help="Adam learning rate")
     g.add_argument("--seed", type=_seed, metavar="S", help="seed of the weights and the data stream")
-    g.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", metavar="D", help="auto (default: the GPU for image models when CUDA is present, "
+                   "the CPU for vector models), cpu, cuda or cuda:N")
     g.add_argument("--eval-every", type=_nonnegative_int, metavar="N",
                    help="a fresh-sample test every N iterations (0: none)")
     g.add_argument("--eval-size", type=_positive_int, metavar="N", help="points per fresh-sample test")

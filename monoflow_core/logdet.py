@@ -20,9 +20,11 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "EXACT_MAX_DIM",
@@ -31,6 +33,8 @@ __all__ = [
     "MAX_MEAN_EXTRA_TERMS",
     "EstimatorSettings",
     "exact_logdet",
+    "neumann_logdet",
+    "neumann_series_vectors",
     "power_series_coefficient",
     "power_series_logdet",
     "resolve_logdet_mode",
@@ -196,6 +200,136 @@ class EstimatorSettings:
         return int(torch.poisson(lam, generator=generator))
 
 
+def _draw_series(
+    settings: EstimatorSettings, kind: str, training: bool, generator: torch.Generator | None
+) -> list[float]:
+    """The weights ``c_k / P(N >= k - n_exact)`` of one draw of the roulette, for k = 1 .. n_terms."""
+    n_exact = settings.n_exact_terms if training else settings.n_exact_terms_eval
+    n_terms = n_exact + settings.draw_extra_terms(generator)
+    return [power_series_coefficient(kind, k) / settings.tail_probability(k - n_exact) for k in range(1, n_terms + 1)]
+
+
+def neumann_series_vectors(
+    vjp: Callable[[Tensor, bool], Tensor],
+    shape: torch.Size,
+    kind: str,
+    settings: EstimatorSettings,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One training draw of the estimator without any graph: its value and the vectors of its Neumann gradient.
+
+    The estimate is ``sum_k w_k v^T J^k v`` (Hutchinson probe ``v``, roulette weights ``w_k``). Its derivative with
+    respect to anything J depends on is ``sum_k w_k sum_{j<k} v^T J^j dJ J^(k-1-j) v``; the Neumann-series
+    gradient of Residual Flows (Chen et al. 2019, section 3.2) keeps, of that, the unbiased estimate
+    ``sum_k w_k k v^T J^(k-1) dJ v = q^T dJ v`` with ``q^T = sum_k w_k k v^T J^(k-1)`` (for a probe ``v`` with
+    ``E[v v^T] = I`` both have the same expectation, ``d sum_k w_k tr(J^k)``). So the gradient of the estimate is the
+    gradient of the bilinear *surrogate* ``q^T J v`` with ``q`` and ``v`` held fixed: one more vector-Jacobian
+    product, differentiated once, whenever and wherever the graph of G is at hand.
+
+    Args:
+        vjp: ``vjp(u, create_graph) -> u^T J``; called here with ``create_graph=False`` only.
+        shape: the (B, ...) shape of the block's input.
+
+    Returns:
+        ``(value, q, v)``: the (B,) estimate averaged over probes, and ``q``, ``v`` of shape (P, B, ...) for the
+        ``P = n_probes`` probes, already divided so that the surrogate is ``sum_p q_p^T J v_p``.
+    """
+    weights = _draw_series(settings, kind, True, generator)
+    b = shape[0]
+    total = torch.zeros(b, dtype=dtype, device=device)
+    qs, vs = [], []
+    for _ in range(settings.n_probes):
+        v = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+        u, q = v, torch.zeros_like(v)
+        for k, weight in enumerate(weights, start=1):
+            q = q + (weight * k) * u
+            u = vjp(u, False)
+            total = total + weight * (u * v).reshape(b, -1).sum(dim=1)
+        qs.append(q / settings.n_probes)
+        vs.append(v)
+    return total / settings.n_probes, torch.stack(qs), torch.stack(vs)
+
+
+class _NeumannLogdet(torch.autograd.Function):
+    """A log-det estimate whose gradient is the Neumann surrogate's, differentiated when backward asks for it.
+
+    The forward pass keeps the estimate's value, the vectors ``q`` and ``v`` (:func:`neumann_series_vectors`) and
+    nothing else: no graph of the series. Backward weights each sample's ``q`` by its incoming gradient, takes one
+    vector-Jacobian product *with* a graph through G at the block's point (the graph the block keeps anyway for its
+    implicit gradient), and differentiates ``sum_b c_b q_b^T J_b v_b`` once with respect to that point and G's
+    parameters. This is Residual Flows' memory-efficient estimator (the series' graph is never kept) with the
+    double backward moved from the forward into the backward pass: it is exact for every weighting of the samples'
+    log-dets (not only for a plain mean), needs no host synchronisation, and its transient graph exists while the
+    later blocks' graphs are already freed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: Tensor, q: Tensor, v: Tensor, surrogate_grad: Callable[..., tuple[Tensor | None, ...]],
+        point: Tensor, *params: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(q, v)
+        ctx.surrogate_grad = surrogate_grad
+        ctx.n_params = len(params)
+        return value.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, v = ctx.saved_tensors
+        weights = grad.reshape(1, -1, *([1] * (q.dim() - 2)))
+        grads = ctx.surrogate_grad(q * weights.to(q.dtype), v)
+        return (None, None, None, None, *grads)
+
+
+def neumann_logdet(
+    vjp: Callable[[Tensor, bool], Tensor],
+    point: Tensor,
+    params: list[Tensor],
+    kind: str,
+    settings: EstimatorSettings,
+    *,
+    attach_to: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Memory-efficient training estimate of a block's log-det (Chen et al. 2019, section 3.2).
+
+    The value is one unbiased draw of the power series (as :func:`power_series_logdet`); its gradient is the
+    Neumann-series gradient, with respect to ``attach_to`` (the tensor the block's output depends on, equal to
+    ``point``) and ``params``. No graph of the series is kept: see :class:`_NeumannLogdet`.
+
+    Args:
+        vjp: ``vjp(u, create_graph) -> u^T J`` through a graph of G at ``point`` that outlives the forward pass
+            (the block's own graph for its implicit gradient); ``create_graph=True`` is used in backward only.
+        point: the tensor the products are taken with respect to (a leaf or an alias of the block's point).
+        params: every tensor with ``requires_grad`` that G's value depends on, other than ``point`` (G's
+            parameters); they receive the surrogate's gradient.
+        attach_to: the tensor that receives the gradient with respect to the point (``point`` itself, or the
+            tensor carrying the block's implicit gradient).
+    """
+    with torch.no_grad():
+        value, q, v = neumann_series_vectors(
+            vjp, point.shape, kind, settings, dtype=point.dtype, device=point.device, generator=generator
+        )
+    inputs = [point, *params]
+
+    def surrogate_grad(q_weighted: Tensor, v_probes: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.enable_grad():
+            surrogate = sum(
+                (vjp(qp, True) * vp).sum() for qp, vp in zip(q_weighted.unbind(0), v_probes.unbind(0), strict=True)
+            )
+            assert isinstance(surrogate, Tensor)
+            if not surrogate.requires_grad:  # G ignores its input and has no trainable parameter
+                return tuple(None for _ in inputs)
+            # retain_graph: the graph of G at the point still serves the implicit gradient after this.
+            return torch.autograd.grad(surrogate, inputs, retain_graph=True, allow_unused=True)
+
+    return _NeumannLogdet.apply(value, q, v, surrogate_grad, attach_to, *params)
+
+
 def power_series_logdet(
     vjp: Callable[[Tensor, bool], Tensor],
     shape: torch.Size,
@@ -222,11 +356,8 @@ def power_series_logdet(
         (B,) estimate. In training with ``neumann_grad`` its *value* is the estimate and its *gradient* is the
         Neumann-series estimate of the log-det's gradient.
     """
-    n_exact = settings.n_exact_terms if training else settings.n_exact_terms_eval
-    n_terms = n_exact + settings.draw_extra_terms(generator)
-    weights = [
-        power_series_coefficient(kind, k) / settings.tail_probability(k - n_exact) for k in range(1, n_terms + 1)
-    ]
+    weights = _draw_series(settings, kind, training, generator)
+    n_terms = len(weights)
     b = shape[0]
     total = torch.zeros(b, dtype=dtype, device=device)
     surrogate = torch.zeros(b, dtype=dtype, device=device)

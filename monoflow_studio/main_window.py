@@ -36,6 +36,7 @@ from PySide6.QtWidgets import (
 
 from monoflow_core.checkpoint import CheckpointError
 from monoflow_core.data import POINTS_DATA, PointDataError, PointSet
+from monoflow_core.devices import resolve_device
 from monoflow_core.examples import list_examples
 from monoflow_core.training import EvalMetrics, StepMetrics
 
@@ -661,7 +662,10 @@ class MainWindow(QMainWindow):
         self.device_label.setText(f"device {info.device}")
         self._update_title()
         self._update_status()
-        text = f"{label}: {info.spec.describe_model()}, step {info.step}"
+        text = f"{label}: {info.spec.describe_model()}, step {info.step}, on {info.device}"
+        if info.source == "new":
+            auto_device, reason = resolve_device(None, info.spec.model)
+            text += f" ({reason})" if auto_device == info.device else " (chosen in the device menu)"
         if info.spec.points is not None and info.spec.training.data == POINTS_DATA:
             text += f"; data {info.spec.points.describe()}"
         if image:

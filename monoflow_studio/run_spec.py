@@ -18,6 +18,7 @@ from monoflow_core.config import FlowConfig
 from monoflow_core.data import TOY_DATASETS
 from monoflow_core.data.images import IMAGE_DATASETS
 from monoflow_core.data.points import POINTS_DATA, PointSet
+from monoflow_core.devices import resolve_device
 from monoflow_core.families import IMPLICIT, describe_family
 from monoflow_core.presets import Preset, list_presets, load_preset
 from monoflow_core.training import TrainConfig
@@ -50,9 +51,16 @@ class RunSpec:
     points: PointSet | None = None
 
     @classmethod
-    def from_preset(cls, preset: Preset | str, **training_overrides: Any) -> RunSpec:
-        """The configuration of a preset (name, path or loaded :class:`Preset`), with training overrides."""
+    def from_preset(cls, preset: Preset | str, *, auto_device: bool = True, **training_overrides: Any) -> RunSpec:
+        """The configuration of a preset (name, path or loaded :class:`Preset`), with training overrides.
+
+        Without a ``device`` override (and with ``auto_device``) the run goes to the faster device for its task
+        (:func:`monoflow_core.devices.resolve_device`: the GPU for image models when CUDA is present, the CPU for
+        the 2-D models); the device menu overrides it.
+        """
         p = preset if isinstance(preset, Preset) else load_preset(preset)
+        if auto_device and "device" not in training_overrides:
+            training_overrides = {**training_overrides, "device": resolve_device(None, p.model_config())[0]}
         training = {**p.training, **training_overrides}
         data = str(training.get("data", "")).lower()
         # Said here in the studio's words (the core's TrainConfig speaks of the CLI's --data-dir flag).
@@ -72,7 +80,7 @@ class RunSpec:
         Raises:
             ValueError: unreadable file, malformed JSON or invalid settings (the core's message).
         """
-        spec = cls.from_preset(load_preset(os.fspath(path)))
+        spec = cls.from_preset(load_preset(os.fspath(path)), auto_device=False)  # a saved run keeps its device
         spec.check_studio()
         return spec
 

@@ -6,6 +6,13 @@ tangents through them by hand (forward mode; see ``monoflow_core.nn.densenet``).
 plain PyTorch operators, so autograd differentiates them to any order (the exact log-det needs the second
 derivative during training) on every device and dtype.
 
+``forward`` of CPila, Pila, LipSwish and CLipSwish runs through :class:`_SavedInputActivation`, an autograd
+function that saves only the activation's *input* (and its parameter) for backward and recomputes the
+derivative there: autograd through the formulas would keep every intermediate of them (about ten tensors of the
+concatenated width per CPila call), which dominated the memory that image training keeps for backward. Its
+backward is itself written in differentiable operators, so double backward (the Neumann log-det gradient, the
+exact log-det's gradient) stays exact.
+
 References:
     Ahn, Kim, Hong, Kim. *Invertible Monotone Operators for Normalizing Flows*. NeurIPS 2022 (Pila, CPila).
     Chen et al. *Residual Flows for Invertible Generative Modeling*. NeurIPS 2019 (LipSwish).
@@ -15,6 +22,8 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +66,40 @@ def pila_second_derivative(x: Tensor, k: float = 5.0) -> Tensor:
     return torch.where(x > 0, torch.zeros_like(x), poly * torch.exp(k * xn))
 
 
+class _SavedInputActivation(torch.autograd.Function):
+    """``act.value(x, *params)``, saving only ``x`` and ``params``; backward is ``act.vjp`` (differentiable)."""
+
+    generate_vmap_rule = True  # torch.func transforms (vmap of jacrev) see through it
+
+    @staticmethod
+    def forward(act: LipschitzActivation, x: Tensor, *params: Tensor) -> Tensor:
+        return act.value(x, *params)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        act, x, *params = inputs
+        ctx.act = act
+        ctx.save_for_backward(x, *params)
+        ctx.save_for_forward(x, *params)
+
+    @staticmethod
+    def jvp(ctx: Any, _act_tangent: None, x_tangent: Tensor | None, *param_tangents: Tensor | None) -> Tensor:
+        """Forward mode (input tangents): ``derivative(x) * t``, the tangent repeated per concatenated half."""
+        x, *params = ctx.saved_tensors
+        deriv = ctx.act.derivative(x)
+        out = torch.zeros_like(deriv) if x_tangent is None else (
+            deriv * x_tangent.repeat(*([1] * (x.dim() - 1)), ctx.act.expansion))
+        for i, tangent in enumerate(param_tangents):
+            if tangent is not None:
+                out = out + ctx.act.param_derivative(x, params, i) * tangent
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, *params = ctx.saved_tensors
+        return (None, *ctx.act.vjp(x, params, grad))
+
+
 class LipschitzActivation(nn.Module):
     """Base class: a 1-Lipschitz elementwise (or concatenated) activation.
 
@@ -78,6 +121,22 @@ class LipschitzActivation(nn.Module):
         """Value and derivative together (a subclass may share work between the two)."""
         return self(x), self.derivative(x)
 
+    # -- the memory-saving autograd path (used by subclasses that define value and vjp) --------------------
+    def value(self, x: Tensor, *params: Tensor) -> Tensor:
+        """The activation from its input and its parameters (plain operators, no graph needed)."""
+        raise NotImplementedError
+
+    def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        """``(grad^T d act / dx, grad^T d act / d param for each param)``, in differentiable operators."""
+        raise NotImplementedError
+
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        """Elementwise derivative of the output with respect to the scalar parameter ``params[i]``."""
+        raise NotImplementedError
+
+    def _apply_saving_input(self, x: Tensor, *params: Tensor) -> Tensor:
+        return cast(Tensor, _SavedInputActivation.apply(self, x, *params))
+
 
 class Pila(LipschitzActivation):
     """Pila activation with shape parameter ``k`` (Ahn et al. 2022; k = 5 in all published runs)."""
@@ -87,7 +146,13 @@ class Pila(LipschitzActivation):
         self.k = float(k)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._apply_saving_input(x)
+
+    def value(self, x: Tensor, *params: Tensor) -> Tensor:
         return pila(x, self.k)
+
+    def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        return (grad * pila_derivative(x, self.k),)
 
     def derivative(self, x: Tensor) -> Tensor:
         return pila_derivative(x, self.k)
@@ -112,8 +177,18 @@ class CPila(LipschitzActivation):
         self.k = float(k)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._apply_saving_input(x)
+
+    def value(self, x: Tensor, *params: Tensor) -> Tensor:
         both = torch.cat([x - self.shift, -x - self.shift], dim=-1)
         return pila(both, self.k) * self.scale
+
+    def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        # d/dx [Pila(x - s), Pila(-x - s)] = [Pila'(x - s), -Pila'(-x - s)], each times the scale.
+        n = x.shape[-1]
+        first = grad[..., :n] * pila_derivative(x - self.shift, self.k)
+        second = grad[..., n:] * pila_derivative(-x - self.shift, self.k)
+        return ((first - second) * self.scale,)
 
     def derivative(self, x: Tensor) -> Tensor:
         both = torch.cat([x - self.shift, -x - self.shift], dim=-1)
@@ -147,6 +222,26 @@ def _swish_derivative(z: Tensor, beta: Tensor) -> Tensor:
     return s + beta * z * s * (1.0 - s)
 
 
+def _swish_beta_derivative(z: Tensor, beta_raw: Tensor, divisor: float) -> Tensor:
+    """``d (swish_beta(z) / divisor) / d beta_raw = z^2 s (1 - s) sigmoid(beta_raw) / divisor``, elementwise."""
+    s = torch.sigmoid(F.softplus(beta_raw) * z)
+    return z * z * s * (1.0 - s) * torch.sigmoid(beta_raw) / divisor
+
+
+def _swish_vjp(z: Tensor, beta_raw: Tensor, grad: Tensor, divisor: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * swish_beta(z)) / divisor`` with respect to ``z`` and ``beta_raw``.
+
+    ``d swish / d beta = z^2 s (1 - s)`` with ``s = sigmoid(beta z)``, and ``d beta / d beta_raw = sigmoid(beta_raw)``
+    (``beta = softplus(beta_raw)``). Plain operators, so the result is differentiable again.
+    """
+    beta = F.softplus(beta_raw)
+    s = torch.sigmoid(beta * z)
+    ds = s * (1.0 - s)
+    gz = grad * (s + beta * z * ds) / divisor
+    gbeta = (grad * z * z * ds).sum() * torch.sigmoid(beta_raw) / divisor
+    return gz, gbeta.reshape(beta_raw.shape)
+
+
 class LipSwish(LipschitzActivation):
     """LipSwish: ``swish_beta(x) / 1.1`` with ``beta = softplus(beta_raw)`` learnable (Chen et al. 2019).
 
@@ -165,7 +260,16 @@ class LipSwish(LipschitzActivation):
         return F.softplus(self.beta_raw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _swish(x, self.beta) / self.divisor
+        return self._apply_saving_input(x, self.beta_raw)
+
+    def value(self, x: Tensor, *params: Tensor) -> Tensor:
+        return _swish(x, F.softplus(params[0])) / self.divisor
+
+    def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        return _swish_vjp(x, params[0], grad, self.divisor)
+
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        return _swish_beta_derivative(x, params[0], self.divisor)
 
     def derivative(self, x: Tensor) -> Tensor:
         return _swish_derivative(x, self.beta) / self.divisor
@@ -189,7 +293,20 @@ class CLipSwish(LipschitzActivation):
         return F.softplus(self.beta_raw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _swish(torch.cat([x, -x], dim=-1), self.beta) / self.divisor
+        return self._apply_saving_input(x, self.beta_raw)
+
+    def value(self, x: Tensor, *params: Tensor) -> Tensor:
+        return _swish(torch.cat([x, -x], dim=-1), F.softplus(params[0])) / self.divisor
+
+    def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        # [swish(x), swish(-x)]: the second half's derivative with respect to x changes sign.
+        n = x.shape[-1]
+        gx1, gb1 = _swish_vjp(x, params[0], grad[..., :n], self.divisor)
+        gx2, gb2 = _swish_vjp(-x, params[0], grad[..., n:], self.divisor)
+        return gx1 - gx2, gb1 + gb2
+
+    def param_derivative(self, x: Tensor, params: Sequence[Tensor], i: int) -> Tensor:
+        return _swish_beta_derivative(torch.cat([x, -x], dim=-1), params[0], self.divisor)
 
     def derivative(self, x: Tensor) -> Tensor:
         both = torch.cat([x, -x], dim=-1)

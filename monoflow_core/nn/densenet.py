@@ -20,7 +20,7 @@ inside a fixed-point solve, rather than once per evaluation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -41,11 +41,36 @@ class PreparedNet:
         weights: the applied (normalised) weight of each linear layer, in order.
         biases: their biases (``None`` where a layer has none).
         mix: per dense layer, the pair ``(eta1, eta2)`` of concatenation coefficients (empty for an MLP).
+        factors: per linear layer, ``(W, s)`` with ``weights[i] = W / s`` (the parameter and its normalisation
+            divisor), or empty. Evaluations that build a graph apply ``(x W^T) / s``: autograd then keeps the
+            parameter itself for backward rather than a normalised copy of every weight matrix (the fully connected
+            blocks of image flows have weights of tens of MiB).
     """
 
     weights: list[Tensor]
     biases: list[Tensor | None]
     mix: list[tuple[Tensor, Tensor]]
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def linear(self, x: Tensor, i: int) -> Tensor:
+        """Linear layer ``i`` on ``x`` (B, in): by the normalised weight, or under autograd as ``(x W^T) / s``."""
+        if self.factors and torch.is_grad_enabled():
+            weight, divisor = self.factors[i]
+            out = F.linear(x, weight) / divisor
+            bias = self.biases[i]
+            return out if bias is None else out + bias
+        return F.linear(x, self.weights[i], self.biases[i])
+
+
+def _prepare_linears(linears: Sequence[SpectralLinear], mix: list[tuple[Tensor, Tensor]]) -> PreparedNet:
+    """Normalised weights of spectrally normalised linear layers (each divisor computed once)."""
+    factors: list[tuple[Tensor, Tensor]] = [(lin.weight, lin.normalization_factor()) for lin in linears]
+    return PreparedNet(
+        weights=[w / s for w, s in factors],
+        biases=[lin.bias for lin in linears],
+        mix=mix,
+        factors=factors,
+    )
 
 
 class JacobianNet(nn.Module):
@@ -186,21 +211,17 @@ class DenseNetG(LearnableConcat, JacobianNet):
         self.init_concat(depth, learnable_concat)
 
     def prepare(self) -> PreparedNet:
-        linears = [*self.layers, self.final]
+        linears = [cast(SpectralLinear, lin) for lin in [*self.layers, self.final]]
         mix = self.mix_coefficients()
-        return PreparedNet(
-            weights=[lin.normalized_weight() for lin in linears],
-            biases=[lin.bias for lin in linears],
-            mix=[(mix[i, 0], mix[i, 1]) for i in range(mix.shape[0])],
-        )
+        return _prepare_linears(linears, [(mix[i, 0], mix[i, 1]) for i in range(mix.shape[0])])
 
     def evaluate(self, x: Tensor, prepared: PreparedNet) -> Tensor:
         _check_width(x, self.in_features)
         for i, act in enumerate(self.activations):
-            new = act(F.linear(x, prepared.weights[i], prepared.biases[i]))
+            new = act(prepared.linear(x, i))
             eta1, eta2 = prepared.mix[i]
             x = torch.cat([eta1 * x, eta2 * new], dim=-1)
-        return F.linear(x, prepared.weights[-1], prepared.biases[-1])
+        return prepared.linear(x, len(prepared.weights) - 1)
 
     def evaluate_with_jacobian(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, Tensor]:
         _check_width(x, self.in_features)
@@ -247,18 +268,13 @@ class LipschitzMLP(JacobianNet):
         self.layers.append(SpectralLinear(width, n, coeff, mode=spectral_mode))
 
     def prepare(self) -> PreparedNet:
-        linears = [cast(SpectralLinear, lin) for lin in self.layers]
-        return PreparedNet(
-            weights=[lin.normalized_weight() for lin in linears],
-            biases=[lin.bias for lin in linears],
-            mix=[],
-        )
+        return _prepare_linears([cast(SpectralLinear, lin) for lin in self.layers], [])
 
     def evaluate(self, x: Tensor, prepared: PreparedNet) -> Tensor:
         _check_width(x, self.in_features)
         for i, act in enumerate(self.activations):
-            x = act(F.linear(x, prepared.weights[i], prepared.biases[i]))
-        return F.linear(x, prepared.weights[-1], prepared.biases[-1])
+            x = act(prepared.linear(x, i))
+        return prepared.linear(x, len(prepared.weights) - 1)
 
     def evaluate_with_jacobian(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, Tensor]:
         _check_width(x, self.in_features)

@@ -66,8 +66,8 @@ class SpectralLayer(nn.Module):
         """The spectral norm used for normalisation (differentiable with respect to the weight)."""
         raise NotImplementedError
 
-    def normalized_weight(self) -> Tensor:
-        """``W / max(1, sigma / coeff)``: the weight the layer actually applies.
+    def normalization_factor(self) -> Tensor:
+        """``max(1, sigma / coeff)``, the divisor of the weight (differentiable with respect to the weight).
 
         Raises:
             ValueError: the weight holds NaN or inf where the exact spectral norm's decomposition refuses it (a
@@ -84,8 +84,11 @@ class SpectralLayer(nn.Module):
                 "non-finite values (NaN or inf), so its spectral norm is undefined; the parameters diverged (e.g. "
                 "a learning rate too large) or were loaded so: restore finite weights, e.g. from a checkpoint"
             ) from err
-        factor = torch.clamp(sigma / self.coeff, min=1.0)
-        return self.weight / factor
+        return torch.clamp(sigma / self.coeff, min=1.0)
+
+    def normalized_weight(self) -> Tensor:
+        """``W / max(1, sigma / coeff)``: the weight the layer actually applies (see :meth:`normalization_factor`)."""
+        return self.weight / self.normalization_factor()
 
     def power_iteration(self, n_iterations: int, tol: float | None = None) -> int:
         """Refine the persistent singular vectors; return the number of iterations run.
