@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer
@@ -40,7 +40,8 @@ from .session import TRAINING, Session, SessionOptions
 from .theme import plot_colors
 from .views.compare import COMPARE_MODES, RUN_COLORS, CompareCurvesView, DensityPanel, run_letter, shared_levels
 
-__all__ = ["SHARED_TRAINING", "CompareWindow", "ask_compare_preset", "compare_spec", "fair_share_text"]
+__all__ = ["SHARED_TRAINING", "CompareWindow", "ask_compare_preset", "compare_spec", "fair_share_text",
+           "open_compare"]
 
 #: The training settings every run of a comparison takes from the first: the same data (and the user's points),
 #: batch stream (data, seed, batch size), held-out set and arithmetic. Each keeps its own optimiser settings
@@ -89,6 +90,45 @@ def ask_compare_preset(parent: QWidget, base: RunSpec) -> str | None:
         f"with the same seed ({base.training.seed}) and batch size ({base.training.batch_size}):",
         names, current, False)
     return str(name) if ok and name else None
+
+
+def open_compare(opener: QWidget, base: RunSpec, preset: str | None, *, options: SessionOptions | None = None,
+                 pause: Callable[[], None] | None = None,
+                 report: Callable[[str, str], None] | None = None) -> CompareWindow | None:
+    """Open a compare window of ``base`` (A) and ``preset`` (B; asked with a dialog if None) next to ``opener``.
+
+    Args:
+        opener: the studio window (the compare window closes with it).
+        base: run A's settings; run B takes its data, seed and batch stream (:func:`compare_spec`).
+        preset: run B's preset name, or None to ask.
+        options: the sessions' view options (the studio's).
+        pause: pauses the studio's own run (its training would take time from the comparison), or None.
+        report: ``report(level, text)`` says what happened (the studio's log and status bar).
+
+    Returns:
+        The window (shown), or None when cancelled or when the pair cannot train (said through ``report``).
+    """
+    say = report or (lambda _level, _text: None)
+    if base.is_image:
+        say("error", "compare mode shows 2-D densities: load a 2-D preset first")
+        return None
+    name = preset if preset is not None else ask_compare_preset(opener, base)
+    if name is None:
+        return None
+    try:
+        partner = compare_spec(base, name)
+        window = CompareWindow([base, partner], options=options, opener=opener)
+    except ValueError as err:
+        say("error", f"cannot compare with {name}: {err}")
+        return None
+    window.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)  # its sessions and threads go with it
+    if pause is not None:
+        pause()
+        say("info", "paused this run: the comparison gets the training time")
+    say("info", f"comparing {base.name} (A) and {partner.name} (B) on {base.training.data}, seed "
+                f"{base.training.seed}, batch {base.training.batch_size}: press Train in the compare window")
+    window.show()
+    return window
 
 
 class CompareWindow(QMainWindow):

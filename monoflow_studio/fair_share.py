@@ -8,8 +8,9 @@ against wall-clock seconds must show. One step at a time also means every step h
 to itself, as it would alone.
 
 The gate never blocks a run on one that does not train (paused, stopped, failed): only runs whose ``active()``
-callable answers True take part. A run that comes back after a pause may catch up at most ``max_lead_s`` seconds,
-so a long pause does not hand it the whole machine until it has made up for it.
+callable answers True take part. A run that was seen idle while another trained and then comes back may catch up
+at most ``max_lead_s`` seconds, so a long pause does not hand it the whole machine until it has made up for it;
+while the runs train together, the gate keeps the whole account (a step of any length is made up).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FairShare:
         self._cond = threading.Condition()
         self._used: dict[Hashable, float] = {}
         self._active: dict[Hashable, Callable[[], bool]] = {}
+        self._idle: set[Hashable] = set()  # runs seen not training since their last turn
         self._holder: Hashable | None = None
 
     def join(self, key: Hashable, active: Callable[[], bool]) -> None:
@@ -49,6 +51,7 @@ class FairShare:
         with self._cond:
             self._active.pop(key, None)
             self._used.pop(key, None)
+            self._idle.discard(key)
             if self._holder == key:
                 self._holder = None
             self._cond.notify_all()
@@ -75,12 +78,19 @@ class FairShare:
             while True:
                 if not wanted():
                     return False
-                others = [self._used[k] for k, active in self._active.items() if k != key and _safe(active)]
-                if others:
-                    behind = min(others)
-                    # A run back from a pause catches up at most max_lead_s (it does not get the machine for long).
-                    self._used[key] = max(self._used[key], behind - self.max_lead_s)
+                others = []
+                for k, active in self._active.items():
+                    if k == key:
+                        continue
+                    if _safe(active):
+                        others.append(self._used[k])
+                    else:
+                        self._idle.add(k)
+                if others and key in self._idle:
+                    # Back from a pause: catch up at most max_lead_s (not the machine for as long as it was away).
+                    self._used[key] = max(self._used[key], min(others) - self.max_lead_s)
                 if self._holder is None and (not others or self._used[key] <= min(others)):
+                    self._idle.discard(key)
                     self._holder = key
                     return True
                 self._cond.wait(self.poll_s)
