@@ -186,8 +186,8 @@ class CompareWindow(QMainWindow):
     # -- construction ------------------------------------------------------------------------------------
     def _build(self, n: int) -> None:
         self.mode_box = QComboBox()
-        for mode, label in COMPARE_MODES.items():
-            self.mode_box.addItem(label, mode)
+        for mode, title in COMPARE_MODES.items():
+            self.mode_box.addItem(title, mode)
         self.mode_box.setToolTip("Every panel uses the same colour scale (computed from all runs' latest frames)")
         self.overlay_box = QCheckBox("Overlay data points")
         bar = QHBoxLayout()
@@ -214,8 +214,8 @@ class CompareWindow(QMainWindow):
         top_layout.addLayout(bar)
         top_layout.addLayout(row, 1)
         self.curves = CompareCurvesView()
-        for spec in self.specs:
-            self.curves.add_run(f"{run_letter(self.curves_count())} {spec.name}")
+        for i, spec in enumerate(self.specs):
+            self.curves.add_run(f"{run_letter(i)} {spec.name}")
         splitter = QSplitter(Qt.Orientation.Vertical)
         splitter.addWidget(top)
         splitter.addWidget(self.curves)
@@ -246,15 +246,14 @@ class CompareWindow(QMainWindow):
         self.mode_box.currentIndexChanged.connect(self._redraw)
         self.overlay_box.toggled.connect(self._on_overlay)
 
-    def curves_count(self) -> int:
-        return len(self.curves.runs)
-
-    def _action(self, text: str, slot: object, shortcut: object, tip: str) -> QAction:
+    def _action(self, text: str, slot: Callable[[], object],
+                shortcut: QKeySequence | QKeySequence.StandardKey | Qt.Key | str,
+                tip: str) -> QAction:
         action = QAction(text, self)
-        action.setShortcut(QKeySequence(shortcut))  # type: ignore[call-overload]
+        action.setShortcut(QKeySequence(shortcut))
         action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
         action.setToolTip(f"{tip} ({action.shortcut().toString()})")
-        action.triggered.connect(lambda _checked=False: slot())  # type: ignore[operator]
+        action.triggered.connect(lambda _checked=False: slot())
         self.addAction(action)
         return action
 

@@ -207,10 +207,9 @@ class CompareCurvesView(QWidget):
         self._timer.setInterval(REDRAW_MS)
         self._timer.timeout.connect(self._redraw_if_dirty)
         self._timer.start()
-        for widget in (self.x_axis, self.smoothing, self.log_y):
-            signal = widget.currentIndexChanged if widget is self.x_axis else (
-                widget.valueChanged if widget is self.smoothing else widget.toggled)
-            signal.connect(self._on_setting)
+        self.x_axis.currentIndexChanged.connect(self._on_setting)
+        self.smoothing.valueChanged.connect(self._on_setting)
+        self.log_y.toggled.connect(self._on_setting)
 
     def set_colors(self, colors: PlotColors) -> None:
         self._colors = colors
