@@ -251,6 +251,9 @@ class MainWindow(QMainWindow):
                                                "Load a run configuration (or preset) from JSON")
         self.save_config_action = self._action("Save run configuration...", self.save_config, "Ctrl+Shift+S",
                                                "Save the current settings as JSON")
+        self.compare_action = self._action("Compare with...", self.open_compare, "Ctrl+Shift+C",
+                                           "Train these settings and another preset side by side (same data, seed "
+                                           "and batches; one colour scale; time shared fairly)")
         self.quit_action = self._action("Quit", self.close, QKeySequence.StandardKey.Quit, "Close the studio")
         self.quit_action.setShortcut(QKeySequence("Ctrl+Q"))  # the standard key is empty on some platforms
 
@@ -263,8 +266,9 @@ class MainWindow(QMainWindow):
                   None, self.export_view_action, self.export_csv_action, None, self.quit_action):
             file_menu.addSeparator() if a is None else file_menu.addAction(a)
         run_menu = menu.addMenu("&Run")
-        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action):
-            run_menu.addAction(a)
+        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action, None,
+                  self.compare_action):
+            run_menu.addSeparator() if a is None else run_menu.addAction(a)
         preset_menu = menu.addMenu("&Presets")
         preset_menu.setToolTipsVisible(True)
         self.preset_actions: list[QAction] = []
@@ -631,6 +635,14 @@ class MainWindow(QMainWindow):
             self._on_message("error", f"could not write {what} to {path}: {err.strerror or err}")
             return
         self._on_message("info", f"{what} saved to {path}")
+
+    def open_compare(self, preset: str | None = None) -> QWidget | None:
+        """Run > Compare with...: the current settings (A) and ``preset`` (B; asked if None) side by side in a
+        compare window (:mod:`monoflow_studio.compare`); this window's run pauses meanwhile."""
+        from .compare import open_compare
+
+        return open_compare(self, self._controls_spec() or self.spec, preset, options=self.options,
+                            pause=self.session.pause if self.state == TRAINING else None, report=self._on_message)
 
     def _about(self) -> None:
         QMessageBox.about(self, "About monoflow studio",

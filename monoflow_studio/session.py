@@ -59,6 +59,7 @@ from monoflow_core.training import (
 )
 from monoflow_core.transport import DIRECTIONS, grid_lines, transport_stages
 
+from .fair_share import FairShare
 from .frames import ImageFrame, RunInfo, TransportFrame, ViewFrame
 from .run_spec import RunSpec
 from .view_process import (
@@ -237,10 +238,14 @@ class _Worker(QObject):
     lr_applied = Signal(float)
     finished = Signal()
 
-    def __init__(self, spec: RunSpec, options: SessionOptions) -> None:
+    def __init__(self, spec: RunSpec, options: SessionOptions, gate: FairShare | None = None) -> None:
         super().__init__()
         self.options = options
         self.trainer: Trainer | None = None
+        # Compare mode: the training steps of several sessions take turns through this gate (fair_share.py).
+        self._gate = gate
+        if gate is not None:
+            gate.join(self, lambda: self._running and not self._stop.is_set())
         self._initial_spec = spec
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._stop = threading.Event()
@@ -293,6 +298,8 @@ class _Worker(QObject):
                 self._maybe_frame()
                 self._maybe_eval()
         finally:
+            if self._gate is not None:
+                self._gate.leave(self)
             self._flush(force=True)
             self._set_state(STOPPED)
             self.finished.emit()
@@ -520,7 +527,17 @@ class _Worker(QObject):
     def _train_one(self) -> None:
         trainer = self.trainer
         assert trainer is not None
-        metrics = trainer.step()
+        gate = self._gate
+        if gate is None or not self._running:  # (a single Step of a paused run waits for no turn)
+            metrics = trainer.step()
+        else:
+            if not gate.acquire(self, lambda: not self._stop.is_set()):
+                return  # the session stops
+            t0 = time.perf_counter()
+            try:
+                metrics = trainer.step()
+            finally:
+                gate.release(self, time.perf_counter() - t0)
         self._pending.append(metrics)
         if trainer.task == "image" and trainer.step_count % self._eval_every(trainer) == 0:
             self._eval_due = True
@@ -868,6 +885,9 @@ class Session(QObject):
     Args:
         spec: the first run's configuration.
         options: what the worker computes for the views, and how often.
+        gate: compare mode: a :class:`~monoflow_studio.fair_share.FairShare` shared with the other sessions of a
+            comparison; their training steps then take turns so that each run gets an equal share of the training
+            time. ``None`` (one run): the worker trains without waiting.
     """
 
     built = Signal(object)
@@ -883,10 +903,11 @@ class Session(QObject):
     lr_applied = Signal(float)
     finished = Signal()
 
-    def __init__(self, spec: RunSpec, options: SessionOptions | None = None, parent: QObject | None = None) -> None:
+    def __init__(self, spec: RunSpec, options: SessionOptions | None = None, parent: QObject | None = None,
+                 gate: FairShare | None = None) -> None:
         super().__init__(parent)
         self.options = options or SessionOptions()
-        self._worker = _Worker(spec, self.options)
+        self._worker = _Worker(spec, self.options, gate)
         for name in ("built", "build_failed", "metrics", "frame", "transport", "evaluated", "eval_progress",
                      "state_changed", "message", "checkpoint_saved", "lr_applied", "finished"):
             getattr(self._worker, name).connect(getattr(self, name))
