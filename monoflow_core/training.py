@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -55,6 +56,9 @@ from .models import build_flow
 from .multiscale import MultiscaleFlow
 from .nn.lipschitz import update_lipschitz
 from .precision import PrecisionPolicy, full_precision, resolve_precision
+
+#: Held while a trainer seeds torch's global generator and builds its flow (see Trainer.__init__).
+_SEEDED_BUILD = threading.Lock()
 
 __all__ = [
     "DTYPES",
@@ -246,9 +250,12 @@ class Trainer:
                     f"{self._train_images.levels} levels; the flow models {flow.event_shape} with "
                     f"{getattr(flow, 'levels', None)} levels"
                 )
-        torch.manual_seed(train_config.seed)
-        if flow is None:
-            flow = build_flow(model_config)
+        # Seeding and building under one lock: two trainers built at once in two threads (the studio's compare
+        # mode) would otherwise interleave their draws from the global generator and get unreproducible weights.
+        with _SEEDED_BUILD:
+            torch.manual_seed(train_config.seed)
+            if flow is None:
+                flow = build_flow(model_config)
         self.flow: Flow = flow.to(device=self.device, dtype=self.dtype)
         if self.task != "image":
             expected = 2 if self.task == "density" else 1

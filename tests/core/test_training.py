@@ -317,3 +317,31 @@ def test_step_metrics_summarise_every_blocks_forward_solve():
     assert metrics.solver_iterations_mean == pytest.approx(sum(float(f.iterations.double().mean()) for f in forward))
     assert metrics.solver_iterations_max == max(int(f.iterations.max()) for f in forward)
     assert metrics.solver_failed == sum(f.n_failed for f in forward)
+
+
+def test_trainers_built_at_once_in_two_threads_get_their_seeds_weights():
+    """The studio's compare mode builds two trainers at once: each must still get exactly its seed's weights."""
+    import threading
+
+    config = FlowConfig(blocks=6, growth=16)
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        t = Trainer(config, TrainConfig(batch_size=8, seed=seed, eval_every=0, test_size=10))
+        return [p.detach().clone() for p in t.flow.parameters()]
+
+    expected = {3: weights(3), 5: weights(5)}
+    got: dict[int, list[list[torch.Tensor]]] = {3: [], 5: []}
+
+    def build(seed: int) -> None:
+        for _ in range(4):
+            got[seed].append(weights(seed))
+
+    threads = [threading.Thread(target=build, args=(s,)) for s in (3, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed, runs in got.items():
+        assert len(runs) == 4
+        for run in runs:
+            assert all(torch.equal(a, b) for a, b in zip(run, expected[seed], strict=True)), seed
