@@ -51,8 +51,10 @@ def main() -> int:
             out = np.empty((16, 1500), np.float32)
             scipy_us = per_product_us(_scipy_products, w, x, out)
             bound_us = per_product_us(_bound_products, w, x, out)
-            print(f"16 x {k:2d} by {k:2d} x 1500: SciPy's OpenBLAS {scipy_us:6.1f} us, "
-                  f"{blas.LIBRARY} {bound_us:6.1f} us ({scipy_us / bound_us:.2f}x)")
+            print(
+                f"16 x {k:2d} by {k:2d} x 1500: SciPy's OpenBLAS {scipy_us:6.1f} us, "
+                f"{blas.LIBRARY} {bound_us:6.1f} us ({scipy_us / bound_us:.2f}x)"
+            )
     return 0
 
 

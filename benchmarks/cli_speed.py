@@ -41,21 +41,37 @@ def one_command(tree: Path, argv: list[str], timeout: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_KERNELS"}
     env["PYTHONPATH"] = str(tree)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "monoflow_core", *argv], cwd=tree, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "monoflow_core", *argv],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     wall = time.perf_counter() - start
     own = _OWN_TIME.findall(done.stdout)
     dtype = _DTYPE.findall(done.stdout)
-    return {"exit": done.returncode, "wall_s": round(wall, 3), "own_s": float(own[-1]) if own else None,
-            "dtype": dtype[-1] if dtype else "float64 (not stated)",
-            "solver_warnings": done.stderr.count("SolverWarning") + done.stderr.count("did not converge"),
-            "stdout": done.stdout.strip()[-300:], "stderr_tail": done.stderr[-300:] if done.returncode else ""}
+    return {
+        "exit": done.returncode,
+        "wall_s": round(wall, 3),
+        "own_s": float(own[-1]) if own else None,
+        "dtype": dtype[-1] if dtype else "float64 (not stated)",
+        "solver_warnings": done.stderr.count("SolverWarning") + done.stderr.count("did not converge"),
+        "stdout": done.stdout.strip()[-300:],
+        "stderr_tail": done.stderr[-300:] if done.returncode else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tree", action="append", default=None, metavar="NAME=PATH",
-                   help="a source tree to time (repeatable; default: this=<this repository>)")
+    p.add_argument(
+        "--tree",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a source tree to time (repeatable; default: this=<this repository>)",
+    )
     p.add_argument("--checkpoint", default=str(REPO / "assets" / "models" / "8gaussians-monotone.safetensors"))
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per tree and command (default 3)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per command (default 1800)")
@@ -71,30 +87,54 @@ def main(argv: list[str] | None = None) -> int:
                     cmd = [a.format(ckpt=args.checkpoint, tmp=tmp) for a in template]
                     r = one_command(Path(path).resolve(), cmd, args.timeout)
                     r.update(tree=name, command=label, round=rnd)
-                    print(f"round {rnd}{' (warm-up)' if rnd == 0 else ''} {name} {label}: exit {r['exit']}, "
-                          f"wall {r['wall_s']:.2f} s, own {r['own_s']} s, {r['dtype']}, "
-                          f"{r['solver_warnings']} solver warnings", flush=True)
+                    print(
+                        f"round {rnd}{' (warm-up)' if rnd == 0 else ''} {name} {label}: exit {r['exit']}, "
+                        f"wall {r['wall_s']:.2f} s, own {r['own_s']} s, {r['dtype']}, "
+                        f"{r['solver_warnings']} solver warnings",
+                        flush=True,
+                    )
                     if rnd:
                         rows.append(r)
     summary = []
     for name in trees:
         for label in COMMANDS:
             got = [r for r in rows if r["tree"] == name and r["command"] == label]
-            summary.append([name, label, got[0]["dtype"] if got else "",
-                            f"{statistics.median(r['wall_s'] for r in got):.2f}",
-                            f"{min(r['wall_s'] for r in got):.2f}-{max(r['wall_s'] for r in got):.2f}",
-                            f"{statistics.median(r['own_s'] or 0 for r in got):.2f}",
-                            sum(r["solver_warnings"] for r in got), sum(r["exit"] != 0 for r in got)])
+            summary.append(
+                [
+                    name,
+                    label,
+                    got[0]["dtype"] if got else "",
+                    f"{statistics.median(r['wall_s'] for r in got):.2f}",
+                    f"{min(r['wall_s'] for r in got):.2f}-{max(r['wall_s'] for r in got):.2f}",
+                    f"{statistics.median(r['own_s'] or 0 for r in got):.2f}",
+                    sum(r["solver_warnings"] for r in got),
+                    sum(r["exit"] != 0 for r in got),
+                ]
+            )
     for row in summary:
         print(" | ".join(str(v) for v in row))
     if args.out != "-":
         lines = ["# The command line's speed, process start included", ""]
         lines += machine_header(info, [command_line(argv and [sys.argv[0], *argv])])
-        lines += [f"Checkpoint `{Path(args.checkpoint).name}`; warm kernel caches; {args.rounds} timed rounds "
-                  "(after one warm-up round), trees alternating. *wall*: the whole process, measured outside it; "
-                  "*own*: the time the command prints (the work alone).", ""]
-        lines += markdown_table(["tree", "command", "dtype", "wall s (median)", "wall s (range)", "own s (median)",
-                                 "solver warnings", "failed runs"], summary)
+        lines += [
+            f"Checkpoint `{Path(args.checkpoint).name}`; warm kernel caches; {args.rounds} timed rounds "
+            "(after one warm-up round), trees alternating. *wall*: the whole process, measured outside it; "
+            "*own*: the time the command prints (the work alone).",
+            "",
+        ]
+        lines += markdown_table(
+            [
+                "tree",
+                "command",
+                "dtype",
+                "wall s (median)",
+                "wall s (range)",
+                "own s (median)",
+                "solver warnings",
+                "failed runs",
+            ],
+            summary,
+        )
         lines.append("")
         write_results(args.out, lines, {"machine": info, "trees": trees, "runs": rows})
     return 0

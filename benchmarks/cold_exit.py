@@ -36,9 +36,25 @@ def one_run(iterations: int, timeout: float) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_KERNELS"}
         env["NUMBA_CACHE_DIR"] = str(cache)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        argv = [sys.executable, "-m", "monoflow_core", "train", "--data", "8gaussians", "--iterations",
-                str(iterations), "--batch-size", "64", "--eval-every", "0", "--test-size", "200", "--out",
-                str(Path(tmp) / "run"), "--no-progress"]
+        argv = [
+            sys.executable,
+            "-m",
+            "monoflow_core",
+            "train",
+            "--data",
+            "8gaussians",
+            "--iterations",
+            str(iterations),
+            "--batch-size",
+            "64",
+            "--eval-every",
+            "0",
+            "--test-size",
+            "200",
+            "--out",
+            str(Path(tmp) / "run"),
+            "--no-progress",
+        ]
         start = time.perf_counter()
         try:
             done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -48,9 +64,15 @@ def one_run(iterations: int, timeout: float) -> dict[str, Any]:
             stderr = expired.stderr.decode(errors="replace") if isinstance(expired.stderr, bytes) else ""
         seconds = time.perf_counter() - start
         written = (Path(tmp) / "run" / "checkpoint.safetensors").is_file()
-    return {"iterations": iterations, "exit": code, "abort": ABORT in (stderr or ""), "seconds": round(seconds, 1),
-            "checkpoint_written": written, "kernels_failed": "unavailable" in (stderr or ""),
-            "stderr_tail": (stderr or "")[-600:] if code != 0 else ""}
+    return {
+        "iterations": iterations,
+        "exit": code,
+        "abort": ABORT in (stderr or ""),
+        "seconds": round(seconds, 1),
+        "checkpoint_written": written,
+        "kernels_failed": "unavailable" in (stderr or ""),
+        "stderr_tail": (stderr or "")[-600:] if code != 0 else "",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +88,36 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         r = one_run(counts[i % len(counts)], args.timeout)
         runs.append(r)
-        print(f"run {i + 1}/{args.runs}: {r['iterations']} iterations, exit {r['exit']}"
-              f"{' (abort)' if r['abort'] else ''}, {r['seconds']} s", flush=True)
+        print(
+            f"run {i + 1}/{args.runs}: {r['iterations']} iterations, exit {r['exit']}"
+            f"{' (abort)' if r['abort'] else ''}, {r['seconds']} s",
+            flush=True,
+        )
     failed = [r for r in runs if r["exit"] != 0]
     print(f"{len(failed)} of {len(runs)} cold-cache runs exited non-zero", flush=True)
     if args.out != "-":
         lines = ["# Clean exit of short runs on a cold kernel cache", ""]
         lines += machine_header(info, [command_line(argv and [sys.argv[0], *argv])])
-        lines += [f"**{len(failed)} of {len(runs)} runs exited non-zero** ({sum(r['abort'] for r in runs)} with "
-                  f"'{ABORT} without an active exception'). Each run: `monoflow train --data 8gaussians "
-                  "--iterations N --batch-size 64 --eval-every 0 --test-size 200` in a new process with an empty "
-                  "`NUMBA_CACHE_DIR`, so the compiled kernels are compiled from scratch in every run.", ""]
+        lines += [
+            f"**{len(failed)} of {len(runs)} runs exited non-zero** ({sum(r['abort'] for r in runs)} with "
+            f"'{ABORT} without an active exception'). Each run: `monoflow train --data 8gaussians "
+            "--iterations N --batch-size 64 --eval-every 0 --test-size 200` in a new process with an empty "
+            "`NUMBA_CACHE_DIR`, so the compiled kernels are compiled from scratch in every run.",
+            "",
+        ]
         lines += markdown_table(
             ["run", "iterations", "exit status", "abort message", "checkpoint written", "wall s"],
-            [[i + 1, r["iterations"], r["exit"], "yes" if r["abort"] else "no",
-              "yes" if r["checkpoint_written"] else "no", r["seconds"]] for i, r in enumerate(runs)],
+            [
+                [
+                    i + 1,
+                    r["iterations"],
+                    r["exit"],
+                    "yes" if r["abort"] else "no",
+                    "yes" if r["checkpoint_written"] else "no",
+                    r["seconds"],
+                ]
+                for i, r in enumerate(runs)
+            ],
         )
         lines.append("")
         write_results(args.out, lines, {"machine": info, "runs": runs, "non_zero_exits": len(failed)})

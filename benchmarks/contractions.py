@@ -113,8 +113,9 @@ class Batch:
 
 def load_revision_solvers(rev: str) -> ModuleType:
     """``monoflow_core/solvers.py`` as it was at ``rev``, imported as a stand-alone module."""
-    text = subprocess.run(["git", "show", f"{rev}:monoflow_core/solvers.py"], cwd=ROOT, capture_output=True,
-                          text=True, check=True).stdout
+    text = subprocess.run(
+        ["git", "show", f"{rev}:monoflow_core/solvers.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     path = Path(tempfile.mkdtemp()) / f"solvers_{rev}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"solvers_{rev}", path)
@@ -132,8 +133,13 @@ def direct_rows(module: ModuleType, label: str, args: argparse.Namespace) -> lis
     for dtype in DTYPES:
         tol = default_tolerance(dtype)
         for name in METHODS:
-            row: dict[str, Any] = {"revision": label, "dtype": str(dtype).removeprefix("torch."), "solver": name,
-                                   "contractions": per_dim * len(DIMS), "tol": tol}
+            row: dict[str, Any] = {
+                "revision": label,
+                "dtype": str(dtype).removeprefix("torch."),
+                "solver": name,
+                "contractions": per_dim * len(DIMS),
+                "tol": tol,
+            }
             its: list[Tensor] = []
             t0 = time.perf_counter()
             for form in FORMS:
@@ -142,17 +148,26 @@ def direct_rows(module: ModuleType, label: str, args: argparse.Namespace) -> lis
                     batch = Batch(per_dim, args.points, n, seed=args.seed + 97 * n)
                     rhs, f, newton_map = batch.maps(dtype, form)
                     cap = picard_cap(float(batch.lip.max()), n, tol)
-                    _, stats, _ = module.solve(f, rhs, method=resolve_method(name, n), tol=tol, max_iter=cap,
-                                               newton_map=newton_map, warn=False)
+                    _, stats, _ = module.solve(
+                        f, rhs, method=resolve_method(name, n), tol=tol, max_iter=cap, newton_map=newton_map, warn=False
+                    )
                     failed += stats.n_failed
                     its.append(torch.where(stats.converged, stats.iterations, cap + 1))
                 row[f"unconverged_{form}"] = failed
             it = torch.cat(its).double()
-            row.update(samples=int(it.numel()), evaluations_mean=float(it.mean()), evaluations_max=int(it.max()),
-                       over_default_cap=int((it > DEFAULT_MAX_ITER).sum()), seconds=time.perf_counter() - t0)
-            print(f"  {label} solve {row['dtype']} {name}: unconverged {row['unconverged_monotone']} + "
-                  f"{row['unconverged_residual']} of {row['samples']} samples; evaluations mean "
-                  f"{row['evaluations_mean']:.1f}, max {row['evaluations_max']}", flush=True)
+            row.update(
+                samples=int(it.numel()),
+                evaluations_mean=float(it.mean()),
+                evaluations_max=int(it.max()),
+                over_default_cap=int((it > DEFAULT_MAX_ITER).sum()),
+                seconds=time.perf_counter() - t0,
+            )
+            print(
+                f"  {label} solve {row['dtype']} {name}: unconverged {row['unconverged_monotone']} + "
+                f"{row['unconverged_residual']} of {row['samples']} samples; evaluations mean "
+                f"{row['evaluations_mean']:.1f}, max {row['evaluations_max']}",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -188,11 +203,23 @@ def block_rows(solve: Callable[..., Any], label: str, args: argparse.Namespace) 
                         failed += stats.n_failed
                         samples += stats.batch_size
                         worst = max(worst, int(stats.iterations.max()))
-                    rows.append({"revision": label, "dtype": str(dtype).removeprefix("torch."),
-                                 "block": block_type.__name__, "solver": name, "contractions": args.block_contractions,
-                                 "samples": samples, "unconverged": failed, "evaluations_max": worst})
-                    print(f"  {label} {block_type.__name__}.inverse {rows[-1]['dtype']} {name}: unconverged {failed} "
-                          f"of {samples}", flush=True)
+                    rows.append(
+                        {
+                            "revision": label,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "block": block_type.__name__,
+                            "solver": name,
+                            "contractions": args.block_contractions,
+                            "samples": samples,
+                            "unconverged": failed,
+                            "evaluations_max": worst,
+                        }
+                    )
+                    print(
+                        f"  {label} {block_type.__name__}.inverse {rows[-1]['dtype']} {name}: unconverged {failed} "
+                        f"of {samples}",
+                        flush=True,
+                    )
     finally:
         blocks_module.solve = original
     return rows
@@ -221,9 +248,17 @@ def fused_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 failed[key] += stats.n_failed
                 worst = max(worst, int(stats.iterations.max()))
             samples += x.shape[0]
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "flows": args.fused_flows, "samples": samples,
-                     "unconverged_forward": failed["forward"], "unconverged_inverse": failed["inverse"],
-                     "evaluations_max": worst, "tol": default_tolerance(dtype)})
+        rows.append(
+            {
+                "dtype": str(dtype).removeprefix("torch."),
+                "flows": args.fused_flows,
+                "samples": samples,
+                "unconverged_forward": failed["forward"],
+                "unconverged_inverse": failed["inverse"],
+                "evaluations_max": worst,
+                "tol": default_tolerance(dtype),
+            }
+        )
         print(f"  fused {rows[-1]['dtype']}: unconverged {failed} of {samples} (each way)", flush=True)
     return rows
 
@@ -238,29 +273,77 @@ def render(payload: dict[str, Any]) -> list[str]:
         "per contraction and form; tolerance: the dtype's default (1.19e-6 in float32, 1e-12 in float64); cap: the "
         "plain-iteration bound for the batch's largest L plus 10% and 10 (at L = 0.99: 1,500-1,620 evaluations in "
         "float32, 3,040-3,150 in float64, from n = 1 to 8). "
-        "\"evaluations\": evaluations of G per sample, an unconverged sample counted as the cap + 1; \"> 1000\": "
+        '"evaluations": evaluations of G per sample, an unconverged sample counted as the cap + 1; "> 1000": '
         "samples that needed more than the default `max_iter` of 1,000 evaluations (or did not converge).",
         "",
         "## The solvers directly (`monoflow_core.solvers.solve`)",
         "",
     ]
-    header = ["revision", "dtype", "solver", "contractions", "samples", "unconverged (monotone form)",
-              "unconverged (residual form)", "evaluations mean", "evaluations max", "> 1000"]
-    lines += common.markdown_table(header, [
-        [r["revision"], r["dtype"], r["solver"], f"{r['contractions']:,}", f"{r['samples']:,}",
-         r["unconverged_monotone"], r["unconverged_residual"], f"{r['evaluations_mean']:.1f}", r["evaluations_max"],
-         r["over_default_cap"]] for r in payload["direct"]])
+    header = [
+        "revision",
+        "dtype",
+        "solver",
+        "contractions",
+        "samples",
+        "unconverged (monotone form)",
+        "unconverged (residual form)",
+        "evaluations mean",
+        "evaluations max",
+        "> 1000",
+    ]
+    lines += common.markdown_table(
+        header,
+        [
+            [
+                r["revision"],
+                r["dtype"],
+                r["solver"],
+                f"{r['contractions']:,}",
+                f"{r['samples']:,}",
+                r["unconverged_monotone"],
+                r["unconverged_residual"],
+                f"{r['evaluations_mean']:.1f}",
+                r["evaluations_max"],
+                r["over_default_cap"],
+            ]
+            for r in payload["direct"]
+        ],
+    )
     lines += ["", "## Through the blocks (`MonotoneBlock(G).inverse`, `ResidualBlock(G).inverse`; generic path)", ""]
     header = ["revision", "dtype", "block", "solver", "contractions", "samples", "unconverged", "evaluations max"]
-    lines += common.markdown_table(header, [
-        [r["revision"], r["dtype"], r["block"], r["solver"], r["contractions"], f"{r['samples']:,}",
-         r["unconverged"], r["evaluations_max"]] for r in payload["blocks"]])
+    lines += common.markdown_table(
+        header,
+        [
+            [
+                r["revision"],
+                r["dtype"],
+                r["block"],
+                r["solver"],
+                r["contractions"],
+                f"{r['samples']:,}",
+                r["unconverged"],
+                r["evaluations_max"],
+            ]
+            for r in payload["blocks"]
+        ],
+    )
     if payload["fused"]:
         lines += ["", "## The fused path (one-block flows of the project's DenseNet G, default settings)", ""]
         header = ["dtype", "flows", "samples", "unconverged (forward)", "unconverged (inverse)", "evaluations max"]
-        lines += common.markdown_table(header, [
-            [r["dtype"], r["flows"], f"{r['samples']:,}", r["unconverged_forward"], r["unconverged_inverse"],
-             r["evaluations_max"]] for r in payload["fused"]])
+        lines += common.markdown_table(
+            header,
+            [
+                [
+                    r["dtype"],
+                    r["flows"],
+                    f"{r['samples']:,}",
+                    r["unconverged_forward"],
+                    r["unconverged_inverse"],
+                    r["evaluations_max"],
+                ]
+                for r in payload["fused"]
+            ],
+        )
     lines += ["", f"Wall time: {payload['seconds']:.0f} s."]
     return lines
 
@@ -269,8 +352,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contractions", type=int, default=10_000, help="random contractions per solver and dtype")
     parser.add_argument("--points", type=int, default=4, help="right-hand sides per contraction and form")
-    parser.add_argument("--block-contractions", type=int, default=48,
-                        help="contractions (one block each, 256 points) per solver, dtype and block type")
+    parser.add_argument(
+        "--block-contractions",
+        type=int,
+        default=48,
+        help="contractions (one block each, 256 points) per solver, dtype and block type",
+    )
     parser.add_argument("--fused-flows", type=int, default=200, help="one-block DenseNet flows per dtype (0: skip)")
     parser.add_argument("--compare", metavar="REV", help="also run this git revision's monoflow_core/solvers.py")
     parser.add_argument("--seed", type=int, default=0)
@@ -299,8 +386,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, module in runs:
             by_block += block_rows(module.solve, label, args)
         fused = fused_rows(args) if args.fused_flows > 0 else []
-    payload = {"args": vars(args), "machine": info, "commands": commands, "direct": direct, "blocks": by_block,
-               "fused": fused, "seconds": time.perf_counter() - t0}
+    payload = {
+        "args": vars(args),
+        "machine": info,
+        "commands": commands,
+        "direct": direct,
+        "blocks": by_block,
+        "fused": fused,
+        "seconds": time.perf_counter() - t0,
+    }
     md, _ = common.write_results(args.out, render(payload), payload)
     print(md.read_text())
 

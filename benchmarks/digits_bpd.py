@@ -84,15 +84,20 @@ def train_one(
                     "exact": ev.exact,
                 }
             )
-            print(f"[{formulation}] {trained / 60:.1f} min, {trainer.step_count} it: validation "
-                  f"{ev.bpd:.4f} +- {ev.bpd_stderr:.4f} bpd", file=sys.stderr, flush=True)
+            print(
+                f"[{formulation}] {trained / 60:.1f} min, {trainer.step_count} it: validation "
+                f"{ev.bpd:.4f} +- {ev.bpd_stderr:.4f} bpd",
+                file=sys.stderr,
+                flush=True,
+            )
             next_eval += eval_minutes * 60.0
     t1 = time.perf_counter()
     # The test of Trainer.evaluate, kept per image for a paired comparison: every run sees the same images with
     # the same seeded dequantization noise.
     model = trainer.evaluation_copy()
-    per_image = evaluation.image_bpd(model, trainer.evaluation_images("test").images,
-                                     seed=trainer.train_config.test_seed)
+    per_image = evaluation.image_bpd(
+        model, trainer.evaluation_images("test").images, seed=trainer.train_config.test_seed
+    )
     assert per_image is not None
     eval_seconds += time.perf_counter() - t1
     if save_dir:
@@ -140,8 +145,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(train_one(args.one, args.minutes, args.eval_minutes, args.seed, args.save_dir)))
         return 0
     forms = [f.strip() for f in args.formulations.split(",") if f.strip()]
-    base = [sys.executable, __file__, "--minutes", str(args.minutes), "--eval-minutes", str(args.eval_minutes),
-            "--seed", str(args.seed)]
+    base = [
+        sys.executable,
+        __file__,
+        "--minutes",
+        str(args.minutes),
+        "--eval-minutes",
+        str(args.eval_minutes),
+        "--seed",
+        str(args.seed),
+    ]
     if args.save_dir:
         base += ["--save-dir", args.save_dir]
     results: list[dict[str, Any]] = []
@@ -162,16 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         *common.machine_header(info, [common.command_line()]),
         "",
         f"Preset `{PRESET}` (and the same architecture with the residual formulation); {args.minutes:g} minutes "
-        "of training each, one intra-op thread each" + (", both runs at the same time (one per core)"
-                                                         if args.parallel else ", one after the other") + ". "
+        "of training each, one intra-op thread each"
+        + (", both runs at the same time (one per core)" if args.parallel else ", one after the other")
+        + ". "
         "bpd = bits/dim of the uniform-dequantization bound, EMA weights, evaluated in "
         f"{results[0].get('eval_dtype', 'float64')}, exact log-det (64 dimensions per block); "
         "test = all 447 test images (1350-1796), mean +- standard error over images.",
         "",
     ]
     rows = [
-        [r["formulation"], r["iterations"], f"{r['seconds_per_iteration']:.2f}", common.fmt(r["test_bpd"]),
-         common.fmt(r["test_bpd_stderr"]), "yes" if r["test_exact_logdet"] else "no (estimate)"]
+        [
+            r["formulation"],
+            r["iterations"],
+            f"{r['seconds_per_iteration']:.2f}",
+            common.fmt(r["test_bpd"]),
+            common.fmt(r["test_bpd_stderr"]),
+            "yes" if r["test_exact_logdet"] else "no (estimate)",
+        ]
         for r in results
     ]
     md += common.markdown_table(
@@ -180,19 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     md += ["", "Reference points (bits/dim): " + ", ".join(f"{k} {v}" for k, v in BASELINES.items()) + ".", ""]
     md += ["Validation bpd (350 images) during training:", ""]
     for r in results:
-        md += [f"- {r['formulation']}: " + "; ".join(
-            f"{c['train_minutes']:.1f} min ({c['iterations']} it): {c['validation_bpd']:.4f}" for c in r["curve"])]
+        md += [
+            f"- {r['formulation']}: "
+            + "; ".join(
+                f"{c['train_minutes']:.1f} min ({c['iterations']} it): {c['validation_bpd']:.4f}" for c in r["curve"]
+            )
+        ]
     mono = next((r for r in results if r["formulation"] == "monotone"), None)
     resid = next((r for r in results if r["formulation"] == "residual"), None)
     if mono is not None:
-        md += ["", f"Goal: Monotone below {GOAL_BPD} bpd: {'met' if mono['test_bpd'] < GOAL_BPD else 'NOT met'} "
-               f"({mono['test_bpd']:.4f})."]
+        md += [
+            "",
+            f"Goal: Monotone below {GOAL_BPD} bpd: {'met' if mono['test_bpd'] < GOAL_BPD else 'NOT met'} "
+            f"({mono['test_bpd']:.4f}).",
+        ]
     if mono is not None and resid is not None:
         diff = paired_difference(mono["test_bpd_per_image"], resid["test_bpd_per_image"])
         if diff is None:
             verdict = "yes" if mono["test_bpd"] < resid["test_bpd"] else "NO"
-            md += [f"Monotone better than residual at equal wall-clock: {verdict} "
-                   f"({mono['test_bpd']:.4f} vs {resid['test_bpd']:.4f})."]
+            md += [
+                f"Monotone better than residual at equal wall-clock: {verdict} "
+                f"({mono['test_bpd']:.4f} vs {resid['test_bpd']:.4f})."
+            ]
         else:
             mean, se = diff
             if mean + 2 * se < 0:
@@ -201,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "lower, but within 2 standard errors (not significant)"
             else:
                 verdict = "NO"
-            md += [f"Monotone better than residual at equal wall-clock: {verdict}. Paired difference over the same "
-                   f"test images and dequantization noise, Monotone minus residual: {mean:+.4f} +- {se:.4f} bits/dim "
-                   "(mean +- standard error)."]
-    md_path, json_path = common.write_results(args.out, md, {"machine": info, "results": results,
-                                                             "baselines": BASELINES, "minutes": args.minutes})
+            md += [
+                f"Monotone better than residual at equal wall-clock: {verdict}. Paired difference over the same "
+                f"test images and dequantization noise, Monotone minus residual: {mean:+.4f} +- {se:.4f} bits/dim "
+                "(mean +- standard error)."
+            ]
+    md_path, json_path = common.write_results(
+        args.out, md, {"machine": info, "results": results, "baselines": BASELINES, "minutes": args.minutes}
+    )
     print("\n".join(md))
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return 0

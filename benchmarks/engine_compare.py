@@ -45,8 +45,9 @@ print(json.dumps({"step_ms": 1e3 * statistics.median(times[50:]), "log_prob_40k_
 
 def measure(checkout: Path) -> dict[str, float]:
     here = Path(__file__).resolve().parent
-    out = subprocess.run([sys.executable, "-c", CHILD, str(checkout), str(here)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(checkout), str(here)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -59,10 +60,12 @@ def main() -> None:
     for r in range(args.rounds):
         for name, path in (("other", args.other.resolve()), ("this", here)):
             m = measure(path)
-            print(f"round {r + 1} {name:5s} ({path}): training step {m['step_ms']:.1f} ms/step (median of steps "
-                  f"51-150), 40k log-densities {m['log_prob_40k_s']:.2f} s, 40k samples {m['samples_40k_s']:.2f} s "
-                  "(serial, chunks of 5,000)",
-                  flush=True)
+            print(
+                f"round {r + 1} {name:5s} ({path}): training step {m['step_ms']:.1f} ms/step (median of steps "
+                f"51-150), 40k log-densities {m['log_prob_40k_s']:.2f} s, 40k samples {m['samples_40k_s']:.2f} s "
+                "(serial, chunks of 5,000)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ from monoflow_core.training import make_adam
 
 def new_optimizer(flow: mc.Flow) -> torch.optim.Optimizer:
     """The optimizer of every speed benchmark: Adam (fused kernel), lr 1e-3, weight decay 1e-5."""
-    return make_adam((p for p in flow.parameters() if p.requires_grad), lr=1e-3, betas=(0.9, 0.999),
-                     weight_decay=1e-5)
+    return make_adam((p for p in flow.parameters() if p.requires_grad), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-5)
 
 
 def timed_step(flow: mc.Flow, opt: torch.optim.Optimizer, x: torch.Tensor) -> tuple[float, float]:
@@ -86,14 +85,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250, help="training steps (the median uses steps 51..N)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
     parser.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for grid and sampling")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="threads evaluating chunks of the grid and the samples in parallel (one intra-op "
-                             "thread each)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads evaluating chunks of the grid and the samples in parallel (one intra-op thread each)",
+    )
     parser.add_argument("--generic-steps", type=int, default=60, help="steps on the generic autograd path")
-    parser.add_argument("--kernel-threads", type=int, default=None,
-                        help="threads the compiled kernels split a training batch over (default: --threads)")
-    parser.add_argument("--kernels", choices=["compiled", "pytorch"], default="compiled",
-                        help="the fused path's kernels: compiled (Numba) or PyTorch")
+    parser.add_argument(
+        "--kernel-threads",
+        type=int,
+        default=None,
+        help="threads the compiled kernels split a training batch over (default: --threads)",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=["compiled", "pytorch"],
+        default="compiled",
+        help="the fused path's kernels: compiled (Numba) or PyTorch",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -166,13 +176,19 @@ def main() -> None:
         "kernels": args.kernels,
         "kernels_compile_or_load_s": None if kernels_s is None else round(kernels_s, 2),
     }
-    print(f"training step (fused exact path, float32, batch 500, steps 51-{args.steps}): "
-          f"median {step_ms:.1f} ms/step, p90 {figures['train_step_ms_p90']} ms/step ({args.threads} thread)")
+    print(
+        f"training step (fused exact path, float32, batch 500, steps 51-{args.steps}): "
+        f"median {step_ms:.1f} ms/step, p90 {figures['train_step_ms_p90']} ms/step ({args.threads} thread)"
+    )
     print(f"training step (generic autograd path): median {generic_ms:.1f} ms/step")
-    print(f"forward-solve G evaluations per block: median {figures['forward_G_evaluations_per_block_median']}, "
-          f"max {figures['forward_G_evaluations_per_block_max']}")
-    print(f"log-density, 400x400 grid: {grid_s:.2f} s; 160,000 samples: {sample_s:.2f} s "
-          f"({args.workers} worker threads x {args.eval_threads} intra-op thread, chunks of 5,000, float32)")
+    print(
+        f"forward-solve G evaluations per block: median {figures['forward_G_evaluations_per_block_median']}, "
+        f"max {figures['forward_G_evaluations_per_block_max']}"
+    )
+    print(
+        f"log-density, 400x400 grid: {grid_s:.2f} s; 160,000 samples: {sample_s:.2f} s "
+        f"({args.workers} worker threads x {args.eval_threads} intra-op thread, chunks of 5,000, float32)"
+    )
     print(f"last training loss: {loss:.4f} nats (exact NLL of the batch)")
     if kernels_s is not None:
         print(f"kernels: compiled (Numba), compiled or loaded from its cache in {kernels_s:.1f} s before the run")

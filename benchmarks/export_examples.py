@@ -45,11 +45,20 @@ def main(argv: list[str] | None = None) -> None:
         flow = load_checkpoint(folder / "checkpoint.safetensors").flow
         target = out / f"{result['data']}-{result['model']}.safetensors"
         example = write_example(
-            target, flow, data=result["data"], model=result["model"], preset=result["preset"],
-            iterations=result["iterations"], test_nll_nats=result["fixed_nll_nats"],
-            extra={"test_nll_stderr_nats": result["fixed_nll_stderr_nats"], "test_points": result["fixed_n_test"],
-                   "paper_protocol_nll_nats": result["paper_protocol_nll_nats"], "seed": args.seed,
-                   "measured": "fixed seeded held-out set, exact log-det, float64; benchmarks/table1.py"},
+            target,
+            flow,
+            data=result["data"],
+            model=result["model"],
+            preset=result["preset"],
+            iterations=result["iterations"],
+            test_nll_nats=result["fixed_nll_nats"],
+            extra={
+                "test_nll_stderr_nats": result["fixed_nll_stderr_nats"],
+                "test_points": result["fixed_n_test"],
+                "paper_protocol_nll_nats": result["paper_protocol_nll_nats"],
+                "seed": args.seed,
+                "measured": "fixed seeded held-out set, exact log-det, float64; benchmarks/table1.py",
+            },
         )
         written += 1
         print(f"{example.title}: {target} ({target.stat().st_size / 1024:.0f} KiB)")

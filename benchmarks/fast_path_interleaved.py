@@ -46,8 +46,9 @@ OPTIONAL_API = {"folded_runs": lambda layers, dim: contextlib.nullcontext()}
 def load_other(revision: str) -> ModuleType:
     """``monoflow_core/fast.py`` of ``revision`` as a module importing this checkout's engine."""
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(["git", "show", f"{revision}:monoflow_core/fast.py"], cwd=root, capture_output=True,
-                            text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{revision}:monoflow_core/fast.py"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
     source = re.sub(r"^(\s*)from \.", r"\1from monoflow_core.", source, flags=re.MULTILINE)
     path = Path(tempfile.mkdtemp()) / "fast_other.py"
     path.write_text(source)
@@ -106,8 +107,11 @@ def main() -> None:
     ):
         other, this = statistics.median(data["other"]), statistics.median(data["this"])
         figures[key] = {"other": scale * other, "this": scale * this, "speedup": other / this}
-        print(f"{label}: {args.revision} {scale * other:.2f} {unit}, this checkout {scale * this:.2f} {unit} "
-              f"({other / this:.2f}x)", flush=True)
+        print(
+            f"{label}: {args.revision} {scale * other:.2f} {unit}, this checkout {scale * this:.2f} {unit} "
+            f"({other / this:.2f}x)",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -44,17 +44,28 @@ MODE_ITERATIONS = {"short": 1_500, "full": PAPER_ITERATIONS}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODE_ITERATIONS), default="short",
-                        help="short = 1,500 iterations, full = 15,000 (the paper)")
+    parser.add_argument(
+        "--mode",
+        choices=sorted(MODE_ITERATIONS),
+        default="short",
+        help="short = 1,500 iterations, full = 15,000 (the paper)",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="override the mode's iteration count")
     parser.add_argument("--models", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="fresh-sample tests every N iterations (default: the preset's 500, scaled); 0 = none")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="fresh-sample tests every N iterations (default: the preset's 500, scaled); 0 = none",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training stream")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 was fastest on this CPU)")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "fig4"), help="output path without suffix")
-    parser.add_argument("--rerender", metavar="JSON",
-                        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON")
+    parser.add_argument(
+        "--rerender",
+        metavar="JSON",
+        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON",
+    )
     args = parser.parse_args(argv)
     if args.rerender:
         return args
@@ -87,8 +98,9 @@ def train_one(letter: str, args: argparse.Namespace, warn_log: common.WarningLog
     scale = args.iterations / base.iterations
     milestones = scaled_milestones(list(base.lr_milestones), scale, args.iterations)
     every = args.eval_every if args.eval_every is not None else max(1, round(base.eval_every * scale))
-    tc = preset.train_config(iterations=args.iterations, lr_milestones=milestones, eval_every=every,
-                             seed=args.seed, checkpoint_every=0)
+    tc = preset.train_config(
+        iterations=args.iterations, lr_milestones=milestones, eval_every=every, seed=args.seed, checkpoint_every=0
+    )
     common.set_threads(args.threads)
     warn_before = dict(warn_log.counts)
     t0 = time.perf_counter()
@@ -110,9 +122,11 @@ def train_one(letter: str, args: argparse.Namespace, warn_log: common.WarningLog
             eval_seconds.append(ev.seconds)
         if (m.step + 1) % report_every == 0:
             recent = step_seconds[-report_every:]
-            print(f"    {name} step {m.step + 1}/{args.iterations}: train MSE {m.loss:.3e}, lr {m.lr:g}, "
-                  f"{1e3 * sum(recent) / len(recent):.0f} ms/iteration, {time.perf_counter() - t_run:.0f} s",
-                  flush=True)
+            print(
+                f"    {name} step {m.step + 1}/{args.iterations}: train MSE {m.loss:.3e}, lr {m.lr:g}, "
+                f"{1e3 * sum(recent) / len(recent):.0f} ms/iteration, {time.perf_counter() - t_run:.0f} s",
+                flush=True,
+            )
 
     error = None
     summary = None
@@ -154,8 +168,11 @@ def train_one(letter: str, args: argparse.Namespace, warn_log: common.WarningLog
         "warnings": {k: v - warn_before.get(k, 0) for k, v in warn_log.counts.items() if v > warn_before.get(k, 0)},
         "train_config": tc.to_dict(),
     }
-    print(f"  {name} {label}: test MSE {common.fmt_sci(fixed.mse)} on {fixed.n_test} fixed points (Figure 4: "
-          f"{paper:.1e}); wall {run_s:.1f} s, {result['ms_per_iteration_mean']:.0f} ms/iteration", flush=True)
+    print(
+        f"  {name} {label}: test MSE {common.fmt_sci(fixed.mse)} on {fixed.n_test} fixed points (Figure 4: "
+        f"{paper:.1e}); wall {run_s:.1f} s, {result['ms_per_iteration_mean']:.0f} ms/iteration",
+        flush=True,
+    )
     return result
 
 
@@ -166,9 +183,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     info, commands = started
     shortened = args.iterations < PAPER_ITERATIONS
-    print(f"Figure 4 benchmark: {args.iterations} iterations ({'SHORTENED' if shortened else 'full'}), torch "
-          f"{info['torch']}, torch.set_num_threads({args.threads}); {info['nproc']} CPUs (shared machine).",
-          flush=True)
+    print(
+        f"Figure 4 benchmark: {args.iterations} iterations ({'SHORTENED' if shortened else 'full'}), torch "
+        f"{info['torch']}, torch.set_num_threads({args.threads}); {info['nproc']} CPUs (shared machine).",
+        flush=True,
+    )
     warn_log = common.WarningLog()
     warnings.simplefilter("always")
     warnings.showwarning = warn_log
@@ -180,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     md_path, js_path = common.write_results(args.out, md, payload)
     print("")
     for r in results:
-        print(f"{r['label']}: test MSE {common.fmt_sci(r['test_mse'])} (10,000 fixed points) vs Figure 4 "
-              f"{r['figure4_mse']:.1e}{' [SHORTENED]' if r['shortened'] else ''}")
+        print(
+            f"{r['label']}: test MSE {common.fmt_sci(r['test_mse'])} (10,000 fixed points) vs Figure 4 "
+            f"{r['figure4_mse']:.1e}{' [SHORTENED]' if r['shortened'] else ''}"
+        )
     print(f"Straight-line reference (least-squares line on the same test set): MSE {payload['line_fit_mse']:.2e}")
     print(f"Wrote {md_path} and {js_path}")
 
@@ -213,9 +234,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
     md += common.machine_header(info, commands)
     if shortened:
         ms = results[0]["lr_milestones"] if results else []
-        md += [f"**SHORTENED RUNS: {args.iterations:,} of the paper's {PAPER_ITERATIONS:,} iterations** (mode "
-               f"`{args.mode}`; learning-rate milestones scaled to {ms}). Not a reproduction of Figure 4's values.",
-               ""]
+        md += [
+            f"**SHORTENED RUNS: {args.iterations:,} of the paper's {PAPER_ITERATIONS:,} iterations** (mode "
+            f"`{args.mode}`; learning-rate milestones scaled to {ms}). Not a reproduction of Figure 4's values.",
+            "",
+        ]
     md += [
         "How it was measured:",
         "",
@@ -230,33 +253,55 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         f"{line_mse:.2e}; a model near it has not yet learned the stairs.",
         "",
     ]
-    header = ["model", "iterations", "test MSE", "Figure 4", "ours / Figure 4", "last fresh test MSE", "wall (s)",
-              "ms/iteration"]
+    header = [
+        "model",
+        "iterations",
+        "test MSE",
+        "Figure 4",
+        "ours / Figure 4",
+        "last fresh test MSE",
+        "wall (s)",
+        "ms/iteration",
+    ]
     rows = []
     for r in results:
         last = r["fresh_tests"][-1]["mse"] if r["fresh_tests"] else None
-        rows.append([r["label"], f"{r['iterations']:,}" + (" (shortened)" if r["shortened"] else ""),
-                     common.fmt_sci(r["test_mse"]), f"{r['figure4_mse']:.1e}",
-                     "-" if r["ratio_to_figure4"] is None else f"{r['ratio_to_figure4']:.2f}", common.fmt_sci(last),
-                     f"{r['wall_seconds']:.1f}", f"{r['ms_per_iteration_mean']:.0f}"])
+        rows.append(
+            [
+                r["label"],
+                f"{r['iterations']:,}" + (" (shortened)" if r["shortened"] else ""),
+                common.fmt_sci(r["test_mse"]),
+                f"{r['figure4_mse']:.1e}",
+                "-" if r["ratio_to_figure4"] is None else f"{r['ratio_to_figure4']:.2f}",
+                common.fmt_sci(last),
+                f"{r['wall_seconds']:.1f}",
+                f"{r['ms_per_iteration_mean']:.0f}",
+            ]
+        )
     md += common.markdown_table(header, rows)
     ordered = [r for r in results if r["test_mse"] is not None and not math.isnan(r["test_mse"])]
     md += ["", "## Comparison", ""]
     flat = [r for r in ordered if r["test_mse"] > 0.5 * line_mse]
     if flat:
-        md.append(f"- **{len(flat)} of {len(ordered)} model(s) are within a factor 2 of the straight-line reference "
-                  f"({line_mse:.2e})**: at this length they have not learned the staircase, so their order says "
-                  "nothing about Figure 4's.")
+        md.append(
+            f"- **{len(flat)} of {len(ordered)} model(s) are within a factor 2 of the straight-line reference "
+            f"({line_mse:.2e})**: at this length they have not learned the staircase, so their order says "
+            "nothing about Figure 4's."
+        )
     if len(ordered) == 4:
         best = min(ordered, key=lambda r: r["test_mse"])
-        md.append(f"- Lowest test MSE: {best['label']} ({best['test_mse']:.2e}); Figure 4's lowest is (d) monotone. "
-                  f"{'Same' if best['model'] == 'd' else 'Different'} winner"
-                  f"{' (not meaningful at this length, see above)' if flat else ''}.")
+        md.append(
+            f"- Lowest test MSE: {best['label']} ({best['test_mse']:.2e}); Figure 4's lowest is (d) monotone. "
+            f"{'Same' if best['model'] == 'd' else 'Different'} winner"
+            f"{' (not meaningful at this length, see above)' if flat else ''}."
+        )
         seq = " < ".join(r["model"] for r in sorted(ordered, key=lambda r: r["test_mse"]))
         md.append(f"- Order by test MSE (ours): {seq}; Figure 4: d < c < b < a.")
     for r in ordered:
-        md.append(f"- {r['label']}: {r['test_mse']:.2e} vs {r['figure4_mse']:.1e} "
-                  f"({'at or below' if r['test_mse'] <= r['figure4_mse'] else 'above'} Figure 4's value).")
+        md.append(
+            f"- {r['label']}: {r['test_mse']:.2e} vs {r['figure4_mse']:.1e} "
+            f"({'at or below' if r['test_mse'] <= r['figure4_mse'] else 'above'} Figure 4's value)."
+        )
     notes = []
     for r in results:
         bits = common.run_note_bits(r)
@@ -268,8 +313,15 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         "commands": commands,
         "machine": info,
         "note": common.SHARED_MACHINE_NOTE,
-        "settings": {"mode": args.mode, "iterations": args.iterations, "paper_iterations": PAPER_ITERATIONS,
-                     "shortened": shortened, "models": args.models, "seed": args.seed, "threads": args.threads},
+        "settings": {
+            "mode": args.mode,
+            "iterations": args.iterations,
+            "paper_iterations": PAPER_ITERATIONS,
+            "shortened": shortened,
+            "models": args.models,
+            "seed": args.seed,
+            "threads": args.threads,
+        },
         "line_fit_mse": line_mse,
         "units": {"mse": "squared output units", "time": "seconds", "step_time": "ms/iteration"},
         "results": results,

@@ -74,8 +74,14 @@ def run_child(cache: Path, steps: int, timeout: float) -> dict[str, Any]:
     env["MONOFLOW_CACHE_DIR"] = str(cache)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", _CHILD, repr(start), str(steps)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, repr(start), str(steps)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode != 0:
         raise SystemExit(f"the training process failed:\n{done.stderr[-3000:]}")
     docs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -114,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             env = {k: v for k, v in os.environ.items() if k not in ("MONOFLOW_KERNELS", "NUMBA_CACHE_DIR")}
             env.update(MONOFLOW_CACHE_DIR=str(prepared), PYTHONPATH=str(REPO))
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "monoflow_core", "warmup", "--dtype", "float32"], cwd=REPO,
-                                  env=env, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(
+                [sys.executable, "-m", "monoflow_core", "warmup", "--dtype", "float32"],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             warmup_s = time.perf_counter() - t0
             print(f"monoflow warmup --dtype float32: exit {done.returncode}, {warmup_s:.1f} s", flush=True)
             runs["after warmup"] = run_child(prepared, args.steps, args.timeout)
@@ -126,23 +138,47 @@ def main(argv: list[str] | None = None) -> int:
         at = reach(r, warm_step)
         r["reaches_warm_step_s"] = at
         first = r["step_end_s"][0]
-        print(f"{name}: import {r['imported_s']:.1f} s, first step done at {first:.1f} s, warm step time reached at "
-              f"{'never' if at is None else f'{at:.1f} s'}; first calls {r['first_call_s']}; notices "
-              f"{[n for _, n in r['notices']]}", flush=True)
-        table.append([name, f"{r['imported_s']:.1f}", f"{first:.1f}", "not within the run" if at is None else
-                      f"{at:.1f}", f"{statistics.median(r['step_s'][10:]) * 1e3:.1f}",
-                      ", ".join(f"{k} {v}" for k, v in r["first_call_s"].items()), r["solver_warnings"]])
+        print(
+            f"{name}: import {r['imported_s']:.1f} s, first step done at {first:.1f} s, warm step time reached at "
+            f"{'never' if at is None else f'{at:.1f} s'}; first calls {r['first_call_s']}; notices "
+            f"{[n for _, n in r['notices']]}",
+            flush=True,
+        )
+        table.append(
+            [
+                name,
+                f"{r['imported_s']:.1f}",
+                f"{first:.1f}",
+                "not within the run" if at is None else f"{at:.1f}",
+                f"{statistics.median(r['step_s'][10:]) * 1e3:.1f}",
+                ", ".join(f"{k} {v}" for k, v in r["first_call_s"].items()),
+                r["solver_warnings"],
+            ]
+        )
     print(f"warm step time: {warm_step * 1e3:.1f} ms", flush=True)
     if args.out != "-":
         lines = ["# The first run: a cold process against the warm step time", ""]
         lines += machine_header(info, [command_line(argv and [sys.argv[0], *argv])])
-        lines += [f"Toy training (8gaussians, default model and batch, one thread), {args.steps} steps per process; "
-                  f"warm step time {warm_step * 1e3:.1f} ms (median of the warm run's steps 11-{args.steps}). "
-                  "*reaches warm step*: seconds from the process's start to the first step from which 5 steps in a "
-                  "row have a median within 20% of it. *first calls*: seconds of each kernel's first call (its "
-                  "compile, or its load from the cache).", ""]
-        lines += markdown_table(["process", "imports s", "first step done s", "reaches warm step s",
-                                 "median step ms (11-N)", "first calls s", "solver warnings"], table)
+        lines += [
+            f"Toy training (8gaussians, default model and batch, one thread), {args.steps} steps per process; "
+            f"warm step time {warm_step * 1e3:.1f} ms (median of the warm run's steps 11-{args.steps}). "
+            "*reaches warm step*: seconds from the process's start to the first step from which 5 steps in a "
+            "row have a median within 20% of it. *first calls*: seconds of each kernel's first call (its "
+            "compile, or its load from the cache).",
+            "",
+        ]
+        lines += markdown_table(
+            [
+                "process",
+                "imports s",
+                "first step done s",
+                "reaches warm step s",
+                "median step ms (11-N)",
+                "first calls s",
+                "solver warnings",
+            ],
+            table,
+        )
         lines.append("")
         for name, r in runs.items():
             for at, text in r["notices"]:

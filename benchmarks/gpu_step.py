@@ -95,8 +95,11 @@ def warning_summary(caught: list[warnings.WarningMessage]) -> dict[str, Any]:
     kinds = Counter(str(w.message).split(":")[0][:80] for w in solver)
     for text, n in kinds.items():
         print(f"  solver warning x{n}: {text}", file=sys.stderr)
-    return {"solver_warnings": len(solver), "solver_warning_kinds": dict(kinds),
-            "other_warnings": len(caught) - len(solver)}
+    return {
+        "solver_warnings": len(solver),
+        "solver_warning_kinds": dict(kinds),
+        "other_warnings": len(caught) - len(solver),
+    }
 
 
 class SyncCounter(TorchDispatchMode):
@@ -152,23 +155,46 @@ def guarded(report: Report, part: str, key: str, fn: Callable[[], dict[str, Any]
         try:
             result = fn()
         except Exception as err:  # recorded, not hidden: the JSON names the error and the traceback's tail
-            result = {"error": f"{type(err).__name__}: {err}"[:500],
-                      "traceback": traceback.format_exc().splitlines()[-6:]}
+            result = {
+                "error": f"{type(err).__name__}: {err}"[:500],
+                "traceback": traceback.format_exc().splitlines()[-6:],
+            }
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     result = {**result, **warning_summary(caught), "wall_s": time.perf_counter() - t0}
-    print(f"[{part}] {key}: {json.dumps({k: v for k, v in result.items() if k != 'traceback'}, default=str)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{part}] {key}: {json.dumps({k: v for k, v in result.items() if k != 'traceback'}, default=str)}",
+        file=sys.stderr,
+        flush=True,
+    )
     report.add(part, key, result)
 
 
 # -- sizes ---------------------------------------------------------------------------------------------------------
 def sizes(tiny: bool) -> dict[str, Any]:
     if tiny:
-        return {"growth": 8, "batch": 2, "blocks": [1], "repeats": 2, "steps": 2, "warmup": 1, "digits_steps": 3,
-                "toy_steps": 3, "fc_growth": 8}
-    return {"growth": None, "batch": 64, "blocks": [1, 4, 16], "repeats": 5, "steps": 5, "warmup": 2,
-            "digits_steps": 300, "toy_steps": 20, "fc_growth": None}
+        return {
+            "growth": 8,
+            "batch": 2,
+            "blocks": [1],
+            "repeats": 2,
+            "steps": 2,
+            "warmup": 1,
+            "digits_steps": 3,
+            "toy_steps": 3,
+            "fc_growth": 8,
+        }
+    return {
+        "growth": None,
+        "batch": 64,
+        "blocks": [1, 4, 16],
+        "repeats": 5,
+        "steps": 5,
+        "warmup": 2,
+        "digits_steps": 300,
+        "toy_steps": 20,
+        "fc_growth": None,
+    }
 
 
 def _model_overrides(size: dict[str, Any]) -> dict[str, Any]:
@@ -181,20 +207,33 @@ def cifar_scales(size: dict[str, Any]) -> list[tuple[int, int, int]]:
     return [(c, h, w), (4 * c, h // 2, w // 2), (16 * c, h // 4, w // 4)]
 
 
-def conv_g(shape: tuple[int, int, int], size: dict[str, Any], device: torch.device, dtype: torch.dtype
-           ) -> ConvDenseNetG:
+def conv_g(
+    shape: tuple[int, int, int], size: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> ConvDenseNetG:
     model = load_preset("paper-cifar10").model
-    g = ConvDenseNetG(shape[0], shape[1:], depth=model["depth"], growth=size["growth"] or model["growth"],
-                      activation=model["activation"], coeff=model["lipschitz"], lip_coeff=model["concat_lipschitz"])
+    g = ConvDenseNetG(
+        shape[0],
+        shape[1:],
+        depth=model["depth"],
+        growth=size["growth"] or model["growth"],
+        activation=model["activation"],
+        coeff=model["lipschitz"],
+        lip_coeff=model["concat_lipschitz"],
+    )
     return g.to(device=device, dtype=dtype)
 
 
 # -- parts ---------------------------------------------------------------------------------------------------------
 def part_a(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     shape = cifar_scales(size)[0]
-    settings = [("float32, TF32 off", torch.float32, False), ("float32, TF32 on", torch.float32, True),
-                ("float64", torch.float64, False), ("bfloat16", torch.bfloat16, False)]
+    settings = [
+        ("float32, TF32 off", torch.float32, False),
+        ("float32, TF32 on", torch.float32, True),
+        ("float64", torch.float64, False),
+        ("bfloat16", torch.bfloat16, False),
+    ]
     for label, dtype, allow in settings:
+
         def run(dtype: torch.dtype = dtype, allow: bool = allow) -> dict[str, Any]:
             torch.manual_seed(0)
             g = conv_g(shape, size, device, dtype)
@@ -203,23 +242,39 @@ def part_a(report: Report, device: torch.device, size: dict[str, Any]) -> None:
             # The forward solve alone (what precision decides), as the block runs it: w + G(w) = sqrt(2) x.
             solve = block._solve
             with tf32(allow), torch.no_grad():
-                seconds = timed(lambda: solve(_NetEvaluator(g), SQRT2 * x, 1.0, "forward solve"), device,
-                                repeats=size["repeats"] // 2 + 1)
+                seconds = timed(
+                    lambda: solve(_NetEvaluator(g), SQRT2 * x, 1.0, "forward solve"),
+                    device,
+                    repeats=size["repeats"] // 2 + 1,
+                )
                 _, stats, _ = solve(_NetEvaluator(g), SQRT2 * x, 1.0, "forward solve")
-            return {"dtype": str(dtype), "tf32": allow, "seconds_per_forward": seconds, "tol": stats.tol,
-                    "max_iter": stats.max_iter, "method": stats.method,
-                    "iterations_median": float(stats.iterations.float().median()),
-                    "iterations_max": int(stats.iterations.max()), "residual_max": float(stats.residual.max()),
-                    "failed": int((~stats.converged).sum())}
+            return {
+                "dtype": str(dtype),
+                "tf32": allow,
+                "seconds_per_forward": seconds,
+                "tol": stats.tol,
+                "max_iter": stats.max_iter,
+                "method": stats.method,
+                "iterations_median": float(stats.iterations.float().median()),
+                "iterations_max": int(stats.iterations.max()),
+                "residual_max": float(stats.residual.max()),
+                "failed": int((~stats.converged).sum()),
+            }
+
         guarded(report, "A", label, run)
 
 
 def part_b(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     for s, shape in enumerate(cifar_scales(size), start=1):
-        for label, dtype, allow in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                                    ("bf16", torch.bfloat16, False)):
-            def run(shape: tuple[int, int, int] = shape, dtype: torch.dtype = dtype, allow: bool = allow,
-                    s: int = s) -> dict[str, Any]:
+        for label, dtype, allow in (
+            ("fp32", torch.float32, False),
+            ("tf32", torch.float32, True),
+            ("bf16", torch.bfloat16, False),
+        ):
+
+            def run(
+                shape: tuple[int, int, int] = shape, dtype: torch.dtype = dtype, allow: bool = allow, s: int = s
+            ) -> dict[str, Any]:
                 torch.manual_seed(0)
                 g = conv_g(shape, size, device, dtype)
                 prepared = g.prepare()
@@ -235,29 +290,45 @@ def part_b(report: Report, device: torch.device, size: dict[str, Any]) -> None:
 
                     backward = timed(vjp, device, size["repeats"])
                     with torch.no_grad():
-                        forward_mode = timed(lambda: torch.func.jvp(lambda z: g.evaluate(z, prepared), (x,), (u,)),
-                                             device, size["repeats"])
-                return {"scale": s, "shape": list(shape), "batch": size["batch"], "value_s": value,
-                        "vjp_s": backward, "jvp_s": forward_mode}
+                        forward_mode = timed(
+                            lambda: torch.func.jvp(lambda z: g.evaluate(z, prepared), (x,), (u,)),
+                            device,
+                            size["repeats"],
+                        )
+                return {
+                    "scale": s,
+                    "shape": list(shape),
+                    "batch": size["batch"],
+                    "value_s": value,
+                    "vjp_s": backward,
+                    "jvp_s": forward_mode,
+                }
+
             guarded(report, "B", f"scale {s} {label}", run)
 
 
 def synthetic_trainer(preset_name: str, blocks: int, size: dict[str, Any], device: str) -> Trainer:
     preset = load_preset(preset_name)
-    model = preset.model_config(blocks_per_scale=[blocks] * len(preset.model["blocks_per_scale"]),
-                                **_model_overrides(size))
+    model = preset.model_config(
+        blocks_per_scale=[blocks] * len(preset.model["blocks_per_scale"]), **_model_overrides(size)
+    )
     c, h, w = preset.model["image_shape"]
     levels = int(preset.model.get("levels", 256))
-    train = preset.train_config(data="digits", data_dir=None, device=device, batch_size=size["batch"],
-                                eval_every=0, dtype="float32")
+    train = preset.train_config(
+        data="digits", data_dir=None, device=device, batch_size=size["batch"], eval_every=0, dtype="float32"
+    )
     budget = memory_budget(device) if device.startswith("cuda") else None
     if budget is not None:
-        train = train.replace(grad_accumulation=plan_grad_accumulation(model.replace(image_shape=[c, h, w]), train,
-                                                                       budget).grad_accumulation)
+        train = train.replace(
+            grad_accumulation=plan_grad_accumulation(
+                model.replace(image_shape=[c, h, w]), train, budget
+            ).grad_accumulation
+        )
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, levels, (max(256, size["batch"]), c, h, w), dtype=torch.uint8, generator=generator)
-    return Trainer(model, train, images=ImageSet(name=f"synthetic-{preset_name}", split="train", images=images,
-                                                 levels=levels))
+    return Trainer(
+        model, train, images=ImageSet(name=f"synthetic-{preset_name}", split="train", images=images, levels=levels)
+    )
 
 
 def _iterations(trainer: Trainer, which: str) -> dict[str, Any]:
@@ -266,14 +337,17 @@ def _iterations(trainer: Trainer, which: str) -> dict[str, Any]:
     if not stats:
         return {}
     medians = [float(s.iterations.float().median()) for s in stats]
-    return {f"{which}_iterations_median_per_block": statistics.median(medians),
-            f"{which}_iterations_max": max(int(s.iterations.max()) for s in stats),
-            f"{which}_failed": sum(int((~s.converged).sum()) for s in stats)}
+    return {
+        f"{which}_iterations_median_per_block": statistics.median(medians),
+        f"{which}_iterations_max": max(int(s.iterations.max()) for s in stats),
+        f"{which}_failed": sum(int((~s.converged).sum()) for s in stats),
+    }
 
 
 def part_c(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     for blocks in size["blocks"]:
         for preset in ("paper-mnist", "paper-cifar10"):
+
             def run(preset: str = preset, blocks: int = blocks) -> dict[str, Any]:
                 torch.manual_seed(0)
                 trainer = synthetic_trainer(preset, blocks, size, str(device))
@@ -288,17 +362,25 @@ def part_c(report: Report, device: torch.device, size: dict[str, Any]) -> None:
                     if i >= size["warmup"]:
                         times.append(time.perf_counter() - t0)
                     losses.append(m.loss)
-                out = {"blocks_per_scale": [blocks] * 3, "batch": size["batch"],
-                       "grad_accumulation": trainer.train_config.grad_accumulation,
-                       "median_step_s": statistics.median(times), "step_s": times, "losses": losses,
-                       "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
-                                           if device.type == "cuda" else None),
-                       **_iterations(trainer, "forward"), **_iterations(trainer, "backward")}
+                out = {
+                    "blocks_per_scale": [blocks] * 3,
+                    "batch": size["batch"],
+                    "grad_accumulation": trainer.train_config.grad_accumulation,
+                    "median_step_s": statistics.median(times),
+                    "step_s": times,
+                    "losses": losses,
+                    "peak_memory_gib": (
+                        torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                    ),
+                    **_iterations(trainer, "forward"),
+                    **_iterations(trainer, "backward"),
+                }
                 counter = SyncCounter()
                 with counter:
                     trainer.step()
                 out["host_syncs_per_step"] = counter.count
                 return out
+
             guarded(report, "C", f"{preset} {blocks}-{blocks}-{blocks}", run)
 
 
@@ -312,21 +394,35 @@ def part_d(report: Report, device: torch.device, size: dict[str, Any]) -> None:
         synchronize(device)
         train_s = time.perf_counter() - t0
         ev = trainer.evaluate(n=64 if size["digits_steps"] < 10 else 10**9, split="test")
-        return {"steps": size["digits_steps"], "train_s": train_s, "last_loss": m.loss, "test_bpd": ev.bpd,
-                "test_bpd_stderr": ev.bpd_stderr, "exact": ev.exact, "n_test": ev.n_test}
+        return {
+            "steps": size["digits_steps"],
+            "train_s": train_s,
+            "last_loss": m.loss,
+            "test_bpd": ev.bpd,
+            "test_bpd_stderr": ev.bpd_stderr,
+            "exact": ev.exact,
+            "n_test": ev.n_test,
+        }
+
     guarded(report, "D", f"digits-cpu {size['digits_steps']} steps", run)
 
 
 def part_e(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     devices = ["cpu"] + ([str(device)] if device.type == "cuda" else [])
     for dev in devices:
+
         def run(dev: str = dev) -> dict[str, Any]:
             preset = load_preset("paper-toy-monotone")
             trainer = Trainer(preset.model_config(), preset.train_config(device=dev, eval_every=0))
             target = torch.device(dev)
             seconds = timed(trainer.step, target, size["toy_steps"], warmup=2)
-            return {"device": dev, "fused_path": bool(getattr(trainer.flow, "fast_path", False)) and dev == "cpu",
-                    "median_step_s": seconds, "threads": torch.get_num_threads()}
+            return {
+                "device": dev,
+                "fused_path": bool(getattr(trainer.flow, "fast_path", False)) and dev == "cpu",
+                "median_step_s": seconds,
+                "threads": torch.get_num_threads(),
+            }
+
         guarded(report, "E", f"paper-toy-monotone on {dev}", run)
     if device.type != "cuda":
         report.add("E", "cuda", {"skipped": "no CUDA device in this run"})
@@ -354,13 +450,21 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
     size = sizes(args.tiny)
-    header = {"what": "gpu_step", "device": str(device), "tiny": args.tiny,
-              "label": ("CPU smoke run with tiny sizes: checks the script, not a GPU figure"
-                        if device.type != "cuda" else f"GPU run on {info.get('cuda_device')}") + (
-                  " (tiny sizes)" if args.tiny and device.type == "cuda" else ""),
-              "command": common.command_line(), "machine": info, "sizes": size,
-              "tf32_defaults": {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                                "cudnn": torch.backends.cudnn.allow_tf32}}
+    header = {
+        "what": "gpu_step",
+        "device": str(device),
+        "tiny": args.tiny,
+        "label": (
+            "CPU smoke run with tiny sizes: checks the script, not a GPU figure"
+            if device.type != "cuda"
+            else f"GPU run on {info.get('cuda_device')}"
+        )
+        + (" (tiny sizes)" if args.tiny and device.type == "cuda" else ""),
+        "command": common.command_line(),
+        "machine": info,
+        "sizes": size,
+        "tf32_defaults": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+    }
     report = Report(Path(args.out), header)
     report.write()
     for part in args.parts.upper():

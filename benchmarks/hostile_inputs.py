@@ -58,10 +58,38 @@ from monoflow_core import FlowConfig
 from monoflow_core.checkpoint import load_checkpoint, read_checkpoint_metadata
 from monoflow_core.training import TrainConfig, Trainer
 
-TINY = ["--blocks", "1", "--batch-size", "16", "--test-size", "50", "--eval-size", "50", "--eval-every", "0",
-        "--iterations", "2", "--no-progress"]
-IMAGE_TINY = ["--preset", "digits-cpu", "--device", "cpu", "--iterations", "1", "--batch-size", "4",
-              "--test-size", "8", "--eval-every", "0", "--checkpoint-every", "0", "--no-progress"]
+TINY = [
+    "--blocks",
+    "1",
+    "--batch-size",
+    "16",
+    "--test-size",
+    "50",
+    "--eval-size",
+    "50",
+    "--eval-every",
+    "0",
+    "--iterations",
+    "2",
+    "--no-progress",
+]
+IMAGE_TINY = [
+    "--preset",
+    "digits-cpu",
+    "--device",
+    "cpu",
+    "--iterations",
+    "1",
+    "--batch-size",
+    "4",
+    "--test-size",
+    "8",
+    "--eval-every",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--no-progress",
+]
 GIB = 1 << 30
 
 
@@ -92,8 +120,10 @@ class Outcome:
 
 def _train_base_checkpoint(path: Path) -> None:
     """A real, tiny training checkpoint (2 iterations of a 1-block flow), written in-process."""
-    trainer = Trainer(FlowConfig(blocks=1, growth=4),
-                      TrainConfig(iterations=2, batch_size=16, test_size=50, eval_size=50, eval_every=0))
+    trainer = Trainer(
+        FlowConfig(blocks=1, growth=4),
+        TrainConfig(iterations=2, batch_size=16, test_size=50, eval_size=50, eval_every=0),
+    )
     trainer.run(2)
     trainer.save_checkpoint(path, metadata={"preset": "probe", "description": "hostile_inputs base"})
 
@@ -121,8 +151,7 @@ def _checkpoint_files(folder: Path, base: Path) -> dict[str, Path]:
         "length-zero": struct.pack("<Q", 0),
         "length-2**64-1": struct.pack("<Q", 2**64 - 1) + b"{}",
         "length-beyond-file": _join_safetensors(header, body, length=len(data) * 4),
-        "length-short-by-one": _join_safetensors(json.dumps(header).encode(), body,
-                                                 length=len(json.dumps(header)) - 1),
+        "length-short-by-one": _join_safetensors(json.dumps(header).encode(), body, length=len(json.dumps(header)) - 1),
         "header-not-json": _join_safetensors(b"this is not json at all" + b" " * 9, body),
         "header-list": _join_safetensors(b"[1, 2, 3]", b""),
         "header-empty-object": _join_safetensors(b"{}", b""),
@@ -191,11 +220,14 @@ def _checkpoint_files(folder: Path, base: Path) -> dict[str, Path]:
     variant("tensor-dtype-f64", lambda h: h[weight].__setitem__("dtype", "F64"))
     variant("tensor-dtype-unknown", lambda h: h[weight].__setitem__("dtype", "Q7"))
     variant("tensor-offsets-beyond", lambda h: h[weight].__setitem__("data_offsets", [0, 10**12]))
-    variant("tensor-offsets-reversed", lambda h: h[weight].__setitem__(
-        "data_offsets", list(reversed(h[weight]["data_offsets"]))))
+    variant(
+        "tensor-offsets-reversed",
+        lambda h: h[weight].__setitem__("data_offsets", list(reversed(h[weight]["data_offsets"]))),
+    )
     variant("tensor-missing", lambda h: h.pop(weight))
-    variant("tensor-extra", lambda h: h.__setitem__("flow.extra", {"dtype": "F32", "shape": [1],
-                                                                   "data_offsets": [0, 4]}))
+    variant(
+        "tensor-extra", lambda h: h.__setitem__("flow.extra", {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]})
+    )
     # Weights of NaN: a well-formed file whose flow can only produce NaN.
     nan_body = bytearray(body)
     start, stop = header[weight]["data_offsets"]
@@ -224,8 +256,7 @@ def _checkpoint_files(folder: Path, base: Path) -> dict[str, Path]:
 
 def _preset_files(folder: Path) -> dict[str, Path]:
     small = {"blocks": 1, "growth": 4}
-    train = {"data": "8gaussians", "iterations": 1, "batch_size": 16, "test_size": 50, "eval_size": 50,
-             "eval_every": 0}
+    train = {"data": "8gaussians", "iterations": 1, "batch_size": 16, "test_size": 50, "eval_size": 50, "eval_every": 0}
     texts: dict[str, str | bytes] = {
         "empty": "",
         "null": "null",
@@ -235,7 +266,8 @@ def _preset_files(folder: Path) -> dict[str, Path]:
         "broken-json": '{"model": {"blocks": 1,}',
         "deep-nesting": "[" * 100_000 + "]" * 100_000,
         "deep-nesting-in-model": json.dumps({"model": {"x": 0}, "training": train}).replace(
-            '{"x": 0}', "[" * 50 + "0" + "]" * 50),
+            '{"x": 0}', "[" * 50 + "0" + "]" * 50
+        ),
         "utf16": json.dumps({"model": small, "training": train}).encode("utf-16"),
         "binary": bytes(range(256)) * 4,
         "blocks-string": json.dumps({"model": {"blocks": "ten"}, "training": train}),
@@ -253,8 +285,7 @@ def _preset_files(folder: Path) -> dict[str, Path]:
         "lr-nan": '{"model": {"blocks": 1}, "training": {"data": "8gaussians", "lr": NaN}}',
         "tol-zero": json.dumps({"model": {**small, "tol": 0}, "training": train}),
         "activation-unknown": json.dumps({"model": {**small, "activation": "sigmoid"}, "training": train}),
-        "formulation-list-length": json.dumps({"model": {**small, "formulation": ["monotone"] * 3},
-                                               "training": train}),
+        "formulation-list-length": json.dumps({"model": {**small, "formulation": ["monotone"] * 3}, "training": train}),
         "unknown-model-field": json.dumps({"model": {**small, "warp": 9}, "training": train}),
         "unknown-training-field": json.dumps({"model": small, "training": {**train, "warp": 9}}),
         "data-unknown": json.dumps({"model": small, "training": {**train, "data": "nosuch"}}),
@@ -304,8 +335,9 @@ def _png_with_ihdr(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(
-        b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _half(data: bytes) -> bytes:
@@ -330,20 +362,37 @@ def _data_dirs(folder: Path) -> list[tuple[str, str, Path]]:
 
     good_test = _idx(10, 28, 28)
     make("mnist-empty-folder", "mnist", {})
-    make("mnist-truncated", "mnist", {"train-images-idx3-ubyte": _idx(100, 28, 28)[:5000],
-                                      "t10k-images-idx3-ubyte": good_test})
-    make("mnist-bad-magic", "mnist", {"train-images-idx3-ubyte": _idx(10, 28, 28, magic=0x801),
-                                      "t10k-images-idx3-ubyte": good_test})
-    make("mnist-header-1e9-images", "mnist", {"train-images-idx3-ubyte": _idx(10**9, 28, 28, pixels=b"\x00" * 100),
-                                              "t10k-images-idx3-ubyte": good_test})
-    make("mnist-header-65535-square", "mnist", {"train-images-idx3-ubyte": _idx(1, 65535, 65535, pixels=b""),
-                                                "t10k-images-idx3-ubyte": good_test})
-    make("mnist-zero-dims", "mnist", {"train-images-idx3-ubyte": _idx(0, 0, 0),
-                                      "t10k-images-idx3-ubyte": good_test})
-    make("mnist-gzip-corrupt", "mnist", {"train-images-idx3-ubyte.gz": b"\x1f\x8b" + b"\x00" * 50,
-                                         "t10k-images-idx3-ubyte": good_test})
-    make("mnist-gzip-truncated", "mnist", {"train-images-idx3-ubyte.gz": _half(gzip.compress(_idx(50, 28, 28))),
-                                           "t10k-images-idx3-ubyte": good_test})
+    make(
+        "mnist-truncated",
+        "mnist",
+        {"train-images-idx3-ubyte": _idx(100, 28, 28)[:5000], "t10k-images-idx3-ubyte": good_test},
+    )
+    make(
+        "mnist-bad-magic",
+        "mnist",
+        {"train-images-idx3-ubyte": _idx(10, 28, 28, magic=0x801), "t10k-images-idx3-ubyte": good_test},
+    )
+    make(
+        "mnist-header-1e9-images",
+        "mnist",
+        {"train-images-idx3-ubyte": _idx(10**9, 28, 28, pixels=b"\x00" * 100), "t10k-images-idx3-ubyte": good_test},
+    )
+    make(
+        "mnist-header-65535-square",
+        "mnist",
+        {"train-images-idx3-ubyte": _idx(1, 65535, 65535, pixels=b""), "t10k-images-idx3-ubyte": good_test},
+    )
+    make("mnist-zero-dims", "mnist", {"train-images-idx3-ubyte": _idx(0, 0, 0), "t10k-images-idx3-ubyte": good_test})
+    make(
+        "mnist-gzip-corrupt",
+        "mnist",
+        {"train-images-idx3-ubyte.gz": b"\x1f\x8b" + b"\x00" * 50, "t10k-images-idx3-ubyte": good_test},
+    )
+    make(
+        "mnist-gzip-truncated",
+        "mnist",
+        {"train-images-idx3-ubyte.gz": _half(gzip.compress(_idx(50, 28, 28))), "t10k-images-idx3-ubyte": good_test},
+    )
     make("mnist-fifo", "mnist", {"train-images-idx3-ubyte": None, "t10k-images-idx3-ubyte": good_test})
 
     class Evil:
@@ -352,14 +401,33 @@ def _data_dirs(folder: Path) -> list[tuple[str, str, Path]]:
 
     batch = {b"data": np.zeros((10, 3072), dtype=np.uint8)}
     cifar_ok = pickle.dumps(batch, protocol=2)
-    make("cifar-evil-pickle", "cifar10", {"data_batch_1": pickle.dumps(Evil()), **{
-        f"data_batch_{k}": cifar_ok for k in range(2, 6)}, "test_batch": cifar_ok})
-    make("cifar-list-pickle", "cifar10", {**{f"data_batch_{k}": pickle.dumps([1, 2]) for k in range(1, 6)},
-                                          "test_batch": cifar_ok})
-    make("cifar-wrong-shape", "cifar10", {**{f"data_batch_{k}": pickle.dumps({b"data": np.zeros((4, 7), np.uint8)})
-                                             for k in range(1, 6)}, "test_batch": cifar_ok})
-    make("cifar-truncated", "cifar10", {**{f"data_batch_{k}": cifar_ok[: len(cifar_ok) // 2] for k in range(1, 6)},
-                                        "test_batch": cifar_ok})
+    make(
+        "cifar-evil-pickle",
+        "cifar10",
+        {
+            "data_batch_1": pickle.dumps(Evil()),
+            **{f"data_batch_{k}": cifar_ok for k in range(2, 6)},
+            "test_batch": cifar_ok,
+        },
+    )
+    make(
+        "cifar-list-pickle",
+        "cifar10",
+        {**{f"data_batch_{k}": pickle.dumps([1, 2]) for k in range(1, 6)}, "test_batch": cifar_ok},
+    )
+    make(
+        "cifar-wrong-shape",
+        "cifar10",
+        {
+            **{f"data_batch_{k}": pickle.dumps({b"data": np.zeros((4, 7), np.uint8)}) for k in range(1, 6)},
+            "test_batch": cifar_ok,
+        },
+    )
+    make(
+        "cifar-truncated",
+        "cifar10",
+        {**{f"data_batch_{k}": cifar_ok[: len(cifar_ok) // 2] for k in range(1, 6)}, "test_batch": cifar_ok},
+    )
     make("cifar-missing-batches", "cifar10", {"data_batch_1": cifar_ok, "test_batch": cifar_ok})
 
     def npz(**arrays: np.ndarray) -> bytes:
@@ -377,25 +445,46 @@ def _data_dirs(folder: Path) -> list[tuple[str, str, Path]]:
         return buf.getvalue()
 
     good_npz = npz(data=np.zeros((8, 3072), np.uint8))
-    make("imagenet-npy-as-npz", "imagenet32", {"train_data_batch_1.npz": npy(np.zeros((8, 3072), np.uint8)),
-                                               "val_data.npz": good_npz})
-    make("imagenet-zip-garbage", "imagenet32", {"train_data_batch_1.npz": b"PK\x03\x04" + b"\x00" * 100,
-                                                "val_data.npz": good_npz})
-    make("imagenet-no-data-array", "imagenet32", {"train_data_batch_1.npz": npz(labels=np.zeros(8)),
-                                                  "val_data.npz": good_npz})
-    make("imagenet-float-data", "imagenet32", {"train_data_batch_1.npz": npz(data=np.zeros((8, 3072))),
-                                               "val_data.npz": good_npz})
-    make("imagenet-64-rows-for-32", "imagenet32", {"train_data_batch_1.npz": npz(data=np.zeros((2, 12288),
-                                                                                              np.uint8)),
-                                                   "val_data.npz": good_npz})
-    make("imagenet-object-array", "imagenet32", {"train_data_batch_1.npz": npz(data=np.array([{"a": 1}],
-                                                                                            dtype=object)),
-                                                 "val_data.npz": good_npz})
-    make("imagenet-truncated", "imagenet32", {"train_data_batch_1.npz": good_npz[: len(good_npz) // 2],
-                                              "val_data.npz": good_npz})
-    make("imagenet-duplicate-batch", "imagenet32", {"train_data_batch_1.npz": good_npz,
-                                                    "sub/train_data_batch_1.npz": good_npz,
-                                                    "val_data.npz": good_npz})
+    make(
+        "imagenet-npy-as-npz",
+        "imagenet32",
+        {"train_data_batch_1.npz": npy(np.zeros((8, 3072), np.uint8)), "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-zip-garbage",
+        "imagenet32",
+        {"train_data_batch_1.npz": b"PK\x03\x04" + b"\x00" * 100, "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-no-data-array",
+        "imagenet32",
+        {"train_data_batch_1.npz": npz(labels=np.zeros(8)), "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-float-data",
+        "imagenet32",
+        {"train_data_batch_1.npz": npz(data=np.zeros((8, 3072))), "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-64-rows-for-32",
+        "imagenet32",
+        {"train_data_batch_1.npz": npz(data=np.zeros((2, 12288), np.uint8)), "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-object-array",
+        "imagenet32",
+        {"train_data_batch_1.npz": npz(data=np.array([{"a": 1}], dtype=object)), "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-truncated",
+        "imagenet32",
+        {"train_data_batch_1.npz": good_npz[: len(good_npz) // 2], "val_data.npz": good_npz},
+    )
+    make(
+        "imagenet-duplicate-batch",
+        "imagenet32",
+        {"train_data_batch_1.npz": good_npz, "sub/train_data_batch_1.npz": good_npz, "val_data.npz": good_npz},
+    )
 
     png8 = _png_bytes((8, 8))
     make("folder-empty", "folder", {})
@@ -451,8 +540,11 @@ def build_cases(work: Path) -> list[Case]:
     }
     for flag, values in int_flags.items():
         for value in values:
-            add("flags", f"train {flag} {value[:20]!r}", ["train", "--data", "8gaussians", *TINY, flag, value,
-                                                          "--out", fresh()])
+            add(
+                "flags",
+                f"train {flag} {value[:20]!r}",
+                ["train", "--data", "8gaussians", *TINY, flag, value, "--out", fresh()],
+            )
     float_flags = {
         "--lr": ["nan", "inf", "-1", "0", "1e400", "abc"],
         "--lipschitz": ["0", "1", "1.5", "nan", "-inf"],
@@ -460,8 +552,11 @@ def build_cases(work: Path) -> list[Case]:
     }
     for flag, values in float_flags.items():
         for value in values:
-            add("flags", f"train {flag} {value}", ["train", "--data", "8gaussians", *TINY, flag, value,
-                                                   "--out", fresh()])
+            add(
+                "flags",
+                f"train {flag} {value}",
+                ["train", "--data", "8gaussians", *TINY, flag, value, "--out", fresh()],
+            )
     for argv, name in (
         (["train", "--data", "nosuch", "--out", fresh()], "unknown --data"),
         (["train", "--data", "8gaussians"], "no --out"),
@@ -471,14 +566,18 @@ def build_cases(work: Path) -> list[Case]:
         (["train", "--data", "8gaussians", *TINY, "--out", "/proc/monoflow"], "--out under /proc"),
         (["train", "--data", "8gaussians", *TINY, "--out", str(out_dir / ("x" * 300))], "--out name too long"),
         (["train", "--data", "8gaussians", *TINY, "--formulation", ",", "--out", fresh()], "--formulation ','"),
-        (["train", "--data", "8gaussians", *TINY, "--formulation", "monotone,residual", "--out", fresh()],
-         "--formulation list length"),
+        (
+            ["train", "--data", "8gaussians", *TINY, "--formulation", "monotone,residual", "--out", fresh()],
+            "--formulation list length",
+        ),
         (["train", "--data", "8gaussians", *TINY, "--activation", "sigmoid", "--out", fresh()], "--activation"),
         (["train", "--data", "8gaussians", *TINY, "--solver", "magic", "--out", fresh()], "--solver"),
         (["train", "--data", "8gaussians", *TINY, "--device", "tpu", "--out", fresh()], "--device tpu"),
         (["train", "--data", "8gaussians", *TINY, "--device", "cuda:99", "--out", fresh()], "--device cuda:99"),
-        (["train", "--data", "staircase", *TINY, "--test-size", "50", "--eval-size", "60", "--out", fresh()],
-         "staircase test/eval sizes differ"),
+        (
+            ["train", "--data", "staircase", *TINY, "--test-size", "50", "--eval-size", "60", "--out", fresh()],
+            "staircase test/eval sizes differ",
+        ),
         (["train", "--data", "mnist", *TINY, "--out", fresh()], "mnist without --data-dir"),
         (["train", "--data", "mnist", "--data-dir", "", *TINY, "--out", fresh()], "--data-dir empty"),
         (["train", "--data", "mnist", "--data-dir", base, *TINY, "--out", fresh()], "--data-dir is a file"),
@@ -501,8 +600,10 @@ def build_cases(work: Path) -> list[Case]:
         (["sample", base, "--n", "10", "--temperature", "nan", "--out", out_dir / "s.npy"], "--temperature nan"),
         (["sample", base, "--n", "10", "--seed", str(2**64), "--out", out_dir / "s.npy"], "sample --seed 2**64"),
         (["sample", base, "--n", "10", "--workers", "100000", "--out", out_dir / "s.npy"], "--workers 100000"),
-        (["sample", base, "--n", "10", "--resolution", str(10**6), "--out", out_dir / "s.png"],
-         "sample png --resolution 1e6"),
+        (
+            ["sample", base, "--n", "10", "--resolution", str(10**6), "--out", out_dir / "s.png"],
+            "sample png --resolution 1e6",
+        ),
         (["sample", base, "--n", "10", "--extent", "-1", "--out", out_dir / "s.png"], "sample --extent -1"),
         (["sample", base, "--n", "10", "--out", out_dir / "s.txt"], "sample --out .txt"),
         (["sample", base, "--n", "10", "--out", ""], "sample --out empty"),
@@ -513,8 +614,10 @@ def build_cases(work: Path) -> list[Case]:
         (["density", base, "--resolution", str(10**6), "--out", out_dir / "d.npy"], "density --resolution 1e6"),
         (["density", base, "--resolution", str(10**5), "--out", out_dir / "d.png"], "density png 1e5"),
         (["density", base, "--extent", "0", "--out", out_dir / "d.npy"], "density --extent 0"),
-        (["density", base, "--extent", "1e300", "--resolution", "8", "--out", out_dir / "d.npy"],
-         "density --extent 1e300 (may succeed if finite)"),
+        (
+            ["density", base, "--extent", "1e300", "--resolution", "8", "--out", out_dir / "d.npy"],
+            "density --extent 1e300 (may succeed if finite)",
+        ),
         (["density", base, "--threads", "100000", "--out", out_dir / "d.npy"], "density --threads 1e5"),
         (["presets", "--bogus"], "presets --bogus"),
         (["nosuchcommand"], "unknown command"),
@@ -525,27 +628,52 @@ def build_cases(work: Path) -> list[Case]:
     # -- presets
     for name, path in _preset_files(preset_dir).items():
         # --data always sets the training data, so a preset naming unknown data is legitimately overridden.
-        add("preset", name, ["train", "--data", "8gaussians", "--preset", path, "--no-progress", "--out", fresh()],
-            "any" if name in ("valid-tiny", "data-unknown") else "error")
+        add(
+            "preset",
+            name,
+            ["train", "--data", "8gaussians", "--preset", path, "--no-progress", "--out", fresh()],
+            "any" if name in ("valid-tiny", "data-unknown") else "error",
+        )
 
     # -- checkpoints
     for name, path in _checkpoint_files(ckpt_dir, base).items():
         add("ckpt", f"eval {name}", ["eval", path], "any" if name == "nan-weights" else "error")
-    for name in ("truncated-50pct", "tensor-shape-huge", "model-blocks-1e9", "fifo", "nan-weights",
-                 "train-test-size-1e11", "header-deep-nesting"):
+    for name in (
+        "truncated-50pct",
+        "tensor-shape-huge",
+        "model-blocks-1e9",
+        "fifo",
+        "nan-weights",
+        "train-test-size-1e11",
+        "header-deep-nesting",
+    ):
         path = ckpt_dir / f"{name}.safetensors"
         # Sampling does not use the test size: that checkpoint is fine for it.
-        add("ckpt", f"sample {name}", ["sample", path, "--n", "10", "--out", out_dir / "c.npy"],
-            "any" if name == "train-test-size-1e11" else "error")
-        add("ckpt", f"resume {name}", ["train", "--resume", path, "--iterations", "5", "--no-progress",
-                                       "--out", fresh()])
-    add("ckpt", "density nan-weights", ["density", ckpt_dir / "nan-weights.safetensors", "--resolution", "8",
-                                         "--out", out_dir / "nan.npy"])
+        add(
+            "ckpt",
+            f"sample {name}",
+            ["sample", path, "--n", "10", "--out", out_dir / "c.npy"],
+            "any" if name == "train-test-size-1e11" else "error",
+        )
+        add(
+            "ckpt",
+            f"resume {name}",
+            ["train", "--resume", path, "--iterations", "5", "--no-progress", "--out", fresh()],
+        )
+    add(
+        "ckpt",
+        "density nan-weights",
+        ["density", ckpt_dir / "nan-weights.safetensors", "--resolution", "8", "--out", out_dir / "nan.npy"],
+    )
 
     # -- data files
     for name, data, folder in _data_dirs(data_dir):
-        add("data", name, ["train", "--data", data, "--data-dir", folder, *IMAGE_TINY, "--out", fresh()],
-            "any" if name in ("folder-1x1-images",) else "error")
+        add(
+            "data",
+            name,
+            ["train", "--data", data, "--data-dir", folder, *IMAGE_TINY, "--out", fresh()],
+            "any" if name in ("folder-1x1-images",) else "error",
+        )
     return cases
 
 
@@ -580,9 +708,16 @@ def _classify(rc: int | None, stderr: str, timed_out: bool) -> str:
 def run_case(case: Case, cwd: Path, timeout: float, memory_limit: int) -> Outcome:
     env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_DEBUG"}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "monoflow_core", *case.argv], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            preexec_fn=_limit_memory(memory_limit), start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monoflow_core", *case.argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_limit_memory(memory_limit),
+        start_new_session=True,
+    )
     timed_out = False
     try:
         _, err = proc.communicate(timeout=timeout)
@@ -614,14 +749,34 @@ def _kill_one(slot: Path, rng: random.Random, timeout: float, memory_limit: int)
         before = int(read_checkpoint_metadata(ckpt)["step"])
         before_mtime = ckpt.stat().st_mtime_ns
     else:
-        argv = ["train", "--data", "8gaussians", "--blocks", "2", "--batch-size", "64", "--test-size", "100",
-                "--eval-size", "100", "--eval-every", "0", *common_flags, "--out", str(slot)]
+        argv = [
+            "train",
+            "--data",
+            "8gaussians",
+            "--blocks",
+            "2",
+            "--batch-size",
+            "64",
+            "--test-size",
+            "100",
+            "--eval-size",
+            "100",
+            "--eval-every",
+            "0",
+            *common_flags,
+            "--out",
+            str(slot),
+        ]
         before, before_mtime = 0, 0
     mode = rng.choice(["at-temp-file", "after-delay"])
     # Temporary files a previous kill left behind are not this process's saves.
     stale = {e.name for e in os.scandir(slot) if _TEMP.match(e.name)} if slot.is_dir() else set()
-    proc = subprocess.Popen([sys.executable, "-m", "monoflow_core", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=_limit_memory(memory_limit))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monoflow_core", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_limit_memory(memory_limit),
+    )
     deadline = time.monotonic() + timeout
     if not ckpt.exists():
         # A new run: let it complete its first save, so that every kill has a checkpoint to protect.
@@ -643,8 +798,12 @@ def _kill_one(slot: Path, rng: random.Random, timeout: float, memory_limit: int)
     exited_early = proc.poll() is not None
     proc.kill()
     proc.wait()
-    result: dict[str, Any] = {"mode": mode, "save_seen": seen, "exited_before_kill": exited_early,
-                              "step_before": before}
+    result: dict[str, Any] = {
+        "mode": mode,
+        "save_seen": seen,
+        "exited_before_kill": exited_early,
+        "step_before": before,
+    }
     try:
         loaded = load_checkpoint(ckpt)
         step = int(loaded.metadata.get("step", -1))
@@ -667,15 +826,25 @@ def kill_campaign(work: Path, kills: int, jobs: int, timeout: float, memory_limi
         for k in range(per_slot[i]):
             r = _kill_one(slots[i], rng, timeout, memory_limit)
             out.append(r)
-            print(f"  kill {i}.{k + 1}: {r['mode']}, loadable={r['loadable']}, step {r['step_before']} -> "
-                  f"{r.get('step_after')}", flush=True)
+            print(
+                f"  kill {i}.{k + 1}: {r['mode']}, loadable={r['loadable']}, step {r['step_before']} -> "
+                f"{r.get('step_after')}",
+                flush=True,
+            )
         return out
 
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         results = [r for rs in pool.map(run_slot, range(len(slots))) for r in rs]
     # The command itself must load what is left (not only the library).
-    final = [run_case(Case("kill", f"eval {s.name}", ["eval", str(s / "checkpoint.safetensors")], "any"), work,
-                      timeout, memory_limit) for s in slots]
+    final = [
+        run_case(
+            Case("kill", f"eval {s.name}", ["eval", str(s / "checkpoint.safetensors")], "any"),
+            work,
+            timeout,
+            memory_limit,
+        )
+        for s in slots
+    ]
     return {
         "kills": len(results),
         "unloadable": sum(not r["loadable"] for r in results),
@@ -694,13 +863,17 @@ def kill_campaign(work: Path, kills: int, jobs: int, timeout: float, memory_limi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _report(outcomes: list[Outcome], kills: dict[str, Any] | None, info: dict[str, Any], command: str,
-            seconds: float) -> list[str]:
+def _report(
+    outcomes: list[Outcome], kills: dict[str, Any] | None, info: dict[str, Any], command: str, seconds: float
+) -> list[str]:
     counts = Counter(o.verdict for o in outcomes)
     lines = ["# Hostile inputs to the monoflow command", ""]
     lines += common.machine_header(info, [command])
-    lines += [f"Total time {seconds / 60:.1f} min. Each case is its own `python -m monoflow_core ...` process with a "
-              "per-case timeout and an address-space limit; the case list is in `benchmarks/hostile_inputs.py`.", ""]
+    lines += [
+        f"Total time {seconds / 60:.1f} min. Each case is its own `python -m monoflow_core ...` process with a "
+        "per-case timeout and an address-space limit; the case list is in `benchmarks/hostile_inputs.py`.",
+        "",
+    ]
     lines += ["## Malformed inputs", ""]
     verdicts = ["one-line error", "accepted", "traceback", "crash", "hang", "messy error"]
     lines += common.markdown_table(["verdict", "cases"], [[v, counts.get(v, 0)] for v in verdicts])
@@ -711,8 +884,12 @@ def _report(outcomes: list[Outcome], kills: dict[str, Any] | None, info: dict[st
         c = Counter(o.verdict for o in outcomes if o.case.group == g)
         rows.append([g, sum(c.values()), *[c.get(v, 0) for v in verdicts]])
     lines += common.markdown_table(["group", "cases", *verdicts], rows)
-    bad = [o for o in outcomes if o.verdict in ("traceback", "crash", "hang", "messy error")
-           or (o.verdict == "accepted" and o.case.expect == "error")]
+    bad = [
+        o
+        for o in outcomes
+        if o.verdict in ("traceback", "crash", "hang", "messy error")
+        or (o.verdict == "accepted" and o.case.expect == "error")
+    ]
     lines += ["", "### Cases that are not a clean one-line error", ""]
     if not bad:
         lines += ["None."]
@@ -721,21 +898,30 @@ def _report(outcomes: list[Outcome], kills: dict[str, Any] | None, info: dict[st
         lines.append(f"- **{o.case.group} / {o.case.name}**: {o.verdict}{note}, exit {o.rc}: `{o.last_line}`")
     accepted = [o for o in outcomes if o.verdict == "accepted" and o.case.expect != "error"]
     if accepted:
-        lines += ["", "Accepted as legitimate (exit 0): " + ", ".join(f"{o.case.group} / {o.case.name}"
-                                                                      for o in accepted) + "."]
+        lines += [
+            "",
+            "Accepted as legitimate (exit 0): " + ", ".join(f"{o.case.group} / {o.case.name}" for o in accepted) + ".",
+        ]
     if kills is not None:
         lines += ["", "## SIGKILL of `monoflow train` while it saves checkpoints", ""]
-        lines += common.markdown_table(["figure", "value"], [
-            ["kills", kills["kills"]],
-            ["kills after a save was seen (temporary file or a new checkpoint)", kills["save_seen"]],
-            ["of which the instant the temporary checkpoint file appeared", kills["at_temp_file"]],
-            ["runs that ended before the kill", kills["exited_before_kill"]],
-            ["checkpoint not loadable after a kill", kills["unloadable"]],
-            ["checkpoint went back in steps", kills["regressed"]],
-            ["most temporary files left in the folder after a kill", kills["max_temporaries_left"]],
-        ])
-        lines += ["", "`monoflow eval` of each run's final checkpoint: " + "; ".join(
-            f"{name}: {verdict} (`{last}`)" for name, verdict, last in kills["final_eval"]) + "."]
+        lines += common.markdown_table(
+            ["figure", "value"],
+            [
+                ["kills", kills["kills"]],
+                ["kills after a save was seen (temporary file or a new checkpoint)", kills["save_seen"]],
+                ["of which the instant the temporary checkpoint file appeared", kills["at_temp_file"]],
+                ["runs that ended before the kill", kills["exited_before_kill"]],
+                ["checkpoint not loadable after a kill", kills["unloadable"]],
+                ["checkpoint went back in steps", kills["regressed"]],
+                ["most temporary files left in the folder after a kill", kills["max_temporaries_left"]],
+            ],
+        )
+        lines += [
+            "",
+            "`monoflow eval` of each run's final checkpoint: "
+            + "; ".join(f"{name}: {verdict} (`{last}`)" for name, verdict, last in kills["final_eval"])
+            + ".",
+        ]
         broken = [r for r in kills["details"] if not r["loadable"]]
         for r in broken[:10]:
             lines.append(f"- unloadable after a kill ({r['mode']}): `{r.get('error')}`")
@@ -751,8 +937,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="run only cases whose 'group / name' matches this regex")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill timings")
-    p.add_argument("--out", default=str(common.RESULTS_DIR / "hostile_inputs"),
-                   help="results file (OUT.md and OUT.json; default benchmarks/results/hostile_inputs)")
+    p.add_argument(
+        "--out",
+        default=str(common.RESULTS_DIR / "hostile_inputs"),
+        help="results file (OUT.md and OUT.json; default benchmarks/results/hostile_inputs)",
+    )
     args = p.parse_args(argv)
     info = common.machine_info()
     command = common.command_line(argv if argv is None else [sys.argv[0], *argv])
@@ -782,11 +971,26 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             outcomes = list(pool.map(one, cases))
         if pwned.exists():  # the hostile CIFAR pickle ran code: count it as the worst failure there is
-            outcomes.append(Outcome(Case("data", "cifar-evil-pickle ran code", []), "crash", None, 0.0,
-                                    "the pickle's os.system call ran", {"signal": "code execution"}))
+            outcomes.append(
+                Outcome(
+                    Case("data", "cifar-evil-pickle ran code", []),
+                    "crash",
+                    None,
+                    0.0,
+                    "the pickle's os.system call ran",
+                    {"signal": "code execution"},
+                )
+            )
         if any(cwd.iterdir()):
-            outcomes.append(Outcome(Case("flags", "files written into the current folder", []), "messy error", None,
-                                    0.0, ", ".join(sorted(p.name for p in cwd.iterdir()))))
+            outcomes.append(
+                Outcome(
+                    Case("flags", "files written into the current folder", []),
+                    "messy error",
+                    None,
+                    0.0,
+                    ", ".join(sorted(p.name for p in cwd.iterdir())),
+                )
+            )
         kills = None
         if args.kills > 0:
             print(f"{args.kills} SIGKILLs during checkpoint saves", flush=True)
@@ -799,9 +1003,19 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "seconds": seconds,
             "counts": dict(Counter(o.verdict for o in outcomes)),
-            "cases": [{"group": o.case.group, "name": o.case.name, "argv": o.case.argv, "verdict": o.verdict,
-                       "rc": o.rc, "seconds": round(o.seconds, 2), "last_line": o.last_line, **o.extra}
-                      for o in outcomes],
+            "cases": [
+                {
+                    "group": o.case.group,
+                    "name": o.case.name,
+                    "argv": o.case.argv,
+                    "verdict": o.verdict,
+                    "rc": o.rc,
+                    "seconds": round(o.seconds, 2),
+                    "last_line": o.last_line,
+                    **o.extra,
+                }
+                for o in outcomes
+            ],
             "kills": kills,
         }
         if not args.only:

@@ -128,15 +128,20 @@ def part_floors(args: argparse.Namespace) -> list[dict[str, Any]]:
         flow = build_flow(cfg)
         x = smooth_images(cfg.image_shape, args.batch, seed=1)
         inputs: list[tuple[Any, Tensor]] = []
-        hooks = [b.register_forward_pre_hook(lambda m, a, seen=inputs: seen.append((m, a[0].detach())))
-                 for b in flow.implicit_blocks()]
+        hooks = [
+            b.register_forward_pre_hook(lambda m, a, seen=inputs: seen.append((m, a[0].detach())))
+            for b in flow.implicit_blocks()
+        ]
         flow.train()
         with torch.no_grad():
             flow(x)  # ActNorm's data initialisation; records every block's input
         for h in hooks:
             h.remove()
-        for arith, emulate, declare in (("float32", False, False), ("tf32, float32 floor", True, False),
-                                        ("tf32, TF32 floor", True, True)):
+        for arith, emulate, declare in (
+            ("float32", False, False),
+            ("tf32, float32 floor", True, False),
+            ("tf32, TF32 floor", True, True),
+        ):
             for k, (block, xin) in enumerate(inputs):
                 ev = _NetEvaluator(block.net)
                 rhs = SQRT2 * xin
@@ -144,23 +149,46 @@ def part_floors(args: argparse.Namespace) -> list[dict[str, Any]]:
                 with tracked() as rec, counted_warnings() as warned, torch.no_grad():
                     if emulate:
                         with emulate_reduced_precision("tf32", declare=declare):
-                            _, st, _ = solvers.solve(lambda v, idx, r=rhs, e=ev: r[idx] - e.value(v), rhs,
-                                                     method="anderson", tol=block.tol, max_iter=1000,
-                                                     memory=block.memory, label=f"{preset} block {k}")
+                            _, st, _ = solvers.solve(
+                                lambda v, idx, r=rhs, e=ev: r[idx] - e.value(v),
+                                rhs,
+                                method="anderson",
+                                tol=block.tol,
+                                max_iter=1000,
+                                memory=block.memory,
+                                label=f"{preset} block {k}",
+                            )
                     else:
-                        _, st, _ = solvers.solve(lambda v, idx, r=rhs, e=ev: r[idx] - e.value(v), rhs,
-                                                 method="anderson", tol=block.tol, max_iter=1000,
-                                                 memory=block.memory, label=f"{preset} block {k}")
+                        _, st, _ = solvers.solve(
+                            lambda v, idx, r=rhs, e=ev: r[idx] - e.value(v),
+                            rhs,
+                            method="anderson",
+                            tol=block.tol,
+                            max_iter=1000,
+                            memory=block.memory,
+                            label=f"{preset} block {k}",
+                        )
                 row = {
-                    "preset": preset, "block": k, "g": type(block.net).__name__, "arithmetic": arith,
-                    "tol": st.tol, "iterations": st.iterations.tolist(), "evaluations": st.evaluations,
-                    "converged": int(st.converged.sum()), "stalled": st.n_stalled, "batch": st.batch_size,
-                    "lowest_residual": rec[0]["lowest"].tolist(), "warnings": len(warned),
+                    "preset": preset,
+                    "block": k,
+                    "g": type(block.net).__name__,
+                    "arithmetic": arith,
+                    "tol": st.tol,
+                    "iterations": st.iterations.tolist(),
+                    "evaluations": st.evaluations,
+                    "converged": int(st.converged.sum()),
+                    "stalled": st.n_stalled,
+                    "batch": st.batch_size,
+                    "lowest_residual": rec[0]["lowest"].tolist(),
+                    "warnings": len(warned),
                     "seconds": time.perf_counter() - t0,
                 }
                 rows.append(row)
-                print(f"floors {preset} block {k} {arith}: its {row['iterations']} stalled {row['stalled']} lowest "
-                      f"{max(row['lowest_residual']):.2e}", flush=True)
+                print(
+                    f"floors {preset} block {k} {arith}: its {row['iterations']} stalled {row['stalled']} lowest "
+                    f"{max(row['lowest_residual']):.2e}",
+                    flush=True,
+                )
     return rows
 
 
@@ -184,9 +212,15 @@ def part_window(args: argparse.Namespace) -> list[dict[str, Any]]:
                     del warned
             worst = max(longest) if longest else 0
             q = sorted(longest)[int(0.999 * (len(longest) - 1))] if longest else 0
-            row = {"dtype": str(dtype).replace("torch.", ""), "method": method, "samples": len(longest) + unconverged,
-                   "unconverged": unconverged, "longest_max": worst, "longest_p999": q,
-                   "would_stall": sum(v >= solvers.STALL_WINDOW for v in longest)}
+            row = {
+                "dtype": str(dtype).replace("torch.", ""),
+                "method": method,
+                "samples": len(longest) + unconverged,
+                "unconverged": unconverged,
+                "longest_max": worst,
+                "longest_p999": q,
+                "would_stall": sum(v >= solvers.STALL_WINDOW for v in longest),
+            }
             rows.append(row)
             print(f"window {row}", flush=True)
     return rows
@@ -213,11 +247,18 @@ def _train(label: str, model: Any, train: Any, steps: int) -> dict[str, Any]:
             its = _block_iterations(trainer.flow)
             fwd += its["forward"]
             bwd += its["backward"]
-    row = {"run": label, "steps": steps, "forward_max": max(fwd, default=0),
-           "forward_median": statistics.median(fwd) if fwd else 0, "backward_max": max(bwd, default=0),
-           "backward_median": statistics.median(bwd) if bwd else 0, "warnings": len(warned),
-           "warning_texts": warned[:5], "seconds": time.perf_counter() - t0,
-           "final_loss": trainer.history[-1].loss if trainer.history else None}
+    row = {
+        "run": label,
+        "steps": steps,
+        "forward_max": max(fwd, default=0),
+        "forward_median": statistics.median(fwd) if fwd else 0,
+        "backward_max": max(bwd, default=0),
+        "backward_median": statistics.median(bwd) if bwd else 0,
+        "warnings": len(warned),
+        "warning_texts": warned[:5],
+        "seconds": time.perf_counter() - t0,
+        "final_loss": trainer.history[-1].loss if trainer.history else None,
+    }
     print(f"training {row}", flush=True)
     return row
 
@@ -229,10 +270,16 @@ def part_training(args: argparse.Namespace) -> list[dict[str, Any]]:
     mnist = load_preset("paper-mnist")
     # No MNIST files here: the same model on the built-in digits upsampled is not possible, so train the reduced
     # paper-mnist architecture on 8x8 digits (image shape from the data) at a small batch.
-    rows.append(_train("paper-mnist architecture (1-1-1, FC 1) on digits",
-                       reduced_image_model("paper-mnist").replace(image_shape=None),
-                       mnist.train_config(data="digits", data_dir=None, batch_size=args.batch, device="cpu",
-                                          eval_every=0, warmup_iterations=10), args.mnist_steps))
+    rows.append(
+        _train(
+            "paper-mnist architecture (1-1-1, FC 1) on digits",
+            reduced_image_model("paper-mnist").replace(image_shape=None),
+            mnist.train_config(
+                data="digits", data_dir=None, batch_size=args.batch, device="cpu", eval_every=0, warmup_iterations=10
+            ),
+            args.mnist_steps,
+        )
+    )
     return rows
 
 
@@ -265,8 +312,12 @@ def part_compaction(args: argparse.Namespace) -> list[dict[str, Any]]:
     # Samples whose iteration counts differ widely: plain iteration on random contractions (L in [0.5, 0.99]).
     batch = Batch(256, 4, 8, seed=7)
     rhs, f, _ = batch.maps(torch.float64, "residual")
-    cases.append(("random contractions, picard, 1,024 samples of dimension 8 (float64)",
-                  lambda: solvers.solve(f, rhs, method="picard", max_iter=5000)))
+    cases.append(
+        (
+            "random contractions, picard, 1,024 samples of dimension 8 (float64)",
+            lambda: solvers.solve(f, rhs, method="picard", max_iter=5000),
+        )
+    )
     original = solvers.default_fixed_shape
     for label, fn in cases:
         times: dict[bool, list[float]] = {False: [], True: []}
@@ -283,9 +334,14 @@ def part_compaction(args: argparse.Namespace) -> list[dict[str, Any]]:
                     solvers.default_fixed_shape = lambda device, v=fixed: v  # type: ignore[assignment]
                     times[fixed].append(_median_time(fn, 1))
         solvers.default_fixed_shape = original
-        row = {"case": label, "compaction_ms": 1000 * statistics.median(times[False]),
-               "fixed_shape_ms": 1000 * statistics.median(times[True]), "compaction_syncs": syncs[False],
-               "fixed_shape_syncs": syncs[True], "warnings": len(warned)}
+        row = {
+            "case": label,
+            "compaction_ms": 1000 * statistics.median(times[False]),
+            "fixed_shape_ms": 1000 * statistics.median(times[True]),
+            "compaction_syncs": syncs[False],
+            "fixed_shape_syncs": syncs[True],
+            "warnings": len(warned),
+        }
         rows.append(row)
         print(f"compaction {row}", flush=True)
     return rows
@@ -301,41 +357,107 @@ def render(payload: dict[str, Any]) -> list[str]:
     lines += common.machine_header(payload["machine"], payload["commands"])
     floors = payload.get("floors")
     if floors:
-        lines += ["## Forward solves of image blocks (TF32 emulated on the CPU)", "",
-                  f"Batch {floors[0]['batch']}, Anderson, cap 1,000; residuals relative (max-norm).", ""]
+        lines += [
+            "## Forward solves of image blocks (TF32 emulated on the CPU)",
+            "",
+            f"Batch {floors[0]['batch']}, Anderson, cap 1,000; residuals relative (max-norm).",
+            "",
+        ]
         lines += common.markdown_table(
-            ["preset", "block (G)", "arithmetic", "tolerance", "iterations per sample", "stalled",
-             "lowest residual (worst sample)", "warnings"],
-            [[r["preset"], f"{r['block']} ({r['g']})", r["arithmetic"], common.fmt_sci(r["tol"]),
-              ", ".join(map(str, r["iterations"])), r["stalled"], common.fmt_sci(max(r["lowest_residual"])),
-              r["warnings"]] for r in floors])
+            [
+                "preset",
+                "block (G)",
+                "arithmetic",
+                "tolerance",
+                "iterations per sample",
+                "stalled",
+                "lowest residual (worst sample)",
+                "warnings",
+            ],
+            [
+                [
+                    r["preset"],
+                    f"{r['block']} ({r['g']})",
+                    r["arithmetic"],
+                    common.fmt_sci(r["tol"]),
+                    ", ".join(map(str, r["iterations"])),
+                    r["stalled"],
+                    common.fmt_sci(max(r["lowest_residual"])),
+                    r["warnings"],
+                ]
+                for r in floors
+            ],
+        )
         lines.append("")
     window = payload.get("window")
     if window:
         lines += ["## Longest run without a 10% residual decrease (converged samples, stall exit off)", ""]
         lines += common.markdown_table(
-            ["dtype", "solver", "samples", "unconverged", "longest run", "99.9th percentile",
-             f"would stall (window {payload['stall_window']})"],
-            [[r["dtype"], r["method"], r["samples"], r["unconverged"], r["longest_max"], r["longest_p999"],
-              r["would_stall"]] for r in window])
+            [
+                "dtype",
+                "solver",
+                "samples",
+                "unconverged",
+                "longest run",
+                "99.9th percentile",
+                f"would stall (window {payload['stall_window']})",
+            ],
+            [
+                [
+                    r["dtype"],
+                    r["method"],
+                    r["samples"],
+                    r["unconverged"],
+                    r["longest_max"],
+                    r["longest_p999"],
+                    r["would_stall"],
+                ]
+                for r in window
+            ],
+        )
         lines.append("")
     training = payload.get("training")
     if training:
         lines += ["## Solver iterations per block during training (float32, default settings)", ""]
         lines += common.markdown_table(
             ["run", "steps", "forward median / max", "backward median / max", "solver warnings", "seconds"],
-            [[r["run"], r["steps"], f"{r['forward_median']} / {r['forward_max']}",
-              f"{r['backward_median']} / {r['backward_max']}", r["warnings"], f"{r['seconds']:.0f}"]
-             for r in training])
+            [
+                [
+                    r["run"],
+                    r["steps"],
+                    f"{r['forward_median']} / {r['forward_max']}",
+                    f"{r['backward_median']} / {r['backward_max']}",
+                    r["warnings"],
+                    f"{r['seconds']:.0f}",
+                ]
+                for r in training
+            ],
+        )
         lines.append("")
     comp = payload.get("compaction")
     if comp:
         lines += ["## Compaction against fixed shapes on the CPU (median of interleaved repeats)", ""]
         lines += common.markdown_table(
-            ["case", "compaction ms", "fixed shape ms", "host syncs (compaction)", "host syncs (fixed shape)",
-             "warnings"],
-            [[r["case"], f"{r['compaction_ms']:.1f}", f"{r['fixed_shape_ms']:.1f}", r["compaction_syncs"],
-              r["fixed_shape_syncs"], r["warnings"]] for r in comp])
+            [
+                "case",
+                "compaction ms",
+                "fixed shape ms",
+                "host syncs (compaction)",
+                "host syncs (fixed shape)",
+                "warnings",
+            ],
+            [
+                [
+                    r["case"],
+                    f"{r['compaction_ms']:.1f}",
+                    f"{r['fixed_shape_ms']:.1f}",
+                    r["compaction_syncs"],
+                    r["fixed_shape_syncs"],
+                    r["warnings"],
+                ]
+                for r in comp
+            ],
+        )
         lines.append("")
     return lines
 
@@ -351,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "precision_solves"))
-    parser.add_argument("--update", action="store_true",
-                        help="keep the other parts of an existing OUT.json and rerun only --parts")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other parts of an existing OUT.json and rerun only --parts"
+    )
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -363,17 +486,25 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "machine": common.machine_info(),
         "commands": [command],
-        "stall_window": solvers.STALL_WINDOW, "stall_factor": solvers.STALL_FACTOR,
+        "stall_window": solvers.STALL_WINDOW,
+        "stall_factor": solvers.STALL_FACTOR,
     }
     previous = Path(args.out).with_suffix(".json")
     if args.update and previous.is_file():
-        payload = {**json.loads(previous.read_text()), "stall_window": solvers.STALL_WINDOW,
-                   "stall_factor": solvers.STALL_FACTOR}
+        payload = {
+            **json.loads(previous.read_text()),
+            "stall_window": solvers.STALL_WINDOW,
+            "stall_factor": solvers.STALL_FACTOR,
+        }
         payload["commands"] = [*payload.get("commands", []), command]
         payload.setdefault("machines", []).append(common.machine_info())
     for part in parts:
-        payload[part] = {"floors": part_floors, "window": part_window, "training": part_training,
-                         "compaction": part_compaction}[part](args)
+        payload[part] = {
+            "floors": part_floors,
+            "window": part_window,
+            "training": part_training,
+            "compaction": part_compaction,
+        }[part](args)
         common.write_results(args.out, render(payload), payload)  # after each part: a stopped run keeps its results
     md, _ = common.write_results(args.out, render(payload), payload)
     print(f"wrote {md}")

@@ -45,8 +45,12 @@ def _copy(preset: str) -> tuple[mc.Flow, torch.optim.Optimizer, ToyStream]:
     torch.manual_seed(0)
     flow = mc.build_flow(spec.model_config())
     flow.train()
-    opt = make_adam((p for p in flow.parameters() if p.requires_grad), lr=train.lr, betas=tuple(train.betas),
-                    weight_decay=train.weight_decay)
+    opt = make_adam(
+        (p for p in flow.parameters() if p.requires_grad),
+        lr=train.lr,
+        betas=tuple(train.betas),
+        weight_decay=train.weight_decay,
+    )
     return flow, opt, ToyStream("8gaussians", 0)
 
 
@@ -67,8 +71,15 @@ def measure(preset: str, rounds: int, steps: int, warmup: int) -> dict[str, dict
             warned[mode] += sum(issubclass(w.category, SolverWarning) for w in caught)
     fast.USE_KERNELS = True
     eligible = [fast.fast_eligible(layer, 2) for layer in copies["generic"][0].layers]
-    return {mode: {"median_ms": statistics.median(times[mode][warmup:]), "steps": len(times[mode]) - warmup,
-                   "solver_warnings": warned[mode], "fused_blocks": sum(eligible)} for mode in MODES}
+    return {
+        mode: {
+            "median_ms": statistics.median(times[mode][warmup:]),
+            "steps": len(times[mode]) - warmup,
+            "solver_warnings": warned[mode],
+            "fused_blocks": sum(eligible),
+        }
+        for mode in MODES
+    }
 
 
 def main() -> None:
@@ -88,15 +99,22 @@ def main() -> None:
         results[preset] = measure(preset, args.rounds, args.steps, args.warmup)
         for mode, r in results[preset].items():
             rows.append([preset, mode, f"{r['median_ms']:.1f}", r["steps"], r["solver_warnings"]])
-            print(f"{preset:22s} {mode:15s} {r['median_ms']:7.1f} ms/step  ({r['steps']} steps, "
-                  f"{r['solver_warnings']} solver warnings)", flush=True)
+            print(
+                f"{preset:22s} {mode:15s} {r['median_ms']:7.1f} ms/step  ({r['steps']} steps, "
+                f"{r['solver_warnings']} solver warnings)",
+                flush=True,
+            )
     markdown = ["# Training step of the Table 1 presets: generic vs fused path", ""]
     markdown += common.machine_header(info, [common.command_line()])
-    markdown += ["Median ms per training step (float32, batch 500, one thread; the three copies interleaved round by "
-                 "round; the first steps of each copy not counted):", ""]
+    markdown += [
+        "Median ms per training step (float32, batch 500, one thread; the three copies interleaved round by "
+        "round; the first steps of each copy not counted):",
+        "",
+    ]
     markdown += common.markdown_table(["preset", "path", "ms/step", "steps", "solver warnings"], rows)
-    path, _ = common.write_results(args.out, markdown, {"machine": info, "command": common.command_line(),
-                                                       "results": results})
+    path, _ = common.write_results(
+        args.out, markdown, {"machine": info, "command": common.command_line(), "results": results}
+    )
     print(f"wrote {path}")
 
 

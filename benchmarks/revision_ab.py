@@ -68,8 +68,15 @@ def measure() -> dict[str, float]:
 
 def run_child(source: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(source)}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"], cwd=source, env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child"],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     if done.returncode != 0:
         raise SystemExit(f"measuring {source} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,12 +98,14 @@ def main() -> int:
     from common import command_line, machine_info
 
     info = machine_info()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory(prefix="monoflow-ab-") as tmp:
         other = Path(tmp) / "tree"
-        subprocess.run(["git", "worktree", "add", "--detach", str(other), args.revision], cwd=ROOT,
-                       capture_output=True, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(other), args.revision], cwd=ROOT, capture_output=True, check=True
+        )
         try:
             versions = {args.revision: other, f"{head} (this checkout)": ROOT}
             names = list(versions)
@@ -105,20 +114,30 @@ def main() -> int:
                 for name in names if i % 2 == 0 else reversed(names):  # A B, B A, A B, ...
                     figures = run_child(versions[name])
                     results[name].append(figures)
-                    print(f"{name}: {figures['step_ms']:.2f} ms/step, grid {figures['grid_s']:.3f} s, "
-                          f"samples {figures['samples_s']:.3f} s", flush=True)
+                    print(
+                        f"{name}: {figures['step_ms']:.2f} ms/step, grid {figures['grid_s']:.3f} s, "
+                        f"samples {figures['samples_s']:.3f} s",
+                        flush=True,
+                    )
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True,
-                           check=False)
-    summary = {name: {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
-               for name, runs in results.items()}
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(other)], cwd=ROOT, capture_output=True, check=False
+            )
+    summary = {
+        name: {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
+        for name, runs in results.items()
+    }
     old, new = summary[names[0]], summary[names[1]]
     print("medians:", json.dumps(summary))
-    print(f"speed-up of this checkout: step {old['step_ms'] / new['step_ms']:.2f}x, grid "
-          f"{old['grid_s'] / new['grid_s']:.2f}x, samples {old['samples_s'] / new['samples_s']:.2f}x")
+    print(
+        f"speed-up of this checkout: step {old['step_ms'] / new['step_ms']:.2f}x, grid "
+        f"{old['grid_s'] / new['grid_s']:.2f}x, samples {old['samples_s'] / new['samples_s']:.2f}x"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command_line(), "machine_info": info, "runs": results,
-                                               "medians": summary}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"command": command_line(), "machine_info": info, "runs": results, "medians": summary}, indent=2)
+            + "\n"
+        )
     return 0
 
 

@@ -45,14 +45,16 @@ from monoflow_core.training import Trainer
 MIB = 2**20
 
 
-def synthetic_trainer(preset_name: str, blocks: int, batch: int, device: str = "cpu", dtype: str = "float32",
-                      **train_changes: Any) -> Trainer:
+def synthetic_trainer(
+    preset_name: str, blocks: int, batch: int, device: str = "cpu", dtype: str = "float32", **train_changes: Any
+) -> Trainer:
     """A trainer of ``preset_name`` with ``blocks`` blocks per scale on synthetic images of the preset's shape."""
     preset = load_preset(preset_name)
     model = preset.model_config(blocks_per_scale=[blocks] * len(preset.model["blocks_per_scale"]))
     c, h, w = preset.model["image_shape"]
-    training = preset.train_config(data="digits", data_dir=None, device=device, batch_size=batch, eval_every=0,
-                                   dtype=dtype, **train_changes)
+    training = preset.train_config(
+        data="digits", data_dir=None, device=device, batch_size=batch, eval_every=0, dtype=dtype, **train_changes
+    )
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(256, batch), c, h, w), dtype=torch.uint8, generator=generator)
     synthetic = ImageSet(name=f"synthetic-{preset_name}", split="train", images=images, levels=256)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         *common.machine_header(info, [common.command_line()]),
         "",
         f"{args.preset} with {args.blocks} block(s) per scale, batch {args.batch}, float32, CPU, synthetic images"
-        + (f" ({args.label})" if args.label else "") + ":",
+        + (f" ({args.label})" if args.label else "")
+        + ":",
         "",
         f"- saved for backward when the loss is ready, parameters and buffers left out: "
         f"**{result['live_mib_per_image']:.1f} MiB per image** ({result['live_bytes'] / MIB:.0f} MiB in all)",
@@ -123,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- every pack, duplicates included: {result['packed_bytes'] / MIB:.0f} MiB",
         f"- forward {result['forward_s']:.1f} s, backward {result['backward_s']:.1f} s (a shared 2-core machine)",
     ]
-    md_path, json_path = common.write_results(args.out, md, {"machine": info, "preset": args.preset,
-                                                             "blocks": args.blocks, "label": args.label, **result})
+    md_path, json_path = common.write_results(
+        args.out, md, {"machine": info, "preset": args.preset, "blocks": args.blocks, "label": args.label, **result}
+    )
     print("\n".join(md))
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     return 0

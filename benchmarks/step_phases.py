@@ -63,8 +63,12 @@ def wrap(name: str, label: str, acc: dict[str, float]) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="training steps (phases are timed from step 51)")
-    parser.add_argument("--kernels", choices=["compiled", "pytorch"], default="compiled",
-                        help="the fused path's kernels: compiled (Numba) or PyTorch")
+    parser.add_argument(
+        "--kernels",
+        choices=["compiled", "pytorch"],
+        default="compiled",
+        help="the fused path's kernels: compiled (Numba) or PyTorch",
+    )
     args = parser.parse_args(argv)
     if args.steps <= 50:
         parser.error("--steps must exceed 50")
@@ -95,15 +99,23 @@ def main(argv: list[str] | None = None) -> int:
             mc.update_lipschitz(flow, 5)
             t4 = time.perf_counter()
             if step >= 50:
-                for label, seconds in (("whole step", t4 - t0), ("forward", t1 - t0), ("backward", t2 - t1),
-                                       ("Adam step", t3 - t2), ("power iterations", t4 - t3), *acc.items()):
+                for label, seconds in (
+                    ("whole step", t4 - t0),
+                    ("forward", t1 - t0),
+                    ("backward", t2 - t1),
+                    ("Adam step", t3 - t2),
+                    ("power iterations", t4 - t3),
+                    *acc.items(),
+                ):
                     series[label].append(seconds)
     finally:
         for u in undo:
             u()
     info = common.machine_info()
-    print(f"{info['machine']}, {info['nproc']} cores, load {info['loadavg_at_start']}, torch {info['torch']}, "
-          f"git {info['git_revision']}; 1 intra-op thread; steps 51-{args.steps}; {args.kernels} kernels")
+    print(
+        f"{info['machine']}, {info['nproc']} cores, load {info['loadavg_at_start']}, torch {info['torch']}, "
+        f"git {info['git_revision']}; 1 intra-op thread; steps 51-{args.steps}; {args.kernels} kernels"
+    )
     for label, values in series.items():
         print(f"{label:52s} {statistics.median(values) * 1e3:7.2f} ms/step (median)")
     return 0

@@ -147,14 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating headless / studio rounds")
     parser.add_argument("--blocks", type=int, default=10, help="flow blocks (the paper: 10)")
     parser.add_argument("--out", default=None, help="also write the report (markdown) here")
-    parser.add_argument("--frame-budget", type=float, default=None,
-                        help="the views' share of a core (default: the studio's, SessionOptions.frame_budget, or "
-                             "thread_frame_budget with --no-view-process)")
-    parser.add_argument("--grid-chunk", type=int, default=None,
-                        help="points per pass of the live grid (default: the studio's, SessionOptions.grid_chunk, or "
-                             "thread_grid_chunk with --no-view-process)")
-    parser.add_argument("--no-view-process", action="store_true",
-                        help="compute the frames in the studio's view thread instead of its view process")
+    parser.add_argument(
+        "--frame-budget",
+        type=float,
+        default=None,
+        help="the views' share of a core (default: the studio's, SessionOptions.frame_budget, or "
+        "thread_frame_budget with --no-view-process)",
+    )
+    parser.add_argument(
+        "--grid-chunk",
+        type=int,
+        default=None,
+        help="points per pass of the live grid (default: the studio's, SessionOptions.grid_chunk, or "
+        "thread_grid_chunk with --no-view-process)",
+    )
+    parser.add_argument(
+        "--no-view-process",
+        action="store_true",
+        help="compute the frames in the studio's view thread instead of its view process",
+    )
     args = parser.parse_args(argv)
 
     configure_process()
@@ -166,20 +177,32 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_for(args.blocks)
     defaults = SessionOptions()
     thread = args.no_view_process
-    budget = args.frame_budget if args.frame_budget is not None else (
-        defaults.thread_frame_budget if thread else defaults.frame_budget)
-    chunk = args.grid_chunk if args.grid_chunk is not None else (
-        defaults.thread_grid_chunk if thread else defaults.grid_chunk)
-    overrides = {"view_process": not thread, "frame_budget" if not thread else "thread_frame_budget": budget,
-                 "grid_chunk" if not thread else "thread_grid_chunk": chunk}
+    budget = (
+        args.frame_budget
+        if args.frame_budget is not None
+        else (defaults.thread_frame_budget if thread else defaults.frame_budget)
+    )
+    chunk = (
+        args.grid_chunk
+        if args.grid_chunk is not None
+        else (defaults.thread_grid_chunk if thread else defaults.grid_chunk)
+    )
+    overrides = {
+        "view_process": not thread,
+        "frame_budget" if not thread else "thread_frame_budget": budget,
+        "grid_chunk" if not thread else "thread_grid_chunk": chunk,
+    }
     heads: list[float] = []
     runs: list[StudioRun] = []
     for r in range(args.rounds):
         heads.append(headless(spec, args.seconds))
         print(f"round {r + 1}: headless {heads[-1]:.2f} it/s", flush=True)
         runs.append(studio(spec, args.seconds, **overrides))
-        print(f"round {r + 1}: studio {runs[-1].it_per_s:.2f} it/s, stall {runs[-1].longest_stall_ms:.0f} ms, "
-              f"frames {len(runs[-1].frame_seconds)}", flush=True)
+        print(
+            f"round {r + 1}: studio {runs[-1].it_per_s:.2f} it/s, stall {runs[-1].longest_stall_ms:.0f} ms, "
+            f"frames {len(runs[-1].frame_seconds)}",
+            flush=True,
+        )
 
     head = statistics.mean(heads)
     stud = statistics.mean(r.it_per_s for r in runs)
@@ -217,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| density refresh interval ({GRID}x{GRID}) during training | mean {mean_interval:.2f} s, worst "
         f"{worst_interval:.2f} s ({len(intervals)} intervals) | <= 2 s: {verdict(mean_interval <= 2.0)} (mean) |",
         f"| worker time per frame (grid + samples + test NLL) | mean {statistics.mean(frame_s):.2f} s, max "
-        f"{max(frame_s):.2f} s | |" if frame_s else "| worker time per frame | no frames | |",
+        f"{max(frame_s):.2f} s | |"
+        if frame_s
+        else "| worker time per frame | no frames | |",
         f"| longest event-loop stall (10 ms probe) | {stall:.0f} ms (99th percentile gap {p99:.0f} ms) | "
         f"< 100 ms: {verdict(stall < 100)} |",
         "",

@@ -76,13 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
     parser.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the final fixed-set test")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "table1"), help="output path without suffix")
-    parser.add_argument("--runs-dir", default=str(common.RESULTS_DIR / "table1_runs"),
-                        help="one folder per run: resumable checkpoint and result.json")
+    parser.add_argument(
+        "--runs-dir",
+        default=str(common.RESULTS_DIR / "table1_runs"),
+        help="one folder per run: resumable checkpoint and result.json",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process (core) each")
-    parser.add_argument("--checkpoint-every", type=int, default=2000,
-                        help="iterations between a run's resumable checkpoints")
-    parser.add_argument("--rerender", metavar="JSON",
-                        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=2000, help="iterations between a run's resumable checkpoints"
+    )
+    parser.add_argument(
+        "--rerender",
+        metavar="JSON",
+        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON",
+    )
     args = parser.parse_args(argv)
     if args.rerender:
         return args
@@ -158,9 +165,18 @@ def _train_locked(data: str, model: str, args: argparse.Namespace, folder: Path)
     mc = preset.model_config()
     ckpt_path = folder / "checkpoint.safetensors"
     # What the run has measured so far; it travels in the checkpoint's own metadata, so the two never disagree.
-    progress: dict[str, Any] = {"step_us": [], "eval_seconds": 0.0, "wall_seconds": 0.0, "setup_seconds": 0.0,
-                                "solver_max": 0, "solver_failed": 0, "nonfinite_losses": 0, "fresh_tests": [],
-                                "warnings": {}, "segments": 0}
+    progress: dict[str, Any] = {
+        "step_us": [],
+        "eval_seconds": 0.0,
+        "wall_seconds": 0.0,
+        "setup_seconds": 0.0,
+        "solver_max": 0,
+        "solver_failed": 0,
+        "nonfinite_losses": 0,
+        "fresh_tests": [],
+        "warnings": {},
+        "segments": 0,
+    }
     t_setup = time.perf_counter()
     if ckpt_path.is_file():
         trainer = Trainer.from_checkpoint(ckpt_path)
@@ -280,8 +296,11 @@ def assess_goals(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
     for d in sets:
         r = by.get((d, "monotone"))
         if r is not None and r[key] is not None:
-            g1[d] = {"ours": r[key], "bound": common.TABLE1[d]["monotone"] + GOAL_MARGIN,
-                     "met": r[key] <= common.TABLE1[d]["monotone"] + GOAL_MARGIN}
+            g1[d] = {
+                "ours": r[key],
+                "bound": common.TABLE1[d]["monotone"] + GOAL_MARGIN,
+                "met": r[key] <= common.TABLE1[d]["monotone"] + GOAL_MARGIN,
+            }
     g2 = {}
     for d in sets:
         a, b = by.get((d, "monotone")), by.get((d, "idensenet"))
@@ -314,8 +333,10 @@ def assess_goals(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], commands: list[str]):
     shortened = args.iterations < PAPER_ITERATIONS
-    goals = {"paper_protocol": assess_goals(results, "paper_protocol_nll_nats"),
-             "fixed_set": assess_goals(results, "fixed_nll_nats")}
+    goals = {
+        "paper_protocol": assess_goals(results, "paper_protocol_nll_nats"),
+        "fixed_set": assess_goals(results, "fixed_nll_nats"),
+    }
     md = ["# Table 1 reproduction: test NLL (nats) on the 2-D toy densities", ""]
     md += common.machine_header(info, commands)
     if shortened:
@@ -355,8 +376,18 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         f"matrices); the final fixed-set test with {args.eval_threads} thread(s). Seed {args.seed}. float32 training.",
         "",
     ]
-    header = ["data", "model", "iterations", "fixed-set NLL (nats)", "paper protocol (nats)", "Table 1 (nats)",
-              "floor (nats)", "wall (s)", "ms/iteration", "rejected steps"]
+    header = [
+        "data",
+        "model",
+        "iterations",
+        "fixed-set NLL (nats)",
+        "paper protocol (nats)",
+        "Table 1 (nats)",
+        "floor (nats)",
+        "wall (s)",
+        "ms/iteration",
+        "rejected steps",
+    ]
     rows = []
     for r in results:
         pp = common.fmt(r["paper_protocol_nll_nats"])
@@ -364,9 +395,20 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
             pp += f" ({r['paper_protocol_tests']} tests)"
         it = f"{r['iterations']:,}" + (" (shortened)" if r["shortened"] else "")
         fixed = f"{common.fmt(r['fixed_nll_nats'])} +- {common.fmt(r['fixed_nll_stderr_nats'])}"
-        rows.append([r["data"], r["model"], it, fixed, pp, f"{r['table1_nats']:.3f}",
-                     f"{r['entropy_floor_nats']:.3f}", f"{r['wall_seconds']:.1f}",
-                     f"{r['ms_per_iteration_mean']:.1f}", r["rejected_steps"]])
+        rows.append(
+            [
+                r["data"],
+                r["model"],
+                it,
+                fixed,
+                pp,
+                f"{r['table1_nats']:.3f}",
+                f"{r['entropy_floor_nats']:.3f}",
+                f"{r['wall_seconds']:.1f}",
+                f"{r['ms_per_iteration_mean']:.1f}",
+                r["rejected_steps"],
+            ]
+        )
     md += common.markdown_table(header, rows)
     md += ["", "(+- is the standard error of the fixed-set mean, nats.)", ""]
     md += ["## Goals", ""]
@@ -374,13 +416,21 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         md += [f"Assessed for the settings that ran (SHORTENED, {args.iterations:,} iterations):", ""]
     for label, key in (("paper protocol", "paper_protocol"), ("fixed set", "fixed_set")):
         g = goals[key]
-        md += [f"On the {label} NLL:", "",
-               f"1. Monotone <= Table 1 + {GOAL_MARGIN} nats on every set: **{g['goal1_status']}**"]
-        md += [f"   - {d}: {v['ours']:.4f} vs bound {v['bound']:.3f} nats: {'met' if v['met'] else 'NOT met'}"
-               for d, v in g["goal1"].items()]
+        md += [
+            f"On the {label} NLL:",
+            "",
+            f"1. Monotone <= Table 1 + {GOAL_MARGIN} nats on every set: **{g['goal1_status']}**",
+        ]
+        md += [
+            f"   - {d}: {v['ours']:.4f} vs bound {v['bound']:.3f} nats: {'met' if v['met'] else 'NOT met'}"
+            for d, v in g["goal1"].items()
+        ]
         md += [f"2. Monotone <= i-DenseNet (our run) on >= {GOAL_MIN_WINS} of 8 sets: **{g['goal2_status']}**"]
-        md += [f"   - {d}: Monotone {v['monotone']:.4f} vs i-DenseNet {v['idensenet']:.4f} nats: "
-               f"{'met' if v['met'] else 'NOT met'}" for d, v in g["goal2"].items()]
+        md += [
+            f"   - {d}: Monotone {v['monotone']:.4f} vs i-DenseNet {v['idensenet']:.4f} nats: "
+            f"{'met' if v['met'] else 'NOT met'}"
+            for d, v in g["goal2"].items()
+        ]
         md += [""]
     notes = []
     for r in results:
@@ -388,16 +438,27 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         if bits:
             notes.append(f"- {r['data']}/{r['model']}: " + "; ".join(bits))
     md += ["## Run notes", ""] + (notes or ["- no rejected steps, solver failures or warnings recorded."])
-    md += ["", f"Largest forward-solve iteration count seen in any block: "
-               f"{max((r['solver_iterations_max'] for r in results), default=0)} G-evaluations per sample."]
+    md += [
+        "",
+        f"Largest forward-solve iteration count seen in any block: "
+        f"{max((r['solver_iterations_max'] for r in results), default=0)} G-evaluations per sample.",
+    ]
     payload = {
         "benchmark": "table1",
         "commands": commands,
         "machine": info,
         "note": common.SHARED_MACHINE_NOTE,
-        "settings": {"iterations": args.iterations, "paper_iterations": PAPER_ITERATIONS, "shortened": shortened,
-                     "datasets": args.datasets, "models": args.models, "test_size": args.test_size,
-                     "seed": args.seed, "threads": args.threads, "eval_threads": args.eval_threads},
+        "settings": {
+            "iterations": args.iterations,
+            "paper_iterations": PAPER_ITERATIONS,
+            "shortened": shortened,
+            "datasets": args.datasets,
+            "models": args.models,
+            "test_size": args.test_size,
+            "seed": args.seed,
+            "threads": args.threads,
+            "eval_threads": args.eval_threads,
+        },
         "units": {"nll": "nats", "time": "seconds", "step_time": "ms/iteration"},
         "goals": goals,
         "results": results,
@@ -409,8 +470,9 @@ def rerender(args: argparse.Namespace) -> None:
     """Rewrite the Markdown and JSON of an earlier run from its JSON (no training; same settings and figures)."""
     payload = json.loads(Path(args.rerender).read_text())
     settings = payload["settings"]
-    old = argparse.Namespace(**{k: settings[k] for k in
-                                ("iterations", "datasets", "models", "test_size", "seed", "threads", "eval_threads")})
+    old = argparse.Namespace(
+        **{k: settings[k] for k in ("iterations", "datasets", "models", "test_size", "seed", "threads", "eval_threads")}
+    )
     commands = [c for c in payload["commands"] if not c.startswith("# re-rendered")]
     commands.append("# re-rendered from the JSON, no training: " + common.command_line())
     md, new_payload, _ = render(payload["results"], old, payload["machine"], commands)
@@ -425,12 +487,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     info, commands = started
     shortened = args.iterations < PAPER_ITERATIONS
-    print(f"Table 1 benchmark: torch {info['torch']}, torch.set_num_threads({args.threads}) for training "
-          f"(1 intra-op thread was fastest for these tiny matrices), {args.eval_threads} for the final test; "
-          f"{info['nproc']} CPUs (shared machine).", flush=True)
+    print(
+        f"Table 1 benchmark: torch {info['torch']}, torch.set_num_threads({args.threads}) for training "
+        f"(1 intra-op thread was fastest for these tiny matrices), {args.eval_threads} for the final test; "
+        f"{info['nproc']} CPUs (shared machine).",
+        flush=True,
+    )
     if shortened:
-        print(f"SHORTENED RUNS: {args.iterations} of {PAPER_ITERATIONS} iterations; concat learnable from "
-              f"{args.iterations // 2}. Not a reproduction of Table 1.", flush=True)
+        print(
+            f"SHORTENED RUNS: {args.iterations} of {PAPER_ITERATIONS} iterations; concat learnable from "
+            f"{args.iterations // 2}. Not a reproduction of Table 1.",
+            flush=True,
+        )
     pending = [(d, m) for d in args.datasets for m in args.models if read_result(run_dir(args, d, m)) is None]
     print(f"{len(pending)} run(s) to train or continue, {args.jobs} at a time; finished runs are skipped.", flush=True)
 
@@ -460,8 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Goals ({'SHORTENED, ' if shortened else ''}{args.iterations} iterations; paper-protocol NLL in nats):")
     print(f"  1. Monotone <= Table 1 + {GOAL_MARGIN} nats on every set: {goals['paper_protocol']['goal1_status']}")
     print(f"  2. Monotone <= i-DenseNet on >= {GOAL_MIN_WINS} of 8: {goals['paper_protocol']['goal2_status']}")
-    print(f"  (fixed {args.test_size}-point set: 1. {goals['fixed_set']['goal1_status']}; "
-          f"2. {goals['fixed_set']['goal2_status']})")
+    print(
+        f"  (fixed {args.test_size}-point set: 1. {goals['fixed_set']['goal1_status']}; "
+        f"2. {goals['fixed_set']['goal2_status']})"
+    )
     print(f"Wrote {md_path} and {js_path}")
 
 

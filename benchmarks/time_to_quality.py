@@ -70,20 +70,28 @@ def parse_targets(text: str) -> list[tuple[str, float]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default=PRESET_GOALS,
-                        help="PRESET:GOAL_SECONDS pairs, comma-separated (shipped preset names)")
+    parser.add_argument(
+        "--presets", default=PRESET_GOALS, help="PRESET:GOAL_SECONDS pairs, comma-separated (shipped preset names)"
+    )
     parser.add_argument("--targets", default="8gaussians:2.90,moons:2.45", help="DATA:NATS pairs, comma-separated")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="training-time budget per target (s)")
     parser.add_argument("--eval-every", type=int, default=50, help="test every N iterations")
     parser.add_argument("--test-size", type=int, default=20_000, help="points of the fixed held-out test set")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="fresh training points per iteration (default: the preset's, 500 for all shipped toys)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="fresh training points per iteration (default: the preset's, 500 for all shipped toys)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training stream")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for training (1 was fastest)")
     parser.add_argument("--eval-threads", type=int, default=1, help="intra-op threads for the tests")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "time_to_quality"), help="output path, no suffix")
-    parser.add_argument("--rerender", metavar="JSON",
-                        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON")
+    parser.add_argument(
+        "--rerender",
+        metavar="JSON",
+        help="no training: rewrite OUT.md/OUT.json from the results of an earlier run's JSON",
+    )
     args = parser.parse_args(argv)
     if args.rerender:
         return args
@@ -97,12 +105,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_target(preset_name: str, goal_seconds: float, data: str, target: float, args: argparse.Namespace,
-               warn_log: common.WarningLog) -> dict[str, Any]:
+def run_target(
+    preset_name: str,
+    goal_seconds: float,
+    data: str,
+    target: float,
+    args: argparse.Namespace,
+    warn_log: common.WarningLog,
+) -> dict[str, Any]:
     preset = load_preset(preset_name)
     overrides: dict[str, Any] = {} if args.batch_size is None else {"batch_size": args.batch_size}
-    tc = preset.train_config(data=data, seed=args.seed, test_size=args.test_size, eval_every=0, checkpoint_every=0,
-                             **overrides)
+    tc = preset.train_config(
+        data=data, seed=args.seed, test_size=args.test_size, eval_every=0, checkpoint_every=0, **overrides
+    )
     common.set_threads(args.threads)
     warn_before = dict(warn_log.counts)
     t0 = time.perf_counter()
@@ -120,8 +135,9 @@ def run_target(preset_name: str, goal_seconds: float, data: str, target: float, 
 
     nll0, eval_s = test()
     curve = [{"iteration": 0, "train_seconds": 0.0, "nll_nats": nll0}]
-    print(f"  {data}: initial test NLL {nll0:.4f} nats on {args.test_size} fixed points; target {target} nats",
-          flush=True)
+    print(
+        f"  {data}: initial test NLL {nll0:.4f} nats on {args.test_size} fixed points; target {target} nats", flush=True
+    )
     train_s = 0.0
     step_ms: list[float] = []
     reached: dict[str, Any] | None = None
@@ -140,9 +156,11 @@ def run_target(preset_name: str, goal_seconds: float, data: str, target: float, 
             last_nll, s = test()
             eval_s += s
             curve.append({"iteration": trainer.step_count, "train_seconds": train_s, "nll_nats": last_nll})
-            print(f"    iteration {trainer.step_count}: test NLL {last_nll:.4f} nats after {train_s:.1f} s of "
-                  f"training ({1e3 * train_s / trainer.step_count:.1f} ms/iteration); tests so far {eval_s:.1f} s",
-                  flush=True)
+            print(
+                f"    iteration {trainer.step_count}: test NLL {last_nll:.4f} nats after {train_s:.1f} s of "
+                f"training ({1e3 * train_s / trainer.step_count:.1f} ms/iteration); tests so far {eval_s:.1f} s",
+                flush=True,
+            )
             if last_nll <= target:
                 reached = {"iteration": trainer.step_count, "train_seconds": train_s, "nll_nats": last_nll}
                 break
@@ -175,12 +193,18 @@ def run_target(preset_name: str, goal_seconds: float, data: str, target: float, 
         "curve": curve,
     }
     if reached is None:
-        print(f"  {data}: target {target} nats NOT reached within {args.max_seconds:.0f} s of training "
-              f"({trainer.step_count} iterations); last test NLL {last_nll:.4f} nats", flush=True)
+        print(
+            f"  {data}: target {target} nats NOT reached within {args.max_seconds:.0f} s of training "
+            f"({trainer.step_count} iterations); last test NLL {last_nll:.4f} nats",
+            flush=True,
+        )
     else:
-        print(f"  {data}: reached {reached['nll_nats']:.4f} <= {target} nats after {reached['train_seconds']:.1f} s "
-              f"of training ({reached['iteration']} iterations; tests took another {eval_s:.1f} s); goal <= "
-              f"{goal_seconds:.0f} s: {'MET' if met else 'NOT MET'}", flush=True)
+        print(
+            f"  {data}: reached {reached['nll_nats']:.4f} <= {target} nats after {reached['train_seconds']:.1f} s "
+            f"of training ({reached['iteration']} iterations; tests took another {eval_s:.1f} s); goal <= "
+            f"{goal_seconds:.0f} s: {'MET' if met else 'NOT MET'}",
+            flush=True,
+        )
     return result
 
 
@@ -190,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     if started is None:
         return
     info, commands = started
-    print(f"Time to quality: presets {', '.join(p for p, _ in args.presets)}, float32, torch {info['torch']}, "
-          f"torch.set_num_threads({args.threads}) for training (1 intra-op thread was fastest for these tiny "
-          f"matrices), {args.eval_threads} for tests; {info['nproc']} CPUs (shared machine).", flush=True)
+    print(
+        f"Time to quality: presets {', '.join(p for p, _ in args.presets)}, float32, torch {info['torch']}, "
+        f"torch.set_num_threads({args.threads}) for training (1 intra-op thread was fastest for these tiny "
+        f"matrices), {args.eval_threads} for tests; {info['nproc']} CPUs (shared machine).",
+        flush=True,
+    )
     warn_log = common.WarningLog()
     warnings.simplefilter("always")
     warnings.showwarning = warn_log
@@ -206,9 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     print("")
     for r in results:
         t = f"{r['train_seconds_to_target']:.1f} s" if r["reached"] else "not reached"
-        print(f"{r['preset']} / {r['data']}: {t} of training to {r['target_nll_nats']} nats (goal <= "
-              f"{r['goal_seconds']:.0f} s: "
-              f"{'MET' if r['goal_met'] else 'NOT MET'}; released code ~{r['released_code_seconds']} s)")
+        print(
+            f"{r['preset']} / {r['data']}: {t} of training to {r['target_nll_nats']} nats (goal <= "
+            f"{r['goal_seconds']:.0f} s: "
+            f"{'MET' if r['goal_met'] else 'NOT MET'}; released code ~{r['released_code_seconds']} s)"
+        )
     print(f"Wrote {md_path} and {js_path}")
 
 
@@ -242,35 +271,56 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         f"- Budget: {args.max_seconds:.0f} s of training per target.",
         "",
     ]
-    header = ["preset", "data", "target (nats)", "training s to target", "iterations", "final test NLL (nats)",
-              "test time (s)", "setup (s)", "ms/iteration", "goal (s)",
-              "released code (s)"]
+    header = [
+        "preset",
+        "data",
+        "target (nats)",
+        "training s to target",
+        "iterations",
+        "final test NLL (nats)",
+        "test time (s)",
+        "setup (s)",
+        "ms/iteration",
+        "goal (s)",
+        "released code (s)",
+    ]
     rows = []
     for r in results:
-        rows.append([
-            r.get("preset", "paper-toy-monotone"), r["data"], f"{r['target_nll_nats']:.2f}",
-            common.fmt(r["train_seconds_to_target"], 1) if r["reached"] else
-            f"not reached in {r['train_seconds_total']:.0f}",
-            r["iterations_to_target"] if r["reached"] else f"({r['final_iteration']} run)",
-            f"{r['final_nll_nats']:.4f} at iteration {r['final_iteration']}",
-            f"{r['eval_seconds_total']:.1f}", f"{r['setup_seconds']:.1f}", f"{r['ms_per_iteration_mean']:.1f}",
-            f"<= {r['goal_seconds']:.0f}: {'MET' if r['goal_met'] else 'NOT MET'}",
-            "-" if r["released_code_seconds"] is None else f"~{r['released_code_seconds']:.0f}",
-        ])
+        rows.append(
+            [
+                r.get("preset", "paper-toy-monotone"),
+                r["data"],
+                f"{r['target_nll_nats']:.2f}",
+                common.fmt(r["train_seconds_to_target"], 1)
+                if r["reached"]
+                else f"not reached in {r['train_seconds_total']:.0f}",
+                r["iterations_to_target"] if r["reached"] else f"({r['final_iteration']} run)",
+                f"{r['final_nll_nats']:.4f} at iteration {r['final_iteration']}",
+                f"{r['eval_seconds_total']:.1f}",
+                f"{r['setup_seconds']:.1f}",
+                f"{r['ms_per_iteration_mean']:.1f}",
+                f"<= {r['goal_seconds']:.0f}: {'MET' if r['goal_met'] else 'NOT MET'}",
+                "-" if r["released_code_seconds"] is None else f"~{r['released_code_seconds']:.0f}",
+            ]
+        )
     md += common.markdown_table(header, rows)
     md += ["", "## Goal", ""]
     for r in results:
         if r["reached"]:
             name = f"{r.get('preset', 'paper-toy-monotone')} / {r['data']}"
-            md.append(f"- {name}: {r['train_seconds_to_target']:.1f} s of training ({r['iterations_to_target']} "
-                      f"iterations at {r['ms_per_iteration_mean']:.1f} ms/iteration) to reach "
-                      f"{r['target_nll_nats']:.2f} nats: goal <= {r['goal_seconds']:.0f} s "
-                      f"**{'MET' if r['goal_met'] else 'NOT MET'}**. At this iteration count the goal needs "
-                      f"<= {1e3 * r['goal_seconds'] / r['iterations_to_target']:.1f} ms/iteration.")
+            md.append(
+                f"- {name}: {r['train_seconds_to_target']:.1f} s of training ({r['iterations_to_target']} "
+                f"iterations at {r['ms_per_iteration_mean']:.1f} ms/iteration) to reach "
+                f"{r['target_nll_nats']:.2f} nats: goal <= {r['goal_seconds']:.0f} s "
+                f"**{'MET' if r['goal_met'] else 'NOT MET'}**. At this iteration count the goal needs "
+                f"<= {1e3 * r['goal_seconds'] / r['iterations_to_target']:.1f} ms/iteration."
+            )
         else:
             name = f"{r.get('preset', 'paper-toy-monotone')} / {r['data']}"
-            md.append(f"- {name}: target {r['target_nll_nats']:.2f} nats **not reached** within "
-                      f"{r['train_seconds_total']:.0f} s of training; goal **NOT MET**.")
+            md.append(
+                f"- {name}: target {r['target_nll_nats']:.2f} nats **not reached** within "
+                f"{r['train_seconds_total']:.0f} s of training; goal **NOT MET**."
+            )
     md += ["", "## Test NLL along the way (nats, fixed held-out set)", ""]
     for r in results:
         pts = ", ".join(f"{c['iteration']}: {c['nll_nats']:.3f} ({c['train_seconds']:.1f} s)" for c in r["curve"])
@@ -280,16 +330,26 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         if r["rejected_steps"] or r["warnings"]:
             notes.append(f"- {r['data']}: {r['rejected_steps']} rejected steps; warnings: {r['warnings'] or 'none'}")
     md += ["", "## Run notes", ""] + (notes or ["- no rejected steps or warnings recorded."])
-    md += [f"- largest forward-solve iteration count in any block: "
-           f"{max(r['solver_iterations_max'] for r in results)} G-evaluations per sample."]
+    md += [
+        f"- largest forward-solve iteration count in any block: "
+        f"{max(r['solver_iterations_max'] for r in results)} G-evaluations per sample."
+    ]
     payload = {
         "benchmark": "time_to_quality",
         "commands": commands,
         "machine": info,
         "note": common.SHARED_MACHINE_NOTE,
-        "settings": {"presets": args.presets, "targets": args.targets, "max_seconds": args.max_seconds,
-                     "eval_every": args.eval_every, "test_size": args.test_size, "batch_size": args.batch_size,
-                     "seed": args.seed, "threads": args.threads, "eval_threads": args.eval_threads},
+        "settings": {
+            "presets": args.presets,
+            "targets": args.targets,
+            "max_seconds": args.max_seconds,
+            "eval_every": args.eval_every,
+            "test_size": args.test_size,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "threads": args.threads,
+            "eval_threads": args.eval_threads,
+        },
         "units": {"nll": "nats", "time": "seconds", "step_time": "ms/iteration"},
         "goal": "seconds of training per target: " + ", ".join(f"{p} <= {g:g} s" for p, g in args.presets),
         "results": results,

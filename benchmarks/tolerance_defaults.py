@@ -50,9 +50,12 @@ def round_trip(flow: Flow, z: torch.Tensor) -> dict[str, float]:
         stats = [b.inverse_stats for b in flow.implicit_blocks() if b.inverse_stats is not None]
         z_back, _ = flow(x)
         x_back = flow.inverse(z_back)
-    return {"z_error": float((z_back - z).abs().max()), "x_error": float((x_back - x).abs().max()),
-            "evaluations": sum(float(s.iterations.double().mean()) for s in stats) / len(stats),
-            "tol_used": float(stats[0].tol)}
+    return {
+        "z_error": float((z_back - z).abs().max()),
+        "x_error": float((x_back - x).abs().max()),
+        "evaluations": sum(float(s.iterations.double().mean()) for s in stats) / len(stats),
+        "tol_used": float(stats[0].tol),
+    }
 
 
 def fresh_rows(dtype: torch.dtype, seeds: int, points: int) -> list[dict[str, Any]]:
@@ -64,9 +67,16 @@ def fresh_rows(dtype: torch.dtype, seeds: int, points: int) -> list[dict[str, An
             flow = build_flow(FlowConfig(tol=tol)).to(dtype).eval()
             z = torch.randn(points, 2, dtype=dtype, generator=torch.Generator().manual_seed(seed))
             results.append(round_trip(flow, z))
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "tol": tol, "tol_used": results[0]["tol_used"],
-                     "z_error": max(r["z_error"] for r in results), "x_error": max(r["x_error"] for r in results),
-                     "evaluations": sum(r["evaluations"] for r in results) / len(results)})
+        rows.append(
+            {
+                "dtype": str(dtype).removeprefix("torch."),
+                "tol": tol,
+                "tol_used": results[0]["tol_used"],
+                "z_error": max(r["z_error"] for r in results),
+                "x_error": max(r["x_error"] for r in results),
+                "evaluations": sum(r["evaluations"] for r in results) / len(results),
+            }
+        )
         print(f"  fresh {rows[-1]}", flush=True)
     return rows
 
@@ -103,14 +113,28 @@ def floor_rows(per_dim: int, module: Any, label: str) -> list[dict[str, Any]]:
                     for form in ("monotone", "residual"):
                         rhs, f, newton_map = batch.maps(dtype, form)
                         cap = 6000 if method == "picard" else 300
-                        _, stats, _ = module.solve(f, rhs, method=resolve_method(method, n), tol=1e-300, max_iter=cap,
-                                            newton_map=newton_map, warn=False)
+                        _, stats, _ = module.solve(
+                            f,
+                            rhs,
+                            method=resolve_method(method, n),
+                            tol=1e-300,
+                            max_iter=cap,
+                            newton_map=newton_map,
+                            warn=False,
+                        )
                         residuals.append(stats.residual.double() / eps)
             r = torch.cat(residuals)
-            rows.append({"revision": label, "dtype": str(dtype).removeprefix("torch."), "solver": method,
-                         "samples": int(r.numel()),
-                         "max_eps": float(r.max()), "p9999_eps": float(r.quantile(0.9999)),
-                         "above_floor": int((r > 10.0 * (1 + 1e-6)).sum())})
+            rows.append(
+                {
+                    "revision": label,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "solver": method,
+                    "samples": int(r.numel()),
+                    "max_eps": float(r.max()),
+                    "p9999_eps": float(r.quantile(0.9999)),
+                    "above_floor": int((r > 10.0 * (1 + 1e-6)).sum()),
+                }
+            )
             print(f"  floor {rows[-1]}", flush=True)
     return rows
 
@@ -119,31 +143,81 @@ def render(payload: dict[str, Any]) -> list[str]:
     args = payload["args"]
     lines = ["# Default solver tolerances: the measurements", ""]
     lines += common.machine_header(payload["machine"], payload["commands"])
-    lines += ["## Round trips of the default flow (`build_flow(FlowConfig(tol=...))` in float64 and float32)", "",
-              "\"tol used\": the tolerance after the floor of 10 machine epsilons (the solver statistics' `tol`).", "",
-              f"Freshly initialised: {args['seeds']} seeds x {args['points']:,} points.", ""]
-    header = ["dtype", "tol", "tol used", "max abs z -> x -> z", "max abs x -> z -> x",
-              "G evaluations per block (inverse, mean)"]
+    lines += [
+        "## Round trips of the default flow (`build_flow(FlowConfig(tol=...))` in float64 and float32)",
+        "",
+        '"tol used": the tolerance after the floor of 10 machine epsilons (the solver statistics\' `tol`).',
+        "",
+        f"Freshly initialised: {args['seeds']} seeds x {args['points']:,} points.",
+        "",
+    ]
+    header = [
+        "dtype",
+        "tol",
+        "tol used",
+        "max abs z -> x -> z",
+        "max abs x -> z -> x",
+        "G evaluations per block (inverse, mean)",
+    ]
 
     def table(rows: list[dict[str, Any]]) -> list[str]:
-        return common.markdown_table(header, [
-            [r["dtype"], f"{r['tol']:g}", f"{r['tol_used']:.3g}", common.fmt_sci(r["z_error"]),
-             common.fmt_sci(r["x_error"]), f"{r['evaluations']:.2f}"] for r in rows])
+        return common.markdown_table(
+            header,
+            [
+                [
+                    r["dtype"],
+                    f"{r['tol']:g}",
+                    f"{r['tol_used']:.3g}",
+                    common.fmt_sci(r["z_error"]),
+                    common.fmt_sci(r["x_error"]),
+                    f"{r['evaluations']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
 
     lines += table(payload["fresh"])
     if payload["trained"]:
-        lines += ["", f"Trained {args['train_steps']} steps on checkerboard (float32, default training; last loss "
-                  f"{payload['trained_loss']:.3f} nats), then evaluated on 5,000 points in each dtype.", ""]
+        lines += [
+            "",
+            f"Trained {args['train_steps']} steps on checkerboard (float32, default training; last loss "
+            f"{payload['trained_loss']:.3f} nats), then evaluated on 5,000 points in each dtype.",
+            "",
+        ]
         lines += table(payload["trained"])
-    lines += ["", "## Reaching the floor of 10 machine epsilons", "",
-              f"Random contractions, {args['floor_per_dim']} per dimension 1-8, three batches each (the third at L = "
-              "0.99), both fixed-point forms; tolerance set below the floor (so the floor applies); cap 6,000 "
-              "(picard) or 300 evaluations.", ""]
-    header = ["revision", "dtype", "solver", "samples", "largest final residual (eps)", "99.99th percentile (eps)",
-              "samples above the floor"]
-    lines += common.markdown_table(header, [[r["revision"], r["dtype"], r["solver"], f"{r['samples']:,}",
-                                             f"{r['max_eps']:.4g}", f"{r['p9999_eps']:.4g}", r["above_floor"]]
-                                            for r in payload["floor"]])
+    lines += [
+        "",
+        "## Reaching the floor of 10 machine epsilons",
+        "",
+        f"Random contractions, {args['floor_per_dim']} per dimension 1-8, three batches each (the third at L = "
+        "0.99), both fixed-point forms; tolerance set below the floor (so the floor applies); cap 6,000 "
+        "(picard) or 300 evaluations.",
+        "",
+    ]
+    header = [
+        "revision",
+        "dtype",
+        "solver",
+        "samples",
+        "largest final residual (eps)",
+        "99.99th percentile (eps)",
+        "samples above the floor",
+    ]
+    lines += common.markdown_table(
+        header,
+        [
+            [
+                r["revision"],
+                r["dtype"],
+                r["solver"],
+                f"{r['samples']:,}",
+                f"{r['max_eps']:.4g}",
+                f"{r['p9999_eps']:.4g}",
+                r["above_floor"],
+            ]
+            for r in payload["floor"]
+        ],
+    )
     lines += ["", f"Wall time: {payload['seconds']:.0f} s."]
     return lines
 
@@ -169,8 +243,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         floor = floor_rows(args.floor_per_dim, current_solvers, "this checkout")
         if args.compare:
             floor += floor_rows(args.floor_per_dim, load_revision_solvers(args.compare), args.compare)
-    payload = {"args": vars(args), "machine": info, "commands": commands, "fresh": fresh, "trained": trained,
-               "trained_loss": loss, "floor": floor, "seconds": time.perf_counter() - t0}
+    payload = {
+        "args": vars(args),
+        "machine": info,
+        "commands": commands,
+        "fresh": fresh,
+        "trained": trained,
+        "trained_loss": loss,
+        "floor": floor,
+        "seconds": time.perf_counter() - t0,
+    }
     md, _ = common.write_results(args.out, render(payload), payload)
     print(md.read_text())
 

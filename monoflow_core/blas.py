@@ -65,8 +65,10 @@ def _scipy_blas() -> tuple[int, int] | None:
     try:
         from numba.extending import get_cython_function_address
 
-        return (get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
-                get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+        return (
+            get_cython_function_address("scipy.linalg.cython_blas", "sgemm"),
+            get_cython_function_address("scipy.linalg.cython_blas", "dgemm"),
+        )
     except (ImportError, ValueError, AttributeError):
         return None
 
@@ -156,8 +158,21 @@ if numba is not None and LIBRARY is not None:
         sc = np.empty(2, out.dtype)
         sc[0] = 1.0
         sc[1] = 0.0
-        args = (ch[0:].ctypes, ch[1:].ctypes, iv[0:].ctypes, iv[1:].ctypes, iv[2:].ctypes, sc.ctypes, b.ctypes,
-                iv[3:].ctypes, a.ctypes, iv[4:].ctypes, sc[1:].ctypes, out.ctypes, iv[5:].ctypes)
+        args = (
+            ch[0:].ctypes,
+            ch[1:].ctypes,
+            iv[0:].ctypes,
+            iv[1:].ctypes,
+            iv[2:].ctypes,
+            sc.ctypes,
+            b.ctypes,
+            iv[3:].ctypes,
+            a.ctypes,
+            iv[4:].ctypes,
+            sc[1:].ctypes,
+            out.ctypes,
+            iv[5:].ctypes,
+        )
         if out.itemsize == 4:
             _sgemm(*args)
         else:

@@ -293,8 +293,9 @@ class _ImplicitBlock(nn.Module):
 
         def vjp(u: Tensor, create_graph: bool) -> Tensor:
             with torch.enable_grad():
-                (out,) = torch.autograd.grad(gw, point, u, create_graph=create_graph, retain_graph=True,
-                                             allow_unused=True)
+                (out,) = torch.autograd.grad(
+                    gw, point, u, create_graph=create_graph, retain_graph=True, allow_unused=True
+                )
             return torch.zeros_like(u) if out is None else out
 
         if params is not None:

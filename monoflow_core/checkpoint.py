@@ -85,6 +85,7 @@ class TrainingRun(typing.Protocol):
 
     def paper_protocol(self) -> float | None: ...
 
+
 __all__ = [
     "FORMAT_TAG",
     "MAX_HEADER_BYTES",
@@ -924,8 +925,9 @@ def _check_stream(path: Path, field: str, state: Any, train: TrainConfig) -> Non
         # ImageStream.load_state_dict's checks (the set's name, split and size are checked against the data
         # when the trainer loads it).
         keys = {"name", "split", "size", "seed", "epoch", "position"}
-        _require(path, isinstance(state, dict) and keys <= state.keys(), field,
-                 f"an object with keys {sorted(keys)}", state)
+        _require(
+            path, isinstance(state, dict) and keys <= state.keys(), field, f"an object with keys {sorted(keys)}", state
+        )
         for key in ("size", "seed", "epoch", "position"):
             _require(path, _is_int(state[key]) and state[key] >= 0, f"{field}.{key}", "an integer >= 0", state[key])
         _require(path, state["position"] <= state["size"], f"{field}.position", "at most its size", state["position"])
@@ -938,31 +940,61 @@ def _check_stream(path: Path, field: str, state: Any, train: TrainConfig) -> Non
 
 
 def _check_param_groups(path: Path, groups: Any, n_params: int) -> None:
-    _require(path, isinstance(groups, list) and len(groups) == 1, "optimizer.param_groups",
-             "a list of one group (the trainer's Adam has one)", groups)
+    _require(
+        path,
+        isinstance(groups, list) and len(groups) == 1,
+        "optimizer.param_groups",
+        "a list of one group (the trainer's Adam has one)",
+        groups,
+    )
     group = groups[0]
     _require(path, isinstance(group, dict), "optimizer.param_groups[0]", "an object", group)
     params = group.get("params")
-    _require(path, params == list(range(n_params)) and all(_is_int(p) for p in params),
-             "optimizer.param_groups[0].params", f"the parameter indices 0..{n_params - 1}", params)
+    _require(
+        path,
+        params == list(range(n_params)) and all(_is_int(p) for p in params),
+        "optimizer.param_groups[0].params",
+        f"the parameter indices 0..{n_params - 1}",
+        params,
+    )
     where = "optimizer.param_groups[0]"
     for key in ("lr", "eps", "weight_decay"):
         value = group.get(key)
-        _require(path, _is_number(value) and math.isfinite(value) and value >= 0, f"{where}.{key}",
-                 "a finite number >= 0", value)
+        _require(
+            path,
+            _is_number(value) and math.isfinite(value) and value >= 0,
+            f"{where}.{key}",
+            "a finite number >= 0",
+            value,
+        )
     betas = group.get("betas")
-    _require(path, isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
-             f"{where}.betas", "two numbers in [0, 1)", betas)
+    _require(
+        path,
+        isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+        f"{where}.betas",
+        "two numbers in [0, 1)",
+        betas,
+    )
     for key in ("amsgrad", "maximize", "decoupled_weight_decay"):
         _require(path, isinstance(group.get(key, False), bool), f"{where}.{key}", "true or false", group.get(key))
     for key in ("foreach", "fused"):
-        _require(path, group.get(key) is None or isinstance(group.get(key), bool), f"{where}.{key}",
-                 "true, false or null", group.get(key))
+        _require(
+            path,
+            group.get(key) is None or isinstance(group.get(key), bool),
+            f"{where}.{key}",
+            "true, false or null",
+            group.get(key),
+        )
     # The trainer never sets these; they make Adam demand CUDA graphs or autograd through the step.
     for key in ("capturable", "differentiable"):
         _require(path, group.get(key, False) is False, f"{where}.{key}", "false", group.get(key))
-    _require(path, not (group.get("foreach") and group.get("fused")), f"{where}.fused",
-             "false when foreach is true", group.get("fused"))
+    _require(
+        path,
+        not (group.get("foreach") and group.get("fused")),
+        f"{where}.fused",
+        "false when foreach is true",
+        group.get("fused"),
+    )
 
 
 def _check_optimizer(path: Path, packed: Any, tensors: dict[str, _Entry], plan: _FlowPlan) -> None:
@@ -975,14 +1007,29 @@ def _check_optimizer(path: Path, packed: Any, tensors: dict[str, _Entry], plan: 
     scalars = packed.get("scalars", {})
     _require(path, isinstance(scalars, dict), "optimizer.scalars", "an object", scalars)
     for index, entry in scalars.items():
-        _require(path, _INDEX.fullmatch(index) is not None and int(index) < n_params, "optimizer.scalars",
-                 f"keyed by parameter indices 0..{n_params - 1}", index)
-        _require(path, isinstance(entry, dict) and set(entry) <= {"step"}, f"optimizer.scalars.{index}",
-                 "an object with at most a 'step'", entry)
+        _require(
+            path,
+            _INDEX.fullmatch(index) is not None and int(index) < n_params,
+            "optimizer.scalars",
+            f"keyed by parameter indices 0..{n_params - 1}",
+            index,
+        )
+        _require(
+            path,
+            isinstance(entry, dict) and set(entry) <= {"step"},
+            f"optimizer.scalars.{index}",
+            "an object with at most a 'step'",
+            entry,
+        )
         if "step" in entry:
             step = entry["step"]
-            _require(path, _is_number(step) and math.isfinite(step) and step >= 0, f"optimizer.scalars.{index}.step",
-                     "a finite number >= 0", step)
+            _require(
+                path,
+                _is_number(step) and math.isfinite(step) and step >= 0,
+                f"optimizer.scalars.{index}.step",
+                "a finite number >= 0",
+                step,
+            )
         per_param.setdefault(int(index), {}).update(entry)
     for key, entry in tensors.items():
         if not key.startswith("optim."):
@@ -1011,8 +1058,13 @@ def _check_optimizer(path: Path, packed: Any, tensors: dict[str, _Entry], plan: 
 
 
 #: Entries of :meth:`Trainer.state_dict` that a checkpoint stores as tensors, never in the JSON trainer state.
-_TENSOR_STATE = {"flow": "flow.*", "ema": "ema.*", "torch_rng": "rng.torch", "noise_rng": "rng.noise",
-                 "cuda_rng": "rng.cuda"}
+_TENSOR_STATE = {
+    "flow": "flow.*",
+    "ema": "ema.*",
+    "torch_rng": "rng.torch",
+    "noise_rng": "rng.noise",
+    "cuda_rng": "rng.cuda",
+}
 
 
 def _check_trainer_state(path: Path, packed: Any, stored: _Stored, plan: _FlowPlan) -> None:
@@ -1027,12 +1079,14 @@ def _check_trainer_state(path: Path, packed: Any, stored: _Stored, plan: _FlowPl
         # A JSON stand-in would reach the trainer where a tensor is expected (or replace a missing one).
         if key in packed:
             raise _fail(path, f"trainer_state: {key}: is stored as tensor {tensor!r}, not in the JSON state")
-    _require(path, packed.get("format") == TRAINER_STATE_FORMAT, "format", repr(TRAINER_STATE_FORMAT),
-             packed.get("format"))
+    _require(
+        path, packed.get("format") == TRAINER_STATE_FORMAT, "format", repr(TRAINER_STATE_FORMAT), packed.get("format")
+    )
     _require(path, _is_int(packed.get("step")) and packed["step"] >= 0, "step", "an integer >= 0", packed.get("step"))
     base_lr = packed.get("base_lr")
-    _require(path, _is_number(base_lr) and math.isfinite(base_lr) and base_lr > 0, "base_lr",
-             "a finite number > 0", base_lr)
+    _require(
+        path, _is_number(base_lr) and math.isfinite(base_lr) and base_lr > 0, "base_lr", "a finite number > 0", base_lr
+    )
     for key in ("ema_updates", "consecutive_rejections", "rejected_total"):
         if key in packed:
             _require(path, _is_int(packed[key]) and packed[key] >= 0, key, "an integer >= 0", packed[key])
@@ -1109,8 +1163,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     _compare(path, "flow.", plan.tensors, flow_table, "the stored configuration")
     if training:
         if stored.train_config is not None and stored.train_config.dtype != stored.dtype_name:
-            raise _fail(path, f"dtype {stored.dtype_name!r} differs from train_config.dtype "
-                              f"{stored.train_config.dtype!r}")
+            raise _fail(
+                path, f"dtype {stored.dtype_name!r} differs from train_config.dtype {stored.train_config.dtype!r}"
+            )
         _check_trainer_state(path, packed, stored, plan)
     points_info = _check_points(path, stored, packed)
 
@@ -1158,8 +1213,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     points = None
     if points_info is not None:
         try:
-            points = PointSet.from_checkpoint({k[len("data.") :]: v for k, v in tensors.items()
-                                               if k.startswith("data.")}, points_info)
+            points = PointSet.from_checkpoint(
+                {k[len("data.") :]: v for k, v in tensors.items() if k.startswith("data.")}, points_info
+            )
         except ValueError as err:
             raise _fail(path, str(err)) from None
     return Checkpoint(
@@ -1182,14 +1238,20 @@ def _check_points(path: Path, stored: _Stored, packed: Any) -> dict[str, Any] | 
     wants = packed is not None and stored.train_config is not None and stored.train_config.data == POINTS_DATA
     if not wants:
         if table:
-            raise _fail(path, f"unexpected tensor {_short('data.' + next(iter(table)))} (only a run on "
-                              f"{POINTS_DATA!r} stores point data)")
+            raise _fail(
+                path,
+                f"unexpected tensor {_short('data.' + next(iter(table)))} (only a run on "
+                f"{POINTS_DATA!r} stores point data)",
+            )
         if "points" in stored.header.meta:
             raise _fail(path, f"unexpected metadata entry 'points' (only a run on {POINTS_DATA!r} stores points)")
         return None
     if not table:
-        raise _fail(path, f"a run on {POINTS_DATA!r} must store its points (tensors data.train, data.test, "
-                          "data.mean, data.scale); none are there")
+        raise _fail(
+            path,
+            f"a run on {POINTS_DATA!r} must store its points (tensors data.train, data.test, "
+            "data.mean, data.scale); none are there",
+        )
     try:
         PointSet.check_table(table)
         info = PointSet.check_info(_json_field(path, stored.header.meta, "points", required=True))

@@ -227,16 +227,26 @@ def _nonempty_path(flag: str, text: str) -> str:
 
 
 def _add_workers_option(p: argparse.ArgumentParser, note: str = "") -> None:
-    p.add_argument("--workers", type=_threads, default=1, metavar="W",
-                   help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
-                        f"(default 1; 2 used the 2-core development machine best){note}")
+    p.add_argument(
+        "--workers",
+        type=_threads,
+        default=1,
+        metavar="W",
+        help="threads evaluating chunks of 5,000 points in parallel, one intra-op thread each "
+        f"(default 1; 2 used the 2-core development machine best){note}",
+    )
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``, shared by the subcommands that evaluate a checkpoint."""
     p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--threads", type=_threads, default=1, metavar="N",
-                   help=f"torch intra-op threads (default 1; at most {MAX_THREADS_PER_CORE} per core)")
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        metavar="N",
+        help=f"torch intra-op threads (default 1; at most {MAX_THREADS_PER_CORE} per core)",
+    )
 
 
 def _finite_float(text: str) -> float:
@@ -345,8 +355,12 @@ def _dtype(text: str) -> torch.dtype:
 
 
 def _add_dtype_option(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--dtype", type=_dtype, metavar="DT", help=f"float32 or float64: the dtype the output is computed "
-                   f"in (default: {default}); the output states it")
+    p.add_argument(
+        "--dtype",
+        type=_dtype,
+        metavar="DT",
+        help=f"float32 or float64: the dtype the output is computed in (default: {default}); the output states it",
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -436,8 +450,10 @@ def _data_name(name: str) -> str:
         return check_dataset_name(name)
     if isinstance(name, str) and name and looks_like_point_file(name):
         return POINTS_DATA  # a file of the user's own 2-D points (cli_points)
-    raise CLIError(f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}, or give a .csv, .npy or "
-                   ".npz file of 2-D points")
+    raise CLIError(
+        f"--data: unknown data set {name!r}; choose one of {list(ALL_DATA)}, or give a .csv, .npy or "
+        ".npz file of 2-D points"
+    )
 
 
 def _data_kind(data: str) -> str:
@@ -506,12 +522,28 @@ class _MetricsFile:
 # train
 # --------------------------------------------------------------------------------------------------------------
 
-_MODEL_FLAGS = (("formulation", "formulation"), ("activation", "activation"), ("blocks", "blocks"),
-                ("lipschitz", "lipschitz"), ("solver", "solver"), ("tol", "tol"))
-_TRAIN_FLAGS = (("iterations", "iterations"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed"),
-                ("device", "device"), ("eval_every", "eval_every"), ("eval_size", "eval_size"),
-                ("checkpoint_every", "checkpoint_every"), ("test_size", "test_size"), ("data_dir", "data_dir"),
-                ("grad_accumulation", "grad_accumulation"), ("precision", "precision"))
+_MODEL_FLAGS = (
+    ("formulation", "formulation"),
+    ("activation", "activation"),
+    ("blocks", "blocks"),
+    ("lipschitz", "lipschitz"),
+    ("solver", "solver"),
+    ("tol", "tol"),
+)
+_TRAIN_FLAGS = (
+    ("iterations", "iterations"),
+    ("batch_size", "batch_size"),
+    ("lr", "lr"),
+    ("seed", "seed"),
+    ("device", "device"),
+    ("eval_every", "eval_every"),
+    ("eval_size", "eval_size"),
+    ("checkpoint_every", "checkpoint_every"),
+    ("test_size", "test_size"),
+    ("data_dir", "data_dir"),
+    ("grad_accumulation", "grad_accumulation"),
+    ("precision", "precision"),
+)
 
 
 def _config_document(preset_name: str, description: str, trainer: Trainer) -> str:
@@ -652,9 +684,7 @@ def _setting(args: argparse.Namespace, attr: str, flag: str, value: Any, source:
     return f"{attr} {value} (from the {source}; override it with {flag})"
 
 
-def _check_training_resources(
-    args: argparse.Namespace, model: FlowConfig, train: TrainConfig, source: str
-) -> None:
+def _check_training_resources(args: argparse.Namespace, model: FlowConfig, train: TrainConfig, source: str) -> None:
     """Refuse a run whose model, batch or tests cannot fit in memory (:func:`resources.check_training`).
 
     Image runs learn their image shape from the data first (headers only: no image is decoded), so that a
@@ -674,8 +704,9 @@ def _check_training_resources(
         model = model.replace(image_shape=[c, h, w])
         where = f" in {train.data_dir}" if train.data_dir else ""
         labels["blocks"] = f"--data {train.data} (images of {w} x {h} pixels, {c} channel{'s' if c > 1 else ''}{where})"
-        hints["blocks"] = ("resize the images (the shipped image models train on 8 x 8 to 64 x 64 pixels) or use a "
-                           "smaller model")
+        hints["blocks"] = (
+            "resize the images (the shipped image models train on 8 x 8 to 64 x 64 pixels) or use a smaller model"
+        )
     check_training(model, train, labels, hints=hints)
 
 
@@ -733,8 +764,10 @@ def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
         checked = trainer.model_config.replace(
             **{k: v for k, v in (("solver", args.solver), ("tol", args.tol)) if v is not None}
         )
-        trainer.set_solver(solver=checked.solver if args.solver is not None else None,
-                           tol=checked.tol if args.tol is not None else None)
+        trainer.set_solver(
+            solver=checked.solver if args.solver is not None else None,
+            tol=checked.tol if args.tol is not None else None,
+        )
     if args.precision is not None:
         trainer.set_precision(args.precision)
 
@@ -823,8 +856,10 @@ def _configured_device(args: argparse.Namespace) -> str:
     except (CLIError, CheckpointError, ValueError, OSError, RuntimeError):
         return "cpu"
     if cuda and not torch.cuda.is_available():
-        raise CLIError(f"device: {device!r} requested (by the preset or checkpoint) but CUDA is not available on "
-                       "this machine; pass --device cpu")
+        raise CLIError(
+            f"device: {device!r} requested (by the preset or checkpoint) but CUDA is not available on "
+            "this machine; pass --device cpu"
+        )
     return device
 
 
@@ -862,8 +897,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _train_in_folder(args, trainer, out, preset_name, description)
 
 
-def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, preset_name: str,
-                     description: str) -> int:
+def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, preset_name: str, description: str) -> int:
     """The training loop of :func:`_cmd_train`, writing into ``out`` (created and locked by the caller)."""
     cfg = trainer.train_config
     task = trainer.task
@@ -971,8 +1005,10 @@ def _train_in_folder(args: argparse.Namespace, trainer: Trainer, out: Path, pres
 
     rate = steps_run / seconds if seconds > 0 else math.inf
     plural = "" if steps_run == 1 else "s"
-    print(f"trained {_fmt_int(steps_run)} iteration{plural} in {seconds:.1f} s ({rate:.1f} it/s); "
-          f"iteration {trainer.step_count} of {target}")
+    print(
+        f"trained {_fmt_int(steps_run)} iteration{plural} in {seconds:.1f} s ({rate:.1f} it/s); "
+        f"iteration {trainer.step_count} of {target}"
+    )
     if summary is not None and summary.paper_protocol is not None and task != "image":
         what = "test NLL" if task == "density" else "test MSE"
         unit = " nats" if task == "density" else ""
@@ -1006,8 +1042,9 @@ def _train_worker(args: argparse.Namespace) -> int:
         train_changes = {key: getattr(args, attr) for attr, key in _TRAIN_FLAGS if getattr(args, attr) is not None}
         train_changes["data"] = data
         train_config = preset.train_config(**train_changes)
-        trainer = Trainer(preset.model_config(**model_changes), train_config,
-                          points=point_set_from_args(args, data, train_config))
+        trainer = Trainer(
+            preset.model_config(**model_changes), train_config, points=point_set_from_args(args, data, train_config)
+        )
     trainer.run(max(0, trainer.train_config.iterations - trainer.step_count))
     return EXIT_OK
 
@@ -1042,10 +1079,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{list(ALL_DATA)}"
         )
     if data == POINTS_DATA and (args.data is not None or ckpt.points is None):
-        raise CLIError(f"--data {args.data}: a run on your own points is tested on the held-out points stored in "
-                       "its checkpoint; omit --data" if ckpt.points is not None else
-                       f"--data {args.data}: {args.checkpoint} holds no points of its own (only checkpoints of runs "
-                       "on a point file do)")
+        raise CLIError(
+            f"--data {args.data}: a run on your own points is tested on the held-out points stored in "
+            "its checkpoint; omit --data"
+            if ckpt.points is not None
+            else f"--data {args.data}: {args.checkpoint} holds no points of its own (only checkpoints of runs "
+            "on a point file do)"
+        )
     if args.split is not None and data not in IMAGE_DATASETS:
         raise CLIError(
             f"--split {args.split}: only image data sets have splits; {data!r} is tested on its fixed, seeded "
@@ -1070,12 +1110,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         changes["eval_size"] = 10**9  # the whole split
     test_config = base.replace(**changes)
     if test_config.test_seed > SEED_MAX:
-        raise CLIError(f"test_seed {test_config.test_seed} (from the checkpoint {args.checkpoint}): must be an integer "
-                       f"in [0, 2**63 - 1 = {SEED_MAX}]; override it with --seed")
+        raise CLIError(
+            f"test_seed {test_config.test_seed} (from the checkpoint {args.checkpoint}): must be an integer "
+            f"in [0, 2**63 - 1 = {SEED_MAX}]; override it with --seed"
+        )
     if data not in IMAGE_DATASETS:  # image tests are capped by their split, which is loaded anyway
         n = test_config.test_size if test_config.task == "density" else test_config.eval_size
-        label = f"--test-size {args.test_size}" if args.test_size is not None else (
-            f"test_size {n} (the run's; override it with --test-size)")
+        label = (
+            f"--test-size {args.test_size}"
+            if args.test_size is not None
+            else (f"test_size {n} (the run's; override it with --test-size)")
+        )
         # the evaluation copy (float64 by default)
         copy = sum(t.numel() for t in (*flow.parameters(), *flow.buffers())) * 8
         check_memory(label, points_bytes(n, flow.dim) + copy, "the held-out test", hint="use a smaller --test-size")
@@ -1102,9 +1147,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         else:
             doc["mse"] = _jsonable(result.mse)
         if ckpt.points is not None and result.nll_nats is not None:
-            doc["points"] = {"source": ckpt.points.source, "mean": ckpt.points.mean.tolist(),
-                             "scale": ckpt.points.scale.tolist(), "log_scale": ckpt.points.log_scale,
-                             "nll_nats_data_units": _jsonable(result.nll_nats + ckpt.points.log_scale)}
+            doc["points"] = {
+                "source": ckpt.points.source,
+                "mean": ckpt.points.mean.tolist(),
+                "scale": ckpt.points.scale.tolist(),
+                "log_scale": ckpt.points.log_scale,
+                "nll_nats_data_units": _jsonable(result.nll_nats + ckpt.points.log_scale),
+            }
         doc.update(
             {
                 "n_test": result.n_test,
@@ -1122,8 +1171,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         at = f" at iteration {step}" if step is not None else ""
         print(f"{args.checkpoint}{at}: {_describe_test(result, data)} [test seed {test_config.test_seed}]")
         if ckpt.points is not None and result.nll_nats is not None:
-            print(f"points: {ckpt.points.describe()}; in the data's units the test NLL is "
-                  f"{result.nll_nats + ckpt.points.log_scale:.4f} nats")
+            print(
+                f"points: {ckpt.points.describe()}; in the data's units the test NLL is "
+                f"{result.nll_nats + ckpt.points.log_scale:.4f} nats"
+            )
     return EXIT_OK
 
 
@@ -1133,8 +1184,9 @@ def _progress(total: int, unit: str, desc: str, piece: int | None = None) -> Any
     from tqdm import tqdm
 
     piece = evaluation.PIECE_POINTS if piece is None else piece
-    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, unit_scale=True,
-                disable=total <= piece)
+    return tqdm(
+        total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True, unit_scale=True, disable=total <= piece
+    )
 
 
 def _refuse_non_finite(values: np.ndarray, done: int, what: str, cause: str) -> None:
@@ -1171,14 +1223,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     e, r = args.extent, args.resolution
     if suffix == ".npy":
         # Streamed to disk a piece at a time, so memory stays bounded whatever --n is; only the disk can refuse.
-        check_disk(f"--n {n}", npy_bytes((n, flow.dim), np_dtype.itemsize), out.parent,
-                   f"{_fmt_int(n)} samples of {flow.dim} {np_dtype} value{'s' if flow.dim > 1 else ''}")
+        check_disk(
+            f"--n {n}",
+            npy_bytes((n, flow.dim), np_dtype.itemsize),
+            out.parent,
+            f"{_fmt_int(n)} samples of {flow.dim} {np_dtype} value{'s' if flow.dim > 1 else ''}",
+        )
     else:
         if not e > 0:
             raise CLIError(f"--extent: must be positive, got {e}")
         # float64 counts, their transposed and normalised copies, the RGB picture and its PNG encoding
-        check_memory(f"--resolution {r}", r * r * (4 * 8 + 3 * 3), f"the {r} x {r} histogram",
-                     hint="use a smaller --resolution")
+        check_memory(
+            f"--resolution {r}", r * r * (4 * 8 + 3 * 3), f"the {r} x {r} histogram", hint="use a smaller --resolution"
+        )
     cause = f"the inverse solve diverged at temperature {args.temperature:g}"
     done = 0
     counts = np.zeros((r, r), dtype=np.float64) if suffix == ".png" else None
@@ -1199,8 +1256,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        evaluation.sample_pieces(flow, n, consume, temperature=args.temperature, seed=args.seed, dtype=dtype,
-                                 workers=args.workers)
+        evaluation.sample_pieces(
+            flow, n, consume, temperature=args.temperature, seed=args.seed, dtype=dtype, workers=args.workers
+        )
         seconds = time.perf_counter() - t0
         if writer is not None:
             writer.commit()
@@ -1222,8 +1280,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"a {r} x {r} histogram of {_fmt_int(n)} samples on [-{e:g}, {e:g}]^2 ({_fmt_int(int(counts.sum()))} "
             "inside)"
         )
-    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
-          f"sampling took {seconds:.2f} s)")
+    print(
+        f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
+        f"sampling took {seconds:.2f} s)"
+    )
     note = points_note(ckpt.points, "the samples")
     if note:
         print(note)
@@ -1238,15 +1298,22 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     c, h, w = (int(s) for s in flow.event_shape)
     np_dtype = np.dtype(np.uint8 if levels <= 256 else np.int64)
     if suffix == ".npy":
-        check_disk(f"--n {n}", npy_bytes((n, c, h, w), np_dtype.itemsize), out.parent,
-                   f"{_fmt_int(n)} images of {c} x {h} x {w} {np_dtype} levels")
+        check_disk(
+            f"--n {n}",
+            npy_bytes((n, c, h, w), np_dtype.itemsize),
+            out.parent,
+            f"{_fmt_int(n)} images of {c} x {h} x {w} {np_dtype} levels",
+        )
     else:
         cols = math.ceil(math.sqrt(n))
         grid = (math.ceil(n / cols) * (h + 1) + 1) * (cols * (w + 1) + 1) * 3
         # The grid holds every image at once: the float samples, their levels, the scaled copy, the picture twice.
-        check_memory(f"--n {n}", n * c * h * w * (_numpy_dtype(dtype).itemsize + 8 + 3) + 2 * grid,
-                     f"a grid of {_fmt_int(n)} images", hint="write .npy instead (streamed to disk), or use a "
-                     "smaller --n")
+        check_memory(
+            f"--n {n}",
+            n * c * h * w * (_numpy_dtype(dtype).itemsize + 8 + 3) + 2 * grid,
+            f"a grid of {_fmt_int(n)} images",
+            hint="write .npy instead (streamed to disk), or use a smaller --n",
+        )
     cause = f"the inverse solve diverged at temperature {args.temperature:g}"
     done = 0
     pieces: list[np.ndarray] = []
@@ -1269,8 +1336,9 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     t0 = time.perf_counter()
     try:
         # The draws of evaluation.sample_images (chunks of 500 images), a few chunks at a time.
-        evaluation.sample_pieces(flow, n, consume, chunk=500, piece=piece, temperature=args.temperature,
-                                 seed=args.seed, dtype=dtype)
+        evaluation.sample_pieces(
+            flow, n, consume, chunk=500, piece=piece, temperature=args.temperature, seed=args.seed, dtype=dtype
+        )
         seconds = time.perf_counter() - t0
         if writer is not None:
             writer.commit()
@@ -1286,8 +1354,10 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
     else:
         write_png(out, evaluation.image_grid(np.concatenate(pieces), levels), _png_text(dtype))
         what = f"a grid of {_fmt_int(n)} sampled images ({shape}, {levels} levels)"
-    print(f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
-          f"sampling took {seconds:.2f} s)")
+    print(
+        f"wrote {what} to {out} (temperature {args.temperature:g}, seed {args.seed}, {_dtype_name(dtype)}; "
+        f"sampling took {seconds:.2f} s)"
+    )
     return EXIT_OK
 
 
@@ -1305,8 +1375,12 @@ def _cmd_density(args: argparse.Namespace) -> int:
         check_disk(f"--resolution {r}", npy_bytes((r, r), 8), out.parent, f"the {r} x {r} grid")
     else:
         # The heat map needs the whole grid: log-densities, densities, the RGB picture, its flip and its PNG.
-        check_memory(f"--resolution {r}", r * r * (8 + 8 + 3 * 3), f"the {r} x {r} heat map",
-                     hint="write .npy instead (streamed to disk), or use a smaller --resolution")
+        check_memory(
+            f"--resolution {r}",
+            r * r * (8 + 8 + 3 * 3),
+            f"the {r} x {r} heat map",
+            hint="write .npy instead (streamed to disk), or use a smaller --resolution",
+        )
     ckpt = _load(args.checkpoint, args.device)
     flow = _evaluation_flow(ckpt)
     if flow.event_shape != (2,):
@@ -1322,8 +1396,9 @@ def _cmd_density(args: argparse.Namespace) -> int:
 
     def consume(start: int, values: np.ndarray) -> None:
         nonlocal lo, hi, total
-        _refuse_non_finite(values, start, "grid points' log-densities",
-                           f"the solver diverged; check --extent {args.extent:g}")
+        _refuse_non_finite(
+            values, start, "grid points' log-densities", f"the solver diverged; check --extent {args.extent:g}"
+        )
         lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
         total += float(np.exp(values).sum())
         if writer is not None:
@@ -1335,9 +1410,7 @@ def _cmd_density(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        xmin, xmax, ymin, ymax = evaluation.log_density_pieces(
-            flow, consume, box, r, dtype=dtype, workers=args.workers
-        )
+        xmin, xmax, ymin, ymax = evaluation.log_density_pieces(flow, consume, box, r, dtype=dtype, workers=args.workers)
         seconds = time.perf_counter() - t0
         if writer is not None:
             writer.commit()
@@ -1370,8 +1443,11 @@ def _cmd_warmup(args: argparse.Namespace) -> int:
     dtypes = [args.dtype] if args.dtype is not None else [torch.float32, torch.float64]
     results = warm_up(dtypes, train=not args.solve_only)
     if not results:
-        print(f"{PROG}: the compiled kernels are unavailable here (Numba or a BLAS is missing, or MONOFLOW_KERNELS=0); "
-              "nothing to prepare: the PyTorch kernels serve", file=sys.stderr)
+        print(
+            f"{PROG}: the compiled kernels are unavailable here (Numba or a BLAS is missing, or MONOFLOW_KERNELS=0); "
+            "nothing to prepare: the PyTorch kernels serve",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     for r in results:
         what = "training and solver" if r.kit == "train" else "solver"
@@ -1461,24 +1537,49 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     g = p.add_argument_group("data and preset")
-    g.add_argument("--data", metavar="NAME", help=f"training data: one of {', '.join(ALL_DATA)}, or a .csv, .npy or "
-                   ".npz file of your own 2-D points (required unless --resume)")
-    g.add_argument("--columns", metavar="A,B", help="--data FILE with more than two columns: the two to use, by name "
-                   "(a CSV header, an NPZ key) or position, e.g. x,y or 0,2")
-    g.add_argument("--holdout", type=holdout_fraction, metavar="F", help="--data FILE: fraction of the points held "
-                   "out for the test NLL, in (0, 0.5] (default 0.2; split with the run's test seed)")
-    g.add_argument("--data-dir", metavar="DIR", help="folder holding an image set's files (mnist, cifar10, "
-                   "imagenet32, imagenet64, folder; digits is built in)")
-    g.add_argument("--preset", metavar="NAME", help=f"preset name or JSON path (default {DEFAULT_TOY_PRESET} for 2-D "
-                   f"data, {DEFAULT_1D_PRESET} for staircase, digits-cpu for digits and folder, paper-<set> for the "
-                   "other image sets)")
+    g.add_argument(
+        "--data",
+        metavar="NAME",
+        help=f"training data: one of {', '.join(ALL_DATA)}, or a .csv, .npy or "
+        ".npz file of your own 2-D points (required unless --resume)",
+    )
+    g.add_argument(
+        "--columns",
+        metavar="A,B",
+        help="--data FILE with more than two columns: the two to use, by name "
+        "(a CSV header, an NPZ key) or position, e.g. x,y or 0,2",
+    )
+    g.add_argument(
+        "--holdout",
+        type=holdout_fraction,
+        metavar="F",
+        help="--data FILE: fraction of the points held "
+        "out for the test NLL, in (0, 0.5] (default 0.2; split with the run's test seed)",
+    )
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder holding an image set's files (mnist, cifar10, imagenet32, imagenet64, folder; digits is built in)",
+    )
+    g.add_argument(
+        "--preset",
+        metavar="NAME",
+        help=f"preset name or JSON path (default {DEFAULT_TOY_PRESET} for 2-D "
+        f"data, {DEFAULT_1D_PRESET} for staircase, digits-cpu for digits and folder, paper-<set> for the "
+        "other image sets)",
+    )
     g = p.add_argument_group("model (override the preset)")
-    g.add_argument("--formulation", type=_formulation, metavar="F",
-                   help="monotone | residual | inverse_residual, or a comma-separated list with one per block")
+    g.add_argument(
+        "--formulation",
+        type=_formulation,
+        metavar="F",
+        help="monotone | residual | inverse_residual, or a comma-separated list with one per block",
+    )
     g.add_argument("--activation", metavar="A", help="activation of G: cpila, clipswish, lipswish, crelu, pila")
     g.add_argument("--blocks", type=_positive_int, metavar="N", help="number of flow blocks")
-    g.add_argument("--lipschitz", type=_finite_float, metavar="C",
-                   help="Lipschitz coefficient of each layer of G, in (0, 1)")
+    g.add_argument(
+        "--lipschitz", type=_finite_float, metavar="C", help="Lipschitz coefficient of each layer of G, in (0, 1)"
+    )
     g.add_argument("--solver", metavar="S", help="fixed-point solver: auto, newton, anderson, picard")
     g.add_argument("--tol", type=_finite_float, metavar="T", help="relative solver tolerance, in (0, 1)")
     g = p.add_argument_group("training (override the preset)")
@@ -1486,29 +1587,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=_positive_int, metavar="B", help="fresh samples per iteration")
     g.add_argument("--lr", type=_finite_float, metavar="LR", help="Adam learning rate")
     g.add_argument("--seed", type=_seed, metavar="S", help="seed of the weights and the data stream")
-    g.add_argument("--device", metavar="D", help="auto (default: the GPU for image models when CUDA is present, "
-                   "the CPU for vector models), cpu, cuda or cuda:N")
-    g.add_argument("--eval-every", type=_nonnegative_int, metavar="N",
-                   help="a fresh-sample test every N iterations (0: none)")
+    g.add_argument(
+        "--device",
+        metavar="D",
+        help="auto (default: the GPU for image models when CUDA is present, "
+        "the CPU for vector models), cpu, cuda or cuda:N",
+    )
+    g.add_argument(
+        "--eval-every", type=_nonnegative_int, metavar="N", help="a fresh-sample test every N iterations (0: none)"
+    )
     g.add_argument("--eval-size", type=_positive_int, metavar="N", help="points per fresh-sample test")
-    g.add_argument("--test-size", type=_positive_int, metavar="N",
-                   help="points of the fixed held-out test at the end (staircase: of every test)")
-    g.add_argument("--checkpoint-every", type=_nonnegative_int, metavar="N",
-                   help="write the checkpoint every N iterations (0: only at the end)")
-    g.add_argument("--grad-accumulation", type=_positive_int, metavar="K",
-                   help="split each batch into K micro-batches (same update, less memory)")
-    g.add_argument("--precision", choices=PRECISIONS, type=str.lower,
-                   help="arithmetic of G in training: auto (default: TF32 off), highest, or tf32 (CUDA float32 "
-                        "products and convolutions in TF32, solves stop at its floor); tests always run in full "
-                        "precision (docs/precision.md)")
+    g.add_argument(
+        "--test-size",
+        type=_positive_int,
+        metavar="N",
+        help="points of the fixed held-out test at the end (staircase: of every test)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_nonnegative_int,
+        metavar="N",
+        help="write the checkpoint every N iterations (0: only at the end)",
+    )
+    g.add_argument(
+        "--grad-accumulation",
+        type=_positive_int,
+        metavar="K",
+        help="split each batch into K micro-batches (same update, less memory)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        type=str.lower,
+        help="arithmetic of G in training: auto (default: TF32 off), highest, or tf32 (CUDA float32 "
+        "products and convolutions in TF32, solves stop at its floor); tests always run in full "
+        "precision (docs/precision.md)",
+    )
     g = p.add_argument_group("run")
-    g.add_argument("--out", metavar="DIR", help="output folder (required for a new run; default on --resume: the "
-                   "checkpoint's folder)")
+    g.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (required for a new run; default on --resume: the checkpoint's folder)",
+    )
     g.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
     g.add_argument("--force", action="store_true", help="overwrite a checkpoint already in --out")
-    g.add_argument("--threads", type=_threads, default=1, metavar="N",
-                   help="torch intra-op threads (default 1: fastest for these small matrices; at most "
-                        f"{MAX_THREADS_PER_CORE} per core)")
+    g.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        metavar="N",
+        help="torch intra-op threads (default 1: fastest for these small matrices; at most "
+        f"{MAX_THREADS_PER_CORE} per core)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (test results still go to stderr)")
     p.set_defaults(handler=_cmd_train)
 
@@ -1522,18 +1652,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Uses the run's EMA weights if it kept them.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
-    p.add_argument("--test-size", type=_positive_int, metavar="N",
-                   help="held-out points (default: the run's test_size; staircase: eval_size)")
-    p.add_argument("--seed", type=_seed, metavar="S", help="seed of the held-out set (default: the run's "
-                   "test_seed)")
-    p.add_argument("--data", metavar="NAME", help="data set to test on (required for a flow-only checkpoint; "
-                   "default: the run's)")
+    p.add_argument(
+        "--test-size",
+        type=_positive_int,
+        metavar="N",
+        help="held-out points (default: the run's test_size; staircase: eval_size)",
+    )
+    p.add_argument("--seed", type=_seed, metavar="S", help="seed of the held-out set (default: the run's test_seed)")
+    p.add_argument(
+        "--data", metavar="NAME", help="data set to test on (required for a flow-only checkpoint; default: the run's)"
+    )
     p.add_argument("--data-dir", metavar="DIR", help="image sets: folder holding the files (default: the run's)")
-    p.add_argument("--split", choices=("test", "validation"), help="image sets: split to test on (default: the "
-                   "run's eval_split, test)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object: bpd (images), nll_nats (or mse), n_test, seconds, exact, dtype, "
-                        "data, ...")
+    p.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        help="image sets: split to test on (default: the run's eval_split, test)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: bpd (images), nll_nats (or mse), n_test, seconds, exact, dtype, data, ...",
+    )
     _add_dtype_option(p, "float64 on the CPU, the training dtype for image flows and on GPUs")
     _add_runtime_options(p)
     p.set_defaults(handler=_cmd_eval)
@@ -1550,13 +1689,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint")
     p.add_argument("--n", type=_positive_int, required=True, metavar="N", help="number of samples")
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
-    p.add_argument("--temperature", type=_temperature, default=1.0, metavar="T",
-                   help=f"scale of the base noise, in (0, {MAX_TEMPERATURE:g}] (default 1)")
+    p.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        metavar="T",
+        help=f"scale of the base noise, in (0, {MAX_TEMPERATURE:g}] (default 1)",
+    )
     p.add_argument("--seed", type=_seed, default=0, metavar="S", help="sampling seed (default 0)")
-    p.add_argument("--resolution", type=_positive_int, default=200, metavar="R",
-                   help=".png only: histogram bins per axis (default 200)")
-    p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
-                   help=".png only: half-width of the histogram's square (default 4)")
+    p.add_argument(
+        "--resolution",
+        type=_positive_int,
+        default=200,
+        metavar="R",
+        help=".png only: histogram bins per axis (default 200)",
+    )
+    p.add_argument(
+        "--extent",
+        type=_finite_float,
+        default=4.0,
+        metavar="E",
+        help=".png only: half-width of the histogram's square (default 4)",
+    )
     _add_workers_option(p, "; image flows sample serially")
     _add_dtype_option(p, "the training dtype, float32 for the shipped presets")
     _add_runtime_options(p)
@@ -1571,10 +1725,12 @@ def build_parser() -> argparse.ArgumentParser:
         "FILE.png: the density exp(log p) divided by its peak, viridis-like colours, highest y at the top.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .safetensors checkpoint of a 2-D flow")
-    p.add_argument("--resolution", type=_positive_int, default=400, metavar="R",
-                   help="grid points per axis, >= 2 (default 400)")
-    p.add_argument("--extent", type=_finite_float, default=4.0, metavar="E",
-                   help="half-width of the square grid (default 4)")
+    p.add_argument(
+        "--resolution", type=_positive_int, default=400, metavar="R", help="grid points per axis, >= 2 (default 400)"
+    )
+    p.add_argument(
+        "--extent", type=_finite_float, default=4.0, metavar="E", help="half-width of the square grid (default 4)"
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="output file, .npy or .png")
     _add_workers_option(p)
     _add_dtype_option(p, "the training dtype, float32 for the shipped presets")
@@ -1591,13 +1747,19 @@ def build_parser() -> argparse.ArgumentParser:
         "second. In an image, run this as the user who will run monoflow, on the kind of CPU that will run it.",
     )
     p.add_argument("--dtype", type=_dtype, metavar="DT", help="float32 or float64 only (default: both)")
-    p.add_argument("--solve-only", action="store_true",
-                   help="only the kernels of densities, samples and tests (not those of training)")
+    p.add_argument(
+        "--solve-only",
+        action="store_true",
+        help="only the kernels of densities, samples and tests (not those of training)",
+    )
     p.set_defaults(handler=_cmd_warmup)
 
     # -- presets
-    p = sub.add_parser("presets", help="list the shipped presets", description="List the shipped presets: name and "
-                       "description, one per line.")
+    p = sub.add_parser(
+        "presets",
+        help="list the shipped presets",
+        description="List the shipped presets: name and description, one per line.",
+    )
     p.set_defaults(handler=_cmd_presets)
     return parser
 
@@ -1666,8 +1828,10 @@ def main(argv: list[str] | None = None) -> int:
         # passed them and still exhausted memory is reported as such, in one line, rather than as a crash.
         if debug or not _out_of_memory(err):
             raise
-        _error(f"out of memory ({_one_line(str(err)) or type(err).__name__}); use smaller sizes (--n, --batch-size, "
-               "--test-size, --resolution, ...)")
+        _error(
+            f"out of memory ({_one_line(str(err)) or type(err).__name__}); use smaller sizes (--n, --batch-size, "
+            "--test-size, --resolution, ...)"
+        )
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

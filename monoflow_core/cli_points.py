@@ -39,22 +39,33 @@ def point_set_from_args(args: argparse.Namespace, data: str, train_config: Any) 
     if data != POINTS_DATA:
         for flag, value in (("--columns", columns), ("--holdout", holdout)):
             if value is not None:
-                raise PointDataError(f"{flag}: only for --data FILE (a .csv, .npy or .npz of 2-D points); "
-                                     f"--data {args.data} is a built-in data set")
+                raise PointDataError(
+                    f"{flag}: only for --data FILE (a .csv, .npy or .npz of 2-D points); "
+                    f"--data {args.data} is a built-in data set"
+                )
         return None
-    return load_points(args.data, parse_columns(columns), holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
-                       split_seed=int(train_config.test_seed))
+    return load_points(
+        args.data,
+        parse_columns(columns),
+        holdout=DEFAULT_HOLDOUT if holdout is None else holdout,
+        split_seed=int(train_config.test_seed),
+    )
 
 
 def refuse_point_flags_on_resume(args: argparse.Namespace) -> None:
     """``--resume`` continues with the points stored in the checkpoint: a point file or its options are refused."""
-    given = [flag for flag, attr in (("--columns", "columns"), ("--holdout", "holdout"))
-             if getattr(args, attr, None) is not None]
+    given = [
+        flag
+        for flag, attr in (("--columns", "columns"), ("--holdout", "holdout"))
+        if getattr(args, attr, None) is not None
+    ]
     if args.data is not None and looks_like_point_file(str(args.data)):
         given.insert(0, "--data FILE")
     if given:
-        raise PointDataError(f"{', '.join(given)}: cannot change when resuming; a run's points travel in its "
-                             "checkpoint (resume without them)")
+        raise PointDataError(
+            f"{', '.join(given)}: cannot change when resuming; a run's points travel in its "
+            "checkpoint (resume without them)"
+        )
 
 
 def points_note(points: PointSet | None, what: str) -> str:
@@ -64,6 +75,8 @@ def points_note(points: PointSet | None, what: str) -> str:
     if points.is_identity:
         return f"{what} are in the units of {points.source} (its points were used as they are)"
     m, s, shift = points.mean.tolist(), points.scale.tolist(), points.log_scale
-    return (f"{what} are in the standardised coordinates of {points.source}: x = mean + scale * z with mean "
-            f"({m[0]:.6g}, {m[1]:.6g}), scale ({s[0]:.6g}, {s[1]:.6g}); in the data's units "
-            f"log p(x) = log p(z) {'-' if shift >= 0 else '+'} {abs(shift):.6g} (minus the sum of log scale)")
+    return (
+        f"{what} are in the standardised coordinates of {points.source}: x = mean + scale * z with mean "
+        f"({m[0]:.6g}, {m[1]:.6g}), scale ({s[0]:.6g}, {s[1]:.6g}); in the data's units "
+        f"log p(x) = log p(z) {'-' if shift >= 0 else '+'} {abs(shift):.6g} (minus the sum of log scale)"
+    )

@@ -62,8 +62,7 @@ class JsonConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dictionary of all fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -291,8 +290,10 @@ class FlowConfig(JsonConfig):
         if self.family == IMPLICIT:
             return
         if self.image_shape is not None:
-            raise ValueError(f"family: {self.family!r} models vectors; image flows use the implicit family "
-                             "(image_shape must be null)")
+            raise ValueError(
+                f"family: {self.family!r} models vectors; image flows use the implicit family "
+                "(image_shape must be null)"
+            )
         if self.dim < 2:
             raise ValueError(f"family: {self.family!r} needs dim >= 2, got dim {self.dim}")
 

@@ -25,8 +25,7 @@ __all__ = ["AUTO", "resolve_device"]
 AUTO = "auto"
 
 
-def resolve_device(requested: str | None, model: FlowConfig, *, cuda_available: bool | None = None
-                   ) -> tuple[str, str]:
+def resolve_device(requested: str | None, model: FlowConfig, *, cuda_available: bool | None = None) -> tuple[str, str]:
     """The device to train ``model`` on, and a short reason for the log.
 
     Args:

@@ -362,8 +362,9 @@ def sample(
             chunk order, so the samples do not depend on ``workers``.
     """
     pieces: list[np.ndarray] = []
-    dt = sample_pieces(flow, n, pieces.append, chunk=chunk, temperature=temperature, seed=seed, dtype=dtype,
-                       workers=workers)
+    dt = sample_pieces(
+        flow, n, pieces.append, chunk=chunk, temperature=temperature, seed=seed, dtype=dtype, workers=workers
+    )
     if not pieces:
         return np.zeros((0, *flow.event_shape), dtype=np.float64 if dt == torch.float64 else np.float32)
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -414,8 +415,8 @@ def sample_pieces(
             last = min(n, first + step)
             # The same draws as Flow.sample chunk by chunk (one randn per chunk, in order).
             noise = [
-                temperature * torch.randn((min(chunk, last - start), *model.event_shape), dtype=dt, device=dev,
-                                          generator=generator)
+                temperature
+                * torch.randn((min(chunk, last - start), *model.event_shape), dtype=dt, device=dev, generator=generator)
                 for start in range(first, last, chunk)
             ]
             consume(torch.cat([p.to("cpu") for p in _map_chunks(model.inverse, noise, workers)]).numpy())

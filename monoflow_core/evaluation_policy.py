@@ -39,8 +39,9 @@ EVAL_POWER_ITERATIONS = 200
 _M = TypeVar("_M", bound=nn.Module)
 
 
-def evaluation_dtype(task: str, device: torch.device, training_dtype: torch.dtype,
-                     requested: torch.dtype | None = None) -> torch.dtype:
+def evaluation_dtype(
+    task: str, device: torch.device, training_dtype: torch.dtype, requested: torch.dtype | None = None
+) -> torch.dtype:
     """The dtype a reported test runs in: ``requested`` if given, else the rule in the module docstring.
 
     Args:
@@ -104,8 +105,17 @@ def image_test(
     nats_per_bit = math.prod(images.shape[1:]) * math.log(2.0)  # D log 2, with D = C H W the flow's dimension
     dtype = next(model.parameters()).dtype
     return EvalMetrics(
-        step=step, nll_nats=mean * nats_per_bit, mse=None, n_test=int(bpd.numel()),
-        seconds=time.perf_counter() - t0, exact=bool(getattr(model, "logdet_is_exact", False)), fixed=True,
-        nll_stderr_nats=stderr * nats_per_bit, dtype=str(dtype).replace("torch.", ""), bpd=mean,
-        bpd_stderr=stderr, split=split, dequantization=dequantization,
+        step=step,
+        nll_nats=mean * nats_per_bit,
+        mse=None,
+        n_test=int(bpd.numel()),
+        seconds=time.perf_counter() - t0,
+        exact=bool(getattr(model, "logdet_is_exact", False)),
+        fixed=True,
+        nll_stderr_nats=stderr * nats_per_bit,
+        dtype=str(dtype).replace("torch.", ""),
+        bpd=mean,
+        bpd_stderr=stderr,
+        split=split,
+        dequantization=dequantization,
     )

@@ -129,7 +129,13 @@ def write_example(
     Returns:
         The written example, read back from its header.
     """
-    metadata = {"data": data, "model": model, "preset": preset, "iterations": int(iterations),
-                "test_nll_nats": float(test_nll_nats), **(extra or {})}
+    metadata = {
+        "data": data,
+        "model": model,
+        "preset": preset,
+        "iterations": int(iterations),
+        "test_nll_nats": float(test_nll_nats),
+        **(extra or {}),
+    }
     written = save_checkpoint(path, flow, metadata=metadata)
     return _describe(Path(written))

@@ -71,8 +71,15 @@ from .nn.densenet import DenseNetG
 from .solvers import SolverStats, SolverWarning, effective_tolerance, resolve_method
 
 __all__ = [
-    "FAST_MAX_DIM", "FoldedNet", "fast_eligible", "fold_nets", "fold_scope", "folded_runs", "fusable_runs",
-    "fused_inverse", "run_fused",
+    "FAST_MAX_DIM",
+    "FoldedNet",
+    "fast_eligible",
+    "fold_nets",
+    "fold_scope",
+    "folded_runs",
+    "fusable_runs",
+    "fused_inverse",
+    "run_fused",
 ]
 
 #: Solves without a backward pass remove converged samples from the batch once 1/COMPACT_FRACTION of it converged.
@@ -116,8 +123,10 @@ _NET_FACTS: weakref.WeakKeyDictionary[DenseNetG, tuple[Any, Any]] = weakref.Weak
 def _net_facts(net: DenseNetG) -> tuple[tuple[float, float, str] | None, tuple[tuple[int, ...], ...]]:
     facts = _NET_FACTS.get(net)
     if facts is None:
-        facts = _NET_FACTS[net] = (_activation_spec_of(net),
-                                   tuple(tuple(lin.weight.shape) for lin in [*net.layers, net.final]))
+        facts = _NET_FACTS[net] = (
+            _activation_spec_of(net),
+            tuple(tuple(lin.weight.shape) for lin in [*net.layers, net.final]),
+        )
     return facts
 
 
@@ -152,10 +161,9 @@ def fast_eligible(block: Any, dim: int) -> bool:
 
 
 def _same_architecture(a: DenseNetG, b: DenseNetG) -> bool:
-    return (
-        _net_facts(a) == _net_facts(b)
-        and [lin.mode for lin in [*a.layers, a.final]] == [lin.mode for lin in [*b.layers, b.final]]
-    )
+    return _net_facts(a) == _net_facts(b) and [lin.mode for lin in [*a.layers, a.final]] == [
+        lin.mode for lin in [*b.layers, b.final]
+    ]
 
 
 def fusable_runs(blocks: Sequence[Any], dim: int) -> list[tuple[int, int]]:
@@ -262,8 +270,17 @@ class _FoldLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, w: Tensor, b: Tensor, cols: Tensor, u: Tensor, v: Tensor, coeff: Tensor, hidden: bool,
-        shift: float, k: float, gain: Tensor | None = None,
+        ctx: Any,
+        w: Tensor,
+        b: Tensor,
+        cols: Tensor,
+        u: Tensor,
+        v: Tensor,
+        coeff: Tensor,
+        hidden: bool,
+        shift: float,
+        k: float,
+        gain: Tensor | None = None,
     ) -> Tensor:
         # u^T W v (einsum measured 60 us here, two bmm 22 us)
         sigma = torch.bmm(torch.bmm(u.unsqueeze(1), w), v.unsqueeze(2)).view(-1)
@@ -390,8 +407,12 @@ def _kernel_fold_applies(nets: Sequence[DenseNetG]) -> bool:
     ref = nets[0].layers[0].weight
     spec = _activation_spec(nets[0])
     return (
-        USE_KERNELS and kernels.AVAILABLE and ref.device.type == "cpu" and ref.dtype in (torch.float32, torch.float64)
-        and spec is not None and spec[2] in _KERNEL_ACTIVATIONS
+        USE_KERNELS
+        and kernels.AVAILABLE
+        and ref.device.type == "cpu"
+        and ref.dtype in (torch.float32, torch.float64)
+        and spec is not None
+        and spec[2] in _KERNEL_ACTIVATIONS
         and all(lin.mode == "exact" and lin.bias is not None for lin in [*nets[0].layers, nets[0].final])
         and kernels_ready(ref.dtype, wait=KERNELS_WAIT, backward=torch.is_grad_enabled())
     )
@@ -418,9 +439,24 @@ class _KernelFold(torch.autograd.Function):
         vflat = wflat.new_empty(nb, v_size)
         sig = wflat.new_empty(len(rows), nb)
         kernels.fold_forward(
-            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
-            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), out.numpy(), uflat.numpy(),
-            vflat.numpy(), sig.numpy(),
+            concat_k.detach().numpy(),
+            lip,
+            coeff,
+            wflat.detach().numpy(),
+            bflat.detach().numpy(),
+            rows,
+            cols,
+            woffs,
+            boffs,
+            ooffs,
+            voffs,
+            gains.detach().numpy(),
+            shift,
+            scales.detach().numpy(),
+            out.numpy(),
+            uflat.numpy(),
+            vflat.numpy(),
+            sig.numpy(),
         )
         ctx.save_for_backward(concat_k, wflat, bflat, gains, scales)
         ctx.extra = (meta, uflat, vflat, sig)
@@ -438,9 +474,28 @@ class _KernelFold(torch.autograd.Function):
         g_gains = torch.empty_like(gains)
         g_scales = torch.empty_like(scales)
         kernels.fold_backward(
-            concat_k.detach().numpy(), lip, coeff, wflat.detach().numpy(), bflat.detach().numpy(), rows, cols, woffs,
-            boffs, ooffs, voffs, gains.detach().numpy(), shift, scales.detach().numpy(), grad.contiguous().numpy(),
-            uflat.numpy(), vflat.numpy(), sig.numpy(), gw.numpy(), gb.numpy(), gk.numpy(), g_gains.numpy(),
+            concat_k.detach().numpy(),
+            lip,
+            coeff,
+            wflat.detach().numpy(),
+            bflat.detach().numpy(),
+            rows,
+            cols,
+            woffs,
+            boffs,
+            ooffs,
+            voffs,
+            gains.detach().numpy(),
+            shift,
+            scales.detach().numpy(),
+            grad.contiguous().numpy(),
+            uflat.numpy(),
+            vflat.numpy(),
+            sig.numpy(),
+            gw.numpy(),
+            gb.numpy(),
+            gk.numpy(),
+            g_gains.numpy(),
             g_scales.numpy(),
         )
         needs = ctx.needs_input_grad
@@ -456,8 +511,16 @@ def _fold_layout(layers: Sequence[Any]) -> tuple[Any, ...]:
     def offsets(sizes: Any) -> Any:
         return np.cumsum([0, *list(sizes)[:-1]]).astype(np.int64)
 
-    return (rows, cols, offsets(rows * cols), offsets(rows), offsets(outs), offsets(cols), int(sum(outs)),
-            int(cols.sum()))
+    return (
+        rows,
+        cols,
+        offsets(rows * cols),
+        offsets(rows),
+        offsets(outs),
+        offsets(cols),
+        int(sum(outs)),
+        int(cols.sum()),
+    )
 
 
 def _kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
@@ -654,8 +717,15 @@ _POOL_KEEP = 2
 
 
 def _workspace_key(net: FoldedNet, b: int, like: Tensor) -> tuple[Any, ...]:
-    return (len(net.final), b, like.dtype, like.device, net.n, tuple(w.shape[-2] for w in net.weights),
-            net.final.shape[-1])
+    return (
+        len(net.final),
+        b,
+        like.dtype,
+        like.device,
+        net.n,
+        tuple(w.shape[-2] for w in net.weights),
+        net.final.shape[-1],
+    )
 
 
 def _acquire_workspace(net: FoldedNet, b: int, like: Tensor) -> tuple[_Workspace, tuple[Any, ...]]:
@@ -1070,11 +1140,13 @@ class _ReverseLayout:
         self.reader: list[Tensor] = []  # M_i, (blocks, K_i, m_i)
         for i in range(depth):
             cols = slice(starts[i], starts[i] + self.m[i])
-            self.reader.append(torch.cat([final[:, :, cols], *(weights[j][:, :, cols] for j in
-                                                                reversed(range(i + 1, depth)))], dim=1))
+            self.reader.append(
+                torch.cat([final[:, :, cols], *(weights[j][:, :, cols] for j in reversed(range(i + 1, depth)))], dim=1)
+            )
         inputs = slice(1, 1 + n)  # the input rows (w); the bias row has no cotangent worth computing
-        self.input_reader = torch.cat([final[:, :, inputs], *(weights[j][:, :, inputs] for j in
-                                                               reversed(range(depth)))], dim=1)
+        self.input_reader = torch.cat(
+            [final[:, :, inputs], *(weights[j][:, :, inputs] for j in reversed(range(depth)))], dim=1
+        )
 
 
 def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Tensor) -> Tensor:
@@ -1218,8 +1290,12 @@ def kernels_apply(x: Tensor, net: FoldedNet, backward: bool = True) -> bool:
     (:data:`KERNELS_WAIT`); without waiting the PyTorch kernels serve until they are ready.
     """
     return (
-        USE_KERNELS and kernels.AVAILABLE and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and net.kind in _KERNEL_ACTIVATIONS and kernels_ready(x.dtype, wait=KERNELS_WAIT, backward=backward)
+        USE_KERNELS
+        and kernels.AVAILABLE
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and net.kind in _KERNEL_ACTIVATIONS
+        and kernels_ready(x.dtype, wait=KERNELS_WAIT, backward=backward)
     )
 
 
@@ -1274,8 +1350,9 @@ def kernels_ready(dtype: torch.dtype, wait: bool = False, backward: bool = True)
                 if _SHUTDOWN.is_set():
                     return False  # (it would be cancelled before its first piece anyway)
                 _KERNEL_STATE[key] = "compiling"
-                thread = threading.Thread(target=_compile_in_background, args=key,
-                                          name=f"monoflow-kernels-{dtype}-{key[1]}", daemon=True)
+                thread = threading.Thread(
+                    target=_compile_in_background, args=key, name=f"monoflow-kernels-{dtype}-{key[1]}", daemon=True
+                )
                 _COMPILE_THREADS.append(thread)
                 thread.start()
                 return False
@@ -1350,8 +1427,10 @@ def _cache_stamp(dtype: torch.dtype, kit: str) -> tuple[Path, str]:
 def _expect_compile(dtype: torch.dtype, kit: str) -> bool:
     """Whether the kernels of ``kit`` in ``dtype`` will be compiled rather than loaded from the on-disk cache (as
     far as this process can tell: compiled here already, or the cache folder's marker of an earlier compile)."""
-    if all(any(_signature_dtype(sig) == dtype for sig in getattr(getattr(kernels, name), "overloads", ()))
-           for name in KERNEL_SETS[kit]):
+    if all(
+        any(_signature_dtype(sig) == dtype for sig in getattr(getattr(kernels, name), "overloads", ()))
+        for name in KERNEL_SETS[kit]
+    ):
         return False
     for held_by in ("solve", "train") if kit == "solve" else ("train",):  # (the "train" set holds the "solve" set)
         try:
@@ -1395,8 +1474,10 @@ def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
             low, high = KERNEL_COMPILE_SECONDS[kit]
             if kit == "train" and _KERNEL_STATE.get((dtype, "solve")) == "ready":  # (the rest of the set only)
                 low, high = low - KERNEL_COMPILE_SECONDS["solve"][0], high - KERNEL_COMPILE_SECONDS["solve"][1]
-            _notify(f"monoflow: compiling the {what} (first use with this cache; about {low}-{high} s, once: later "
-                    f"runs load them from {kernel_cache_dir()})")
+            _notify(
+                f"monoflow: compiling the {what} (first use with this cache; about {low}-{high} s, once: later "
+                f"runs load them from {kernel_cache_dir()})"
+            )
         t0 = time.perf_counter()
         try:
             kernels.limit_blas_threads()
@@ -1408,8 +1489,12 @@ def _compile_kernels(dtype: torch.dtype, kit: str = "train") -> None:
             return
         except Exception as error:  # any failure leaves the PyTorch kernels in charge
             _KERNEL_STATE[key] = "failed"
-            warnings.warn(f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
-                          "kernels serve instead", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"monoflow: the compiled kernels for {dtype} are unavailable ({error!r}); the PyTorch "
+                "kernels serve instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         _KERNEL_STATE[key] = "ready"
         if kit == "train":
@@ -1451,8 +1536,9 @@ def _run_kernels_once(dtype: torch.dtype, backward: bool = True) -> None:
     gains = torch.full((1, depth), _K * _LOG2E, dtype=torch.float64)
     scales = torch.full((1, depth), 1.0 / 1.06 / (_K * _LOG2E), dtype=torch.float64)
     _check_not_cancelled()
-    out = _KernelFold.apply(meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=backward), wflat, bflat, gains,
-                            scales)
+    out = _KernelFold.apply(
+        meta, torch.ones(1, depth, 2, dtype=dtype, requires_grad=backward), wflat, bflat, gains, scales
+    )
     if backward:
         _check_not_cancelled()
         torch.autograd.grad(out.sum(), [wflat, bflat])
@@ -1544,8 +1630,9 @@ def _in_parallel(task: Any, count: int) -> None:
         return
     with _KERNEL_LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
-                                                              thread_name_prefix="monoflow-kernel")
+            _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix="monoflow-kernel"
+            )
     futures = [_EXECUTOR.submit(_single_threaded, task, i) for i in range(1, count)]
     try:
         _single_threaded(task, 0)
@@ -1562,8 +1649,14 @@ def _single_threaded(task: Any, i: int) -> None:
 
 
 def _kernel_run(
-    x: Tensor, blocks: Sequence[Any], net: FoldedNet, setup: Sequence[tuple[float, ...]], signs: Sequence[float],
-    labels: Sequence[str], spaces: Sequence[_Workspace] | None, parts: Sequence[tuple[int, int]] | None = None,
+    x: Tensor,
+    blocks: Sequence[Any],
+    net: FoldedNet,
+    setup: Sequence[tuple[float, ...]],
+    signs: Sequence[float],
+    labels: Sequence[str],
+    spaces: Sequence[_Workspace] | None,
+    parts: Sequence[tuple[int, int]] | None = None,
     weights: tuple[Any, ...] | None = None,
 ) -> tuple[Tensor, Tensor, list[SolverStats]]:
     """Run blocks on points ``x`` (B, n) with the compiled kernels: ``(y (B, n), summed log-det (B,), stats)``.
@@ -1589,9 +1682,23 @@ def _kernel_run(
     converged = torch.empty(nb, b, dtype=torch.bool)
     int_type = kernels.exp2_bits(np_dtype)
     common = (
-        x.numpy(), flat, offs, widths, net.weights[0].shape[1], fw, _KERNEL_ACTIVATIONS[net.kind],
-        table[:, 0].astype("int64"), *(table[:, c].astype(np_dtype) for c in range(1, 6)), tols, caps,
-        y.numpy(), logdet.numpy(), iterations.numpy(), residual.numpy(), converged.numpy(), spaces is not None,
+        x.numpy(),
+        flat,
+        offs,
+        widths,
+        net.weights[0].shape[1],
+        fw,
+        _KERNEL_ACTIVATIONS[net.kind],
+        table[:, 0].astype("int64"),
+        *(table[:, c].astype(np_dtype) for c in range(1, 6)),
+        tols,
+        caps,
+        y.numpy(),
+        logdet.numpy(),
+        iterations.numpy(),
+        residual.numpy(),
+        converged.numpy(),
+        spaces is not None,
     )
     constants = (kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype), COMPACT_FRACTION)
     empty = [np.empty((0,) * d, np_dtype) for d in (3, 4, 4, 5, 3)]  # (the kernel's own scratch serves)
@@ -1617,8 +1724,9 @@ def _kernel_run(
     failed = b - converged.numpy().sum(axis=1)
     stats = []
     for j in range(nb):
-        st = SolverStats("newton", iterations[j], residual[j], converged[j], int(evaluations[j]), float(tols[j]),
-                         int(caps[j]))
+        st = SolverStats(
+            "newton", iterations[j], residual[j], converged[j], int(evaluations[j]), float(tols[j]), int(caps[j])
+        )
         if failed[j]:
             _warn_unconverged(st, labels[j], b)
         stats.append(st)
@@ -1626,14 +1734,27 @@ def _kernel_run(
 
 
 def _kernel_forward(
-    x: Tensor, plan: _Plan, net: FoldedNet, spaces: Sequence[_Workspace] | None,
-    parts: Sequence[tuple[int, int]] | None = None, weights: tuple[Any, ...] | None = None,
+    x: Tensor,
+    plan: _Plan,
+    net: FoldedNet,
+    spaces: Sequence[_Workspace] | None,
+    parts: Sequence[tuple[int, int]] | None = None,
+    weights: tuple[Any, ...] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`_fused_forward` by the compiled kernels, on points ``x`` (B, n): ``(y (B, n), summed log-det)``."""
     blocks = plan.blocks
     labels = [f"{type(blk).__name__} forward solve" for blk in blocks]
-    y, logdet, stats = _kernel_run(x, blocks, net, [_KERNEL_FORWARD[blk.kind] for blk in blocks],
-                                   [1.0] * len(blocks), labels, spaces, parts, weights)
+    y, logdet, stats = _kernel_run(
+        x,
+        blocks,
+        net,
+        [_KERNEL_FORWARD[blk.kind] for blk in blocks],
+        [1.0] * len(blocks),
+        labels,
+        spaces,
+        parts,
+        weights,
+    )
     for blk, st in zip(blocks, stats, strict=True):
         if blk.kind != "residual":
             blk.forward_stats = st
@@ -1641,13 +1762,21 @@ def _kernel_forward(
     return y, logdet
 
 
-_KERNEL_KINDS = {"residual": kernels.KIND_RESIDUAL, "monotone": kernels.KIND_MONOTONE,
-                 "inverse_residual": kernels.KIND_INVERSE_RESIDUAL}
+_KERNEL_KINDS = {
+    "residual": kernels.KIND_RESIDUAL,
+    "monotone": kernels.KIND_MONOTONE,
+    "inverse_residual": kernels.KIND_INVERSE_RESIDUAL,
+}
 
 
 def _kernel_backward(
-    net: FoldedNet, spaces: Sequence[_Workspace], parts: Sequence[tuple[int, int]], kinds: Sequence[str],
-    grad_z: Tensor, grad_logdet: Tensor, weights: tuple[Any, ...] | None = None,
+    net: FoldedNet,
+    spaces: Sequence[_Workspace],
+    parts: Sequence[tuple[int, int]],
+    kinds: Sequence[str],
+    grad_z: Tensor,
+    grad_logdet: Tensor,
+    weights: tuple[Any, ...] | None = None,
 ) -> list[Tensor | None]:
     """:meth:`_FusedBlocks.backward` by the compiled kernel, part by part in parallel: the gradients of ``x``,
     (plan) and the folded tensors (each part's weight gradients summed). ``weights``: the forward's
@@ -1657,15 +1786,29 @@ def _kernel_backward(
     grad_fw = net.final.new_empty((len(parts), *fw.shape))
     grad_x = torch.empty(grad_z.shape, dtype=grad_z.dtype)
     codes = np.array([_KERNEL_KINDS[k] for k in kinds], dtype=np.int64)
-    common = (flat, offs, widths, net.weights[0].shape[1], fw, _KERNEL_ACTIVATIONS[net.kind], codes,
-              grad_z.detach().contiguous().numpy(), grad_logdet.detach().contiguous().numpy())
+    common = (
+        flat,
+        offs,
+        widths,
+        net.weights[0].shape[1],
+        fw,
+        _KERNEL_ACTIVATIONS[net.kind],
+        codes,
+        grad_z.detach().contiguous().numpy(),
+        grad_logdet.detach().contiguous().numpy(),
+    )
     cst = kernels.constants(grad_flat.numpy().dtype)
 
     def run(i: int) -> None:
         ws = spaces[i]
         kernels.backward_run(
-            *common, *(t.numpy() for t in (ws.x, ws.h_all, ws.e_all, ws.q_all, ws.out)), grad_x.numpy(),
-            grad_flat[i].numpy(), grad_fw[i].numpy(), cst, *parts[i],
+            *common,
+            *(t.numpy() for t in (ws.x, ws.h_all, ws.e_all, ws.q_all, ws.out)),
+            grad_x.numpy(),
+            grad_flat[i].numpy(),
+            grad_fw[i].numpy(),
+            cst,
+            *parts[i],
         )
 
     _in_parallel(run, len(parts))
@@ -1790,8 +1933,9 @@ def fused_inverse_run(blocks: Sequence[Any], y: Tensor) -> Tensor:
                 order = list(reversed(blocks))
                 signs = [-1.0 if blk.kind == "monotone" else 1.0 for blk in order]
                 labels = [f"{type(blk).__name__} inverse solve" for blk in order]
-                x, _, stats = _kernel_run(y, order, folded.reversed(), [_KERNEL_INVERSE[blk.kind] for blk in order],
-                                          signs, labels, None)
+                x, _, stats = _kernel_run(
+                    y, order, folded.reversed(), [_KERNEL_INVERSE[blk.kind] for blk in order], signs, labels, None
+                )
                 for blk, st in zip(order, stats, strict=True):
                     if blk.kind != "inverse_residual":
                         blk.inverse_stats = st
@@ -1807,8 +1951,15 @@ def fused_inverse(block: Any, y: Tensor) -> Tensor:
         folded = cached_fold([block.net])
         if kernels_apply(y, folded, backward=False):
             sign = -1.0 if block.kind == "monotone" else 1.0
-            x, _, (stats,) = _kernel_run(y, [block], folded, [_KERNEL_INVERSE[block.kind]], [sign],
-                                         [f"{type(block).__name__} inverse solve"], None)
+            x, _, (stats,) = _kernel_run(
+                y,
+                [block],
+                folded,
+                [_KERNEL_INVERSE[block.kind]],
+                [sign],
+                [f"{type(block).__name__} inverse solve"],
+                None,
+            )
             if block.kind != "inverse_residual":
                 block.inverse_stats = stats
             return x

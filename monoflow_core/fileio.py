@@ -125,8 +125,9 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[str], None]
         raise FileNotFoundError(2, "No such directory", str(directory))
     remove_stale_temporaries(target)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp" + suffix,
-                                   dir=directory)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.{HOST_TAG}-{os.getpid()}.", suffix=".tmp" + suffix, dir=directory
+        )
     except OSError as err:  # name the target, not the temporary file, in the message
         raise type(err)(err.errno, err.strerror, str(target)) from None
     os.close(fd)

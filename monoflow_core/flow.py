@@ -109,23 +109,33 @@ class Flow(nn.Module):
         """The error :meth:`_check` raises, naming what ``where`` expected and what it got."""
         dtype, device = self._anchor.dtype, self._anchor.device
         head = f"{type(self).__name__}.{where}"
-        expected = (f"{head}: expected a torch.Tensor of dtype {_dtype_name(dtype)} on {device} with shape "
-                    f"{' or '.join(_shape_text(s) for s in shapes)}")
+        expected = (
+            f"{head}: expected a torch.Tensor of dtype {_dtype_name(dtype)} on {device} with shape "
+            f"{' or '.join(_shape_text(s) for s in shapes)}"
+        )
         if len(shapes) > 1:  # several layouts of the same samples
             expected += f" ({self.dim} dimensions per sample)"
         if dtype not in SUPPORTED_DTYPES:  # the flow itself was cast, e.g. by flow.half()
-            return TypeError(f"{head}: the flow's dtype {_dtype_name(dtype)} is not supported (only float32 and "
-                             "float64); convert the flow with flow.to(torch.float32)")
+            return TypeError(
+                f"{head}: the flow's dtype {_dtype_name(dtype)} is not supported (only float32 and "
+                "float64); convert the flow with flow.to(torch.float32)"
+            )
         if not isinstance(x, Tensor):
-            return TypeError(f"{expected}, got {type(x).__name__} (convert it with torch.as_tensor(x, "
-                             f"dtype=torch.{_dtype_name(dtype)}, device={str(device)!r}))")
+            return TypeError(
+                f"{expected}, got {type(x).__name__} (convert it with torch.as_tensor(x, "
+                f"dtype=torch.{_dtype_name(dtype)}, device={str(device)!r}))"
+            )
         if x.dtype not in SUPPORTED_DTYPES:
-            return TypeError(f"{expected}, got {_dtype_name(x.dtype)} ({_dtype_name(x.dtype)} inputs are not "
-                             f"supported: convert them with x.to(torch.{_dtype_name(dtype)}))")
+            return TypeError(
+                f"{expected}, got {_dtype_name(x.dtype)} ({_dtype_name(x.dtype)} inputs are not "
+                f"supported: convert them with x.to(torch.{_dtype_name(dtype)}))"
+            )
         if x.dtype != dtype:
             got = _dtype_name(x.dtype)
-            return TypeError(f"{expected}, got {got} (convert the input with x.to(torch.{_dtype_name(dtype)}) or "
-                             f"the flow with flow.to(torch.{got}))")
+            return TypeError(
+                f"{expected}, got {got} (convert the input with x.to(torch.{_dtype_name(dtype)}) or "
+                f"the flow with flow.to(torch.{got}))"
+            )
         if x.device != device:
             return ValueError(f"{expected}, got a tensor on {x.device} (move it with x.to({str(device)!r}))")
         return ValueError(f"{expected}, got shape {tuple(x.shape)}")
@@ -206,8 +216,10 @@ class Flow(nn.Module):
             raise ValueError(f"{where}: n must be >= 0, got {n}")
         # torch sizes tensors in int64 bytes: a larger batch would fail inside randn with an overflow of its own.
         if n * max(self.dim, 1) * self._anchor.element_size() > torch.iinfo(torch.int64).max:
-            raise ValueError(f"{where}: n = {n} samples of {self.dim} values exceed the largest tensor torch can "
-                             "hold; draw them in chunks")
+            raise ValueError(
+                f"{where}: n = {n} samples of {self.dim} values exceed the largest tensor torch can "
+                "hold; draw them in chunks"
+            )
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise TypeError(f"{where}: temperature must be a real number, got {type(temperature).__name__}")
         if not 0 < temperature < math.inf:
@@ -250,7 +262,8 @@ class Flow(nn.Module):
             if max_iter is not None:
                 b.max_iter = int(max_iter)
         if self.config is not None:
-            updates: dict[str, Any] = {k: v for k, v in (("solver", solver), ("tol", tol), ("max_iter", max_iter))
-                                       if v is not None}
+            updates: dict[str, Any] = {
+                k: v for k, v in (("solver", solver), ("tol", tol), ("max_iter", max_iter)) if v is not None
+            }
             for k, v in updates.items():
                 setattr(self.config, k, v)

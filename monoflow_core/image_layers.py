@@ -154,4 +154,3 @@ class FlatG(JacobianNet):
 
     def lipschitz_bound(self) -> float:
         return self.net.lipschitz_bound()
-

@@ -113,5 +113,3 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray, text: dict[str, str
         OSError: the file cannot be written (the target is left untouched).
     """
     return atomic_write(path, encode_png(rgb, text))
-
-

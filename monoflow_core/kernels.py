@@ -37,9 +37,23 @@ try:  # Numba is optional: without it (or on an unsupported platform) the PyTorc
 except ImportError:  # pragma: no cover - exercised only where Numba is missing
     numba = None
 
-__all__ = ["ACT_PILA", "ACT_RELU", "ACT_SWISH", "AVAILABLE", "KIND_INVERSE_RESIDUAL", "KIND_MONOTONE", "KIND_RESIDUAL",
-           "MODE_EVALUATE", "MODE_SOLVE", "backward_run", "fold_backward", "fold_forward", "limit_blas_threads",
-           "scratch_size", "solve_run"]
+__all__ = [
+    "ACT_PILA",
+    "ACT_RELU",
+    "ACT_SWISH",
+    "AVAILABLE",
+    "KIND_INVERSE_RESIDUAL",
+    "KIND_MONOTONE",
+    "KIND_RESIDUAL",
+    "MODE_EVALUATE",
+    "MODE_SOLVE",
+    "backward_run",
+    "fold_backward",
+    "fold_forward",
+    "limit_blas_threads",
+    "scratch_size",
+    "solve_run",
+]
 
 #: Whether the compiled kernels can be used in this process.
 AVAILABLE = numba is not None and gemm is not None
@@ -199,8 +213,11 @@ def limit_blas_threads() -> int:
     except ImportError:  # pragma: no cover - both come with scikit-learn
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
-    mine = [lib for lib in ThreadpoolController().lib_controllers
-            if lib.user_api == "blas" and os.path.relpath(lib.filepath, root).startswith("scipy")]
+    mine = [
+        lib
+        for lib in ThreadpoolController().lib_controllers
+        if lib.user_api == "blas" and os.path.relpath(lib.filepath, root).startswith("scipy")
+    ]
     for lib in mine:
         lib.set_num_threads(1)
     return len(mine)
@@ -216,8 +233,9 @@ def constants(dtype: Any) -> Any:
     """
     c = _C
     lo = -126.0 if np.dtype(dtype) == np.float32 else -1022.0
-    return np.array([0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo],
-                    dtype=dtype)
+    return np.array(
+        [0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo], dtype=dtype
+    )
 
 
 @functools.cache
@@ -299,8 +317,9 @@ def _sigmoid_fill(h, out, zero, one, count):  # pragma: no cover - compiled
 
 
 @_jit
-def _evaluate(wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, cst, coeffs, tmp, ibuf,
-              scale):  # pragma: no cover - compiled
+def _evaluate(
+    wflat, offs, widths, m, fw, n, kind, b, x, ws_h, ws_e, ws_q, jw, cst, coeffs, tmp, ibuf, scale
+):  # pragma: no cover - compiled
     """``w + sign G(w)`` and ``I + sign J_G(w)`` at the ``b`` points of one block's feature buffer ``x``.
 
     The layout of :class:`monoflow_core.fast._Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
@@ -401,9 +420,39 @@ def _map_rows(f0, f1, x, out0, out1, total, cols, pair, zero):  # pragma: no cov
 
 @_jit
 def solve_run(
-    points, wflat, offs, widths, m, fw, kind, modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters,
-    y_out, logdet, iterations, residual, converged, keep, ws_x, ws_h, ws_e, ws_q, ws_out, ibuf, cst, coeffs,
-    compact_fraction, start, count, scratch,
+    points,
+    wflat,
+    offs,
+    widths,
+    m,
+    fw,
+    kind,
+    modes,
+    rhs_scale,
+    out_w,
+    out_x,
+    ld_plus,
+    ld_mono,
+    tols,
+    max_iters,
+    y_out,
+    logdet,
+    iterations,
+    residual,
+    converged,
+    keep,
+    ws_x,
+    ws_h,
+    ws_e,
+    ws_q,
+    ws_out,
+    ibuf,
+    cst,
+    coeffs,
+    compact_fraction,
+    start,
+    count,
+    scratch,
 ):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
@@ -531,15 +580,15 @@ def solve_run(
             for a in range(n):
                 for p in range(na):
                     xj[1 + a, p] = cur[a, p]
-            _evaluate(wflat[j], offs, widths, m, fw[j], n, kind, na, xj, hs, es, qs, jw, cst, coeffs, tmp, ibuf,
-                      scale)
+            _evaluate(wflat[j], offs, widths, m, fw[j], n, kind, na, xj, hs, es, qs, jw, cst, coeffs, tmp, ibuf, scale)
             out = tmp[2 : 2 + n]
             remaining = 0
             # n = 2: the residuals and the Newton steps in one closed-form pass (the general passes then skip)
             stepped = solve and n == 2 and it < cap
             if stepped:
-                remaining = _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res,
-                                                plain, it, na, zero)
+                remaining = _residual_and_step2(
+                    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+                )
             for p in range(0 if stepped else na):
                 if not solve:
                     done[p] = True
@@ -640,8 +689,9 @@ def solve_run(
 
 
 @_jit
-def _residual_and_step2(out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na,
-                        zero):  # pragma: no cover - compiled
+def _residual_and_step2(
+    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+):  # pragma: no cover - compiled
     """For n = 2, the two per-point passes of :func:`solve_run` after an evaluation in one, without loops over the
     dimensions: each active point's residual and convergence test, then its safeguarded Newton step (the same
     rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the number of
@@ -691,8 +741,26 @@ def scratch_size(total: int, depth: int, m: int, n: int, b: int) -> int:
 
 @_jit
 def backward_run(
-    wflat, offs, widths, m, fw, kind, kinds, grad_z, grad_logdet, ws_x, ws_h, ws_e, ws_q, ws_out, grad_x,
-    grad_wflat, grad_fw, cst, start, count,
+    wflat,
+    offs,
+    widths,
+    m,
+    fw,
+    kind,
+    kinds,
+    grad_z,
+    grad_logdet,
+    ws_x,
+    ws_h,
+    ws_e,
+    ws_q,
+    ws_out,
+    grad_x,
+    grad_wflat,
+    grad_fw,
+    cst,
+    start,
+    count,
 ):  # pragma: no cover - compiled
     """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
 
@@ -968,13 +1036,38 @@ def _fold_setup(concat_k, rows, cols_):  # pragma: no cover - compiled
     column scales)``."""
     depth = concat_k.shape[1]
     dt = concat_k.dtype
-    return (concat_k.shape[0], depth, cols_[0], np.empty(depth, dt), np.empty(depth, dt), np.empty(depth + 1, dt),
-            np.empty(cols_[depth], dt))
+    return (
+        concat_k.shape[0],
+        depth,
+        cols_[0],
+        np.empty(depth, dt),
+        np.empty(depth, dt),
+        np.empty(depth + 1, dt),
+        np.empty(cols_[depth], dt),
+    )
 
 
 @_jit
-def fold_forward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, gains, shift, scales,
-                 out_flat, uflat, vflat, sig):  # pragma: no cover - compiled
+def fold_forward(
+    concat_k,
+    lip,
+    coeff,
+    wflat,
+    bflat,
+    rows,
+    cols_,
+    woffs,
+    boffs,
+    ooffs,
+    voffs,
+    gains,
+    shift,
+    scales,
+    out_flat,
+    uflat,
+    vflat,
+    sig,
+):  # pragma: no cover - compiled
     """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
 
     Per block ``j`` and layer position ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair
@@ -1079,8 +1172,31 @@ def _gain_gradient(g, b, w, s, cols, shift):  # pragma: no cover - compiled
 
 
 @_jit
-def fold_backward(concat_k, lip, coeff, wflat, bflat, rows, cols_, woffs, boffs, ooffs, voffs, gains, shift, scales,
-                  gout, uflat, vflat, sig, gwflat, gbflat, gk, ggains, gscales):  # pragma: no cover - compiled
+def fold_backward(
+    concat_k,
+    lip,
+    coeff,
+    wflat,
+    bflat,
+    rows,
+    cols_,
+    woffs,
+    boffs,
+    ooffs,
+    voffs,
+    gains,
+    shift,
+    scales,
+    gout,
+    uflat,
+    vflat,
+    sig,
+    gwflat,
+    gbflat,
+    gk,
+    ggains,
+    gscales,
+):  # pragma: no cover - compiled
     """The gradients of :func:`fold_forward` with respect to K, the weights, the biases, and the activation's folded
     factors and scales (same layouts).
 

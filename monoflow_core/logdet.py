@@ -171,11 +171,15 @@ class EstimatorSettings:
         # The bounds keep the mean number of extra terms at most MAX_MEAN_EXTRA_TERMS (NaN fails both).
         low_p = 1.0 / (1.0 + MAX_MEAN_EXTRA_TERMS)
         if self.roulette == "geometric" and not low_p <= param < 1.0:
-            raise ValueError(f"roulette_param: geometric p must be in [{low_p:.6g}, 1) (a mean of at most "
-                             f"{MAX_MEAN_EXTRA_TERMS:g} extra terms), got {param}")
+            raise ValueError(
+                f"roulette_param: geometric p must be in [{low_p:.6g}, 1) (a mean of at most "
+                f"{MAX_MEAN_EXTRA_TERMS:g} extra terms), got {param}"
+            )
         if self.roulette == "poisson" and not 0.0 < param <= MAX_MEAN_EXTRA_TERMS:
-            raise ValueError(f"roulette_param: Poisson lambda must be in (0, {MAX_MEAN_EXTRA_TERMS:g}] (the mean "
-                             f"number of extra terms), got {param}")
+            raise ValueError(
+                f"roulette_param: Poisson lambda must be in (0, {MAX_MEAN_EXTRA_TERMS:g}] (the mean "
+                f"number of extra terms), got {param}"
+            )
         if self.n_exact_terms < 1 or self.n_exact_terms_eval < 1:
             raise ValueError("n_exact_terms: must be >= 1")
         if self.n_probes < 1:
@@ -268,8 +272,13 @@ class _NeumannLogdet(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, value: Tensor, q: Tensor, v: Tensor, surrogate_grad: Callable[..., tuple[Tensor | None, ...]],
-        point: Tensor, *params: Tensor
+        ctx: Any,
+        value: Tensor,
+        q: Tensor,
+        v: Tensor,
+        surrogate_grad: Callable[..., tuple[Tensor | None, ...]],
+        point: Tensor,
+        *params: Tensor,
     ) -> Tensor:
         ctx.save_for_backward(q, v)
         ctx.surrogate_grad = surrogate_grad

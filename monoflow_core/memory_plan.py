@@ -137,8 +137,14 @@ def plan_grad_accumulation(model: FlowConfig, train: TrainConfig, budget: int) -
         )
     k = max(train.grad_accumulation, -(-batch // fits))
     micro = -(-batch // k)
-    return AccumulationPlan(grad_accumulation=k, micro_batch=micro, per_image=per_image, resident=resident,
-                            need=resident + micro * per_image, budget=budget)
+    return AccumulationPlan(
+        grad_accumulation=k,
+        micro_batch=micro,
+        per_image=per_image,
+        resident=resident,
+        need=resident + micro * per_image,
+        budget=budget,
+    )
 
 
 class SavedTensorMeter:

@@ -159,8 +159,10 @@ class MultiscaleFlow(Flow):
         """
         device = self._anchor.device
         head = f"{type(self).__name__}.{where}"
-        expected = (f"{head}: expected x, a torch.Tensor of integer levels on {device} with shape "
-                    f"(N, {', '.join(map(str, self.event_shape))})")
+        expected = (
+            f"{head}: expected x, a torch.Tensor of integer levels on {device} with shape "
+            f"(N, {', '.join(map(str, self.event_shape))})"
+        )
         if not isinstance(x, Tensor):
             raise TypeError(f"{expected}, got {type(x).__name__}")
         if x.dtype == torch.bool or x.dtype.is_complex:
@@ -175,16 +177,16 @@ class MultiscaleFlow(Flow):
             what = str(noise.dtype).removeprefix("torch.") if isinstance(noise, Tensor) else type(noise).__name__
             raise TypeError(f"{head}: noise must be a floating torch.Tensor (or None), got {what}")
         if noise.device != device or noise.shape != x.shape:
-            raise ValueError(f"{head}: noise must be on {device} with the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(noise.shape)} on {noise.device}")
+            raise ValueError(
+                f"{head}: noise must be on {device} with the shape of x {tuple(x.shape)}, got "
+                f"{tuple(noise.shape)} on {noise.device}"
+            )
 
     def draw_noise(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """Raw dequantization noise for a batch of integer images of ``shape``."""
         return draw_noise(self.dequantizer, shape, self.dtype, self.device, generator)
 
     @torch.no_grad()
-    def sample_images(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
-    ) -> Tensor:
+    def sample_images(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` images as integer levels (B, C, H, W), int64 in [0, K-1]."""
         return quantize(self.sample(n, temperature=temperature, generator=generator), self.levels)

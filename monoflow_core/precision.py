@@ -137,13 +137,11 @@ def _flag_state() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     try:
         matmul = ("global", torch.get_float32_matmul_precision())
     except RuntimeError:  # pragma: no cover - per-operator flags set apart by the user
-        matmul = ("per_op", str(_cuda.matmul.fp32_precision),
-                  str(_mkldnn.matmul.fp32_precision))
+        matmul = ("per_op", str(_cuda.matmul.fp32_precision), str(_mkldnn.matmul.fp32_precision))
     try:
         conv = ("legacy", bool(torch.backends.cudnn.allow_tf32))
     except RuntimeError:
-        conv = ("per_op", str(_cudnn.conv.fp32_precision),
-                str(_cudnn.rnn.fp32_precision))
+        conv = ("per_op", str(_cudnn.conv.fp32_precision), str(_cudnn.rnn.fp32_precision))
     return matmul, conv
 
 
@@ -309,16 +307,26 @@ def resolve_precision(requested: str, device: torch.device | str, dtype: torch.d
     name = str(dtype).replace("torch.", "")
     full = tolerance_floor("float64" if dtype == torch.float64 else "float32")
     if req == "tf32" and dev == "cuda" and dtype == torch.float32:
-        return PrecisionPolicy(req, "tf32", dev, name, True, tolerance_floor("tf32"), full,
-                               "TF32 requested: faster products, solves stop at the TF32 floor")
+        return PrecisionPolicy(
+            req,
+            "tf32",
+            dev,
+            name,
+            True,
+            tolerance_floor("tf32"),
+            full,
+            "TF32 requested: faster products, solves stop at the TF32 floor",
+        )
     if req == "tf32":
         why = "float64 has no TF32 mode" if dtype != torch.float32 else f"the {dev} has no TF32 arithmetic"
         return PrecisionPolicy(req, "highest", dev, name, False, full, full, f"TF32 requested, but {why}")
     if req == "highest":
         reason = "highest requested"
     elif dev == "cuda" and dtype == torch.float32:
-        reason = ("auto: TF32 off on CUDA float32, so solves reach float32's floor rather than stalling on TF32 "
-                  "rounding noise (as the paper's released code does)")
+        reason = (
+            "auto: TF32 off on CUDA float32, so solves reach float32's floor rather than stalling on TF32 "
+            "rounding noise (as the paper's released code does)"
+        )
     else:
         reason = f"auto: {dev} {name} arithmetic is IEEE"
     return PrecisionPolicy(req, "highest", dev, name, False, full, full, reason)

@@ -38,8 +38,10 @@ def _nesting_error(data: Any, path: Path) -> str | None:
         if not isinstance(value, dict | list):
             continue
         if depth > MAX_PRESET_DEPTH:
-            return (f"preset: {path} nests objects and arrays more than {MAX_PRESET_DEPTH} levels deep "
-                    f"(at {where or 'the top level'})")
+            return (
+                f"preset: {path} nests objects and arrays more than {MAX_PRESET_DEPTH} levels deep "
+                f"(at {where or 'the top level'})"
+            )
         if isinstance(value, dict):
             stack.extend((item, f"{where}.{key}" if where else str(key), depth + 1) for key, item in value.items())
         else:
@@ -111,8 +113,10 @@ def load_preset(name_or_path: str | os.PathLike[str]) -> Preset:
     problem = _nesting_error(data, path)
     if problem is not None:
         raise ValueError(problem)
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or not isinstance(
-        data.get("training"), dict
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("model"), dict)
+        or not isinstance(data.get("training"), dict)
     ):
         raise ValueError(f"preset: {path} must be a JSON object with 'model' and 'training' objects")
     return Preset(

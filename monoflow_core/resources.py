@@ -278,8 +278,7 @@ class ModelSize:
     modules: int
 
     def __add__(self, other: ModelSize) -> ModelSize:
-        return ModelSize(self.parameters + other.parameters, self.buffers + other.buffers,
-                         self.modules + other.modules)
+        return ModelSize(self.parameters + other.parameters, self.buffers + other.buffers, self.modules + other.modules)
 
     def __mul__(self, k: int) -> ModelSize:
         return ModelSize(self.parameters * k, self.buffers * k, self.modules * k)
@@ -513,9 +512,14 @@ def training_needs(model: FlowConfig, train: TrainConfig) -> dict[str, Need]:
     return needs
 
 
-def check_training(model: FlowConfig, train: TrainConfig, labels: Mapping[str, str], *,
-                   hints: Mapping[str, str] | None = None,
-                   budgets: tuple[int | None, int | None] | None = None) -> None:
+def check_training(
+    model: FlowConfig,
+    train: TrainConfig,
+    labels: Mapping[str, str],
+    *,
+    hints: Mapping[str, str] | None = None,
+    budgets: tuple[int | None, int | None] | None = None,
+) -> None:
     """Refuse a training run whose model, batch or tests cannot fit in this machine's memory.
 
     Args:

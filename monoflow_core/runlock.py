@@ -103,8 +103,10 @@ class RunLock:
                 if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunLockedError(self.folder, lock_holder(self.folder)) from None
                 if err.errno in _UNSUPPORTED:
-                    self.warning = (f"{self.folder}: the file system cannot lock files ({err.strerror}); make sure "
-                                    "no other run writes into this folder")
+                    self.warning = (
+                        f"{self.folder}: the file system cannot lock files ({err.strerror}); make sure "
+                        "no other run writes into this folder"
+                    )
                     with contextlib.suppress(OSError):
                         os.unlink(self.path)
                     return self
@@ -140,6 +142,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()

@@ -240,8 +240,7 @@ class _Run:
     continue with (compacted or not), or ``None`` when every sample has finished.
     """
 
-    def __init__(self, x0: Tensor, tol: float, max_iter: int, method: str, fixed_shape: bool,
-                 check_every: int) -> None:
+    def __init__(self, x0: Tensor, tol: float, max_iter: int, method: str, fixed_shape: bool, check_every: int) -> None:
         b = x0.shape[0]
         dev = x0.device
         self.method = method
@@ -300,8 +299,9 @@ class _Run:
         """The relative residuals just measured, for the rows in play."""
         return self.take("residual")
 
-    def retire(self, done: Tensor, it: int, w: Tensor, state: tuple[Tensor, ...],
-               jac: Tensor | None = None) -> tuple[Tensor, ...] | None:
+    def retire(
+        self, done: Tensor, it: int, w: Tensor, state: tuple[Tensor, ...], jac: Tensor | None = None
+    ) -> tuple[Tensor, ...] | None:
         """Store the results (``w``, and Newton's ``jac``) of the rows that are ``done``; continue with ``state``.
 
         At ``it == max_iter`` every row is done. Returns ``state`` for the rows still in play (compacted when
@@ -461,8 +461,9 @@ def _newton(fj: NewtonMap, run: _Run, decrease: float) -> None:
         wa = torch.where(swap.reshape(shape), base_w, wa)
         jac = torch.where(swap[:, None, None], base_a, jac)
         run.store("residual", torch.where(swap, base_res, run.residual_now()))
-        state = run.retire(done, it, wa, (wa, fw, jac, r, merit, reject, base_w, base_f, base_a, base_m, base_res),
-                           jac=jac)
+        state = run.retire(
+            done, it, wa, (wa, fw, jac, r, merit, reject, base_w, base_f, base_a, base_m, base_res), jac=jac
+        )
         if state is None:
             return
         wa, fw, jac, r, merit, reject, base_w, base_f, base_a, base_m, base_res = state
@@ -569,8 +570,9 @@ def _warn_unconverged(stats: SolverStats, label: str) -> None:
     if failed - stalled:
         parts.append(f"{failed - stalled} reached max_iter = {stats.max_iter}")
     if stalled:
-        parts.append(f"{stalled} stalled (residual not below {STALL_FACTOR:g} x its last value for "
-                     f"{STALL_WINDOW} iterations)")
+        parts.append(
+            f"{stalled} stalled (residual not below {STALL_FACTOR:g} x its last value for {STALL_WINDOW} iterations)"
+        )
     warnings.warn(
         f"{label}: {failed} of {stats.batch_size} samples did not converge ({stats.method}): "
         f"{'; '.join(parts)} (worst relative residual {worst:.3g}, tolerance {stats.tol:.3g})",

@@ -76,7 +76,6 @@ __all__ = [
 ]
 
 
-
 #: Power iterations before an evaluation (the released code's 200; only layers in ``"power"`` mode need them).
 
 #: The fresh-sample test stream is seeded with ``seed + EVAL_STREAM_SEED_OFFSET`` so it never repeats the
@@ -212,8 +211,10 @@ class Trainer:
         model_config.validate()
         train_config.validate()
         if (points is not None) != (train_config.data == POINTS_DATA):
-            raise ValueError(f"data: a PointSet goes with data {POINTS_DATA!r} and only with it (got data "
-                             f"{train_config.data!r} and {'a' if points is not None else 'no'} PointSet)")
+            raise ValueError(
+                f"data: a PointSet goes with data {POINTS_DATA!r} and only with it (got data "
+                f"{train_config.data!r} and {'a' if points is not None else 'no'} PointSet)"
+            )
         #: The user's points of a ``"points"`` run, else None.
         self.points: PointSet | None = points
         self.model_config = model_config
@@ -223,8 +224,9 @@ class Trainer:
         self._eval_images: dict[str, ImageSet] = {}
         if images is not None or eval_images is not None:
             if train_config.task != "image" or images is None:
-                raise ValueError("images: in-memory training images need an image data set in the training config "
-                                 "and a training set")
+                raise ValueError(
+                    "images: in-memory training images need an image data set in the training config and a training set"
+                )
             self._train_images = images
             if eval_images is not None:
                 self._eval_images = {train_config.eval_split: eval_images}
@@ -477,8 +479,10 @@ class Trainer:
     def _optimizer_backup(self) -> tuple[list[Tensor], dict[Any, dict[str, Any]]]:
         """Copies of the parameters and of the optimizer's state, to undo a step (:meth:`_restore_optimizer`)."""
         params = [p.detach().clone() for p in self._params]
-        state = {p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
-                 for p, s in self.optimizer.state.items()}
+        state = {
+            p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
+            for p, s in self.optimizer.state.items()
+        }
         return params, state
 
     @torch.no_grad()
@@ -553,8 +557,9 @@ class Trainer:
             # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
             params = [p for p in self._params if p.requires_grad]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([torch.tensor([local_loss], dtype=self.dtype, device=self.device)]
-                             + [g.reshape(-1) for g in grads])
+            flat = torch.cat(
+                [torch.tensor([local_loss], dtype=self.dtype, device=self.device)] + [g.reshape(-1) for g in grads]
+            )
             self.dist.all_reduce_sum(flat)
             local_loss = float(flat[0])
             offset = 1
@@ -798,8 +803,14 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.test_seed)  # only a power-series log-det draws from it
-            result = image_test(model, images[:count], step=self._step, seed=cfg.test_seed, split=split,
-                                dequantization=getattr(self.model_config, "dequantization", "uniform"))
+            result = image_test(
+                model,
+                images[:count],
+                step=self._step,
+                seed=cfg.test_seed,
+                split=split,
+                dequantization=getattr(self.model_config, "dequantization", "uniform"),
+            )
         assert result is not None
         return result
 
@@ -970,4 +981,3 @@ class Trainer:
         return trainer
 
     resume = from_checkpoint
-

@@ -30,17 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="monoflow-studio",
         description="Train and explore Monotone Flows (Ahn et al., NeurIPS 2022) live, on 2-D toy densities "
-                    "or on images (--preset digits-cpu).",
+        "or on images (--preset digits-cpu).",
     )
-    parser.add_argument("--data", choices=TOY_DATASETS,
-                        help="2-D toy data set of a 2-D preset (default: the preset's, 8gaussians)")
-    parser.add_argument("--preset", default=None,
-                        help="shipped preset name or JSON file (default: quick-monotone; paper-toy-monotone is the "
-                             "paper's Table 1 model; digits-cpu trains an image flow on 8x8 digits)")
+    parser.add_argument(
+        "--data", choices=TOY_DATASETS, help="2-D toy data set of a 2-D preset (default: the preset's, 8gaussians)"
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="shipped preset name or JSON file (default: quick-monotone; paper-toy-monotone is the "
+        "paper's Table 1 model; digits-cpu trains an image flow on 8x8 digits)",
+    )
     parser.add_argument("--checkpoint", default=None, help="open this checkpoint (.safetensors) at start")
     parser.add_argument("--start", action="store_true", help="start training at once")
-    parser.add_argument("--theme", choices=("system", "light", "dark"), default=None,
-                        help="colour theme (default: the last one used, else follow the system)")
+    parser.add_argument(
+        "--theme",
+        choices=("system", "light", "dark"),
+        default=None,
+        help="colour theme (default: the last one used, else follow the system)",
+    )
     return parser
 
 

@@ -40,8 +40,7 @@ from .session import TRAINING, Session, SessionOptions
 from .theme import plot_colors
 from .views.compare import COMPARE_MODES, RUN_COLORS, CompareCurvesView, DensityPanel, run_letter, shared_levels
 
-__all__ = ["SHARED_TRAINING", "CompareWindow", "ask_compare_preset", "compare_spec", "fair_share_text",
-           "open_compare"]
+__all__ = ["SHARED_TRAINING", "CompareWindow", "ask_compare_preset", "compare_spec", "fair_share_text", "open_compare"]
 
 #: The training settings every run of a comparison takes from the first: the same data (and the user's points),
 #: batch stream (data, seed, batch size), held-out set and arithmetic. Each keeps its own optimiser settings
@@ -85,16 +84,26 @@ def ask_compare_preset(parent: QWidget, base: RunSpec) -> str | None:
     wanted = suggested_partner(base)
     current = names.index(wanted) if wanted in names else 0
     name, ok = QInputDialog.getItem(
-        parent, "Compare with a preset",
+        parent,
+        "Compare with a preset",
         f"Train {base.name} (A) and this preset (B) side by side on {base.training.data},\n"
         f"with the same seed ({base.training.seed}) and batch size ({base.training.batch_size}):",
-        names, current, False)
+        names,
+        current,
+        False,
+    )
     return str(name) if ok and name else None
 
 
-def open_compare(opener: QWidget, base: RunSpec, preset: str | None, *, options: SessionOptions | None = None,
-                 pause: Callable[[], None] | None = None,
-                 report: Callable[[str, str], None] | None = None) -> CompareWindow | None:
+def open_compare(
+    opener: QWidget,
+    base: RunSpec,
+    preset: str | None,
+    *,
+    options: SessionOptions | None = None,
+    pause: Callable[[], None] | None = None,
+    report: Callable[[str, str], None] | None = None,
+) -> CompareWindow | None:
     """Open a compare window of ``base`` (A) and ``preset`` (B; asked with a dialog if None) next to ``opener``.
 
     Args:
@@ -125,8 +134,11 @@ def open_compare(opener: QWidget, base: RunSpec, preset: str | None, *, options:
     if pause is not None:
         pause()
         say("info", "paused this run: the comparison gets the training time")
-    say("info", f"comparing {base.name} (A) and {partner.name} (B) on {base.training.data}, seed "
-                f"{base.training.seed}, batch {base.training.batch_size}: press Train in the compare window")
+    say(
+        "info",
+        f"comparing {base.name} (A) and {partner.name} (B) on {base.training.data}, seed "
+        f"{base.training.seed}, batch {base.training.batch_size}: press Train in the compare window",
+    )
     window.show()
     return window
 
@@ -141,8 +153,9 @@ class CompareWindow(QMainWindow):
         opener: the studio window it was opened from: it closes with it (nothing outlives the studio).
     """
 
-    def __init__(self, specs: Sequence[RunSpec], *, options: SessionOptions | None = None,
-                 opener: QWidget | None = None) -> None:
+    def __init__(
+        self, specs: Sequence[RunSpec], *, options: SessionOptions | None = None, opener: QWidget | None = None
+    ) -> None:
         super().__init__(opener, Qt.WindowType.Window)
         if not 2 <= len(specs) <= len(RUN_COLORS):
             raise ValueError(f"compare mode trains 2 to {len(RUN_COLORS)} runs, got {len(specs)}")
@@ -151,17 +164,21 @@ class CompareWindow(QMainWindow):
             spec.check_studio()
             if spec.is_image:
                 raise ValueError("compare mode shows 2-D densities, not image runs")
-            differ = [name for name in ("data", "seed", "batch_size") if getattr(spec.training, name) !=
-                      getattr(first, name)]
+            differ = [
+                name for name in ("data", "seed", "batch_size") if getattr(spec.training, name) != getattr(first, name)
+            ]
             if differ:
-                raise ValueError(f"the runs of a comparison share their data, seed and batch size; {spec.name} "
-                                 f"differs in {', '.join(differ)} (build it with compare_spec)")
+                raise ValueError(
+                    f"the runs of a comparison share their data, seed and batch size; {spec.name} "
+                    f"differs in {', '.join(differ)} (build it with compare_spec)"
+                )
         self.specs = [s.copy() for s in specs]
         n = len(specs)
         base = options or SessionOptions()
         # The runs' views share the view core(s): each gets 1/n of the frame budget the studio gives one run.
-        self.options = dataclasses.replace(base, frame_budget=base.frame_budget / n,
-                                           thread_frame_budget=base.thread_frame_budget / n)
+        self.options = dataclasses.replace(
+            base, frame_budget=base.frame_budget / n, thread_frame_budget=base.thread_frame_budget / n
+        )
         self.gate = FairShare()
         self.sessions = [Session(spec, self.options, parent=self, gate=self.gate) for spec in self.specs]
         self.run_ids = [0] * n
@@ -224,19 +241,23 @@ class CompareWindow(QMainWindow):
         self.setCentralWidget(splitter)
         self.resize(560 * n + 120, 900)
 
-        self.train_action = self._action("Train both" if n == 2 else "Train all", self.toggle_training,
-                                         Qt.Key.Key_Space, "Start or pause every run")
+        self.train_action = self._action(
+            "Train both" if n == 2 else "Train all", self.toggle_training, Qt.Key.Key_Space, "Start or pause every run"
+        )
         self.step_action = self._action("Step", self.step_once, "F10", "Pause and run one training step of each run")
-        self.close_action = self._action("Close", self.close, QKeySequence.StandardKey.Close,
-                                         "Stop both runs and close the comparison")
+        self.close_action = self._action(
+            "Close", self.close, QKeySequence.StandardKey.Close, "Stop both runs and close the comparison"
+        )
         toolbar = self.addToolBar("Compare")
         toolbar.setObjectName("compare-toolbar")
         for action in (self.train_action, self.step_action, self.close_action):
             toolbar.addAction(action)
         self.share_label = QLabel(fair_share_text(n))
-        self.share_label.setToolTip("The runs' training steps never run at the same time; the next step goes to "
-                                    "the run that has used the least training time (wall clock), so the run with "
-                                    "cheaper steps makes more of them")
+        self.share_label.setToolTip(
+            "The runs' training steps never run at the same time; the next step goes to "
+            "the run that has used the least training time (wall clock), so the run with "
+            "cheaper steps makes more of them"
+        )
         self.run_labels = [QLabel("") for _ in range(n)]
         status = self.statusBar()
         status.addWidget(self.share_label, 1)
@@ -246,9 +267,13 @@ class CompareWindow(QMainWindow):
         self.mode_box.currentIndexChanged.connect(self._redraw)
         self.overlay_box.toggled.connect(self._on_overlay)
 
-    def _action(self, text: str, slot: Callable[[], object],
-                shortcut: QKeySequence | QKeySequence.StandardKey | Qt.Key | str,
-                tip: str) -> QAction:
+    def _action(
+        self,
+        text: str,
+        slot: Callable[[], object],
+        shortcut: QKeySequence | QKeySequence.StandardKey | Qt.Key | str,
+        tip: str,
+    ) -> QAction:
         action = QAction(text, self)
         action.setShortcut(QKeySequence(shortcut))
         action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
@@ -315,14 +340,16 @@ class CompareWindow(QMainWindow):
 
     def _on_state(self, i: int, state: str) -> None:
         self.states[i] = state
-        self.train_action.setText("Pause" if self.training else ("Train both" if len(self.sessions) == 2
-                                                                 else "Train all"))
+        self.train_action.setText(
+            "Pause" if self.training else ("Train both" if len(self.sessions) == 2 else "Train all")
+        )
         self._update_status()
 
     def _on_message(self, i: int, level: str, text: str) -> None:
         if level in ("info", "warning", "error"):
-            self.statusBar().showMessage(f"{run_letter(i)} {self.specs[i].name}: {text}",
-                                         15000 if level != "info" else 6000)
+            self.statusBar().showMessage(
+                f"{run_letter(i)} {self.specs[i].name}: {text}", 15000 if level != "info" else 6000
+            )
 
     # -- drawing -----------------------------------------------------------------------------------------
     @property

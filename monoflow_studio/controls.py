@@ -42,8 +42,20 @@ from .widgets import LogSpinBox
 __all__ = ["LIVE_FIELDS", "REBUILD_FIELDS", "ControlsPanel", "dataset_icon"]
 
 LIVE_FIELDS = ("lr", "solver", "tol", "max_iter", "eval_every", "eval_size")
-REBUILD_FIELDS = ("data", "formulation", "activation", "lipschitz", "blocks", "blocks_per_scale", "fc_blocks",
-                  "depth", "growth", "batch_size", "seed", "device")
+REBUILD_FIELDS = (
+    "data",
+    "formulation",
+    "activation",
+    "lipschitz",
+    "blocks",
+    "blocks_per_scale",
+    "fc_blocks",
+    "depth",
+    "growth",
+    "batch_size",
+    "seed",
+    "device",
+)
 #: Fields shown only for one kind of run (the others apply to both).
 DENSITY_ONLY = ("blocks",)
 IMAGE_ONLY = ("blocks_per_scale", "fc_blocks", "eval_every", "eval_size")
@@ -55,8 +67,10 @@ CNF_FIELDS = ("tol",)
 
 TOL_TIP = "relative solver tolerance (never below 10 machine epsilons)"
 DATA_TIP = "one of the eight 2-D toy densities of the paper (Table 1)"
-IMAGE_DATA_TIP = ("image runs keep their data set (a 2-D density needs another model): choose another run from the "
-                  "Presets menu or with File > Load run configuration")
+IMAGE_DATA_TIP = (
+    "image runs keep their data set (a 2-D density needs another model): choose another run from the "
+    "Presets menu or with File > Load run configuration"
+)
 
 
 def dataset_icon(name: str, size: int = 40) -> QIcon:
@@ -110,7 +124,9 @@ class ControlsPanel(QWidget):
         self.lipschitz.setDecimals(3)
         self.blocks = self._spin(1, 32)
         self.blocks_per_scale = QLineEdit()
-        self.blocks_per_scale.setValidator(QRegularExpressionValidator(QRegularExpression(r"\s*\d{1,2}(\s*,\s*\d{1,2})*\s*")))
+        self.blocks_per_scale.setValidator(
+            QRegularExpressionValidator(QRegularExpression(r"\s*\d{1,2}(\s*,\s*\d{1,2})*\s*"))
+        )
         self.blocks_per_scale.setPlaceholderText("e.g. 2, 2, 2")
         self._blocks_per_scale_text = ""
         self.fc_blocks = self._spin(0, 32)
@@ -130,37 +146,52 @@ class ControlsPanel(QWidget):
 
         rebuild = QGroupBox("Model and data: a change rebuilds the run")
         self._rebuild_form = QFormLayout(rebuild)
-        self._add_rows(self._rebuild_form, (
-            ("Data set", "data", DATA_TIP),
-            ("Formulation", "formulation", "monotone (the paper), residual (i-DenseNet) or inverse residual"),
-            ("Activation", "activation", "activation of G; CPila for the Monotone Flow, CLipSwish for i-DenseNet"),
-            ("Lipschitz coeff.", "lipschitz", "Lipschitz bound of each linear layer of G, in (0, 1)"),
-            ("Blocks", "blocks", "number of flow blocks (the paper: 10)"),
-            ("Blocks per scale", "blocks_per_scale",
-             "image runs: flow blocks at each scale, comma-separated (one scale per entry; each scale after the "
-             "first halves the height and width, so 8x8 images allow up to 4 scales); press Enter to apply"),
-            ("FC blocks", "fc_blocks", "image runs: fully connected blocks after the last scale (the paper: 4)"),
-            ("G depth", "depth", "dense layers of the DenseNet G (the paper: 3)"),
-            ("G growth", "growth", "features each dense layer adds (the paper: 16)"),
-            ("Batch size", "batch_size", "fresh samples per iteration (the paper: 500)"),
-            ("Seed", "seed", "seed of the weights and of the data stream"),
-            ("Device", "device", "where the model trains"),
-        ))
+        self._add_rows(
+            self._rebuild_form,
+            (
+                ("Data set", "data", DATA_TIP),
+                ("Formulation", "formulation", "monotone (the paper), residual (i-DenseNet) or inverse residual"),
+                ("Activation", "activation", "activation of G; CPila for the Monotone Flow, CLipSwish for i-DenseNet"),
+                ("Lipschitz coeff.", "lipschitz", "Lipschitz bound of each linear layer of G, in (0, 1)"),
+                ("Blocks", "blocks", "number of flow blocks (the paper: 10)"),
+                (
+                    "Blocks per scale",
+                    "blocks_per_scale",
+                    "image runs: flow blocks at each scale, comma-separated (one scale per entry; each scale after the "
+                    "first halves the height and width, so 8x8 images allow up to 4 scales); press Enter to apply",
+                ),
+                ("FC blocks", "fc_blocks", "image runs: fully connected blocks after the last scale (the paper: 4)"),
+                ("G depth", "depth", "dense layers of the DenseNet G (the paper: 3)"),
+                ("G growth", "growth", "features each dense layer adds (the paper: 16)"),
+                ("Batch size", "batch_size", "fresh samples per iteration (the paper: 500)"),
+                ("Seed", "seed", "seed of the weights and of the data stream"),
+                ("Device", "device", "where the model trains"),
+            ),
+        )
         live = QGroupBox("Live: applies at once, even while training")
         self._live_form = QFormLayout(live)
-        self._add_rows(self._live_form, (
-            ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
-            ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
-            ("Tolerance", "tol", TOL_TIP),
-            ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
-        ))
+        self._add_rows(
+            self._live_form,
+            (
+                ("Learning rate", "lr", "Adam's base learning rate (applies from the next step)"),
+                ("Solver", "solver", "fixed-point solver of the implicit blocks (auto picks Newton in 2-D)"),
+                ("Tolerance", "tol", TOL_TIP),
+                ("Iteration cap", "max_iter", "solver iterations before a sample is flagged as not converged"),
+            ),
+        )
         self.tests = QGroupBox("Tests: apply from the next test")
-        self._add_rows(QFormLayout(self.tests), (
-            ("Test every", "eval_every",
-             f"steps between two bits/dim tests, computed in the background (auto: every {default_eval_every} "
-             "steps); Run > Test now tests at once"),
-            ("Test images", "eval_size", "images of the evaluation split per test (at most the whole split)"),
-        ))
+        self._add_rows(
+            QFormLayout(self.tests),
+            (
+                (
+                    "Test every",
+                    "eval_every",
+                    f"steps between two bits/dim tests, computed in the background (auto: every {default_eval_every} "
+                    "steps); Run > Test now tests at once",
+                ),
+                ("Test images", "eval_size", "images of the evaluation split per test (at most the whole split)"),
+            ),
+        )
         self.note = QLabel("")
         self.note.setWordWrap(True)
         layout = QVBoxLayout(self)
@@ -287,11 +318,23 @@ class ControlsPanel(QWidget):
         self._blocks_per_scale_text = self._format_list(list(m.blocks_per_scale))
         self.blocks_per_scale.setText(self._blocks_per_scale_text)
         values: dict[str, Any] = {
-            "data": t.data, "formulation": m.formulation if isinstance(m.formulation, str) else m.formulation[0],
-            "activation": m.activation, "lipschitz": m.lipschitz, "blocks": m.blocks, "depth": m.depth,
-            "growth": m.growth, "batch_size": t.batch_size, "seed": t.seed, "device": t.device, "lr": t.lr,
-            "solver": m.solver, "tol": m.tol, "max_iter": m.max_iter, "fc_blocks": m.fc_blocks,
-            "eval_every": t.eval_every, "eval_size": t.eval_size,
+            "data": t.data,
+            "formulation": m.formulation if isinstance(m.formulation, str) else m.formulation[0],
+            "activation": m.activation,
+            "lipschitz": m.lipschitz,
+            "blocks": m.blocks,
+            "depth": m.depth,
+            "growth": m.growth,
+            "batch_size": t.batch_size,
+            "seed": t.seed,
+            "device": t.device,
+            "lr": t.lr,
+            "solver": m.solver,
+            "tol": m.tol,
+            "max_iter": m.max_iter,
+            "fc_blocks": m.fc_blocks,
+            "eval_every": t.eval_every,
+            "eval_size": t.eval_size,
         }
         for name, value in values.items():
             w = self.widgets[name]
@@ -310,12 +353,16 @@ class ControlsPanel(QWidget):
         mixed = isinstance(m.formulation, list) and len(set(m.formulation)) > 1
         notes = ["This model mixes formulations per block; the combo shows the first."] if mixed else []
         if m.family != IMPLICIT:
-            notes.append(f"Comparison flow (zuko) {describe_family(m)}: its architecture comes from the preset; "
-                         "the fields of the implicit flows are hidden.")
+            notes.append(
+                f"Comparison flow (zuko) {describe_family(m)}: its architecture comes from the preset; "
+                "the fields of the implicit flows are hidden."
+            )
         if spec.is_image:
             shape = "x".join(str(v) for v in m.image_shape or ())
-            notes.append(f"Image run on {t.data} ({shape}, {m.levels} levels, {m.dequantization} dequantization): "
-                         "training loss and tests in bits/dim. Data set and image shape come from the preset.")
+            notes.append(
+                f"Image run on {t.data} ({shape}, {m.levels} levels, {m.dequantization} dequantization): "
+                "training loss and tests in bits/dim. Data set and image shape come from the preset."
+            )
         self.note.setText("\n".join(notes))
 
     def spec(self) -> RunSpec:
@@ -331,20 +378,32 @@ class ControlsPanel(QWidget):
             formulation = list(base.model.formulation)  # keep a per-block list the combo cannot show
         architecture: dict[str, Any] = (
             {"blocks_per_scale": self._parse_blocks_per_scale(), "fc_blocks": int(self.fc_blocks.value())}
-            if image else {"blocks": int(self.blocks.value())})
+            if image
+            else {"blocks": int(self.blocks.value())}
+        )
         model = base.model.replace(
-            formulation=formulation if not isinstance(formulation, list) or len(formulation) == self.blocks.value()
+            formulation=formulation
+            if not isinstance(formulation, list) or len(formulation) == self.blocks.value()
             else self.formulation.currentData(),
-            activation=self.activation.currentData(), lipschitz=float(self.lipschitz.value()),
-            depth=int(self.depth.value()), growth=int(self.growth.value()),
-            solver=self.solver.currentData(), tol=float(self.tol.value()), max_iter=int(self.max_iter.value()),
+            activation=self.activation.currentData(),
+            lipschitz=float(self.lipschitz.value()),
+            depth=int(self.depth.value()),
+            growth=int(self.growth.value()),
+            solver=self.solver.currentData(),
+            tol=float(self.tol.value()),
+            max_iter=int(self.max_iter.value()),
             **architecture,
         )
         tests: dict[str, Any] = (
-            {"eval_every": int(self.eval_every.value()), "eval_size": int(self.eval_size.value())} if image else {})
+            {"eval_every": int(self.eval_every.value()), "eval_size": int(self.eval_size.value())} if image else {}
+        )
         training = base.training.replace(
-            data=base.training.data if image else self.data.currentData(), batch_size=int(self.batch_size.value()),
-            seed=int(self.seed.value()), device=self.device.currentData(), lr=float(self.lr.value()), **tests,
+            data=base.training.data if image else self.data.currentData(),
+            batch_size=int(self.batch_size.value()),
+            seed=int(self.seed.value()),
+            device=self.device.currentData(),
+            lr=float(self.lr.value()),
+            **tests,
         )
         return RunSpec(model, training, name=base.name, description=base.description, points=base.points)
 
@@ -357,4 +416,3 @@ class ControlsPanel(QWidget):
 
     def widget(self, name: str) -> QWidget:
         return self.widgets[name]
-

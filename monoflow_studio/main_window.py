@@ -68,8 +68,10 @@ CHECKPOINT_FILTER = "monoflow checkpoints (*.safetensors);;All files (*)"
 CONFIG_FILTER = "Run configuration (*.json);;All files (*)"
 VIEW_FILTER = "PNG image (*.png);;SVG image (*.svg)"
 #: Shown in the transport dock (and its tooltips) while an image run is loaded.
-NO_TRANSPORT = ("The transport view shows how a 2-D run deforms the plane, layer by layer. An image run maps "
-                "images with many dimensions: see its samples in the main view. Load a 2-D preset to use it.")
+NO_TRANSPORT = (
+    "The transport view shows how a 2-D run deforms the plane, layer by layer. An image run maps "
+    "images with many dimensions: see its samples in the main view. Load a 2-D preset to use it."
+)
 
 
 def render_png(widget: QWidget, path: str) -> None:
@@ -170,8 +172,9 @@ class MainWindow(QMainWindow):
         """The persisted sample-grid settings, so the first grid is already drawn with them."""
         wanted = StudioSettings(images_count=options.image_samples, images_temperature=options.sample_temperature)
         stored = read_settings(self.settings, wanted)
-        return dataclasses.replace(options, image_samples=stored.images_count,
-                                   sample_temperature=stored.images_temperature)
+        return dataclasses.replace(
+            options, image_samples=stored.images_count, sample_temperature=stored.images_temperature
+        )
 
     def _build_views(self, spec: RunSpec) -> None:
         self.density = DensityView()
@@ -188,8 +191,11 @@ class MainWindow(QMainWindow):
         self.solver_view = SolverView()
         self.transport = TransportView()
         self.log = LogView()
-        left, right, bottom = (Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea,
-                               Qt.DockWidgetArea.BottomDockWidgetArea)
+        left, right, bottom = (
+            Qt.DockWidgetArea.LeftDockWidgetArea,
+            Qt.DockWidgetArea.RightDockWidgetArea,
+            Qt.DockWidgetArea.BottomDockWidgetArea,
+        )
         self.controls_dock = self._dock("Controls", "controls", scroll, left)
         self.curves_dock = self._dock("Curves", "curves", self.curves, right)
         self.solver_dock = self._dock("Solver diagnostics", "solver", self.solver_view, right)
@@ -214,8 +220,9 @@ class MainWindow(QMainWindow):
         self.transport_dock.visibilityChanged.connect(self._on_transport_visibility)
         self.density.drawing.use_requested.connect(self.use_drawing)
 
-    def _action(self, text: str, slot: Callable[[], None], shortcut: QKeySequence | str | None = None,
-                tip: str = "") -> QAction:
+    def _action(
+        self, text: str, slot: Callable[[], None], shortcut: QKeySequence | str | None = None, tip: str = ""
+    ) -> QAction:
         action = QAction(text, self)
         if shortcut is not None:
             action.setShortcut(QKeySequence(shortcut))
@@ -230,30 +237,53 @@ class MainWindow(QMainWindow):
     def _build_actions(self) -> None:
         self.train_action = self._action("Train", self.toggle_training, Qt.Key.Key_Space, "Start or pause training")
         self.step_action = self._action("Step", self.step_once, "F10", "Pause and run exactly one training step")
-        self.reset_action = self._action("Reset", self.reset_run, "Ctrl+R",
-                                         "Discard the run and start afresh with the current settings")
-        self.open_action = self._action("Open checkpoint...", self.open_checkpoint, QKeySequence.StandardKey.Open,
-                                        "Open a checkpoint to inspect it or train it on")
-        self.save_ckpt_action = self._action("Export checkpoint...", self.export_checkpoint,
-                                             QKeySequence.StandardKey.Save,
-                                             "Save the run as a resumable checkpoint (loadable by `monoflow eval`)")
+        self.reset_action = self._action(
+            "Reset", self.reset_run, "Ctrl+R", "Discard the run and start afresh with the current settings"
+        )
+        self.open_action = self._action(
+            "Open checkpoint...",
+            self.open_checkpoint,
+            QKeySequence.StandardKey.Open,
+            "Open a checkpoint to inspect it or train it on",
+        )
+        self.save_ckpt_action = self._action(
+            "Export checkpoint...",
+            self.export_checkpoint,
+            QKeySequence.StandardKey.Save,
+            "Save the run as a resumable checkpoint (loadable by `monoflow eval`)",
+        )
         self.evaluate_action = self._action(
-            "Test now", self.evaluate_now, "Ctrl+T",
+            "Test now",
+            self.evaluate_now,
+            "Ctrl+T",
             "Image runs: test the model now, in bits/dim on the evaluation images (computed in the background; "
-            "tests also run every few steps, see Controls > Tests)")
-        self.export_view_action = self._action("Export view as PNG/SVG...", self.export_view, "Ctrl+E",
-                                               "Save the main view as a PNG or SVG image")
-        self.export_csv_action = self._action("Export curves as CSV...", self.export_curves, "Ctrl+Shift+E",
-                                              "Save every run's loss and test NLL series")
-        self.load_data_action = self._action("Load data...", self.load_data, "Ctrl+L",
-                                             "Train on your own 2-D points from a CSV, NPY or NPZ file")
-        self.load_config_action = self._action("Load run configuration...", self.load_config, "Ctrl+Shift+O",
-                                               "Load a run configuration (or preset) from JSON")
-        self.save_config_action = self._action("Save run configuration...", self.save_config, "Ctrl+Shift+S",
-                                               "Save the current settings as JSON")
-        self.compare_action = self._action("Compare with...", self.open_compare, "Ctrl+Shift+C",
-                                           "Train these settings and another preset side by side (same data, seed "
-                                           "and batches; one colour scale; time shared fairly)")
+            "tests also run every few steps, see Controls > Tests)",
+        )
+        self.export_view_action = self._action(
+            "Export view as PNG/SVG...", self.export_view, "Ctrl+E", "Save the main view as a PNG or SVG image"
+        )
+        self.export_csv_action = self._action(
+            "Export curves as CSV...", self.export_curves, "Ctrl+Shift+E", "Save every run's loss and test NLL series"
+        )
+        self.load_data_action = self._action(
+            "Load data...", self.load_data, "Ctrl+L", "Train on your own 2-D points from a CSV, NPY or NPZ file"
+        )
+        self.load_config_action = self._action(
+            "Load run configuration...",
+            self.load_config,
+            "Ctrl+Shift+O",
+            "Load a run configuration (or preset) from JSON",
+        )
+        self.save_config_action = self._action(
+            "Save run configuration...", self.save_config, "Ctrl+Shift+S", "Save the current settings as JSON"
+        )
+        self.compare_action = self._action(
+            "Compare with...",
+            self.open_compare,
+            "Ctrl+Shift+C",
+            "Train these settings and another preset side by side (same data, seed "
+            "and batches; one colour scale; time shared fairly)",
+        )
         self.quit_action = self._action("Quit", self.close, QKeySequence.StandardKey.Quit, "Close the studio")
         self.quit_action.setShortcut(QKeySequence("Ctrl+Q"))  # the standard key is empty on some platforms
 
@@ -262,12 +292,27 @@ class MainWindow(QMainWindow):
         file_menu.addAction(self.open_action)
         self._build_examples_menu(file_menu.addMenu("Open &example"))
         file_menu.addAction(self.load_data_action)
-        for a in (self.save_ckpt_action, None, self.load_config_action, self.save_config_action,
-                  None, self.export_view_action, self.export_csv_action, None, self.quit_action):
+        for a in (
+            self.save_ckpt_action,
+            None,
+            self.load_config_action,
+            self.save_config_action,
+            None,
+            self.export_view_action,
+            self.export_csv_action,
+            None,
+            self.quit_action,
+        ):
             file_menu.addSeparator() if a is None else file_menu.addAction(a)
         run_menu = menu.addMenu("&Run")
-        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action, None,
-                  self.compare_action):
+        for a in (
+            self.train_action,
+            self.step_action,
+            self.reset_action,
+            self.evaluate_action,
+            None,
+            self.compare_action,
+        ):
             run_menu.addSeparator() if a is None else run_menu.addAction(a)
         preset_menu = menu.addMenu("&Presets")
         preset_menu.setToolTipsVisible(True)
@@ -280,8 +325,9 @@ class MainWindow(QMainWindow):
                 action = QAction(preset.name, self)
                 action.setStatusTip(preset.description)
                 action.setToolTip(preset.description)
-                action.triggered.connect(lambda _c=False, p=preset: self.apply_spec(RunSpec.from_preset(p),
-                                                                                      f"preset {p.name}"))
+                action.triggered.connect(
+                    lambda _c=False, p=preset: self.apply_spec(RunSpec.from_preset(p), f"preset {p.name}")
+                )
                 preset_menu.addAction(action)
                 self.preset_actions.append(action)
         view_menu = menu.addMenu("&View")
@@ -303,8 +349,16 @@ class MainWindow(QMainWindow):
 
         toolbar = self.addToolBar("Run")
         toolbar.setObjectName("run-toolbar")
-        for a in (self.train_action, self.step_action, self.reset_action, self.evaluate_action, None,
-                  self.open_action, self.save_ckpt_action, self.export_view_action):
+        for a in (
+            self.train_action,
+            self.step_action,
+            self.reset_action,
+            self.evaluate_action,
+            None,
+            self.open_action,
+            self.save_ckpt_action,
+            self.export_view_action,
+        ):
             toolbar.addSeparator() if a is None else toolbar.addAction(a)
 
     def _build_examples_menu(self, examples_menu: QMenu) -> None:
@@ -325,8 +379,10 @@ class MainWindow(QMainWindow):
             examples_menu.addSection(data)
             for example in group:
                 action = QAction(example.title, self)
-                tip = (f"{example.preset}, {example.iterations:,} iterations; opens its density, samples and "
-                       "transport at once. Training on starts Adam afresh (no optimizer state ships).")
+                tip = (
+                    f"{example.preset}, {example.iterations:,} iterations; opens its density, samples and "
+                    "transport at once. Training on starts Adam afresh (no optimizer state ships)."
+                )
                 action.setToolTip(tip)
                 action.setStatusTip(tip)
                 action.triggered.connect(lambda _c=False, e=example: self.open_example(e.path, e.title))
@@ -338,8 +394,10 @@ class MainWindow(QMainWindow):
 
     def open_example(self, path: str | os.PathLike[str], title: str) -> None:
         """Open a shipped example model (a weights-only checkpoint) as the current run."""
-        self.log.add("info", f"opening example {title}: a trained model; Train continues from its weights with a "
-                             "fresh Adam state")
+        self.log.add(
+            "info",
+            f"opening example {title}: a trained model; Train continues from its weights with a fresh Adam state",
+        )
         self.session.open_checkpoint(str(path))
 
     def _build_status_bar(self) -> None:
@@ -395,11 +453,17 @@ class MainWindow(QMainWindow):
     def _view_settings(self) -> StudioSettings:
         """The preferences as the views show them now."""
         return StudioSettings(
-            theme=self._theme, density_mode=self.density.mode, overlay=self.density.overlay_box.isChecked(),
-            show_samples=self.density.samples_box.isChecked(), smoothing=float(self.curves.smoothing.value()),
-            log_y=self.curves.log_y.isChecked(), transport_direction=self.transport.direction,
-            images_mode=self.samples.mode, images_count=self.samples.count,
-            images_temperature=float(self.samples.temperature.value()))
+            theme=self._theme,
+            density_mode=self.density.mode,
+            overlay=self.density.overlay_box.isChecked(),
+            show_samples=self.density.samples_box.isChecked(),
+            smoothing=float(self.curves.smoothing.value()),
+            log_y=self.curves.log_y.isChecked(),
+            transport_direction=self.transport.direction,
+            images_mode=self.samples.mode,
+            images_count=self.samples.count,
+            images_temperature=float(self.samples.temperature.value()),
+        )
 
     def _save_view_settings(self) -> None:
         if not self._restoring:
@@ -483,7 +547,8 @@ class MainWindow(QMainWindow):
         if self.step == 0:
             return True
         answer = QMessageBox.question(
-            self, "Discard the current run?",
+            self,
+            "Discard the current run?",
             f"Applying {why} needs a new model: the current run (step {self.step}) will be discarded.\n"
             "Export a checkpoint first if you want to keep it.",
             QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
@@ -516,8 +581,11 @@ class MainWindow(QMainWindow):
             self.session.set_evaluation(**{name: int(value)})  # type: ignore[call-overload]
             self.spec.training = self.spec.training.replace(**{name: int(value)})  # type: ignore[call-overload]
             every = self.spec.training.eval_every or self.options.default_eval_every
-            self.log.add("info", f"tests now every {every} steps on {self.spec.training.eval_size} "
-                                 f"{self.spec.training.eval_split} images (live, from the next test)")
+            self.log.add(
+                "info",
+                f"tests now every {every} steps on {self.spec.training.eval_size} "
+                f"{self.spec.training.eval_split} images (live, from the next test)",
+            )
             return
         self.session.set_solver(**{name: value})
         self.spec.model = self.spec.model.replace(**{name: value})
@@ -528,8 +596,9 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------------------------------------------
     def open_checkpoint(self, path: str | None = None) -> None:
         if path is None:
-            path, _ = QFileDialog.getOpenFileName(self, "Open checkpoint", self._last_dir("checkpoint"),
-                                                  CHECKPOINT_FILTER)
+            path, _ = QFileDialog.getOpenFileName(
+                self, "Open checkpoint", self._last_dir("checkpoint"), CHECKPOINT_FILTER
+            )
             if not path:
                 return
         self._remember_dir("checkpoint", path)
@@ -641,12 +710,21 @@ class MainWindow(QMainWindow):
         compare window (:mod:`monoflow_studio.compare`); this window's run pauses meanwhile."""
         from .compare import open_compare
 
-        return open_compare(self, self._controls_spec() or self.spec, preset, options=self.options,
-                            pause=self.session.pause if self.state == TRAINING else None, report=self._on_message)
+        return open_compare(
+            self,
+            self._controls_spec() or self.spec,
+            preset,
+            options=self.options,
+            pause=self.session.pause if self.state == TRAINING else None,
+            report=self._on_message,
+        )
 
     def _about(self) -> None:
-        QMessageBox.about(self, "About monoflow studio",
-                          "monoflow studio: train and explore Monotone Flows (Ahn et al., NeurIPS 2022) live.")
+        QMessageBox.about(
+            self,
+            "About monoflow studio",
+            "monoflow studio: train and explore Monotone Flows (Ahn et al., NeurIPS 2022) live.",
+        )
 
     # ------------------------------------------------------------------------------------------------------
     # session signals
@@ -667,9 +745,9 @@ class MainWindow(QMainWindow):
             self.density.set_run(info)
             self.transport.set_run(info)
         label = f"run {info.run_id}: {info.spec.training.data}" + (
-            f" ({Path(info.source).name})" if info.source != "new" else "")
-        self.curves.new_run(info.run_id, label, info.history, info.eval_history,
-                            unit=BITS_PER_DIM if image else NATS)
+            f" ({Path(info.source).name})" if info.source != "new" else ""
+        )
+        self.curves.new_run(info.run_id, label, info.history, info.eval_history, unit=BITS_PER_DIM if image else NATS)
         self.solver_view.set_diagnostics([], info.step)
         self.device_label.setText(f"device {info.device}")
         self._update_title()
@@ -682,8 +760,10 @@ class MainWindow(QMainWindow):
             text += f"; data {info.spec.points.describe()}"
         if image:
             t = info.spec.training
-            text += (f"; training loss in bits/dim; tests every {info.eval_every} steps on {t.eval_size} "
-                     f"{t.eval_split} images")
+            text += (
+                f"; training loss in bits/dim; tests every {info.eval_every} steps on {t.eval_size} "
+                f"{t.eval_split} images"
+            )
         self.log.add("info", text)
 
     def _set_image_mode(self, image: bool) -> None:
@@ -694,8 +774,9 @@ class MainWindow(QMainWindow):
         self.transport_dock.setToolTip(NO_TRANSPORT if image else "")
         self.evaluate_action.setVisible(image)
         self.evaluate_action.setEnabled(image)
-        self.export_view_action.setStatusTip("Save the sample grid as a PNG or SVG image" if image
-                                             else "Save the main view as a PNG or SVG image")
+        self.export_view_action.setStatusTip(
+            "Save the sample grid as a PNG or SVG image" if image else "Save the main view as a PNG or SVG image"
+        )
 
     def _on_build_failed(self, text: str) -> None:
         """A rebuild failed (e.g. an image set's files are missing): say why; the current run goes on as it was."""
@@ -730,9 +811,12 @@ class MainWindow(QMainWindow):
         if failed and now - self._last_solver_warning >= SOLVER_WARNING_EVERY_S:
             self._last_solver_warning = now
             m = failed[-1]
-            self._on_message("warning", f"step {m.step}: {m.solver_failed} sample(s) missed the solver tolerance "
-                                        f"(max {m.solver_iterations_max} iterations); raise the iteration cap or "
-                                        "loosen the tolerance")
+            self._on_message(
+                "warning",
+                f"step {m.step}: {m.solver_failed} sample(s) missed the solver tolerance "
+                f"(max {m.solver_iterations_max} iterations); raise the iteration cap or "
+                "loosen the tolerance",
+            )
 
     def _on_frame(self, frame: ViewFrame | ImageFrame) -> None:
         try:
@@ -809,4 +893,3 @@ class MainWindow(QMainWindow):
             self.log.add("error", "the training worker did not stop in time")
         event.accept()
         super().closeEvent(event)
-

@@ -104,8 +104,10 @@ class RunSpec:
         data = self.training.data
         if data == POINTS_DATA:
             if self.points is None:
-                raise ValueError("data 'points' trains on your own points: load them with File > Load data... or "
-                                 "draw them (Draw data in the density view)")
+                raise ValueError(
+                    "data 'points' trains on your own points: load them with File > Load data... or "
+                    "draw them (Draw data in the density view)"
+                )
             if self.model.dim != 2 or self.model.is_image:
                 raise ValueError("your own points are 2-D: they need a 2-D model (start from a 2-D preset)")
             return
@@ -136,8 +138,7 @@ class RunSpec:
             scales = ", ".join(str(n) for n in m.blocks_per_scale)
             fc = f" + {m.fc_blocks} FC" if m.fc_blocks else ""
             shape = "x".join(str(n) for n in m.image_shape or ())
-            return (f"multiscale {formulation} flow on {shape} images: [{scales}] blocks per scale{fc}, "
-                    f"{m.activation}")
+            return f"multiscale {formulation} flow on {shape} images: [{scales}] blocks per scale{fc}, {m.activation}"
         return f"{m.blocks} {formulation} blocks, {m.activation}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,9 +158,11 @@ class RunSpec:
 
 
 def _needs_files(data: str, name: str) -> str:
-    return (f"{name}: data {data!r} needs its files: set \"data_dir\" in the \"training\" section of the run "
-            f"configuration to the folder holding them, then load it with File > Load run configuration (only "
-            f"{', '.join(BUILTIN_IMAGE_DATASETS)} is built in; nothing is downloaded)")
+    return (
+        f'{name}: data {data!r} needs its files: set "data_dir" in the "training" section of the run '
+        f"configuration to the folder holding them, then load it with File > Load run configuration (only "
+        f"{', '.join(BUILTIN_IMAGE_DATASETS)} is built in; nothing is downloaded)"
+    )
 
 
 def _runs_here(preset: Preset) -> bool:

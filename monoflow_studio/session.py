@@ -197,8 +197,17 @@ def evaluate_images(
         progress: called after every slice with (images done, total).
     """
     model = prepare_for_test(flow.to(dtype=dtype))
-    return image_test(model, images, step=step, seed=seed, split=split, dequantization=dequantization,
-                      slice_size=chunk, stop=stop, progress=progress)
+    return image_test(
+        model,
+        images,
+        step=step,
+        seed=seed,
+        split=split,
+        dequantization=dequantization,
+        slice_size=chunk,
+        stop=stop,
+        progress=progress,
+    )
 
 
 def _points_info(points: PointSet, run_id: int, opts: SessionOptions, seed: int, common: dict[str, Any]) -> RunInfo:
@@ -209,8 +218,9 @@ def _points_info(points: PointSet, run_id: int, opts: SessionOptions, seed: int,
     shown = train
     if train.shape[0] > opts.data_points:
         shown = train[np.random.default_rng(seed + 7).choice(train.shape[0], opts.data_points, replace=False)]
-    return RunInfo(run_id=run_id, data_points=shown.copy(), data_hist=histogram2d(train, extent, opts.hist_bins),
-                   **common)
+    return RunInfo(
+        run_id=run_id, data_points=shown.copy(), data_hist=histogram2d(train, extent, opts.hist_bins), **common
+    )
 
 
 def histogram2d(points: np.ndarray, extent: tuple[float, float, float, float], bins: int) -> np.ndarray:
@@ -370,10 +380,15 @@ class _Worker(QObject):
                 data = ckpt.metadata.get("data") or stored or (self.trainer.train_config.data if self.trainer else None)
                 tc = self._initial_spec.training.replace(**({"data": data} if data else {}))
                 current = self.trainer.points if self.trainer is not None else None
-                trainer = Trainer(ckpt.model_config, tc, flow=ckpt.flow,
-                                  points=current if tc.data == POINTS_DATA else None)
-            spec = RunSpec(trainer.model_config.replace(), trainer.train_config.replace(), name=Path(path).name,
-                           points=trainer.points)
+                trainer = Trainer(
+                    ckpt.model_config, tc, flow=ckpt.flow, points=current if tc.data == POINTS_DATA else None
+                )
+            spec = RunSpec(
+                trainer.model_config.replace(),
+                trainer.train_config.replace(),
+                name=Path(path).name,
+                points=trainer.points,
+            )
             spec.check_studio()
         except (CheckpointError, ValueError) as err:
             self.message.emit("error", f"could not open checkpoint: {err}")
@@ -387,17 +402,27 @@ class _Worker(QObject):
         self._flush(force=True)
         opts = self.options
         data = spec.training.data
-        common = {"spec": spec, "step": trainer.step_count, "device": str(trainer.device),
-                  "history": list(trainer.history), "eval_history": list(trainer.eval_history), "source": source}
+        common = {
+            "spec": spec,
+            "step": trainer.step_count,
+            "device": str(trainer.device),
+            "history": list(trainer.history),
+            "eval_history": list(trainer.eval_history),
+            "source": source,
+        }
         if trainer.task == "image":
             cfg = trainer.train_config
             train = trainer.training_images
             assert train is not None  # an image run's trainer holds its training set
             info = RunInfo(
-                run_id=self._run_id + 1, data_points=np.zeros((0, 2)),
-                data_hist=np.zeros((opts.hist_bins, opts.hist_bins)), task="image",
-                data_images=train.images[: opts.data_images].numpy().copy(), levels=int(train.levels),
-                eval_every=cfg.eval_every or opts.default_eval_every, **common,
+                run_id=self._run_id + 1,
+                data_points=np.zeros((0, 2)),
+                data_hist=np.zeros((opts.hist_bins, opts.hist_bins)),
+                task="image",
+                data_images=train.images[: opts.data_images].numpy().copy(),
+                levels=int(train.levels),
+                eval_every=cfg.eval_every or opts.default_eval_every,
+                **common,
             )
             self._test_points = torch.zeros(0, 2, dtype=torch.float64)
         elif trainer.points is not None:
@@ -407,10 +432,13 @@ class _Worker(QObject):
             extent = (-opts.grid_extent, opts.grid_extent, -opts.grid_extent, opts.grid_extent)
             points = sample_toy(data, opts.data_points, rng=spec.training.seed + 7, dtype=torch.float64).numpy()
             big = sample_toy(data, 50_000, rng=spec.training.seed + 11, dtype=torch.float64).numpy()
-            info = RunInfo(run_id=self._run_id + 1, data_points=points,
-                           data_hist=histogram2d(big, extent, opts.hist_bins), **common)
-            self._test_points = sample_toy(data, opts.eval_points, rng=spec.training.test_seed,
-                                           dtype=torch.float64)
+            info = RunInfo(
+                run_id=self._run_id + 1,
+                data_points=points,
+                data_hist=histogram2d(big, extent, opts.hist_bins),
+                **common,
+            )
+            self._test_points = sample_toy(data, opts.eval_points, rng=spec.training.test_seed, dtype=torch.float64)
         self.trainer = trainer
         self._run_id += 1
         self._pending.clear()
@@ -476,9 +504,18 @@ class _Worker(QObject):
             self.transport_generation += 1
             with torch.no_grad():
                 snapshot = copy.deepcopy(self.trainer.eval_flow)
-            self.views.submit(_FrameJob(self._run_id, self.trainer.step_count, snapshot, [], self._test_points,
-                                        transport=direction, transport_only=True,
-                                        generation=self.transport_generation))
+            self.views.submit(
+                _FrameJob(
+                    self._run_id,
+                    self.trainer.step_count,
+                    snapshot,
+                    [],
+                    self._test_points,
+                    transport=direction,
+                    transport_only=True,
+                    generation=self.transport_generation,
+                )
+            )
 
     def set_samples(self, n: int | None, temperature: float | None) -> None:
         """Image runs: images per sample grid and the temperature of their base noise; a new grid comes at once."""
@@ -578,13 +615,32 @@ class _Worker(QObject):
         self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
         if trainer.task == "image":
             self._next_frame_step = trainer.step_count + self.options.image_frame_min_steps
-            self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points,
-                                        image=True, n_samples=self._sample_n,
-                                        temperature=self._sample_temperature, levels=int(trainer.flow.levels)))
+            self.views.submit(
+                _FrameJob(
+                    self._run_id,
+                    trainer.step_count,
+                    snapshot,
+                    diagnostics,
+                    self._test_points,
+                    image=True,
+                    n_samples=self._sample_n,
+                    temperature=self._sample_temperature,
+                    levels=int(trainer.flow.levels),
+                )
+            )
             return
         self.transport_generation += 1  # this frame brings the transport too: pending on-demand jobs are stale
-        self.views.submit(_FrameJob(self._run_id, trainer.step_count, snapshot, diagnostics, self._test_points,
-                                    transport=self._transport, generation=self.transport_generation))
+        self.views.submit(
+            _FrameJob(
+                self._run_id,
+                trainer.step_count,
+                snapshot,
+                diagnostics,
+                self._test_points,
+                transport=self._transport,
+                generation=self.transport_generation,
+            )
+        )
 
     # -- tests of image runs -----------------------------------------------------------------------------
     def _eval_every(self, trainer: Trainer) -> int:
@@ -605,17 +661,24 @@ class _Worker(QObject):
             images = trainer.evaluation_images().images  # loaded once per run by the trainer
         except (ValueError, OSError) as err:  # e.g. a missing test file of an image set on disk
             self._eval_unavailable = True
-            self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be "
-                                       f"loaded: {err}")
+            self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be loaded: {err}")
             return
         with torch.no_grad():
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._eval_running = True
-        self.views.submit(_EvalJob(
-            run_id=self._run_id, step=trainer.step_count, flow=snapshot, images=images[: cfg.eval_size],
-            seed=cfg.test_seed, split=cfg.eval_split, dtype=evaluation_dtype(trainer),
-            dequantization=str(getattr(trainer.model_config, "dequantization", "uniform")),
-            generation=self.eval_generation))
+        self.views.submit(
+            _EvalJob(
+                run_id=self._run_id,
+                step=trainer.step_count,
+                flow=snapshot,
+                images=images[: cfg.eval_size],
+                seed=cfg.test_seed,
+                split=cfg.eval_split,
+                dtype=evaluation_dtype(trainer),
+                dequantization=str(getattr(trainer.model_config, "dequantization", "uniform")),
+                generation=self.eval_generation,
+            )
+        )
 
     def eval_finished(self, generation: int, result: EvalMetrics | None, error: str | None) -> None:
         """Posted by the view thread when a test ends: record it in the trainer's history and announce it."""
@@ -636,8 +699,9 @@ class _Worker(QObject):
         ``thread_frame_budget``.
         """
         opts = self.options
-        idle = (process_seconds * (1.0 / opts.frame_budget - 1.0)
-                + thread_seconds * (1.0 / opts.thread_frame_budget - 1.0))
+        idle = process_seconds * (1.0 / opts.frame_budget - 1.0) + thread_seconds * (
+            1.0 / opts.thread_frame_budget - 1.0
+        )
         self._next_frame = max(self._next_frame, time.perf_counter() + idle)
 
 
@@ -747,10 +811,17 @@ class _ViewThread(QThread):
             return
         try:
             result = evaluate_images(
-                job.flow, job.images, step=job.step, seed=job.seed, split=job.split,
-                dequantization=job.dequantization, dtype=job.dtype, chunk=worker.options.eval_chunk,
+                job.flow,
+                job.images,
+                step=job.step,
+                seed=job.seed,
+                split=job.split,
+                dequantization=job.dequantization,
+                dtype=job.dtype,
+                chunk=worker.options.eval_chunk,
                 stop=lambda: self._between_slices(job),
-                progress=lambda done, total: worker.eval_progress.emit(job.run_id, job.step, done, total))
+                progress=lambda done, total: worker.eval_progress.emit(job.run_id, job.step, done, total),
+            )
         except Exception as err:  # reported; training and the views go on
             message = f"{type(err).__name__}: {err}"
             worker.post(lambda: worker.eval_finished(job.generation, None, message))
@@ -783,8 +854,11 @@ class _ViewThread(QThread):
 
     def _transport_job(self, job: _FrameJob) -> None:
         """Compute and send the transport stages of ``job`` (skipped when a newer job supersedes it)."""
-        if job.transport is None or self._stop.is_set() or (
-                job.transport_only and job.generation < self._worker.transport_generation):
+        if (
+            job.transport is None
+            or self._stop.is_set()
+            or (job.transport_only and job.generation < self._worker.transport_generation)
+        ):
             return
         t0 = time.perf_counter()
         try:
@@ -792,26 +866,47 @@ class _ViewThread(QThread):
         except Exception as err:  # reported; training and the other views go on
             self._worker.message.emit("error", f"transport view update failed: {type(err).__name__}: {err}")
             return
-        self._worker.transport.emit(TransportFrame(
-            run_id=job.run_id, step=job.step, direction=job.transport, stages=stages, layer_names=names,
-            extent=float(self._worker.options.grid_extent), seconds=time.perf_counter() - t0))
+        self._worker.transport.emit(
+            TransportFrame(
+                run_id=job.run_id,
+                step=job.step,
+                direction=job.transport,
+                stages=stages,
+                layer_names=names,
+                extent=float(self._worker.options.grid_extent),
+                seconds=time.perf_counter() - t0,
+            )
+        )
 
     def _compute_images(self, job: _FrameJob) -> ImageFrame:
         t0 = time.perf_counter()
         # float32 and a fixed seed, as the 2-D samples: the grid changes only as the model learns.
-        images = evaluation.sample_images(job.flow, job.n_samples, temperature=job.temperature, seed=SAMPLE_SEED,
-                                          dtype=VIEW_DTYPE)
-        return ImageFrame(run_id=job.run_id, step=job.step, images=images,
-                          grid=evaluation.image_grid(images, job.levels), levels=job.levels,
-                          temperature=job.temperature, seed=SAMPLE_SEED, diagnostics=job.diagnostics,
-                          seconds=time.perf_counter() - t0, dtype=str(VIEW_DTYPE).replace("torch.", ""))
+        images = evaluation.sample_images(
+            job.flow, job.n_samples, temperature=job.temperature, seed=SAMPLE_SEED, dtype=VIEW_DTYPE
+        )
+        return ImageFrame(
+            run_id=job.run_id,
+            step=job.step,
+            images=images,
+            grid=evaluation.image_grid(images, job.levels),
+            levels=job.levels,
+            temperature=job.temperature,
+            seed=SAMPLE_SEED,
+            diagnostics=job.diagnostics,
+            seconds=time.perf_counter() - t0,
+            dtype=str(VIEW_DTYPE).replace("torch.", ""),
+        )
 
     def _compute(self, job: _FrameJob) -> ViewFrame | None:
         opts = self._worker.options
         t0 = time.perf_counter()
         stop = self._stop.is_set
-        args: dict[str, Any] = {"test_points": job.test_points.numpy(), "extent": opts.grid_extent,
-                                "resolution": opts.grid_resolution, "n_samples": opts.n_samples}
+        args: dict[str, Any] = {
+            "test_points": job.test_points.numpy(),
+            "extent": opts.grid_extent,
+            "resolution": opts.grid_resolution,
+            "n_samples": opts.n_samples,
+        }
         result = self._compute_in_process(job, args)
         process_seconds = time.perf_counter() - t0 if result is not None else 0.0
         if result is None and not stop():
@@ -820,9 +915,20 @@ class _ViewThread(QThread):
             return None
         test = result.test_log_prob
         # (``seconds``: the pass over the grid and the test points together)
-        ev = EvalMetrics(step=job.step, nll_nats=float(-test.mean()), mse=None, n_test=int(test.size),
-                         seconds=result.pass_seconds, exact=result.logdet_exact, fixed=True,
-                         dtype=result.dtype) if test.size else None
+        ev = (
+            EvalMetrics(
+                step=job.step,
+                nll_nats=float(-test.mean()),
+                mse=None,
+                n_test=int(test.size),
+                seconds=result.pass_seconds,
+                exact=result.logdet_exact,
+                fixed=True,
+                dtype=result.dtype,
+            )
+            if test.size
+            else None
+        )
         return ViewFrame(
             run_id=job.run_id,
             step=job.step,
@@ -903,13 +1009,30 @@ class Session(QObject):
     lr_applied = Signal(float)
     finished = Signal()
 
-    def __init__(self, spec: RunSpec, options: SessionOptions | None = None, parent: QObject | None = None,
-                 gate: FairShare | None = None) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        options: SessionOptions | None = None,
+        parent: QObject | None = None,
+        gate: FairShare | None = None,
+    ) -> None:
         super().__init__(parent)
         self.options = options or SessionOptions()
         self._worker = _Worker(spec, self.options, gate)
-        for name in ("built", "build_failed", "metrics", "frame", "transport", "evaluated", "eval_progress",
-                     "state_changed", "message", "checkpoint_saved", "lr_applied", "finished"):
+        for name in (
+            "built",
+            "build_failed",
+            "metrics",
+            "frame",
+            "transport",
+            "evaluated",
+            "eval_progress",
+            "state_changed",
+            "message",
+            "checkpoint_saved",
+            "lr_applied",
+            "finished",
+        ):
             getattr(self._worker, name).connect(getattr(self, name))
         self._thread = _WorkerThread(self._worker)
         self._state = ""

@@ -24,8 +24,8 @@ from .views.samples import MODES as IMAGE_MODES
 from .views.samples import SAMPLE_COUNTS, TEMPERATURE_RANGE
 from .views.transport import DIRECTION_LABELS
 
-__all__ = ["StudioSettings", "last_dir", "read_settings",
-           "remember_dir", "window_layout", "write_settings"]
+__all__ = ["StudioSettings", "last_dir", "read_settings", "remember_dir", "window_layout", "write_settings"]
+
 
 @dataclass(frozen=True)
 class StudioSettings:
@@ -130,8 +130,10 @@ def write_settings(store: QSettings, settings: StudioSettings, *fields: str) -> 
 def window_layout(store: QSettings) -> tuple[QByteArray | bytes | None, QByteArray | bytes | None]:
     """The saved window geometry and dock state (each None when absent or not a byte array)."""
     geometry, state = store.value("window/geometry"), store.value("window/state")
-    return (geometry if isinstance(geometry, QByteArray | bytes) else None,
-            state if isinstance(state, QByteArray | bytes) else None)
+    return (
+        geometry if isinstance(geometry, QByteArray | bytes) else None,
+        state if isinstance(state, QByteArray | bytes) else None,
+    )
 
 
 def last_dir(store: QSettings, kind: str) -> str:

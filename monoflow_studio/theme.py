@@ -43,10 +43,19 @@ def _dark_palette() -> QPalette:
     base, window, text = QColor("#1e1f22"), QColor("#2b2d30"), QColor("#dfe1e5")
     role = QPalette.ColorRole
     for r, c in (
-        (role.Window, window), (role.WindowText, text), (role.Base, base), (role.AlternateBase, window),
-        (role.ToolTipBase, window), (role.ToolTipText, text), (role.Text, text), (role.Button, window),
-        (role.ButtonText, text), (role.BrightText, QColor("#ff6b6b")), (role.Highlight, QColor("#3574f0")),
-        (role.HighlightedText, QColor("#ffffff")), (role.Link, QColor("#589df6")),
+        (role.Window, window),
+        (role.WindowText, text),
+        (role.Base, base),
+        (role.AlternateBase, window),
+        (role.ToolTipBase, window),
+        (role.ToolTipText, text),
+        (role.Text, text),
+        (role.Button, window),
+        (role.ButtonText, text),
+        (role.BrightText, QColor("#ff6b6b")),
+        (role.Highlight, QColor("#3574f0")),
+        (role.HighlightedText, QColor("#ffffff")),
+        (role.Link, QColor("#589df6")),
         (role.PlaceholderText, QColor("#8c8f94")),
     ):
         p.setColor(r, c)

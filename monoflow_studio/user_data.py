@@ -43,8 +43,10 @@ class ColumnDialog(QDialog):
         first, second = (lower.index("x"), lower.index("y")) if {"x", "y"} <= set(lower) else (0, 1)
         self.first.setCurrentIndex(first)
         self.second.setCurrentIndex(second)
-        note = QLabel(f"{table.path.name} has {len(table.names)} columns. Choose the two that hold the points; the "
-                      "others are ignored (they may hold text, such as labels).")
+        note = QLabel(
+            f"{table.path.name} has {len(table.names)} columns. Choose the two that hold the points; the "
+            "others are ignored (they may hold text, such as labels)."
+        )
         note.setWordWrap(True)
         form = QFormLayout()
         form.addRow("Horizontal (x1)", self.first)
@@ -98,5 +100,10 @@ def drawn_point_set(points: np.ndarray, split_seed: int) -> PointSet:
 
 def points_spec(base: RunSpec, points: PointSet) -> RunSpec:
     """``base`` (a 2-D run configuration) training on ``points``."""
-    return RunSpec(base.model.replace(), base.training.replace(data=POINTS_DATA), name=base.name,
-                   description=base.description, points=points)
+    return RunSpec(
+        base.model.replace(),
+        base.training.replace(data=POINTS_DATA),
+        name=base.name,
+        description=base.description,
+        points=points,
+    )

@@ -84,7 +84,12 @@ class DensityResult:
 
 
 def compute_density(
-    flow: Flow, test_points: torch.Tensor | np.ndarray, extent: float, resolution: int, chunk: int, n_samples: int,
+    flow: Flow,
+    test_points: torch.Tensor | np.ndarray,
+    extent: float,
+    resolution: int,
+    chunk: int,
+    n_samples: int,
     stop: Callable[[], bool] = lambda: False,
 ) -> DensityResult | None:
     """Log-density on a ``resolution``-square grid over ``[-extent, extent]^2``, of ``test_points``, and samples.
@@ -101,8 +106,11 @@ def compute_density(
     pass_seconds = time.perf_counter() - t0
     if stop():
         return None
-    samples = (np.asarray(evaluation.sample(flow, n_samples, seed=0, dtype=VIEW_DTYPE), dtype=np.float64)
-               if n_samples > 0 else np.zeros((0, 2)))
+    samples = (
+        np.asarray(evaluation.sample(flow, n_samples, seed=0, dtype=VIEW_DTYPE), dtype=np.float64)
+        if n_samples > 0
+        else np.zeros((0, 2))
+    )
     return DensityResult(
         log_density=values[:n_grid].reshape(resolution, resolution).numpy(),
         extent=box,
@@ -119,8 +127,10 @@ def flow_message(flow: Flow) -> dict[str, Any] | None:
     pickle, against ~25 ms for the module itself); None for a flow built without a configuration."""
     if getattr(flow, "config", None) is None or not isinstance(flow.config, FlowConfig):
         return None
-    return {"config": flow.config.to_dict(),
-            "state": {k: v.detach().cpu().numpy() for k, v in flow.state_dict().items()}}
+    return {
+        "config": flow.config.to_dict(),
+        "state": {k: v.detach().cpu().numpy() for k, v in flow.state_dict().items()},
+    }
 
 
 def _flow_from(message: dict[str, Any], cache: dict[str, Flow]) -> Flow:

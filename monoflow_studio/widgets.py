@@ -29,8 +29,9 @@ class LogSpinBox(QDoubleSpinBox):
     committed).
     """
 
-    def __init__(self, minimum: float, maximum: float, value: float, factor: float = 10 ** 0.25,
-                 parent: QWidget | None = None) -> None:
+    def __init__(
+        self, minimum: float, maximum: float, value: float, factor: float = 10**0.25, parent: QWidget | None = None
+    ) -> None:
         super().__init__(parent)
         self._factor = factor
         self.setDecimals(15)  # the base class rounds to `decimals`; keep all digits of tiny values
@@ -63,6 +64,6 @@ class LogSpinBox(QDoubleSpinBox):
         return self.textFromValue(self.value())
 
     def stepBy(self, steps: int) -> None:  # noqa: N802 (Qt override)
-        value = self.value() * self._factor ** steps
+        value = self.value() * self._factor**steps
         self.setValue(min(max(value, self.minimum()), self.maximum()))
         self.editingFinished.emit()

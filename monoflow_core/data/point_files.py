@@ -98,21 +98,27 @@ class PointTable:
         where = str(self.path)
         names = self.names
         if len(names) < 2:
-            raise PointDataError(f"{where}: has only {len(names)} column ({self.describe_columns()}); 2-D points "
-                                 "need two")
+            raise PointDataError(
+                f"{where}: has only {len(names)} column ({self.describe_columns()}); 2-D points need two"
+            )
         if columns is None:
             if len(names) == 2:
                 return 0, 1
             example = ",".join(names[:2])
-            raise PointDataError(f"{where}: has {len(names)} columns ({self.describe_columns()}); choose two of them "
-                                 f"(e.g. columns {example})")
+            raise PointDataError(
+                f"{where}: has {len(names)} columns ({self.describe_columns()}); choose two of them "
+                f"(e.g. columns {example})"
+            )
         if isinstance(columns, str) or len(columns) != 2:
-            raise PointDataError(f"{where}: choose exactly two columns, got {columns!r}; the file has "
-                                 f"{self.describe_columns()}")
+            raise PointDataError(
+                f"{where}: choose exactly two columns, got {columns!r}; the file has {self.describe_columns()}"
+            )
         picked = (self._position(columns[0]), self._position(columns[1]))
         if picked[0] == picked[1]:
-            raise PointDataError(f"{where}: the two chosen columns are the same ({names[picked[0]]!r}); choose two "
-                                 f"different ones of {self.describe_columns()}")
+            raise PointDataError(
+                f"{where}: the two chosen columns are the same ({names[picked[0]]!r}); choose two "
+                f"different ones of {self.describe_columns()}"
+            )
         return picked
 
     def _position(self, choice: ColumnChoice) -> int:
@@ -123,17 +129,19 @@ class PointTable:
             text = choice.strip()
             hits = [i for i, name in enumerate(names) if name == text]
             if len(hits) > 1:
-                raise PointDataError(f"{self.path}: column name {text!r} is ambiguous (columns "
-                                     f"{', '.join(str(i) for i in hits)} share it); choose by position")
+                raise PointDataError(
+                    f"{self.path}: column name {text!r} is ambiguous (columns "
+                    f"{', '.join(str(i) for i in hits)} share it); choose by position"
+                )
             if hits:
                 return hits[0]
             if not _INDEX.fullmatch(text):
-                raise PointDataError(f"{self.path}: no column named {text!r}; the file has "
-                                     f"{self.describe_columns()}")
+                raise PointDataError(f"{self.path}: no column named {text!r}; the file has {self.describe_columns()}")
             choice = int(text)
         if not 0 <= choice < len(names):
-            raise PointDataError(f"{self.path}: no column {choice} (positions 0 to {len(names) - 1}: "
-                                 f"{self.describe_columns()})")
+            raise PointDataError(
+                f"{self.path}: no column {choice} (positions 0 to {len(names) - 1}: {self.describe_columns()})"
+            )
         return choice
 
     def read(self, columns: Sequence[ColumnChoice] | None) -> tuple[np.ndarray, tuple[str, str]]:
@@ -148,8 +156,10 @@ class PointTable:
         second, _ = self._column(j)
         name_a, name_b = self.names[i], self.names[j]
         if first.shape[0] != second.shape[0]:
-            raise PointDataError(f"{self.path}: columns {name_a!r} and {name_b!r} have different lengths "
-                                 f"({first.shape[0]} and {second.shape[0]})")
+            raise PointDataError(
+                f"{self.path}: columns {name_a!r} and {name_b!r} have different lengths "
+                f"({first.shape[0]} and {second.shape[0]})"
+            )
         if first.shape[0] == 0:
             raise PointDataError(f"{self.path}: holds no points (no data rows)")
         points = np.stack([first, second], axis=1)
@@ -162,7 +172,8 @@ class PointTable:
             raise PointDataError(
                 f"{self.path}: {label}, column {col!r}: {float(points[row, 0 if bad[row, 0] else 1])} is not a "
                 f"finite number ({count:,} row{'s' if count > 1 else ''} in all); non-finite rows are refused, not "
-                "dropped: remove or fix them")
+                "dropped: remove or fix them"
+            )
         return points, (name_a, name_b)
 
 
@@ -181,8 +192,9 @@ def parse_columns(text: str | None) -> tuple[str, str] | None:
         return None
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) != 2 or not all(parts):
-        raise PointDataError(f"columns: give two column names or positions separated by a comma (e.g. x,y or 0,1), "
-                             f"got {text!r}")
+        raise PointDataError(
+            f"columns: give two column names or positions separated by a comma (e.g. x,y or 0,1), got {text!r}"
+        )
     return parts[0], parts[1]
 
 
@@ -204,8 +216,10 @@ def _check_file(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise PointDataError(f"{path}: not a regular file (a FIFO, device or socket cannot hold points)")
     if info.st_size > MAX_FILE_BYTES:
-        raise PointDataError(f"{path}: is {info.st_size / 2**20:,.0f} MB; point files are limited to "
-                             f"{MAX_FILE_BYTES // 2**20} MB ({MAX_POINTS:,} points)")
+        raise PointDataError(
+            f"{path}: is {info.st_size / 2**20:,.0f} MB; point files are limited to "
+            f"{MAX_FILE_BYTES // 2**20} MB ({MAX_POINTS:,} points)"
+        )
     if info.st_size == 0:
         raise PointDataError(f"{path}: is empty (0 bytes); it holds no points")
     return int(info.st_size)
@@ -261,16 +275,22 @@ def _csv_table(path: Path) -> PointTable:
     except UnicodeDecodeError as err:
         raise PointDataError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
     del raw
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
-             if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        (n, line)
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     del text
     if not lines:
         raise PointDataError(f"{path}: holds no points (no data lines)")
     split = _splitter(lines[0][1])
     head = split(lines[0][1])
     header = all(_number(field) is None for field in head)
-    names = [field.strip().strip('"').strip("'") or str(i) for i, field in enumerate(head)] if header else \
-        [str(i) for i in range(len(head))]
+    names = (
+        [field.strip().strip('"').strip("'") or str(i) for i, field in enumerate(head)]
+        if header
+        else [str(i) for i in range(len(head))]
+    )
     if len(names) > MAX_COLUMNS:
         raise PointDataError(f"{path}: has {len(names):,} columns; a table of points has a few")
     body = lines[1:] if header else lines
@@ -280,8 +300,10 @@ def _csv_table(path: Path) -> PointTable:
     widths = set(map(len, rows))
     for (n, _), fields in zip(body, rows, strict=True) if widths != {len(names)} else ():
         if len(fields) != len(names):
-            raise PointDataError(f"{path}: line {n} has {len(fields)} field{'s' if len(fields) != 1 else ''}, "
-                                 f"the {'header' if header else 'first line'} has {len(names)}")
+            raise PointDataError(
+                f"{path}: line {n} has {len(fields)} field{'s' if len(fields) != 1 else ''}, "
+                f"the {'header' if header else 'first line'} has {len(names)}"
+            )
 
     def column(i: int) -> tuple[np.ndarray, Any]:
         texts = [fields[i] for fields in rows]
@@ -290,8 +312,9 @@ def _csv_table(path: Path) -> PointTable:
         except ValueError:
             for r, text in enumerate(texts):  # find the culprit, for the message
                 if _number(text) is None:
-                    raise PointDataError(f"{path}: line {body[r][0]}, column {names[i]!r}: cannot read "
-                                         f"{text[:40]!r} as a number") from None
+                    raise PointDataError(
+                        f"{path}: line {body[r][0]}, column {names[i]!r}: cannot read {text[:40]!r} as a number"
+                    ) from None
             raise PointDataError(f"{path}: column {names[i]!r} cannot be read as numbers") from None
         return values, lambda r: f"line {body[r][0]}"
 
@@ -355,8 +378,10 @@ def _npy_table(path: Path) -> PointTable:
             raise PointDataError(f"{path}: {problem}")
         _check_rows(str(path), shape)
         if len(shape) == 1:
-            raise PointDataError(f"{path}: is a 1-D array of {shape[0]:,} values (one column); 2-D points "
-                                 "need an array of shape (n, 2) or more columns")
+            raise PointDataError(
+                f"{path}: is a 1-D array of {shape[0]:,} values (one column); 2-D points "
+                "need an array of shape (n, 2) or more columns"
+            )
         fh.seek(0)
         array = _read_array(fh, str(path))
     names = [str(j) for j in range(shape[1])]
@@ -387,8 +412,10 @@ def _npz_table(path: Path) -> PointTable:
             declared[key] = (shape, dtype)
         if not declared:
             listed = "; ".join(unusable) if unusable else "it is empty"
-            raise PointDataError(f"{path}: holds no usable array ({listed}); 2-D points need a numeric array of "
-                                 "shape (n, 2) or 1-D arrays of equal length, one per column")
+            raise PointDataError(
+                f"{path}: holds no usable array ({listed}); 2-D points need a numeric array of "
+                "shape (n, 2) or 1-D arrays of equal length, one per column"
+            )
         arrays: dict[str, np.ndarray] = {}
         for member in members:
             key = member.filename[:-4] if member.filename.endswith(".npy") else member.filename

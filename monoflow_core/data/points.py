@@ -126,29 +126,40 @@ class PointSet:
         if self.is_identity:
             return "identity transform (the points are used as they are)"
         m, s = self.mean.tolist(), self.scale.tolist()
-        return (f"standardised z = (x - mean) / scale with mean ({m[0]:.4g}, {m[1]:.4g}), "
-                f"scale ({s[0]:.4g}, {s[1]:.4g}) (from the training part)")
+        return (
+            f"standardised z = (x - mean) / scale with mean ({m[0]:.4g}, {m[1]:.4g}), "
+            f"scale ({s[0]:.4g}, {s[1]:.4g}) (from the training part)"
+        )
 
     def split_text(self) -> str:
         """The split in words, e.g. ``800 to train on, 200 held out (20%, seed 1234) for the test NLL``."""
-        return (f"{self.train.shape[0]:,} to train on, {self.test.shape[0]:,} held out ({self.holdout:.0%}, "
-                f"seed {self.split_seed}) for the test NLL")
+        return (
+            f"{self.train.shape[0]:,} to train on, {self.test.shape[0]:,} held out ({self.holdout:.0%}, "
+            f"seed {self.split_seed}) for the test NLL"
+        )
 
     def describe(self) -> str:
         """One line: source, columns, size, split and transform."""
-        return (f"{self.source} (columns {self.columns[0]}, {self.columns[1]}): {self.n_points:,} points, "
-                f"{self.split_text()}; {self.transform_text()}")
+        return (
+            f"{self.source} (columns {self.columns[0]}, {self.columns[1]}): {self.n_points:,} points, "
+            f"{self.split_text()}; {self.transform_text()}"
+        )
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, Tensor]:
         """The four tensors a checkpoint stores (contiguous CPU float64 copies), keyed by :data:`TENSOR_NAMES`."""
-        return {name: getattr(self, name).detach().to("cpu", torch.float64).clone().contiguous()
-                for name in TENSOR_NAMES}
+        return {
+            name: getattr(self, name).detach().to("cpu", torch.float64).clone().contiguous() for name in TENSOR_NAMES
+        }
 
     def info(self) -> dict[str, Any]:
         """The JSON description a checkpoint stores next to the tensors."""
-        return {"source": self.source, "columns": list(self.columns), "holdout": self.holdout,
-                "split_seed": self.split_seed}
+        return {
+            "source": self.source,
+            "columns": list(self.columns),
+            "holdout": self.holdout,
+            "split_seed": self.split_seed,
+        }
 
     @staticmethod
     def check_table(entries: dict[str, tuple[str, tuple[int, ...]]]) -> None:
@@ -159,8 +170,11 @@ class PointSet:
         """
         if set(entries) != set(TENSOR_NAMES):
             missing, extra = sorted(set(TENSOR_NAMES) - set(entries)), sorted(set(entries) - set(TENSOR_NAMES))
-            raise ValueError(f"point data: expected tensors data.{', data.'.join(TENSOR_NAMES)}"
-                             + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+            raise ValueError(
+                f"point data: expected tensors data.{', data.'.join(TENSOR_NAMES)}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; unexpected {extra}" if extra else "")
+            )
         for name, (dtype, shape) in entries.items():
             if dtype != "F64":
                 raise ValueError(f"point data: tensor data.{name} must be float64 (F64), got {dtype}")
@@ -186,8 +200,11 @@ class PointSet:
         source, columns = info.get("source"), info.get("columns")
         if not isinstance(source, str) or len(source) > _TEXT_LIMIT:
             raise ValueError(f"point data: source must be a string of at most {_TEXT_LIMIT} characters")
-        if (not isinstance(columns, list) or len(columns) != 2
-                or not all(isinstance(c, str) and len(c) <= _TEXT_LIMIT for c in columns)):
+        if (
+            not isinstance(columns, list)
+            or len(columns) != 2
+            or not all(isinstance(c, str) and len(c) <= _TEXT_LIMIT for c in columns)
+        ):
             raise ValueError("point data: columns must be a list of two names")
         holdout = info.get("holdout")
         if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0.0 < holdout <= 0.5:
@@ -205,17 +222,25 @@ class PointSet:
             ValueError: the table, the description or a value is invalid (non-finite points, a scale that is not
                 positive).
         """
-        cls.check_table({k: ("F64" if v.dtype == torch.float64 else str(v.dtype), tuple(v.shape))
-                         for k, v in tensors.items()})
+        cls.check_table(
+            {k: ("F64" if v.dtype == torch.float64 else str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        )
         info = cls.check_info(info)
         for name in TENSOR_NAMES:
             if not bool(torch.isfinite(tensors[name]).all()):
                 raise ValueError(f"point data: tensor data.{name} holds non-finite values")
         if not bool((tensors["scale"] > 0).all()):
             raise ValueError("point data: tensor data.scale must be positive")
-        return cls(train=tensors["train"], test=tensors["test"], mean=tensors["mean"], scale=tensors["scale"],
-                   source=info["source"], columns=(info["columns"][0], info["columns"][1]),
-                   holdout=float(info["holdout"]), split_seed=int(info["split_seed"]))
+        return cls(
+            train=tensors["train"],
+            test=tensors["test"],
+            mean=tensors["mean"],
+            scale=tensors["scale"],
+            source=info["source"],
+            columns=(info["columns"][0], info["columns"][1]),
+            holdout=float(info["holdout"]),
+            split_seed=int(info["split_seed"]),
+        )
 
 
 def _check_holdout(holdout: Any) -> float:
@@ -254,16 +279,20 @@ def make_point_set(
         raise PointDataError(f"{where}: points must form an array of shape (n, 2), got {array.shape}")
     n = array.shape[0]
     if n < MIN_POINTS:
-        raise PointDataError(f"{where}: holds {n} point{'s' if n != 1 else ''}; at least {MIN_POINTS} are needed "
-                             "(most to train on, some held out for the test NLL)")
+        raise PointDataError(
+            f"{where}: holds {n} point{'s' if n != 1 else ''}; at least {MIN_POINTS} are needed "
+            "(most to train on, some held out for the test NLL)"
+        )
     if n > MAX_POINTS:
         raise PointDataError(f"{where}: holds {n:,} points; at most {MAX_POINTS:,} are used")
     if not np.isfinite(array).all():
         raise PointDataError(f"{where}: holds non-finite values; non-finite points are refused")
     biggest = float(np.abs(array).max())
     if biggest > MAX_ABS_VALUE:
-        raise PointDataError(f"{where}: holds values up to {biggest:.3g}; values beyond {MAX_ABS_VALUE:g} cannot be "
-                             "standardised in float64 (rescale the data)")
+        raise PointDataError(
+            f"{where}: holds values up to {biggest:.3g}; values beyond {MAX_ABS_VALUE:g} cannot be "
+            "standardised in float64 (rescale the data)"
+        )
     holdout = _check_holdout(holdout)
     if isinstance(split_seed, bool) or not isinstance(split_seed, numbers.Integral) or not 0 <= split_seed < 2**63:
         raise PointDataError(f"split seed: must be an integer in [0, 2**63), got {split_seed!r}")
@@ -277,16 +306,24 @@ def make_point_set(
         for k in range(2):
             # A spread below 1e-12 of the values' size is rounding: standardising would blow it up to noise.
             if not scale[k] > 1e-12 * max(1.0, float(np.abs(train_raw[:, k]).max())):
-                raise PointDataError(f"{where}: column {columns[k]!r} is constant (every training value is "
-                                     f"{train_raw[0, k]:.6g}); it cannot be standardised: 2-D points need a spread "
-                                     "in both columns")
+                raise PointDataError(
+                    f"{where}: column {columns[k]!r} is constant (every training value is "
+                    f"{train_raw[0, k]:.6g}); it cannot be standardised: 2-D points need a spread "
+                    "in both columns"
+                )
     else:
         mean, scale = np.zeros(2), np.ones(2)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
     return PointSet(
-        train=as_tensor((train_raw - mean) / scale), test=as_tensor((test_raw - mean) / scale),
-        mean=as_tensor(mean), scale=as_tensor(scale), source=where,
-        columns=(_text(columns[0]), _text(columns[1])), holdout=holdout, split_seed=int(split_seed))
+        train=as_tensor((train_raw - mean) / scale),
+        test=as_tensor((test_raw - mean) / scale),
+        mean=as_tensor(mean),
+        scale=as_tensor(scale),
+        source=where,
+        columns=(_text(columns[0]), _text(columns[1])),
+        holdout=holdout,
+        split_seed=int(split_seed),
+    )
 
 
 def load_points(
@@ -376,9 +413,19 @@ class PointStream:
     def state_dict(self) -> dict[str, Any]:
         """The stream's state as plain JSON (``name``, ``seed``, ``size`` and the numpy generator state)."""
         rng = copy.deepcopy(self._gen.bit_generator.state)
-        return {"name": POINTS_DATA, "seed": self.seed, "size": int(self.points.train.shape[0]),
-                "rng": {k: ({kk: int(vv) for kk, vv in v.items()} if isinstance(v, dict) else
-                            (int(v) if isinstance(v, numbers.Integral) else v)) for k, v in rng.items()}}
+        return {
+            "name": POINTS_DATA,
+            "seed": self.seed,
+            "size": int(self.points.train.shape[0]),
+            "rng": {
+                k: (
+                    {kk: int(vv) for kk, vv in v.items()}
+                    if isinstance(v, dict)
+                    else (int(v) if isinstance(v, numbers.Integral) else v)
+                )
+                for k, v in rng.items()
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (possibly after a JSON round trip).
@@ -389,4 +436,3 @@ class PointStream:
         check_stream_state(state, int(self.points.train.shape[0]))
         self._gen.bit_generator.state = copy.deepcopy(state["rng"])
         self.seed = int(state["seed"])
-

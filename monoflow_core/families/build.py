@@ -116,12 +116,18 @@ def _cnf(config: FlowConfig) -> list[nn.Module]:
 
     from .layers import ContinuousFlow
 
-    return [ContinuousFlow(FFJTransform(config.dim, hidden_features=_hidden(config), exact=True), config.tol)
-            for _ in range(config.blocks)]
+    return [
+        ContinuousFlow(FFJTransform(config.dim, hidden_features=_hidden(config), exact=True), config.tol)
+        for _ in range(config.blocks)
+    ]
 
 
 _BUILDERS: dict[str, Callable[[FlowConfig], list[nn.Module]]] = {
-    "realnvp": _realnvp, "glow": _glow, "nsf": _nsf, "maf": _maf, "cnf": _cnf,
+    "realnvp": _realnvp,
+    "glow": _glow,
+    "nsf": _nsf,
+    "maf": _maf,
+    "cnf": _cnf,
 }
 assert set(_BUILDERS) == set(FAMILY_INFO)
 

@@ -31,20 +31,33 @@ class FamilyInfo:
 
 #: The comparison families (docs/families.md), all built from zuko.
 FAMILY_INFO: dict[str, FamilyInfo] = {
-    "realnvp": FamilyInfo("Real NVP", "affine couplings",
-                          "Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP, ICLR 2017, "
-                          "arXiv:1605.08803"),
-    "glow": FamilyInfo("Glow", "steps (ActNorm, LU 1x1 mixing, affine coupling)",
-                       "Kingma & Dhariwal, Glow: Generative flow with invertible 1x1 convolutions, NeurIPS 2018, "
-                       "arXiv:1807.03039"),
-    "nsf": FamilyInfo("Neural spline flow", "rational-quadratic spline autoregressive transforms",
-                      "Durkan, Bekasov, Murray & Papamakarios, Neural spline flows, NeurIPS 2019, arXiv:1906.04032"),
-    "maf": FamilyInfo("MAF", "affine MADE transforms",
-                      "Papamakarios, Pavlakou & Murray, Masked autoregressive flow for density estimation, "
-                      "NeurIPS 2017, arXiv:1705.07057"),
-    "cnf": FamilyInfo("CNF (FFJORD)", "continuous flows (ODEs)",
-                      "Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud, FFJORD: Free-form continuous dynamics "
-                      "for scalable reversible generative models, ICLR 2019, arXiv:1810.01367"),
+    "realnvp": FamilyInfo(
+        "Real NVP",
+        "affine couplings",
+        "Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP, ICLR 2017, arXiv:1605.08803",
+    ),
+    "glow": FamilyInfo(
+        "Glow",
+        "steps (ActNorm, LU 1x1 mixing, affine coupling)",
+        "Kingma & Dhariwal, Glow: Generative flow with invertible 1x1 convolutions, NeurIPS 2018, arXiv:1807.03039",
+    ),
+    "nsf": FamilyInfo(
+        "Neural spline flow",
+        "rational-quadratic spline autoregressive transforms",
+        "Durkan, Bekasov, Murray & Papamakarios, Neural spline flows, NeurIPS 2019, arXiv:1906.04032",
+    ),
+    "maf": FamilyInfo(
+        "MAF",
+        "affine MADE transforms",
+        "Papamakarios, Pavlakou & Murray, Masked autoregressive flow for density estimation, "
+        "NeurIPS 2017, arXiv:1705.07057",
+    ),
+    "cnf": FamilyInfo(
+        "CNF (FFJORD)",
+        "continuous flows (ODEs)",
+        "Grathwohl, Chen, Bettencourt, Sutskever & Duvenaud, FFJORD: Free-form continuous dynamics "
+        "for scalable reversible generative models, ICLR 2019, arXiv:1810.01367",
+    ),
 }
 
 #: Every family a :class:`~monoflow_core.config.FlowConfig` may name, the default (implicit) first.

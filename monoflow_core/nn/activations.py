@@ -87,8 +87,11 @@ class _SavedInputActivation(torch.autograd.Function):
         """Forward mode (input tangents): ``derivative(x) * t``, the tangent repeated per concatenated half."""
         x, *params = ctx.saved_tensors
         deriv = ctx.act.derivative(x)
-        out = torch.zeros_like(deriv) if x_tangent is None else (
-            deriv * x_tangent.repeat(*([1] * (x.dim() - 1)), ctx.act.expansion))
+        out = (
+            torch.zeros_like(deriv)
+            if x_tangent is None
+            else (deriv * x_tangent.repeat(*([1] * (x.dim() - 1)), ctx.act.expansion))
+        )
         for i, tangent in enumerate(param_tangents):
             if tangent is not None:
                 out = out + ctx.act.param_derivative(x, params, i) * tangent

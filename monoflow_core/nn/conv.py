@@ -468,4 +468,3 @@ class ConvDenseNetG(LearnableConcat, JacobianNet):
         assert value is not None
         jac = columns[0] if len(columns) == 1 else torch.cat(columns, dim=2)
         return (value if flat else value.view_as(images)), jac
-

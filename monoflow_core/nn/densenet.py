@@ -235,6 +235,7 @@ class DenseNetG(LearnableConcat, JacobianNet):
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
         return out[:, 0], out[:, 1:].transpose(1, 2)
 
+
 class LipschitzMLP(JacobianNet):
     """A Lipschitz MLP ``n -> hidden[0] -> ... -> n`` with spectrally normalised layers.
 
@@ -288,5 +289,3 @@ class LipschitzMLP(JacobianNet):
 
     def lipschitz_bound(self) -> float:
         return self.coeff ** len(self.layers)
-
-

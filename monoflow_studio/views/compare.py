@@ -83,8 +83,7 @@ def solver_summary(spec_family: str, diagnostics: Sequence[dict[str, Any]], step
     medians = [float(f.get("iterations_median", f["iterations_mean"])) for f in solved]
     worst = max(int(f["iterations_max"]) for f in solved)
     failed = sum(int(f.get("n_failed") or 0) for f in solved)
-    text = (f"solver at step {step}: median {statistics.median(medians):.3g} iterations per block, "
-            f"max {worst}")
+    text = f"solver at step {step}: median {statistics.median(medians):.3g} iterations per block, max {worst}"
     return text + (f", {failed} sample(s) missed the tolerance" if failed else ", all converged")
 
 
@@ -173,8 +172,10 @@ class CompareCurvesView(QWidget):
         self.x_axis = QComboBox()
         self.x_axis.addItem("training time (s)", "time")
         self.x_axis.addItem("step", "step")
-        self.x_axis.setToolTip("Training seconds are the fair axis: each run gets the same share of the training "
-                               "time, and a monotone step costs more than a coupling step")
+        self.x_axis.setToolTip(
+            "Training seconds are the fair axis: each run gets the same share of the training "
+            "time, and a monotone step costs more than a coupling step"
+        )
         self.smoothing = QDoubleSpinBox()
         self.smoothing.setRange(*SMOOTHING_RANGE)
         self.smoothing.setDecimals(3)
@@ -226,8 +227,14 @@ class CompareCurvesView(QWidget):
         self.runs.append(RunCurves(run_id=index, label=label))
         item = self.plot.getPlotItem()
         train = item.plot(name=f"{label}: train loss", pen=pg.mkPen(color, width=2))
-        test = item.plot(name=f"{label}: test NLL", pen=pg.mkPen(color, width=2, style=Qt.PenStyle.DashLine),
-                         symbol="o", symbolSize=6, symbolBrush=color, symbolPen=None)
+        test = item.plot(
+            name=f"{label}: test NLL",
+            pen=pg.mkPen(color, width=2, style=Qt.PenStyle.DashLine),
+            symbol="o",
+            symbolSize=6,
+            symbolBrush=color,
+            symbolPen=None,
+        )
         for curve in (train, test):
             curve.setDownsampling(auto=True, method="peak")
             curve.setClipToView(True)
@@ -238,8 +245,10 @@ class CompareCurvesView(QWidget):
     def restart_run(self, index: int, label: str) -> None:
         """Run ``index`` was (re)built: its series start empty under ``label``."""
         self.runs[index] = RunCurves(run_id=index, label=label)
-        for curve, name in ((self.train_items[index], f"{label}: train loss"),
-                            (self.test_items[index], f"{label}: test NLL")):
+        for curve, name in (
+            (self.train_items[index], f"{label}: train loss"),
+            (self.test_items[index], f"{label}: test NLL"),
+        ):
             curve.opts["name"] = name
             legend_label = self.legend.getLabel(curve)
             if legend_label is not None:
@@ -284,5 +293,7 @@ class CompareCurvesView(QWidget):
             loss = np.where(np.isfinite(loss), loss, np.nan)
             train.setData(self._x(run, False), debiased_ema(loss, w), connect="finite")
             test.setData(self._x(run, True), np.asarray(run.eval_nll, dtype=np.float64), connect="finite")
-        set_axis_label(self.plot.getPlotItem().getAxis("bottom"),
-                       "training time of the run (s)" if self.x_axis.currentData() == "time" else "step")
+        set_axis_label(
+            self.plot.getPlotItem().getAxis("bottom"),
+            "training time of the run (s)" if self.x_axis.currentData() == "time" else "step",
+        )

@@ -192,8 +192,9 @@ class CurvesView(QWidget):
         """The current run's unit: ``"nats"`` (2-D runs) or ``"bits/dim"`` (image runs)."""
         return self.current.unit
 
-    def new_run(self, run_id: int, label: str, history: list[StepMetrics], evals: list[EvalMetrics],
-                unit: str = NATS) -> None:
+    def new_run(
+        self, run_id: int, label: str, history: list[StepMetrics], evals: list[EvalMetrics], unit: str = NATS
+    ) -> None:
         """Start the curves of a new run; the current one (if it has points) becomes a faint ghost (ghosts are
         drawn only next to runs of the same unit)."""
         if self.current.steps:
@@ -273,8 +274,11 @@ class CurvesView(QWidget):
         if names != self._names:
             self._names = names
             item.setLabel("left", run.unit)
-            for curve, name in ((self.raw_curve, f"{names[0]} (raw)"), (self.train_curve, names[0]),
-                                (self.test_curve, names[1])):
+            for curve, name in (
+                (self.raw_curve, f"{names[0]} (raw)"),
+                (self.train_curve, names[0]),
+                (self.test_curve, names[1]),
+            ):
                 curve.opts["name"] = name
                 label = self.legend.getLabel(curve)
                 if label is not None:

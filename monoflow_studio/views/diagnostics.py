@@ -27,7 +27,7 @@ TIPS = {
     "iters max": "the most evaluations of G any sample of that step needed",
     "residual": "largest relative residual |w + G(w) - rhs|_inf / (1 + |rhs|_inf) after the solve",
     "tol": "the relative tolerance the solve used: the one set, or 10 x the machine epsilon of the training "
-           "dtype if that is larger (1.19e-06 in float32)",
+    "dtype if that is larger (1.19e-06 in float32)",
     "failed": "samples whose residual missed the tolerance within the iteration cap (not converged)",
 }
 
@@ -75,16 +75,18 @@ class SolverView(QWidget):
         self.rows = []
         for d in diagnostics:
             fwd = d.get("forward") or {}
-            self.rows.append({
-                "block": d["block"],
-                "kind": d["kind"],
-                "solver": fwd.get("method", d["solver"]),
-                "iters": fwd.get("iterations_mean"),
-                "iters max": fwd.get("iterations_max"),
-                "residual": fwd.get("residual_max"),
-                "tol": fwd.get("tol"),
-                "failed": fwd.get("n_failed"),
-            })
+            self.rows.append(
+                {
+                    "block": d["block"],
+                    "kind": d["kind"],
+                    "solver": fwd.get("method", d["solver"]),
+                    "iters": fwd.get("iterations_mean"),
+                    "iters max": fwd.get("iterations_max"),
+                    "residual": fwd.get("residual_max"),
+                    "tol": fwd.get("tol"),
+                    "failed": fwd.get("n_failed"),
+                }
+            )
         solved = [r for r in self.rows if r["iters"] is not None]
         x = np.arange(len(solved), dtype=np.float64)
         self.bars.setOpts(x=x, height=[r["iters"] for r in solved], width=0.6)
@@ -98,8 +100,10 @@ class SolverView(QWidget):
         if not self.rows:
             self.summary.setText("No implicit blocks (or no training step yet).")
         elif failed:
-            self.summary.setText(f"step {step}: {failed} sample(s) missed the solver tolerance; raise the iteration "
-                                 "cap or loosen the tolerance.")
+            self.summary.setText(
+                f"step {step}: {failed} sample(s) missed the solver tolerance; raise the iteration "
+                "cap or loosen the tolerance."
+            )
         else:
             self.summary.setText(f"step {step}: every block's forward solve converged.")
 

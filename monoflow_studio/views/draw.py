@@ -198,8 +198,10 @@ class DrawingPanel(QWidget):
         self.clear_button = QPushButton("Clear")
         self.clear_button.setToolTip("Remove every drawn point (Undo brings them back)")
         self.use_button = QPushButton("Train on drawing")
-        self.use_button.setToolTip("Make the drawn points the run's data: a new model trains on them (20% are held "
-                                   "out for the test NLL) and checkpoints keep them")
+        self.use_button.setToolTip(
+            "Make the drawn points the run's data: a new model trains on them (20% are held "
+            "out for the test NLL) and checkpoints keep them"
+        )
         self.count_label = QLabel("")
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)

@@ -43,8 +43,9 @@ class SamplesView(QWidget):
         self.mode_box = QComboBox()
         for mode in MODES:
             self.mode_box.addItem(MODE_LABELS[mode], mode)
-        self.mode_box.setToolTip("Model samples (live while training) or training images, to compare them "
-                                 "(a view setting: applies at once)")
+        self.mode_box.setToolTip(
+            "Model samples (live while training) or training images, to compare them (a view setting: applies at once)"
+        )
         self.count_box = QComboBox()
         for n in SAMPLE_COUNTS:
             self.count_box.addItem(str(n), n)
@@ -56,8 +57,10 @@ class SamplesView(QWidget):
         self.temperature.setDecimals(2)
         self.temperature.setValue(1.0)
         self.temperature.setKeyboardTracking(False)
-        self.temperature.setToolTip("Scale of the base noise of the samples: 1 draws from the model; below 1 gives "
-                                    "smoother, more typical images (a view setting: new samples come at once)")
+        self.temperature.setToolTip(
+            "Scale of the base noise of the samples: 1 draws from the model; below 1 gives "
+            "smoother, more typical images (a view setting: new samples come at once)"
+        )
         self.caption = QLabel("")
         bar = QHBoxLayout()
         bar.addWidget(QLabel("Show:"))
@@ -150,14 +153,23 @@ class SamplesView(QWidget):
             if run is None or run.data_images is None or not len(run.data_images):
                 return None
             images = run.data_images[: self.count]
-            return (image_grid(images, run.levels), f"{run.spec.training.data} (train)",
-                    f"the first {len(images)} images of the training split, {run.levels} levels")
+            return (
+                image_grid(images, run.levels),
+                f"{run.spec.training.data} (train)",
+                f"the first {len(images)} images of the training split, {run.levels} levels",
+            )
         f = self._frame
         if f is None:
             return None
-        return f.grid, f"step {f.step}", (f"{f.images.shape[0]} samples at step {f.step}, temperature "
-                                          f"{f.temperature:.2f}, fixed base noise (seed {f.seed}); sampled in "
-                                          f"{f.seconds:.2f} s")
+        return (
+            f.grid,
+            f"step {f.step}",
+            (
+                f"{f.images.shape[0]} samples at step {f.step}, temperature "
+                f"{f.temperature:.2f}, fixed base noise (seed {f.seed}); sampled in "
+                f"{f.seconds:.2f} s"
+            ),
+        )
 
     def _redraw(self) -> None:
         got = self._grid()

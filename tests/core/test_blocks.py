@@ -47,8 +47,14 @@ def make_g(kind: str, n: int):
 
 
 def autograd_logdet(fn, x):
-    return torch.stack([torch.linalg.slogdet(torch.autograd.functional.jacobian(fn, xi.unsqueeze(0))
-                                             .reshape(x.shape[1], x.shape[1])).logabsdet for xi in x])
+    return torch.stack(
+        [
+            torch.linalg.slogdet(
+                torch.autograd.functional.jacobian(fn, xi.unsqueeze(0)).reshape(x.shape[1], x.shape[1])
+            ).logabsdet
+            for xi in x
+        ]
+    )
 
 
 @pytest.mark.parametrize("formulation", sorted(BLOCKS))
@@ -110,13 +116,19 @@ def test_log_prob_gradients_match_finite_differences(formulation, implicit_grad)
 
     def f(x_, *ps):
         with torch.nn.utils.stateless._reparametrize_module(
-            flow, {name: p for (name, _), p in zip(
-                [(n, q) for n, q in flow.named_parameters() if q.requires_grad], ps, strict=True)}
+            flow,
+            {
+                name: p
+                for (name, _), p in zip(
+                    [(n, q) for n, q in flow.named_parameters() if q.requires_grad], ps, strict=True
+                )
+            },
         ):
             return flow.log_prob(x_)
 
-    assert torch.autograd.gradcheck(f, (x, *[p.detach().clone().requires_grad_(True) for p in params]),
-                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        f, (x, *[p.detach().clone().requires_grad_(True) for p in params]), eps=1e-6, atol=1e-6, rtol=1e-5
+    )
 
 
 def test_backward_solve_and_one_step_agree_in_higher_dimension():

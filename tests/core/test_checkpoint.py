@@ -76,8 +76,9 @@ def test_loading_leaves_the_global_random_stream_alone(tmp_path):
 def trainer_for_resume() -> Trainer:
     # The estimator log-det draws from torch's global generator, so this also proves its state is restored.
     model = FlowConfig(blocks=2, growth=8, actnorm=True, logdet="estimator")
-    train = TrainConfig(batch_size=64, lr=1e-2, ema=0.9, concat_learnable_from=3, eval_every=2, eval_size=300,
-                        test_size=500, seed=7)
+    train = TrainConfig(
+        batch_size=64, lr=1e-2, ema=0.9, concat_learnable_from=3, eval_every=2, eval_size=300, test_size=500, seed=7
+    )
     return Trainer(model, train)
 
 
@@ -112,8 +113,9 @@ def test_resumed_training_equals_uninterrupted_training_bit_for_bit(tmp_path):
 
 
 def test_run_checkpoints_periodically_and_the_callback_can_stop_it(tmp_path):
-    trainer = Trainer(FlowConfig(blocks=1, growth=8),
-                      TrainConfig(batch_size=32, eval_every=0, checkpoint_every=2, test_size=100))
+    trainer = Trainer(
+        FlowConfig(blocks=1, growth=8), TrainConfig(batch_size=32, eval_every=0, checkpoint_every=2, test_size=100)
+    )
     path = tmp_path / "run.safetensors"
     seen = []
     summary = trainer.run(10, callback=lambda m, ev: seen.append((m.step, ev)) or m.step < 2, checkpoint_path=path)
@@ -209,8 +211,11 @@ def test_foreign_safetensors_files_are_refused(tmp_path):
     # Our tag with weights that do not fit the stored configuration.
     meta = read_checkpoint_metadata(save_checkpoint(tmp_path / "ok.safetensors", make_flow()))
     mismatched = tmp_path / "mismatch.safetensors"
-    save_file({"flow.layers.0.net.concat_k": torch.zeros(3, 2)}, mismatched,
-              metadata={"format": FORMAT_TAG, "dtype": "float32", "model_config": json.dumps(meta["model_config"])})
+    save_file(
+        {"flow.layers.0.net.concat_k": torch.zeros(3, 2)},
+        mismatched,
+        metadata={"format": FORMAT_TAG, "dtype": "float32", "model_config": json.dumps(meta["model_config"])},
+    )
     with pytest.raises(CheckpointError, match="do not match"):
         load_checkpoint(mismatched)
 

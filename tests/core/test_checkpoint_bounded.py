@@ -32,8 +32,11 @@ def _simulate(trainer: Trainer, steps: int) -> None:
 
 
 def test_header_size_does_not_grow_with_steps(tmp_path):
-    trainer = Trainer(FlowConfig(blocks=1, growth=8), TrainConfig(batch_size=16, eval_every=1, eval_size=64,
-                                                                   test_size=64), history_length=200_000)
+    trainer = Trainer(
+        FlowConfig(blocks=1, growth=8),
+        TrainConfig(batch_size=16, eval_every=1, eval_size=64, test_size=64),
+        history_length=200_000,
+    )
     trainer.run(1)
     sizes = {}
     for steps in (60_000, 100_000):

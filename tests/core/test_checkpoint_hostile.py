@@ -108,8 +108,7 @@ def training_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     trainer = Trainer(
         FlowConfig(blocks=2, growth=8, actnorm=True),
-        TrainConfig(batch_size=16, ema=0.9, eval_every=1, eval_size=40, test_size=40, concat_learnable_from=0,
-                    seed=3),
+        TrainConfig(batch_size=16, ema=0.9, eval_every=1, eval_size=40, test_size=40, concat_learnable_from=0, seed=3),
     )
     trainer.run(2)
     return trainer.save_checkpoint(tmp_path_factory.mktemp("good") / "run.safetensors", metadata={"note": "hi"})
@@ -119,9 +118,20 @@ def training_checkpoint(tmp_path_factory):
 def image_checkpoint(tmp_path_factory):
     """A flow-only checkpoint of a small multiscale image flow with a variational dequantizer."""
     torch.manual_seed(0)
-    flow = build_flow(FlowConfig(image_shape=[1, 4, 4], blocks_per_scale=[1, 1], fc_blocks=1, growth=4, depth=1,
-                                 actnorm=True, dequantization="variational", vdq_blocks=1, vdq_channels=4,
-                                 levels=17))
+    flow = build_flow(
+        FlowConfig(
+            image_shape=[1, 4, 4],
+            blocks_per_scale=[1, 1],
+            fc_blocks=1,
+            growth=4,
+            depth=1,
+            actnorm=True,
+            dequantization="variational",
+            vdq_blocks=1,
+            vdq_channels=4,
+            levels=17,
+        )
+    )
     return save_checkpoint(tmp_path_factory.mktemp("image") / "image.safetensors", flow)
 
 
@@ -162,15 +172,25 @@ def table(state):
 
 FAMILIES = {
     "toy-actnorm-power": FlowConfig(blocks=3, growth=8, actnorm=True, actnorm_input=True, spectral_norm="power"),
-    "1d-mixed-mlp-exact": FlowConfig(dim=1, blocks=2, formulation=["inverse_residual", "residual"], g="mlp",
-                                     hidden=[8, 8], spectral_norm="exact"),
-    "residual-fixed-concat": FlowConfig(blocks=2, formulation="residual", activation="lipswish",
-                                        learnable_concat=False),
-    "image-uniform": FlowConfig(image_shape=[1, 8, 8], blocks_per_scale=[1, 1], fc_blocks=1, growth=4, actnorm=True,
-                                levels=17),
-    "image-factor-out-variational": FlowConfig(image_shape=[3, 4, 4], blocks_per_scale=[1, 1], fc_blocks=0,
-                                               growth=4, factor_out=True, dequantization="variational",
-                                               vdq_blocks=2, vdq_channels=4),
+    "1d-mixed-mlp-exact": FlowConfig(
+        dim=1, blocks=2, formulation=["inverse_residual", "residual"], g="mlp", hidden=[8, 8], spectral_norm="exact"
+    ),
+    "residual-fixed-concat": FlowConfig(
+        blocks=2, formulation="residual", activation="lipswish", learnable_concat=False
+    ),
+    "image-uniform": FlowConfig(
+        image_shape=[1, 8, 8], blocks_per_scale=[1, 1], fc_blocks=1, growth=4, actnorm=True, levels=17
+    ),
+    "image-factor-out-variational": FlowConfig(
+        image_shape=[3, 4, 4],
+        blocks_per_scale=[1, 1],
+        fc_blocks=0,
+        growth=4,
+        factor_out=True,
+        dequantization="variational",
+        vdq_blocks=2,
+        vdq_channels=4,
+    ),
     "preset-digits-cpu": load_preset("digits-cpu").model_config(),
 }
 
@@ -288,12 +308,16 @@ HOSTILE = {
     "trainer_state counters": (_doc("trainer_state", ["rejected_total"], "x"), ["trainer_state: rejected_total"]),
     "noise_rng in the JSON": (_doc("trainer_state", ["noise_rng"], [1, 2]), ["trainer_state: noise_rng"]),
     "trainer_state has_ema 1": (_doc("trainer_state", ["has_ema"], 1), ["trainer_state: has_ema"]),
-    "stream missing": (lambda h, b: edit_document(h, "trainer_state", lambda d: d.pop("stream") and None),
-                       ["trainer_state: stream"]),
+    "stream missing": (
+        lambda h, b: edit_document(h, "trainer_state", lambda d: d.pop("stream") and None),
+        ["trainer_state: stream"],
+    ),
     "stream other data set": (_doc("trainer_state", ["stream", "name"], "moons"), ["trainer_state: stream"]),
     "stream state a string": (_doc("trainer_state", ["stream", "rng", "state"], "x"), ["trainer_state: stream"]),
-    "stream state huge": (_doc("trainer_state", ["stream", "rng", "state", "state"], 2**200),
-                          ["trainer_state: stream"]),
+    "stream state huge": (
+        _doc("trainer_state", ["stream", "rng", "state", "state"], 2**200),
+        ["trainer_state: stream"],
+    ),
     "history a dict": (_doc("trainer_state", ["history"], {}), ["trainer_state: history"]),
     "history record a list": (_doc("trainer_state", ["history", 0], [1]), ["history[0]"]),
     "history loss a string": (_doc("trainer_state", ["history", 0, "loss"], "x"), ["history[0]", "'loss'"]),
@@ -301,9 +325,10 @@ HOSTILE = {
     "param_groups two": (_doc("trainer_state", ["optimizer", "param_groups"], [{}, {}]), ["param_groups"]),
     "params short": (_doc("trainer_state", ["optimizer", "param_groups", 0, "params"], [0]), ["params"]),
     "betas a string": (_doc("trainer_state", ["optimizer", "param_groups", 0, "betas"], "x"), ["betas"]),
-    "eps missing": (lambda h, b: edit_document(h, "trainer_state",
-                                               lambda d: d["optimizer"]["param_groups"][0].pop("eps") and None),
-                    ["param_groups[0].eps"]),
+    "eps missing": (
+        lambda h, b: edit_document(h, "trainer_state", lambda d: d["optimizer"]["param_groups"][0].pop("eps") and None),
+        ["param_groups[0].eps"],
+    ),
     "capturable": (_doc("trainer_state", ["optimizer", "param_groups", 0, "capturable"], True), ["capturable"]),
     "scalars bad index": (_doc("trainer_state", ["optimizer", "scalars"], {"99": {}}), ["optimizer.scalars"]),
     "scalars bad step": (_doc("trainer_state", ["optimizer", "scalars"], {"1": {"step": "x"}}), ["scalars.1.step"]),
@@ -421,8 +446,33 @@ def _nested(depth):
 
 
 HOSTILE_VALUES = st.one_of(
-    st.sampled_from([10**9, 10**7, 2**63, 2**64, -1, 0, 1, 1.5, 1e308, float("nan"), float("inf"), True, False, None,
-                     "", "x", "8gaussians", [], {}, [0, 1], [10**9], {"a": 1}, "NaN"]),
+    st.sampled_from(
+        [
+            10**9,
+            10**7,
+            2**63,
+            2**64,
+            -1,
+            0,
+            1,
+            1.5,
+            1e308,
+            float("nan"),
+            float("inf"),
+            True,
+            False,
+            None,
+            "",
+            "x",
+            "8gaussians",
+            [],
+            {},
+            [0, 1],
+            [10**9],
+            {"a": 1},
+            "NaN",
+        ]
+    ),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
@@ -435,8 +485,9 @@ HOSTILE_VALUES = st.one_of(
 def _mutate_document(data, header):
     meta = header["__metadata__"]
     name = data.draw(st.sampled_from([*DOCUMENTS, "dtype", "format"]), label="entry")
-    how = data.draw(st.sampled_from(["value", "value", "value", "delete", "insert", "entry", "cut", "missing"]),
-                    label="how")
+    how = data.draw(
+        st.sampled_from(["value", "value", "value", "delete", "insert", "entry", "cut", "missing"]), label="how"
+    )
     text = meta.get(name)
     if how == "missing":
         meta.pop(name, None)
@@ -462,8 +513,12 @@ def _mutate_document(data, header):
             break
     if how == "insert" and isinstance(parent if parent is not None else doc, dict):
         # A key the writer never puts there (a tensor's name, a field of another level), at any level.
-        new = data.draw(st.sampled_from(["noise_rng", "cuda_rng", "torch_rng", "flow", "ema", "history", "step",
-                                         "params", "rng", "x"]), label="new key")
+        new = data.draw(
+            st.sampled_from(
+                ["noise_rng", "cuda_rng", "torch_rng", "flow", "ema", "history", "step", "params", "rng", "x"]
+            ),
+            label="new key",
+        )
         (parent if parent is not None else doc)[new] = data.draw(HOSTILE_VALUES, label="value")
     elif parent is None:
         doc = data.draw(HOSTILE_VALUES, label="document")
@@ -501,14 +556,26 @@ def _mutate_tensor(data, header, blobs):
             shape = data.draw(HOSTILE_VALUES)
         entry["shape"] = shape
     elif how == "offsets":
-        entry["data_offsets"] = data.draw(st.one_of(
-            st.lists(st.integers(-(2**65), 2**65), min_size=0, max_size=3), HOSTILE_VALUES))
+        entry["data_offsets"] = data.draw(
+            st.one_of(st.lists(st.integers(-(2**65), 2**65), min_size=0, max_size=3), HOSTILE_VALUES)
+        )
         return False  # keep the crafted offsets
     elif how == "drop":
         del header[name]
     elif how == "rename":
-        header[data.draw(st.sampled_from([name + "x", name.replace("flow.", "ema."), name.replace(".1.", ".999."),
-                                          "optim.state.-1.exp_avg", "rng.other"]))] = header.pop(name)
+        header[
+            data.draw(
+                st.sampled_from(
+                    [
+                        name + "x",
+                        name.replace("flow.", "ema."),
+                        name.replace(".1.", ".999."),
+                        "optim.state.-1.exp_avg",
+                        "rng.other",
+                    ]
+                )
+            )
+        ] = header.pop(name)
     else:
         blobs[name] = bytes(len(blobs.get(name, b"")))
     return data.draw(st.booleans(), label="repack")
@@ -529,8 +596,9 @@ def _peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def test_fuzzed_headers_give_one_clean_error_and_bounded_memory(training_checkpoint, image_checkpoint,
-                                                                  tmp_path_factory):
+def test_fuzzed_headers_give_one_clean_error_and_bounded_memory(
+    training_checkpoint, image_checkpoint, tmp_path_factory
+):
     folder = tmp_path_factory.mktemp("fuzz")
     originals = {"training": split(training_checkpoint), "image": split(image_checkpoint)}
     before = _peak_rss_bytes()

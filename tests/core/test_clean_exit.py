@@ -68,8 +68,14 @@ def _env(**changes: str) -> dict[str, str]:
 def test_exit_while_the_background_compile_is_inside_autograd_is_clean(tmp_path):
     cache = tmp_path / "numba-cache"
     cache.mkdir()
-    done = subprocess.run([sys.executable, "-c", _EXIT_INSIDE_AUTOGRAD], cwd=REPO,
-                          env=_env(NUMBA_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_INSIDE_AUTOGRAD],
+        cwd=REPO,
+        env=_env(NUMBA_CACHE_DIR=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert ABORT not in done.stderr, done.stderr[-2000:]
     assert done.returncode == 0, done.stderr[-2000:]
     assert "exiting inside autograd" in done.stdout
@@ -83,10 +89,32 @@ def test_consecutive_short_train_processes_exit_zero(tmp_path):
     for i in range(2):
         out = tmp_path / f"run{i}"
         done = subprocess.run(
-            [sys.executable, "-m", "monoflow_core", "train", "--data", "8gaussians", "--blocks", "2",
-             "--iterations", "10", "--batch-size", "64", "--eval-every", "0", "--test-size", "200", "--out",
-             str(out), "--no-progress"],
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+            [
+                sys.executable,
+                "-m",
+                "monoflow_core",
+                "train",
+                "--data",
+                "8gaussians",
+                "--blocks",
+                "2",
+                "--iterations",
+                "10",
+                "--batch-size",
+                "64",
+                "--eval-every",
+                "0",
+                "--test-size",
+                "200",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+            cwd=REPO,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         assert ABORT not in done.stderr, done.stderr[-2000:]
         assert done.returncode == 0, done.stderr[-2000:]

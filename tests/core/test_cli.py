@@ -51,20 +51,31 @@ SHIPPED_PRESETS = {
 }
 
 
-
 def read_metrics(path):
     lines = Path(path).read_text().splitlines()
     return lines[0], [line.split(",") for line in lines[1:]]
-
-
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """One tiny 8gaussians run shared by the read-only tests: 20 iterations, a test every 10."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = run(["train", "--data", "8gaussians", *TINY, "--iterations", "20", "--eval-every", "10",
-                  "--checkpoint-every", "10", "--out", out])
+    result = run(
+        [
+            "train",
+            "--data",
+            "8gaussians",
+            *TINY,
+            "--iterations",
+            "20",
+            "--eval-every",
+            "10",
+            "--checkpoint-every",
+            "10",
+            "--out",
+            out,
+        ]
+    )
     return out, result
 
 
@@ -102,16 +113,46 @@ def test_flag_overrides_preset(toy_run, tmp_path):
     assert config["model"]["blocks"] == 2  # --blocks 2 beats the preset's 10
     assert config["training"]["batch_size"] == 64 and config["training"]["eval_size"] == 200
     assert config["training"]["lr"] == 1e-3  # untouched preset value
-    code, _, err = run(["train", "--data", "rings", "--preset", "paper-toy-idensenet", "--blocks", "1",
-                        "--formulation", "monotone", "--activation", "cpila", "--lipschitz", "0.8", "--lr", "0.002",
-                        "--iterations", "1", "--batch-size", "16", "--test-size", "50", "--eval-every", "0",
-                        "--no-progress", "--out", tmp_path / "o"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "rings",
+            "--preset",
+            "paper-toy-idensenet",
+            "--blocks",
+            "1",
+            "--formulation",
+            "monotone",
+            "--activation",
+            "cpila",
+            "--lipschitz",
+            "0.8",
+            "--lr",
+            "0.002",
+            "--iterations",
+            "1",
+            "--batch-size",
+            "16",
+            "--test-size",
+            "50",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--out",
+            tmp_path / "o",
+        ]
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["preset"] == "paper-toy-idensenet"
     model, training = config["model"], config["training"]
     assert (model["blocks"], model["formulation"], model["activation"], model["lipschitz"]) == (
-        1, "monotone", "cpila", 0.8)
+        1,
+        "monotone",
+        "cpila",
+        0.8,
+    )
     assert (training["data"], training["lr"]) == ("rings", 0.002)
     _, rows = read_metrics(tmp_path / "o" / "metrics.csv")
     assert [int(r[0]) for r in rows] == [1]  # no fresh tests: only the final fixed one
@@ -119,8 +160,26 @@ def test_flag_overrides_preset(toy_run, tmp_path):
 
 def test_staircase_run_uses_mse_and_refuses_density(tmp_path):
     out = tmp_path / "stairs"
-    code, stdout, err = run(["train", "--data", "staircase", "--blocks", "1", "--iterations", "2", "--batch-size",
-                             "32", "--test-size", "100", "--eval-every", "2", "--no-progress", "--out", out])
+    code, stdout, err = run(
+        [
+            "train",
+            "--data",
+            "staircase",
+            "--blocks",
+            "1",
+            "--iterations",
+            "2",
+            "--batch-size",
+            "32",
+            "--test-size",
+            "100",
+            "--eval-every",
+            "2",
+            "--no-progress",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0, err
     header, rows = read_metrics(out / "metrics.csv")
     assert header == "iteration,wall_seconds,train_loss,test_mse"
@@ -196,8 +255,9 @@ def test_first_ctrl_c_finishes_the_iteration(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step_with_sigint)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGINT)
-    code, _, err = run(["train", "--data", "pinwheel", *TINY, "--iterations", "50", "--eval-every", "0",
-                        "--no-progress", "--out", out])
+    code, _, err = run(
+        ["train", "--data", "pinwheel", *TINY, "--iterations", "50", "--eval-every", "0", "--no-progress", "--out", out]
+    )
     assert code == 130
     assert read_checkpoint_metadata(out / "checkpoint.safetensors")["step"] == 3  # the third iteration completed
     assert "Ctrl-C" in err and "Traceback" not in err
@@ -274,8 +334,9 @@ def test_density_npy_and_upright_png(toy_run, tmp_path):
     # two worker threads over several chunks give the same grid
     code, _, err = run(["density", ckpt, "--resolution", "80", "--extent", "3", "--out", tmp_path / "a.npy"])
     assert code == 0, err
-    code, _, err = run(["density", ckpt, "--resolution", "80", "--extent", "3", "--workers", "2",
-                        "--out", tmp_path / "b.npy"])
+    code, _, err = run(
+        ["density", ckpt, "--resolution", "80", "--extent", "3", "--workers", "2", "--out", tmp_path / "b.npy"]
+    )
     assert code == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
     code, _, err = run(["density", ckpt, "--workers", "0", "--out", tmp_path / "c.npy"])
@@ -291,8 +352,9 @@ def test_presets_lists_all_shipped(capsys):
 
 
 def test_module_entry_point():
-    done = subprocess.run([sys.executable, "-m", "monoflow_core", "presets"], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "monoflow_core", "presets"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert {line.split()[0] for line in done.stdout.strip().splitlines()} == SHIPPED_PRESETS
 
@@ -318,8 +380,10 @@ def test_bad_arguments_are_one_line_errors(toy_run, tmp_path):
     cases = [
         (["train", "--data", "nosuchdata", "--out", tmp_path / "a"], ["nosuchdata"]),
         (["train", "--data", "rings", "--lipschitz", "1.5", "--out", tmp_path / "b"], ["lipschitz", "1.5"]),
-        (["train", "--data", "staircase", "--preset", "paper-toy-monotone", "--out", tmp_path / "c"],
-         ["paper-toy-monotone", "staircase"]),
+        (
+            ["train", "--data", "staircase", "--preset", "paper-toy-monotone", "--out", tmp_path / "c"],
+            ["paper-toy-monotone", "staircase"],
+        ),
         (["train", "--data", "rings", "--blocks", "two", "--out", tmp_path / "d"], ["--blocks"]),
         (["eval", tmp_path / "missing.safetensors"], ["missing.safetensors", "no such file"]),
         (["eval", corrupt], ["corrupt.safetensors"]),
@@ -391,8 +455,9 @@ def test_density_and_samples_default_to_the_training_dtype_and_say_so(toy_run, t
     code, stdout, err = run(["sample", ckpt, "--n", "200", "--dtype", "float64", "--out", tmp_path / "t.npy"])
     assert code == 0, err
     assert "float64" in stdout and np.load(tmp_path / "t.npy").dtype == np.float64
-    code, _, err = run(["sample", ckpt, "--n", "200", "--resolution", "20", "--dtype", "float64", "--out",
-                        tmp_path / "s.png"])
+    code, _, err = run(
+        ["sample", ckpt, "--n", "200", "--resolution", "20", "--dtype", "float64", "--out", tmp_path / "s.png"]
+    )
     assert code == 0, err
     assert png_text(tmp_path / "s.png")["monoflow:dtype"] == "float64"
 
@@ -417,8 +482,9 @@ def test_eval_reports_float64_by_default_and_takes_dtype(toy_run):
 @pytest.mark.parametrize("command", ["density", "sample", "eval"])
 def test_a_bad_dtype_is_one_clear_error(toy_run, tmp_path, command):
     out, _ = toy_run
-    extra = {"density": ["--out", tmp_path / "d.npy"], "sample": ["--n", "5", "--out", tmp_path / "s.npy"],
-             "eval": []}[command]
+    extra = {"density": ["--out", tmp_path / "d.npy"], "sample": ["--n", "5", "--out", tmp_path / "s.npy"], "eval": []}[
+        command
+    ]
     code, _, err = run([command, out / "checkpoint.safetensors", "--dtype", "float16", *extra])
     assert_user_error(code, err, "--dtype", "float16", "float32", "float64")
     assert not (tmp_path / "d.npy").exists() and not (tmp_path / "s.npy").exists()
@@ -442,8 +508,9 @@ def test_warmup_prepares_every_kernel_set_and_names_the_cache(monkeypatch, tmp_p
     assert code == 0, err
     assert "float32 training and solver kernels: ready" in stdout
     assert "float64 training and solver kernels: ready" in stdout
-    assert all(fast._KERNEL_STATE[dt, kit] == "ready" for dt in (torch.float32, torch.float64)
-               for kit in fast.KERNEL_SETS)
+    assert all(
+        fast._KERNEL_STATE[dt, kit] == "ready" for dt in (torch.float32, torch.float64) for kit in fast.KERNEL_SETS
+    )
     monkeypatch.setattr(fast, "USE_KERNELS", False)
     code, _, err = run(["warmup"])
     assert code == 1 and "unavailable" in err

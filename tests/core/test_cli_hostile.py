@@ -29,8 +29,19 @@ from monoflow_core.training import TrainConfig, Trainer
 
 torch.set_num_threads(1)
 
-TINY = ["--blocks", "1", "--batch-size", "16", "--test-size", "50", "--eval-size", "50", "--eval-every", "0",
-        "--no-progress"]
+TINY = [
+    "--blocks",
+    "1",
+    "--batch-size",
+    "16",
+    "--test-size",
+    "50",
+    "--eval-size",
+    "50",
+    "--eval-every",
+    "0",
+    "--no-progress",
+]
 GIB = 1 << 30
 
 
@@ -95,12 +106,16 @@ def test_sizes_beyond_the_machine_are_refused_up_front(toy_run, tmp_path, small_
         (["train", "--data", "8gaussians", *TINY, "--eval-size", big], ["--eval-size " + big, "TiB"]),
         (["train", "--data", "8gaussians", *TINY, "--test-size", big], ["--test-size " + big, "held-out"]),
         (["train", "--data", "8gaussians", *TINY, "--blocks", str(10**9)], ["--blocks 1000000000", "model"]),
-        (["train", "--data", "staircase", *TINY[2:], "--blocks", "1", "--test-size", big, "--eval-size", big],
-         ["--test-size " + big]),
+        (
+            ["train", "--data", "staircase", *TINY[2:], "--blocks", "1", "--test-size", big, "--eval-size", big],
+            ["--test-size " + big],
+        ),
         (["eval", ckpt, "--test-size", big], ["--test-size " + big, "held-out test", "4 GiB"]),
         (["sample", ckpt, "--n", str(10**12), "--out", tmp_path / "s.npy"], ["--n 1000000000000", "disk"]),
-        (["sample", ckpt, "--n", "10", "--resolution", str(10**6), "--out", tmp_path / "s.png"],
-         ["--resolution 1000000", "histogram"]),
+        (
+            ["sample", ckpt, "--n", "10", "--resolution", str(10**6), "--out", tmp_path / "s.png"],
+            ["--resolution 1000000", "histogram"],
+        ),
         (["density", ckpt, "--resolution", str(10**6), "--out", tmp_path / "d.npy"], ["--resolution", "disk"]),
         (["density", ckpt, "--resolution", str(10**5), "--out", tmp_path / "d.png"], ["--resolution", "memory"]),
     ]
@@ -159,8 +174,11 @@ def test_resume_checks_the_checkpoints_sizes_and_weights(tmp_path, small_machine
     with torch.no_grad():
         next(broken.flow.parameters()).fill_(float("nan"))
     path = broken.save_checkpoint(tmp_path / "nan" / "checkpoint.safetensors")
-    for argv in (["train", "--resume", path, "--iterations", "6"], ["eval", path],
-                 ["sample", path, "--n", "5", "--out", tmp_path / "s.npy"]):
+    for argv in (
+        ["train", "--resume", path, "--iterations", "6"],
+        ["eval", path],
+        ["sample", path, "--n", "5", "--out", tmp_path / "s.npy"],
+    ):
         code, _, err = run(argv)
         assert_user_error(code, err, "NaN or infinite", "damaged")
     code, _, err = run(["train", "--resume", "", "--iterations", "6"])
@@ -290,8 +308,23 @@ def test_an_npz_that_is_really_an_npy(tmp_path):
     image_data.clear_image_cache()
     with pytest.raises(image_data.ImageDataError, match=r"val_data.npz: a single .npy array, not an npz archive"):
         image_data.load_image_set("imagenet32", "test", tmp_path)
-    code, _, err = run(["train", "--data", "imagenet32", "--data-dir", tmp_path, "--preset", "digits-cpu",
-                        "--device", "cpu", "--iterations", "1", "--out", tmp_path / "r"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "imagenet32",
+            "--data-dir",
+            tmp_path,
+            "--preset",
+            "digits-cpu",
+            "--device",
+            "cpu",
+            "--iterations",
+            "1",
+            "--out",
+            tmp_path / "r",
+        ]
+    )
     assert_user_error(code, err, "train_data_batch_1.npz", "single .npy array")
 
 
@@ -324,8 +357,9 @@ def test_streamed_outputs_equal_the_whole_ones(toy_run, tmp_path, monkeypatch):
     buffer = tmp_path / "resaved.npy"
     np.save(buffer, samples)
     assert buffer.read_bytes() == whole["s.npy"]  # the streamed file is what np.save writes
-    assert _litter(tmp_path) == sorted(["s.npy", "h.png", "d.npy", "piecewise-s.npy", "piecewise-h.png",
-                                        "piecewise-d.npy", "resaved.npy"])
+    assert _litter(tmp_path) == sorted(
+        ["s.npy", "h.png", "d.npy", "piecewise-s.npy", "piecewise-h.png", "piecewise-d.npy", "resaved.npy"]
+    )
 
 
 def test_pieces_equal_the_one_shot_evaluations():
@@ -340,8 +374,7 @@ def test_pieces_equal_the_one_shot_evaluations():
     points, _ = evaluation.density_grid_points(flow, 3.0, 90)
     reference = evaluation.log_prob(flow, points, chunk=5_000, dtype=torch.float64).numpy()
     starts, values = [], []
-    evaluation.log_density_pieces(flow, lambda start, v: (starts.append(start), values.append(v)), 3.0, 90,
-                                  piece=5_000)
+    evaluation.log_density_pieces(flow, lambda start, v: (starts.append(start), values.append(v)), 3.0, 90, piece=5_000)
     assert starts == [0, 5_000]
     np.testing.assert_array_equal(np.concatenate(values), reference)
     grid, _ = evaluation.log_density_grid(flow, 3.0, 90)
@@ -393,9 +426,23 @@ def test_a_second_train_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_pat
     out = tmp_path / "run"
     ckpt = out / "checkpoint.safetensors"
     child = subprocess.Popen(
-        [sys.executable, "-m", "monoflow_core", "train", "--data", "8gaussians", *TINY, "--iterations", "100000",
-         "--checkpoint-every", "1", "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "monoflow_core",
+            "train",
+            "--data",
+            "8gaussians",
+            *TINY,
+            "--iterations",
+            "100000",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         _wait_for(lambda: lock_holder(out) == child.pid and ckpt.exists(), child, "its lock and first checkpoint")

@@ -25,8 +25,6 @@ UNIFORM_BPD = math.log2(17)  # 4.087 bits/dim: every one of the 17 levels equall
 BPD_LINE = re.compile(r"test bpd (\d+\.\d+) \+- (\d+\.\d+) bits/dim on (\d+) test images")
 
 
-
-
 def write_preset(path: Path, model=None, training=None) -> Path:
     """A digits preset shaped like ``digits-cpu.json`` but tiny (changes on top of it)."""
     doc = json.loads((PRESETS / "digits-cpu.json").read_text())
@@ -36,12 +34,19 @@ def write_preset(path: Path, model=None, training=None) -> Path:
         {"blocks_per_scale": [1, 1], "fc_blocks": 0, "depth": 1, "growth": 8, "logdet": "hybrid", **(model or {})}
     )
     doc["training"].update(
-        {"iterations": 3, "batch_size": 8, "eval_every": 2, "eval_size": 32, "checkpoint_every": 0,
-         "concat_learnable_from": None, "warmup_iterations": 1, **(training or {})}
+        {
+            "iterations": 3,
+            "batch_size": 8,
+            "eval_every": 2,
+            "eval_size": 32,
+            "checkpoint_every": 0,
+            "concat_learnable_from": None,
+            "warmup_iterations": 1,
+            **(training or {}),
+        }
     )
     path.write_text(json.dumps(doc, indent=2))
     return path
-
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +95,30 @@ def test_train_digits_writes_config_metrics_and_checkpoint(digits_run):
 def test_grad_accumulation_flag_takes_the_same_steps(tmp_path):
     # Exact log-dets and float64: with the power-series estimate each micro-batch draws its own probes, so the
     # accumulated gradient is an equally unbiased but different estimate.
-    preset = write_preset(tmp_path / "f64.json", model={"logdet": "exact"},
-                          training={"dtype": "float64", "eval_every": 0, "eval_size": 8, "ema": None})
+    preset = write_preset(
+        tmp_path / "f64.json",
+        model={"logdet": "exact"},
+        training={"dtype": "float64", "eval_every": 0, "eval_size": 8, "ema": None},
+    )
     states = []
     for k in ("1", "2"):
         out = tmp_path / f"accum{k}"
-        code, _, err = run(["train", "--data", "digits", "--preset", preset, "--iterations", "2",
-                            "--grad-accumulation", k, "--out", out, "--no-progress"])
+        code, _, err = run(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--preset",
+                preset,
+                "--iterations",
+                "2",
+                "--grad-accumulation",
+                k,
+                "--out",
+                out,
+                "--no-progress",
+            ]
+        )
         assert code == 0, err
         assert json.loads((out / "config.json").read_text())["training"]["grad_accumulation"] == int(k)
         states.append(load_checkpoint(out / "checkpoint.safetensors").flow.state_dict())
@@ -106,8 +128,22 @@ def test_grad_accumulation_flag_takes_the_same_steps(tmp_path):
             assert torch.allclose(value, states[1][key], rtol=0, atol=1e-10), key
         else:
             assert torch.equal(value, states[1][key]), key
-    code, _, err = run(["train", "--data", "digits", "--preset", preset, "--iterations", "1",
-                        "--grad-accumulation", "9", "--out", tmp_path / "too_many", "--no-progress"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--preset",
+            preset,
+            "--iterations",
+            "1",
+            "--grad-accumulation",
+            "9",
+            "--out",
+            tmp_path / "too_many",
+            "--no-progress",
+        ]
+    )
     assert_user_error(code, err, "grad_accumulation", "batch_size (8)")
 
 
@@ -184,20 +220,38 @@ def test_mnist_without_data_dir_is_a_one_line_error(tmp_path):
 def test_mnist_with_missing_data_dir_names_the_path(tmp_path):
     missing = tmp_path / "nonexistent"
     # --device cpu: the paper-mnist preset trains on CUDA, and on a CPU-only machine that error comes first.
-    code, _, err = run(["train", "--data", "mnist", "--data-dir", missing, "--device", "cpu", "--iterations", "1",
-                        "--out", tmp_path / "o", "--no-progress"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "mnist",
+            "--data-dir",
+            missing,
+            "--device",
+            "cpu",
+            "--iterations",
+            "1",
+            "--out",
+            tmp_path / "o",
+            "--no-progress",
+        ]
+    )
     assert_user_error(code, err, str(missing))
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
     ("data", "preset", "kind"),
-    [("digits", "paper-toy-monotone", "2-D density"), ("digits", "paper-1d-a", "1-D staircase"),
-     ("8gaussians", "digits-cpu", "image")],
+    [
+        ("digits", "paper-toy-monotone", "2-D density"),
+        ("digits", "paper-1d-a", "1-D staircase"),
+        ("8gaussians", "digits-cpu", "image"),
+    ],
 )
 def test_preset_of_the_wrong_kind_is_refused(tmp_path, data, preset, kind):
-    code, _, err = run(["train", "--data", data, "--preset", preset, "--iterations", "1", "--out", tmp_path / "o",
-                        "--no-progress"])
+    code, _, err = run(
+        ["train", "--data", data, "--preset", preset, "--iterations", "1", "--out", tmp_path / "o", "--no-progress"]
+    )
     assert_user_error(code, err, f"--preset {preset!r}", f"is a {kind} preset", f"--data {data!r}")
     assert not (tmp_path / "o").exists()
 
@@ -217,8 +271,17 @@ def test_train_worker_takes_the_same_steps_as_rank_zero(digits_run, tmp_path, mo
     if how == "new":
         argv = ["train", "--data", "digits", "--preset", preset, "--iterations", "3"]
     else:
-        argv = ["train", "--resume", out / "checkpoint.safetensors", "--iterations", "5", "--lr", "0.02",
-                "--tol", "1e-4"]
+        argv = [
+            "train",
+            "--resume",
+            out / "checkpoint.safetensors",
+            "--iterations",
+            "5",
+            "--lr",
+            "0.02",
+            "--tol",
+            "1e-4",
+        ]
     code, _, err = run([*argv, "--out", tmp_path / "rank0", "--no-progress"])
     assert code == 0, err
     rank0 = load_checkpoint(tmp_path / "rank0" / "checkpoint.safetensors")
@@ -246,8 +309,12 @@ class LaunchedError(Exception):
 
 @pytest.mark.parametrize(
     ("argv", "device"),
-    [(["--data", "mnist", "--data-dir", "."], "cuda"), (["--data", "digits"], "cpu"),
-     (["--data", "mnist", "--data-dir", ".", "--device", "cpu"], "cpu"), (["--resume", "CKPT"], "cpu")],
+    [
+        (["--data", "mnist", "--data-dir", "."], "cuda"),
+        (["--data", "digits"], "cpu"),
+        (["--data", "mnist", "--data-dir", ".", "--device", "cpu"], "cpu"),
+        (["--resume", "CKPT"], "cpu"),
+    ],
 )
 def test_torchrun_launch_uses_the_configured_device(digits_run, monkeypatch, argv, device):
     """Under torchrun the device (hence nccl or gloo) is fixed before the run is built: it must be the preset's
@@ -284,11 +351,30 @@ def test_short_digits_run_beats_the_uniform_baseline(tmp_path):
     preset = write_preset(
         tmp_path / "learn.json",
         model={"logdet": "exact"},
-        training={"batch_size": 32, "lr": 3e-3, "schedule": "constant", "warmup_iterations": 0, "ema": None,
-                  "eval_every": 0, "eval_size": 64},
+        training={
+            "batch_size": 32,
+            "lr": 3e-3,
+            "schedule": "constant",
+            "warmup_iterations": 0,
+            "ema": None,
+            "eval_every": 0,
+            "eval_size": 64,
+        },
     )
-    code, stdout, stderr = run(["train", "--data", "digits", "--preset", preset, "--iterations", "40",
-                                "--out", tmp_path / "run", "--no-progress"])
+    code, stdout, stderr = run(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--preset",
+            preset,
+            "--iterations",
+            "40",
+            "--out",
+            tmp_path / "run",
+            "--no-progress",
+        ]
+    )
     assert code == 0, stderr
     match = BPD_LINE.search(stdout)
     assert match, stdout

@@ -26,8 +26,9 @@ def csv_run(tmp_path_factory):
     data = folder / "mine.csv"
     data.write_text("x,y,z\n" + "\n".join(",".join(repr(float(v)) for v in row) for row in points()) + "\n")
     out = folder / "run"
-    code, stdout, stderr = run(["train", "--data", data, "--columns", "x,z", "--holdout", "0.1", "--iterations", "2",
-                                "--out", out, *TINY])
+    code, stdout, stderr = run(
+        ["train", "--data", data, "--columns", "x,z", "--holdout", "0.1", "--iterations", "2", "--out", out, *TINY]
+    )
     assert code == 0, stderr
     return data, out, stdout, stderr
 
@@ -62,8 +63,9 @@ def test_sample_and_density_work_and_state_the_transform(csv_run, tmp_path):
     assert code == 0, stderr
     assert np.load(tmp_path / "s.npy").shape == (20, 2)
     assert "standardised coordinates of mine.csv: x = mean + scale * z" in stdout
-    code, stdout, stderr = run(["density", out / "checkpoint.safetensors", "--resolution", "8",
-                                "--out", tmp_path / "d.npy"])
+    code, stdout, stderr = run(
+        ["density", out / "checkpoint.safetensors", "--resolution", "8", "--out", tmp_path / "d.npy"]
+    )
     assert code == 0, stderr
     assert "standardised coordinates of mine.csv" in stdout
 

@@ -105,8 +105,7 @@ def test_every_solver_converges_on_every_contraction(name, dtype):
         fam = Family(256, n, dtype, seed=1000 * n + 7)
         method = resolve_method(name, n)
         cap = picard_cap(float(fam.lip.max()), n, tol)
-        w, stats, _ = solve(fam.f, fam.rhs, method=method, tol=tol, max_iter=cap, newton_map=fam.newton_map,
-                            warn=False)
+        w, stats, _ = solve(fam.f, fam.rhs, method=method, tol=tol, max_iter=cap, newton_map=fam.newton_map, warn=False)
         assert stats.n_failed == 0, (name, n, stats.summary())
         true = fam.relative_residual(w)
         if method == "newton":

@@ -276,11 +276,14 @@ def test_logdet_gradient_matches_autograd_jacobian(mode):
     def loss_autograd():
         prepared = g.prepare()
         value = g.evaluate(x, prepared)
-        jac = torch.stack([
-            torch.autograd.functional.jacobian(lambda z: g.evaluate(z.unsqueeze(0), prepared)[0], x[i],
-                                               create_graph=True).reshape(32, 32)
-            for i in range(x.shape[0])
-        ])
+        jac = torch.stack(
+            [
+                torch.autograd.functional.jacobian(
+                    lambda z: g.evaluate(z.unsqueeze(0), prepared)[0], x[i], create_graph=True
+                ).reshape(32, 32)
+                for i in range(x.shape[0])
+            ]
+        )
         return torch.linalg.slogdet(eye + jac)[1].sum() + value.square().sum()
 
     mine = torch.autograd.grad(loss_tangent(), params)

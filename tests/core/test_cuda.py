@@ -79,8 +79,10 @@ def test_activations_have_double_backward_on_cuda():
 
 def test_training_on_cuda_lowers_the_loss_and_its_checkpoint_loads_on_the_cpu(tmp_path):
     model = FlowConfig(blocks=4, depth=2, growth=16)
-    trainer = Trainer(model, TrainConfig(data="8gaussians", batch_size=500, lr=5e-3, device="cuda", eval_size=2000,
-                                         test_size=2000, seed=0))
+    trainer = Trainer(
+        model,
+        TrainConfig(data="8gaussians", batch_size=500, lr=5e-3, device="cuda", eval_size=2000, test_size=2000, seed=0),
+    )
     assert next(trainer.flow.parameters()).is_cuda
     first = [trainer.step().loss for _ in range(5)]
     for _ in range(150):
@@ -96,8 +98,19 @@ def test_training_on_cuda_lowers_the_loss_and_its_checkpoint_loads_on_the_cpu(tm
 
 
 def test_image_flow_on_cuda_matches_the_cpu():
-    cfg = FlowConfig(image_shape=[1, 8, 8], blocks_per_scale=[1, 1], fc_blocks=1, depth=1, growth=4, fc_growth=8,
-                     actnorm=True, spectral_norm="exact", logdet="exact", levels=17, **TIGHT)
+    cfg = FlowConfig(
+        image_shape=[1, 8, 8],
+        blocks_per_scale=[1, 1],
+        fc_blocks=1,
+        depth=1,
+        growth=4,
+        fc_growth=8,
+        actnorm=True,
+        spectral_norm="exact",
+        logdet="exact",
+        levels=17,
+        **TIGHT,
+    )
     torch.manual_seed(0)
     cpu = build_flow(cfg).double()
     gpu = build_flow(cfg).double().cuda()
@@ -166,8 +179,10 @@ def test_float32_cifar_block_solves_in_few_iterations_at_default_tf32_settings(t
 def test_float32_training_steps_on_cuda_lower_the_loss(torch_default_tf32, precision):
     """float32 image training on CUDA under each precision policy: the loss falls and no solve fails."""
     preset = load_preset("digits-cpu")
-    trainer = Trainer(preset.model_config(), preset.train_config(device="cuda", dtype="float32", eval_every=0,
-                                                                  precision=precision, warmup_iterations=5))
+    trainer = Trainer(
+        preset.model_config(),
+        preset.train_config(device="cuda", dtype="float32", eval_every=0, precision=precision, warmup_iterations=5),
+    )
     assert trainer.precision.tf32 == (precision == "tf32")
     steps = [trainer.step() for _ in range(40)]
     first = sum(s.loss for s in steps[:5]) / 5

@@ -48,8 +48,9 @@ def make_trainer() -> Trainer:
     # Learnable concatenation from the start (its gradient goes through the fold) and a fresh-sample test every
     # 3 steps (float64 evaluation on the CPU: the other dtype's kernels).
     model = FlowConfig(blocks=3, depth=2, growth=8, learnable_concat=True)
-    train = TrainConfig(batch_size=256, lr=1e-2, concat_learnable_from=0, eval_every=3, eval_size=300,
-                        test_size=100, seed=11)
+    train = TrainConfig(
+        batch_size=256, lr=1e-2, concat_learnable_from=0, eval_every=3, eval_size=300, test_size=100, seed=11
+    )
     return Trainer(model, train)
 
 
@@ -69,8 +70,11 @@ def snapshot(trainer: Trainer, record: list) -> dict:
     opt = trainer.optimizer.state_dict()
     return {
         "flow": {k: v.detach().clone() for k, v in trainer.flow.state_dict().items()},
-        "optimizer": {(i, k): v.clone() if torch.is_tensor(v) else v for i, entry in opt["state"].items()
-                      for k, v in entry.items()},
+        "optimizer": {
+            (i, k): v.clone() if torch.is_tensor(v) else v
+            for i, entry in opt["state"].items()
+            for k, v in entry.items()
+        },
         "groups": opt["param_groups"],
         "record": list(record),
     }
@@ -193,8 +197,9 @@ def test_a_fresh_process_with_default_settings_equals_this_one(tmp_path):
     out = tmp_path / "fresh.pt"
     env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_KERNELS"}
     script = _FRESH_RUN.format(tests=str(REPO / "tests" / "core"), steps=STEPS, out=str(out))
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr
     fresh = torch.load(out, weights_only=False)
     assert_identical(straight_run(), fresh)

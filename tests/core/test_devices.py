@@ -26,8 +26,24 @@ def test_auto_device_by_task(cuda):
 
 def test_train_without_device_says_which_and_records_it(tmp_path):
     out = tmp_path / "toy"
-    code, _, err = run(["train", "--data", "8gaussians", "--iterations", "1", "--batch-size", "16", "--eval-every",
-                        "0", "--test-size", "64", "--out", out, "--no-progress"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "8gaussians",
+            "--iterations",
+            "1",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "0",
+            "--test-size",
+            "64",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert code == 0, err
     assert "device: cpu (auto: a 2-D vector model" in err
     assert json.loads((out / "config.json").read_text())["training"]["device"] == "cpu"
@@ -47,14 +63,44 @@ def test_train_splits_the_batch_when_memory_is_short(tmp_path, monkeypatch):
     # on stderr and recorded in config.json; an explicit --grad-accumulation is left alone.
     monkeypatch.setattr(cli, "available_memory", lambda: _digits_budget(4))
     out = tmp_path / "auto"
-    code, _, err = run(["train", "--data", "digits", "--iterations", "1", "--eval-every", "0", "--device", "cpu",
-                        "--out", out, "--no-progress"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--iterations",
+            "1",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+            "--no-progress",
+        ]
+    )
     assert code == 0, err
     assert "memory: --grad-accumulation 4 (micro-batches of 16)" in err
     assert json.loads((out / "config.json").read_text())["training"]["grad_accumulation"] == 4
     out2 = tmp_path / "explicit"
-    code, _, err = run(["train", "--data", "digits", "--iterations", "1", "--eval-every", "0", "--device", "cpu",
-                        "--grad-accumulation", "2", "--out", out2, "--no-progress"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--iterations",
+            "1",
+            "--eval-every",
+            "0",
+            "--device",
+            "cpu",
+            "--grad-accumulation",
+            "2",
+            "--out",
+            out2,
+            "--no-progress",
+        ]
+    )
     assert code == 0, err
     assert "memory:" not in err
     assert json.loads((out2 / "config.json").read_text())["training"]["grad_accumulation"] == 2
@@ -62,7 +108,8 @@ def test_train_splits_the_batch_when_memory_is_short(tmp_path, monkeypatch):
 
 def test_train_refuses_a_step_that_cannot_fit_one_image(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "available_memory", lambda: 1000)
-    code, _, err = run(["train", "--data", "digits", "--iterations", "1", "--device", "cpu", "--out",
-                        tmp_path / "r", "--no-progress"])
+    code, _, err = run(
+        ["train", "--data", "digits", "--iterations", "1", "--device", "cpu", "--out", tmp_path / "r", "--no-progress"]
+    )
     assert_user_error(code, err, "--batch-size 64", "per image", "not even one image per micro-batch fits")
     assert not (tmp_path / "r").exists()

@@ -208,8 +208,15 @@ def run_two_processes(tmp_path: Path, model: FlowConfig, trains: list[TrainConfi
         }
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        args = [sys.executable, str(script), str(tmp_path / f"rank{rank}_"), str(steps), str(tmp_path / "model.json"),
-                str(tmp_path / "digits.npy"), *(str(tmp_path / f"train{i}.json") for i in range(len(trains)))]
+        args = [
+            sys.executable,
+            str(script),
+            str(tmp_path / f"rank{rank}_"),
+            str(steps),
+            str(tmp_path / "model.json"),
+            str(tmp_path / "digits.npy"),
+            *(str(tmp_path / f"train{i}.json") for i in range(len(trains))),
+        ]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + PARALLEL_TIMEOUT_S
     outputs = []
@@ -325,8 +332,16 @@ def test_gradient_accumulation_takes_the_same_steps(task, monkeypatch):
         model = FlowConfig(blocks=2, growth=8)
 
         def make(**changes):
-            settings = {"data": "8gaussians", "batch_size": 64, "eval_size": 100, "test_size": 100,
-                        "eval_every": 0, "concat_learnable_from": None, "dtype": "float64", "lr": 3e-3}
+            settings = {
+                "data": "8gaussians",
+                "batch_size": 64,
+                "eval_size": 100,
+                "test_size": 100,
+                "eval_every": 0,
+                "concat_learnable_from": None,
+                "dtype": "float64",
+                "lr": 3e-3,
+            }
             return TrainConfig(**{**settings, **changes})
 
     states, losses = [], []

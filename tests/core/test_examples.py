@@ -22,8 +22,15 @@ def example_assets(tmp_path, monkeypatch):
     trainer = Trainer(FlowConfig(blocks=1, growth=8), TrainConfig(batch_size=32, eval_every=0, test_size=100))
     trainer.run(3)
     (tmp_path / "models").mkdir()
-    example = write_example(tmp_path / "models" / "moons-monotone.safetensors", trainer.flow, data="moons",
-                            model="monotone", preset="paper-toy-monotone", iterations=3, test_nll_nats=3.25)
+    example = write_example(
+        tmp_path / "models" / "moons-monotone.safetensors",
+        trainer.flow,
+        data="moons",
+        model="monotone",
+        preset="paper-toy-monotone",
+        iterations=3,
+        test_nll_nats=3.25,
+    )
     return trainer, example
 
 

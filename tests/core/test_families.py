@@ -41,8 +41,7 @@ CNF_TOL = 1e-8
 def small_config(family: str, **changes) -> FlowConfig:
     """A small flow of the family: 3 blocks (Real NVP: both halves, then the first again) of width 16; a CNF has
     one block (stacking them composes maps, as the other families do; each costs an ODE solve)."""
-    settings = {"family": family, "blocks": 1 if family == "cnf" else 3, "hidden": [16, 16], "tol": CNF_TOL,
-                **changes}
+    settings = {"family": family, "blocks": 1 if family == "cnf" else 3, "hidden": [16, 16], "tol": CNF_TOL, **changes}
     return FlowConfig(**settings)
 
 
@@ -191,8 +190,11 @@ def test_family_names_are_case_insensitive():
 def test_sizes_are_counted_without_building(family, blocks):
     for config in (small_config(family, blocks=blocks), small_config(family, blocks=blocks, hidden=[5, 7, 3], dim=3)):
         flow = build_flow(config)
-        built = (sum(p.numel() for p in flow.parameters()), sum(b.numel() for b in flow.buffers()),
-                 len(list(flow.modules())))
+        built = (
+            sum(p.numel() for p in flow.parameters()),
+            sum(b.numel() for b in flow.buffers()),
+            len(list(flow.modules())),
+        )
         assert family_size(config) == built
         size = res.model_size(config)
         assert (size.parameters, size.buffers, size.modules) == built
@@ -255,8 +257,10 @@ def _edit_model_config(path, **changes):
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
 
 
-@pytest.mark.parametrize(("changes", "word"), [({"hidden": [10**7, 10**7]}, "holds"), ({"bins": 10**9}, "holds"),
-                                               ({"blocks": 10**9}, "blocks")])
+@pytest.mark.parametrize(
+    ("changes", "word"),
+    [({"hidden": [10**7, 10**7]}, "holds"), ({"bins": 10**9}, "holds"), ({"blocks": 10**9}, "blocks")],
+)
 def test_an_oversized_family_configuration_is_refused_before_building(changes, word, tmp_path, monkeypatch):
     path = save_checkpoint(tmp_path / "nsf.safetensors", prepared("nsf").float())
     _edit_model_config(path, **changes)
@@ -271,8 +275,15 @@ def test_an_oversized_family_configuration_is_refused_before_building(changes, w
 @per_family
 def test_a_training_run_resumes_bit_for_bit(family, tmp_path):
     model = load_preset(f"toy-{family}").model_config(blocks=2, hidden=[8, 8])
-    train = TrainConfig(data="8gaussians", batch_size=32, eval_every=0, test_size=200, eval_size=100,
-                        concat_learnable_from=None, lipschitz_iterations=0)
+    train = TrainConfig(
+        data="8gaussians",
+        batch_size=32,
+        eval_every=0,
+        test_size=200,
+        eval_size=100,
+        concat_learnable_from=None,
+        lipschitz_iterations=0,
+    )
     straight = Trainer(model, train)
     straight.run(4)
     first = Trainer(model, train)
@@ -287,8 +298,18 @@ def test_a_training_run_resumes_bit_for_bit(family, tmp_path):
 
 def test_training_lowers_the_nll():
     model = load_preset("toy-realnvp").model_config()
-    trainer = Trainer(model, TrainConfig(data="8gaussians", batch_size=256, lr=3e-3, eval_every=0, test_size=2000,
-                                         concat_learnable_from=None, lipschitz_iterations=0))
+    trainer = Trainer(
+        model,
+        TrainConfig(
+            data="8gaussians",
+            batch_size=256,
+            lr=3e-3,
+            eval_every=0,
+            test_size=2000,
+            concat_learnable_from=None,
+            lipschitz_iterations=0,
+        ),
+    )
     before = trainer.evaluate().nll_nats
     trainer.run(150)
     after = trainer.evaluate().nll_nats
@@ -302,9 +323,28 @@ def test_training_lowers_the_nll():
 
 def test_cli_trains_evaluates_samples_and_draws_a_family(tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = run(["train", "--data", "8gaussians", "--preset", "toy-glow", "--blocks", "2",
-                             "--iterations", "6", "--batch-size", "64", "--test-size", "300", "--eval-every", "3",
-                             "--no-progress", "--out", out])
+    code, stdout, err = run(
+        [
+            "train",
+            "--data",
+            "8gaussians",
+            "--preset",
+            "toy-glow",
+            "--blocks",
+            "2",
+            "--iterations",
+            "6",
+            "--batch-size",
+            "64",
+            "--test-size",
+            "300",
+            "--eval-every",
+            "3",
+            "--no-progress",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["family"] == "glow" and config["model"]["blocks"] == 2
@@ -352,8 +392,20 @@ def test_without_zuko_building_a_family_says_how_to_install_it(no_zuko):
 
 
 def test_without_zuko_the_command_line_prints_one_line(no_zuko, tmp_path):
-    code, _, err = run(["train", "--data", "8gaussians", "--preset", "toy-maf", "--iterations", "1",
-                        "--no-progress", "--out", tmp_path / "run"])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "8gaussians",
+            "--preset",
+            "toy-maf",
+            "--iterations",
+            "1",
+            "--no-progress",
+            "--out",
+            tmp_path / "run",
+        ]
+    )
     assert_user_error(code, err, "family 'maf'", "zuko", "pip install 'monoflow[compare]'")
 
 

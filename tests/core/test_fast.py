@@ -63,8 +63,13 @@ def test_fused_matches_generic(formulation, dim, activation, kernels):
 
 def test_fused_runs_split_around_other_layers_and_mixed_formulations(kernels):
     torch.manual_seed(1)
-    cfg = FlowConfig(blocks=4, formulation=["monotone", "residual", "inverse_residual", "monotone"], actnorm=True,
-                     actnorm_input=True, **TIGHT)
+    cfg = FlowConfig(
+        blocks=4,
+        formulation=["monotone", "residual", "inverse_residual", "monotone"],
+        actnorm=True,
+        actnorm_input=True,
+        **TIGHT,
+    )
     flow = build_flow(cfg).double()
     layers = list(flow.layers)
     assert fusable_runs(layers, 2) == [(1, 2), (3, 4), (5, 6), (7, 8)]
@@ -97,8 +102,16 @@ def idensenet_flow(dtype, formulation="residual", learnable_concat=True, seed=0)
     CLipSwish, exact log-det), 4 blocks here, with every beta and concatenation weight moved off its initial value
     (all betas equal would hide a mix-up of layers or blocks)."""
     torch.manual_seed(seed)
-    cfg = FlowConfig(dim=2, blocks=4, depth=3, growth=16, activation="clipswish", formulation=formulation,
-                     learnable_concat=learnable_concat, **TIGHT)
+    cfg = FlowConfig(
+        dim=2,
+        blocks=4,
+        depth=3,
+        growth=16,
+        activation="clipswish",
+        formulation=formulation,
+        learnable_concat=learnable_concat,
+        **TIGHT,
+    )
     flow = build_flow(cfg).to(dtype)
     with torch.no_grad():
         for blk in flow.layers:
@@ -275,12 +288,16 @@ def test_fold_layer_backward_against_finite_differences(hidden, gain):
     u, v = left[..., 0], right_h[..., 0, :]
     coeff = torch.tensor([0.9, 0.98], dtype=DT)
     assert float(torch.linalg.matrix_norm(w[0], 2)) > 0.9 > float(torch.linalg.matrix_norm(w[1], 2))
-    inputs = (w.requires_grad_(), torch.randn(2, 4, dtype=DT, requires_grad=True),
-              torch.rand(2, 5, dtype=DT, requires_grad=True))
+    inputs = (
+        w.requires_grad_(),
+        torch.randn(2, 4, dtype=DT, requires_grad=True),
+        torch.rand(2, 5, dtype=DT, requires_grad=True),
+    )
     if gain:
         inputs += (torch.tensor([0.7, 1.9], dtype=DT, requires_grad=True),)
-    assert torch.autograd.gradcheck(lambda a, b, c, *g: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g),
-                                    inputs)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, *g: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
+    )
 
 
 def test_no_grad_evaluations_see_every_optimizer_step():

@@ -34,8 +34,13 @@ def gpu_step():
 def test_tiny_run_of_one_part_writes_its_json(tmp_path):
     out = tmp_path / "gpu_step.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--parts", "E", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--parts", "E", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["finished"] and doc["tiny"] and doc["device"] == "cpu"
@@ -47,8 +52,13 @@ def test_tiny_run_of_one_part_writes_its_json(tmp_path):
     assert doc["parts"]["E"]["cuda"] == {"skipped": "no CUDA device in this run"}
     # Full sizes need a GPU: refused with a message, not started on the CPU.
     if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, str(SCRIPT), "--parts", "E", "--out", str(tmp_path / "x.json")],
-                              capture_output=True, text=True, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), "--parts", "E", "--out", str(tmp_path / "x.json")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert done.returncode != 0 and "--tiny" in done.stderr
 
 

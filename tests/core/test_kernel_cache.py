@@ -56,8 +56,9 @@ print(os.environ.get("NUMBA_CACHE_DIR"))
 def test_the_kernels_cache_into_the_override_and_leave_numba_s_setting_alone(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env["MONOFLOW_CACHE_DIR"] = str(tmp_path)
-    done = subprocess.run([sys.executable, "-c", _WHERE], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _WHERE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     solve, gemm, numba_env = done.stdout.splitlines()
     assert Path(solve).parent == Path(gemm).parent == tmp_path / "numba"

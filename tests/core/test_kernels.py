@@ -29,8 +29,9 @@ def test_exp2_matches_numpy_to_a_few_ulps(dtype, tol):
     y = -np.concatenate([np.linspace(0.0, 30.0, 20001), np.geomspace(1e-12, 120.0, 5000)]).astype(dtype)
     out, ptmp = np.empty_like(y), np.empty_like(y)
     ibuf = np.empty(y.shape, kernels.exp2_bits(dtype))
-    kernels._exp2(y, out, ptmp, ibuf, ibuf.view(dtype), kernels.exp2_coefficients(dtype), kernels.constants(dtype),
-                  y.shape[0])
+    kernels._exp2(
+        y, out, ptmp, ibuf, ibuf.view(dtype), kernels.exp2_coefficients(dtype), kernels.constants(dtype), y.shape[0]
+    )
     want = np.exp2(y.astype(np.float64))
     assert np.max(np.abs(out / want - 1.0)) < tol
     assert out[0] == 1.0  # 2^0 exactly: Pila's linear branch must be untouched
@@ -62,8 +63,9 @@ def _solve_pair(sign, activation="cpila"):
     w_torch, stats_torch = fast._newton(weights, rhs, sign, 1e-12, 50, "torch", views)
     ws = fast._Workspace(folded, 1, 300, rhs)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0)
-    w_kernel, _, (stats_kernel,) = fast._kernel_run(rhs.t(), [block], folded, [setup], [sign], ["kernel"], [ws],
-                                                    [(0, 300)])
+    w_kernel, _, (stats_kernel,) = fast._kernel_run(
+        rhs.t(), [block], folded, [setup], [sign], ["kernel"], [ws], [(0, 300)]
+    )
     return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
 
 
@@ -84,8 +86,9 @@ def test_kernel_newton_matches_the_pytorch_solve_per_sample(sign, activation):
 def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels(activation):
     """The backward pass reads the final evaluation of every block from the workspace: both kernels write the same."""
     torch.manual_seed(5)
-    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"],
-                                 activation=activation)).double()
+    flow = build_flow(
+        FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"], activation=activation)
+    ).double()
     _spread_betas(flow)
     blocks = list(flow.layers)
     folded = fast.fold_nets([b.net for b in blocks])
@@ -125,8 +128,9 @@ def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch,
 def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch, activation):
     """Sampling inverts a run of blocks (last first, mixed formulations) in one call, as block-by-block PyTorch."""
     torch.manual_seed(8)
-    flow = build_flow(FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"], tol=1e-12,
-                                 activation=activation))
+    flow = build_flow(
+        FlowConfig(blocks=3, formulation=["monotone", "residual", "inverse_residual"], tol=1e-12, activation=activation)
+    )
     flow = _spread_betas(flow.double())
     z = torch.randn(300, 2, dtype=DT)
     calls = _count_kernel_calls(monkeypatch)
@@ -297,8 +301,10 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable, dty
     results = []
     for fold in (fast._kernel_fold, fast.fold_nets_torch):
         folded = fold(nets)
-        cot = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype)
-               for i, t in enumerate(folded.tensors())]
+        cot = [
+            torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype)
+            for i, t in enumerate(folded.tensors())
+        ]
         loss = sum((t * c).sum() for t, c in zip(folded.tensors(), cot, strict=True))
         results.append(([t.detach() for t in folded.tensors()], torch.autograd.grad(loss, params)))
     (v1, g1), (v0, g0) = results
@@ -347,8 +353,15 @@ def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monke
     before = [len(d.signatures) for d in dispatchers]
     torch.manual_seed(9)
     for activation in ("cpila", "clipswish", "crelu"):
-        flow = build_flow(FlowConfig(blocks=3, depth=5, growth=6, activation=activation,
-                                     formulation=["monotone", "residual", "inverse_residual"])).double()
+        flow = build_flow(
+            FlowConfig(
+                blocks=3,
+                depth=5,
+                growth=6,
+                activation=activation,
+                formulation=["monotone", "residual", "inverse_residual"],
+            )
+        ).double()
         flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()
         with torch.no_grad():
             flow.inverse(torch.randn(20, 2, dtype=DT))
@@ -402,8 +415,9 @@ def test_kernel_compacting_solve_matches_the_pytorch_compacting_solve(monkeypatc
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
     w_torch, a_torch, s_torch = fast._newton_compact(folded.block(0), rhs, sign, 1e-12, 50, "torch", True)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 1.0, 0.0)  # w, and log|det(I + sign J)| as the log-det
-    w_kernel, logdet, (s_kernel,) = fast._kernel_run(rhs.t(), [block], folded, [setup], [sign], ["kernel"], None,
-                                                     [(0, 300)])
+    w_kernel, logdet, (s_kernel,) = fast._kernel_run(
+        rhs.t(), [block], folded, [setup], [sign], ["kernel"], None, [(0, 300)]
+    )
     assert len(set(s_torch.iterations.tolist())) >= 2
     assert torch.equal(s_torch.iterations, s_kernel.iterations) and s_kernel.all_converged
     assert torch.allclose(w_torch.t(), w_kernel, atol=1e-12, rtol=0)

@@ -42,8 +42,16 @@ def flow():
 @pytest.fixture(scope="module")
 def image_flow():
     torch.manual_seed(0)
-    config = FlowConfig(image_shape=[1, 4, 4], blocks_per_scale=[1], fc_blocks=0, depth=1, growth=2, levels=5,
-                        spectral_norm="exact", logdet="exact")
+    config = FlowConfig(
+        image_shape=[1, 4, 4],
+        blocks_per_scale=[1],
+        fc_blocks=0,
+        depth=1,
+        growth=2,
+        levels=5,
+        spectral_norm="exact",
+        logdet="exact",
+    )
     model = build_flow(config).to(torch.float64).eval()
     assert isinstance(model, MultiscaleFlow)
     return model
@@ -139,8 +147,17 @@ def test_sample_rejects_bad_n(flow, n, error, match):
         flow.sample(n)
 
 
-@pytest.mark.parametrize(("temperature", "error"), [(0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError),
-                                                    (math.inf, ValueError), ("1", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    ("temperature", "error"),
+    [
+        (0.0, ValueError),
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("1", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_sample_rejects_bad_temperatures(flow, temperature, error):
     with pytest.raises(error, match="temperature"):
         flow.sample(2, temperature=temperature)
@@ -161,8 +178,12 @@ def test_sample_takes_any_integer_n(flow):
         ("forward", lambda: torch.rand(2, 1, 4, 4), TypeError, r"dtype float64 .*\(N, 1, 4, 4\), got float32"),
         ("forward", lambda: torch.rand(2, 16, dtype=torch.float64), ValueError, r"got shape \(2, 16\)"),
         ("log_prob", lambda: torch.rand(2, 1, 4, 4).tolist(), TypeError, "got list"),
-        ("inverse", lambda: torch.randn(2, 17, dtype=torch.float64), ValueError,
-         r"shape \(N, 16\) or \(N, 1, 4, 4\) \(16 dimensions per sample\), got shape \(2, 17\)"),
+        (
+            "inverse",
+            lambda: torch.randn(2, 17, dtype=torch.float64),
+            ValueError,
+            r"shape \(N, 16\) or \(N, 1, 4, 4\) \(16 dimensions per sample\), got shape \(2, 17\)",
+        ),
         ("inverse", lambda: torch.randn(2, 4, 2, 2, dtype=torch.float64), ValueError, r"got shape \(2, 4, 2, 2\)"),
         ("inverse", lambda: torch.randn(2, 16, dtype=torch.bfloat16), TypeError, "got bfloat16"),
         ("inverse", lambda: torch.randn(2, 16, dtype=torch.float64, device="meta"), ValueError, "on meta"),
@@ -192,8 +213,12 @@ def test_image_flow_inverse_takes_both_layouts_and_samples(image_flow):
         (torch.zeros(2, 1, 4, 4, dtype=torch.bool), None, TypeError, "got bool"),
         (torch.zeros(2, 16, dtype=torch.int64), None, ValueError, r"got shape \(2, 16\)"),
         (torch.zeros(2, 1, 4, 4, dtype=torch.int64, device="meta"), None, ValueError, "on meta"),
-        (torch.zeros(2, 1, 4, 4, dtype=torch.int64), torch.zeros(2, 1, 4, 4, dtype=torch.int64), TypeError,
-         "noise must be a floating"),
+        (
+            torch.zeros(2, 1, 4, 4, dtype=torch.int64),
+            torch.zeros(2, 1, 4, 4, dtype=torch.int64),
+            TypeError,
+            "noise must be a floating",
+        ),
         (torch.zeros(2, 1, 4, 4, dtype=torch.int64), torch.zeros(3, 1, 4, 4), ValueError, "with the shape of x"),
     ],
 )
@@ -241,8 +266,9 @@ def test_roulette_parameter_out_of_range_is_a_clear_error(roulette, param):
 
 def poisson_tail_reference(lam: float, m: int) -> float:
     """P(N >= m), N ~ Poisson(lam), as the regularised lower incomplete gamma function P(m, lam)."""
-    return float(torch.special.gammainc(torch.tensor(float(m), dtype=torch.float64),
-                                        torch.tensor(lam, dtype=torch.float64)))
+    return float(
+        torch.special.gammainc(torch.tensor(float(m), dtype=torch.float64), torch.tensor(lam, dtype=torch.float64))
+    )
 
 
 @pytest.mark.parametrize("lam", [0.5, 2.0, 200.0, MAX_MEAN_EXTRA_TERMS])
@@ -262,9 +288,16 @@ def test_power_series_estimate_with_a_large_poisson_lambda_is_finite_and_close()
     n = 3
     jac = 0.3 * torch.eye(n, dtype=torch.float64)
     settings = EstimatorSettings(roulette="poisson", roulette_param=200.0, n_exact_terms_eval=2, n_probes=4)
-    est = power_series_logdet(lambda u, _graph: u @ jac, torch.Size((5, n)), "residual", settings, training=False,
-                              dtype=torch.float64, device=torch.device("cpu"),
-                              generator=torch.Generator().manual_seed(1))
+    est = power_series_logdet(
+        lambda u, _graph: u @ jac,
+        torch.Size((5, n)),
+        "residual",
+        settings,
+        training=False,
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(1),
+    )
     assert est.shape == (5,) and torch.isfinite(est).all()
     # Hutchinson's probes average |v|^2 / n; with 200-odd terms the series itself is converged.
     truth = n * math.log(1.3)

@@ -51,17 +51,21 @@ def test_sigma_gradient_flows_to_weight():
     with torch.no_grad():
         layer.weight.mul_(5)
     x = torch.randn(8, 4, dtype=DT)
+
     def apply(w):
         return torch.nn.functional.linear(x, w / torch.clamp(torch.linalg.matrix_norm(w, ord=2) / 0.5, min=1.0))
 
     assert torch.autograd.gradcheck(apply, (layer.weight.detach().requires_grad_(),))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: DenseNetG(2, depth=3, growth=16, activation="cpila", coeff=0.9, lip_coeff=0.98),
-    lambda: DenseNetG(3, depth=2, growth=8, activation="clipswish", coeff=0.95, lip_coeff=0.99),
-    lambda: LipschitzMLP(2, hidden=[32, 32], activation="lipswish", coeff=0.9),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DenseNetG(2, depth=3, growth=16, activation="cpila", coeff=0.9, lip_coeff=0.98),
+        lambda: DenseNetG(3, depth=2, growth=8, activation="clipswish", coeff=0.95, lip_coeff=0.99),
+        lambda: LipschitzMLP(2, hidden=[32, 32], activation="lipswish", coeff=0.9),
+    ],
+)
 def test_lipschitz_of_g_stays_below_bound_across_optimizer_steps(make):
     torch.manual_seed(0)
     g = make().double()
@@ -92,10 +96,13 @@ def test_densenet_widths_and_concat_norm():
     assert not g.concat_k.requires_grad
 
 
-@pytest.mark.parametrize("make", [
-    lambda: DenseNetG(3, depth=3, growth=8, activation="cpila"),
-    lambda: LipschitzMLP(3, hidden=[16, 8], activation="clipswish"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DenseNetG(3, depth=3, growth=8, activation="cpila"),
+        lambda: LipschitzMLP(3, hidden=[16, 8], activation="clipswish"),
+    ],
+)
 def test_tangent_jacobian_matches_autograd(make):
     torch.manual_seed(0)
     g = make().double()

@@ -77,8 +77,9 @@ def test_memory_efficient_gradient_equals_the_graph_keeping_neumann_gradient_for
         if efficient:
             value = neumann_logdet(vjp, point, [theta], "monotone", settings, attach_to=point)
         else:
-            value = power_series_logdet(vjp, point.shape, "monotone", settings, training=True, dtype=DT,
-                                        device=point.device)
+            value = power_series_logdet(
+                vjp, point.shape, "monotone", settings, training=True, dtype=DT, device=point.device
+            )
         results.append((value.detach(), torch.autograd.grad((weights * value).sum(), theta)[0]))
     (v1, g1), (v0, g0) = results
     assert torch.allclose(v1, v0, rtol=1e-12, atol=1e-14)
@@ -124,8 +125,13 @@ def test_saved_tensors_of_a_cifar_shaped_block_are_bounded():
     # backward, CPila saving every intermediate) it was about 100 MiB per image.
     torch.manual_seed(0)
     g = ConvDenseNetG(3, (32, 32), depth=3, growth=172, activation="cpila", coeff=0.98, lip_coeff=0.98)
-    block = MonotoneBlock(g, logdet="estimator", tol=1e-4, max_iter=60,
-                          estimator=EstimatorSettings(n_exact_terms=2, roulette="poisson", roulette_param=1.0))
+    block = MonotoneBlock(
+        g,
+        logdet="estimator",
+        tol=1e-4,
+        max_iter=60,
+        estimator=EstimatorSettings(n_exact_terms=2, roulette="poisson", roulette_param=1.0),
+    )
     batch = 2
     x = (torch.rand(batch, 3, 32, 32) - 0.5).requires_grad_(True)
     state = [*g.parameters(), *g.buffers()]

@@ -28,6 +28,7 @@ def per_sample_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     """``log|det|`` of the Jacobian of ``fn`` (one sample -> one sample) on each flattened sample of ``x``."""
     out = []
     for xi in x:
+
         def flat_fn(v, shape=xi.shape):
             return fn(v.reshape(1, *shape)).reshape(-1)
 
@@ -108,8 +109,7 @@ def test_squeeze_is_the_pixel_unshuffle_permutation():
     assert torch.equal(Squeeze().inverse(y), x) and torch.equal(unsqueeze2d(squeeze2d(x)), x)
     assert torch.equal(squeeze2d(unsqueeze2d(y)), y)
     # As a linear map it is a permutation matrix: every entry 0 or 1, one 1 per row and per column.
-    jac = torch.autograd.functional.jacobian(lambda v: squeeze2d(v.reshape(1, 3, 4, 6)).reshape(-1),
-                                             x[0].reshape(-1))
+    jac = torch.autograd.functional.jacobian(lambda v: squeeze2d(v.reshape(1, 3, 4, 6)).reshape(-1), x[0].reshape(-1))
     assert set(jac.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(jac.sum(0), torch.ones(72, dtype=DT)) and torch.equal(jac.sum(1), torch.ones(72, dtype=DT))
     assert torch.linalg.slogdet(jac).logabsdet.item() == 0.0
@@ -175,8 +175,16 @@ def test_factor_out_layout():
     """Factored-out channels go to z unchanged by later layers; the rest continues through the fc block."""
     flow = tiny_flow("monotone", factor_out=True)
     assert flow.plan[4] == ("factor", 2) and flow._piece_shapes == [(2, 4, 4), (2, 4, 4)]
-    assert [type(m).__name__ for m in flow.layers] == ["LogitTransform", "MonotoneBlock", "ActNorm2d", "Squeeze",
-                                                       "MonotoneBlock", "ActNorm2d", "MonotoneBlock", "ActNorm2d"]
+    assert [type(m).__name__ for m in flow.layers] == [
+        "LogitTransform",
+        "MonotoneBlock",
+        "ActNorm2d",
+        "Squeeze",
+        "MonotoneBlock",
+        "ActNorm2d",
+        "MonotoneBlock",
+        "ActNorm2d",
+    ]
     x = continuous_images((1, 8, 8), 3, seed=3)
     with torch.no_grad():
         z, _ = flow(x)
@@ -268,8 +276,14 @@ def test_statistical_estimator_is_unbiased():
     below, rarely far above) and 30 calls resolve its mean poorly. The roulette's N is drawn once per call and
     block (shared by the batch), so the standard error comes from i.i.d. per-call means.
     """
-    settings = {"lipschitz": 0.7, "n_exact_terms": 4, "n_exact_terms_eval": 4, "roulette": "geometric",
-                "roulette_param": 0.5, "tol": 1e-8}
+    settings = {
+        "lipschitz": 0.7,
+        "n_exact_terms": 4,
+        "n_exact_terms_eval": 4,
+        "roulette": "geometric",
+        "roulette_param": 0.5,
+        "tol": 1e-8,
+    }
     exact = tiny_flow("monotone", **settings)
     est = build_flow(tiny_config("monotone", logdet="estimator", **settings)).to(DT)
     est.load_state_dict(exact.state_dict())
@@ -430,8 +444,9 @@ def test_variational_dequantizer_density_by_change_of_variables():
 
 def test_variational_dequantization_elbo_trains_the_dequantizer():
     torch.manual_seed(0)
-    cfg = tiny_config("monotone", image_shape=[2, 4, 4], dequantization="variational", vdq_blocks=2,
-                      vdq_channels=4, tol=1e-12)
+    cfg = tiny_config(
+        "monotone", image_shape=[2, 4, 4], dequantization="variational", vdq_blocks=2, vdq_channels=4, tol=1e-12
+    )
     flow = build_flow(cfg).to(DT)
     assert isinstance(flow.dequantizer, VariationalDequantizer)
     flow.train()
@@ -443,8 +458,9 @@ def test_variational_dequantization_elbo_trains_the_dequantizer():
     flow.eval()
     with torch.no_grad():
         y, log_q = flow.dequantizer(x, dtype=DT, noise=eps)
-        torch.testing.assert_close(flow.log_prob_bound(x, noise=eps),
-                                   flow.log_prob(y) - 32 * math.log(K) - log_q, rtol=1e-13, atol=1e-10)
+        torch.testing.assert_close(
+            flow.log_prob_bound(x, noise=eps), flow.log_prob(y) - 32 * math.log(K) - log_q, rtol=1e-13, atol=1e-10
+        )
     flow.train()
     flow.zero_grad()
     flow.bpd(x, noise=eps).mean().backward()
@@ -520,8 +536,9 @@ def test_bpd_gradient_matches_finite_differences(implicit_grad):
     The 2x4x4 image has 32 dimensions per block (above the one-step limit of 16), so ``backward_solve`` is
     the default path; ``one_step`` forces the dense correction.
     """
-    flow = tiny_flow("monotone", image_shape=[2, 4, 4], depth=2, growth=4, tol=1e-12, max_iter=1000,
-                     implicit_grad=implicit_grad)
+    flow = tiny_flow(
+        "monotone", image_shape=[2, 4, 4], depth=2, growth=4, tol=1e-12, max_iter=1000, implicit_grad=implicit_grad
+    )
     x = integer_images((2, 4, 4), 3, seed=14)
     u = torch.rand(x.shape, dtype=DT, generator=torch.Generator().manual_seed(15)) * 0.9 + 0.05
 

@@ -58,8 +58,10 @@ def test_positions_and_separators(tmp_path):
     path.write_text("# a comment line\n" + text + "\n\n")
     by_position = load_points(path, (1, "2"))
     assert by_position.columns == ("1", "2")
-    np.testing.assert_allclose(by_position.mean.numpy(), x[:, [1, 2]][np.sort(
-        np.random.default_rng(1234).permutation(len(x))[40:])].mean(axis=0))
+    np.testing.assert_allclose(
+        by_position.mean.numpy(),
+        x[:, [1, 2]][np.sort(np.random.default_rng(1234).permutation(len(x))[40:])].mean(axis=0),
+    )
     semicolons = tmp_path / "s.csv"
     semicolons.write_text("a;b\n" + "\n".join(f"{r[0]};{r[1]}" for r in x))
     assert load_points(semicolons).columns == ("a", "b")  # two columns: no choice needed
@@ -144,8 +146,13 @@ def test_malformed_csv_files_get_one_clear_error(tmp_path, name):
 
 def test_column_choices_are_checked(tmp_path):
     path = write_csv(tmp_path / "p.csv", raw_points())
-    for columns, words in ((("x", "q"), "no column named 'q'; the file has x, y, z"), (("x", "x"), "the same"),
-                           ((0, 9), "no column 9"), (("x",), "choose exactly two"), (None, "choose two")):
+    for columns, words in (
+        (("x", "q"), "no column named 'q'; the file has x, y, z"),
+        (("x", "x"), "the same"),
+        ((0, 9), "no column 9"),
+        (("x",), "choose exactly two"),
+        (None, "choose two"),
+    ):
         with pytest.raises(PointDataError, match=r"p\.csv") as info:
             load_points(path, columns)
         assert words in str(info.value)

@@ -43,7 +43,8 @@ def test_policy_per_device_and_dtype():
     assert cuda32.tolerance_floor == pytest.approx(F32_FLOOR)
     assert resolve_precision("auto", "cpu", torch.float32).tolerance_floor == pytest.approx(F32_FLOOR)
     assert resolve_precision("auto", "cuda", torch.float64).tolerance_floor == pytest.approx(
-        10 * torch.finfo(torch.float64).eps)
+        10 * torch.finfo(torch.float64).eps
+    )
     tf32 = resolve_precision("TF32", "cuda:1", torch.float32)  # the override
     assert (tf32.mode, tf32.tf32, tf32.requested) == ("tf32", True, "tf32")
     assert tf32.tolerance_floor == pytest.approx(TF32_FLOOR)
@@ -141,8 +142,9 @@ def constant_residual(n=3, b=5):
 def test_stall_exit_stops_a_solve_that_cannot_progress(method, fixed_shape):
     f, newton_map, x0 = constant_residual()
     with pytest.warns(SolverWarning, match=r"5 of 5 samples did not converge \(\w+\): 5 stalled"):
-        _, stats, _ = solve(f, x0, method=method, tol=1e-10, max_iter=1000, newton_map=newton_map,
-                            fixed_shape=fixed_shape)
+        _, stats, _ = solve(
+            f, x0, method=method, tol=1e-10, max_iter=1000, newton_map=newton_map, fixed_shape=fixed_shape
+        )
     # The first iteration sets the reference; STALL_WINDOW more without a 10% decrease stop the sample.
     assert stats.iterations.tolist() == [STALL_WINDOW + 1] * 5
     assert stats.n_stalled == 5 and stats.n_failed == 5 and stats.summary()["n_stalled"] == 5
@@ -265,8 +267,16 @@ def test_fixed_shape_solves_sync_once_per_check(method, check_every):
     for max_iter in (8, 40):
         with SyncCounter() as syncs, warnings.catch_warnings():
             warnings.simplefilter("ignore", SolverWarning)
-            _, stats, _ = solve(f, x0, method=method, tol=1e-10, max_iter=max_iter, newton_map=newton_map,
-                                fixed_shape=True, check_every=check_every)
+            _, stats, _ = solve(
+                f,
+                x0,
+                method=method,
+                tol=1e-10,
+                max_iter=max_iter,
+                newton_map=newton_map,
+                fixed_shape=True,
+                check_every=check_every,
+            )
         assert stats.evaluations == max_iter and stats.n_stalled == 0
         counts[max_iter] = syncs.count
     per_iteration = (counts[40] - counts[8]) / 32
@@ -334,8 +344,10 @@ def test_training_steps_use_the_policy_and_evaluations_full_precision(monkeypatc
     from monoflow_core import FlowConfig, evaluation
     from monoflow_core.training import Trainer
 
-    trainer = Trainer(FlowConfig(blocks=2, depth=2, growth=8),
-                      TrainConfig(batch_size=32, eval_size=50, test_size=50, concat_learnable_from=None))
+    trainer = Trainer(
+        FlowConfig(blocks=2, depth=2, growth=8),
+        TrainConfig(batch_size=32, eval_size=50, test_size=50, concat_learnable_from=None),
+    )
     assert trainer.precision.requested == "auto" and not trainer.precision.tf32
     seen = []
     trainer.loss_transform = lambda loss: seen.append(("step", tf32_enabled())) or loss
@@ -354,8 +366,12 @@ def test_training_steps_use_the_policy_and_evaluations_full_precision(monkeypatc
     trainer.precision = dataclasses.replace(trainer.precision, tf32=True)
     trainer.step()
     trainer.evaluate(n=20)
-    assert seen == [("step", (False, False)), ("eval", (False, False)), ("step", (True, True)),
-                    ("eval", (False, False))]
+    assert seen == [
+        ("step", (False, False)),
+        ("eval", (False, False)),
+        ("step", (True, True)),
+        ("eval", (False, False)),
+    ]
     trainer.set_precision("HIGHEST")
     assert trainer.train_config.precision == "highest" and not trainer.precision.tf32
 
@@ -366,9 +382,28 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
     from cli_helpers import run
 
     out = tmp_path / "run"
-    code, _, err = run(["train", "--data", "8gaussians", "--blocks", "1", "--batch-size", "32", "--test-size", "50",
-                        "--iterations", "2", "--eval-every", "0", "--no-progress", "--precision", "TF32",
-                        "--out", out])
+    code, _, err = run(
+        [
+            "train",
+            "--data",
+            "8gaussians",
+            "--blocks",
+            "1",
+            "--batch-size",
+            "32",
+            "--test-size",
+            "50",
+            "--iterations",
+            "2",
+            "--eval-every",
+            "0",
+            "--no-progress",
+            "--precision",
+            "TF32",
+            "--out",
+            out,
+        ]
+    )
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["precision"] == "tf32"
@@ -380,7 +415,12 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
     code, stdout, err = run(["eval", out / "checkpoint.safetensors", "--json", "--test-size", "50"])
     assert code == 0, err
     doc = json.loads(stdout)
-    assert doc["precision"] == {"arithmetic": "float64", "tf32": False, "device": "cpu", "dtype": "float64",
-                                "tolerance_floor": pytest.approx(10 * torch.finfo(torch.float64).eps)}
+    assert doc["precision"] == {
+        "arithmetic": "float64",
+        "tf32": False,
+        "device": "cpu",
+        "dtype": "float64",
+        "tolerance_floor": pytest.approx(10 * torch.finfo(torch.float64).eps),
+    }
     code, _, err = run(["train", "--data", "8gaussians", "--precision", "fp8", "--out", tmp_path / "x"])
     assert code == 2 and "--precision" in err and "fp8" in err

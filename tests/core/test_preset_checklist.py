@@ -55,8 +55,21 @@ PRESETS_BY_NAME = {p.name: p for p in PRESETS}
 per_preset = pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 
 #: The fields :func:`shrunk_config` may change; every other field must keep the preset's value.
-SIZE_FIELDS = frozenset({"blocks", "depth", "growth", "hidden", "image_shape", "blocks_per_scale", "fc_blocks",
-                         "fc_growth", "vdq_blocks", "vdq_channels", "dim"})
+SIZE_FIELDS = frozenset(
+    {
+        "blocks",
+        "depth",
+        "growth",
+        "hidden",
+        "image_shape",
+        "blocks_per_scale",
+        "fc_blocks",
+        "fc_growth",
+        "vdq_blocks",
+        "vdq_channels",
+        "dim",
+    }
+)
 #: Samples per batch: 16 points for the vector flows, 4 images for the image flows.
 VECTOR_BATCH, IMAGE_BATCH = 16, 4
 #: ``inverse(forward(x))`` may differ from ``x`` by this many times the solver's effective tolerance (relative to
@@ -75,9 +88,12 @@ def _resolution(config: FlowConfig, dim: int) -> tuple[str, str, str, str]:
     grad = config.implicit_grad
     if grad == "auto":
         grad = "one_step" if dim <= ONE_STEP_MAX_DIM else "backward_solve"
-    return (resolve_logdet_mode(config.logdet, dim, training=True),
-            resolve_logdet_mode(config.logdet, dim, training=False),
-            resolve_method(config.solver, dim), grad)
+    return (
+        resolve_logdet_mode(config.logdet, dim, training=True),
+        resolve_logdet_mode(config.logdet, dim, training=False),
+        resolve_method(config.solver, dim),
+        grad,
+    )
 
 
 def shrunk_config(preset: Preset) -> FlowConfig:
@@ -105,8 +121,12 @@ def shrunk_config(preset: Preset) -> FlowConfig:
         )
     # A per-block list of formulations stays whole (it is the point of e.g. paper-1d-c).
     blocks = full.blocks if isinstance(full.formulation, list) else min(full.blocks, 2)
-    return full.replace(blocks=blocks, depth=min(full.depth, 3), growth=min(full.growth, 8),
-                        hidden=[min(width, 16) for width in full.hidden[:2]])
+    return full.replace(
+        blocks=blocks,
+        depth=min(full.depth, 3),
+        growth=min(full.growth, 8),
+        hidden=[min(width, 16) for width in full.hidden[:2]],
+    )
 
 
 def train_config(preset: Preset) -> TrainConfig:

@@ -15,8 +15,11 @@ GIB = 1 << 30
 
 def _built_size(config):
     flow = build_flow(config)
-    return (sum(p.numel() for p in flow.parameters()), sum(b.numel() for b in flow.buffers()),
-            len(list(flow.modules())))
+    return (
+        sum(p.numel() for p in flow.parameters()),
+        sum(b.numel() for b in flow.buffers()),
+        len(list(flow.modules())),
+    )
 
 
 @pytest.mark.parametrize(
@@ -25,8 +28,15 @@ def _built_size(config):
         FlowConfig(),  # the paper's 2-D toy model
         FlowConfig(blocks=3, g="mlp", hidden=[7, 9], activation="lipswish", actnorm=True, actnorm_input=True),
         FlowConfig(dim=1, blocks=2, formulation=["inverse_residual", "residual"], activation="clipswish"),
-        FlowConfig(image_shape=[3, 8, 8], blocks_per_scale=[1, 2], fc_blocks=1, growth=8, fc_growth=6, actnorm=True,
-                   factor_out=True),
+        FlowConfig(
+            image_shape=[3, 8, 8],
+            blocks_per_scale=[1, 2],
+            fc_blocks=1,
+            growth=8,
+            fc_growth=6,
+            actnorm=True,
+            factor_out=True,
+        ),
         FlowConfig(image_shape=[1, 8, 12], blocks_per_scale=[2, 0], fc_blocks=2, depth=2, growth=4, fc_growth=4),
     ],
     ids=["toy", "mlp-actnorm", "1d-list", "image-factor-out", "image-fc"],
@@ -88,8 +98,14 @@ def test_format_bytes():
 
 
 def _preset_configs():
-    shapes = {"digits": [1, 8, 8], "mnist": [1, 28, 28], "cifar10": [3, 32, 32], "imagenet32": [3, 32, 32],
-              "imagenet64": [3, 64, 64], "folder": [1, 8, 8]}
+    shapes = {
+        "digits": [1, 8, 8],
+        "mnist": [1, 28, 28],
+        "cifar10": [3, 32, 32],
+        "imagenet32": [3, 32, 32],
+        "imagenet64": [3, 64, 64],
+        "folder": [1, 8, 8],
+    }
     for preset in list_presets():
         data = preset.training.get("data")
         extra = {"data_dir": "/data"} if data in shapes and data != "digits" else {}

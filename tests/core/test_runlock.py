@@ -25,8 +25,9 @@ time.sleep(600)
 
 
 def _start_holder(folder: Path) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER, runlock_module.__file__, str(folder)],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, runlock_module.__file__, str(folder)], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "locked"
     return child
@@ -84,4 +85,3 @@ def test_a_lock_file_removed_under_a_waiting_opener_is_not_trusted(tmp_path, mon
 def test_missing_folder_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         RunLock(tmp_path / "missing").acquire()
-

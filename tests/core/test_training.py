@@ -137,10 +137,20 @@ def test_short_density_run_lowers_the_test_nll_and_reports_the_paper_protocol():
 
 
 def test_short_staircase_run_lowers_the_test_mse():
-    model = FlowConfig(dim=1, blocks=2, depth=2, growth=16, activation="crelu", lipschitz=0.99,
-                       concat_lipschitz=0.99, actnorm=True, actnorm_input=True)
-    trainer = Trainer(model, TrainConfig(data="staircase", batch_size=500, lr=1e-2, eval_size=2000,
-                                         concat_learnable_from=None))
+    model = FlowConfig(
+        dim=1,
+        blocks=2,
+        depth=2,
+        growth=16,
+        activation="crelu",
+        lipschitz=0.99,
+        concat_lipschitz=0.99,
+        actnorm=True,
+        actnorm_input=True,
+    )
+    trainer = Trainer(
+        model, TrainConfig(data="staircase", batch_size=500, lr=1e-2, eval_size=2000, concat_learnable_from=None)
+    )
     before = trainer.evaluate()
     assert before.mse is not None and before.nll_nats is None and before.n_test == 2000
     trainer.run(60)
@@ -273,8 +283,10 @@ def test_evaluation_does_not_change_the_training_trajectory():
 
 
 def test_paper_protocol_averages_the_last_twenty_fresh_tests():
-    evals = [EvalMetrics(step=i, nll_nats=float(i), mse=None, n_test=1, seconds=0.0, exact=True, fixed=False)
-             for i in range(30)]
+    evals = [
+        EvalMetrics(step=i, nll_nats=float(i), mse=None, n_test=1, seconds=0.0, exact=True, fixed=False)
+        for i in range(30)
+    ]
     evals.append(EvalMetrics(step=30, nll_nats=100.0, mse=None, n_test=1, seconds=0.0, exact=True, fixed=True))
     assert paper_protocol_nll(evals) == pytest.approx(sum(range(10, 30)) / 20)
     assert paper_protocol_value([]) is None

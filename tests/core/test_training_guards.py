@@ -1,7 +1,6 @@
 """Steps whose update overflows the parameters are undone like a non-finite loss; spectral norms of non-finite
 weights fail with a clear error."""
 
-
 import pytest
 import torch
 

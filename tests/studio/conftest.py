@@ -37,8 +37,15 @@ def tiny_spec(**training: object) -> RunSpec:
 
 #: Small, frequent frames: the tests watch several of them. Frames in the view thread: a view process per window
 #: would add its start-up (importing torch, seconds) to every test; tests/studio/test_view_process.py covers it.
-TEST_OPTIONS = SessionOptions(grid_resolution=48, frame_min_interval_s=0.3, n_samples=500, eval_points=500,
-                              data_points=300, hist_bins=40, view_process=False)
+TEST_OPTIONS = SessionOptions(
+    grid_resolution=48,
+    frame_min_interval_s=0.3,
+    n_samples=500,
+    eval_points=500,
+    data_points=300,
+    hist_bins=40,
+    view_process=False,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +68,7 @@ def make_window(qtbot) -> Callable[..., MainWindow]:
         window = MainWindow(spec or tiny_spec(), options=options, theme="light")
         qtbot.addWidget(window)  # closed (worker stopped) at teardown
         window.show()
-        qtbot.waitUntil(lambda: window.state == PAUSED and window.density.frames_shown >= 1,
-                        timeout=BUILD_TIMEOUT_MS)
+        qtbot.waitUntil(lambda: window.state == PAUSED and window.density.frames_shown >= 1, timeout=BUILD_TIMEOUT_MS)
         return window
 
     return make

@@ -33,8 +33,10 @@ def test_cli_rejects_bad_arguments(capsys, tmp_path):
 
 
 def test_entry_point_is_importable_without_qt():
-    code = ("import sys; import monoflow_studio.__main__ as m; assert callable(m.main); "
-            "assert not any(k.startswith(('PySide6', 'pyqtgraph')) for k in sys.modules); print('ok')")
+    code = (
+        "import sys; import monoflow_studio.__main__ as m; assert callable(m.main); "
+        "assert not any(k.startswith(('PySide6', 'pyqtgraph')) for k in sys.modules); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
@@ -60,6 +62,7 @@ def test_filled_curve_repaint_soak(qapp):
     """3,000 repaints of a filled curve: PySide6 6.12.0 + pyqtgraph 0.14.0 crash here ("none_dealloc")."""
     import numpy as np
     import pyqtgraph as pg
+
     widget = pg.PlotWidget()
     widget.resize(200, 120)
     x = np.linspace(0, 1, 200)

@@ -29,24 +29,33 @@ def make_compare(qtbot):
         window = CompareWindow(specs, options=TEST_OPTIONS)
         qtbot.addWidget(window)  # closed (every run stopped) at teardown
         window.show()
-        qtbot.waitUntil(lambda: all(s == PAUSED for s in window.states)
-                        and all(p.frames_shown >= 1 for p in window.panels), timeout=BUILD_TIMEOUT_MS)
+        qtbot.waitUntil(
+            lambda: all(s == PAUSED for s in window.states) and all(p.frames_shown >= 1 for p in window.panels),
+            timeout=BUILD_TIMEOUT_MS,
+        )
         return window
 
     return make
 
 
-@pytest.mark.parametrize(("preset", "solver_text"), [
-    ("toy-realnvp", "no implicit blocks"),  # a comparison family (zuko)
-    ("quick-idensenet", "residual blocks"),  # the paper's residual baseline
-])
+@pytest.mark.parametrize(
+    ("preset", "solver_text"),
+    [
+        ("toy-realnvp", "no implicit blocks"),  # a comparison family (zuko)
+        ("quick-idensenet", "residual blocks"),  # the paper's residual baseline
+    ],
+)
 def test_two_runs_train_side_by_side_at_one_colour_scale(preset, solver_text, make_compare, qtbot):
     if preset.startswith("toy-"):
         pytest.importorskip("zuko")
     a = tiny_spec()
     window = make_compare([a, partner(a, preset)])
-    configs = [s.submit(lambda t: (t.train_config.data, t.train_config.seed, t.train_config.batch_size,
-                                   t.model_config.family)).result(timeout=10) for s in window.sessions]
+    configs = [
+        s.submit(
+            lambda t: (t.train_config.data, t.train_config.seed, t.train_config.batch_size, t.model_config.family)
+        ).result(timeout=10)
+        for s in window.sessions
+    ]
     assert configs[0][:3] == configs[1][:3], "same data, seed and batch size"
     assert configs[1][3] == window.specs[1].model.family
 
@@ -54,8 +63,9 @@ def test_two_runs_train_side_by_side_at_one_colour_scale(preset, solver_text, ma
     qtbot.waitUntil(lambda: all(s == TRAINING for s in window.states), timeout=WAIT_MS)
     qtbot.waitUntil(lambda: min(window.steps) >= 5, timeout=WAIT_MS)
     shown = [p.frames_shown for p in window.panels]
-    qtbot.waitUntil(lambda: all(p.frames_shown >= n + 2 for p, n in zip(window.panels, shown, strict=True)),
-                    timeout=WAIT_MS)
+    qtbot.waitUntil(
+        lambda: all(p.frames_shown >= n + 2 for p, n in zip(window.panels, shown, strict=True)), timeout=WAIT_MS
+    )
     window.train_action.trigger()
     qtbot.waitUntil(lambda: all(s == PAUSED for s in window.states), timeout=WAIT_MS)
     window._redraw()
@@ -152,14 +162,28 @@ def test_shared_levels_and_solver_summary():
         logp = np.full((4, 4), top - 5.0)
         logp[1, 2] = top
         logp[0, 0] = np.nan  # a failed cell does not decide the scale
-        return ViewFrame(run_id=1, step=1, log_density=logp, extent=(-1, 1, -1, 1), samples=np.zeros((0, 2)),
-                         sample_hist=np.zeros((2, 2)), diagnostics=[], eval=None, seconds=0.0)
+        return ViewFrame(
+            run_id=1,
+            step=1,
+            log_density=logp,
+            extent=(-1, 1, -1, 1),
+            samples=np.zeros((0, 2)),
+            sample_hist=np.zeros((2, 2)),
+            diagnostics=[],
+            eval=None,
+            seconds=0.0,
+        )
 
     assert shared_levels([None, None], "density") is None
     assert shared_levels([frame(-1.0), frame(-3.0)], "density") == pytest.approx((0.0, np.exp(-1.0)))
     assert shared_levels([frame(-3.0), None, frame(-2.0)], "log-density") == pytest.approx((-14.0, -2.0))
-    fwd = [{"kind": "monotone", "forward": {"iterations_mean": m, "iterations_median": m, "iterations_max": x,
-                                            "n_failed": f}} for m, x, f in ((3.0, 4, 0), (5.0, 9, 2), (4.0, 6, 0))]
+    fwd = [
+        {
+            "kind": "monotone",
+            "forward": {"iterations_mean": m, "iterations_median": m, "iterations_max": x, "n_failed": f},
+        }
+        for m, x, f in ((3.0, 4, 0), (5.0, 9, 2), (4.0, 6, 0))
+    ]
     text = solver_summary("implicit", fwd, 7)
     assert "median 4 iterations" in text and "max 9" in text and "2 sample(s) missed" in text
     assert "all converged" in solver_summary("implicit", fwd[:1], 7)

@@ -6,9 +6,22 @@ from monoflow_studio.views.diagnostics import COLUMNS, SolverView
 
 
 def _diagnostics(mean: float, failed: int, blocks: int = 3) -> list[dict]:
-    return [{"block": i, "kind": "MonotoneBlock", "solver": "auto",
-             "forward": {"method": "newton", "iterations_mean": mean + i, "iterations_max": 7,
-                         "residual_max": 1e-7, "n_failed": failed, "tol": 1.19e-6}} for i in range(blocks)]
+    return [
+        {
+            "block": i,
+            "kind": "MonotoneBlock",
+            "solver": "auto",
+            "forward": {
+                "method": "newton",
+                "iterations_mean": mean + i,
+                "iterations_max": 7,
+                "residual_max": 1e-7,
+                "n_failed": failed,
+                "tol": 1.19e-6,
+            },
+        }
+        for i in range(blocks)
+    ]
 
 
 def test_table_updates_in_place_and_resizes_to_its_contents(qtbot) -> None:

@@ -25,8 +25,15 @@ def digits_checkpoint(tmp_path_factory):
     torch.set_num_threads(1)
     preset = load_preset("digits-cpu")
     model = preset.model_config(blocks_per_scale=[1, 1], fc_blocks=0, depth=1, growth=8, logdet="hybrid")
-    train = preset.train_config(iterations=2, batch_size=8, eval_every=0, eval_size=IMAGES, checkpoint_every=0,
-                                concat_learnable_from=None, warmup_iterations=1)
+    train = preset.train_config(
+        iterations=2,
+        batch_size=8,
+        eval_every=0,
+        eval_size=IMAGES,
+        checkpoint_every=0,
+        concat_learnable_from=None,
+        warmup_iterations=1,
+    )
     trainer = Trainer(model, train)
     trainer.run(2)
     return trainer.save_checkpoint(tmp_path_factory.mktemp("eval") / "digits.safetensors")
@@ -41,9 +48,15 @@ def test_cli_trainer_and_studio_report_the_same_bits_per_dim(digits_checkpoint, 
 
     cfg = trainer.train_config
     studio = evaluate_images(
-        copy.deepcopy(trainer.eval_flow), trainer.evaluation_images().images[:IMAGES], step=trainer.step_count,
-        seed=cfg.test_seed, split=cfg.eval_split, dequantization=trainer.model_config.dequantization,
-        dtype=trainer.evaluation_dtype(), chunk=5)  # other slices than the core's: the noise must not depend on them
+        copy.deepcopy(trainer.eval_flow),
+        trainer.evaluation_images().images[:IMAGES],
+        step=trainer.step_count,
+        seed=cfg.test_seed,
+        split=cfg.eval_split,
+        dequantization=trainer.model_config.dequantization,
+        dtype=trainer.evaluation_dtype(),
+        chunk=5,
+    )  # other slices than the core's: the noise must not depend on them
     assert studio is not None
     assert core.n_test == printed["n_test"] == studio.n_test == IMAGES
     assert core.dtype == printed["dtype"] == studio.dtype

@@ -40,8 +40,7 @@ def test_a_family_trains_with_transport_and_empty_solver_diagnostics(preset, mak
     qtbot.waitUntil(lambda: window.step >= 4, timeout=WAIT_MS)
     shown = window.density.frames_shown
     qtbot.waitUntil(lambda: window.density.frames_shown > shown, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: window.transport._frame is not None and window.transport._frame.step > 0,
-                    timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.transport._frame is not None and window.transport._frame.step > 0, timeout=WAIT_MS)
     window.train_action.trigger()
     qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
     image = window.density.current_image()
@@ -75,12 +74,17 @@ def test_the_view_process_draws_a_family_as_the_studio_does():
     np.testing.assert_allclose(there.samples, here.samples, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize(("preset", "shown"), [
-    ("toy-realnvp", set()),
-    ("toy-cnf", {"tol"}),
-    ("paper-toy-monotone", {"formulation", "activation", "lipschitz", "depth", "growth", "solver", "tol",
-                            "max_iter"}),
-])
+@pytest.mark.parametrize(
+    ("preset", "shown"),
+    [
+        ("toy-realnvp", set()),
+        ("toy-cnf", {"tol"}),
+        (
+            "paper-toy-monotone",
+            {"formulation", "activation", "lipschitz", "depth", "growth", "solver", "tol", "max_iter"},
+        ),
+    ],
+)
 def test_controls_show_only_the_fields_of_the_runs_family(preset, shown, qtbot):
     from monoflow_studio.controls import IMPLICIT_ONLY, ControlsPanel
 

@@ -86,8 +86,11 @@ def test_corrupt_checkpoint_gives_a_message_and_keeps_the_run(window, qtbot, mon
 def test_unwritable_paths_give_messages(window, qtbot, monkeypatch):
     window.step_action.trigger()
     qtbot.waitUntil(lambda: window.step == 1, timeout=WAIT_MS)
-    for action, name in ((window.export_csv_action, "curves"), (window.export_view_action, "view"),
-                         (window.save_config_action, "run configuration")):
+    for action, name in (
+        (window.export_csv_action, "curves"),
+        (window.export_view_action, "view"),
+        (window.save_config_action, "run configuration"),
+    ):
         patch_dialog(monkeypatch, "getSaveFileName", UNWRITABLE + ".x")
         action.trigger()
         assert f"could not write {name}" in window.statusBar().currentMessage()
@@ -170,8 +173,15 @@ def test_open_example_menu_shows_a_trained_model_and_trains_on(make_window, qtbo
     source.run(2)
     (tmp_path / "presets").symlink_to(assets_dir() / "presets")
     (tmp_path / "models").mkdir()
-    write_example(tmp_path / "models" / "moons-monotone.safetensors", source.flow, data="moons", model="monotone",
-                  preset="paper-toy-monotone", iterations=2, test_nll_nats=3.5)
+    write_example(
+        tmp_path / "models" / "moons-monotone.safetensors",
+        source.flow,
+        data="moons",
+        model="monotone",
+        preset="paper-toy-monotone",
+        iterations=2,
+        test_nll_nats=3.5,
+    )
     monkeypatch.setenv(ASSETS_DIR_ENV, str(tmp_path))
     window = make_window()
     assert [a.text() for a in window.example_actions] == ["moons: Monotone (3.500 nats)"]

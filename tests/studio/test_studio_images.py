@@ -25,8 +25,9 @@ def tiny_image_spec(**training: object) -> RunSpec:
     """digits-cpu shrunk to 2 scales of 1 block, growth 8, batch 16 and 32 test images (same code paths)."""
     preset = load_preset("digits-cpu")
     spec = RunSpec.from_preset(preset, **{"batch_size": 16, "eval_size": 32, "eval_every": 0, **training})
-    spec.model = FlowConfig.from_dict({**preset.model, "blocks_per_scale": [1, 1], "fc_blocks": 0, "growth": 8,
-                                       "image_shape": list(IMAGE_SHAPE)})
+    spec.model = FlowConfig.from_dict(
+        {**preset.model, "blocks_per_scale": [1, 1], "fc_blocks": 0, "growth": 8, "image_shape": list(IMAGE_SHAPE)}
+    )
     return spec
 
 
@@ -133,8 +134,11 @@ def test_image_checkpoint_round_trip(image_window, qtbot, monkeypatch, tmp_path)
 
     # Exports of an image run: the sample grid, the curves in bits/dim, the configuration.
     png, csv_path, config = tmp_path / "grid.png", tmp_path / "curves.csv", tmp_path / "run.json"
-    for action, path in ((window.export_view_action, png), (window.export_csv_action, csv_path),
-                         (window.save_config_action, config)):
+    for action, path in (
+        (window.export_view_action, png),
+        (window.export_csv_action, csv_path),
+        (window.save_config_action, config),
+    ):
         monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, p=path, **k: (str(p), ""))
         action.trigger()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -194,8 +198,7 @@ def test_switching_between_image_and_toy_runs(image_window, qtbot, monkeypatch, 
     assert "digits-cpu" in names and "paper-mnist" not in names
     frames = window.samples.frames_shown
     window.preset_actions[names.index("digits-cpu")].trigger()
-    qtbot.waitUntil(lambda: window.run_id == run + 2 and window.samples.frames_shown > frames,
-                    timeout=BUILD_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: window.run_id == run + 2 and window.samples.frames_shown > frames, timeout=BUILD_TIMEOUT_MS)
     assert_image_mode(window)
     assert window.spec.name == "digits-cpu" and controls.blocks_per_scale.text() == "2, 2, 2"
     assert window.samples.current_grid().shape == GRID_SHAPE

@@ -66,7 +66,7 @@ def test_a_mouse_stroke_adds_points_and_undo_removes_them(window, qtbot):
     window.density.drawing.density.setValue(20)  # a denser brush: more points per dab
     stroke(window, qtbot, line(0.0, 1.0, 0.0, 3.0))
     both = model.points
-    second = both[first.shape[0]:]
+    second = both[first.shape[0] :]
     assert second.shape[0] > 0 and near_segment(second, (0, 1), (0, 3)).max() < 0.6
     assert second.shape[0] / 2.0 > first.shape[0] / 6.0  # per unit of length
 
@@ -145,6 +145,7 @@ def test_loading_a_file_asks_for_columns_and_trains(window, qtbot, monkeypatch, 
         def choose(table):
             asked.append(list(table.names))
             return "x", "y"
+
         return choose
 
     monkeypatch.setattr(main_window_module, "ask_columns", chooser)
@@ -169,7 +170,7 @@ def test_loading_a_file_asks_for_columns_and_trains(window, qtbot, monkeypatch, 
 
 def test_a_cancelled_column_choice_keeps_the_run(window, qtbot, monkeypatch, tmp_path):
     write_table(tmp_path / "mine.csv")
-    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: (lambda table: None))
+    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: lambda table: None)
     run = window.run_id
     window.load_data(str(tmp_path / "mine.csv"))
     qtbot.wait(200)
@@ -221,7 +222,7 @@ def test_the_column_dialog_offers_every_column(qtbot, tmp_path):
 
 def test_switching_to_a_toy_set_and_back_keeps_the_points(window, qtbot, monkeypatch, tmp_path):
     write_table(tmp_path / "mine.csv")
-    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: (lambda table: ("x", "y")))
+    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: lambda table: ("x", "y"))
     run = window.run_id
     window.load_data(str(tmp_path / "mine.csv"))
     qtbot.waitUntil(lambda: window.run_id == run + 1 and window.state == PAUSED, timeout=WAIT_MS)

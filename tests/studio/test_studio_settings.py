@@ -15,9 +15,18 @@ def store(tmp_path) -> QSettings:
 
 
 def test_round_trip_through_the_ini_backend(tmp_path):
-    wanted = StudioSettings(theme="dark", density_mode="log-density", overlay=True, show_samples=True,
-                            smoothing=0.5, log_y=True, transport_direction="inverse", images_mode="data",
-                            images_count=100, images_temperature=0.7)
+    wanted = StudioSettings(
+        theme="dark",
+        density_mode="log-density",
+        overlay=True,
+        show_samples=True,
+        smoothing=0.5,
+        log_y=True,
+        transport_direction="inverse",
+        images_mode="data",
+        images_count=100,
+        images_temperature=0.7,
+    )
     s = store(tmp_path)
     write_settings(s, wanted)
     s.sync()
@@ -26,25 +35,42 @@ def test_round_trip_through_the_ini_backend(tmp_path):
 
 def test_keys_written_by_earlier_versions_are_read(tmp_path):
     s = store(tmp_path)
-    for key, value in {"theme": "light", "view/mode": "data", "view/overlay": "true", "curves/log_y": "true",
-                       "curves/smoothing": "0.25", "images/count": "36", "transport/direction": "inverse"}.items():
+    for key, value in {
+        "theme": "light",
+        "view/mode": "data",
+        "view/overlay": "true",
+        "curves/log_y": "true",
+        "curves/smoothing": "0.25",
+        "images/count": "36",
+        "transport/direction": "inverse",
+    }.items():
         s.setValue(key, value)
     got = read_settings(s)
-    assert (got.theme, got.density_mode, got.overlay, got.log_y, got.smoothing, got.images_count,
-            got.transport_direction) == ("light", "data", True, True, 0.25, 36, "inverse")
+    assert (
+        got.theme,
+        got.density_mode,
+        got.overlay,
+        got.log_y,
+        got.smoothing,
+        got.images_count,
+        got.transport_direction,
+    ) == ("light", "data", True, True, 0.25, 36, "inverse")
 
 
-@pytest.mark.parametrize(("key", "value", "field"), [
-    ("theme", "purple", "theme"),
-    ("view/mode", "3d", "density_mode"),
-    ("view/overlay", "maybe", "overlay"),
-    ("curves/smoothing", "1.5", "smoothing"),
-    ("curves/smoothing", "nan", "smoothing"),
-    ("images/count", "65", "images_count"),
-    ("images/count", "many", "images_count"),
-    ("images/temperature", "0", "images_temperature"),
-    ("transport/direction", "sideways", "transport_direction"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("theme", "purple", "theme"),
+        ("view/mode", "3d", "density_mode"),
+        ("view/overlay", "maybe", "overlay"),
+        ("curves/smoothing", "1.5", "smoothing"),
+        ("curves/smoothing", "nan", "smoothing"),
+        ("images/count", "65", "images_count"),
+        ("images/count", "many", "images_count"),
+        ("images/temperature", "0", "images_temperature"),
+        ("transport/direction", "sideways", "transport_direction"),
+    ],
+)
 def test_an_invalid_stored_value_falls_back_to_the_default(tmp_path, key, value, field):
     s = store(tmp_path)
     s.setValue(key, value)

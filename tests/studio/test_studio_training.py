@@ -81,6 +81,7 @@ def test_rebuild_setting_asks_before_discarding(window, qtbot, monkeypatch):
         def question(*args, **kwargs):
             asked.append(args[1])
             return reply
+
         return question
 
     monkeypatch.setattr(QMessageBox, "question", answer(QMessageBox.StandardButton.Cancel))
@@ -186,7 +187,9 @@ def _probe_event_loop(window, qtbot, QTimer) -> None:
     qtbot.wait(4000)
     probe.stop()
     worst = max(gaps) * 1000
-    print(f"\nevent-loop probe: {len(gaps)} ticks in 4 s of training, most GUI-thread CPU between two ticks "
-          f"{worst:.0f} ms, median {np.median(gaps) * 1000:.1f} ms; {window.density.frames_shown - frames} frames")
+    print(
+        f"\nevent-loop probe: {len(gaps)} ticks in 4 s of training, most GUI-thread CPU between two ticks "
+        f"{worst:.0f} ms, median {np.median(gaps) * 1000:.1f} ms; {window.density.frames_shown - frames} frames"
+    )
     assert window.density.frames_shown > frames
     assert worst < 100, f"the GUI thread worked {worst:.0f} ms of CPU time without returning to the event loop"

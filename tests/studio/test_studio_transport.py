@@ -20,8 +20,7 @@ def test_transport_view_shows_the_trained_grid_and_the_slider_picks_a_stage(wind
     show_transport(window, qtbot)
     window.train_action.trigger()
     qtbot.waitUntil(lambda: window.step >= 4, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: window.transport._frame is not None and window.transport._frame.step > 0,
-                    timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.transport._frame is not None and window.transport._frame.step > 0, timeout=WAIT_MS)
     window.train_action.trigger()
     qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
 

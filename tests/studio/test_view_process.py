@@ -74,10 +74,12 @@ def test_an_error_in_the_child_is_reported_and_the_child_serves_on(process: View
     message = flow_message(flow)
     bad = {**message, "state": {**message["state"], "layers.0.net.final.weight": np.zeros((3, 3), np.float32)}}
     with pytest.raises(ViewComputeError, match="RuntimeError"):
-        process.compute(bad, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4, n_samples=0,
-                        chunk=10)
-    ok = process.compute(message, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4,
-                         n_samples=0, chunk=10)
+        process.compute(
+            bad, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4, n_samples=0, chunk=10
+        )
+    ok = process.compute(
+        message, lambda: False, test_points=np.zeros((0, 2)), extent=2.0, resolution=4, n_samples=0, chunk=10
+    )
     assert ok is not None and np.isfinite(ok.log_density).all() and ok.samples.shape == (0, 2)
 
 
