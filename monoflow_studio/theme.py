@@ -86,3 +86,12 @@ def style_plot(plot: Any, colors: PlotColors) -> None:
     for name in ("left", "bottom"):
         item.getAxis(name).setPen(colors.foreground)
         item.getAxis(name).setTextPen(colors.foreground)
+
+
+def style_legend(legend: Any, colors: PlotColors) -> None:
+    """Text colour and a translucent backdrop of a pyqtgraph legend, so it stays readable where it covers a
+    curve."""
+    legend.setLabelTextColor(colors.foreground)
+    backdrop = QColor(colors.background)
+    backdrop.setAlpha(200)
+    legend.setBrush(backdrop)

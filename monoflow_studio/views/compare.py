@@ -21,7 +21,7 @@ from monoflow_core.training import EvalMetrics, StepMetrics
 
 from ..frames import RunInfo, ViewFrame
 from ..smoothing import debiased_ema
-from ..theme import PlotColors, style_plot
+from ..theme import PlotColors, style_legend, style_plot
 from ..widgets import set_axis_label
 from .curves import NATS, SMOOTHING_RANGE, RunCurves
 from .density import LOG_RANGE_NATS
@@ -215,10 +215,7 @@ class CompareCurvesView(QWidget):
     def set_colors(self, colors: PlotColors) -> None:
         self._colors = colors
         style_plot(self.plot, colors)
-        self.legend.setLabelTextColor(colors.foreground)
-        backdrop = pg.mkColor(colors.background)
-        backdrop.setAlpha(200)
-        self.legend.setBrush(pg.mkBrush(backdrop))
+        style_legend(self.legend, colors)
 
     def add_run(self, label: str) -> int:
         """A new series pair (train loss, test NLL) in the next run colour; returns its index."""

@@ -19,7 +19,7 @@ from monoflow_core.training import EvalMetrics, StepMetrics
 
 from ..files import atomic_write_text
 from ..smoothing import debiased_ema
-from ..theme import PlotColors, style_plot
+from ..theme import PlotColors, style_legend, style_plot
 from ..widgets import set_axis_label
 
 __all__ = ["BITS_PER_DIM", "NATS", "SMOOTHING_RANGE", "CurvesView", "RunCurves"]
@@ -163,10 +163,7 @@ class CurvesView(QWidget):
     def set_colors(self, colors: PlotColors) -> None:
         self._colors = colors
         style_plot(self.plot, colors)
-        self.legend.setLabelTextColor(colors.foreground)
-        backdrop = pg.mkColor(colors.background)
-        backdrop.setAlpha(200)  # the legend stays readable where it covers a curve
-        self.legend.setBrush(pg.mkBrush(backdrop))
+        style_legend(self.legend, colors)
         self._apply_pens()
         self._dirty = True
 
