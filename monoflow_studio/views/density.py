@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Signal
-from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
 
 from ..frames import RunInfo, ViewFrame
 from ..theme import PlotColors, style_plot
@@ -44,6 +44,10 @@ class DensityView(QWidget):
         self.overlay_box = QCheckBox("Overlay data points")
         self.samples_box = QCheckBox("Overlay model samples")
         self.caption = QLabel("")
+        # A caption whose width follows its text would re-lay out the whole window, and repaint every plot, each
+        # time the step count gains a digit or the text changes: its width is fixed, from a long typical text.
+        self.caption.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.caption.setMinimumWidth(self.caption.fontMetrics().horizontalAdvance("step 1,000,000, float64 (drawn) "))
         self.draw_button = QPushButton("Draw data")
         self.draw_button.setCheckable(True)
         self.draw_button.setToolTip("Draw your own 2-D points with the mouse on an empty canvas, then train on them")
