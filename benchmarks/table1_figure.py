@@ -29,9 +29,9 @@ import common
 from monoflow_core import evaluation
 from monoflow_core.checkpoint import load_checkpoint
 from monoflow_core.data import TOY_DATASETS, sample_toy
+from monoflow_core.evaluation_policy import EVAL_POWER_ITERATIONS
 from monoflow_core.imageio import colormap, write_png
 from monoflow_core.nn.lipschitz import update_lipschitz
-from monoflow_core.training import EVAL_POWER_ITERATIONS
 
 EXTENT = 4.0
 DATA_SAMPLES = 1_000_000
