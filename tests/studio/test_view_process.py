@@ -21,6 +21,10 @@ from monoflow_studio.view_process import (
     flow_message,
 )
 
+#: Upper bound of every wait below: a guard against a hung test, not a speed claim (frames and exits normally take
+#: well under a second; speed is measured by benchmarks/studio_responsiveness.py).
+HANG_GUARD_S = 120
+
 
 def _trained_flow() -> mc.Flow:
     """A 2-block toy flow moved off its initialisation (a few Adam steps), so its state is not the default."""
@@ -161,7 +165,7 @@ def test_studio_frames_come_from_the_view_process(make_window) -> None:
     frames = []
     window.session.frame.connect(frames.append)
     window.session.start()
-    deadline = time.perf_counter() + 60
+    deadline = time.perf_counter() + HANG_GUARD_S
     while not any(f.computed_in_process for f in frames) and time.perf_counter() < deadline:
         QApplication.processEvents()
         time.sleep(0.02)
@@ -171,9 +175,8 @@ def test_studio_frames_come_from_the_view_process(make_window) -> None:
     child = window.session._worker.views._process._proc  # type: ignore[union-attr]
     assert child is not None and child.is_alive()
     window.close()
-    deadline = time.perf_counter() + 10
-    while child.is_alive() and time.perf_counter() < deadline:
-        time.sleep(0.05)
+    # close() stops the child; the join only guards the test against a hang (no speed is asserted).
+    child.join(timeout=HANG_GUARD_S)
     assert not child.is_alive()
 
 
@@ -186,7 +189,7 @@ def test_studio_falls_back_to_the_view_thread_when_the_process_cannot_start(make
     frames = []
     window.session.frame.connect(frames.append)
     window.session.start()
-    deadline = time.perf_counter() + 60
+    deadline = time.perf_counter() + HANG_GUARD_S
     while len(frames) < 2 and time.perf_counter() < deadline:
         QApplication.processEvents()
         time.sleep(0.02)
@@ -201,7 +204,7 @@ def test_studio_goes_on_in_the_view_thread_when_the_child_dies(make_window) -> N
     window.session.start()
 
     def wait_for(cond) -> None:
-        deadline = time.perf_counter() + 60
+        deadline = time.perf_counter() + HANG_GUARD_S
         while not cond() and time.perf_counter() < deadline:
             QApplication.processEvents()
             time.sleep(0.02)
