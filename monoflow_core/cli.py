@@ -809,6 +809,22 @@ def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:
 
 
 @contextlib.contextmanager
+def _streaming(writer: _NpyWriter | None, bar: Any) -> Iterator[None]:
+    """The body streams pieces into ``writer`` (if any): commit the file when it finishes, abort it (no partial
+    file is left) when it raises or is interrupted, and close the progress bar either way."""
+    try:
+        yield
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
 def _graceful_sigint(on_first: Callable[[], None]) -> Iterator[None]:
     """First Ctrl-C: ``on_first()`` (finish the current iteration, then stop); second: KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
@@ -1255,19 +1271,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         bar.update(piece.shape[0])
 
     t0 = time.perf_counter()
-    try:
+    with _streaming(writer, bar):
         evaluation.sample_pieces(
             flow, n, consume, temperature=args.temperature, seed=args.seed, dtype=dtype, workers=args.workers
         )
         seconds = time.perf_counter() - t0
-        if writer is not None:
-            writer.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
     if writer is not None:
         what = f"{_fmt_int(n)} samples ({flow.dim}-D, float array {n} x {flow.dim})"
     else:
@@ -1334,20 +1342,12 @@ def _sample_images(args: argparse.Namespace, flow: Flow, out: Path, suffix: str)
         bar.update(y.shape[0])
 
     t0 = time.perf_counter()
-    try:
+    with _streaming(writer, bar):
         # The draws of evaluation.sample_images (chunks of 500 images), a few chunks at a time.
         evaluation.sample_pieces(
             flow, n, consume, chunk=500, piece=piece, temperature=args.temperature, seed=args.seed, dtype=dtype
         )
         seconds = time.perf_counter() - t0
-        if writer is not None:
-            writer.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
     shape = f"{c} x {h} x {w}"
     if writer is not None:
         what = f"{_fmt_int(n)} images ({shape}, integer levels 0-{levels - 1})"
@@ -1409,17 +1409,9 @@ def _cmd_density(args: argparse.Namespace) -> int:
         bar.update(values.shape[0])
 
     t0 = time.perf_counter()
-    try:
+    with _streaming(writer, bar):
         xmin, xmax, ymin, ymax = evaluation.log_density_pieces(flow, consume, box, r, dtype=dtype, workers=args.workers)
         seconds = time.perf_counter() - t0
-        if writer is not None:
-            writer.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    finally:
-        bar.close()
     if grid is not None:
         square = grid.reshape(r, r)
         # density in [0, 1], 1 at the peak; top row = highest y
