@@ -542,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     # The report always covers every finished run of this seed and length, not only the subset trained by this
     # invocation: `--models idensenet` to finish the second column must not drop the first from the table.
     every = [(d, m) for d in TOY_DATASETS for m in common.MODEL_PRESETS]
+    commands.append(
+        f"# the whole table, every run resumed or skipped when finished: python benchmarks/table1.py "
+        f"--iterations {args.iterations} --seed {args.seed} --jobs 2"
+    )
 
     def finished() -> list[dict[str, Any]]:
         found = [read_result(run_dir(args, d, m)) for d, m in every]
