@@ -21,7 +21,8 @@ from cli_helpers import assert_user_error, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monoflow_core import FlowConfig, build_flow, checkpoint
+from monoflow_core import FlowConfig, build_flow
+from monoflow_core import fileio as fileio_module
 from monoflow_core.checkpoint import (
     MAX_HEADER_BYTES,
     CheckpointError,
@@ -29,6 +30,9 @@ from monoflow_core.checkpoint import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
+from monoflow_core.checkpoint import load as checkpoint_load
+from monoflow_core.checkpoint import plan as checkpoint_plan
+from monoflow_core.checkpoint.header import _ST_NAMES, _Entry
 from monoflow_core.fileio import HOST_TAG, atomic_write, remove_stale_temporaries
 from monoflow_core.presets import load_preset
 from monoflow_core.training import TrainConfig, Trainer
@@ -139,13 +143,15 @@ def image_checkpoint(tmp_path_factory):
 def builds(monkeypatch):
     """The device of every ``build_flow`` call load_checkpoint makes ('meta' for the shape-only check)."""
     devices = []
-    real = checkpoint.build_flow
+    real = checkpoint_load.build_flow
 
     def spy(config=None):
         devices.append(torch.empty(0).device.type)  # "meta" inside torch.device("meta")
         return real(config)
 
-    monkeypatch.setattr(checkpoint, "build_flow", spy)
+    # Both builds of load_checkpoint: the shape-only one (checkpoint.plan) and the real one (checkpoint.load).
+    monkeypatch.setattr(checkpoint_plan, "build_flow", spy)
+    monkeypatch.setattr(checkpoint_load, "build_flow", spy)
     return devices
 
 
@@ -167,7 +173,7 @@ def refused(path, *words):
 
 def table(state):
     """A state dict as the file's tensor table."""
-    return {k: checkpoint._Entry(checkpoint._ST_NAMES[v.dtype], tuple(v.shape)) for k, v in state.items()}
+    return {k: _Entry(_ST_NAMES[v.dtype], tuple(v.shape)) for k, v in state.items()}
 
 
 FAMILIES = {
@@ -200,26 +206,26 @@ def test_the_meta_build_gives_the_real_flows_names_shapes_dtypes_and_parameter_o
     config = FAMILIES[name]
     real = build_flow(config).to(torch.float64)
     state = real.state_dict()
-    plan = checkpoint._flow_plan(tmp_path / "x", config, torch.float64, table(state))
+    plan = checkpoint_plan._flow_plan(tmp_path / "x", config, torch.float64, table(state))
     assert list(plan.tensors) == list(state)
     for key, tensor in state.items():
         assert plan.tensors[key].shape == tuple(tensor.shape), key
-        assert plan.tensors[key].dtype == checkpoint._ST_NAMES[tensor.dtype], key
+        assert plan.tensors[key].dtype == _ST_NAMES[tensor.dtype], key
     assert plan.parameters == [n for n, _ in real.named_parameters()]  # Adam's parameter indices
 
 
 def test_the_meta_build_allocates_nothing(tmp_path):
     stored = table(build_flow(FlowConfig(blocks=2, growth=8)).state_dict())
     # Real weights of this width would take hundreds of terabytes: the build only succeeds if nothing is allocated.
-    plan = checkpoint._flow_plan(tmp_path / "x", FlowConfig(blocks=2, growth=10**7), torch.float32, stored)
+    plan = checkpoint_plan._flow_plan(tmp_path / "x", FlowConfig(blocks=2, growth=10**7), torch.float32, stored)
     assert plan.tensors["layers.0.net.layers.1.weight"].shape[1] > 10**6
 
 
 def test_a_layer_count_the_guard_misses_is_stopped_by_the_build_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "_count_guard", lambda *args: None)
+    monkeypatch.setattr(checkpoint_plan, "_count_guard", lambda *args: None)
     stored = table(build_flow(FlowConfig(blocks=2)).state_dict())
     with pytest.raises(CheckpointError, match=f"far larger than its {len(stored)} stored tensors"):
-        checkpoint._flow_plan(tmp_path / "x", FlowConfig(blocks=10**6), torch.float32, stored)
+        checkpoint_plan._flow_plan(tmp_path / "x", FlowConfig(blocks=10**6), torch.float32, stored)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -689,7 +695,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
 
 def test_the_next_save_removes_the_temporary_file_of_a_killed_save(tmp_path):
     target = tmp_path / "run.safetensors"
-    fileio = Path(checkpoint.__file__).with_name("fileio.py")
+    fileio = Path(fileio_module.__file__)
     # A writer killed (SIGKILL) after writing its temporary file, before the rename: nothing can clean up after it.
     script = textwrap.dedent(f"""
         import importlib.util, os, signal

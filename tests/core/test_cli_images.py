@@ -16,6 +16,7 @@ from cli_helpers import assert_user_error, read_png, run
 
 from monoflow_core import cli
 from monoflow_core.checkpoint import load_checkpoint, read_checkpoint_metadata
+from monoflow_core.cli import train as cli_train
 from monoflow_core.training import Trainer
 
 torch.set_num_threads(1)
@@ -295,7 +296,7 @@ def test_train_worker_takes_the_same_steps_as_rank_zero(digits_run, tmp_path, mo
 
     monkeypatch.setattr(Trainer, "run", recording_run)
     args = cli.build_parser().parse_args([str(a) for a in argv] + ["--device", "cpu", "--no-progress"])
-    assert cli._train_worker(args) == 0
+    assert cli_train._train_worker(args) == 0
     (worker,) = trainers
     assert worker.step_count == rank0.metadata["step"]
     assert worker.base_lr == rank0.train_config.lr
@@ -328,7 +329,7 @@ def test_torchrun_launch_uses_the_configured_device(digits_run, monkeypatch, arg
         raise LaunchedError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(cli, "init_from_environment", fake_init)
+    monkeypatch.setattr(cli_train, "init_from_environment", fake_init)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(LaunchedError):
         run(["train", *argv, "--out", out.parent / "unused", "--no-progress"])

@@ -5,7 +5,7 @@ import json
 import pytest
 from cli_helpers import assert_user_error, run
 
-from monoflow_core import cli
+from monoflow_core.cli import train_setup
 from monoflow_core.devices import resolve_device
 from monoflow_core.memory_plan import HEADROOM, plan_grad_accumulation
 from monoflow_core.presets import load_preset
@@ -61,7 +61,7 @@ def _digits_budget(k: int) -> int:
 def test_train_splits_the_batch_when_memory_is_short(tmp_path, monkeypatch):
     # A fake budget (the host's available memory, as for a CPU run): the batch of 64 digits is split in 4, said
     # on stderr and recorded in config.json; an explicit --grad-accumulation is left alone.
-    monkeypatch.setattr(cli, "available_memory", lambda: _digits_budget(4))
+    monkeypatch.setattr(train_setup, "available_memory", lambda: _digits_budget(4))
     out = tmp_path / "auto"
     code, _, err = run(
         [
@@ -107,7 +107,7 @@ def test_train_splits_the_batch_when_memory_is_short(tmp_path, monkeypatch):
 
 
 def test_train_refuses_a_step_that_cannot_fit_one_image(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "available_memory", lambda: 1000)
+    monkeypatch.setattr(train_setup, "available_memory", lambda: 1000)
     code, _, err = run(
         ["train", "--data", "digits", "--iterations", "1", "--device", "cpu", "--out", tmp_path / "r", "--no-progress"]
     )

@@ -19,7 +19,9 @@ from cli_helpers import assert_user_error, run
 
 from monoflow_core import Flow, FlowConfig, build_flow
 from monoflow_core import resources as res
-from monoflow_core.checkpoint import CheckpointError, _flow_plan, load_checkpoint, save_checkpoint
+from monoflow_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from monoflow_core.checkpoint.header import _ST_NAMES, _Entry
+from monoflow_core.checkpoint.plan import _flow_plan
 from monoflow_core.evaluation import solver_diagnostics
 from monoflow_core.families import COMPARISON_FAMILIES, MissingDependencyError
 from monoflow_core.families.build import ComparisonFlow
@@ -236,8 +238,6 @@ def test_checkpoint_round_trip(family, tmp_path):
 def test_the_shape_only_build_gives_the_real_names_and_shapes(family, tmp_path):
     config = small_config(family)
     real = build_flow(config)
-    from monoflow_core.checkpoint import _ST_NAMES, _Entry
-
     table = {k: _Entry(_ST_NAMES[v.dtype], tuple(v.shape)) for k, v in real.state_dict().items()}
     plan = _flow_plan(tmp_path / "x", config, torch.float32, table)
     assert plan.tensors == table

@@ -97,7 +97,25 @@ def test_the_finder_sees_a_function_local_loop():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for nxt in graph.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
 def test_checkpoints_do_not_depend_on_the_training_loop():
     graph = _graph()
-    assert "monoflow_core.training" not in graph["monoflow_core.checkpoint"]
+    # The checkpoint package and every one of its modules, and whatever they import in turn.
+    package = sorted(m for m in graph if m.startswith("monoflow_core.checkpoint."))
+    reached = _reachable(graph, "monoflow_core.checkpoint")
+    assert package and set(package) <= reached
+    for module in ("monoflow_core.checkpoint", *package):
+        assert "monoflow_core.training" not in _reachable(graph, module), module
+    assert {"monoflow_core.config", "monoflow_core.flow", "monoflow_core.models"} <= reached
     assert "monoflow_core.checkpoint" in graph["monoflow_core.training"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .data.point_files import PointDataError, looks_like_point_file, parse_columns
-from .data.points import DEFAULT_HOLDOUT, POINTS_DATA, PointSet, load_points
+from ..data.point_files import PointDataError, looks_like_point_file, parse_columns
+from ..data.points import DEFAULT_HOLDOUT, POINTS_DATA, PointSet, load_points
 
 __all__ = ["holdout_fraction", "point_set_from_args", "points_note", "refuse_point_flags_on_resume"]
 
