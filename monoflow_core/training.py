@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .blocks import ActNorm
+from .bounds import INTERVALS, check_in
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import DTYPES, SCHEDULES, FlowConfig, TrainConfig, check_float, check_int
 from .data import ToyStream
@@ -297,9 +298,7 @@ class Trainer(TrainerEvaluation, TrainerState):
 
     def set_lr(self, lr: float) -> None:
         """Change the base learning rate from the next step on (the schedule's factor still applies)."""
-        lr = check_float("lr", lr)
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr!r}")
+        lr = check_in("lr", check_float("lr", lr), INTERVALS["lr"])
         self._base_lr = lr
         # Keep the stored configuration truthful, so checkpoints and config.json record the rate in use.
         self.train_config.lr = lr
