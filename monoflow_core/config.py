@@ -25,7 +25,7 @@ from .families.names import FAMILIES, IMPLICIT
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
-from .precision import check_precision
+from .precision import check_cudnn_benchmark, check_precision
 from .solvers import DEFAULT_TOL, METHODS
 
 __all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig", "JsonConfig"]
@@ -384,6 +384,10 @@ class TrainConfig(JsonConfig):
         precision: how G is computed in training: ``"auto"`` (TF32 off everywhere), ``"highest"`` (the same,
             explicitly) or ``"tf32"`` (TF32 in CUDA float32 products and convolutions, solves stopping at TF32's
             floor); evaluations always run in full precision (:mod:`monoflow_core.precision`, docs/precision.md).
+        cudnn_benchmark: whether cuDNN autotunes its convolution algorithms in training: ``"auto"`` (on for image
+            models on CUDA, whose shapes are fixed), ``"on"`` or ``"off"`` (off: the same algorithms in every
+            process, for runs that must repeat bit for bit); see
+            :func:`~monoflow_core.precision.resolve_cudnn_benchmark`.
     """
 
     kind: typing.ClassVar[str] = "training configuration"
@@ -415,6 +419,7 @@ class TrainConfig(JsonConfig):
     grad_accumulation: int = 1
     eval_split: str = "test"
     precision: str = "auto"
+    cudnn_benchmark: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -499,6 +504,7 @@ class TrainConfig(JsonConfig):
                 f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
             )
         self.precision = check_precision(self.precision)
+        self.cudnn_benchmark = check_cudnn_benchmark(self.cudnn_benchmark)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -36,6 +36,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from . import solvers
 from .blocks import ActNorm
 from .bounds import INTERVALS, check_in
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -57,7 +58,7 @@ from .metrics import (
 from .models import build_flow
 from .multiscale import MultiscaleFlow
 from .nn.lipschitz import update_lipschitz
-from .precision import PrecisionPolicy, resolve_precision
+from .precision import PrecisionPolicy, check_cudnn_benchmark, resolve_precision
 from .training_eval import EVAL_CHUNK, EVAL_STREAM_SEED_OFFSET, TrainerEvaluation
 from .training_state import CHECKPOINT_HISTORY, TrainerState, thin_records
 from .training_step import (
@@ -126,7 +127,8 @@ class Trainer(TrainerEvaluation, TrainerState):
     bit-identical, and after ``max_rejected_steps`` consecutive rejections a :class:`TrainingError` is raised.
     Between steps the learning rate and solver settings may be changed live
     (:meth:`set_lr`, :meth:`set_solver`). :meth:`state_dict` / :meth:`load_state_dict` capture everything
-    needed for a bit-for-bit resumption (on the same device, same seed).
+    needed for a bit-for-bit resumption (on the same device, same seed; on CUDA with cuDNN's autotuning on, up to
+    rounding: ``TrainConfig.cudnn_benchmark``).
 
     Randomness: the weights come from ``torch.manual_seed(seed)`` immediately before building the flow (so the
     same seed gives the same weights; note this reseeds torch's global generator); training batches come from a
@@ -195,8 +197,9 @@ class Trainer(TrainerEvaluation, TrainerState):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available (pass --device cpu)")
         self.dtype = train_config.torch_dtype
-        # How G is computed in training (TF32 or not, and the solvers' floor); evaluations use full precision.
-        self.precision: PrecisionPolicy = resolve_precision(train_config.precision, self.device, self.dtype)
+        # How G is computed in training (TF32 or not, the solvers' floor, cuDNN's autotuning); evaluations use full
+        # precision.
+        self.precision: PrecisionPolicy = self._resolve_precision(train_config.precision, train_config.cudnn_benchmark)
         self.dist = DistributedContext.current()
         if self._train_images is not None:
             # The data decide the image shape and the number of levels; the architecture comes from the config.
@@ -304,10 +307,27 @@ class Trainer(TrainerEvaluation, TrainerState):
         self.train_config.lr = lr
         self._apply_lr(self._step)
 
-    def set_precision(self, precision: str) -> None:
-        """Change the precision policy (``TrainConfig.precision``) from the next step on."""
-        self.precision = resolve_precision(precision, self.device, self.dtype)
-        self.train_config.precision = self.precision.requested
+    def set_precision(self, precision: str | None = None, *, cudnn_benchmark: str | None = None) -> None:
+        """Change the precision policy (``TrainConfig.precision``, ``TrainConfig.cudnn_benchmark``) from the next step
+        on; ``None`` keeps a setting."""
+        cfg = self.train_config
+        precision = cfg.precision if precision is None else precision
+        benchmark = cfg.cudnn_benchmark if cudnn_benchmark is None else check_cudnn_benchmark(cudnn_benchmark)
+        self.precision = self._resolve_precision(precision, benchmark)
+        cfg.precision = self.precision.requested
+        cfg.cudnn_benchmark = benchmark
+
+    def _resolve_precision(self, precision: str, cudnn_benchmark: str) -> PrecisionPolicy:
+        # A step's shapes are fixed when its solves keep a fixed shape: the streams always return whole batches of
+        # batch_size samples, and accumulation chunks and data-parallel shards have at most two sizes.
+        return resolve_precision(
+            precision,
+            self.device,
+            self.dtype,
+            benchmark=cudnn_benchmark,
+            convolutions=self.task == "image",
+            fixed_shapes=solvers.default_fixed_shape(self.device),
+        )
 
     def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
         """Change the fixed-point solver settings of every block from the next pass on (no rebuild)."""
