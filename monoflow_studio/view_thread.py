@@ -47,6 +47,9 @@ PROCESS_FAILURES_TOLERATED = 3
 
 @dataclass
 class FrameJob:
+    """A snapshot to draw: a 2-D run's density frame (with its transport while that view is visible), an image run's
+    sample grid, or an on-demand transport alone."""
+
     run_id: int
     step: int
     flow: Flow
