@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .bounds import INTERVALS, MINIMUM, check_in
 from .data import DATASETS, TOY_DATASETS, check_dataset_name
 from .data.images import IMAGE_DATASETS
 from .data.points import POINTS_DATA
@@ -24,7 +25,7 @@ from .families.names import FAMILIES, IMPLICIT
 from .logdet import LOGDET_MODES, EstimatorSettings
 from .nn.activations import ACTIVATIONS
 from .nn.lipschitz import SPECTRAL_MODES
-from .precision import check_precision
+from .precision import check_cudnn_benchmark, check_precision
 from .solvers import DEFAULT_TOL, METHODS
 
 __all__ = ["FORMULATIONS", "G_ARCHITECTURES", "FlowConfig", "JsonConfig"]
@@ -195,8 +196,8 @@ class FlowConfig(JsonConfig):
 
     def validate(self) -> None:
         """Check every field; raise ``ValueError`` naming the field and its allowed values."""
-        self.dim = _int_at_least("dim", self.dim, 1)
-        self.blocks = _int_at_least("blocks", self.blocks, 1)
+        self.dim = _int_at_least("dim", self.dim, MINIMUM["dim"])
+        self.blocks = _int_at_least("blocks", self.blocks, MINIMUM["blocks"])
         if isinstance(self.formulation, list | tuple):
             if len(self.formulation) != self.blocks:
                 raise ValueError(
@@ -207,35 +208,30 @@ class FlowConfig(JsonConfig):
             self.formulation = _choice("formulation", self.formulation, FORMULATIONS)
         self.activation = _choice("activation", self.activation, tuple(ACTIVATIONS))
         self.g = _choice("g", self.g, G_ARCHITECTURES)
-        self.depth = _int_at_least("depth", self.depth, 1)
-        self.growth = _int_at_least("growth", self.growth, 2)
+        self.depth = _int_at_least("depth", self.depth, MINIMUM["depth"])
+        self.growth = _int_at_least("growth", self.growth, MINIMUM["growth"])
         if not isinstance(self.hidden, list | tuple) or not self.hidden:
             raise ValueError(f"hidden: must be a non-empty list of widths, got {self.hidden!r}")
-        self.hidden = [_int_at_least("hidden", h, 1) for h in self.hidden]
-        lip = _number("lipschitz", self.lipschitz)
-        if not 0.0 < lip < 1.0:
-            raise ValueError(f"lipschitz: must lie in (0, 1) (exclusive), got {self.lipschitz!r}")
-        self.lipschitz = lip
-        cl = _number("concat_lipschitz", self.concat_lipschitz)
-        if not 0.0 < cl <= 1.0:
-            raise ValueError(f"concat_lipschitz: must lie in (0, 1], got {self.concat_lipschitz!r}")
-        self.concat_lipschitz = cl
+        self.hidden = [_int_at_least("hidden", h, MINIMUM["hidden"]) for h in self.hidden]
+        self.lipschitz = check_in("lipschitz", _number("lipschitz", self.lipschitz), INTERVALS["lipschitz"])
+        self.concat_lipschitz = check_in(
+            "concat_lipschitz", _number("concat_lipschitz", self.concat_lipschitz), INTERVALS["concat_lipschitz"]
+        )
         self.spectral_norm = _choice("spectral_norm", self.spectral_norm, SPECTRAL_MODES)
         self.solver = _choice("solver", self.solver, METHODS)
-        tol = _number("tol", self.tol)
-        if not 0.0 < tol < 1.0:
-            raise ValueError(f"tol: must lie in (0, 1), got {self.tol!r}")
-        self.tol = tol
-        self.max_iter = _int_at_least("max_iter", self.max_iter, 1)
-        self.anderson_memory = _int_at_least("anderson_memory", self.anderson_memory, 1)
+        self.tol = check_in("tol", _number("tol", self.tol), INTERVALS["tol"])
+        self.max_iter = _int_at_least("max_iter", self.max_iter, MINIMUM["max_iter"])
+        self.anderson_memory = _int_at_least("anderson_memory", self.anderson_memory, MINIMUM["anderson_memory"])
         self.logdet = _choice("logdet", self.logdet, LOGDET_MODES)
         self.implicit_grad = _choice("implicit_grad", self.implicit_grad, IMPLICIT_GRAD_MODES)
         for name in ("actnorm", "actnorm_input", "learnable_concat", "neumann_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        self.n_exact_terms = _int_at_least("n_exact_terms", self.n_exact_terms, 1)
-        self.n_exact_terms_eval = _int_at_least("n_exact_terms_eval", self.n_exact_terms_eval, 1)
-        self.n_probes = _int_at_least("n_probes", self.n_probes, 1)
+        self.n_exact_terms = _int_at_least("n_exact_terms", self.n_exact_terms, MINIMUM["n_exact_terms"])
+        self.n_exact_terms_eval = _int_at_least(
+            "n_exact_terms_eval", self.n_exact_terms_eval, MINIMUM["n_exact_terms_eval"]
+        )
+        self.n_probes = _int_at_least("n_probes", self.n_probes, MINIMUM["n_probes"])
         self.roulette = _choice("roulette", self.roulette, ("geometric", "poisson"))
         self.roulette_param = _number("roulette_param", self.roulette_param)
         self.estimator_settings()  # validates the roulette parameter
@@ -252,25 +248,24 @@ class FlowConfig(JsonConfig):
             raise ValueError(
                 f"blocks_per_scale: must be a non-empty list of block counts, got {self.blocks_per_scale!r}"
             )
-        self.blocks_per_scale = [_int_at_least("blocks_per_scale", n, 0) for n in self.blocks_per_scale]
-        self.fc_blocks = _int_at_least("fc_blocks", self.fc_blocks, 0)
-        self.fc_growth = _int_at_least("fc_growth", self.fc_growth, 2)
-        alpha = _number("logit_alpha", self.logit_alpha)
-        if not 0.0 <= alpha < 0.5:
-            raise ValueError(f"logit_alpha: must lie in [0, 0.5), got {self.logit_alpha!r}")
-        self.logit_alpha = alpha
+        self.blocks_per_scale = [
+            _int_at_least("blocks_per_scale", n, MINIMUM["blocks_per_scale"]) for n in self.blocks_per_scale
+        ]
+        self.fc_blocks = _int_at_least("fc_blocks", self.fc_blocks, MINIMUM["fc_blocks"])
+        self.fc_growth = _int_at_least("fc_growth", self.fc_growth, MINIMUM["fc_growth"])
+        self.logit_alpha = check_in("logit_alpha", _number("logit_alpha", self.logit_alpha), INTERVALS["logit_alpha"])
         if not isinstance(self.factor_out, bool):
             raise ValueError(f"factor_out: must be true or false, got {self.factor_out!r}")
         self.dequantization = _choice("dequantization", self.dequantization, DEQUANTIZATIONS)
-        self.vdq_blocks = _int_at_least("vdq_blocks", self.vdq_blocks, 1)
-        self.vdq_channels = _int_at_least("vdq_channels", self.vdq_channels, 1)
-        self.levels = _int_at_least("levels", self.levels, 2)
+        self.vdq_blocks = _int_at_least("vdq_blocks", self.vdq_blocks, MINIMUM["vdq_blocks"])
+        self.vdq_channels = _int_at_least("vdq_channels", self.vdq_channels, MINIMUM["vdq_channels"])
+        self.levels = _int_at_least("levels", self.levels, MINIMUM["levels"])
         if self.image_shape is None:
             return
         shape = self.image_shape
         if not isinstance(shape, list | tuple) or len(shape) != 3:
             raise ValueError(f"image_shape: must be [channels, height, width], got {shape!r}")
-        self.image_shape = [_int_at_least("image_shape", s, 1) for s in shape]
+        self.image_shape = [_int_at_least("image_shape", s, MINIMUM["image_shape"]) for s in shape]
         c, h, w = self.image_shape
         factor = 2 ** (len(self.blocks_per_scale) - 1)
         if h % factor or w % factor:
@@ -286,7 +281,7 @@ class FlowConfig(JsonConfig):
 
     def _validate_family(self) -> None:
         self.family = _choice("family", self.family, FAMILIES)
-        self.bins = _int_at_least("bins", self.bins, 2)
+        self.bins = _int_at_least("bins", self.bins, MINIMUM["bins"])
         if self.family == IMPLICIT:
             return
         if self.image_shape is not None:
@@ -389,6 +384,10 @@ class TrainConfig(JsonConfig):
         precision: how G is computed in training: ``"auto"`` (TF32 off everywhere), ``"highest"`` (the same,
             explicitly) or ``"tf32"`` (TF32 in CUDA float32 products and convolutions, solves stopping at TF32's
             floor); evaluations always run in full precision (:mod:`monoflow_core.precision`, docs/precision.md).
+        cudnn_benchmark: whether cuDNN autotunes its convolution algorithms in training: ``"auto"`` (on for image
+            models on CUDA, whose shapes are fixed), ``"on"`` or ``"off"`` (off: the same algorithms in every
+            process, for runs that must repeat bit for bit); see
+            :func:`~monoflow_core.precision.resolve_cudnn_benchmark`.
     """
 
     kind: typing.ClassVar[str] = "training configuration"
@@ -420,6 +419,7 @@ class TrainConfig(JsonConfig):
     grad_accumulation: int = 1
     eval_split: str = "test"
     precision: str = "auto"
+    cudnn_benchmark: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -441,50 +441,50 @@ class TrainConfig(JsonConfig):
         if not isinstance(self.eval_split, str) or self.eval_split.lower() not in EVAL_SPLITS:
             raise ValueError(f"eval_split: unknown value {self.eval_split!r}; choose one of {list(EVAL_SPLITS)}")
         self.eval_split = self.eval_split.lower()
-        self.iterations = check_int("iterations", self.iterations, 1)
-        self.batch_size = check_int("batch_size", self.batch_size, 1)
-        self.lr = check_float("lr", self.lr)
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr!r}")
+        self.iterations = check_int("iterations", self.iterations, MINIMUM["iterations"])
+        self.batch_size = check_int("batch_size", self.batch_size, MINIMUM["batch_size"])
+        self.lr = check_in("lr", check_float("lr", self.lr), INTERVALS["lr"])
         if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
             raise ValueError(f"betas: must be a pair (beta1, beta2), each in [0, 1), got {self.betas!r}")
         betas = tuple(check_float("betas", b) for b in self.betas)
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas: each must lie in [0, 1), got {self.betas!r}")
+        if not all(b in INTERVALS["betas"] for b in betas):
+            raise ValueError(f"betas: each must {INTERVALS['betas'].rule()}, got {self.betas!r}")
         self.betas = (betas[0], betas[1])
-        self.weight_decay = check_float("weight_decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay!r}")
+        self.weight_decay = check_in(
+            "weight_decay", check_float("weight_decay", self.weight_decay), INTERVALS["weight_decay"]
+        )
         if not isinstance(self.schedule, str) or self.schedule.lower() not in SCHEDULES:
             raise ValueError(f"schedule: unknown value {self.schedule!r}; choose one of {list(SCHEDULES)}")
         self.schedule = self.schedule.lower()
         if not isinstance(self.lr_milestones, list | tuple):
             raise ValueError(f"lr_milestones: must be a list of increasing iterations >= 1, got {self.lr_milestones!r}")
-        self.lr_milestones = [check_int("lr_milestones", m, 1) for m in self.lr_milestones]
+        self.lr_milestones = [check_int("lr_milestones", m, MINIMUM["lr_milestones"]) for m in self.lr_milestones]
         if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)):
             raise ValueError(f"lr_milestones: must be strictly increasing, got {self.lr_milestones!r}")
-        self.lr_gamma = check_float("lr_gamma", self.lr_gamma)
-        if not self.lr_gamma > 0:
-            raise ValueError(f"lr_gamma: must be > 0, got {self.lr_gamma!r}")
-        self.warmup_iterations = check_int("warmup_iterations", self.warmup_iterations, 0)
+        self.lr_gamma = check_in("lr_gamma", check_float("lr_gamma", self.lr_gamma), INTERVALS["lr_gamma"])
+        self.warmup_iterations = check_int("warmup_iterations", self.warmup_iterations, MINIMUM["warmup_iterations"])
         if self.schedule == "warmup" and self.warmup_iterations < 1:
             raise ValueError("warmup_iterations: must be >= 1 for schedule 'warmup'")
         if self.concat_learnable_from is not None:
-            self.concat_learnable_from = check_int("concat_learnable_from", self.concat_learnable_from, 0)
-        self.lipschitz_iterations = check_int("lipschitz_iterations", self.lipschitz_iterations, 0)
+            self.concat_learnable_from = check_int(
+                "concat_learnable_from", self.concat_learnable_from, MINIMUM["concat_learnable_from"]
+            )
+        self.lipschitz_iterations = check_int(
+            "lipschitz_iterations", self.lipschitz_iterations, MINIMUM["lipschitz_iterations"]
+        )
         if self.grad_clip is not None:
             self.grad_clip = check_float("grad_clip", self.grad_clip)
-            if not self.grad_clip > 0:
-                raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip!r}")
+            if self.grad_clip not in INTERVALS["grad_clip"]:
+                raise ValueError(f"grad_clip: must {INTERVALS['grad_clip'].rule()} or null, got {self.grad_clip!r}")
         if self.ema is not None:
             self.ema = check_float("ema", self.ema)
-            if not 0.0 < self.ema < 1.0:
-                raise ValueError(f"ema: must lie in (0, 1) or be null, got {self.ema!r}")
-        self.seed = check_int("seed", self.seed, 0)
-        self.eval_every = check_int("eval_every", self.eval_every, 0)
-        self.eval_size = check_int("eval_size", self.eval_size, 1)
-        self.test_size = check_int("test_size", self.test_size, 1)
-        self.test_seed = check_int("test_seed", self.test_seed, 0)
+            if self.ema not in INTERVALS["ema"]:
+                raise ValueError(f"ema: must {INTERVALS['ema'].rule()} or be null, got {self.ema!r}")
+        self.seed = check_int("seed", self.seed, MINIMUM["seed"])
+        self.eval_every = check_int("eval_every", self.eval_every, MINIMUM["eval_every"])
+        self.eval_size = check_int("eval_size", self.eval_size, MINIMUM["eval_size"])
+        self.test_size = check_int("test_size", self.test_size, MINIMUM["test_size"])
+        self.test_seed = check_int("test_seed", self.test_seed, MINIMUM["test_seed"])
         if not isinstance(self.device, str):
             raise ValueError(f"device: must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         try:
@@ -494,14 +494,17 @@ class TrainConfig(JsonConfig):
         if not isinstance(self.dtype, str) or self.dtype.lower() not in DTYPES:
             raise ValueError(f"dtype: unknown value {self.dtype!r}; choose one of {list(DTYPES)}")
         self.dtype = self.dtype.lower()
-        self.max_rejected_steps = check_int("max_rejected_steps", self.max_rejected_steps, 1)
-        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
-        self.grad_accumulation = check_int("grad_accumulation", self.grad_accumulation, 1)
+        self.max_rejected_steps = check_int(
+            "max_rejected_steps", self.max_rejected_steps, MINIMUM["max_rejected_steps"]
+        )
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, MINIMUM["checkpoint_every"])
+        self.grad_accumulation = check_int("grad_accumulation", self.grad_accumulation, MINIMUM["grad_accumulation"])
         if self.grad_accumulation > self.batch_size:
             raise ValueError(
                 f"grad_accumulation: must be <= batch_size ({self.batch_size}), got {self.grad_accumulation}"
             )
         self.precision = check_precision(self.precision)
+        self.cudnn_benchmark = check_cudnn_benchmark(self.cudnn_benchmark)
 
     @property
     def torch_dtype(self) -> torch.dtype:

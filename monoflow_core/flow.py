@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import _ImplicitBlock, block_solver_stats
+from .bounds import INTERVALS, MINIMUM, check_in
 from .fast import folded_runs, fusable_runs, fused_inverse_run, run_fused
 from .solvers import SolverStats
 
@@ -250,10 +251,10 @@ class Flow(nn.Module):
 
         if solver is not None:
             resolve_method(solver, 1)
-        if tol is not None and not 0 < tol < 1:
-            raise ValueError(f"tol: must lie in (0, 1), got {tol}")
-        if max_iter is not None and max_iter < 1:
-            raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
+        if tol is not None:
+            check_in("tol", tol, INTERVALS["tol"])  # the configuration's range (monoflow_core.bounds)
+        if max_iter is not None and max_iter < MINIMUM["max_iter"]:
+            raise ValueError(f"max_iter: must be >= {MINIMUM['max_iter']}, got {max_iter}")
         for b in self.implicit_blocks():
             if solver is not None:
                 b.solver = solver

@@ -16,6 +16,8 @@ never meets its tolerance: it spins to ``max_iter``. This module decides the ari
   aims below what its arithmetic can reach.
 * :func:`emulate_reduced_precision` reproduces TF32 (or bfloat16) rounding on the CPU, so that the behaviour of
   the solvers under that noise is tested without a GPU.
+* :func:`resolve_cudnn_benchmark` decides, with the same policy, whether cuDNN autotunes its convolution
+  algorithms during training (``torch.backends.cudnn.benchmark``): where a run's shapes are fixed.
 
 docs/precision.md gives the choice for each device and dtype, the reasoning and the measurements.
 """
@@ -34,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "ARITHMETIC_EPS",
+    "CUDNN_BENCHMARK",
     "PRECISIONS",
     "REDUCED_FLOOR_EPS",
     "TOL_FLOOR_EPS",
@@ -41,9 +44,12 @@ __all__ = [
     "arithmetic",
     "arithmetic_floor",
     "arithmetic_statement",
+    "check_cudnn_benchmark",
     "check_precision",
+    "cudnn_benchmark_mode",
     "emulate_reduced_precision",
     "full_precision",
+    "resolve_cudnn_benchmark",
     "resolve_precision",
     "round_mantissa",
     "tf32_enabled",
@@ -53,6 +59,9 @@ __all__ = [
 
 #: Values of ``TrainConfig.precision`` (``--precision``).
 PRECISIONS = ("auto", "highest", "tf32")
+
+#: Values of ``TrainConfig.cudnn_benchmark``: ``"auto"`` (on where a run's shapes are fixed), ``"on"`` or ``"off"``.
+CUDNN_BENCHMARK = ("auto", "on", "off")
 
 #: Machine epsilon (spacing of the numbers just above 1) of each arithmetic G may be computed in. TF32 and
 #: bfloat16 keep 10 and 7 mantissa bits.
@@ -172,6 +181,26 @@ def tf32_mode(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def cudnn_benchmark_mode(enabled: bool) -> Iterator[None]:
+    """Let cuDNN time its convolution algorithms for each new input shape (or not) inside the block.
+
+    ``torch.backends.cudnn.benchmark`` is a process-wide setting; it is restored on exit. Usable as a decorator.
+    """
+    before = bool(torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextlib.contextmanager
+def _training_arithmetic(tf32: bool, benchmark: bool) -> Iterator[None]:
+    with tf32_mode(tf32), cudnn_benchmark_mode(benchmark):
+        yield
+
+
+@contextlib.contextmanager
 def full_precision() -> Iterator[None]:
     """TF32 off: full float32 / float64 arithmetic, as every reported evaluation uses. Usable as a decorator."""
     with tf32_mode(False):
@@ -226,6 +255,9 @@ class PrecisionPolicy:
         tolerance_floor: the solver tolerance floor during training.
         evaluation_floor: the floor during evaluations, which always run in full precision.
         reason: why this mode was chosen.
+        cudnn_benchmark: cuDNN autotunes its convolution algorithms during training
+            (:func:`resolve_cudnn_benchmark`).
+        cudnn_benchmark_reason: why.
     """
 
     requested: str
@@ -236,10 +268,13 @@ class PrecisionPolicy:
     tolerance_floor: float
     evaluation_floor: float
     reason: str
+    cudnn_benchmark: bool
+    cudnn_benchmark_reason: str
 
     def training(self) -> contextlib.AbstractContextManager[None]:
-        """The arithmetic of a training step (TF32 on or off); restores PyTorch's flags on exit."""
-        return tf32_mode(self.tf32)
+        """The arithmetic of a training step (TF32 on or off, cuDNN benchmark on or off); restores PyTorch's flags
+        on exit."""
+        return _training_arithmetic(self.tf32, self.cudnn_benchmark)
 
     def evaluation(self) -> contextlib.AbstractContextManager[None]:
         """The arithmetic of a reported evaluation: always full precision."""
@@ -251,7 +286,7 @@ class PrecisionPolicy:
         return (
             f"precision {self.mode} (requested {self.requested}): training on {self.device} in {arith}, solver "
             f"tolerance floor {self.tolerance_floor:.3g}; evaluations in full {self.dtype} (floor "
-            f"{self.evaluation_floor:.3g}); {self.reason}"
+            f"{self.evaluation_floor:.3g}); {self.reason}; cuDNN benchmark {self.cudnn_benchmark_reason}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,6 +301,8 @@ class PrecisionPolicy:
             "evaluation": f"full {self.dtype} (TF32 off)",
             "evaluation_tolerance_floor": self.evaluation_floor,
             "reason": self.reason,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "cudnn_benchmark_reason": self.cudnn_benchmark_reason,
         }
 
 
@@ -281,6 +318,7 @@ def arithmetic_statement(dtype: torch.dtype, device: torch.device | str) -> dict
         "device": torch.device(device).type,
         "dtype": str(dtype).replace("torch.", ""),
         "tolerance_floor": arithmetic_floor(dtype, device),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
     }
 
 
@@ -291,8 +329,61 @@ def check_precision(value: Any) -> str:
     return value.lower()
 
 
-def resolve_precision(requested: str, device: torch.device | str, dtype: torch.dtype) -> PrecisionPolicy:
+def check_cudnn_benchmark(value: Any) -> str:
+    """``value`` as one of :data:`CUDNN_BENCHMARK`, else ``ValueError("cudnn_benchmark: ...")``."""
+    if not isinstance(value, str) or value.lower() not in CUDNN_BENCHMARK:
+        raise ValueError(f"cudnn_benchmark: unknown value {value!r}; choose one of {list(CUDNN_BENCHMARK)}")
+    return value.lower()
+
+
+def resolve_cudnn_benchmark(
+    requested: str, device: torch.device | str, *, convolutions: bool, fixed_shapes: bool
+) -> tuple[bool, str]:
+    """Whether cuDNN autotunes its convolution algorithms during training, and why (docs/precision.md).
+
+    With ``torch.backends.cudnn.benchmark`` on, cuDNN times its algorithms the first time it meets an input shape
+    and keeps the fastest for that shape. That pays when a run meets the same few shapes step after step: image
+    flows (convolutional G) on CUDA, whose solves keep a fixed shape (finished samples masked, not removed:
+    :func:`monoflow_core.solvers.default_fixed_shape`) on batches of a fixed size. Where the shapes change from one
+    iteration to the next (solves that compact the batch) every new shape would be timed again.
+
+    * ``"auto"``: on for a model with convolutions on CUDA whose shapes are fixed; off otherwise, saying why.
+    * ``"on"`` / ``"off"``: as requested; ``"on"`` resolves to off where there is no cuDNN (not CUDA).
+
+    Args:
+        requested: one of :data:`CUDNN_BENCHMARK`.
+        device: the training device.
+        convolutions: the model's G has convolutions (an image flow).
+        fixed_shapes: every step meets the same shapes (fixed-shape solves, batches of a fixed size).
+
+    Returns:
+        ``(on, reason)``; the reason begins with ``"on"`` or ``"off"``.
+    """
+    req = check_cudnn_benchmark(requested)
+    dev = torch.device(device).type
+    if dev != "cuda":
+        return False, f"off: {'requested on, but ' if req == 'on' else ''}the {dev} has no cuDNN"
+    if req != "auto":
+        return req == "on", f"{req}: requested"
+    if not convolutions:
+        return False, "off (auto): a vector model has no convolutions to tune"
+    if not fixed_shapes:
+        return False, "off (auto): the solves change the batch's shape from one iteration to the next"
+    return True, "on (auto): an image model on CUDA with fixed shapes (cuDNN tunes each convolution once)"
+
+
+def resolve_precision(
+    requested: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    benchmark: str = "auto",
+    convolutions: bool = False,
+    fixed_shapes: bool = False,
+) -> PrecisionPolicy:
     """The policy for a run on ``device`` in ``dtype`` (docs/precision.md).
+
+    The arithmetic of G (``requested``):
 
     * ``"highest"``: IEEE arithmetic everywhere; the floor is 10 epsilons of the dtype.
     * ``"tf32"``: TF32 in CUDA float32 products and convolutions during training, with the TF32 floor
@@ -301,11 +392,14 @@ def resolve_precision(requested: str, device: torch.device | str, dtype: torch.d
       enables for convolutions by default: TF32's rounding leaves residual noise that a float32 solve cannot get
       below, and the solves, log-dets and implicit gradients of training are then only as exact as TF32's floor
       allows (docs/precision.md has the measurements); the released code of the paper turns TF32 off as well.
+
+    cuDNN's autotuning (``benchmark``, ``convolutions``, ``fixed_shapes``): see :func:`resolve_cudnn_benchmark`.
     """
     req = check_precision(requested)
     dev = torch.device(device).type
     name = str(dtype).replace("torch.", "")
     full = tolerance_floor("float64" if dtype == torch.float64 else "float32")
+    tuned = resolve_cudnn_benchmark(benchmark, device, convolutions=convolutions, fixed_shapes=fixed_shapes)
     if req == "tf32" and dev == "cuda" and dtype == torch.float32:
         return PrecisionPolicy(
             req,
@@ -316,10 +410,11 @@ def resolve_precision(requested: str, device: torch.device | str, dtype: torch.d
             tolerance_floor("tf32"),
             full,
             "TF32 requested: faster products, solves stop at the TF32 floor",
+            *tuned,
         )
     if req == "tf32":
         why = "float64 has no TF32 mode" if dtype != torch.float32 else f"the {dev} has no TF32 arithmetic"
-        return PrecisionPolicy(req, "highest", dev, name, False, full, full, f"TF32 requested, but {why}")
+        return PrecisionPolicy(req, "highest", dev, name, False, full, full, f"TF32 requested, but {why}", *tuned)
     if req == "highest":
         reason = "highest requested"
     elif dev == "cuda" and dtype == torch.float32:
@@ -329,7 +424,7 @@ def resolve_precision(requested: str, device: torch.device | str, dtype: torch.d
         )
     else:
         reason = f"auto: {dev} {name} arithmetic is IEEE"
-    return PrecisionPolicy(req, "highest", dev, name, False, full, full, reason)
+    return PrecisionPolicy(req, "highest", dev, name, False, full, full, reason, *tuned)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ The published protocols (docs/algorithm.md section 9.1) are reproduced by the de
 (0.9, 0.999) and coupled weight decay 1e-5, batches of 500 fresh samples, 5 power iterations after every step,
 concatenation weights frozen for the first 25,000 iterations, a test on 10,000 fresh samples every 100 iterations
 and the mean of the last 20 tests as the reported number (:func:`paper_protocol_value`).
+
+The trainer is assembled from small modules: :mod:`~monoflow_core.training_step` (gradients, clipping and the
+guarded optimizer step), :mod:`~monoflow_core.training_eval` (its tests) and :mod:`~monoflow_core.training_state`
+(its resumable state); this module holds the loop and the names the CLI, the studio and users import.
 """
 
 from __future__ import annotations
@@ -25,27 +29,26 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from . import evaluation
+from . import solvers
 from .blocks import ActNorm
+from .bounds import INTERVALS, check_in
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import DTYPES, SCHEDULES, FlowConfig, TrainConfig, check_float, check_int
-from .data import ToyStream, sample_staircase, sample_toy
+from .data import ToyStream
 from .data.images import ImageSet, ImageStream, load_image_set
 from .data.points import POINTS_DATA, PointSet, PointStream
 from .distributed import DistributedContext
-from .evaluation_policy import evaluation_copy, evaluation_dtype, image_test
 from .flow import Flow
 from .image_layers import ActNorm2d
 from .metrics import (
     PAPER_PROTOCOL_TESTS,
-    TRAINER_STATE_FORMAT,
     EvalMetrics,
     RunSummary,
     StepMetrics,
@@ -55,13 +58,28 @@ from .metrics import (
 from .models import build_flow
 from .multiscale import MultiscaleFlow
 from .nn.lipschitz import update_lipschitz
-from .precision import PrecisionPolicy, full_precision, resolve_precision
+from .precision import PrecisionPolicy, check_cudnn_benchmark, resolve_precision
+from .training_eval import EVAL_CHUNK, EVAL_STREAM_SEED_OFFSET, TrainerEvaluation
+from .training_state import CHECKPOINT_HISTORY, TrainerState, thin_records
+from .training_step import (
+    OptimizerGuard,
+    TrainingError,
+    accumulate_gradients,
+    clip_gradients,
+    grad_norm,
+    make_adam,
+    solver_summary,
+)
 
 #: Held while a trainer seeds torch's global generator and builds its flow (see Trainer.__init__).
 _SEEDED_BUILD = threading.Lock()
 
 __all__ = [
+    "CHECKPOINT_HISTORY",
     "DTYPES",
+    "EVAL_CHUNK",
+    "EVAL_STREAM_SEED_OFFSET",
+    "NOISE_SEED_OFFSET",
     "PAPER_PROTOCOL_TESTS",
     "SCHEDULES",
     "EvalMetrics",
@@ -71,33 +89,15 @@ __all__ = [
     "Trainer",
     "TrainingError",
     "lr_factor",
+    "make_adam",
     "paper_protocol_nll",
     "paper_protocol_value",
+    "thin_records",
 ]
 
 
-#: Power iterations before an evaluation (the released code's 200; only layers in ``"power"`` mode need them).
-
-#: The fresh-sample test stream is seeded with ``seed + EVAL_STREAM_SEED_OFFSET`` so it never repeats the
-#: training batches.
-EVAL_STREAM_SEED_OFFSET = 1_000_003
-
-#: Chunk size (samples) for evaluations.
-EVAL_CHUNK = 10_000
-
 #: The dequantization noise generator is seeded with ``seed + NOISE_SEED_OFFSET``.
 NOISE_SEED_OFFSET = 7919
-
-
-# A checkpoint's header keeps at most this many step records and this many test records, thinned evenly over the
-# run (the newest always kept, and the last PAPER_PROTOCOL_TESTS tests intact): the header's size and the save's time
-# must not grow with the number of steps (the whole history lives in the run's metrics.csv). At about 250 bytes a
-# record the thinned histories stay below 200 KB.
-CHECKPOINT_HISTORY = 512
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. too many consecutive steps with a non-finite loss or gradient)."""
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -115,51 +115,10 @@ def lr_factor(config: TrainConfig, step: int) -> float:
     return factor
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the trainer
-# --------------------------------------------------------------------------------------------------------------
-
-
 StepCallback = Callable[[StepMetrics, EvalMetrics | None], Any]
 
 
-def thin_records(records: list[Any], limit: int, *, keep_last: int = 1) -> list[Any]:
-    """At most ``limit`` of ``records``, evenly spaced over the whole list, with the last ``keep_last`` kept whole.
-
-    Used to bound a checkpoint's copy of the step and test histories: a curve redrawn from the thinned records
-    keeps its shape over the whole run, and the most recent records (the paper protocol's last tests) are exact.
-
-    Args:
-        records: the records, oldest first.
-        limit: the largest number of records returned (at least ``keep_last``).
-        keep_last: how many of the newest records are always kept.
-
-    Returns:
-        A new list, oldest first.
-    """
-    if len(records) <= limit:
-        return list(records)
-    keep_last = min(keep_last, limit)
-    head, tail = records[: len(records) - keep_last], records[len(records) - keep_last :]
-    room = limit - keep_last
-    if room <= 0 or not head:
-        return list(tail)
-    # Evenly spaced indices over the older part, its first record included.
-    picked = sorted({(i * len(head)) // room for i in range(room)})
-    return [head[i] for i in picked] + list(tail)
-
-
-def make_adam(params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Adam:
-    """Adam with the fused kernel where this torch build has it (same algorithm; about 7x faster here for the
-    hundred small tensors of a toy flow: 1.2 ms instead of 7.8 ms per step), else the ``foreach`` one."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, foreach=True, **kwargs)
-
-
-class Trainer:
+class Trainer(TrainerEvaluation, TrainerState):
     """Trains a flow on a toy density (maximum likelihood) or on the 1-D staircase (MSE).
 
     One :meth:`step` = fresh batch, forward, backward, gradient-norm check and clipping, Adam step,
@@ -168,7 +127,8 @@ class Trainer:
     bit-identical, and after ``max_rejected_steps`` consecutive rejections a :class:`TrainingError` is raised.
     Between steps the learning rate and solver settings may be changed live
     (:meth:`set_lr`, :meth:`set_solver`). :meth:`state_dict` / :meth:`load_state_dict` capture everything
-    needed for a bit-for-bit resumption (on the same device, same seed).
+    needed for a bit-for-bit resumption (on the same device, same seed; on CUDA with cuDNN's autotuning on, up to
+    rounding: ``TrainConfig.cudnn_benchmark``).
 
     Randomness: the weights come from ``torch.manual_seed(seed)`` immediately before building the flow (so the
     same seed gives the same weights; note this reseeds torch's global generator); training batches come from a
@@ -237,8 +197,9 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {train_config.device!r} requested but CUDA is not available (pass --device cpu)")
         self.dtype = train_config.torch_dtype
-        # How G is computed in training (TF32 or not, and the solvers' floor); evaluations use full precision.
-        self.precision: PrecisionPolicy = resolve_precision(train_config.precision, self.device, self.dtype)
+        # How G is computed in training (TF32 or not, the solvers' floor, cuDNN's autotuning); evaluations use full
+        # precision.
+        self.precision: PrecisionPolicy = self._resolve_precision(train_config.precision, train_config.cudnn_benchmark)
         self.dist = DistributedContext.current()
         if self._train_images is not None:
             # The data decide the image shape and the number of levels; the architecture comes from the config.
@@ -297,10 +258,6 @@ class Trainer:
         self._step = 0
         self._consecutive_rejections = 0
         self._rejected_total = 0
-        # Largest |parameter| after the last optimizer step and the parameters' version sum then: while neither the
-        # parameters changed since nor the next step can reach float overflow, that step needs no backup.
-        self._param_peak: float | None = None
-        self._param_versions = -1
         self._concat_state: bool | None = None
         self._test_set: Any = None
         self.history: deque[StepMetrics] = deque(maxlen=history_length)
@@ -312,6 +269,8 @@ class Trainer:
         self._modules = list(self.flow.modules())
         self._actnorms = [m for m in self._modules if isinstance(m, ActNorm | ActNorm2d)]
         self._params = list(self.flow.parameters())
+        # The optimizer step, undone when it overflows a parameter (it backs up only steps that could).
+        self._guard = OptimizerGuard(self.optimizer, self._params, self.dtype)
         self._apply_schedules(0)
 
     # -- properties and live controls ---------------------------------------------------------------------
@@ -336,24 +295,39 @@ class Trainer:
         return self._rejected_total
 
     @property
-    def eval_flow(self) -> Flow:
-        """The weights used for evaluation: the EMA copy if enabled, else the trained flow."""
-        return self._ema_flow if self._ema_flow is not None else self.flow
+    def training_images(self) -> ImageSet | None:
+        """The training set of an image run (None for other tasks), as loaded once at construction."""
+        return self._train_images
 
     def set_lr(self, lr: float) -> None:
         """Change the base learning rate from the next step on (the schedule's factor still applies)."""
-        lr = check_float("lr", lr)
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr!r}")
+        lr = check_in("lr", check_float("lr", lr), INTERVALS["lr"])
         self._base_lr = lr
         # Keep the stored configuration truthful, so checkpoints and config.json record the rate in use.
         self.train_config.lr = lr
         self._apply_lr(self._step)
 
-    def set_precision(self, precision: str) -> None:
-        """Change the precision policy (``TrainConfig.precision``) from the next step on."""
-        self.precision = resolve_precision(precision, self.device, self.dtype)
-        self.train_config.precision = self.precision.requested
+    def set_precision(self, precision: str | None = None, *, cudnn_benchmark: str | None = None) -> None:
+        """Change the precision policy (``TrainConfig.precision``, ``TrainConfig.cudnn_benchmark``) from the next step
+        on; ``None`` keeps a setting."""
+        cfg = self.train_config
+        precision = cfg.precision if precision is None else precision
+        benchmark = cfg.cudnn_benchmark if cudnn_benchmark is None else check_cudnn_benchmark(cudnn_benchmark)
+        self.precision = self._resolve_precision(precision, benchmark)
+        cfg.precision = self.precision.requested
+        cfg.cudnn_benchmark = benchmark
+
+    def _resolve_precision(self, precision: str, cudnn_benchmark: str) -> PrecisionPolicy:
+        # A step's shapes are fixed when its solves keep a fixed shape: the streams always return whole batches of
+        # batch_size samples, and accumulation chunks and data-parallel shards have at most two sizes.
+        return resolve_precision(
+            precision,
+            self.device,
+            self.dtype,
+            benchmark=cudnn_benchmark,
+            convolutions=self.task == "image",
+            fixed_shapes=solvers.default_fixed_shape(self.device),
+        )
 
     def set_solver(self, tol: float | None = None, max_iter: int | None = None, solver: str | None = None) -> None:
         """Change the fixed-point solver settings of every block from the next pass on (no rebuild)."""
@@ -431,162 +405,11 @@ class Trainer:
         with torch.no_grad():
             self._loss_sum(batch)
 
-    def _grad_norm(self) -> float:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if not grads:
-            return 0.0
-        # One fused kernel for all per-tensor norms (a per-tensor loop costs ~200 operators per step here).
-        norms = torch.stack(torch._foreach_norm([g.detach() for g in grads])).to(torch.float64)
-        return float(torch.linalg.vector_norm(norms))
-
-    def _clip(self, norm: float) -> None:
-        clip = self.train_config.grad_clip
-        if clip is None:
-            return
-        # Same rule as torch.nn.utils.clip_grad_norm_, applied to the norm already measured.
-        coef = clip / (norm + 1e-6)
-        if coef < 1.0:
-            torch._foreach_mul_([p.grad.detach() for p in self._params if p.grad is not None], coef)
-
     def _snapshot(self) -> dict[str, Tensor] | None:
         """A copy of the flow's state when the forward pass itself may modify it (ActNorm's data init)."""
         if self._needs_actnorm_init():
             return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
         return None
-
-    def _adam_step_bound(self) -> float:
-        """An upper bound on how far the next optimizer step moves any parameter entry (``inf``: none known).
-
-        Adam moves an entry by ``lr |m_hat| / (sqrt(v_hat) + eps)`` whatever the gradients: with
-        ``r = beta1^2 / beta2 < 1``, Cauchy-Schwarz over the two moving averages bounds ``|m_hat| / sqrt(v_hat)`` by
-        ``1 / sqrt((1 - beta2) (1 - r))`` (about 73 for the default betas). A factor 4 covers rounding.
-        """
-        if type(self.optimizer) is not torch.optim.Adam:  # another rule (or AdamW's decay): no bound known
-            return math.inf
-        bound = 0.0
-        for group in self.optimizer.param_groups:
-            beta1, beta2 = (float(b) for b in group["betas"])
-            if group.get("decoupled_weight_decay", False) or not 0.0 <= beta1 * beta1 < beta2 < 1.0:
-                return math.inf
-            gain = 1.0 / math.sqrt((1.0 - beta2) * (1.0 - beta1 * beta1 / beta2))
-            bound = max(bound, 4.0 * abs(float(group["lr"])) * gain)
-        return bound
-
-    def _parameter_versions(self) -> int:
-        # Every in-place change of a parameter (optimizer, load_state_dict, ActNorm's init) bumps its version.
-        return sum(p._version for p in self._params)
-
-    def _optimizer_backup(self) -> tuple[list[Tensor], dict[Any, dict[str, Any]]]:
-        """Copies of the parameters and of the optimizer's state, to undo a step (:meth:`_restore_optimizer`)."""
-        params = [p.detach().clone() for p in self._params]
-        state = {
-            p: {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
-            for p, s in self.optimizer.state.items()
-        }
-        return params, state
-
-    @torch.no_grad()
-    def _restore_optimizer(self, backup: tuple[list[Tensor], dict[Any, dict[str, Any]]]) -> None:
-        params, state = backup
-        torch._foreach_copy_([p.detach() for p in self._params], params)
-        # The saved copies become the state: bit-identical values, and the entries the step created vanish.
-        self.optimizer.state.clear()
-        self.optimizer.state.update(state)
-
-    def _guarded_optimizer_step(self, index: int, params_changed: bool) -> str:
-        """The optimizer step, undone if it left a non-finite parameter; returns the rejection message or "".
-
-        A huge learning rate overflows parameters to inf, and the next pass's spectral norms would fail on them.
-        The check is one reduction over all parameters and the step's only host sync after the update. A backup to
-        undo the step is taken only when the step could overflow (:meth:`_adam_step_bound` from the last measured
-        peak) or that peak is stale, so ordinary steps copy nothing.
-        """
-        peak = self._param_peak
-        limit = 0.5 * torch.finfo(self.dtype).max
-        risky = (
-            peak is None
-            or params_changed
-            or self._param_versions != self._parameter_versions()
-            or not peak + self._adam_step_bound() < limit
-        )
-        backup = self._optimizer_backup() if risky else None
-        self.optimizer.step()
-        with torch.no_grad():
-            # One flat copy (a C++ loop, not a Python one per tensor) and one reduction; the max-norm propagates
-            # NaN and turns -inf into inf, so the peak is finite iff every entry is.
-            flat = torch._utils._flatten_dense_tensors(self._params) if self._params else None
-            peak = float(torch.linalg.vector_norm(flat, math.inf)) if flat is not None and flat.numel() else 0.0
-        self._param_versions = self._parameter_versions()
-        if math.isfinite(peak):
-            self._param_peak = peak
-            return ""
-        self._param_peak = None
-        if backup is None:  # only if the parameters were replaced without an in-place change (``p.data = ...``)
-            raise TrainingError(
-                f"step {index}: the optimizer step left non-finite parameters ({peak}) and no backup was taken to "
-                "undo it (the parameters were changed outside the trainer); resume from a checkpoint"
-            )
-        self._restore_optimizer(backup)
-        self._param_versions = self._parameter_versions()
-        return f"step {index}: the optimizer step made parameters non-finite ({peak}); step undone"
-
-    def _accumulate_gradients(self, batch: tuple[Tensor, ...]) -> tuple[float, str]:
-        """Forward and backward over this process's micro-batches; sum gradients and loss over processes.
-
-        Returns ``(mean loss of the global batch, rejection message or "")``.
-        """
-        global_size = batch[0].shape[0]
-        local = tuple(self.dist.shard(t) for t in batch)
-        chunks = self.train_config.grad_accumulation
-        local_loss = 0.0
-        # (no split when there is nothing to split: the common case pays no extra operators)
-        pieces = (local,) if chunks == 1 else zip(*(torch.tensor_split(t, chunks) for t in local), strict=True)
-        for piece in pieces:
-            if piece[0].shape[0] == 0:
-                continue
-            loss = self._loss_sum(piece) / global_size
-            if self.loss_transform is not None:
-                loss = self.loss_transform(loss)
-            value = float(loss.detach())
-            local_loss += value
-            if not math.isfinite(value):  # local_loss is then non-finite too
-                break
-            loss.backward()
-            del loss
-        if self.dist.active:
-            # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
-            params = [p for p in self._params if p.requires_grad]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat(
-                [torch.tensor([local_loss], dtype=self.dtype, device=self.device)] + [g.reshape(-1) for g in grads]
-            )
-            self.dist.all_reduce_sum(flat)
-            local_loss = float(flat[0])
-            offset = 1
-            for p in params:
-                n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p)  # flat is this step's own buffer
-                offset += n
-        if not math.isfinite(local_loss):
-            return local_loss, f"non-finite loss ({local_loss})"
-        return local_loss, ""
-
-    def _solver_summary(self) -> tuple[float, int, int]:
-        """Summed mean, largest and failed counts of the forward solves' iterations over the blocks."""
-        recorded = [stats.get("forward") for stats in self.flow.solver_stats()]
-        forward = [fwd for fwd in recorded if fwd is not None and fwd.batch_size > 0]
-        if not forward:
-            return 0.0, 0, 0
-        if len({fwd.batch_size for fwd in forward}) == 1:  # the usual case: a few operators for all blocks at once
-            its = torch.stack([fwd.iterations for fwd in forward])
-            failed = int((~torch.stack([fwd.converged for fwd in forward])).sum())
-            return float(its.double().mean(dim=1).sum()), int(its.max()), failed
-        mean, worst, failed = 0.0, 0, 0
-        for fwd in forward:
-            mean += float(fwd.iterations.double().mean())
-            worst = max(worst, int(fwd.iterations.max()))
-            failed += fwd.n_failed
-        return mean, worst, failed
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -624,19 +447,28 @@ class Trainer:
         if snapshot is not None:
             self._initialize_actnorm(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        grad_norm = math.nan
-        loss_value, problem = self._accumulate_gradients(batch)
-        it_mean, it_max, failed = self._solver_summary()
+        norm = math.nan
+        loss_value, problem = accumulate_gradients(
+            self._loss_sum,
+            batch,
+            dist=self.dist,
+            chunks=self.train_config.grad_accumulation,
+            params=self._params,
+            dtype=self.dtype,
+            device=self.device,
+            loss_transform=self.loss_transform,
+        )
+        it_mean, it_max, failed = solver_summary(self.flow)
         exact = self.flow.logdet_is_exact
         message = f"step {index}: {problem}; optimizer step skipped" if problem else ""
         if not message:
-            grad_norm = self._grad_norm()
-            if not math.isfinite(grad_norm):
-                message = f"step {index}: non-finite gradient norm ({grad_norm}); optimizer step skipped"
+            norm = grad_norm(self._params)
+            if not math.isfinite(norm):
+                message = f"step {index}: non-finite gradient norm ({norm}); optimizer step skipped"
         if not message:
-            self._clip(grad_norm)
+            clip_gradients(self._params, norm, self.train_config.grad_clip)
             # (a step whose update overflows is rejected like a non-finite loss, parameters and state restored)
-            message = self._guarded_optimizer_step(index, params_changed=snapshot is not None)
+            message = self._guard.step(index, params_changed=snapshot is not None)
         rejected = bool(message)
         if rejected:
             self.optimizer.zero_grad(set_to_none=True)
@@ -655,7 +487,7 @@ class Trainer:
             step=index,
             loss=loss_value,
             lr=lr,
-            grad_norm=grad_norm,
+            grad_norm=norm,
             seconds=time.perf_counter() - t0,
             rejected=rejected,
             message=message,
@@ -673,150 +505,6 @@ class Trainer:
                 "step: lower the learning rate, set grad_clip, or resume from an earlier checkpoint."
             )
         return metrics
-
-    # -- evaluation ---------------------------------------------------------------------------------------
-    def evaluation_dtype(self) -> torch.dtype:
-        """The dtype :meth:`evaluate` tests in by default."""
-        return self._eval_dtype(None)
-
-    def _eval_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        return evaluation_dtype(self.task, self.device, self.dtype, dtype)
-
-    def evaluation_copy(self, dtype: torch.dtype | None = None) -> Flow:
-        """A detached copy of the evaluation weights (EMA if kept), prepared for a test in ``dtype`` (default:
-        :meth:`evaluation_dtype`; see :mod:`monoflow_core.evaluation_policy`). The live flow is untouched."""
-        return evaluation_copy(self.eval_flow, self._eval_dtype(dtype))
-
-    def _fixed_test_set(self) -> Any:
-        if self._test_set is None:
-            cfg = self.train_config
-            if self.points is not None:
-                self._test_set = self.points.test[: cfg.test_size]
-            elif self.task == "density":
-                self._test_set = sample_toy(cfg.data, cfg.test_size, rng=cfg.test_seed, dtype=torch.float64)
-            else:
-                self._test_set = sample_staircase(cfg.eval_size, rng=cfg.test_seed, dtype=torch.float64)
-        return self._test_set
-
-    @full_precision()
-    def evaluate(
-        self,
-        n: int | None = None,
-        fixed: bool = True,
-        *,
-        dtype: torch.dtype | None = None,
-        record: bool = False,
-        split: str | None = None,
-    ) -> EvalMetrics:
-        """Test the model (EMA weights if enabled) without changing the training state.
-
-        Always in full float32 / float64 arithmetic (TF32 off, :func:`~monoflow_core.precision.full_precision`).
-        Density tasks: the mean negative log-likelihood in nats, on the first ``n`` (default ``test_size``)
-        points of the fixed seeded held-out set, or with ``fixed=False`` on ``n`` (default ``eval_size``) fresh
-        points from a separate seeded stream (the paper's protocol, docs/algorithm.md §9.1). Regression: the test MSE
-        on ``eval_size`` seeded points (the paper's 10,000) or on fresh ones.
-
-        Args:
-            n: number of test points (``None``: the configured size).
-            fixed: the fixed held-out set (True) or fresh samples (False).
-            dtype: evaluation dtype; ``None`` = float64 on CPU, the training dtype elsewhere.
-            record: append the result to :attr:`eval_history`.
-            split: image tasks: the split to test (default ``eval_split``); ignored otherwise.
-        """
-        t0 = time.perf_counter()
-        cfg = self.train_config
-        dt = self._eval_dtype(dtype)
-        if n is not None:
-            n = check_int("n", n, 1)
-        if self.task == "image":
-            result = self._evaluate_images(n, dt, split or cfg.eval_split)
-            result.seconds = time.perf_counter() - t0
-            if record:
-                self.eval_history.append(result)
-            return result
-        fixed = fixed or self.points is not None  # a user's points have no fresh samples: the held-out part
-        if fixed:
-            data = self._fixed_test_set()
-            size = data.shape[0] if isinstance(data, Tensor) else data[0].shape[0]
-            if n is not None and n > size:
-                raise ValueError(f"n: the fixed test set has {size} points, asked for {n}")
-            if n is not None:
-                data = data[:n] if isinstance(data, Tensor) else (data[0][:n], data[1][:n])
-        else:
-            assert self._eval_stream is not None
-            data = self._eval_stream.sample(n if n is not None else cfg.eval_size, torch.float64)
-        model = self.evaluation_copy(dt)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            # Seeded so that estimator-based (non-exact) test NLLs are reproducible.
-            torch.manual_seed(cfg.test_seed)
-            if self.task == "density":
-                assert isinstance(data, Tensor)
-                logp = evaluation.log_prob(model, data, chunk=EVAL_CHUNK)
-                nll = float(-logp.mean())
-                stderr = float(logp.std() / math.sqrt(logp.numel())) if logp.numel() > 1 else 0.0
-                mse = None
-                n_test = int(logp.numel())
-            else:
-                x, y = data
-                mse = evaluation.test_mse(model, x, y, chunk=EVAL_CHUNK)
-                nll, stderr = None, None
-                n_test = int(x.shape[0])
-        result = EvalMetrics(
-            step=self._step,
-            nll_nats=nll,
-            mse=mse,
-            n_test=n_test,
-            seconds=time.perf_counter() - t0,
-            exact=bool(model.logdet_is_exact),
-            fixed=fixed,
-            nll_stderr_nats=stderr,
-            dtype=str(dt).replace("torch.", ""),
-        )
-        if record:
-            self.eval_history.append(result)
-        return result
-
-    @property
-    def training_images(self) -> ImageSet | None:
-        """The training set of an image run (None for other tasks), as loaded once at construction."""
-        return self._train_images
-
-    def evaluation_images(self, split: str | None = None) -> ImageSet:
-        """An image split for evaluations (default ``eval_split``), loaded once."""
-        cfg = self.train_config
-        split = split or cfg.eval_split
-        if split not in self._eval_images:
-            self._eval_images[split] = load_image_set(cfg.data, split, cfg.data_dir)
-        return self._eval_images[split]
-
-    def _evaluate_images(self, n: int | None, dtype: torch.dtype, split: str) -> EvalMetrics:
-        """Bits/dim on the first ``n`` (default ``eval_size``, at most all) images of the evaluation split.
-
-        The dequantization noise comes from a generator seeded with ``test_seed``, so repeated evaluations of the
-        same weights agree; with an estimated log-det the probes are seeded too.
-        """
-        cfg = self.train_config
-        images = self.evaluation_images(split).images
-        count = min(n if n is not None else cfg.eval_size, images.shape[0])
-        model = self.evaluation_copy(dtype)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.test_seed)  # only a power-series log-det draws from it
-            result = image_test(
-                model,
-                images[:count],
-                step=self._step,
-                seed=cfg.test_seed,
-                split=split,
-                dequantization=getattr(self.model_config, "dequantization", "uniform"),
-            )
-        assert result is not None
-        return result
-
-    def paper_protocol(self, last: int = PAPER_PROTOCOL_TESTS) -> float | None:
-        """Mean of the last ``last`` recorded fresh-sample tests (nats or MSE); see :func:`paper_protocol_value`."""
-        return paper_protocol_value(self.eval_history, last)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(
@@ -884,72 +572,6 @@ class Trainer:
             stopped_early=stopped,
             task=self.task,
         )
-
-    # -- state --------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """A snapshot (deep copy) of everything needed to resume training exactly.
-
-        Keys: ``format``, ``step``, ``flow`` (module state incl. buffers), ``optimizer``, ``base_lr``,
-        ``stream`` and ``eval_stream`` (data stream states, JSON), ``torch_rng`` (CPU generator state, uint8),
-        ``cuda_rng`` (on CUDA), ``ema`` (EMA flow state or ``None``), ``ema_updates``,
-        ``consecutive_rejections``, ``rejected_total``, ``history``, ``eval_history`` (lists of dicts, thinned to at
-        most :data:`CHECKPOINT_HISTORY` records each by :func:`thin_records`, so the state's size does not grow with
-        the number of steps; the last :data:`PAPER_PROTOCOL_TESTS` tests are always whole, so the paper protocol
-        survives a resume).
-        """
-        state: dict[str, Any] = {
-            "format": TRAINER_STATE_FORMAT,
-            "step": self._step,
-            "flow": self.flow.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "base_lr": self._base_lr,
-            "stream": self._stream.state_dict(),
-            "eval_stream": None if self._eval_stream is None else self._eval_stream.state_dict(),
-            "noise_rng": self._noise_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "ema": None if self._ema_flow is None else self._ema_flow.state_dict(),
-            "ema_updates": self._ema_updates,
-            "consecutive_rejections": self._consecutive_rejections,
-            "rejected_total": self._rejected_total,
-            "history": [m.to_dict() for m in thin_records(list(self.history), CHECKPOINT_HISTORY)],
-            "eval_history": [
-                e.to_dict() for e in thin_records(self.eval_history, CHECKPOINT_HISTORY, keep_last=PAPER_PROTOCOL_TESTS)
-            ],
-        }
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return copy.deepcopy(state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (possibly read back from a checkpoint)."""
-        if not isinstance(state, dict) or state.get("format") != TRAINER_STATE_FORMAT:
-            raise ValueError(
-                f"trainer state: expected a dict with format {TRAINER_STATE_FORMAT!r}, "
-                f"got {state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
-            )
-        self.flow.load_state_dict(state["flow"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._step = int(state["step"])
-        self._base_lr = float(state["base_lr"])
-        self._stream.load_state_dict(state["stream"])
-        if self._eval_stream is not None and state.get("eval_stream") is not None:
-            self._eval_stream.load_state_dict(state["eval_stream"])
-        if state.get("noise_rng") is not None:
-            self._noise_generator.set_state(state["noise_rng"].to(device="cpu", dtype=torch.uint8))
-        torch.set_rng_state(state["torch_rng"].to(device="cpu", dtype=torch.uint8))
-        if self.device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        ema = state.get("ema")
-        if self._ema_flow is not None:
-            self._ema_flow.load_state_dict(ema if ema is not None else self.flow.state_dict())
-        self._ema_updates = int(state.get("ema_updates", 0))
-        self._consecutive_rejections = int(state.get("consecutive_rejections", 0))
-        self._rejected_total = int(state.get("rejected_total", 0))
-        self.history.clear()
-        self.history.extend(StepMetrics.from_dict(m) for m in state.get("history", []))
-        self.eval_history = [EvalMetrics.from_dict(e) for e in state.get("eval_history", [])]
-        self._concat_state = None  # force the schedule to be re-applied
-        self._apply_schedules(self._step)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:

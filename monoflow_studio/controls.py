@@ -3,7 +3,9 @@
 Live settings (learning rate, solver, tolerance, iteration cap; for image runs the test schedule) are applied to
 the running trainer between two steps. Rebuild settings (data set, formulation, activation, Lipschitz coefficient,
 blocks, G size, batch size, seed, device) need a fresh model; the window asks before discarding a run for them.
-Every numeric field has the core's valid range, so an out-of-range value cannot be entered.
+Every numeric field takes its limits from the core's ranges (:mod:`monoflow_core.bounds`, the tables the
+configurations validate against), so an out-of-range value cannot be entered; where the core sets no limit (counts
+have no maximum, a learning rate no minimum above 0) the box has its own.
 
 The panel follows the kind of run it shows: image runs replace "Blocks" by "Blocks per scale" and "FC blocks",
 show the test settings, and keep their data set (it is chosen with a preset or a run configuration, since a 2-D
@@ -30,11 +32,12 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from monoflow_core.bounds import INTERVALS, MINIMUM
 from monoflow_core.config import FORMULATIONS
 from monoflow_core.data import TOY_DATASETS, sample_toy
 from monoflow_core.families import IMPLICIT, describe_family
 from monoflow_core.nn.activations import ACTIVATIONS
-from monoflow_core.solvers import METHODS
+from monoflow_core.solvers import DEFAULT_TOL, METHODS
 
 from .run_spec import RunSpec
 from .widgets import LogSpinBox
@@ -71,6 +74,36 @@ IMAGE_DATA_TIP = (
     "image runs keep their data set (a 2-D density needs another model): choose another run from the "
     "Presets menu or with File > Load run configuration"
 )
+
+
+#: Decimals of the Lipschitz coefficient's box: its range is the core's open interval (0, 1) at this resolution.
+LIPSCHITZ_DECIMALS = 3
+#: Resolution at the core's ends in the log-scale boxes, which show three significant digits (the tolerance's upper
+#: end is the core's open 1 less this: 0.999; its lower end is the studio's, the solvers' default DEFAULT_TOL).
+LOG_RESOLUTION = 1e-3
+#: The learning rates the studio offers (the core accepts any lr > 0; these are the box's own limits).
+LR_LIMITS = (1e-6, 1.0)
+
+
+def core_range(
+    name: str, resolution: float, limits: tuple[float | None, float | None] = (None, None)
+) -> tuple[float, float]:
+    """A box's range for the configuration field ``name``: the core's interval (:data:`monoflow_core.bounds.INTERVALS`)
+    at the box's ``resolution`` (an open end moves one step inwards), or the studio's own ``limits`` where given.
+
+    Raises:
+        ValueError: an end is unbounded in the core and the studio gives no limit there, or a limit of the studio
+            lies outside the core's interval.
+    """
+    interval = INTERVALS[name]
+    core_low, core_high = interval.inside(resolution)
+    low = limits[0] if limits[0] is not None else core_low
+    high = limits[1] if limits[1] is not None else core_high
+    if low is None or high is None:
+        raise ValueError(f"{name}: the core's range is unbounded; the control needs its own limit there")
+    if low not in interval or high not in interval:
+        raise ValueError(f"{name}: the control's range [{low:g}, {high:g}] leaves the core's ({interval.rule()})")
+    return low, high
 
 
 def dataset_icon(name: str, size: int = 40) -> QIcon:
@@ -119,30 +152,30 @@ class ControlsPanel(QWidget):
         self.formulation = self._combo(FORMULATIONS)
         self.activation = self._combo(tuple(ACTIVATIONS))
         self.lipschitz = QDoubleSpinBox()
-        self.lipschitz.setRange(0.05, 0.99)  # FlowConfig: (0, 1) exclusive
+        self.lipschitz.setDecimals(LIPSCHITZ_DECIMALS)  # first: the box rounds its range to its decimals
+        self.lipschitz.setRange(*core_range("lipschitz", 10.0**-LIPSCHITZ_DECIMALS))
         self.lipschitz.setSingleStep(0.01)
-        self.lipschitz.setDecimals(3)
-        self.blocks = self._spin(1, 32)
+        self.blocks = self._spin(MINIMUM["blocks"], 32)
         self.blocks_per_scale = QLineEdit()
         self.blocks_per_scale.setValidator(
             QRegularExpressionValidator(QRegularExpression(r"\s*\d{1,2}(\s*,\s*\d{1,2})*\s*"))
         )
         self.blocks_per_scale.setPlaceholderText("e.g. 2, 2, 2")
         self._blocks_per_scale_text = ""
-        self.fc_blocks = self._spin(0, 32)
-        self.depth = self._spin(1, 8)
-        self.growth = self._spin(2, 128)
-        self.batch_size = self._spin(8, 20000, step=50)
-        self.seed = self._spin(0, 2**31 - 1)
+        self.fc_blocks = self._spin(MINIMUM["fc_blocks"], 32)
+        self.depth = self._spin(MINIMUM["depth"], 8)
+        self.growth = self._spin(MINIMUM["growth"], 128)
+        self.batch_size = self._spin(MINIMUM["batch_size"], 20000, step=50)
+        self.seed = self._spin(MINIMUM["seed"], 2**31 - 1)
         self.device = self._combo(tuple(available_devices()))
-        self.lr = LogSpinBox(1e-6, 1.0, 1e-3)
+        self.lr = LogSpinBox(*core_range("lr", LOG_RESOLUTION, LR_LIMITS), 1e-3)
         self.solver = self._combo(METHODS)
-        self.tol = LogSpinBox(1e-12, 0.1, 1e-6, factor=10.0)
-        self.max_iter = self._spin(1, 100000, step=10)
+        self.tol = LogSpinBox(*core_range("tol", LOG_RESOLUTION, (DEFAULT_TOL, None)), 1e-6, factor=10.0)
+        self.max_iter = self._spin(MINIMUM["max_iter"], 100000, step=10)
         self.max_iter.setKeyboardTracking(False)
-        self.eval_every = self._spin(0, 1_000_000, step=50)
+        self.eval_every = self._spin(MINIMUM["eval_every"], 1_000_000, step=50)
         self.eval_every.setSpecialValueText(f"auto (every {default_eval_every})")
-        self.eval_size = self._spin(1, 1_000_000, step=50)
+        self.eval_size = self._spin(MINIMUM["eval_size"], 1_000_000, step=50)
 
         rebuild = QGroupBox("Model and data: a change rebuilds the run")
         self._rebuild_form = QFormLayout(rebuild)

@@ -411,7 +411,8 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
     # On the CPU a TF32 request runs in full precision, and says so.
     assert (stated["requested"], stated["mode"], stated["tf32"], stated["device"]) == ("tf32", "highest", False, "cpu")
     assert stated["tolerance_floor"] == pytest.approx(F32_FLOOR) and "no TF32" in stated["reason"]
-    assert "precision highest (requested tf32)" in err
+    assert stated["cudnn_benchmark"] is False and "no cuDNN" in stated["cudnn_benchmark_reason"]
+    assert "precision highest (requested tf32)" in err and "cuDNN benchmark off: the cpu has no cuDNN" in err
     code, stdout, err = run(["eval", out / "checkpoint.safetensors", "--json", "--test-size", "50"])
     assert code == 0, err
     doc = json.loads(stdout)
@@ -421,6 +422,7 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
         "device": "cpu",
         "dtype": "float64",
         "tolerance_floor": pytest.approx(10 * torch.finfo(torch.float64).eps),
+        "cudnn_benchmark": False,
     }
     code, _, err = run(["train", "--data", "8gaussians", "--precision", "fp8", "--out", tmp_path / "x"])
     assert code == 2 and "--precision" in err and "fp8" in err

@@ -17,13 +17,13 @@ from test_training import assert_same_state, small_trainer, snapshot  # noqa: E4
 
 def count_backups(trainer, monkeypatch):
     calls = []
-    original = trainer._optimizer_backup
+    original = trainer._guard.backup
 
     def counting():
         calls.append(trainer.step_count)
         return original()
 
-    monkeypatch.setattr(trainer, "_optimizer_backup", counting)
+    monkeypatch.setattr(trainer._guard, "backup", counting)
     return calls
 
 
@@ -94,7 +94,7 @@ def test_adam_step_bound_covers_the_actual_moves():
     worst = 0.0
     for _ in range(6):
         before = [p.detach().clone() for p in trainer.flow.parameters()]
-        bound = trainer._adam_step_bound()
+        bound = trainer._guard.step_bound()
         trainer.step()
         moves = [(p.detach() - b).abs().max() for p, b in zip(trainer.flow.parameters(), before, strict=True)]
         worst = max(worst, float(max(moves)))
@@ -105,7 +105,7 @@ def test_adam_step_bound_covers_the_actual_moves():
 def test_an_overflow_the_bound_did_not_foresee_is_a_clear_training_error(monkeypatch):
     trainer = small_trainer(max_rejected_steps=5)
     trainer.step()
-    monkeypatch.setattr(trainer, "_adam_step_bound", lambda: 0.0)  # as if the bound were wrong
+    monkeypatch.setattr(trainer._guard, "step_bound", lambda: 0.0)  # as if the bound were wrong
     trainer.set_lr(1e39)
     with pytest.raises(TrainingError, match=r"non-finite parameters .* no backup"):
         trainer.step()

@@ -12,7 +12,7 @@ from PySide6.QtWidgets import QFileDialog, QMessageBox
 
 from monoflow_core.checkpoint import load_checkpoint
 from monoflow_core.data.point_files import read_point_table
-from monoflow_studio import main_window as main_window_module
+from monoflow_studio import window_files as window_files_module
 from monoflow_studio.session import PAUSED
 from monoflow_studio.user_data import ColumnDialog, load_point_file
 
@@ -148,7 +148,7 @@ def test_loading_a_file_asks_for_columns_and_trains(window, qtbot, monkeypatch, 
 
         return choose
 
-    monkeypatch.setattr(main_window_module, "ask_columns", chooser)
+    monkeypatch.setattr(window_files_module, "ask_columns", chooser)
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(tmp_path / "mine.csv"), ""))
     run = window.run_id
     window.load_data_action.trigger()
@@ -170,7 +170,7 @@ def test_loading_a_file_asks_for_columns_and_trains(window, qtbot, monkeypatch, 
 
 def test_a_cancelled_column_choice_keeps_the_run(window, qtbot, monkeypatch, tmp_path):
     write_table(tmp_path / "mine.csv")
-    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: lambda table: None)
+    monkeypatch.setattr(window_files_module, "ask_columns", lambda parent: lambda table: None)
     run = window.run_id
     window.load_data(str(tmp_path / "mine.csv"))
     qtbot.wait(200)
@@ -222,7 +222,7 @@ def test_the_column_dialog_offers_every_column(qtbot, tmp_path):
 
 def test_switching_to_a_toy_set_and_back_keeps_the_points(window, qtbot, monkeypatch, tmp_path):
     write_table(tmp_path / "mine.csv")
-    monkeypatch.setattr(main_window_module, "ask_columns", lambda parent: lambda table: ("x", "y"))
+    monkeypatch.setattr(window_files_module, "ask_columns", lambda parent: lambda table: ("x", "y"))
     run = window.run_id
     window.load_data(str(tmp_path / "mine.csv"))
     qtbot.waitUntil(lambda: window.run_id == run + 1 and window.state == PAUSED, timeout=WAIT_MS)
