@@ -1,28 +1,36 @@
-"""Shared helpers of the reproduction benchmarks (``table1.py``, ``time_to_quality.py``, ``fig4.py``).
+"""Shared helpers of the reproduction benchmarks (``table1.py``, ``compare_flows.py``, ``time_to_quality.py``, ...).
 
-Published numbers (Ahn et al., NeurIPS 2022; docs/algorithm.md §9), machine description, thread settings and the
-Markdown / JSON writers. Nothing here trains anything: the scripts drive the core's one training loop
+Published numbers (Ahn et al., NeurIPS 2022; docs/algorithm.md §9), machine description, thread settings, the
+Markdown / JSON writers, and the machinery of resumable benchmarks made of one folder per run (``result.json``,
+a lock file, several runs at once). Nothing here trains anything: the scripts drive the core's one training loop
 (:class:`monoflow_core.training.Trainer`).
 """
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import contextlib
+import fcntl
 import importlib.metadata
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from monoflow_core.fileio import atomic_write
 from monoflow_core.runtime import tune_allocator
 
 # Every benchmark measures the engine as the CLI and the studio run it (glibc malloc settings, monoflow_core.runtime).
@@ -107,12 +115,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (NaN where the system has none), rounded to 0.01."""
+    try:
+        values = os.getloadavg()
+    except OSError:
+        values = (math.nan, math.nan, math.nan)
+    return [round(v, 2) for v in values]
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
-    try:
-        loadavg = os.getloadavg()
-    except OSError:
-        loadavg = (math.nan, math.nan, math.nan)
+    loadavg = load_average()
     return {
         "processor": platform.processor() or platform.machine(),
         "machine": platform.machine(),
@@ -122,7 +136,7 @@ def machine_info() -> dict[str, Any]:
         "numba": _version("numba"),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": [round(v, 2) for v in loadavg],
+        "loadavg_at_start": loadavg,
         "git_revision": _git_revision(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
@@ -238,6 +252,17 @@ def run_note_bits(r: dict) -> list[str]:
     return bits
 
 
+def warm_data(data: str) -> None:
+    """Draw a few points from a toy generator so that its imports happen before a clock starts.
+
+    ``moons`` and ``circles`` come from scikit-learn, whose first import takes seconds on a busy machine; without
+    this, the first training step of a run on those sets would pay for it.
+    """
+    from monoflow_core.data import sample_toy
+
+    sample_toy(data, 2, rng=0)
+
+
 def start_run(args: Any, argv: Sequence[str] | None, rerender: Any) -> tuple[dict[str, Any], list[str]] | None:
     """Common start of a benchmark's ``main``: re-render only (returns None), or set threads, have the engine's
     compiled kernels ready for float32 (compiled or loaded from Numba's cache, so that the first timed steps run on
@@ -250,3 +275,120 @@ def start_run(args: Any, argv: Sequence[str] | None, rerender: Any) -> tuple[dic
 
     fast.kernels_ready(torch.float32, wait=True)
     return machine_info(), [command_line(None if argv is None else [sys.argv[0], *argv])]
+
+
+def capture_warnings() -> WarningLog:
+    """Route every Python warning of this process (solver warnings included, each occurrence: ``"always"``) into a
+    fresh :class:`WarningLog`, which prints each kind once and counts them; nothing is silenced."""
+    log = WarningLog()
+    warnings.simplefilter("always")
+    warnings.showwarning = log
+    return log
+
+
+class StepTimes:
+    """Durations of training steps, kept as a histogram with logarithmic bins 0.5% wide.
+
+    A resumable run stores its step times in its checkpoint: a histogram keeps that record bounded (a few hundred
+    bins for steps from microseconds to minutes) however many steps a run takes, and gives the median to within a
+    quarter of a percent. The count, total and slowest step are kept exactly.
+    """
+
+    #: bins per factor e: bin ``k`` holds durations within a factor ``exp(1 / BINS_PER_E)`` of ``exp(k / BINS_PER_E)``
+    #: microseconds.
+    BINS_PER_E = 200
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self.counts: dict[int, int] = {int(k): int(v) for k, v in state.get("counts", {}).items()}
+        self.n = int(state.get("n", 0))
+        self.total_seconds = float(state.get("total_seconds", 0.0))
+        self.slowest_seconds = float(state.get("slowest_seconds", 0.0))
+
+    def add(self, seconds: float) -> None:
+        key = round(self.BINS_PER_E * math.log(max(seconds, 1e-9) * 1e6))
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.n += 1
+        self.total_seconds += seconds
+        self.slowest_seconds = max(self.slowest_seconds, seconds)
+
+    def _value(self, index: int, keys: list[int], cumulative: list[int]) -> float:
+        """The centre of the bin holding the ``index``-th smallest duration (0-based), in seconds."""
+        key = keys[bisect.bisect_right(cumulative, index)]
+        return 1e-6 * math.exp(key / self.BINS_PER_E)
+
+    def median(self) -> float:
+        """The median step in seconds (to the histogram's resolution); NaN without steps."""
+        if self.n == 0:
+            return math.nan
+        keys = sorted(self.counts)
+        cumulative = list(itertools.accumulate(self.counts[k] for k in keys))
+        lo, hi = (self.n - 1) // 2, self.n // 2
+        return 0.5 * (self._value(lo, keys, cumulative) + self._value(hi, keys, cumulative))
+
+    def mean(self) -> float:
+        return self.total_seconds / self.n if self.n else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        # (JSON object keys are strings)
+        return {
+            "counts": {str(k): v for k, v in sorted(self.counts.items())},
+            "n": self.n,
+            "total_seconds": self.total_seconds,
+            "slowest_seconds": self.slowest_seconds,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resumable benchmarks: one folder per run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_result(folder: Path) -> dict[str, Any] | None:
+    """A finished run's figures (its ``result.json``), or None while it is unfinished."""
+    path = Path(folder) / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(folder: Path, result: dict[str, Any]) -> Path:
+    """Write a finished run's ``result.json`` atomically: a run folder holds a whole result or none."""
+    return atomic_write(Path(folder) / "result.json", json.dumps(result, indent=1).encode())
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[bool]:
+    """Hold the lock of a run folder while the body trains it; yields False (and holds nothing) when another
+    process holds it.
+
+    ``flock`` on ``run.lock``: the kernel releases it when a killed process dies, so a lock is never stale.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "run.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def run_jobs(
+    fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int, after_each: Callable[[], Any]
+) -> None:
+    """``fn(*args)`` for every ``args`` in ``calls``, ``jobs`` at a time, calling ``after_each()`` after each one.
+
+    With ``jobs > 1`` each call runs in its own spawned process (a fresh interpreter, nothing shared with this one;
+    one core each when every call uses one thread); an exception in a call is raised here.
+    """
+    if jobs == 1:
+        for args in calls:
+            fn(*args)
+            after_each()
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            after_each()

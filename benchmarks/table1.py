@@ -38,15 +38,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import fcntl
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +52,6 @@ import common
 
 from monoflow_core.checkpoint import read_checkpoint_metadata
 from monoflow_core.data import TOY_DATASETS
-from monoflow_core.fileio import atomic_write
 from monoflow_core.presets import load_preset
 from monoflow_core.training import PAPER_PROTOCOL_TESTS, StepMetrics, Trainer, TrainingError
 
@@ -116,27 +111,18 @@ def run_dir(args: argparse.Namespace, data: str, model: str) -> Path:
     return Path(args.runs_dir) / f"{data}-{model}-seed{args.seed}-it{args.iterations}"
 
 
-def read_result(folder: Path) -> dict[str, Any] | None:
-    """A finished run's figures, or None while it is unfinished."""
-    path = folder / "result.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def train_one(data: str, model: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """Train one (data set, model) pair to the end, from its last checkpoint if there is one, and return its figures.
 
     Returns None when another process holds the run's lock (it is training it).
     """
     folder = run_dir(args, data, model)
-    done = read_result(folder)
+    done = common.read_result(folder)
     if done is not None:
         return done
-    folder.mkdir(parents=True, exist_ok=True)
-    # The lock is held for the whole run; the kernel releases it when a killed process dies, so no stale lock.
-    with open(folder / "run.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    # The lock is held for the whole run (common.run_lock).
+    with common.run_lock(folder) as held:
+        if not held:
             print(f"[{data} / {model}] another process is training this run; skipped", flush=True)
             return None
         return _train_locked(data, model, args, folder)
@@ -144,9 +130,7 @@ def train_one(data: str, model: str, args: argparse.Namespace) -> dict[str, Any]
 
 def _train_locked(data: str, model: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """The body of :func:`train_one`, run while holding the run's lock."""
-    warn_log = common.WarningLog()
-    warnings.simplefilter("always")
-    warnings.showwarning = warn_log
+    warn_log = common.capture_warnings()
     common.set_threads(args.threads)
     preset = load_preset(common.MODEL_PRESETS[model])
     base = preset.train_config()
@@ -287,7 +271,7 @@ def _train_locked(data: str, model: str, args: argparse.Namespace, folder: Path)
         f"{result['ms_per_iteration_mean']:.1f} ms/iteration (training step only)",
         flush=True,
     )
-    atomic_write(folder / "result.json", json.dumps(result, indent=1).encode())
+    common.write_result(folder, result)
     return result
 
 
@@ -536,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.iterations // 2}. Not a reproduction of Table 1.",
             flush=True,
         )
-    pending = [(d, m) for d in args.datasets for m in args.models if read_result(run_dir(args, d, m)) is None]
+    pending = [(d, m) for d in args.datasets for m in args.models if common.read_result(run_dir(args, d, m)) is None]
     print(f"{len(pending)} run(s) to train or continue, {args.jobs} at a time; finished runs are skipped.", flush=True)
 
     # The report always covers every finished run of this seed and length, not only the subset trained by this
@@ -548,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def finished() -> list[dict[str, Any]]:
-        found = [read_result(run_dir(args, d, m)) for d, m in every]
+        found = [common.read_result(run_dir(args, d, m)) for d, m in every]
         return [r for r in found if r is not None]
 
     def report() -> tuple[Path, Path, dict[str, Any]]:
@@ -561,18 +545,13 @@ def main(argv: list[str] | None = None) -> None:
         return md_path, js_path, goals
 
     md_path, js_path, goals = report()
-    if args.jobs == 1:
-        for data, model in pending:
-            train_one(data, model, args)
-            md_path, js_path, goals = report()
-    else:
-        # One process per run (spawned: a fresh interpreter each, no state shared with this one), one core each.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            futures = [pool.submit(train_one, d, m, args) for d, m in pending]
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-                md_path, js_path, goals = report()
+
+    def after_each() -> None:
+        nonlocal md_path, js_path, goals
+        md_path, js_path, goals = report()
+
+    # One process per run with --jobs > 1 (spawned: a fresh interpreter each), one core each.
+    common.run_jobs(train_one, [(d, m, args) for d, m in pending], args.jobs, after_each)
     print("")
     print(f"Goals ({'SHORTENED, ' if shortened else ''}{args.iterations} iterations; paper-protocol NLL in nats):")
     print(f"  1. Monotone <= Table 1 + {GOAL_MARGIN} nats on every set: {goals['paper_protocol']['goal1_status']}")
