@@ -6,7 +6,7 @@ import argparse
 from typing import NoReturn
 
 from .. import __version__
-from ..precision import PRECISIONS
+from ..precision import CUDNN_BENCHMARK, PRECISIONS
 from ..resources import MAX_THREADS_PER_CORE
 from .datasets import ALL_DATA, DEFAULT_1D_PRESET, DEFAULT_TOY_PRESET
 from .density import _cmd_density
@@ -72,8 +72,8 @@ your own points (--data FILE):
 
 Ctrl-C stops after the current iteration, saves the checkpoint and exits with status 130 (a second Ctrl-C stops
 at once). --resume CHECKPOINT continues that run up to --iterations in total and appends to metrics.csv; only
---iterations, --lr, --solver, --tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and
---threads may change on resume.
+--iterations, --lr, --solver, --tol, --precision, --cudnn-benchmark, --eval-every, --eval-size, --checkpoint-every,
+--device and --threads may change on resume.
 
 examples:
   monoflow train --data 8gaussians --out runs/8g
@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="arithmetic of G in training: auto (default: TF32 off), highest, or tf32 (CUDA float32 "
         "products and convolutions in TF32, solves stop at its floor); tests always run in full "
         "precision (docs/precision.md)",
+    )
+    g.add_argument(
+        "--cudnn-benchmark",
+        choices=CUDNN_BENCHMARK,
+        type=str.lower,
+        help="cuDNN autotuning in training steps: auto (default: on only for image models on CUDA whose solves "
+        "keep a fixed batch shape), on, or off (docs/precision.md)",
     )
     g = p.add_argument_group("run")
     g.add_argument(

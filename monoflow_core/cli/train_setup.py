@@ -59,6 +59,7 @@ _TRAIN_FLAGS = (
     ("data_dir", "data_dir"),
     ("grad_accumulation", "grad_accumulation"),
     ("precision", "precision"),
+    ("cudnn_benchmark", "cudnn_benchmark"),
 )
 
 
@@ -218,8 +219,8 @@ def _check_unchanged(args: argparse.Namespace, trainer: Trainer, preset_name: st
             raise CLIError(
                 f"{flag}: cannot change when resuming (the checkpoint's run uses {stored!r}, got {given!r}); "
                 "start a new run in another --out folder instead. On resume only --iterations, --lr, --solver, "
-                "--tol, --precision, --eval-every, --eval-size, --checkpoint-every, --device and --threads may "
-                "change"
+                "--tol, --precision, --cudnn-benchmark, --eval-every, --eval-size, --checkpoint-every, --device and "
+                "--threads may change"
             )
 
 
@@ -247,8 +248,8 @@ def _apply_resume_changes(args: argparse.Namespace, trainer: Trainer) -> None:
             solver=checked.solver if args.solver is not None else None,
             tol=checked.tol if args.tol is not None else None,
         )
-    if args.precision is not None:
-        trainer.set_precision(args.precision)
+    if args.precision is not None or args.cudnn_benchmark is not None:
+        trainer.set_precision(args.precision, cudnn_benchmark=args.cudnn_benchmark)
 
 
 def _resume_run(args: argparse.Namespace) -> tuple[Trainer, Path, str, str]:

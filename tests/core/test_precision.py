@@ -400,6 +400,8 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
             "--no-progress",
             "--precision",
             "TF32",
+            "--cudnn-benchmark",
+            "on",
             "--out",
             out,
         ]
@@ -407,12 +409,14 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["precision"] == "tf32"
+    assert config["training"]["cudnn_benchmark"] == "on"  # the request is kept; the CPU has no cuDNN to tune
     stated = config["precision"]
     # On the CPU a TF32 request runs in full precision, and says so.
     assert (stated["requested"], stated["mode"], stated["tf32"], stated["device"]) == ("tf32", "highest", False, "cpu")
     assert stated["tolerance_floor"] == pytest.approx(F32_FLOOR) and "no TF32" in stated["reason"]
     assert stated["cudnn_benchmark"] is False and "no cuDNN" in stated["cudnn_benchmark_reason"]
-    assert "precision highest (requested tf32)" in err and "cuDNN benchmark off: the cpu has no cuDNN" in err
+    assert "precision highest (requested tf32)" in err
+    assert "cuDNN benchmark off: requested on, but the cpu has no cuDNN" in err
     code, stdout, err = run(["eval", out / "checkpoint.safetensors", "--json", "--test-size", "50"])
     assert code == 0, err
     doc = json.loads(stdout)
@@ -426,3 +430,5 @@ def test_the_choice_is_stated_in_config_json_the_log_and_eval_json(tmp_path):
     }
     code, _, err = run(["train", "--data", "8gaussians", "--precision", "fp8", "--out", tmp_path / "x"])
     assert code == 2 and "--precision" in err and "fp8" in err
+    code, _, err = run(["train", "--data", "8gaussians", "--cudnn-benchmark", "always", "--out", tmp_path / "y"])
+    assert code == 2 and "--cudnn-benchmark" in err and "always" in err
