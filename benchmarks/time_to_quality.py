@@ -264,11 +264,12 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         f"float32, `torch.set_num_threads({args.threads})` for training (1 intra-op thread was fastest for these "
         f"tiny matrices), seed {args.seed}.",
         f"- Every {args.eval_every} iterations: test NLL in nats on a fixed, seeded held-out set of "
-        f"{args.test_size:,} points (exact 2x2 log-det, float64, {args.eval_threads} thread(s)).",
+        f"{args.test_size:,} points (exact log-det: 2x2 for the implicit flows, closed form or the exact 2-D trace "
+        f"for the comparison families; float64, {args.eval_threads} thread(s)).",
         "- *training seconds*: summed wall time of the training steps only (fresh batch, forward with exact "
-        "log-det, backward, Adam, spectral-norm update); the tests are timed separately, and building the model "
-        "is not counted (*setup*). The target is only checked at a test, so the time has a granularity of "
-        f"{args.eval_every} iterations.",
+        "log-det, backward, Adam, and the spectral-norm update of the implicit flows); the tests are timed "
+        "separately, and building the model is not counted (*setup*). The target is only checked at a test, so "
+        f"the time has a granularity of {args.eval_every} iterations.",
         f"- Budget: {args.max_seconds:.0f} s of training per target.",
         "",
     ]

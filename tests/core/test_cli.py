@@ -42,6 +42,11 @@ SHIPPED_PRESETS = {
     # small, fast versions (the studio opens on quick-monotone)
     "quick-idensenet",
     "quick-monotone",
+    "quick-realnvp",
+    "quick-glow",
+    "quick-nsf",
+    "quick-maf",
+    "quick-cnf",
     # the comparison families (monoflow_core.families, docs/families.md)
     "toy-cnf",
     "toy-glow",

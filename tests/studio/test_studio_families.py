@@ -13,6 +13,7 @@ from monoflow_studio.session import PAUSED
 pytest.importorskip("zuko")
 
 FAMILY_PRESETS = ["toy-cnf", "toy-glow", "toy-maf", "toy-nsf", "toy-realnvp"]
+QUICK_FAMILY_PRESETS = ["quick-cnf", "quick-glow", "quick-maf", "quick-nsf", "quick-realnvp"]
 
 
 def small_spec(preset: str) -> RunSpec:
@@ -23,9 +24,13 @@ def small_spec(preset: str) -> RunSpec:
 
 
 def test_the_preset_menu_offers_every_family(window):
-    names = {p.name for p in toy_presets()}
-    assert set(FAMILY_PRESETS) <= names
-    assert set(FAMILY_PRESETS) <= {a.text() for a in window.preset_actions}
+    names = {p.name for p in toy_presets()}  # (also the list compare mode offers)
+    assert set(FAMILY_PRESETS + QUICK_FAMILY_PRESETS) <= names
+    assert set(FAMILY_PRESETS + QUICK_FAMILY_PRESETS) <= {a.text() for a in window.preset_actions}
+    for name in QUICK_FAMILY_PRESETS:  # each quick variant is its family's, smaller than the full preset
+        quick, full = RunSpec.from_preset(name), RunSpec.from_preset(name.replace("quick-", "toy-"))
+        assert quick.model.family == full.model.family
+        assert quick.model.blocks * sum(quick.model.hidden) < full.model.blocks * sum(full.model.hidden)
     assert RunSpec.from_preset("toy-realnvp").describe_model() == "Real NVP: 8 affine couplings, MLP 24x24"
     assert RunSpec.from_preset("toy-nsf").describe_model().endswith("8 bins")
 
