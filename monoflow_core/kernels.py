@@ -31,6 +31,7 @@ import numpy as np
 
 from .blas import LIBRARY, gemm
 from .kernel_cache import numba_cache_location
+from .solvers import STALL_FACTOR, STALL_WINDOW
 
 try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
     import numba
@@ -227,14 +228,21 @@ def limit_blas_threads() -> int:
 def constants(dtype: Any) -> Any:
     """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise); made once per dtype.
 
-    ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo]`` with the value polynomial ``((a2 y + a1) y + 1) y``, the
-    derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all times
-    ``2^y``, in the folded variable ``y = min(h, 0)``), and the smallest exponent ``lo`` of :func:`_exp2`.
+    ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo, f2, window]`` with the value polynomial ``((a2 y + a1) y + 1) y``,
+    the derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all
+    times ``2^y``, in the folded variable ``y = min(h, 0)``), the smallest exponent ``lo`` of :func:`_exp2`, and the
+    stall exit's ``STALL_FACTOR^2`` and ``STALL_WINDOW`` (:mod:`monoflow_core.solvers`; passed as data rather than
+    read as compile-time globals, so that Numba's on-disk cache, which checks this file only, never holds stale
+    values).
     """
     c = _C
     lo = -126.0 if np.dtype(dtype) == np.float32 else -1022.0
     return np.array(
-        [0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo], dtype=dtype
+        [
+            *(0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo),
+            *(STALL_FACTOR * STALL_FACTOR, float(STALL_WINDOW)),
+        ],
+        dtype=dtype,
     )
 
 
@@ -440,6 +448,7 @@ def solve_run(
     iterations,
     residual,
     converged,
+    stalled,
     keep,
     ws_x,
     ws_h,
@@ -459,8 +468,11 @@ def solve_run(
     A solve is safeguarded Newton as :func:`monoflow_core.fast._newton`: each point stops moving once its relative
     residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets its block's tolerance; a Newton step that makes
     a point's residual grow is replaced by the plain contracting step from its previous accepted iterate, which is
-    then accepted without comparison. The batch evaluates until all its points have converged (or the cap), so a
-    converged point's last evaluation is at its returned solution: its Jacobian gives the exact log-det, and with
+    then accepted without comparison. A point whose Euclidean residual has not fallen below ``STALL_FACTOR`` times
+    its value at the last such decrease for ``STALL_WINDOW`` iterations (rejected candidates count as no progress)
+    stops at its next accepted point, as not converged: the generic solvers' stall exit
+    (:class:`monoflow_core.fast._StallTest`). The batch evaluates until all its points have finished (or the cap),
+    so a finished point's last evaluation is at its returned point: its Jacobian gives the exact log-det, and with
     ``keep`` the evaluation stays in the workspace (block ``j``'s slices) where :func:`backward_run` reads it.
 
     Args (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per layer, ``T`` features):
@@ -478,8 +490,8 @@ def solve_run(
             ``A = I + sign J_G(w)`` at the solution (docs/algorithm.md section 3).
         tols, max_iters: (nb,) each block's effective relative tolerance and iteration cap.
         y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
-        iterations, residual, converged: (nb, B) per-point statistics: evaluations until converged, final
-            relative residual, flag.
+        iterations, residual, converged, stalled: (nb, B) per-point statistics: evaluations until converged or
+            stalled, final relative residual, flags.
         keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point
             stays in the batch, frozen once converged), or into private scratch (nothing kept; the workspace
             arrays are not read).
@@ -487,8 +499,8 @@ def solve_run(
             ws_out (nb, n, (1+n)B): the workspace (:class:`monoflow_core.fast._Workspace`, stacked over layers;
             see :func:`_evaluate` for what is written).
         ibuf: (B,) integers of the float's width (:func:`exp2_bits`; scratch of :func:`_exp2_fill`).
-        cst, coeffs: :func:`constants` and :func:`exp2_coefficients` of the dtype.
-        compact_fraction: without ``keep``, converged points are written out and leave the batch once at least
+        cst, coeffs: :func:`constants` (with the stall exit's constants) and :func:`exp2_coefficients` of the dtype.
+        compact_fraction: without ``keep``, finished points are written out and leave the batch once at least
             ``1/compact_fraction`` of it has converged (as :func:`monoflow_core.fast._newton_compact`; 0: never).
         start, count: the part of the batch to run, points ``start .. start + count - 1`` of ``points``, ``y_out``,
             ``logdet`` and the statistics (the workspace and ``ibuf`` hold that part alone).
@@ -515,6 +527,11 @@ def solve_run(
     plain = np.zeros(b, np.bool_)
     done = np.zeros(b, np.bool_)
     first = np.zeros(b, np.int64)
+    # the stall exit: STALL_FACTOR^2 |r|_2^2 at each point's last decrease, the iteration of it, whether it stalled
+    f2, window = cst[10], cst[11]
+    bar = np.empty(b, dt)
+    last_dec = np.zeros(b, np.int64)
+    stall = np.zeros(b, np.bool_)
     jac = np.empty((n, n), dt)
     jpt = np.empty((n, n, b), dt)
     step = np.empty(n, dt)
@@ -552,6 +569,9 @@ def solve_run(
             plain[p] = False
             prev_res[p] = -one  # no accepted iterate yet
             first[p] = 0
+            bar[p] = np.inf
+            last_dec[p] = 0
+            stall[p] = False
         it = 0
         fresh = True  # the buffers' layout must be (re)made for na points
         while True:
@@ -587,7 +607,26 @@ def solve_run(
             stepped = solve and n == 2 and it < cap
             if stepped:
                 remaining = _residual_and_step2(
-                    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+                    out,
+                    rhs,
+                    cur,
+                    r,
+                    res,
+                    thr,
+                    done,
+                    first,
+                    prev_w,
+                    prev_r,
+                    prev_res,
+                    plain,
+                    it,
+                    na,
+                    zero,
+                    bar,
+                    last_dec,
+                    stall,
+                    f2,
+                    window,
                 )
             for p in range(0 if stepped else na):
                 if not solve:
@@ -598,12 +637,18 @@ def solve_run(
                 if done[p]:
                     continue
                 rs = zero
+                m2 = zero
                 for a in range(n):
                     r[a, p] = out[a, p] - rhs[a, p]
                     rs = _max_nan(rs, abs(r[a, p]))
+                    m2 += r[a, p] * r[a, p]
                 res[p] = rs
                 if rs <= thr[p]:
                     done[p] = True
+                    first[p] = it
+                elif _stalls(p, rs, m2, prev_res, plain, bar, last_dec, it, f2, window, zero):
+                    done[p] = True
+                    stall[p] = True
                     first[p] = it
                 else:
                     remaining += 1
@@ -620,7 +665,8 @@ def solve_run(
                         s = idx[p]
                         iterations[j, start + s] = first[p] if done[p] else it
                         residual[j, start + s] = res[p] / thr[p] * tol
-                        converged[j, start + s] = done[p]
+                        converged[j, start + s] = done[p] and not stall[p]
+                        stalled[j, start + s] = stall[p]
                         if n == 2 and ld_plus[j] != 0.0 and ld_mono[j] == -ld_plus[j]:
                             # a monotone block: log|det(2I - A)| - log|det A| as one logarithm
                             a00, a01 = out[0, na + p], out[0, 2 * na + p]
@@ -652,6 +698,8 @@ def solve_run(
                         thr[kept] = thr[p]
                         res[kept] = res[p]
                         prev_res[kept] = prev_res[p]
+                        bar[kept] = bar[p]
+                        last_dec[kept] = last_dec[p]
                         plain[kept] = plain[p]
                         done[kept] = False
                         kept += 1
@@ -689,13 +737,47 @@ def solve_run(
 
 
 @_jit
+def _stalls(p, rs, m2, prev_res, plain, bar, last_dec, it, f2, window, zero):  # pragma: no cover - compiled
+    """The stall test of point ``p`` after an evaluation with max-norm residual ``rs`` and squared Euclidean residual
+    ``m2`` that did not converge (:class:`monoflow_core.fast._StallTest`): a point that was not rejected by the
+    safeguard (see :func:`solve_run`) and got below its bar records the decrease; one that was not rejected and has
+    gone ``window`` iterations without a decrease stalls (returns True)."""
+    if prev_res[p] >= zero and rs > prev_res[p] and not plain[p]:
+        return False  # a rejected Newton candidate: no progress, and no stop here (the plain step comes first)
+    if m2 < bar[p]:  # (False for NaN)
+        bar[p] = m2 * f2
+        last_dec[p] = it
+        return False
+    return it - last_dec[p] >= window
+
+
+@_jit
 def _residual_and_step2(
-    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+    out,
+    rhs,
+    cur,
+    r,
+    res,
+    thr,
+    done,
+    first,
+    prev_w,
+    prev_r,
+    prev_res,
+    plain,
+    it,
+    na,
+    zero,
+    bar,
+    last_dec,
+    stall,
+    f2,
+    window,
 ):  # pragma: no cover - compiled
     """For n = 2, the two per-point passes of :func:`solve_run` after an evaluation in one, without loops over the
-    dimensions: each active point's residual and convergence test, then its safeguarded Newton step (the same
-    rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the number of
-    points still working."""
+    dimensions: each active point's residual, convergence and stall tests, then its safeguarded Newton step (the
+    same rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the
+    number of points still working."""
     remaining = 0
     for p in range(na):
         if done[p]:
@@ -708,6 +790,11 @@ def _residual_and_step2(
         r[1, p] = r1
         if rs <= thr[p]:
             done[p] = True
+            first[p] = it
+            continue
+        if _stalls(p, rs, r0 * r0 + r1 * r1, prev_res, plain, bar, last_dec, it, f2, window, zero):
+            done[p] = True
+            stall[p] = True
             first[p] = it
             continue
         remaining += 1

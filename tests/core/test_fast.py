@@ -1,12 +1,15 @@
 """The fused exact path agrees with the generic autograd path (the reference) in float64."""
 
+import re
+import warnings
+
 import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow
 from monoflow_core import fast as fast_module
 from monoflow_core.fast import fast_eligible, fusable_runs
-from monoflow_core.solvers import SolverWarning
+from monoflow_core.solvers import STALL_FACTOR, STALL_WINDOW, SolverWarning
 
 DT = torch.float64
 TIGHT = {"tol": 1e-13, "max_iter": 200}
@@ -184,6 +187,55 @@ def test_fused_solver_statistics_and_non_convergence_warning(kernels):
     stats = flow.solver_stats()[0]["forward"]
     assert stats.all_converged and 2 <= int(stats.iterations.max()) <= 10
     assert float(stats.residual.max()) <= stats.tol
+
+
+STALL_MESSAGE = (
+    rf"(\d+) of \d+ samples did not converge \(newton\): (\d+) stalled \(residual not below {STALL_FACTOR:g} x "
+    rf"its last value for {STALL_WINDOW} iterations\)"
+)
+
+
+def _stalled_counts(record):
+    """``(failed, stalled)`` of every stall warning in ``record``."""
+    found = [re.search(STALL_MESSAGE, str(w.message)) for w in record if issubclass(w.category, SolverWarning)]
+    return [(int(m.group(1)), int(m.group(2))) for m in found if m]
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_solves_stop_on_stall_when_the_tolerance_is_out_of_reach(monkeypatch, kernels, grad):
+    """A tolerance below what float64 can reach (the floor of ``effective_tolerance`` lifted, tol 1e-30): every sample
+    either lands on an exactly zero residual or stalls at the rounding floor, and stops within a few windows of
+    STALL_WINDOW instead of running to max_iter; the stalled samples are flagged, counted and warned of, and their
+    points are as good as the arithmetic allows. Forward solves with a backward pass (every sample kept, frozen once
+    finished) and without (finished samples leave the batch), and the inverse, on both kernel sets."""
+    monkeypatch.setattr(fast_module, "effective_tolerance", lambda tol, dtype, device=None: tol)
+    torch.manual_seed(12)
+    flow = build_flow(FlowConfig(blocks=2, max_iter=1000)).double()
+    for block in flow.layers:
+        block.tol = 1e-30
+    x = torch.randn(200, 2, dtype=DT) * 2
+    with warnings.catch_warnings(record=True) as record, torch.set_grad_enabled(grad):
+        warnings.simplefilter("always")
+        xi = x.clone().requires_grad_(grad)
+        z, logdet = flow(xi)
+        if grad:
+            (gx,) = torch.autograd.grad(z.sum() + logdet.sum(), [xi])
+            assert torch.isfinite(gx).all()
+    forward = [s["forward"] for s in flow.solver_stats()]
+    with warnings.catch_warnings(record=True) as record_inverse, torch.no_grad():
+        warnings.simplefilter("always")
+        x_back = flow.inverse(z.detach())
+    inverse = [s["inverse"] for s in reversed(flow.solver_stats())]  # (the last block is inverted first)
+    assert torch.isfinite(logdet).all() and float((x_back - x).abs().max()) < 1e-12
+    for stats, warned in ((forward, record), (inverse, record_inverse)):
+        assert _stalled_counts(warned) == [(s.n_failed, s.n_stalled) for s in stats]  # one warning per block
+        for s in stats:
+            assert s.n_stalled > 0 and s.stalled is not None
+            assert torch.equal(s.stalled, ~s.converged)  # every sample that failed stalled: none ran to max_iter
+            assert int(s.iterations.max()) <= 4 * STALL_WINDOW and s.max_iter == 1000
+            assert int(s.iterations[s.stalled].min()) > STALL_WINDOW  # (no stall before a window has passed)
+            assert float(s.residual[s.converged].abs().max()) == 0.0  # only an exact solution meets 1e-30
+            assert float(s.residual.max()) < 1e-14  # the stalled ones sit at float64's rounding floor
 
 
 def test_fused_gradients_match_finite_differences(kernels):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow, fast, kernels
+from monoflow_core.solvers import STALL_WINDOW, SolverWarning
 
 DT = torch.float64
 
@@ -377,7 +378,7 @@ def test_non_finite_points_are_not_reported_converged(where, grad):
     flow = build_flow(FlowConfig(blocks=1, max_iter=50)).double()
     x = torch.randn(6, 2, dtype=DT)
     x[where, 0] = float("nan")
-    with pytest.warns(fast.SolverWarning, match="1 of 6 samples did not converge"), torch.set_grad_enabled(grad):
+    with pytest.warns(SolverWarning, match="1 of 6 samples did not converge"), torch.set_grad_enabled(grad):
         flow.log_prob(x)
     stats = flow.solver_stats()[0]["forward"]
     assert stats.converged.tolist() == [i != where for i in range(6)]
@@ -441,3 +442,50 @@ def test_top_singular_pair_gives_the_exact_spectral_norm(dtype, tol):
         assert np.isfinite(u).all() and np.isfinite(v).all()
         if exact > 0:
             assert abs(np.linalg.norm(u) - 1.0) < 10 * tol and abs(np.linalg.norm(v) - 1.0) < 10 * tol
+
+
+def test_the_compiled_stall_test_is_the_pytorch_one():
+    """The stall exit of the compiled kernels (``kernels._stalls``) and of the PyTorch kernels (``fast._StallTest``)
+    stop the same points at the same iterations: a flat residual after the first iteration's reference (STALL_WINDOW
+    more), real progress at 0.997 per iteration (never: 10% takes 35 iterations), fast progress then flat, a NaN
+    residual (no reference ever), and a flat residual whose would-be stopping point is a rejected Newton candidate
+    (it stops at the next, accepted, point instead)."""
+    iterations = 3 * STALL_WINDOW
+    k = np.arange(1, iterations + 1, dtype=np.float64)
+    merits = np.stack(
+        [
+            np.ones_like(k),
+            0.997**k,
+            np.maximum(0.5**k, 0.5**10),
+            np.full_like(k, np.nan),
+            np.ones_like(k),
+        ]
+    )
+    rejected = np.zeros(merits.shape, bool)
+    rejected[4, STALL_WINDOW] = True  # iteration STALL_WINDOW + 1
+    want = [STALL_WINDOW + 1, None, 10 + STALL_WINDOW, STALL_WINDOW, STALL_WINDOW + 2]
+
+    test = fast._StallTest(len(merits), torch.zeros(1, dtype=DT))
+    torch_stops: list[int | None] = [None] * len(merits)
+    for it in range(1, iterations + 1):
+        rej = torch.from_numpy(rejected[:, it - 1]) if it > 1 else None
+        stuck = test.update(torch.from_numpy(merits[:, it - 1]).unsqueeze(0), rej, it)
+        for p in range(len(merits)):
+            if stuck is not None and bool(stuck[p]) and torch_stops[p] is None:
+                torch_stops[p] = it
+
+    cst = kernels.constants(np.float64)
+    bar, last = np.full(len(merits), np.inf), np.zeros(len(merits), np.int64)
+    plain = np.zeros(len(merits), bool)
+    kernel_stops: list[int | None] = [None] * len(merits)
+    for it in range(1, iterations + 1):
+        for p in range(len(merits)):
+            if kernel_stops[p] is not None:
+                continue
+            m = merits[p, it - 1]
+            # a rejected candidate: a previous accepted residual below this one, and not a plain step
+            prev_res = np.array([0.5 * m if rejected[p, it - 1] else -1.0] * len(merits))
+            if kernels._stalls(p, m, m * m, prev_res, plain, bar, last, it, cst[10], cst[11], 0.0):
+                kernel_stops[p] = it
+    assert torch_stops == want
+    assert kernel_stops == want
