@@ -6,9 +6,8 @@ import warnings
 import pytest
 import torch
 
-from monoflow_core import FlowConfig, build_flow
-from monoflow_core import fast as fast_module
-from monoflow_core.fast import fast_eligible, fusable_runs
+from monoflow_core import FlowConfig, build_flow, fused, solvers
+from monoflow_core.fused import fast_eligible, fold, fold_cache, fusable_runs, newton, settings, workspace
 from monoflow_core.solvers import STALL_FACTOR, STALL_WINDOW, SolverWarning
 
 DT = torch.float64
@@ -17,11 +16,11 @@ TIGHT = {"tol": 1e-13, "max_iter": 200}
 
 @pytest.fixture(params=["compiled", "pytorch"])
 def kernels(request, monkeypatch):
-    """Run a test on the compiled kernels (monoflow_core.kernels) and on the PyTorch kernels of the fused path."""
+    """Run a test on the compiled kernels (monoflow_core.fused.kernels) and on the PyTorch kernels of the fused path."""
     compiled = request.param == "compiled"
-    if compiled and not fast_module.kernels_ready(DT, wait=True):
+    if compiled and not fused.kernels_ready(DT, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(fast_module, "USE_KERNELS", compiled)
+    monkeypatch.setattr(settings, "USE_KERNELS", compiled)
     return request.param
 
 
@@ -208,7 +207,7 @@ def test_fused_solves_stop_on_stall_when_the_tolerance_is_out_of_reach(monkeypat
     STALL_WINDOW instead of running to max_iter; the stalled samples are flagged, counted and warned of, and their
     points are as good as the arithmetic allows. Forward solves with a backward pass (every sample kept, frozen once
     finished) and without (finished samples leave the batch), and the inverse, on both kernel sets."""
-    monkeypatch.setattr(fast_module, "effective_tolerance", lambda tol, dtype, device=None: tol)
+    monkeypatch.setattr(solvers, "arithmetic_floor", lambda dtype, device=None: 0.0)
     torch.manual_seed(12)
     flow = build_flow(FlowConfig(blocks=2, max_iter=1000)).double()
     for block in flow.layers:
@@ -250,18 +249,16 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
     """Without a backward pass converged samples leave the batch; each sample's iterate, Jacobian and iteration
     count must be those of the solve that keeps every sample (fraction 1: remove as soon as any converged;
     10**6: never before the end, i.e. frozen in place)."""
-    from monoflow_core import fast
-
-    monkeypatch.setattr(fast, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(settings, "COMPACT_FRACTION", fraction)
     torch.manual_seed(4)
     flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
-    weights = fast.fold_nets([flow.layers[0].net]).block(0)
+    weights = fused.fold_nets([flow.layers[0].net]).block(0)
     # a wide spread of right-hand sides: far points need more Newton iterations than near ones
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
     for sign in (1.0, -1.0):
-        views = fast._Workspace(weights, 1, 300, rhs).block(0)
-        w_keep, stats_keep = fast._newton(weights, rhs, sign, 1e-12, 50, "keep", views)
-        w_drop, a_drop, stats_drop = fast._newton_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
+        views = workspace._Workspace(weights, 1, 300, rhs).block(0)
+        w_keep, stats_keep = newton._newton(weights, rhs, sign, 1e-12, 50, "keep", views)
+        w_drop, a_drop, stats_drop = newton._newton_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
         assert len(set(stats_keep.iterations.tolist())) >= 2  # samples really stop at different iterations
         assert torch.equal(stats_keep.iterations, stats_drop.iterations)
         assert stats_drop.all_converged and float(stats_drop.residual.max()) <= stats_drop.tol
@@ -272,8 +269,6 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
 def test_pooled_workspaces_never_overwrite_a_live_graph():
     """Training forwards reuse workspaces whose graph is gone; interleaved graphs keep their own buffers."""
     import gc
-
-    from monoflow_core import fast
 
     torch.manual_seed(6)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8, **TIGHT)).double()
@@ -300,30 +295,28 @@ def test_pooled_workspaces_never_overwrite_a_live_graph():
     # once the graphs are gone their workspaces return to the pool, and the next forward takes one
     del loss1, loss2
     gc.collect()
-    assert any(fast._POOL.values())
-    before = sum(len(v) for v in fast._POOL.values())
+    assert any(workspace._POOL.values())
+    before = sum(len(v) for v in workspace._POOL.values())
     loss = flow.log_prob(x1).sum()
-    assert sum(len(v) for v in fast._POOL.values()) == before - 1
+    assert sum(len(v) for v in workspace._POOL.values()) == before - 1
     for a, b in zip(torch.autograd.grad(loss, params), ref1, strict=True):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
 def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
-    from monoflow_core.fast import _safeguard
-
     w0, r0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.1]])
     res0 = r0.abs()[0]
-    cand, prev, plain = _safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
+    cand, prev, plain = newton._safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
     assert torch.equal(cand, torch.tensor([[9.0, 9.0]])) and plain is None  # nothing to compare with yet
     # at the new points the first sample's residual grew, the second's fell
     w1, r1 = torch.tensor([[3.0, 1.5]]), torch.tensor([[0.8, 0.01]])
-    cand, prev, plain = _safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
+    cand, prev, plain = newton._safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.5, 7.0]]))  # plain step w0 - r0 for the first, Newton for the second
     assert plain.tolist() == [True, False]
     assert torch.equal(prev[0], torch.tensor([[1.0, 1.5]]))  # the first keeps its last accepted point
     # the plain step's result is accepted even if its residual is larger than the one it is compared with
     w2, r2 = torch.tensor([[0.5, 7.0]]), torch.tensor([[0.9, 0.001]])
-    cand, prev, plain = _safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
+    cand, prev, plain = newton._safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
 
 
@@ -331,8 +324,6 @@ def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
 def test_fold_layer_backward_against_finite_differences(hidden, gain):
     """The hand-written backward of the fold, with the spectral clamp active for one block and not the other;
     ``gain``: a per-block, differentiated pre-activation factor (CLipSwish's beta) instead of the constant k."""
-    from monoflow_core.fast import _FoldLayer
-
     torch.manual_seed(7)
     w = torch.randn(2, 4, 5, dtype=DT)
     w[1] *= 0.05  # block 1: sigma below its coefficient (no normalisation); block 0: well above
@@ -348,7 +339,7 @@ def test_fold_layer_backward_against_finite_differences(hidden, gain):
     if gain:
         inputs += (torch.tensor([0.7, 1.9], dtype=DT, requires_grad=True),)
     assert torch.autograd.gradcheck(
-        lambda a, b, c, *g: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
+        lambda a, b, c, *g: fold._FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
     )
 
 
@@ -383,13 +374,13 @@ def test_no_grad_evaluations_see_every_optimizer_step():
 
 def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch):
     """Inside one evaluation call (many chunks, worker threads) the weights are folded once; a later call folds anew."""
-    from monoflow_core import evaluation, fast
+    from monoflow_core import evaluation
 
     torch.manual_seed(0)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
     calls = []
-    original = fast.fold_nets
-    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    original = fold_cache.fold_nets
+    monkeypatch.setattr(fold_cache, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
     points = torch.randn(100, 2)
     first = evaluation.log_prob(flow, points, chunk=10, workers=2)
     assert 1 <= len(calls) <= 2 and set(calls) == {3}  # one run of 3 blocks; two threads may race to fold it first
@@ -401,14 +392,13 @@ def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch
 
 def test_inverse_and_transport_fold_each_run_once(monkeypatch):
     """The inverse pass takes blocks one by one but folds their run in one batch (per call, never across calls)."""
-    from monoflow_core import fast
     from monoflow_core.transport import transport_stages
 
     torch.manual_seed(0)
     flow = build_flow(FlowConfig(blocks=4, depth=2, growth=8)).double()
     calls = []
-    original = fast.fold_nets
-    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    original = fold_cache.fold_nets
+    monkeypatch.setattr(fold_cache, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
     z = torch.randn(30, 2, dtype=DT)
     with torch.no_grad():
         x = flow.inverse(z)
