@@ -117,13 +117,13 @@ def main() -> None:
 
     info = machine_info()  # at the start: the load average says how busy the machine was before the run
     from monoflow_core import fused
-    from monoflow_core.fused import settings
+    from monoflow_core.fused import SETTINGS
 
     kernels_s = None
     if args.kernel_threads is not None:
-        settings.KERNEL_THREADS = args.kernel_threads
+        SETTINGS.threads = args.kernel_threads
     if args.kernels == "pytorch":
-        settings.USE_KERNELS = False
+        SETTINGS.use_kernels = False
     else:
         t0 = time.perf_counter()
         if not (fused.kernels_ready(torch.float32, wait=True) and fused.kernels_ready(torch.float64, wait=True)):

@@ -1,7 +1,7 @@
 """The first run on a machine: when does a process with an empty kernel cache reach the warm training step time?
 
 The compiled kernels (``monoflow_core/fused/kernels*.py``) are compiled at their first use in a process, and the
-fused path waits for them (``monoflow_core.fused.settings.KERNELS_WAIT``, so that results never depend on how long a
+fused path waits for them (``monoflow_core.fused.SETTINGS.wait``, so that results never depend on how long a
 compile took);
 Numba caches the machine code in the per-user folder of ``monoflow_core.kernel_cache``, and later processes load it.
 This benchmark empties a temporary cache (``MONOFLOW_CACHE_DIR``), then runs, each as a new process:
@@ -45,9 +45,9 @@ started = float(sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from monoflow_core import FlowConfig
-from monoflow_core.fused import compiler, kernels, kernels_fold
+from monoflow_core.fused import COMPILER, kernels, kernels_fold
 from monoflow_core.training import TrainConfig, Trainer
-compiler.kernel_notice = lambda text: print(json.dumps({"notice": text, "at": time.time() - started}), flush=True)
+COMPILER.notice = lambda text: print(json.dumps({"notice": text, "at": time.time() - started}), flush=True)
 first = {}
 for module, name in ((kernels_fold, "fold_forward"), (kernels_fold, "fold_backward"), (kernels, "solve_run"),
                      (kernels, "backward_run")):

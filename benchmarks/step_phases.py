@@ -30,20 +30,20 @@ from engine_speed import new_optimizer
 import monoflow_core as mc
 from monoflow_core import fused
 from monoflow_core.data import ToyStream
-from monoflow_core.fused import backward, fold, fold_cache, newton, run, settings
+from monoflow_core.fused import SETTINGS, backward, fold, fold_cache, newton, run
 
 #: (function, the modules of monoflow_core.fused that call it, label): the pieces of the fused path that are timed.
 PIECES: list[tuple[str, tuple[ModuleType, ...], str]] = [
     ("fold_nets", (run, fold_cache), "fused: fold of the weights (forward)"),
-    ("_fused_forward", (run,), "fused: forward solves and log-dets"),
+    ("torch_forward", (run,), "fused: forward solves and log-dets"),
     ("evaluate_with_jacobian", (newton, run), "  G with its Jacobian (all Newton evaluations)"),
-    ("_newton_step", (newton,), "  2x2 Newton steps"),
-    ("_safeguard", (newton,), "  safeguard"),
-    ("_reverse_tangents", (backward,), "fused backward: reverse pass through the tangents"),
-    ("_reverse_primals", (backward,), "fused backward: reverse pass through the primals"),
-    ("_kernel_fold", (fold,), "compiled: fold of the weights (forward; its backward is inside the backward phase)"),
-    ("_kernel_forward", (run,), "compiled: forward solves and log-dets"),
-    ("_kernel_backward", (run,), "compiled: backward of the solves and log-dets"),
+    ("newton_step", (newton,), "  2x2 Newton steps"),
+    ("safeguard", (newton,), "  safeguard"),
+    ("reverse_tangents", (backward,), "fused backward: reverse pass through the tangents"),
+    ("reverse_primals", (backward,), "fused backward: reverse pass through the primals"),
+    ("kernel_fold", (fold,), "compiled: fold of the weights (forward; its backward is inside the backward phase)"),
+    ("kernel_forward", (run,), "compiled: forward solves and log-dets"),
+    ("kernel_backward", (run,), "compiled: backward of the solves and log-dets"),
 ]
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must exceed 50")
     torch.set_num_threads(1)
     if args.kernels == "pytorch":
-        settings.USE_KERNELS = False
+        SETTINGS.use_kernels = False
     elif not fused.kernels_ready(torch.float32, wait=True):
         parser.error("the compiled kernels are unavailable here; use --kernels pytorch")
     torch.manual_seed(0)

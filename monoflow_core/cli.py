@@ -61,7 +61,7 @@ from .distributed import init_from_environment
 from .evaluation_policy import prepare_for_test
 from .fileio import HOST_TAG, remove_stale_temporaries
 from .flow import Flow
-from .fused import compiler as kernel_compiler
+from .fused import COMPILER
 from .imageio import atomic_write, colormap, write_png
 from .memory_plan import plan_grad_accumulation
 from .precision import PRECISIONS, arithmetic_statement, full_precision
@@ -1763,7 +1763,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kernel_notice(text: str) -> None:
-    """Print a notice of the compiled kernels (:data:`monoflow_core.fused.compiler.kernel_notice`) on stderr, above any
+    """Print a notice of the compiled kernels (``monoflow_core.fused.COMPILER.notice``) on stderr, above any
     progress bar."""
     from tqdm import tqdm
 
@@ -1802,8 +1802,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("train: --out DIR is required for a new run (see 'monoflow train --help')")
         return EXIT_USAGE
     debug = bool(os.environ.get(DEBUG_ENV))
-    previous_notice = kernel_compiler.kernel_notice
-    kernel_compiler.kernel_notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
+    previous_notice = COMPILER.notice
+    COMPILER.notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
     try:
         return int(args.handler(args))
     except CLIError as err:
@@ -1830,7 +1830,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        kernel_compiler.kernel_notice = previous_notice
+        COMPILER.notice = previous_notice
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """Prepare the compiled kernels ahead of time (``monoflow warmup``), e.g. while building a Docker or lab image.
 
 The first process on a machine compiles the engine's compiled kernels (:mod:`monoflow_core.fused.kernels`) before
-its first step (:data:`monoflow_core.fused.settings.KERNELS_WAIT`): half a minute to a few minutes, depending on the
+its first step (:attr:`monoflow_core.fused.FusedSettings.wait`): half a minute to a few minutes, depending on the
 machine and its load. Numba keeps the machine code in the per-user cache folder of :mod:`monoflow_core.kernel_cache`,
 and every later process loads it in about a second. :func:`warm_up` does that first compile now, so that no run pays
 for it; in an image, run it as the user who will run monoflow, or point ``MONOFLOW_CACHE_DIR`` at a folder that user
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused import kernels, kernels_ready, settings
+from .fused import SETTINGS, kernels, kernels_ready
 
 __all__ = ["WarmupResult", "warm_up"]
 
@@ -36,7 +36,7 @@ def warm_up(dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64), trai
     solvers' set) if ``train``, else the solvers' set only (densities, samples and tests). Returns what was
     prepared; an empty list when the compiled kernels are unavailable here (no Numba or BLAS, or
     ``MONOFLOW_KERNELS=0``)."""
-    if not (settings.USE_KERNELS and kernels.AVAILABLE):
+    if not (SETTINGS.use_kernels and kernels.AVAILABLE):
         return []
     results = []
     for dtype in dtypes:

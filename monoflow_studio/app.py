@@ -73,7 +73,7 @@ SWITCH_INTERVAL_S = 0.001
 
 
 class KernelNotices:
-    """The engine's notices about its compiled kernels (:data:`monoflow_core.fused.compiler.kernel_notice`), held until
+    """The engine's notices about its compiled kernels (``monoflow_core.fused.COMPILER.notice``), held until
     a receiver is connected (the compile starts before the window exists) and then passed on as they come. They may
     come from the background compile thread: the receiver must be thread-safe (a Qt signal's ``emit`` is)."""
 
@@ -121,7 +121,7 @@ def configure_process() -> None:
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
-    fused.compiler.kernel_notice = KERNEL_NOTICES
+    fused.COMPILER.notice = KERNEL_NOTICES
     fused.kernels_ready(torch.float32)
     import pyqtgraph as pg
 

@@ -31,14 +31,14 @@ The kernels of this path come in two implementations with the same algorithm and
   and the fold, are one compiled call each, per sample and layer in loops, with BLAS for the layer products.
   PyTorch's per-operator cost (a few microseconds, ~3,400 operators per training step of the paper's model)
   disappears. They compile at first use (about half a minute on a new machine, then loaded from Numba's on-disk
-  cache in about a second), and the fused path waits for them (:data:`monoflow_core.fused.settings.KERNELS_WAIT`):
+  cache in about a second), and the fused path waits for them (:attr:`FusedSettings.wait`):
   a run that switched from one kernel set to the other at whatever step the compile happened to finish would not be
   reproducible bit for bit. :func:`kernels_ready` without ``wait`` starts the compile in a background thread ahead
   of time (the studio does at start), which is cancelled and joined before the interpreter finalises
-  (:func:`monoflow_core.fused.compiler._stop_background_compiles`);
+  (:meth:`~monoflow_core.fused.compiler.KernelCompiler.stop_background_compiles`);
 * PyTorch (:mod:`~monoflow_core.fused.evaluate`, :mod:`~monoflow_core.fused.newton`,
   :mod:`~monoflow_core.fused.backward`): feature-major batched operators as described above; also the CUDA path, and the
-  fallback without Numba or with ``MONOFLOW_KERNELS=0``.
+  fallback without Numba or with ``MONOFLOW_KERNELS=0`` (:data:`SETTINGS`).
 
 Both paths agree to rounding in float64 (tests/core/test_fast.py runs on both kernel sets,
 tests/core/test_kernels.py compares them piece by piece), and the generic path remains the reference.
@@ -56,19 +56,24 @@ The package's modules, one job each: :mod:`~monoflow_core.fused.plan` (eligibili
 
 from __future__ import annotations
 
-from . import compiler, warm
-from .compiler import KERNEL_SETS, kernels_ready
+from . import warm
+from .compiler import COMPILER, KERNEL_SETS, kernels_ready
 from .dispatch import kernel_parts
 from .fold import fold_nets
 from .fold_cache import cached_fold, fold_scope, folded_runs
 from .folded import FoldedNet
-from .plan import FAST_MAX_DIM, fast_eligible, fusable_runs
+from .plan import FAST_MAX_DIM, FusedBlock, fast_eligible, fusable_runs
 from .run import fused_inverse, fused_inverse_run, run_fused
+from .settings import SETTINGS, FusedSettings
 
 __all__ = [
+    "COMPILER",
     "FAST_MAX_DIM",
     "KERNEL_SETS",
+    "SETTINGS",
     "FoldedNet",
+    "FusedBlock",
+    "FusedSettings",
     "cached_fold",
     "fast_eligible",
     "fold_nets",
@@ -83,4 +88,4 @@ __all__ = [
 ]
 
 # The warm-up that compiles a kernel set runs the whole fused path, which needs the compiler: wired in here.
-compiler.set_warm_up(warm.run_kernels_once)
+COMPILER.warm_up = warm.run_kernels_once

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .algebra import _inv_small, _logdet_terms, _row_combination
-from .evaluate import _second
+from .algebra import inv_small, logdet_terms, row_combination
+from .evaluate import second_derivative
 from .folded import FoldedNet
 from .plan import SQRT2
-from .workspace import _Workspace
+from .workspace import Workspace
+
+__all__ = ["ReverseLayout", "reverse_primals", "reverse_tangents", "torch_backward"]
 
 
-class _ReverseLayout:
+class ReverseLayout:
     """Where every cotangent of the backward pass lives, and the weight blocks that carry them down.
 
     All cotangents of one pass sit in one buffer ``C`` (blocks, K, columns) with rows
@@ -49,11 +51,11 @@ class _ReverseLayout:
         )
 
 
-def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Tensor) -> Tensor:
+def reverse_tangents(net: FoldedNet, ws: Workspace, lay: ReverseLayout, c: Tensor) -> Tensor:
     """Reverse pass through G and its tangents of every block at once; returns dL/dw, (blocks, n, B).
 
     ``c[:, :n]`` holds each block's cotangent of ``[G, J_G]``; the pre-activation cotangents of every layer
-    (primal and tangent columns) are written below it (:class:`_ReverseLayout`). The tangent path is where the
+    (primal and tangent columns) are written below it (:class:`ReverseLayout`). The tangent path is where the
     activation's second derivative enters (the log-det's gradient). Batched over blocks: nothing here depends on
     the other blocks' gradients.
     """
@@ -66,7 +68,7 @@ def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Te
         d = ws.d(i)
         torch.mul(cx_t, d.unsqueeze(2), out=slot[:, :, b:].view(nb, m, n, b))
         torch.mul(cx[:, :, :b], d, out=slot[:, :, :b])
-        d2 = _second(net.kind, ws.h[i][:, :, :b], ws.y[i], ws.e[i])
+        d2 = second_derivative(net.kind, ws.h[i][:, :, :b], ws.y[i], ws.e[i])
         if d2 is not None:
             h_t = ws.h[i][:, :, b:].view(nb, m, n, b)
             # sum_t c_t * ht_t, as a chain of fused products (a reduction across the middle dimension is slow)
@@ -77,10 +79,10 @@ def _reverse_tangents(net: FoldedNet, ws: _Workspace, lay: _ReverseLayout, c: Te
     return torch.bmm(lay.input_reader.transpose(1, 2), c[:, :, :b])
 
 
-def _reverse_primals(ws: _Workspace, lay: _ReverseLayout, c: Tensor) -> None:
+def reverse_primals(ws: Workspace, lay: ReverseLayout, c: Tensor) -> None:
     """Reverse pass through every block's primal network; ``c[:, :n]`` (blocks, n, B) holds the cotangents of G.
 
-    Writes each layer's pre-activation cotangents below them (:class:`_ReverseLayout`, primal columns only).
+    Writes each layer's pre-activation cotangents below them (:class:`ReverseLayout`, primal columns only).
     """
     for i in reversed(range(len(lay.m))):
         m = lay.m[i]
@@ -89,32 +91,32 @@ def _reverse_primals(ws: _Workspace, lay: _ReverseLayout, c: Tensor) -> None:
 
 
 def torch_backward(
-    net: FoldedNet, ws: _Workspace, kinds: Sequence[str], grad_z: Tensor, grad_logdet: Tensor
+    net: FoldedNet, ws: Workspace, kinds: Sequence[str], grad_z: Tensor, grad_logdet: Tensor
 ) -> list[Tensor | None]:
     """The backward pass of a fused run on the PyTorch kernels: the gradients of the run's input, (its plan) and the
     folded tensors, from the final evaluations in the workspace ``ws`` and the cotangents of the output and of the
     summed log-det.
 
     Three parts (docs/algorithm.md sections 5 and 6): the log-det's cotangents back through every block's tangent
-    network at once (:func:`_reverse_tangents`), the implicit-function gradient block by block (the sequential part),
-    and the resulting cotangents of G back through every primal network at once (:func:`_reverse_primals`); each
+    network at once (:func:`reverse_tangents`), the implicit-function gradient block by block (the sequential part),
+    and the resulting cotangents of G back through every primal network at once (:func:`reverse_primals`); each
     weight gradient is then one batched product.
     """
     n, b, nb = ws.n, ws.b, ws.count
     a_all = ws.jacobian_maps()  # I + J_G at each block's solution
-    inv_all = _inv_small(a_all)
+    inv_all = inv_small(a_all)
     # d(summed log-det)/dJ of every block at once (the log-det's gradient is the same for all blocks):
     # residual (I + J)^-T, inverse residual -(I + J)^-T, monotone -((I - J)^-T + (I + J)^-T).
-    sign, mono, a_minus = _logdet_terms(kinds, a_all)
+    sign, mono, a_minus = logdet_terms(kinds, a_all)
     dlog = inv_all * sign.view(nb, 1, 1, 1)
     if a_minus is not None:
-        dlog[mono] -= _inv_small(a_minus)
-    lay = _ReverseLayout(net)
+        dlog[mono] -= inv_small(a_minus)
+    lay = ReverseLayout(net)
     cols = (1 + n) * b
     c = ws.x.new_empty(nb, lay.rows, cols)  # pass 1: the log-det's cotangents (tangent and primal columns)
     torch.mul(dlog.transpose(1, 2), grad_logdet, out=c[:, :n, b:].view(nb, n, n, b))
     c[:, :n, :b].zero_()
-    v_all = _reverse_tangents(net, ws, lay, c)  # dL/dw through each block's log-det
+    v_all = reverse_tangents(net, ws, lay, c)  # dL/dw through each block's log-det
     # The sequential part: the implicit-function gradient through each solve (docs/algorithm.md §6), block by block.
     gy = grad_z.t().contiguous()
     c2 = ws.x.new_empty(nb, lay.rows, b)  # pass 2: cotangents of G(w) in the first n rows, filled below
@@ -123,14 +125,14 @@ def torch_backward(
         if kind == "residual":
             # y = x + G(x): dL/dx = gy (I + J) + v; G's weights see the cotangent gy.
             c2[j, :n] = gy
-            gy = _row_combination(a_all[j], gy).add_(v)
+            gy = row_combination(a_all[j], gy).add_(v)
             continue
         gw = torch.add(v, gy, alpha=SQRT2) if kind == "monotone" else v.add_(gy)
         # a = gw (I + J)^{-1} with respect to the solve's right-hand side; the parameters receive -a dG/dtheta.
-        a = _row_combination(inv, gw)
+        a = row_combination(inv, gw)
         torch.neg(a, out=c2[j, :n])
         gy = torch.sub(a, gy, alpha=1.0 / SQRT2).mul_(SQRT2) if kind == "monotone" else a
-    _reverse_primals(ws, lay, c2)
+    reverse_primals(ws, lay, c2)
     c[:, :, :b].add_(c2)  # both passes' cotangents of the primal columns
     # (X C^T)^T rather than C X^T: the same numbers, 25% faster here for these long reductions
     grads = []

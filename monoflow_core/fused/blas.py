@@ -35,11 +35,17 @@ import numpy as np
 
 from ..kernel_cache import numba_cache_location
 
-try:
-    import numba
-    from numba import types
-except ImportError:  # pragma: no cover - exercised only where Numba is missing
-    numba = None
+
+def _import_numba() -> Any:
+    """Numba, or None where it is not installed (the PyTorch kernels serve then)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - exercised only where Numba is missing
+        return None
+    return numba
+
+
+numba = _import_numba()
 
 __all__ = ["LIBRARY", "gemm", "limit_blas_threads", "single_threaded"]
 
@@ -57,7 +63,10 @@ def _mkl_in_torch() -> tuple[int, int, Any] | None:
         return None
     local.argtypes = [ctypes.c_int]
     local.restype = ctypes.c_int
-    return ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value, local
+    single, double = ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value
+    if single is None or double is None:  # pragma: no cover - exported symbols have addresses
+        return None
+    return single, double, local
 
 
 def _scipy_blas() -> tuple[int, int] | None:
@@ -143,6 +152,8 @@ def limit_blas_threads() -> int:
 
 
 if numba is not None and LIBRARY is not None:
+    from numba import types
+
     _SIGNATURE = types.void(*([types.voidptr] * 13))
     _sgemm = types.ExternalFunction(_SYMBOLS[0], _SIGNATURE)
     _dgemm = types.ExternalFunction(_SYMBOLS[1], _SIGNATURE)

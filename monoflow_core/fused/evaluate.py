@@ -2,43 +2,56 @@
 
 from __future__ import annotations
 
-import typing
-from typing import Any
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
 
-from .folded import _BlockWeights
-from .plan import _LOG2E
-from .workspace import _BlockViews
+from .folded import BlockWeights
+from .plan import LOG2E
+from .workspace import BlockViews
+
+__all__ = ["HORNER", "HornerCoefficients", "activate", "evaluate", "evaluate_with_jacobian", "second_derivative"]
 
 
-class _Consts:
-    """Stacked constants on the right dtype/device, made once per dtype and device.
+#: The stacked coefficients of Pila's two cubics (highest degree first).
+Horner: TypeAlias = tuple[Tensor, Tensor, Tensor, Tensor]
 
-    ``horner`` holds the stacked coefficients (highest degree first, each of shape (2, 1, 1)) of two cubics in the
-    folded variable ``y = min(h, 0)`` (see :func:`_activate`): ``y p(y / c)`` for the value and the derivative's
-    polynomial.
+
+class HornerCoefficients:
+    """Pila's stacked cubic coefficients on each dtype and device, made once per dtype and device.
+
+    Each of the four is of shape (2, 1, 1): the coefficients of two cubics in the folded variable ``y = min(h, 0)``
+    (see :func:`activate`), ``y p(y / c)`` for the value and the derivative's polynomial.
     """
 
-    _cache: typing.ClassVar[dict[tuple[torch.dtype, torch.device], dict[str, Any]]] = {}
+    def __init__(self) -> None:
+        self._made: dict[tuple[torch.dtype, torch.device], Horner] = {}
 
-    @classmethod
-    def get(cls, like: Tensor) -> dict[str, Any]:
+    def get(self, like: Tensor) -> Horner:
+        """The coefficients in ``like``'s dtype and device."""
         key = (like.dtype, like.device)
-        if key not in cls._cache:
-            c = _LOG2E
+        made = self._made.get(key)
+        if made is None:
+            c = LOG2E
 
             def col(a: float, b: float) -> Tensor:
                 return torch.tensor([a, b], dtype=like.dtype, device=like.device).view(2, 1, 1)
 
-            cls._cache[key] = {
-                "horner": (col(0.5 / c**2, 0.5 / c**3), col(-1.0 / c, 0.5 / c**2), col(1.0, -1.0 / c), col(0.0, 1.0)),
-            }
-        return cls._cache[key]
+            made = self._made[key] = (
+                col(0.5 / c**2, 0.5 / c**3),
+                col(-1.0 / c, 0.5 / c**2),
+                col(1.0, -1.0 / c),
+                col(0.0, 1.0),
+            )
+        return made
 
 
-def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
+#: The process's coefficients.
+HORNER = HornerCoefficients()
+
+
+def activate(kind: str, v: BlockViews, i: int, horner: Horner) -> None:
     """Activation of layer ``i``'s primal pre-activations, in place: value into ``x``, ``y, e, q`` alongside.
 
     For Pila the pre-activations arrive as ``h = c k x`` (``k = 5``, ``c = log2 e``, folded into the weights).
@@ -47,9 +60,10 @@ def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
     ``Pila'(x) = (u^3/2 + u^2/2 - u + 1) e`` at ``u = y / c`` (Ahn et al. 2022, Pila). Both cubics are evaluated
     in one stacked Horner scheme; no ``where`` is needed because the branches meet at 0 with two derivatives.
 
-    For CLipSwish the pre-activations arrive as ``h = beta z`` (:func:`_swish_gains`); the stored value is
-    ``h sigmoid(h)`` and its derivative ``s (1 + h (1 - s))`` with ``s = sigmoid(h)``, which goes into ``e``
-    (the second derivative, :func:`_second`, reads it; ``y`` and the value polynomial stay unwritten).
+    For CLipSwish the pre-activations arrive as ``h = beta z`` (:func:`~monoflow_core.fused.folded.swish_gains`); the
+    stored value is ``h sigmoid(h)`` and its derivative ``s (1 + h (1 - s))`` with ``s = sigmoid(h)``, which goes
+    into ``e`` (the second derivative, :func:`second_derivative`, reads it; ``y`` and the value polynomial stay
+    unwritten).
     """
     hp = v.h_p[i]
     if kind == "relu":
@@ -62,7 +76,7 @@ def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
         torch.mul(sig, -1.0, out=d).add_(1.0).mul_(hp).add_(1.0).mul_(sig)  # s (1 + h (1 - s))
         torch.mul(hp, sig, out=v.x_act[i])
         return
-    a3, a2, a1, a0 = c["horner"]
+    a3, a2, a1, a0 = horner
     y, q = v.y[i], v.q[i]
     torch.clamp_max(hp, 0.0, out=y)
     torch.exp2(y, out=v.e[i])
@@ -73,7 +87,7 @@ def _activate(kind: str, v: _BlockViews, i: int, c: dict[str, Any]) -> None:
     torch.clamp_min(hp, 0.0, out=v.x_act[i]).add_(v.q_value[i])
 
 
-def _second(kind: str, h: Tensor, y: Tensor, e: Tensor) -> Tensor | None:
+def second_derivative(kind: str, h: Tensor, y: Tensor, e: Tensor) -> Tensor | None:
     """Derivative of the activation's derivative with respect to the folded input ``h``; None for ReLU.
 
     ``dPila'(x)/dh = Pila''(x) / (c k) = (u^3/2 + 2 u^2) e / c`` with ``u = y / c``
@@ -85,41 +99,41 @@ def _second(kind: str, h: Tensor, y: Tensor, e: Tensor) -> Tensor | None:
     if kind == "swish":
         spread = torch.mul(e, -2.0).add_(1.0).mul_(h).add_(2.0)  # 2 + h (1 - 2 s)
         return torch.mul(e, -1.0).add_(1.0).mul_(e).mul_(spread)
-    c = _LOG2E
+    c = LOG2E
     return torch.mul(y, 0.5 / c**4).add_(2.0 / c**3).mul_(y).mul_(y).mul_(e)
 
 
-def evaluate_with_jacobian(net: _BlockWeights, w: Tensor, v: _BlockViews, final: Tensor) -> None:
+def evaluate_with_jacobian(net: BlockWeights, w: Tensor, v: BlockViews, final: Tensor) -> None:
     """The map ``w + sign G(w)`` and its Jacobian at the points ``w`` (n, B), written into the views ``v``.
 
     Each layer is one matrix product over the stacked primal and tangent columns (forward-mode tangents,
-    docs/performance.md); ``final`` is :meth:`_BlockWeights.map_weights` (``sign``), so ``v.out_p`` receives
-    ``w + sign G(w)`` and ``v.jacobian_map`` receives ``I + sign J_G(w)``.
+    docs/performance.md); ``final`` is :meth:`~monoflow_core.fused.folded.BlockWeights.map_weights` (``sign``), so
+    ``v.out_p`` receives ``w + sign G(w)`` and ``v.jacobian_map`` receives ``I + sign J_G(w)``.
     """
-    c = _Consts.get(w)
+    horner = HORNER.get(w)
     v.w_rows.copy_(w)
     for i, weight in enumerate(net.weights):
         torch.mm(weight, v.x_in[i], out=v.h[i])
-        _activate(net.kind, v, i, c)
+        activate(net.kind, v, i, horner)
         torch.mul(v.h_t[i], v.d_u[i], out=v.x_tan[i])
     torch.mm(final, v.x, out=v.out)
 
 
 def _activation_value(kind: str, h: Tensor, out: Tensor) -> None:
-    """The value alone of :func:`_activate` (``relu(h) + y p(y / c) e``, or ``h sigmoid(h)``), written into ``out``."""
+    """The value alone of :func:`activate` (``relu(h) + y p(y / c) e``, or ``h sigmoid(h)``), written into ``out``."""
     if kind == "relu":
         torch.clamp_min(h, 0.0, out=out)
         return
     if kind == "swish":
         torch.mul(h, torch.sigmoid(h), out=out)
         return
-    c = _LOG2E
+    c = LOG2E
     y = torch.clamp_max(h, 0.0)
     q = torch.mul(y, 0.5 / c**2).add_(-1.0 / c).mul_(y).add_(1.0).mul_(y).mul_(torch.exp2(y))
     torch.clamp_min(h, 0.0, out=out).add_(q)
 
 
-def evaluate(net: _BlockWeights, w: Tensor, final: Tensor) -> Tensor:
+def evaluate(net: BlockWeights, w: Tensor, final: Tensor) -> Tensor:
     """``final`` applied to G's features at the points ``w`` (n, B), e.g. ``w + G(w)``; no tangents, no autograd."""
     n, b = w.shape
     x = w.new_empty(net.total, b)

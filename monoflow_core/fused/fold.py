@@ -10,12 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn.densenet import DenseNetG
-from .fold_compiled import _kernel_fold, _kernel_fold_applies
-from .folded import FoldedNet, _swish_gains
-from .plan import _K, _LOG2E, _activation_spec
+from ..nn.lipschitz import SpectralLinear
+from .fold_compiled import kernel_fold, kernel_fold_applies
+from .folded import FoldedNet, swish_gains
+from .plan import LOG2E, PILA_K, activation_spec, bias_of, linears
+
+__all__ = ["FoldLayer", "fold_nets", "fold_nets_torch"]
 
 
-def _singular_pair(layers: Sequence[Any], w: Tensor) -> tuple[Tensor, Tensor]:
+def _singular_pair(layers: Sequence[SpectralLinear], w: Tensor) -> tuple[Tensor, Tensor]:
     """Batched vectors ``u, v`` with ``sigma = u^T W v``: the exact top singular pair (``"exact"`` mode, from an
     SVD outside autograd: the value and gradient ``u v^T`` of ``matrix_norm(W, 2)``) or the power-iteration
     buffers (``"power"`` mode)."""
@@ -26,7 +29,7 @@ def _singular_pair(layers: Sequence[Any], w: Tensor) -> tuple[Tensor, Tensor]:
         return torch.stack([lin.u for lin in layers]), torch.stack([lin.v for lin in layers])
 
 
-class _FoldLayer(torch.autograd.Function):
+class FoldLayer(torch.autograd.Function):
     """One layer position of the fold, batched over the blocks, with a hand-written backward.
 
     Forward: ``wn = W / max(1, sigma / coeff) * cols`` (soft spectral normalisation, docs/algorithm.md section 7, with
@@ -37,11 +40,11 @@ class _FoldLayer(torch.autograd.Function):
     the fused-versus-generic tests).
 
     ``gain`` (nb,), if given, replaces the constant ``k`` of a hidden layer by a per-block factor that is itself
-    differentiated: CLipSwish's learnable ``beta`` (see :func:`_swish_gains`).
+    differentiated: CLipSwish's learnable ``beta`` (see :func:`~monoflow_core.fused.folded.swish_gains`).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         w: Tensor,
         b: Tensor,
@@ -82,7 +85,7 @@ class _FoldLayer(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         w, raw, cols, u, v, coeff, s, ratio, *extra = ctx.saved_tensors
         m = w.shape[1]
         g_gain = None
@@ -112,25 +115,28 @@ def fold_nets(nets: Sequence[DenseNetG]) -> FoldedNet:
     """Fold a stack of same-architecture DenseNet G networks (differentiable in their parameters).
 
     With the compiled kernels ready (CPU, exact spectral norms) the fold is one compiled call each way
-    (:class:`_KernelFold`); otherwise it is the PyTorch computation below, whose autograd is the reference.
+    (:class:`~monoflow_core.fused.fold_compiled.KernelFold`); otherwise it is the PyTorch computation below, whose
+    autograd is the reference.
     """
-    if _kernel_fold_applies(nets):
-        return _kernel_fold(nets)
+    if kernel_fold_applies(nets):
+        return kernel_fold(nets)
     return fold_nets_torch(nets)
 
 
 def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
     """:func:`fold_nets` in PyTorch operators (autograd through them)."""
-    shift, scale, kind = _activation_spec(nets[0])  # type: ignore[misc]
+    spec = activation_spec(nets[0])
+    assert spec is not None, "fold_nets: the nets' activation is not one the fused path folds"
+    shift, scale, kind = spec
     # Pila's k (times log2 e, for exp2) is folded into the pre-activations and 1/k into the next layers' weights;
-    # CLipSwish's learnable beta likewise, per block and layer (_swish_gains).
-    k = _K * _LOG2E if kind == "pila" else 1.0
+    # CLipSwish's learnable beta likewise, per block and layer (swish_gains).
+    k = PILA_K * LOG2E if kind == "pila" else 1.0
     scale = scale / k
-    gains = _swish_gains(nets) if kind == "swish" else None
+    gains = swish_gains(nets) if kind == "swish" else None
     scales = scale / gains if gains is not None else None  # (nb, depth): the output scale of each layer
     depth = len(nets[0].layers)
     n = nets[0].in_features
-    ref = nets[0].layers[0].weight
+    ref = linears(nets[0])[0].weight
     lip = torch.tensor([g.lip_coeff for g in nets], dtype=ref.dtype, device=ref.device)
     e = F.softplus(torch.stack([g.concat_k for g in nets])) + 0.1  # (nb, depth, 2)
     mix = lip[:, None, None] * e / torch.linalg.vector_norm(e, dim=2, keepdim=True)
@@ -139,23 +145,24 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
     ones = torch.ones(nb, 1, dtype=ref.dtype, device=ref.device)
     # prods[:, i] = prod_{l < i} eta1_l: how much the input block is scaled when it reaches layer i.
     prods = torch.cat([ones, torch.cumprod(eta1, dim=1)], dim=1)  # (nb, depth + 1)
-    weights = []
+    weights: list[Tensor] = []
     widths = [n]
+    layers = [linears(g) for g in nets]
     for i in range(depth + 1):
         # Scale of each feature block at the input of layer i: the input, then the new features of layer j < i.
-        block_scales = [prods[:, i : i + 1]]
+        block_scales: list[Tensor] = [prods[:, i : i + 1]]
         for j in range(i):
-            out_scale = scale if scales is None else scales[:, j : j + 1]
-            block_scales.append(eta2[:, j : j + 1] * prods[:, i : i + 1] / prods[:, j + 1 : j + 2] * out_scale)
+            share = eta2[:, j : j + 1] * prods[:, i : i + 1] / prods[:, j + 1 : j + 2]
+            block_scales.append(share * scale if scales is None else share * scales[:, j : j + 1])
         cols = torch.cat([s.expand(nb, wdt) for s, wdt in zip(block_scales, widths, strict=True)], dim=1)
         hidden = i < depth
-        stack = [g.layers[i] for g in nets] if hidden else [g.final for g in nets]
+        stack = [row[i] for row in layers]  # layer i of every block (the final layer at i = depth)
         w = torch.stack([lin.weight for lin in stack])
         u, v = _singular_pair(stack, w)
         coeff = torch.tensor([lin.coeff for lin in stack], dtype=w.dtype, device=w.device)
-        b = torch.stack([lin.bias for lin in stack])
+        b = torch.stack([bias_of(lin) for lin in stack])
         gain = gains[:, i] if gains is not None and hidden else None
-        weights.append(_FoldLayer.apply(w, b, cols, u, v, coeff, hidden, shift, k, gain))
+        weights.append(FoldLayer.apply(w, b, cols, u, v, coeff, hidden, shift, k, gain))
         if not hidden:
             break
         widths.append(2 * w.shape[1])

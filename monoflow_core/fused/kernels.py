@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..kernel_cache import numba_cache_location
 from ..solvers import STALL_FACTOR, STALL_WINDOW
-from .blas import gemm
-
-try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
-    import numba
-except ImportError:  # pragma: no cover - exercised only where Numba is missing
-    numba = None
+from .blas import (
+    gemm,
+    numba,  # (None without Numba: the PyTorch kernels serve then)
+)
 
 __all__ = [
     "ACT_PILA",
@@ -51,6 +49,15 @@ __all__ = [
     "KIND_RESIDUAL",
     "MODE_EVALUATE",
     "MODE_SOLVE",
+    "Cotangents",
+    "KernelConstants",
+    "KernelNet",
+    "KernelSpace",
+    "RunGrads",
+    "RunOutputs",
+    "RunSetup",
+    "SolvePart",
+    "SolveWork",
     "backward_run",
     "constants",
     "exp2_bits",
@@ -71,6 +78,118 @@ ACT_SWISH = 2
 #: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
 MODE_EVALUATE = 0
 MODE_SOLVE = 1
+
+
+# The kernels' arguments, in named groups (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per
+# layer, ``T`` features).
+
+
+class KernelNet(NamedTuple):
+    """A run's folded weights as the kernels read them.
+
+    ``wflat`` (nb, sum_i m widths[i]) each block's hidden weights, layer ``i`` at ``offs[i]`` as (m, widths[i]);
+    ``widths`` (L,) the columns each layer reads (1 + its input width); ``fw`` (nb, n, T) the final weights of the map
+    ``w + sign G(w)`` (identity included); ``act`` the activation, :data:`ACT_PILA` (folded Pila), :data:`ACT_RELU`
+    or :data:`ACT_SWISH` (folded CLipSwish).
+    """
+
+    wflat: np.ndarray
+    offs: np.ndarray
+    widths: np.ndarray
+    m: int
+    fw: np.ndarray
+    act: int
+
+
+class RunSetup(NamedTuple):
+    """How each block of a run is solved, (nb,) each.
+
+    ``modes``: :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the map at the
+    right-hand side); the right-hand side ``rhs_scale * x`` and the output ``out_w * w + out_x * x``; the log-det
+    ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with ``A = I + sign J_G(w)`` at the solution
+    (docs/algorithm.md section 3); each block's effective relative tolerance and iteration cap.
+    """
+
+    modes: np.ndarray
+    rhs_scale: np.ndarray
+    out_w: np.ndarray
+    out_x: np.ndarray
+    ld_plus: np.ndarray
+    ld_mono: np.ndarray
+    tols: np.ndarray
+    max_iters: np.ndarray
+
+
+class RunOutputs(NamedTuple):
+    """What :func:`solve_run` writes: ``y`` (B, n) the outputs of the last block, ``logdet`` (B,) the summed log-dets,
+    and per block and point (nb, B): evaluations until converged or stalled, final relative residual, the flags."""
+
+    y: np.ndarray
+    logdet: np.ndarray
+    iterations: np.ndarray
+    residual: np.ndarray
+    converged: np.ndarray
+    stalled: np.ndarray
+
+
+class KernelSpace(NamedTuple):
+    """A workspace (:class:`monoflow_core.fused.workspace.Workspace`, stacked over layers; :func:`_evaluate` says what
+    is written): ``x`` (nb, T, (1+n)B), ``h`` (L, nb, m, (1+n)B), ``e`` (L, nb, m, B), ``q`` (L, nb, 2, m, B),
+    ``out`` (nb, n, (1+n)B)."""
+
+    x: np.ndarray
+    h: np.ndarray
+    e: np.ndarray
+    q: np.ndarray
+    out: np.ndarray
+
+
+class SolvePart(NamedTuple):
+    """Which points one :func:`solve_run` call solves, and how.
+
+    ``start, size``: points ``start .. start + size - 1`` of the batch (the workspace holds that part alone).
+    ``keep``: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point stays
+    in the batch, frozen once finished), or into scratch (nothing kept; the workspace is not read).
+    ``compact_fraction``: without ``keep``, finished points leave the batch once at least ``1/compact_fraction`` of it
+    has finished (0: never).
+    """
+
+    start: int
+    size: int
+    keep: bool
+    compact_fraction: int
+
+
+class KernelConstants(NamedTuple):
+    """:func:`constants` (with the stall exit's) and :func:`exp2_coefficients` of the dtype."""
+
+    cst: np.ndarray
+    coeffs: np.ndarray
+
+
+class SolveWork(NamedTuple):
+    """Scratch of :func:`solve_run`: ``ibuf`` (count,) integers of the float's width (:func:`exp2_bits`), and without
+    ``keep`` at least :func:`scratch_size` elements for the evaluations (reused across calls: fresh memory of this
+    size would cost page faults on every call)."""
+
+    ibuf: np.ndarray
+    scratch: np.ndarray
+
+
+class Cotangents(NamedTuple):
+    """The cotangents :func:`backward_run` starts from: of the run's output ``y`` (B, n) and summed log-det (B,)."""
+
+    y: np.ndarray
+    logdet: np.ndarray
+
+
+class RunGrads(NamedTuple):
+    """What :func:`backward_run` writes: the cotangent of the run's input ``x`` (B, n), and the gradients of the
+    folded weights ``wflat`` (nb, sum_i m widths[i]) and ``fw`` (nb, n, T) of this part of the batch."""
+
+    x: np.ndarray
+    wflat: np.ndarray
+    fw: np.ndarray
 
 
 def _jit(fn: Any) -> Any:

@@ -9,12 +9,71 @@ so they live apart from the solver's kernels (:mod:`monoflow_core.fused.kernels`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .kernels import _jit
 
-__all__ = ["fold_backward", "fold_forward"]
+__all__ = ["FoldGrads", "FoldLayout", "FoldParams", "FoldSaved", "fold_backward", "fold_forward"]
+
+
+class FoldLayout(NamedTuple):
+    """Shapes and offsets of one block's layers in the fold's flat rows (one row per block, the layers side by side).
+
+    Layer ``i`` of block ``j`` is ``wflat[j, woffs[i]:]`` as (rows[i], cols[i]), its bias ``bflat[j, boffs[i]:]``,
+    its folded weights ``out_flat[j, ooffs[i]:]`` as (2 rows[i], 1 + cols[i]) (hidden) or (rows[i], 1 + cols[i])
+    (final), its singular vectors ``uflat[j, boffs[i]:]`` and ``vflat[j, voffs[i]:]``; ``out_size`` and ``v_size``
+    are the lengths of a row of ``out_flat`` and ``vflat``.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    woffs: np.ndarray
+    boffs: np.ndarray
+    ooffs: np.ndarray
+    voffs: np.ndarray
+    out_size: int
+    v_size: int
+
+
+class FoldParams(NamedTuple):
+    """What the fold reads (``nb`` blocks, depth ``L``).
+
+    ``concat_k`` (nb, L, 2) the concatenation parameters K; ``lip`` (nb,) each net's ``lip_coeff``; ``coeff``
+    (L + 1, nb) each layer's Lipschitz bound; ``wflat``, ``bflat`` the weights and biases (:class:`FoldLayout`);
+    ``gains``, ``scales`` (nb, L) float64, each block's and hidden layer's folded pre-activation factor ``k`` and
+    output scale (divided by ``k``); ``shift`` the activation's shift.
+    """
+
+    concat_k: np.ndarray
+    lip: np.ndarray
+    coeff: np.ndarray
+    wflat: np.ndarray
+    bflat: np.ndarray
+    gains: np.ndarray
+    shift: float
+    scales: np.ndarray
+
+
+class FoldSaved(NamedTuple):
+    """What :func:`fold_forward` writes for :func:`fold_backward`: the top singular vectors ``uflat``, ``vflat`` and
+    each layer's ``sig`` (L + 1, nb)."""
+
+    uflat: np.ndarray
+    vflat: np.ndarray
+    sig: np.ndarray
+
+
+class FoldGrads(NamedTuple):
+    """What :func:`fold_backward` writes: the gradients of the weights, biases, K (nb, L, 2), and of the folded
+    factors and scales (nb, L, float64)."""
+
+    wflat: np.ndarray
+    bflat: np.ndarray
+    concat_k: np.ndarray
+    gains: np.ndarray
+    scales: np.ndarray
 
 
 @_jit

@@ -8,15 +8,17 @@ import torch
 from torch import Tensor
 
 from ..solvers import STALL_FACTOR, STALL_WINDOW, SolverStats, effective_tolerance, warn_unconverged
-from . import settings
-from .algebra import _max_abs, _newton_step
+from .algebra import max_abs, newton_step
 from .evaluate import evaluate_with_jacobian
-from .folded import _BlockWeights
-from .workspace import _BlockViews, _Workspace
+from .folded import BlockWeights
+from .settings import SETTINGS
+from .workspace import BlockViews, Workspace
+
+__all__ = ["StallTest", "newton_solve", "newton_solve_compact", "rejected_candidates", "safeguard", "warn_failed"]
 
 
-def _rejected(res: Tensor, prev: tuple[Tensor, ...] | None, plain: Tensor | None) -> Tensor | None:
-    """The points just evaluated that :func:`_safeguard` rejects: a Newton candidate whose residual grew compared
+def rejected_candidates(res: Tensor, prev: tuple[Tensor, ...] | None, plain: Tensor | None) -> Tensor | None:
+    """The points just evaluated that :func:`safeguard` rejects: a Newton candidate whose residual grew compared
     with ``prev`` (the previous accepted ``(w, r, res)``); a plain step (marked in ``plain``) is always accepted.
     None before there is anything to compare with."""
     if prev is None:
@@ -27,7 +29,7 @@ def _rejected(res: Tensor, prev: tuple[Tensor, ...] | None, plain: Tensor | None
     return worse
 
 
-def _safeguard(
+def safeguard(
     w: Tensor,
     r: Tensor,
     res: Tensor,
@@ -41,13 +43,13 @@ def _safeguard(
     Where a Newton step made the residual grow (compared with ``prev``, the previous accepted ``(w, r, res)``),
     it is discarded for the plain contracting step from the previous point, ``w_prev - r_prev``. That plain step
     (marked in ``plain``) is accepted without comparison next time, so no sample stalls on one point or cycles.
-    ``worse``: :func:`_rejected` of these arguments if already computed. Returns the guarded candidates and the new
-    ``(prev, plain)``.
+    ``worse``: :func:`rejected_candidates` of these arguments if already computed. Returns the guarded candidates and
+    the new ``(prev, plain)``.
     """
     if prev is None:
         return cand, (w, r, res), None
     if worse is None:
-        worse = _rejected(res, prev, plain)
+        worse = rejected_candidates(res, prev, plain)
         assert worse is not None
     if bool(worse.any()):
         cand = torch.where(worse, prev[0] - prev[1], cand)
@@ -56,16 +58,17 @@ def _safeguard(
     return cand, (w, r, res), None
 
 
-class _StallTest:
+class StallTest:
     """The stall exit of the generic solvers (:data:`~monoflow_core.solvers.STALL_WINDOW`,
     :data:`~monoflow_core.solvers.STALL_FACTOR`, docs/solvers.md "Stall exit") for the fused Newton solves.
 
     A point whose Euclidean residual ``|r|_2`` has not fallen below ``STALL_FACTOR`` times its value at the last such
-    decrease for ``STALL_WINDOW`` iterations stops, as not converged. A rejected Newton candidate (:func:`_rejected`)
-    is no progress, and a point stops only at an accepted point (after a rejected candidate it first takes the plain
-    step), so the evaluation kept for the log-det and the backward pass is always at a point the solve accepted.
-    Kept as squares (``|r|_2^2`` against ``STALL_FACTOR^2`` times the reference), which is the same test without a
-    square root. The compiled kernels apply the same rule (:func:`monoflow_core.fused.kernels.solve_run`).
+    decrease for ``STALL_WINDOW`` iterations stops, as not converged. A rejected Newton candidate
+    (:func:`rejected_candidates`) is no progress, and a point stops only at an accepted point (after a rejected
+    candidate it first takes the plain step), so the evaluation kept for the log-det and the backward pass is always
+    at a point the solve accepted. Kept as squares (``|r|_2^2`` against ``STALL_FACTOR^2`` times the reference),
+    which is the same test without a square root. The compiled kernels apply the same rule
+    (:func:`monoflow_core.fused.kernels.solve_run`).
     """
 
     def __init__(self, b: int, like: Tensor) -> None:
@@ -97,13 +100,13 @@ class _StallTest:
         self.bar, self.last = self.bar.index_select(0, keep), self.last.index_select(0, keep)
 
 
-def _newton(
-    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, v: _BlockViews
+def newton_solve(
+    net: BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, v: BlockViews
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``w + sign G(w) = rhs`` (points as columns of ``rhs``) by safeguarded Newton, freezing samples.
 
     Every sample stops moving once its relative residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets
-    the tolerance, or once it stalls (:class:`_StallTest`), so the final evaluation (kept in the views ``v``) is at
+    the tolerance, or once it stalls (:class:`StallTest`), so the final evaluation (kept in the views ``v``) is at
     the returned point for every sample: its Jacobian and activations are exact there for the log-det and the
     backward pass. The hot loop avoids Python-scalar arithmetic and per-entry indexing (each costs an operator
     dispatch).
@@ -113,45 +116,46 @@ def _newton(
     threshold = rhs.abs().amax(dim=0).add_(1.0).mul_(tol)
     final = net.map_weights(sign)
     w = rhs
-    conv: Tensor | None = None
+    conv = torch.zeros(b, dtype=torch.bool, device=rhs.device)
     stalled: Tensor | None = None
     history: list[Tensor] = []  # the finished (converged or stalled) samples after each iteration
     prev: tuple[Tensor, ...] | None = None  # (w, r, res) of the previous accepted iterate
     plain: Tensor | None = None  # samples whose current point came from a plain step
-    stall = _StallTest(b, rhs)
+    stall = StallTest(b, rhs)
     it = 0
     while True:
         it += 1
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, rhs)
-        res = _max_abs(r)
+        res = max_abs(r)
         ok = res <= threshold
-        rejected = _rejected(res, prev, plain)
+        rejected = rejected_candidates(res, prev, plain)
         stuck = stall.update(r, rejected, it)
-        conv = ok if conv is None else conv | ok
+        conv = conv | ok
         if stuck is not None:
             stalled = stuck if stalled is None else stalled | stuck
         done = conv if stalled is None else conv | stalled
         history.append(done)
         if it >= max_iter or bool(done.all()):
             break
-        cand = _newton_step(w, v.jacobian_map, r, v.entries, v.scratch)
-        cand, prev, plain = _safeguard(w, r, res, cand, prev, plain, rejected)
+        cand = newton_step(w, v.jacobian_map, r, v.entries, v.scratch)
+        cand, prev, plain = safeguard(w, r, res, cand, prev, plain, rejected)
         w = torch.where(done, w, cand)
     stuck_at_end = None if stalled is None else stalled.logical_and(conv.logical_not())
     stats = _stats(history, res / threshold * tol, conv, it, tol, max_iter, stuck_at_end)
-    _warn_unconverged(stats, label)
+    warn_failed(stats, label)
     return w, stats
 
 
-def _newton_compact(
-    net: _BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, want_jacobian: bool
+def newton_solve_compact(
+    net: BlockWeights, rhs: Tensor, sign: float, tol: float, max_iter: int, label: str, want_jacobian: bool
 ) -> tuple[Tensor, Tensor | None, SolverStats]:
-    """:func:`_newton` without a backward pass: finished samples leave the batch (no autograd, no buffers kept).
+    """:func:`newton_solve` without a backward pass: finished samples leave the batch (no autograd, no buffers kept).
 
     Returns ``(w, I + sign J_G(w) or None, stats)``. A sample that converged or stalled stops moving at once (as in
-    :func:`_newton`); it is written out and removed from the batch once at least ``1/COMPACT_FRACTION`` of the batch
-    has finished (removal costs a few index operations, so a handful of early finishers ride along frozen).
+    :func:`newton_solve`); it is written out and removed from the batch once at least ``1/compact_fraction`` of the
+    batch has finished (:class:`~monoflow_core.fused.settings.FusedSettings`; removal costs a few index operations, so
+    a handful of early finishers ride along frozen).
     Its Jacobian map comes from an evaluation at the returned point. Stragglers are cheap: the batch shrinks to
     the samples that still need work.
     """
@@ -172,19 +176,19 @@ def _newton_compact(
     first: Tensor | None = None  # the iteration at which each of them finished
     prev: tuple[Tensor, ...] | None = None
     plain: Tensor | None = None
-    stall = _StallTest(b, rhs)
-    v = _Workspace(net, 1, b, rhs).block(0)
+    stall = StallTest(b, rhs)
+    v = Workspace(net, 1, b, rhs).block(0)
     it = 0
     while True:
         it += 1
         m = w.shape[1]
         if v.out_p.shape[1] != m:
-            v = _Workspace(net, 1, m, rhs).block(0)
+            v = Workspace(net, 1, m, rhs).block(0)
         evaluate_with_jacobian(net, w, v, final)
         r = torch.sub(v.out_p, target)
-        res = _max_abs(r)
+        res = max_abs(r)
         ok = res <= thr
-        rejected = _rejected(res, prev, plain)
+        rejected = rejected_candidates(res, prev, plain)
         stuck = stall.update(r, rejected, it)
         now = ok if stuck is None else ok.logical_or(stuck)
         if seen is None:
@@ -200,7 +204,7 @@ def _newton_compact(
             n_seen = int(seen.sum())
         a = v.jacobian_map
         last = it >= max_iter
-        if last or n_seen == m or n_seen * settings.COMPACT_FRACTION >= m:
+        if last or n_seen == m or n_seen * SETTINGS.compact_fraction >= m:
             done = torch.ones_like(ok) if last else seen
             assert done is not None
             pos = done.nonzero().squeeze(1)
@@ -208,7 +212,10 @@ def _newton_compact(
             w_out.index_copy_(1, ids, w.index_select(1, pos))
             if a_out is not None:
                 a_out.index_copy_(2, ids, a.index_select(2, pos))
-            its = torch.full_like(ids, it) if first is None else torch.where(seen, first, it).index_select(0, pos)
+            if first is None or seen is None:
+                its = torch.full_like(ids, it)
+            else:
+                its = torch.where(seen, first, it).index_select(0, pos)
             iterations.index_copy_(0, ids, its)
             residual.index_copy_(0, ids, res.index_select(0, pos).div_(thr.index_select(0, pos)).mul_(tol))
             if seen is None or conv is None:
@@ -232,10 +239,10 @@ def _newton_compact(
             stall.select(keep)
             seen = conv = first = None
         views = (v.entries, v.scratch) if a is v.jacobian_map else ((), None)  # a may be a compacted copy
-        cand, prev, plain = _safeguard(w, r, res, _newton_step(w, a, r, *views), prev, plain, rejected)
+        cand, prev, plain = safeguard(w, r, res, newton_step(w, a, r, *views), prev, plain, rejected)
         w = cand if seen is None else torch.where(seen, w, cand)
     stats = SolverStats("newton", iterations, residual, converged, it, tol, max_iter, stalled=stalled)
-    _warn_unconverged(stats, label)
+    warn_failed(stats, label)
     return w_out, a_out, stats
 
 
@@ -258,7 +265,7 @@ def _stats(
     return SolverStats("newton", iterations, residual, conv, it, tol, max_iter, stalled=stalled)
 
 
-def _warn_unconverged(stats: SolverStats, label: str) -> None:
+def warn_failed(stats: SolverStats, label: str) -> None:
     """The generic solvers' :class:`SolverWarning` (:func:`monoflow_core.solvers.warn_unconverged`), issued at the
     caller of the fused path's entry point."""
     warn_unconverged(stats, label, stacklevel=6)

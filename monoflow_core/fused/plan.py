@@ -6,65 +6,122 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple, TypeAlias, TypeGuard, cast
 
+from torch import Tensor, nn
+
+from ..blocks import InverseResidualBlock, MonotoneBlock, ResidualBlock
 from ..logdet import resolve_logdet_mode
 from ..nn.activations import CLipSwish, CPila, CReLU
 from ..nn.densenet import DenseNetG
+from ..nn.lipschitz import SpectralLinear
 from ..solvers import resolve_method
+
+__all__ = [
+    "FAST_MAX_DIM",
+    "LOG2E",
+    "PILA_K",
+    "SQRT2",
+    "ActivationSpec",
+    "FusedBlock",
+    "RunPlan",
+    "activation_spec",
+    "bias_of",
+    "fast_eligible",
+    "fusable_runs",
+    "linears",
+    "net_of",
+]
 
 #: Largest event dimension handled by the fused path (tangent cost grows with n).
 FAST_MAX_DIM = 8
 SQRT2 = math.sqrt(2.0)
+#: Pila's k in CPila.
+PILA_K = 5.0
+#: Folded into Pila's pre-activations with k so that ``e^(k x)`` is one ``exp2`` (twice as fast as ``exp`` here).
+LOG2E = 1.0 / math.log(2.0)
 
-# activation class -> (shift, output scale, kind)
-_FAST_ACTIVATIONS: dict[type, tuple[float, float, str]] = {
-    CPila: (CPila.shift, CPila.scale, "pila"),
-    CReLU: (0.0, 1.0, "relu"),
-    CLipSwish: (0.0, 1.0 / CLipSwish.divisor, "swish"),
+#: The blocks the fused path runs (with a :class:`~monoflow_core.nn.densenet.DenseNetG` as G, see
+#: :func:`fast_eligible`).
+FusedBlock: TypeAlias = MonotoneBlock | ResidualBlock | InverseResidualBlock
+
+
+class ActivationSpec(NamedTuple):
+    """A concatenated activation the fused path folds: its input shift, its output scale, and its kind."""
+
+    shift: float
+    scale: float
+    kind: str  # "pila", "relu" or "swish"
+
+
+_FUSED_ACTIVATIONS: dict[type, ActivationSpec] = {
+    CPila: ActivationSpec(CPila.shift, CPila.scale, "pila"),
+    CReLU: ActivationSpec(0.0, 1.0, "relu"),
+    CLipSwish: ActivationSpec(0.0, 1.0 / CLipSwish.divisor, "swish"),
 }
 
-_K = 5.0  # Pila's k in CPila
-#: Folded into Pila's pre-activations with k so that ``e^(k x)`` is one ``exp2`` (twice as fast as ``exp`` here).
-_LOG2E = 1.0 / math.log(2.0)
+
+def linears(net: DenseNetG) -> list[SpectralLinear]:
+    """The spectrally normalised layers of ``net``: the dense layers, then the final one."""
+    return [cast(SpectralLinear, lin) for lin in [*net.layers, net.final]]
 
 
-# net -> (activation spec, weight shapes): fixed once a network is built; looked up on every forward pass
-_NET_FACTS: weakref.WeakKeyDictionary[DenseNetG, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+def bias_of(lin: SpectralLinear) -> Tensor:
+    """The bias of a layer of the project's DenseNet G (which always has one: the fold carries it in its weights)."""
+    assert lin.bias is not None, "the fused path folds layers with a bias"
+    return lin.bias
 
 
-def _net_facts(net: DenseNetG) -> tuple[tuple[float, float, str] | None, tuple[tuple[int, ...], ...]]:
-    facts = _NET_FACTS.get(net)
-    if facts is None:
-        facts = _NET_FACTS[net] = (
-            _activation_spec_of(net),
-            tuple(tuple(lin.weight.shape) for lin in [*net.layers, net.final]),
+def net_of(block: FusedBlock) -> DenseNetG:
+    """The G of a block that :func:`fast_eligible` accepted."""
+    return cast(DenseNetG, block.net)
+
+
+class _NetFacts:
+    """What the fused path looks up about a network on every forward pass, fixed once the network is built: its
+    activation spec and its weight shapes (kept per network while it lives)."""
+
+    def __init__(self) -> None:
+        self._facts: weakref.WeakKeyDictionary[DenseNetG, tuple[ActivationSpec | None, tuple[tuple[int, ...], ...]]] = (
+            weakref.WeakKeyDictionary()
         )
-    return facts
+
+    def get(self, net: DenseNetG) -> tuple[ActivationSpec | None, tuple[tuple[int, ...], ...]]:
+        facts = self._facts.get(net)
+        if facts is None:
+            shapes = tuple(tuple(lin.weight.shape) for lin in linears(net))
+            facts = self._facts[net] = (_activation_spec_of(net), shapes)
+        return facts
 
 
-def _activation_spec_of(net: DenseNetG) -> tuple[float, float, str] | None:
-    specs = {_FAST_ACTIVATIONS.get(type(a)) for a in net.activations}
+_NET_FACTS = _NetFacts()
+
+
+def _activation_spec_of(net: DenseNetG) -> ActivationSpec | None:
+    specs = {_FUSED_ACTIVATIONS.get(type(a)) for a in net.activations}
     if len(specs) != 1 or None in specs:
         return None
-    if any(getattr(a, "k", _K) != _K for a in net.activations):
+    if any(getattr(a, "k", PILA_K) != PILA_K for a in net.activations):
         return None
     return next(iter(specs))
 
 
-def _activation_spec(net: DenseNetG) -> tuple[float, float, str] | None:
-    """``(shift, output scale, kind)`` of the network's activation if the fused path folds it, else None."""
-    return _net_facts(net)[0]
+def activation_spec(net: DenseNetG) -> ActivationSpec | None:
+    """The network's activation if the fused path folds it, else None."""
+    return _NET_FACTS.get(net)[0]
 
 
-def fast_eligible(block: Any, dim: int) -> bool:
-    """Whether a block can run on the fused path for inputs of event dimension ``dim``."""
-    from ..blocks import InverseResidualBlock, MonotoneBlock, ResidualBlock
+def fast_eligible(block: nn.Module, dim: int) -> TypeGuard[FusedBlock]:
+    """Whether a block can run on the fused path for inputs of event dimension ``dim``.
 
+    A monotone, residual or inverse residual block whose G is the project's DenseNet G with a folded activation, in
+    at most :data:`FAST_MAX_DIM` dimensions, with the exact log-det, Newton's method and the one-step implicit
+    gradient.
+    """
     if not isinstance(block, MonotoneBlock | ResidualBlock | InverseResidualBlock):
         return False
     net = block.net
-    if not isinstance(net, DenseNetG) or _activation_spec(net) is None or dim > FAST_MAX_DIM:
+    if not isinstance(net, DenseNetG) or activation_spec(net) is None or dim > FAST_MAX_DIM:
         return False
     # "hybrid" means the estimator in training: the generic path implements it.
     hybrid = block.logdet_mode == "hybrid"
@@ -74,32 +131,35 @@ def fast_eligible(block: Any, dim: int) -> bool:
 
 
 def _same_architecture(a: DenseNetG, b: DenseNetG) -> bool:
-    return _net_facts(a) == _net_facts(b) and [lin.mode for lin in [*a.layers, a.final]] == [
-        lin.mode for lin in [*b.layers, b.final]
+    return _NET_FACTS.get(a) == _NET_FACTS.get(b) and [lin.mode for lin in linears(a)] == [
+        lin.mode for lin in linears(b)
     ]
 
 
-def fusable_runs(blocks: Sequence[Any], dim: int) -> list[tuple[int, int]]:
+def fusable_runs(blocks: Sequence[nn.Module], dim: int) -> list[tuple[int, int]]:
     """Maximal index ranges ``[start, stop)`` of consecutive eligible blocks of one architecture."""
     runs: list[tuple[int, int]] = []
-    start = None
+    start: int | None = None
+    first: FusedBlock | None = None  # the block at ``start``
     for i, blk in enumerate(blocks):
-        ok = fast_eligible(blk, dim)
-        if ok and start is not None and not _same_architecture(blocks[start].net, blk.net):
+        if fast_eligible(blk, dim):
+            if first is not None and start is not None and not _same_architecture(net_of(first), net_of(blk)):
+                runs.append((start, i))
+                start, first = i, blk
+            elif start is None:
+                start, first = i, blk
+        elif start is not None:
             runs.append((start, i))
-            start = i
-        elif ok and start is None:
-            start = i
-        elif not ok and start is not None:
-            runs.append((start, i))
-            start = None
+            start = first = None
     if start is not None:
         runs.append((start, len(blocks)))
     return runs
 
 
 @dataclass
-class _Plan:
-    blocks: list[Any]
+class RunPlan:
+    """A run of eligible blocks of one architecture, with its dimension and activation kind."""
+
+    blocks: list[FusedBlock]
     n: int
     kind: str

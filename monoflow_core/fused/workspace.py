@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TypeAlias
 
+import torch
 from torch import Tensor
 
-from .algebra import _entries
-from .folded import FoldedNet, _BlockWeights
+from .algebra import entries
+from .folded import BlockWeights, FoldedNet
+from .kernels import KernelSpace
+
+__all__ = ["POOL", "BlockViews", "GraphToken", "PoolKey", "Workspace", "WorkspacePool"]
+
+#: What a pooled workspace's shape depends on (:meth:`WorkspacePool.key`).
+PoolKey: TypeAlias = tuple[int, int, torch.dtype, torch.device, int, tuple[int, ...], int]
 
 
-class _Workspace:
+class Workspace:
     """Preallocated buffers of one or more blocks' evaluations of G with tangents, feature-major, and their views.
 
     ``x[j]`` holds block ``j``'s features, one row per feature and one column per point: columns ``[0, B)`` are
@@ -21,7 +28,8 @@ class _Workspace:
     layer's activation outputs. Per layer ``i``: ``h[i]`` the pre-activations (primal and tangent columns),
     ``y[i] = min(h, 0)`` and ``e[i]`` its exponential on the primal columns, ``q[i]`` the stacked value and
     derivative polynomials times ``e`` (``q[i][:, 1]`` is the activation's derivative). ``out[j]`` is
-    ``[w + sign G(w), I + sign J_G(w)]`` as an (n, (1 + n) B) matrix (see :meth:`_BlockWeights.map_weights`).
+    ``[w + sign G(w), I + sign J_G(w)]`` as an (n, (1 + n) B) matrix (see
+    :meth:`~monoflow_core.fused.folded.BlockWeights.map_weights`).
     The compiled kernels write only what their backward pass reads: ``x``, ``h``, ``e``, ``q[i][:, 1]`` and
     ``out`` (:func:`monoflow_core.fused.kernels._evaluate`); ``y`` and the value polynomial stay unwritten.
 
@@ -30,7 +38,7 @@ class _Workspace:
     backward pass reads the same buffers batched over the blocks.
     """
 
-    def __init__(self, net: _BlockWeights | FoldedNet, count: int, b: int, like: Tensor) -> None:
+    def __init__(self, net: BlockWeights | FoldedNet, count: int, b: int, like: Tensor) -> None:
         n = net.n
         widths = [w.shape[-2] for w in net.weights]
         total = net.final.shape[-1]
@@ -51,7 +59,7 @@ class _Workspace:
         self.q_all = like.new_empty(depth, count, 2, m, b)
         self.h, self.y, self.e, self.q = (list(t.unbind(0)) for t in (self.h_all, self.y_all, self.e_all, self.q_all))
         self.out = like.new_empty(count, n, cols)
-        self._views: dict[int, _BlockViews] = {}
+        self._views: dict[int, BlockViews] = {}
 
     def d(self, i: int) -> Tensor:
         """Activation derivatives of layer ``i``, (count, m, B)."""
@@ -61,71 +69,97 @@ class _Workspace:
         """``I + sign J_G`` of every block as a (count, n, n, B) stack (``[j, i, t, k] = dF_i/dw_t`` at point k)."""
         return self.out[:, :, self.b :].view(self.count, self.n, self.n, self.b)
 
-    def block(self, j: int) -> _BlockViews:
+    def block(self, j: int) -> BlockViews:
+        """The views of block ``j``'s slice (made once)."""
         if j not in self._views:
-            self._views[j] = _BlockViews(self, j)
+            self._views[j] = BlockViews(self, j)
         return self._views[j]
 
-
-#: Workspaces whose autograd graph is gone, by shape, for the next training forward (at most _POOL_KEEP each).
-_POOL: dict[tuple[Any, ...], list[_Workspace]] = {}
-_POOL_LOCK = threading.Lock()
-_POOL_KEEP = 2
+    def kernel_space(self) -> KernelSpace:
+        """The buffers the compiled kernels write and read, as NumPy arrays sharing this workspace's memory."""
+        return KernelSpace(self.x.numpy(), self.h_all.numpy(), self.e_all.numpy(), self.q_all.numpy(), self.out.numpy())
 
 
-def _workspace_key(net: FoldedNet, b: int, like: Tensor) -> tuple[Any, ...]:
-    return (
-        len(net.final),
-        b,
-        like.dtype,
-        like.device,
-        net.n,
-        tuple(w.shape[-2] for w in net.weights),
-        net.final.shape[-1],
-    )
-
-
-def _acquire_workspace(net: FoldedNet, b: int, like: Tensor) -> tuple[_Workspace, tuple[Any, ...]]:
-    """A workspace for a training forward: a pooled one whose previous graph is gone, else a new one.
+class WorkspacePool:
+    """Workspaces whose autograd graph is gone, by shape, for the next training forward (at most ``keep`` each).
 
     Reusing saves the allocations and the ~400 views of a 10-block run every step. A workspace returns to the pool
-    only when the autograd node that holds it is destroyed (see :func:`_release_with`), so a graph that is still
-    alive (a second backward with ``retain_graph``, two forwards before one backward) never sees its buffers
-    overwritten. Returns the workspace and its pool key.
+    only when the autograd node that holds it is destroyed (:meth:`release_with`), so a graph that is still alive
+    (a second backward with ``retain_graph``, two forwards before one backward) never sees its buffers overwritten.
     """
-    key = _workspace_key(net, b, like)
-    with _POOL_LOCK:
-        free = _POOL.get(key)
-        if free:
-            return free.pop(), key
-    return _Workspace(net, len(net.final), b, like), key
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._free: dict[PoolKey, list[Workspace]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(net: FoldedNet, b: int, like: Tensor) -> PoolKey:
+        """The shape of the workspace of ``net`` for ``b`` points in ``like``'s dtype and device."""
+        return (
+            len(net.final),
+            b,
+            like.dtype,
+            like.device,
+            net.n,
+            tuple(int(w.shape[-2]) for w in net.weights),
+            int(net.final.shape[-1]),
+        )
+
+    def acquire(self, net: FoldedNet, b: int, like: Tensor) -> tuple[Workspace, PoolKey]:
+        """A workspace for a training forward: a pooled one whose previous graph is gone, else a new one; and its
+        pool key."""
+        key = self.key(net, b, like)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop(), key
+        return Workspace(net, len(net.final), b, like), key
+
+    def release_with(self, holder: GraphToken, ws: Workspace, key: PoolKey) -> None:
+        """Return ``ws`` to the pool when ``holder`` (a token kept by the autograd node) is garbage collected."""
+
+        def release() -> None:
+            with self._lock:
+                free = self._free.setdefault(key, [])
+                if len(free) < self.keep:
+                    free.append(ws)
+
+        weakref.finalize(holder, release)
+
+    def free_count(self) -> int:
+        """How many workspaces wait in the pool."""
+        with self._lock:
+            return sum(len(v) for v in self._free.values())
 
 
-def _release_with(holder: Any, ws: _Workspace, key: tuple[Any, ...]) -> None:
-    """Return ``ws`` to the pool when ``holder`` (a token kept by the autograd node) is garbage collected."""
-
-    def release() -> None:
-        with _POOL_LOCK:
-            free = _POOL.setdefault(key, [])
-            if len(free) < _POOL_KEEP:
-                free.append(ws)
-
-    weakref.finalize(holder, release)
+#: The process's pool of training workspaces.
+POOL = WorkspacePool()
 
 
-class _GraphToken:
+class GraphToken:
     """Lives exactly as long as the autograd node of one fused run (a weak-referenceable marker)."""
 
 
-class _BlockViews:
-    """The views of one block's slice of a :class:`_Workspace` that :func:`evaluate_with_jacobian` writes."""
+class BlockViews:
+    """The views of one block's slice of a :class:`Workspace` that
+    :func:`~monoflow_core.fused.evaluate.evaluate_with_jacobian` writes."""
 
-    def __init__(self, ws: _Workspace, j: int) -> None:
+    def __init__(self, ws: Workspace, j: int) -> None:
         n, b = ws.n, ws.b
         x = ws.x[j]
         self.w_rows = x[1 : 1 + n, :b]
-        self.x_in, self.x_act, self.x_tan = [], [], []
-        self.h, self.h_p, self.h_t, self.y, self.e, self.q, self.q_value, self.d_u = [], [], [], [], [], [], [], []
+        self.x_in: list[Tensor] = []
+        self.x_act: list[Tensor] = []
+        self.x_tan: list[Tensor] = []
+        self.h: list[Tensor] = []
+        self.h_p: list[Tensor] = []
+        self.h_t: list[Tensor] = []
+        self.y: list[Tensor] = []
+        self.e: list[Tensor] = []
+        self.q: list[Tensor] = []
+        self.q_value: list[Tensor] = []
+        self.d_u: list[Tensor] = []
         width = 1 + n
         for i in range(len(ws.h)):
             m = ws.h[i].shape[1]
@@ -148,5 +182,5 @@ class _BlockViews:
         self.out_p = self.out[:, :b]
         self.jacobian_map = self.out[:, b:].view(n, n, b)
         # For the closed-form 2 x 2 Newton step: the entries of the Jacobian map and scratch for the step.
-        self.entries = _entries(self.jacobian_map) if n == 2 else ()
+        self.entries: tuple[Tensor, ...] = entries(self.jacobian_map) if n == 2 else ()
         self.scratch = x.new_empty(3, b) if n == 2 else None

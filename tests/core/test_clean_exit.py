@@ -4,7 +4,7 @@ The compiled kernels (``monoflow_core.fused.kernels``) can compile in a backgrou
 without ``wait``). At finalisation Python ends the daemon threads still running by unwinding their stacks without
 running them; one inside PyTorch's autograd engine (the compile's warm-up differentiates the fold) aborted the whole
 process with ``terminate called without an active exception`` and exit status 134, after the program had done its work.
-The fix cancels the compile and joins its thread before finalisation (``fused.compiler._stop_background_compiles``).
+The fix cancels the compile and joins its thread before finalisation (``fused.COMPILER.stop_background_compiles``).
 
 These tests start fresh processes, each with an empty Numba cache (``NUMBA_CACHE_DIR``) where the compile matters.
 A cold compile takes a minute or more on the 2-core development machine, so the suite runs one process that exits
@@ -36,9 +36,9 @@ import sys
 import threading
 
 def report():
-    from monoflow_core.fused import compiler
-    alive = [t.name for t in compiler._COMPILE_THREADS if t.is_alive()]
-    print("state", compiler._KERNEL_STATE.get((torch.float32, "train")), "alive", alive, flush=True)
+    from monoflow_core.fused import COMPILER
+    alive = [t.name for t in COMPILER.threads if t.is_alive()]
+    print("state", COMPILER.state.get((torch.float32, "train")), "alive", alive, flush=True)
 
 atexit.register(report)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from monoflow_core import FlowConfig, MonotoneBlock, ResidualBlock, build_flow, fused
-from monoflow_core.fused import settings
+from monoflow_core.fused import SETTINGS
 from monoflow_core.solvers import (
     DEFAULT_TOL,
     METHODS,
@@ -242,7 +242,7 @@ def path(request, monkeypatch):
     """The generic autograd path, and the fused path on each of its kernel sets."""
     if request.param == "fused-compiled" and not fused.kernels_ready(torch.float64, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(settings, "USE_KERNELS", request.param == "fused-compiled")
+    monkeypatch.setattr(SETTINGS, "use_kernels", request.param == "fused-compiled")
     return request.param
 
 

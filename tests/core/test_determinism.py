@@ -3,7 +3,7 @@
 Two identical runs agree bit for bit, and so do a resumed run and a straight one. The compiled kernels are not
 bit-identical to the PyTorch ones (they agree to rounding), so a run must not switch from one set to the other at a
 step that depends on how long the compile took: the fused path waits for the compiled kernels at their first use
-(``monoflow_core.fused.settings.KERNELS_WAIT``). Compared here: the flow's parameters and buffers, the optimizer's
+(``monoflow_core.fused.SETTINGS.wait``). Compared here: the flow's parameters and buffers, the optimizer's
 state and the losses and test results the run's callback receives (not ``Trainer.history``, whose length is the
 trainer's business). On the compiled path the weight gradients are summed over the parts a batch is split into, one per
 thread (``fused.kernel_parts``), so results are reproducible for a given thread count: every run here uses one.
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow, fused
-from monoflow_core.fused import compiler, kernels, settings
+from monoflow_core.fused import COMPILER, KERNEL_SETS, SETTINGS, kernels
 from monoflow_core.training import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def kernel_set(request, monkeypatch):
     compiled = request.param == "compiled"
     if compiled and not all(fused.kernels_ready(dt, wait=True) for dt in (torch.float32, torch.float64)):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(settings, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return _count_solves(monkeypatch)
 
 
@@ -101,7 +101,7 @@ def straight_run(steps: int = STEPS) -> dict:
 
 def test_identical_runs_are_bit_identical(kernel_set):
     first = straight_run()
-    assert bool(kernel_set) == settings.USE_KERNELS  # the set the fixture chose served the run
+    assert bool(kernel_set) == SETTINGS.use_kernels  # the set the fixture chose served the run
     assert_identical(first, straight_run())
     assert any(ev is not None for _, _, ev in first["record"])  # (the tests ran, too)
 
@@ -126,14 +126,14 @@ def test_a_run_started_while_the_kernels_compile_uses_them_from_its_first_step(m
         pytest.skip("the compiled kernels are unavailable here")
     reference = straight_run()
     calls = _count_solves(monkeypatch)
-    monkeypatch.setitem(compiler._KERNEL_STATE, (torch.float32, "train"), "compiling")
+    monkeypatch.setitem(COMPILER.state, (torch.float32, "train"), "compiling")
     holding = threading.Event()
 
     def background_compile() -> None:  # holds the compile lock, as _compile_kernels does, then reports success
-        with compiler._KERNEL_COMPILE_LOCK:
+        with COMPILER.compile_lock:
             holding.set()
             threading.Event().wait(0.5)
-            compiler._KERNEL_STATE[torch.float32, "train"] = "ready"
+            COMPILER.state[torch.float32, "train"] = "ready"
 
     thread = threading.Thread(target=background_compile)
     thread.start()
@@ -159,8 +159,8 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
         pytest.skip("Numba is not installed")
     dt = torch.float64
     assert fused.kernels_ready(dt, wait=True)
-    for kit in compiler.KERNEL_SETS:  # as at the first use in a process (Numba's versions stay compiled)
-        monkeypatch.delitem(compiler._KERNEL_STATE, (dt, kit))
+    for kit in KERNEL_SETS:  # as at the first use in a process (Numba's versions stay compiled)
+        monkeypatch.delitem(COMPILER.state, (dt, kit))
     calls = _count_solves(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
@@ -168,11 +168,11 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
         warnings.simplefilter("error")
         with context:
             flow.log_prob(torch.randn(10, 2, dtype=dt))
-            assert compiler._KERNEL_STATE[dt, "solve"] == "ready"
+            assert COMPILER.state[dt, "solve"] == "ready"
             assert len(calls) == 1 + 1  # the solvers' warm-up solve, then the evaluation's
             # the training kernels, asked for from inside no_grad too: their warm-up differentiates the fold
             assert fused.kernels_ready(dt, wait=True)
-    assert compiler._KERNEL_STATE[dt, "train"] == "ready"
+    assert COMPILER.state[dt, "train"] == "ready"
     assert len(calls) == 2 + 2  # and the training warm-up's two solves
 
 
@@ -193,7 +193,7 @@ def test_a_fresh_process_with_default_settings_equals_this_one(tmp_path):
     """The reported case: a new process loads the compiled kernels from Numba's on-disk cache (about a second)
     while its run starts. With default settings its result must equal this process's run, whose kernels were
     ready before it started (tests/conftest.py)."""
-    if not (settings.USE_KERNELS and fused.kernels_ready(torch.float32, wait=True)):
+    if not (SETTINGS.use_kernels and fused.kernels_ready(torch.float32, wait=True)):
         pytest.skip("the compiled kernels are unavailable here")
     out = tmp_path / "fresh.pt"
     env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_KERNELS"}

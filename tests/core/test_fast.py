@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from monoflow_core import FlowConfig, build_flow, fused, solvers
-from monoflow_core.fused import fast_eligible, fold, fold_cache, fusable_runs, newton, settings, workspace
+from monoflow_core.fused import SETTINGS, fast_eligible, fold, fold_cache, fusable_runs, newton, workspace
 from monoflow_core.solvers import STALL_FACTOR, STALL_WINDOW, SolverWarning
 
 DT = torch.float64
@@ -20,7 +20,7 @@ def kernels(request, monkeypatch):
     compiled = request.param == "compiled"
     if compiled and not fused.kernels_ready(DT, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(settings, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return request.param
 
 
@@ -249,16 +249,16 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
     """Without a backward pass converged samples leave the batch; each sample's iterate, Jacobian and iteration
     count must be those of the solve that keeps every sample (fraction 1: remove as soon as any converged;
     10**6: never before the end, i.e. frozen in place)."""
-    monkeypatch.setattr(settings, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(SETTINGS, "compact_fraction", fraction)
     torch.manual_seed(4)
     flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
     weights = fused.fold_nets([flow.layers[0].net]).block(0)
     # a wide spread of right-hand sides: far points need more Newton iterations than near ones
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
     for sign in (1.0, -1.0):
-        views = workspace._Workspace(weights, 1, 300, rhs).block(0)
-        w_keep, stats_keep = newton._newton(weights, rhs, sign, 1e-12, 50, "keep", views)
-        w_drop, a_drop, stats_drop = newton._newton_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
+        views = workspace.Workspace(weights, 1, 300, rhs).block(0)
+        w_keep, stats_keep = newton.newton_solve(weights, rhs, sign, 1e-12, 50, "keep", views)
+        w_drop, a_drop, stats_drop = newton.newton_solve_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
         assert len(set(stats_keep.iterations.tolist())) >= 2  # samples really stop at different iterations
         assert torch.equal(stats_keep.iterations, stats_drop.iterations)
         assert stats_drop.all_converged and float(stats_drop.residual.max()) <= stats_drop.tol
@@ -295,10 +295,10 @@ def test_pooled_workspaces_never_overwrite_a_live_graph():
     # once the graphs are gone their workspaces return to the pool, and the next forward takes one
     del loss1, loss2
     gc.collect()
-    assert any(workspace._POOL.values())
-    before = sum(len(v) for v in workspace._POOL.values())
+    assert workspace.POOL.free_count() > 0
+    before = workspace.POOL.free_count()
     loss = flow.log_prob(x1).sum()
-    assert sum(len(v) for v in workspace._POOL.values()) == before - 1
+    assert workspace.POOL.free_count() == before - 1
     for a, b in zip(torch.autograd.grad(loss, params), ref1, strict=True):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
@@ -306,17 +306,17 @@ def test_pooled_workspaces_never_overwrite_a_live_graph():
 def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
     w0, r0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.1]])
     res0 = r0.abs()[0]
-    cand, prev, plain = newton._safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
+    cand, prev, plain = newton.safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
     assert torch.equal(cand, torch.tensor([[9.0, 9.0]])) and plain is None  # nothing to compare with yet
     # at the new points the first sample's residual grew, the second's fell
     w1, r1 = torch.tensor([[3.0, 1.5]]), torch.tensor([[0.8, 0.01]])
-    cand, prev, plain = newton._safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
+    cand, prev, plain = newton.safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.5, 7.0]]))  # plain step w0 - r0 for the first, Newton for the second
     assert plain.tolist() == [True, False]
     assert torch.equal(prev[0], torch.tensor([[1.0, 1.5]]))  # the first keeps its last accepted point
     # the plain step's result is accepted even if its residual is larger than the one it is compared with
     w2, r2 = torch.tensor([[0.5, 7.0]]), torch.tensor([[0.9, 0.001]])
-    cand, prev, plain = newton._safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
+    cand, prev, plain = newton.safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
 
 
@@ -339,7 +339,7 @@ def test_fold_layer_backward_against_finite_differences(hidden, gain):
     if gain:
         inputs += (torch.tensor([0.7, 1.9], dtype=DT, requires_grad=True),)
     assert torch.autograd.gradcheck(
-        lambda a, b, c, *g: fold._FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
+        lambda a, b, c, *g: fold.FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
     )
 
 

@@ -14,7 +14,9 @@ import torch
 
 from monoflow_core import FlowConfig, build_flow, fused
 from monoflow_core.fused import (
-    compiler,
+    COMPILER,
+    KERNEL_SETS,
+    SETTINGS,
     dispatch,
     fold,
     fold_compiled,
@@ -23,7 +25,6 @@ from monoflow_core.fused import (
     newton,
     plan,
     run,
-    settings,
     warm,
     workspace,
 )
@@ -74,11 +75,11 @@ def _solve_pair(sign, activation="cpila"):
     folded = fused.fold_nets([block.net])
     weights = folded.block(0)
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
-    views = workspace._Workspace(weights, 1, 300, rhs).block(0)
-    w_torch, stats_torch = newton._newton(weights, rhs, sign, 1e-12, 50, "torch", views)
-    ws = workspace._Workspace(folded, 1, 300, rhs)
+    views = workspace.Workspace(weights, 1, 300, rhs).block(0)
+    w_torch, stats_torch = newton.newton_solve(weights, rhs, sign, 1e-12, 50, "torch", views)
+    ws = workspace.Workspace(folded, 1, 300, rhs)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0)
-    w_kernel, _, (stats_kernel,) = dispatch._kernel_run(
+    w_kernel, _, (stats_kernel,) = dispatch.kernel_run(
         rhs.t(), [block], folded, [setup], [sign], ["kernel"], [ws], [(0, 300)]
     )
     return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
@@ -108,12 +109,12 @@ def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels(ac
     blocks = list(flow.layers)
     folded = fused.fold_nets([b.net for b in blocks])
     net = fused.FoldedNet.from_tensors([t.detach() for t in folded.tensors()], folded.n, folded.kind)
-    run_plan = plan._Plan(blocks, net.n, net.kind)
+    run_plan = plan.RunPlan(blocks, net.n, net.kind)
     x = torch.randn(70, 2, dtype=DT) * 2
-    ws_torch = workspace._Workspace(net, 3, 70, x)
-    y_torch, ld_torch = run._fused_forward(x.t().contiguous(), run_plan, net, ws_torch)
-    ws_kernel = workspace._Workspace(net, 3, 70, x)
-    y_kernel, ld_kernel = dispatch._kernel_forward(x, run_plan, net, [ws_kernel], [(0, 70)])
+    ws_torch = workspace.Workspace(net, 3, 70, x)
+    y_torch, ld_torch = run.torch_forward(x.t().contiguous(), run_plan, net, ws_torch)
+    ws_kernel = workspace.Workspace(net, 3, 70, x)
+    y_kernel, ld_kernel = dispatch.kernel_forward(x, run_plan, net, [ws_kernel], [(0, 70)])
     assert torch.allclose(y_torch.t(), y_kernel, atol=1e-12, rtol=0)
     assert torch.allclose(ld_torch, ld_kernel, atol=1e-12, rtol=0)
     # what the compiled backward reads (the compiled kernels leave y and the value polynomial unwritten)
@@ -130,7 +131,7 @@ def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch,
     z = torch.randn(500, 2, dtype=DT)
     results = []
     for use in (True, False):
-        monkeypatch.setattr(settings, "USE_KERNELS", use)
+        monkeypatch.setattr(SETTINGS, "use_kernels", use)
         with torch.no_grad():
             results.append((flow.log_prob(x), flow.inverse(z), flow.solver_stats()[0]["inverse"].iterations))
     (lp1, inv1, it1), (lp0, inv0, it0) = results
@@ -154,7 +155,7 @@ def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch, activatio
     assert len(calls) == 1
     stats = [s["inverse"] for s in flow.solver_stats()]
     assert stats[0] is not None and stats[1] is not None and bool(stats[0].converged.all())
-    monkeypatch.setattr(settings, "USE_KERNELS", False)
+    monkeypatch.setattr(SETTINGS, "use_kernels", False)
     with torch.no_grad():
         x_torch = flow.inverse(z)
         z_back, _ = flow(x)
@@ -169,7 +170,7 @@ def test_no_grad_slices_give_the_same_values_and_statistics(monkeypatch):
     x = torch.randn(301, 2, dtype=DT) * 2
     results = []
     for points in (10_000, 37):
-        monkeypatch.setattr(settings, "KERNEL_NO_GRAD_POINTS", points)
+        monkeypatch.setattr(SETTINGS, "no_grad_points", points)
         calls = _count_kernel_calls(monkeypatch)
         with torch.no_grad():
             results.append((flow.log_prob(x), flow.inverse(x), flow.solver_stats()[1]["forward"].iterations))
@@ -189,16 +190,16 @@ def _count_kernel_calls(monkeypatch):
 def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch):
     # With KERNELS_WAIT off (the default waits, so that a run never switches kernel sets at a timing-dependent
     # step), the PyTorch kernels serve while the compiled ones are not ready.
-    monkeypatch.setattr(settings, "KERNELS_WAIT", False)
+    monkeypatch.setattr(SETTINGS, "wait", False)
     calls = _count_kernel_calls(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     x = torch.randn(20, 2, dtype=DT)
-    for kit in compiler.KERNEL_SETS:
-        monkeypatch.setitem(compiler._KERNEL_STATE, (DT, kit), "compiling")
+    for kit in KERNEL_SETS:
+        monkeypatch.setitem(COMPILER.state, (DT, kit), "compiling")
     reference = flow.log_prob(x)
     assert not calls
-    for kit in compiler.KERNEL_SETS:
-        monkeypatch.setitem(compiler._KERNEL_STATE, (DT, kit), "ready")
+    for kit in KERNEL_SETS:
+        monkeypatch.setitem(COMPILER.state, (DT, kit), "ready")
     assert torch.allclose(flow.log_prob(x), reference, atol=1e-12)
     assert calls
 
@@ -210,10 +211,10 @@ def test_compiling_starts_in_the_background_and_then_serves(monkeypatch):
     def slow_compile(dtype, kit):
         started.set()
         release.wait(10)
-        compiler._KERNEL_STATE[dtype, kit] = "ready"
+        COMPILER.state[dtype, kit] = "ready"
 
-    monkeypatch.setattr(compiler, "_compile_kernels", slow_compile)
-    monkeypatch.delitem(compiler._KERNEL_STATE, (DT, "train"))
+    monkeypatch.setattr(COMPILER, "compile", slow_compile)
+    monkeypatch.delitem(COMPILER.state, (DT, "train"))
     assert not fused.kernels_ready(DT)  # starts the compile and returns at once
     assert started.wait(10)
     assert not fused.kernels_ready(DT)  # still compiling: the PyTorch kernels serve
@@ -230,8 +231,8 @@ def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(mo
         raise RuntimeError("no machine code today")
 
     monkeypatch.setattr(kernels, "solve_run", broken)
-    for kit in compiler.KERNEL_SETS:
-        monkeypatch.delitem(compiler._KERNEL_STATE, (DT, kit))
+    for kit in KERNEL_SETS:
+        monkeypatch.delitem(COMPILER.state, (DT, kit))
     with pytest.warns(RuntimeWarning, match="compiled kernels"):
         assert not fused.kernels_ready(DT, wait=True)
     with warnings.catch_warnings():
@@ -243,8 +244,8 @@ def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(mo
 
 def _forget_kernel_state(monkeypatch, dtype):
     """As at the first use in a process (Numba's compiled versions stay compiled: no compile is repeated)."""
-    for kit in compiler.KERNEL_SETS:
-        monkeypatch.delitem(compiler._KERNEL_STATE, (dtype, kit), raising=False)
+    for kit in KERNEL_SETS:
+        monkeypatch.delitem(COMPILER.state, (dtype, kit), raising=False)
 
 
 def test_a_solve_without_gradients_prepares_only_the_solvers_kernels(monkeypatch):
@@ -257,23 +258,23 @@ def test_a_solve_without_gradients_prepares_only_the_solvers_kernels(monkeypatch
     flow = build_flow(FlowConfig(blocks=2)).double()
     with torch.no_grad():
         flow.log_prob(torch.randn(20, 2, dtype=DT))
-    assert compiler._KERNEL_STATE[DT, "solve"] == "ready" and (DT, "train") not in compiler._KERNEL_STATE
+    assert COMPILER.state[DT, "solve"] == "ready" and (DT, "train") not in COMPILER.state
     assert solves and not backward  # the compiled kernels served, and nothing of training was prepared
     flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()  # training: the rest of the kernels
-    assert compiler._KERNEL_STATE[DT, "train"] == "ready" and backward
+    assert COMPILER.state[DT, "train"] == "ready" and backward
 
 
 def test_the_notices_say_when_a_compile_starts_and_ends(monkeypatch, tmp_path):
     notices = []
-    monkeypatch.setattr(compiler, "kernel_notice", notices.append)
+    monkeypatch.setattr(COMPILER, "notice", notices.append)
     monkeypatch.setenv("MONOFLOW_CACHE_DIR", str(tmp_path))
     _forget_kernel_state(monkeypatch, DT)
     # Compiled in this process already: a load, announced by nothing.
-    assert not compiler._expect_compile(DT, "solve")
+    assert not COMPILER.expect_compile(DT, "solve")
     assert fused.kernels_ready(DT, wait=True, backward=False)
     assert notices == []
     # A compile (as in a process whose cache does not hold them): said before it starts, with how long, then ready.
-    monkeypatch.setattr(compiler, "_expect_compile", lambda dtype, kit: True)
+    monkeypatch.setattr(COMPILER, "expect_compile", lambda dtype, kit: True)
     _forget_kernel_state(monkeypatch, DT)
     assert fused.kernels_ready(DT, wait=True, backward=False)
     assert len(notices) == 2
@@ -281,13 +282,13 @@ def test_the_notices_say_when_a_compile_starts_and_ends(monkeypatch, tmp_path):
     assert str(tmp_path / "numba") in notices[0]
     assert "ready" in notices[1]
     # The cache folder's marker tells a later process that they are there.
-    path, text = compiler._cache_stamp(DT, "solve")
+    path, text = COMPILER.cache_stamp(DT, "solve")
     assert path.parent == tmp_path / "numba" and path.read_text() == text
 
 
 def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
     calls = _count_kernel_calls(monkeypatch)
-    monkeypatch.setattr(settings, "USE_KERNELS", False)
+    monkeypatch.setattr(SETTINGS, "use_kernels", False)
     flow = build_flow(FlowConfig(blocks=2)).double()
     flow.log_prob(torch.randn(10, 2, dtype=DT)).sum().backward()
     assert not calls
@@ -314,7 +315,7 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable, dty
     params = [p for g in nets for p in g.parameters() if p.requires_grad]
     assert sum(p.dim() == 0 for p in params) == (9 if activation == "clipswish" else 0)  # the betas
     results = []
-    for fold_fn in (fold_compiled._kernel_fold, fold.fold_nets_torch):
+    for fold_fn in (fold_compiled.kernel_fold, fold.fold_nets_torch):
         folded = fold_fn(nets)
         cot = [
             torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype)
@@ -362,7 +363,7 @@ def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monke
     versions must serve any depth, width and formulation: a real step, an evaluation and an inverse afterwards
     compile nothing new (a new version would be compiled in the caller's thread, for half a minute)."""
     state = torch.get_rng_state()
-    warm.run_kernels_once(DT)
+    warm.run_kernels_once(DT, True, lambda: None)
     assert torch.equal(torch.get_rng_state(), state)
     dispatchers = [kernels.solve_run, kernels.backward_run, kernels_fold.fold_forward, kernels_fold.fold_backward]
     before = [len(d.signatures) for d in dispatchers]
@@ -406,14 +407,14 @@ def test_empty_batches_give_empty_results():
     flow = build_flow(FlowConfig(blocks=2)).double()
     empty = torch.zeros(0, 2, dtype=DT)
     for use, fast_path in ((True, True), (False, True), (False, False)):
-        settings.USE_KERNELS, flow.fast_path = use, fast_path
+        SETTINGS.use_kernels, flow.fast_path = use, fast_path
         try:
             assert flow.sample(0).shape == (0, 2)
             assert flow.log_prob(empty).shape == (0,)
             with torch.no_grad():
                 assert flow.inverse(empty).shape == (0, 2) and flow.log_prob(empty).shape == (0,)
         finally:
-            settings.USE_KERNELS, flow.fast_path = True, True
+            SETTINGS.use_kernels, flow.fast_path = True, True
 
 
 @pytest.mark.parametrize("fraction", [1, 4, 10**6])
@@ -421,16 +422,16 @@ def test_empty_batches_give_empty_results():
 def test_kernel_compacting_solve_matches_the_pytorch_compacting_solve(monkeypatch, fraction, sign):
     """Without a backward pass converged points leave the batch (after 1/fraction of it has converged): per-point
     solutions, iteration counts and log-dets as the PyTorch compacting solve, whatever the fraction."""
-    monkeypatch.setattr(settings, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(SETTINGS, "compact_fraction", fraction)
     torch.manual_seed(11)
     flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
     block = flow.layers[0]
     block.tol, block.max_iter = 1e-12, 50
     folded = fused.fold_nets([block.net])
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
-    w_torch, a_torch, s_torch = newton._newton_compact(folded.block(0), rhs, sign, 1e-12, 50, "torch", True)
+    w_torch, a_torch, s_torch = newton.newton_solve_compact(folded.block(0), rhs, sign, 1e-12, 50, "torch", True)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 1.0, 0.0)  # w, and log|det(I + sign J)| as the log-det
-    w_kernel, logdet, (s_kernel,) = dispatch._kernel_run(
+    w_kernel, logdet, (s_kernel,) = dispatch.kernel_run(
         rhs.t(), [block], folded, [setup], [sign], ["kernel"], None, [(0, 300)]
     )
     assert len(set(s_torch.iterations.tolist())) >= 2
@@ -459,7 +460,7 @@ def test_top_singular_pair_gives_the_exact_spectral_norm(dtype, tol):
 
 
 def test_the_compiled_stall_test_is_the_pytorch_one():
-    """The stall exit of the compiled kernels (``kernels._stalls``) and of the PyTorch kernels (``newton._StallTest``)
+    """The stall exit of the compiled kernels (``kernels._stalls``) and of the PyTorch kernels (``newton.StallTest``)
     stop the same points at the same iterations: a flat residual after the first iteration's reference (STALL_WINDOW
     more), real progress at 0.997 per iteration (never: 10% takes 35 iterations), fast progress then flat, a NaN
     residual (no reference ever), and a flat residual whose would-be stopping point is a rejected Newton candidate
@@ -479,7 +480,7 @@ def test_the_compiled_stall_test_is_the_pytorch_one():
     rejected[4, STALL_WINDOW] = True  # iteration STALL_WINDOW + 1
     want = [STALL_WINDOW + 1, None, 10 + STALL_WINDOW, STALL_WINDOW, STALL_WINDOW + 2]
 
-    test = newton._StallTest(len(merits), torch.zeros(1, dtype=DT))
+    test = newton.StallTest(len(merits), torch.zeros(1, dtype=DT))
     torch_stops: list[int | None] = [None] * len(merits)
     for it in range(1, iterations + 1):
         rej = torch.from_numpy(rejected[:, it - 1]) if it > 1 else None

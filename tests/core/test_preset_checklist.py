@@ -41,7 +41,7 @@ from monoflow_core.blocks import ONE_STEP_MAX_DIM
 from monoflow_core.checkpoint import load_checkpoint, save_checkpoint
 from monoflow_core.config import FlowConfig
 from monoflow_core.data import sample_staircase, sample_toy
-from monoflow_core.fused import fusable_runs, settings
+from monoflow_core.fused import SETTINGS, fusable_runs
 from monoflow_core.logdet import resolve_logdet_mode
 from monoflow_core.presets import Preset, list_presets
 from monoflow_core.solvers import effective_tolerance, resolve_method
@@ -301,7 +301,7 @@ def kernels(request, monkeypatch):
     compiled = request.param == "compiled"
     if compiled and not fused.kernels_ready(torch.float64, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(settings, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return request.param
 
 
