@@ -238,6 +238,7 @@ def kernel_run(
     consts = KernelConstants(kernels.constants(np_dtype), kernels.exp2_coefficients(np_dtype))
     int_type = kernels.exp2_bits(np_dtype)
     keep = spaces is not None
+    points = x.numpy()
     no_space = KernelSpace(*(np.empty((0,) * d, np_dtype) for d in (3, 4, 4, 5, 3)))  # (the kernel's own scratch)
 
     def run(i: int) -> None:
@@ -255,20 +256,7 @@ def kernel_run(
             n_at = min(sub, start + count - at)
             part = SolvePart(at, n_at, keep, SETTINGS.compact_fraction)
             work = SolveWork(np.empty(n_at, int_type), scratch)
-            kernels.solve_run(
-                x.numpy(),
-                *knet,
-                *run_setup,
-                *outputs,
-                part.keep,
-                *space,
-                work.ibuf,
-                *consts,
-                part.compact_fraction,
-                part.start,
-                part.size,
-                work.scratch,
-            )
+            kernels.solve_run(points, knet, run_setup, outputs, space, part, consts, work)
 
     THREADS.run(run, len(parts))
     evaluations = iterations.numpy().max(axis=1)
@@ -343,7 +331,7 @@ def kernel_backward(
 
     def run(i: int) -> None:
         grads = RunGrads(grad_x.numpy(), grad_flat[i].numpy(), grad_fw[i].numpy())
-        kernels.backward_run(*knet, codes, *cotangents, *spaces[i].kernel_space(), *grads, cst, *parts[i])
+        kernels.backward_run(knet, codes, cotangents, spaces[i].kernel_space(), grads, cst, *parts[i])
 
     THREADS.run(run, len(parts))
     if len(parts) > 1:

@@ -93,19 +93,7 @@ class KernelFold(torch.autograd.Function):
             wflat.new_empty(len(layout.rows), nb).numpy(),
         )
         p = _params(constants, concat_k, wflat, bflat, gains, scales)
-        kernels_fold.fold_forward(
-            p.concat_k,
-            p.lip,
-            p.coeff,
-            p.wflat,
-            p.bflat,
-            *layout[:6],
-            p.gains,
-            p.shift,
-            p.scales,
-            out.numpy(),
-            *saved,
-        )
+        kernels_fold.fold_forward(p, layout, out.numpy(), saved)
         ctx.save_for_backward(concat_k, wflat, bflat, gains, scales)
         ctx.constants, ctx.saved = constants, saved
         return out
@@ -118,20 +106,7 @@ class KernelFold(torch.autograd.Function):
         grads = [torch.empty_like(t) for t in (wflat, bflat, concat_k, gains, scales)]
         p = _params(constants, concat_k, wflat, bflat, gains, scales)
         out = FoldGrads(*(g.numpy() for g in grads))
-        kernels_fold.fold_backward(
-            p.concat_k,
-            p.lip,
-            p.coeff,
-            p.wflat,
-            p.bflat,
-            *constants.layout[:6],
-            p.gains,
-            p.shift,
-            p.scales,
-            grad.contiguous().numpy(),
-            *ctx.saved,
-            *out,
-        )
+        kernels_fold.fold_backward(p, constants.layout, grad.contiguous().numpy(), ctx.saved, out)
         gw, gb, gk, g_gains, g_scales = grads
         needs = ctx.needs_input_grad
         return None, gk, gw, gb, g_gains if needs[4] else None, g_scales if needs[5] else None

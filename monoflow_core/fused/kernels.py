@@ -8,10 +8,11 @@ feature-major layout, as one compiled call each, with BLAS for the layer product
 loops over the batch's contiguous columns for everything else:
 
 * :func:`solve_run`: every block of a run: the safeguarded Newton solve of ``w + sign G(w) = rhs`` (the rule of
-  :func:`monoflow_core.fused.newton._newton`: each point stops once its relative residual meets the tolerance; a Newton
-  step that makes the residual grow is replaced by the plain contracting step), the exact log-det from the Jacobian
-  at the solution, per-point statistics, and, for a training forward, the final evaluation written into the
-  workspace that :func:`backward_run` reads (without one, converged points leave the batch);
+  :func:`monoflow_core.fused.newton.newton_solve`: each point stops once its relative residual meets the tolerance
+  or it stalls; a Newton step that makes the residual grow is replaced by the plain contracting step), the exact
+  log-det from the Jacobian at the solution, per-point statistics, and, for a training forward, the final
+  evaluation written into the workspace that :func:`backward_run` reads (without one, finished points leave the
+  batch);
 * :func:`backward_run`: the exact implicit-function backward of such a run (docs/algorithm.md sections 6, 5).
 
 The fold's kernels are in :mod:`monoflow_core.fused.kernels_fold`. Every kernel takes its sizes as arguments, so one
@@ -70,7 +71,7 @@ __all__ = [
 AVAILABLE = numba is not None and gemm is not None
 
 #: Activation codes of :func:`solve_run` and :func:`backward_run` (the folded activations of
-#: :func:`monoflow_core.fused.evaluate._activate`): CPila, CReLU, CLipSwish.
+#: :func:`monoflow_core.fused.evaluate.activate`): CPila, CReLU, CLipSwish.
 ACT_PILA = 0
 ACT_RELU = 1
 ACT_SWISH = 2
@@ -313,7 +314,7 @@ KIND_RESIDUAL = 0
 KIND_MONOTONE = 1
 KIND_INVERSE_RESIDUAL = 2
 
-# Constants of the folded CPila (see monoflow_core.fused.evaluate._activate), in the order of :func:`constants`.
+# Constants of the folded CPila (see monoflow_core.fused.evaluate.activate), in the order of :func:`constants`.
 _C = 1.0 / math.log(2.0)  # log2(e), folded into the pre-activations with Pila's k (as monoflow_core.fused.plan)
 
 
@@ -423,12 +424,12 @@ def _evaluate(
 ):  # pragma: no cover - compiled
     """``w + sign G(w)`` and ``I + sign J_G(w)`` at the ``b`` points of one block's feature buffer ``x``.
 
-    The layout of :class:`monoflow_core.fused.workspace._Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
+    The layout of :class:`monoflow_core.fused.workspace.Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
     features, one column per point (primal columns first, then the tangents along each input direction; forward
     mode, docs/performance.md): the bias row, the input rows (``w`` and the identity, set by the caller), then each
     layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
     columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
-    the activation (CPila folded as in :func:`monoflow_core.fused.evaluate._activate`: ``relu(h) + y p(y / c) 2^y`` with
+    the activation (CPila folded as in :func:`monoflow_core.fused.evaluate.activate`: ``relu(h) + y p(y / c) 2^y`` with
     ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU; or CLipSwish folded with its ``beta``:
     ``h s`` with ``s = sigmoid(h)``, derivative ``s (1 + h (1 - s))``), storing ``2^y`` (or ``s``; ``ws_e``) and the
     derivative (``ws_q[.., 1, ..]``) in workspace slice ``jw`` (the backward pass needs no more: it recomputes ``y``
@@ -520,87 +521,41 @@ def _map_rows(f0, f1, x, out0, out1, total, cols, pair, zero):  # pragma: no cov
 
 
 @_jit
-def solve_run(
-    points,
-    wflat,
-    offs,
-    widths,
-    m,
-    fw,
-    kind,
-    modes,
-    rhs_scale,
-    out_w,
-    out_x,
-    ld_plus,
-    ld_mono,
-    tols,
-    max_iters,
-    y_out,
-    logdet,
-    iterations,
-    residual,
-    converged,
-    stalled,
-    keep,
-    ws_x,
-    ws_h,
-    ws_e,
-    ws_q,
-    ws_out,
-    ibuf,
-    cst,
-    coeffs,
-    compact_fraction,
-    start,
-    count,
-    scratch,
-):  # pragma: no cover - compiled
+def solve_run(points, net, setup, outputs, space, part, consts, work):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
-    A solve is safeguarded Newton as :func:`monoflow_core.fused.newton._newton`: each point stops moving once its
+    A solve is safeguarded Newton as :func:`monoflow_core.fused.newton.newton_solve`: each point stops moving once its
     relative residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets its block's tolerance; a Newton step that
     makes a point's residual grow is replaced by the plain contracting step from its previous accepted iterate, which is
     then accepted without comparison. A point whose Euclidean residual has not fallen below ``STALL_FACTOR`` times
     its value at the last such decrease for ``STALL_WINDOW`` iterations (rejected candidates count as no progress)
     stops at its next accepted point, as not converged: the generic solvers' stall exit
-    (:class:`monoflow_core.fused.newton._StallTest`). The batch evaluates until all its points have finished (or the
+    (:class:`monoflow_core.fused.newton.StallTest`). The batch evaluates until all its points have finished (or the
     cap), so a finished point's last evaluation is at its returned point: its Jacobian gives the exact log-det, and
     with ``keep`` the evaluation stays in the workspace (block ``j``'s slices) where :func:`backward_run` reads it.
 
-    Args (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per layer, ``T`` features):
+    Args (``nb`` blocks, ``B`` points, ``n`` dimensions):
         points: (B, n) inputs of the first block.
-        wflat: (nb, sum_i m widths[i]) each block's folded hidden weights, layer ``i`` at ``offs[i]`` as
-            (m, widths[i]); widths: (L,) columns each layer reads (1 + its input width).
-        fw: (nb, n, T) final weights of the map ``w + sign G(w)`` (identity included).
-        kind: the activation, :data:`ACT_PILA` (folded Pila), :data:`ACT_RELU` or :data:`ACT_SWISH` (folded
-            CLipSwish).
-        modes: (nb,) :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the
-            map at the right-hand side).
-        rhs_scale, out_w, out_x: (nb,) the right-hand side ``rhs_scale * x`` and the output
-            ``out_w * w + out_x * x``.
-        ld_plus, ld_mono: (nb,) log-det weights: ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with
-            ``A = I + sign J_G(w)`` at the solution (docs/algorithm.md section 3).
-        tols, max_iters: (nb,) each block's effective relative tolerance and iteration cap.
-        y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
-        iterations, residual, converged, stalled: (nb, B) per-point statistics: evaluations until converged or
-            stalled, final relative residual, flags.
-        keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point
-            stays in the batch, frozen once converged), or into private scratch (nothing kept; the workspace
-            arrays are not read).
-        ws_x (nb, T, (1+n)B), ws_h (L, nb, m, (1+n)B), ws_e (L, nb, m, B), ws_q (L, nb, 2, m, B),
-            ws_out (nb, n, (1+n)B): the workspace (:class:`monoflow_core.fused.workspace._Workspace`, stacked over
-            layers; see :func:`_evaluate` for what is written).
-        ibuf: (B,) integers of the float's width (:func:`exp2_bits`; scratch of :func:`_exp2_fill`).
-        cst, coeffs: :func:`constants` (with the stall exit's constants) and :func:`exp2_coefficients` of the dtype.
-        compact_fraction: without ``keep``, finished points are written out and leave the batch once at least
-            ``1/compact_fraction`` of it has finished (as :func:`monoflow_core.fused.newton._newton_compact`; 0:
-            never).
-        start, count: the part of the batch to run, points ``start .. start + count - 1`` of ``points``, ``y_out``,
-            ``logdet`` and the statistics (the workspace and ``ibuf`` hold that part alone).
-        scratch: without ``keep``, at least :func:`scratch_size` elements for the evaluations (reused across calls:
-            fresh memory of this size would cost page faults on every call).
+        net: the folded weights (:class:`KernelNet`).
+        setup: how each block is solved, its log-det weights, tolerance and cap (:class:`RunSetup`).
+        outputs: receives the outputs of the last block, the summed log-dets and each block's per-point statistics
+            (:class:`RunOutputs`).
+        space: the workspace (:class:`KernelSpace`), written with ``part.keep`` and not read otherwise.
+        part: the points to run and how (:class:`SolvePart`): points ``start .. start + size - 1`` of ``points``,
+            the outputs and the statistics (the workspace and ``work.ibuf`` hold that part alone).
+        consts: the dtype's constants (:class:`KernelConstants`).
+        work: scratch (:class:`SolveWork`).
+
+    The arguments arrive in named groups (Numba passes a named tuple of arrays as one structure) and are unpacked
+    here, so the loops below read plain locals.
     """
+    wflat, offs, widths, m, fw, kind = net
+    modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters = setup
+    y_out, logdet, iterations, residual, converged, stalled = outputs
+    ws_x, ws_h, ws_e, ws_q, ws_out = space
+    start, count, keep, compact_fraction = part
+    cst, coeffs = consts
+    ibuf, scratch = work
     nb = wflat.shape[0]
     b = count
     n = points.shape[1]
@@ -833,7 +788,7 @@ def solve_run(
 @_jit
 def _stalls(p, rs, m2, prev_res, plain, bar, last_dec, it, f2, window, zero):  # pragma: no cover - compiled
     """The stall test of point ``p`` after an evaluation with max-norm residual ``rs`` and squared Euclidean residual
-    ``m2`` that did not converge (:class:`monoflow_core.fused.newton._StallTest`): a point that was not rejected by the
+    ``m2`` that did not converge (:class:`monoflow_core.fused.newton.StallTest`): a point that was not rejected by the
     safeguard (see :func:`solve_run`) and got below its bar records the decrease; one that was not rejected and has
     gone ``window`` iterations without a decrease stalls (returns True)."""
     if prev_res[p] >= zero and rs > prev_res[p] and not plain[p]:
@@ -921,31 +876,10 @@ def scratch_size(total: int, depth: int, m: int, n: int, b: int) -> int:
 
 
 @_jit
-def backward_run(
-    wflat,
-    offs,
-    widths,
-    m,
-    fw,
-    kind,
-    kinds,
-    grad_z,
-    grad_logdet,
-    ws_x,
-    ws_h,
-    ws_e,
-    ws_q,
-    ws_out,
-    grad_x,
-    grad_wflat,
-    grad_fw,
-    cst,
-    start,
-    count,
-):  # pragma: no cover - compiled
+def backward_run(net, kinds, cotangents, space, grads, cst, start, count):  # pragma: no cover - compiled
     """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
 
-    The algorithm of :meth:`monoflow_core.fused.run._FusedBlocks.backward` (docs/algorithm.md §§6, 5), from the last
+    The algorithm of :meth:`monoflow_core.fused.run.FusedBlocks.backward` (docs/algorithm.md §§6, 5), from the last
     block: (1) the log-det's cotangent ``d log|det| / dA`` (``A^{-T}`` with the block's signs) goes back through G's
     tangent network, where the activation's second derivative enters, giving the log-det's gradient ``v`` with
     respect to the solution ``w``; (2) the implicit-function gradient ``a = (g_w + v) A^{-1}`` (``g_w = sqrt 2 g``
@@ -954,14 +888,20 @@ def backward_run(
     is then one product of the summed pre-activation cotangents with the features.
 
     Args (shapes as :func:`solve_run`):
+        net: the folded weights (:class:`KernelNet`), those of the forward.
         kinds: (nb,) :data:`KIND_RESIDUAL`, :data:`KIND_MONOTONE` or :data:`KIND_INVERSE_RESIDUAL`.
-        grad_z: (B, n) cotangent of the run's output; grad_logdet: (B,) of its summed log-det.
-        grad_x: (B, n) receives the cotangent of the run's input.
-        grad_wflat: (nb, sum_i m widths[i]) and grad_fw: (nb, n, T) receive the gradients of the folded weights.
+        cotangents: of the run's output and summed log-det (:class:`Cotangents`).
+        space: the workspace :func:`solve_run` filled with ``keep`` (:class:`KernelSpace`).
+        grads: receives the cotangent of the run's input and the gradients of the folded weights (:class:`RunGrads`):
+            those of this part of the batch alone.
         cst: :func:`constants` of the dtype.
-        start, count: the part of the batch (as :func:`solve_run`): rows ``start ..`` of ``grad_z``, ``grad_logdet``
-            and ``grad_x``; the weight gradients are those of this part alone.
+        start, count: the part of the batch (as :func:`solve_run`): rows ``start ..`` of the cotangents and of
+            ``grads.x``.
     """
+    wflat, offs, widths, m, fw, kind = net
+    grad_z, grad_logdet = cotangents
+    ws_x, ws_h, ws_e, ws_q, ws_out = space
+    grad_x, grad_wflat, grad_fw = grads
     nb = wflat.shape[0]
     depth = offs.shape[0]
     b = count

@@ -132,26 +132,7 @@ def _fold_setup(concat_k, rows, cols_):  # pragma: no cover - compiled
 
 
 @_jit
-def fold_forward(
-    concat_k,
-    lip,
-    coeff,
-    wflat,
-    bflat,
-    rows,
-    cols_,
-    woffs,
-    boffs,
-    ooffs,
-    voffs,
-    gains,
-    shift,
-    scales,
-    out_flat,
-    uflat,
-    vflat,
-    sig,
-):  # pragma: no cover - compiled
+def fold_forward(params, layout, out_flat, saved):  # pragma: no cover - compiled
     """Fold a stack of DenseNet G networks into the weights the kernels use (as
     :func:`monoflow_core.fused.fold.fold_nets`).
 
@@ -166,13 +147,15 @@ def fold_forward(
     ``bflat[j, boffs[i]:]``, its folded weights ``out_flat[j, ooffs[i]:]`` as (2 rows[i], 1 + cols_[i]) (hidden) or
     (rows[i], 1 + cols_[i]) (final), its singular vectors ``uflat[j, boffs[i]:]`` and ``vflat[j, voffs[i]:]``.
 
-    Args (``nb`` blocks, depth ``L``):
-        concat_k: (nb, L, 2) the concatenation parameters K; lip: (nb,) each net's ``lip_coeff``.
-        coeff: (L + 1, nb) each layer's Lipschitz bound.
-        gains, scales: (nb, L) float64, each block's and hidden layer's folded pre-activation factor ``k`` and output
-            scale (divided by ``k``); shift: the activation's shift.
-        out_flat, uflat, vflat, sig: written; ``sig`` (L + 1, nb) holds each layer's sigma.
+    Args:
+        params: what the fold reads (:class:`FoldParams`).
+        layout: where each layer's pieces are in the flat rows (:class:`FoldLayout`).
+        out_flat: (nb, layout.out_size) receives the folded weights.
+        saved: receives what :func:`fold_backward` reads (:class:`FoldSaved`).
     """
+    concat_k, lip, coeff, wflat, bflat, gains, shift, scales = params
+    rows, cols_, woffs, boffs, ooffs, voffs, _, _ = layout
+    uflat, vflat, sig = saved
     nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
     for j in range(nb):
         _mix(concat_k[j], lip[j], eta1, eta2, prods)
@@ -257,40 +240,21 @@ def _gain_gradient(g, b, w, s, cols, shift):  # pragma: no cover - compiled
 
 
 @_jit
-def fold_backward(
-    concat_k,
-    lip,
-    coeff,
-    wflat,
-    bflat,
-    rows,
-    cols_,
-    woffs,
-    boffs,
-    ooffs,
-    voffs,
-    gains,
-    shift,
-    scales,
-    gout,
-    uflat,
-    vflat,
-    sig,
-    gwflat,
-    gbflat,
-    gk,
-    ggains,
-    gscales,
-):  # pragma: no cover - compiled
+def fold_backward(params, layout, gout, saved, grads):  # pragma: no cover - compiled
     """The gradients of :func:`fold_forward` with respect to K, the weights, the biases, and the activation's folded
     factors and scales (same layouts).
 
-    ``gout`` is the cotangent of ``out_flat``; ``gwflat``, ``gbflat``, ``gk`` (nb, L, 2), ``ggains`` and ``gscales``
-    (nb, L, float64) receive the gradients: the chain rule of the soft normalisation (the gradient flows through
-    ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through ``eta``, ``prod eta1`` and
-    the output scales, of the pre-activation factors, and of ``softplus`` (checked against PyTorch's autograd of the
-    same fold; CLipSwish's ``beta`` reaches its parameter through ``ggains`` and ``gscales``).
+    ``params``, ``layout`` and ``saved`` as :func:`fold_forward` read and wrote them; ``gout`` is the cotangent of
+    ``out_flat``; ``grads`` (:class:`FoldGrads`) receives the gradients: the chain rule of the soft normalisation (the
+    gradient flows through ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through
+    ``eta``, ``prod eta1`` and the output scales, of the pre-activation factors, and of ``softplus`` (checked against
+    PyTorch's autograd of the same fold; CLipSwish's ``beta`` reaches its parameter through the gradients of the gains
+    and scales).
     """
+    concat_k, lip, coeff, wflat, bflat, gains, shift, scales = params
+    rows, cols_, woffs, boffs, ooffs, voffs, _, _ = layout
+    uflat, vflat, sig = saved
+    gwflat, gbflat, gk, ggains, gscales = grads
     nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
     g_eta1 = np.empty_like(eta1)
     g_eta2 = np.empty_like(eta2)
