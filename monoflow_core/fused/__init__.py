@@ -8,16 +8,16 @@ hand-written exact backward (docs/performance.md):
 
 * weights: every block's spectrally normalised weights are computed *batched* over the blocks, and the
   DenseNet's concatenation weights, the activation's shift, ``1/1.06`` scale, Pila's ``k`` (times ``log2 e``,
-  for ``exp2``) or CLipSwish's ``beta`` and ``1/(1.1 * 1.004)`` (:func:`_swish_gains`), and the ``[x, -x]`` of the
-  concatenated activation are folded into them; the solver's copy of the
-  last layer also carries the identity, so it yields ``w + G(w)`` and ``I + J_G`` directly;
+  for ``exp2``) or CLipSwish's ``beta`` and ``1/(1.1 * 1.004)`` (:func:`~monoflow_core.fused.folded.swish_gains`),
+  and the ``[x, -x]`` of the concatenated activation are folded into them; the solver's copy of the last layer also
+  carries the identity, so it yields ``w + G(w)`` and ``I + J_G`` directly;
 * layout: feature-major, one column per point: the primal points and their ``n`` tangent copies side by side,
   so one evaluation of G with its Jacobian is one ``W @ X`` per layer and a handful of elementwise operations,
   written in place into a per-run workspace (no ``cat``, no ``where``);
 * forward: Newton's method with the exact Jacobian (forward-mode tangents), each sample frozen once it meets
-  the tolerance, or once it stalls (the generic solvers' stall exit, :class:`_StallTest`); the last evaluation is
-  at the solution and provides ``J_G(w*)`` for the exact log-det and every activation the backward pass needs.
-  Without a backward pass, finished samples leave the batch;
+  the tolerance, or once it stalls (the generic solvers' stall exit, :class:`~monoflow_core.fused.newton.StallTest`);
+  the last evaluation is at the solution and provides ``J_G(w*)`` for the exact log-det and every activation the
+  backward pass needs. Without a backward pass, finished samples leave the batch;
 * backward: the implicit-function gradient in closed form (docs/algorithm.md §6), batched over the blocks wherever
   the blocks do not depend on each other: one reverse pass through the tangent networks of all blocks carries
   the log-dets' gradient (this is where the activation's second derivative enters); the recursion
@@ -51,7 +51,8 @@ The package's modules, one job each: :mod:`~monoflow_core.fused.plan` (eligibili
 :mod:`~monoflow_core.fused.compiler` and :mod:`~monoflow_core.fused.warm` (compiling the kernels),
 :mod:`~monoflow_core.fused.dispatch` (running them), :mod:`~monoflow_core.fused.kernels`,
 :mod:`~monoflow_core.fused.kernels_fold` and :mod:`~monoflow_core.fused.blas` (the compiled code), and
-:mod:`~monoflow_core.fused.run` (the entry points).
+:mod:`~monoflow_core.fused.run` (the entry points); :mod:`~monoflow_core.fused.settings` holds the settings they
+read.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The fold's kernels are in :mod:`monoflow_core.fused.kernels_fold`. Every kernel 
 compiled version per dtype serves every architecture. Both implementations agree to rounding in float64
 (``tests/core/test_kernels.py``).
 
-This file is longer than the project's other modules (about 1,000 lines) on purpose: its compiled functions call
+This file is longer than the project's other modules (about 1,100 lines) on purpose: its compiled functions call
 each other, and Numba's on-disk cache checks only the file of the function it loads. Were the solver's and the
 backward's kernels split from the helpers they share, an edit of a helper's file would leave the callers' cached
 machine code in place (Numba's documented caching limitation), i.e. stale kernels until the cache is cleared.
