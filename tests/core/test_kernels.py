@@ -188,7 +188,7 @@ def _count_kernel_calls(monkeypatch):
 
 
 def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch):
-    # With KERNELS_WAIT off (the default waits, so that a run never switches kernel sets at a timing-dependent
+    # With SETTINGS.wait off (the default waits, so that a run never switches kernel sets at a timing-dependent
     # step), the PyTorch kernels serve while the compiled ones are not ready.
     monkeypatch.setattr(SETTINGS, "wait", False)
     calls = _count_kernel_calls(monkeypatch)
