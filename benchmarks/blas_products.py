@@ -1,5 +1,5 @@
 """The compiled kernels' layer products on each BLAS: SciPy's OpenBLAS (Numba's ``np.dot``) against the library
-``monoflow_core.blas`` binds (MKL inside PyTorch where its wheel has it), one thread, in compiled loops.
+``monoflow_core.fused.blas`` binds (MKL inside PyTorch where its wheel has it), one thread, in compiled loops.
 
 Shapes of the paper's 2-D toy model (DenseNet G 3x16): 16 x K times K x (3 x 500) for the layers' K = 3, 19, 35
 (value and two tangent columns per point), float32; the median of 30 timings of 200 products each (us/product).
@@ -15,7 +15,7 @@ import time
 import numba
 import numpy as np
 
-from monoflow_core import blas, kernels
+from monoflow_core.fused import blas
 
 
 @numba.njit(cache=True)
@@ -41,7 +41,7 @@ def per_product_us(run, w, x, out, reps: int = 200, rounds: int = 30) -> float:
 
 
 def main() -> int:
-    kernels.limit_blas_threads()  # (SciPy's OpenBLAS on one thread, whichever library the kernels use)
+    blas.limit_blas_threads()  # (SciPy's OpenBLAS on one thread, whichever library the kernels use)
     rng = np.random.default_rng(0)
     print(f"kernels' BLAS: {blas.LIBRARY}; float32, one thread, us per product (median of 30 x 200)")
     with blas.single_threaded():

@@ -1,10 +1,10 @@
 """Run short ``monoflow train`` processes on a cold kernel cache and count those that do not exit 0.
 
 Each run is a new process with its own empty Numba cache (``NUMBA_CACHE_DIR`` in a fresh temporary folder), so the
-compiled kernels (``monoflow_core/kernels.py``) are compiled from scratch in it, as on a new machine. The reported
-failure: such runs of 20-60 iterations sometimes aborted at exit (``terminate called without an active exception``,
-exit status 134) after writing everything, when the interpreter ended the background compile thread inside
-PyTorch's autograd engine. The goal: no non-zero exit in 20 runs.
+compiled kernels (``monoflow_core/fused/kernels*.py``) are compiled from scratch in it, as on a new machine. The
+reported failure: such runs of 20-60 iterations sometimes aborted at exit (``terminate called without an active
+exception``, exit status 134) after writing everything, when the interpreter ended the background compile thread
+inside PyTorch's autograd engine. The goal: no non-zero exit in 20 runs.
 
 Usage: ``python benchmarks/cold_exit.py [--runs 20] [--iterations 20,40,60] [--out PATH]``; the iteration counts
 are used in turn. Prints one line per run and the count of non-zero exits; writes ``PATH.md`` and ``PATH.json``

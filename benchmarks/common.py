@@ -271,9 +271,9 @@ def start_run(args: Any, argv: Sequence[str] | None, rerender: Any) -> tuple[dic
         rerender(args)
         return None
     set_threads(args.threads)
-    from monoflow_core import fast
+    from monoflow_core import fused
 
-    fast.kernels_ready(torch.float32, wait=True)
+    fused.kernels_ready(torch.float32, wait=True)
     return machine_info(), [command_line(None if argv is None else [sys.argv[0], *argv])]
 
 

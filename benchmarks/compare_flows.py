@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import compare_flows_report as report
 
-from monoflow_core import evaluation, fast
+from monoflow_core import evaluation, fused
 from monoflow_core.checkpoint import read_checkpoint_metadata
 from monoflow_core.data import TOY_DATASETS, sample_toy
 from monoflow_core.families.names import FAMILY_INFO
@@ -322,8 +322,8 @@ def _train_locked(
     warn_log = common.capture_warnings()
     common.set_threads(args.threads)
     # The compiled kernels (training in float32, tests in float64), loaded before the clock starts.
-    fast.kernels_ready(torch.float32, wait=True)
-    fast.kernels_ready(torch.float64, wait=True, backward=False)
+    fused.kernels_ready(torch.float32, wait=True)
+    fused.kernels_ready(torch.float64, wait=True, backward=False)
     common.warm_data(data)
     ckpt = folder / "checkpoint.safetensors"
     t_setup = time.perf_counter()

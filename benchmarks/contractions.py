@@ -18,7 +18,7 @@ tables also count the samples that needed more than 1,000 evaluations, the defau
 
 Two cross-checks use the public blocks themselves (one G per block, ``--block-contractions`` of them per solver,
 dtype and block type, 256 points each): ``MonotoneBlock(G).inverse`` and ``ResidualBlock(G).inverse`` with a
-plain-callable G (the generic path, Jacobians by autograd); and the fused path (``monoflow_core.fast``, the
+plain-callable G (the generic path, Jacobians by autograd); and the fused path (``monoflow_core.fused``, the
 project's DenseNet G): ``--fused-flows`` one-block flows ``build_flow(FlowConfig(dim=n, blocks=1, lipschitz=L))``
 with random weights, forward and inverse of 256 points each, default settings.
 
@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 import monoflow_core.blocks as blocks_module
-from monoflow_core import FlowConfig, MonotoneBlock, ResidualBlock, build_flow, fast
+from monoflow_core import FlowConfig, MonotoneBlock, ResidualBlock, build_flow, fused
 from monoflow_core import solvers as current_solvers
 from monoflow_core.solvers import METHODS, SolverWarning, default_tolerance, resolve_method
 
@@ -229,7 +229,7 @@ def fused_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The fused path with default settings on one-block flows of the project's DenseNet G."""
     rows = []
     for dtype in DTYPES:
-        fast.kernels_ready(dtype, wait=True)
+        fused.kernels_ready(dtype, wait=True)
         g = torch.Generator().manual_seed(args.seed + 2)
         failed = {"forward": 0, "inverse": 0}
         samples = worst = 0

@@ -8,8 +8,8 @@ Measures, on this machine, in float32 at batch 500:
 * the log-density on a 400 x 400 grid over [-4, 4]^2 and 160,000 samples (s), after that training;
 * the same training step on the generic autograd path (``flow.fast_path = False``) for comparison.
 
-The fused path runs on the compiled kernels (``monoflow_core.kernels``, Numba), compiled or loaded from Numba's cache
-before the first timed step (the seconds that took are printed), or with ``--kernels pytorch`` on the PyTorch
+The fused path runs on the compiled kernels (``monoflow_core.fused.kernels``, Numba), compiled or loaded from Numba's
+cache before the first timed step (the seconds that took are printed), or with ``--kernels pytorch`` on the PyTorch
 kernels alone.
 
 Usage: ``python benchmarks/engine_speed.py [--steps 250] [--threads 1] [--eval-threads 1] [--workers 2]
@@ -116,16 +116,17 @@ def main() -> None:
     from common import command_line, machine_info  # (here, for the same reason as tune_allocator above)
 
     info = machine_info()  # at the start: the load average says how busy the machine was before the run
-    from monoflow_core import fast
+    from monoflow_core import fused
+    from monoflow_core.fused import SETTINGS
 
     kernels_s = None
     if args.kernel_threads is not None:
-        fast.KERNEL_THREADS = args.kernel_threads
-    if args.kernels == "pytorch" or not hasattr(fast, "kernels_ready"):
-        fast.USE_KERNELS = False
+        SETTINGS.threads = args.kernel_threads
+    if args.kernels == "pytorch":
+        SETTINGS.use_kernels = False
     else:
         t0 = time.perf_counter()
-        if not (fast.kernels_ready(torch.float32, wait=True) and fast.kernels_ready(torch.float64, wait=True)):
+        if not (fused.kernels_ready(torch.float32, wait=True) and fused.kernels_ready(torch.float64, wait=True)):
             raise SystemExit("the compiled kernels are unavailable here (is Numba installed?); use --kernels pytorch")
         kernels_s = time.perf_counter() - t0
     flow = mc.build_flow()

@@ -1,7 +1,8 @@
 """The first run on a machine: when does a process with an empty kernel cache reach the warm training step time?
 
-The compiled kernels (``monoflow_core/kernels.py``) are compiled at their first use in a process, and the fused
-path waits for them (``monoflow_core.fast.KERNELS_WAIT``, so that results never depend on how long a compile took);
+The compiled kernels (``monoflow_core/fused/kernels*.py``) are compiled at their first use in a process, and the
+fused path waits for them (``monoflow_core.fused.SETTINGS.wait``, so that results never depend on how long a
+compile took);
 Numba caches the machine code in the per-user folder of ``monoflow_core.kernel_cache``, and later processes load it.
 This benchmark empties a temporary cache (``MONOFLOW_CACHE_DIR``), then runs, each as a new process:
 
@@ -43,18 +44,20 @@ import json, sys, time
 started = float(sys.argv[1])
 import torch
 torch.set_num_threads(1)
-from monoflow_core import FlowConfig, fast, kernels
+from monoflow_core import FlowConfig
+from monoflow_core.fused import COMPILER, kernels, kernels_fold
 from monoflow_core.training import TrainConfig, Trainer
-fast.kernel_notice = lambda text: print(json.dumps({"notice": text, "at": time.time() - started}), flush=True)
+COMPILER.notice = lambda text: print(json.dumps({"notice": text, "at": time.time() - started}), flush=True)
 first = {}
-for name in ("fold_forward", "fold_backward", "solve_run", "backward_run"):
-    original = getattr(kernels, name)
+for module, name in ((kernels_fold, "fold_forward"), (kernels_fold, "fold_backward"), (kernels, "solve_run"),
+                     (kernels, "backward_run")):
+    original = getattr(module, name)
     def timed(*a, _o=original, _n=name):
         t = time.perf_counter()
         r = _o(*a)
         first.setdefault(_n, round(time.perf_counter() - t, 2))  # the first call: the compile or the cache load
         return r
-    setattr(kernels, name, timed)
+    setattr(module, name, timed)
 imported = time.time() - started
 torch.manual_seed(0)
 trainer = Trainer(FlowConfig(), TrainConfig(data="8gaussians", eval_every=0, seed=0))

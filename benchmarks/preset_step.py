@@ -7,8 +7,8 @@ intra-op thread) train on 8gaussians batches of 500 with the preset's Adam and 5
 
 * ``generic``: ``flow.fast_path = False`` (autograd through G and its Jacobian; where the i-DenseNet baseline ran
   before CLipSwish was fused);
-* ``fused-pytorch``: the fused path on its PyTorch kernels (``monoflow_core.fast.USE_KERNELS = False``);
-* ``fused-compiled``: the fused path on the compiled kernels (``monoflow_core.kernels``, the default).
+* ``fused-pytorch``: the fused path on its PyTorch kernels (``monoflow_core.fused.SETTINGS.use_kernels = False``);
+* ``fused-compiled``: the fused path on the compiled kernels (``monoflow_core.fused.kernels``, the default).
 
 The copies take turns, ``--steps`` steps each per round, for ``--rounds`` rounds, so that the machine's drift hits all
 three alike; the first ``--warmup`` steps of each copy are not counted. Reported: the median ms/step of each, and the
@@ -29,8 +29,9 @@ import torch
 from engine_speed import timed_step
 
 import monoflow_core as mc
-from monoflow_core import fast
+from monoflow_core import fused
 from monoflow_core.data import ToyStream
+from monoflow_core.fused import SETTINGS
 from monoflow_core.presets import load_preset
 from monoflow_core.solvers import SolverWarning
 from monoflow_core.training import make_adam
@@ -62,15 +63,15 @@ def measure(preset: str, rounds: int, steps: int, warmup: int) -> dict[str, dict
     for _ in range(rounds):
         for mode, (flow, opt, stream) in copies.items():
             flow.fast_path = mode != "generic"
-            fast.USE_KERNELS = mode == "fused-compiled"
+            SETTINGS.use_kernels = mode == "fused-compiled"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", SolverWarning)
                 for _ in range(steps):
                     seconds, _ = timed_step(flow, opt, stream.sample(500))
                     times[mode].append(seconds * 1e3)
             warned[mode] += sum(issubclass(w.category, SolverWarning) for w in caught)
-    fast.USE_KERNELS = True
-    eligible = [fast.fast_eligible(layer, 2) for layer in copies["generic"][0].layers]
+    SETTINGS.use_kernels = True
+    eligible = [fused.fast_eligible(layer, 2) for layer in copies["generic"][0].layers]
     return {
         mode: {
             "median_ms": statistics.median(times[mode][warmup:]),
@@ -92,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     common.set_threads(1)
     info = common.machine_info()
-    assert fast.kernels_ready(torch.float32, wait=True), "the compiled kernels are unavailable"
+    assert fused.kernels_ready(torch.float32, wait=True), "the compiled kernels are unavailable"
     results = {}
     rows = []
     for preset in args.presets:

@@ -3,8 +3,8 @@
 This machine's speed drifts by up to 1.8x within minutes, so two benchmark runs minutes apart mislead. Here each
 version runs in its own fresh process (the other revision from a temporary ``git worktree``, with its own compiled
 kernels), one after the other, several times, in the order A B B A A B ...; the medians over the runs are compared.
-Unlike ``fast_path_interleaved.py`` this needs no shared interface between the versions: each process imports its
-own complete engine.
+No interface is shared between the versions: each process imports its own complete engine (the fused path as the
+package ``monoflow_core.fused``, or in revisions before it as the module ``monoflow_core.fast``).
 
 Each process measures, on the paper's toy model (10 monotone blocks, DenseNet G 3x16, CPila, float32, seed 0):
 the median training step over steps 51-250 of an 8gaussians run (batch 500, Adam, 5 power iterations, one intra-op
@@ -38,14 +38,18 @@ def measure() -> dict[str, float]:
     from engine_speed import new_optimizer, timed_step
 
     import monoflow_core as mc
-    from monoflow_core import evaluation, fast
+    from monoflow_core import evaluation
     from monoflow_core.data import ToyStream
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
     torch.set_num_threads(1)
-    if hasattr(fast, "kernels_ready"):
-        fast.kernels_ready(torch.float32, wait=True)
+    try:
+        from monoflow_core import fused as fused_path
+    except ImportError:  # revisions before the package: one module
+        from monoflow_core import fast as fused_path
+    if hasattr(fused_path, "kernels_ready"):
+        fused_path.kernels_ready(torch.float32, wait=True)
     torch.manual_seed(0)
     flow = mc.build_flow()
     flow.train()

@@ -3,12 +3,12 @@
 Trains the paper's toy Monotone Flow (10 blocks, DenseNet G 3x16, CPila, float32, batch 500, one intra-op thread)
 on 8gaussians as ``engine_speed.py`` does and reports, over steps 51 to ``--steps``, the median wall time of:
 the whole step; the forward pass (``-log_prob(x).mean()``); the backward pass; the Adam step; the power-iteration
-update; and, inside them, the fused path's pieces (``monoflow_core.fast``): the fold of the spectrally normalised
+update; and, inside them, the fused path's pieces (``monoflow_core.fused``): the fold of the spectrally normalised
 weights, the Newton solves (and within them the evaluations of G with its Jacobian, the 2x2 Newton steps and the
 safeguard), and the batched reverse passes of the backward; on the compiled kernels (the default, see
-``monoflow_core.kernels``) the fold, the forward and the backward are one call each. The pieces are timed by wrapping
-the module's functions with ``time.perf_counter`` (a few microseconds of overhead per call), so they are approximate
-and do not add up to the phases exactly.
+``monoflow_core.fused.kernels``) the fold, the forward and the backward are one call each. The pieces are timed by
+wrapping the package's functions (in the modules that call them) with ``time.perf_counter`` (a few microseconds of
+overhead per call), so they are approximate and do not add up to the phases exactly.
 
 Usage: ``python benchmarks/step_phases.py [--steps 150] [--kernels compiled|pytorch]``.
 """
@@ -20,6 +20,7 @@ import collections
 import statistics
 import time
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import common
@@ -27,27 +28,29 @@ import torch
 from engine_speed import new_optimizer
 
 import monoflow_core as mc
-from monoflow_core import fast
+from monoflow_core import fused
 from monoflow_core.data import ToyStream
+from monoflow_core.fused import SETTINGS, backward, fold, fold_cache, newton, run
 
-#: (function of monoflow_core.fast, label): the pieces of the fused path that are timed.
-PIECES = [
-    ("fold_nets", "fused: fold of the weights (forward)"),
-    ("_fused_forward", "fused: forward solves and log-dets"),
-    ("evaluate_with_jacobian", "  G with its Jacobian (all Newton evaluations)"),
-    ("_newton_step", "  2x2 Newton steps"),
-    ("_safeguard", "  safeguard"),
-    ("_reverse_tangents", "fused backward: reverse pass through the tangents"),
-    ("_reverse_primals", "fused backward: reverse pass through the primals"),
-    ("_kernel_fold", "compiled: fold of the weights (forward; its backward is inside the backward phase)"),
-    ("_kernel_forward", "compiled: forward solves and log-dets"),
-    ("_kernel_backward", "compiled: backward of the solves and log-dets"),
+#: (function, the modules of monoflow_core.fused that call it, label): the pieces of the fused path that are timed.
+PIECES: list[tuple[str, tuple[ModuleType, ...], str]] = [
+    ("fold_nets", (run, fold_cache), "fused: fold of the weights (forward)"),
+    ("torch_forward", (run,), "fused: forward solves and log-dets"),
+    ("evaluate_with_jacobian", (newton, run), "  G with its Jacobian (all Newton evaluations)"),
+    ("newton_step", (newton,), "  2x2 Newton steps"),
+    ("safeguard", (newton,), "  safeguard"),
+    ("reverse_tangents", (backward,), "fused backward: reverse pass through the tangents"),
+    ("reverse_primals", (backward,), "fused backward: reverse pass through the primals"),
+    ("kernel_fold", (fold,), "compiled: fold of the weights (forward; its backward is inside the backward phase)"),
+    ("kernel_forward", (run,), "compiled: forward solves and log-dets"),
+    ("kernel_backward", (run,), "compiled: backward of the solves and log-dets"),
 ]
 
 
-def wrap(name: str, label: str, acc: dict[str, float]) -> Callable[[], None]:
-    """Time every call of ``fast.<name>`` into ``acc[label]``; returns a function that undoes the wrapping."""
-    original = getattr(fast, name)
+def wrap(name: str, callers: tuple[ModuleType, ...], label: str, acc: dict[str, float]) -> Callable[[], None]:
+    """Time every call of ``name`` from the modules ``callers`` into ``acc[label]``; returns a function that undoes
+    the wrapping."""
+    original = getattr(callers[0], name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -56,8 +59,13 @@ def wrap(name: str, label: str, acc: dict[str, float]) -> Callable[[], None]:
         finally:
             acc[label] += time.perf_counter() - t0
 
-    setattr(fast, name, timed)
-    return lambda: setattr(fast, name, original)
+    def undo() -> None:
+        for module in callers:
+            setattr(module, name, original)
+
+    for module in callers:
+        setattr(module, name, timed)
+    return undo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must exceed 50")
     torch.set_num_threads(1)
     if args.kernels == "pytorch":
-        fast.USE_KERNELS = False
-    elif not fast.kernels_ready(torch.float32, wait=True):
+        SETTINGS.use_kernels = False
+    elif not fused.kernels_ready(torch.float32, wait=True):
         parser.error("the compiled kernels are unavailable here; use --kernels pytorch")
     torch.manual_seed(0)
     flow = mc.build_flow(mc.FlowConfig())
     opt = new_optimizer(flow)
     stream = ToyStream("8gaussians", 0)
     acc: dict[str, float] = collections.defaultdict(float)
-    undo = [wrap(name, label, acc) for name, label in PIECES]
+    undo = [wrap(name, callers, label, acc) for name, callers, label in PIECES]
     series: dict[str, list[float]] = collections.defaultdict(list)
     try:
         for step in range(args.steps):

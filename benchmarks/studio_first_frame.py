@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     targets = [(d, float(v)) for d, _, v in (item.partition(":") for item in args.targets.split(","))]
     configure_process()
-    from monoflow_core import fast
+    from monoflow_core import fused
 
-    fast.kernels_ready(torch.float32, wait=True)  # as after the first start on a machine (see docs/performance.md)
+    fused.kernels_ready(torch.float32, wait=True)  # as after the first start on a machine (see docs/performance.md)
     info = common.machine_info()
     commands = [common.command_line(argv)]
     warn_log = common.WarningLog()

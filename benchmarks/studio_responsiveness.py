@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_process()
-    from monoflow_core import fast
+    from monoflow_core import fused
 
     # the engine's compiled kernels ready before the first round (configure_process started loading them), so that
     # the headless and the studio rounds run on the same kernels
-    fast.kernels_ready(torch.float32, wait=True)
+    fused.kernels_ready(torch.float32, wait=True)
     spec = spec_for(args.blocks)
     defaults = SessionOptions()
     thread = args.no_view_process

@@ -5,7 +5,7 @@
   project's CPUs.
 * Vector flows (the 2-D toys, the 1-D staircase): the CPU. Their G are tiny (a few thousand weights), so a step is
   a long chain of small operators whose cost on a GPU is kernel launches and host synchronisations, and the fused
-  CPU kernels (:mod:`monoflow_core.fast`, CPU only) run the paper's 2-D models' solves in one call. Measure the
+  CPU kernels (:mod:`monoflow_core.fused`, CPU only) run the paper's 2-D models' solves in one call. Measure the
   toy step on CUDA against the fused CPU path with ``benchmarks/gpu_step.py`` (part E) before changing this rule.
 
 The user's explicit ``--device`` (or the studio's device menu) always wins; ``auto`` is the default.

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import _int_at_least
-from .fast import fold_scope
 from .flow import Flow
+from .fused import fold_scope
 
 __all__ = [
     "IMAGE_NOISE_BLOCK",
@@ -95,7 +95,7 @@ def _map_chunks(fn: Callable[[Tensor], Tensor], chunks: list[Tensor], workers: i
     in chunk order and equal the serial ones exactly.
     """
 
-    folds: dict[Any, Any] = {}  # the chunks share one fold of the weights (fast.fold_scope)
+    folds: dict[Any, Any] = {}  # the chunks share one fold of the weights (fused.fold_scope)
 
     def run(c: Tensor) -> Tensor:
         with torch.no_grad(), fold_scope(folds):  # grad mode and the scope are per thread

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .blocks import _ImplicitBlock, block_solver_stats
 from .bounds import INTERVALS, MINIMUM, check_in
-from .fast import folded_runs, fusable_runs, fused_inverse_run, run_fused
+from .fused import folded_runs, fusable_runs, fused_inverse_run, run_fused
 from .solvers import SolverStats
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class Flow(nn.Module):
         self.event_shape = tuple(int(s) for s in event_shape)
         self.config = config
         #: Run eligible blocks (the project's DenseNet G, small dimension, exact log-det, Newton) on the fused
-        #: path of ``monoflow_core.fast``; False forces the generic autograd path (the reference).
+        #: path of ``monoflow_core.fused``; False forces the generic autograd path (the reference).
         self.fast_path = True
         # Carries the flow's dtype and device for sampling, even when no layer has parameters.
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)

@@ -1,7 +1,8 @@
 """Where the compiled kernels' machine code is kept between processes: a per-user cache folder.
 
-Numba compiles the kernels (:mod:`monoflow_core.kernels`, :mod:`monoflow_core.blas`) at their first use and, with
-``cache=True``, keeps the machine code on disk, so that later processes load it in about a second. By default
+Numba compiles the kernels (:mod:`monoflow_core.fused.kernels`, :mod:`~monoflow_core.fused.kernels_fold`,
+:mod:`~monoflow_core.fused.blas`) at their first use and, with ``cache=True``, keeps the machine code on disk, so
+that later processes load it in about a second. By default
 Numba writes next to the source files (``__pycache__``), which a read-only, system-wide install (a lab image, a
 Docker image run as another user, a site-packages owned by root) does not allow: every process would then compile
 again. So the kernels are cached in a per-user folder, chosen in this order:

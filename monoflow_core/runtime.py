@@ -1,6 +1,6 @@
 """Process-wide settings that make the engine's many mid-sized temporaries cheap.
 
-The fused path (:mod:`monoflow_core.fast`) evaluates G on a few thousand points at a time, so most of its
+The fused path (:mod:`monoflow_core.fused`) evaluates G on a few thousand points at a time, so most of its
 temporaries are between 100 KiB and a few MiB. glibc serves blocks above its mmap threshold (128 KiB at start)
 with a fresh ``mmap`` and returns them with ``munmap`` on free, so every such temporary pays page faults on first
 touch: measured on the 2-core development machine, the Pila activation of 5,000 points took 2.0 ms per layer that

@@ -56,6 +56,7 @@ __all__ = [
     "resolve_method",
     "solve",
     "solve_small_linear",
+    "warn_unconverged",
 ]
 
 #: Names accepted by :func:`solve` (``"auto"`` is resolved first by :func:`resolve_method`).
@@ -555,12 +556,17 @@ def solve(
         run.jac = x0.new_zeros(0, n, n)
     stats = run.stats()
     if warn:
-        _warn_unconverged(stats, label)
+        warn_unconverged(stats, label)
     return run.w, stats, run.jac
 
 
-def _warn_unconverged(stats: SolverStats, label: str) -> None:
-    """One :class:`SolverWarning` naming how many samples stalled and how many ran out of iterations."""
+def warn_unconverged(stats: SolverStats, label: str, stacklevel: int = 3) -> None:
+    """One :class:`SolverWarning` naming how many samples stalled and how many ran out of iterations.
+
+    Every solver of the engine reports through this (the generic solvers here and the fused path), so the warning
+    reads the same wherever a solve failed. ``stacklevel`` as for :func:`warnings.warn`, counted from here (3: the
+    caller of the function that called this one).
+    """
     failed = stats.n_failed  # (one host synchronisation per solve)
     if not failed:
         return
@@ -577,5 +583,5 @@ def _warn_unconverged(stats: SolverStats, label: str) -> None:
         f"{label}: {failed} of {stats.batch_size} samples did not converge ({stats.method}): "
         f"{'; '.join(parts)} (worst relative residual {worst:.3g}, tolerance {stats.tol:.3g})",
         SolverWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )

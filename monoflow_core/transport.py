@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from .evaluation import _as_tensor, _check_chunk, _evaluating, _flow_dtype_device
-from .fast import fast_eligible, folded_runs, fused_inverse, run_fused
 from .flow import Flow
+from .fused import fast_eligible, folded_runs, fused_inverse, run_fused
 
 __all__ = ["DIRECTIONS", "grid_lines", "transport_stages"]
 

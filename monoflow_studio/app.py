@@ -73,8 +73,8 @@ SWITCH_INTERVAL_S = 0.001
 
 
 class KernelNotices:
-    """The engine's notices about its compiled kernels (:data:`monoflow_core.fast.kernel_notice`), held until a
-    receiver is connected (the compile starts before the window exists) and then passed on as they come. They may
+    """The engine's notices about its compiled kernels (``monoflow_core.fused.COMPILER.notice``), held until
+    a receiver is connected (the compile starts before the window exists) and then passed on as they come. They may
     come from the background compile thread: the receiver must be thread-safe (a Qt signal's ``emit`` is)."""
 
     def __init__(self) -> None:
@@ -117,12 +117,12 @@ def configure_process() -> None:
     """
     import torch
 
-    from monoflow_core import fast
+    from monoflow_core import fused
     from monoflow_core.runtime import tune_allocator
 
     tune_allocator()
-    fast.kernel_notice = KERNEL_NOTICES
-    fast.kernels_ready(torch.float32)
+    fused.COMPILER.notice = KERNEL_NOTICES
+    fused.kernels_ready(torch.float32)
     import pyqtgraph as pg
 
     pg.setConfigOptions(antialias=True)  # smooth curves (the benchmarks measure the studio with it, too)

@@ -155,12 +155,12 @@ def _serve(conn: Any) -> None:
 
     tune_allocator()  # as in the studio's own process (mid-sized temporaries from the heap, not fresh mmaps)
     torch.set_num_threads(1)  # one core for the views, the other for training
-    from monoflow_core import fast
+    from monoflow_core import fused
 
     # The compiled kernels, loaded (or compiled) before this child says it is ready, so that its frames come from
     # the same kernels as the studio's own: the parent's view thread draws meanwhile. Only the solvers' set: the
     # child never trains.
-    fast.kernels_ready(VIEW_DTYPE, wait=True, backward=False)
+    fused.kernels_ready(VIEW_DTYPE, wait=True, backward=False)
     cache: dict[str, Flow] = {}
     try:
         conn.send(("ready", 0, None))  # imports done: the parent may count on this child

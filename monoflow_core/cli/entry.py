@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .. import fast
 from ..checkpoint import CheckpointError
+from ..fused import COMPILER
 from ..runtime import tune_allocator
 from .errors import (
     DEBUG_ENV,
@@ -24,7 +24,7 @@ from .parser import build_parser
 
 
 def _kernel_notice(text: str) -> None:
-    """Print a notice of the compiled kernels (:data:`monoflow_core.fast.kernel_notice`) on stderr, above any
+    """Print a notice of the compiled kernels (``monoflow_core.fused.COMPILER.notice``) on stderr, above any
     progress bar."""
     from tqdm import tqdm
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("train: --out DIR is required for a new run (see 'monoflow train --help')")
         return EXIT_USAGE
     debug = bool(os.environ.get(DEBUG_ENV))
-    previous_notice = fast.kernel_notice
-    fast.kernel_notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
+    previous_notice = COMPILER.notice
+    COMPILER.notice = _kernel_notice  # say when the kernels are compiled, and when they are ready
     try:
         return int(args.handler(args))
     except CLIError as err:
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        fast.kernel_notice = previous_notice
+        COMPILER.notice = previous_notice

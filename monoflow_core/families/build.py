@@ -30,7 +30,7 @@ class ComparisonFlow(Flow):
     The same interface as every :class:`~monoflow_core.flow.Flow` (``forward``, ``inverse``, ``log_prob``,
     ``sample``); it has no implicit blocks, so :meth:`solver_stats` is empty and :attr:`logdet_is_exact` is True
     (every layer's log-determinant is exact; the CNF's up to its ODE tolerance). The fused path of
-    :mod:`monoflow_core.fast` serves implicit blocks only and is off.
+    :mod:`monoflow_core.fused` serves implicit blocks only and is off.
 
     Args:
         layers: the family's layers (:mod:`.layers`, and ActNorm for Glow).

@@ -1,4 +1,4 @@
-"""The compiled kernels' matrix product (monoflow_core.blas): every transpose and dtype, both libraries."""
+"""The compiled kernels' matrix product (monoflow_core.fused.blas): every transpose and dtype, both libraries."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from monoflow_core import blas
+from monoflow_core.fused import blas
 
 pytestmark = pytest.mark.skipif(blas.gemm is None, reason="Numba (or a BLAS for it) is not installed")
 
@@ -89,7 +89,7 @@ def test_scipy_fallback_gives_the_same_products() -> None:
     code = textwrap.dedent(
         """
         import numpy as np
-        from monoflow_core import blas
+        from monoflow_core.fused import blas
         assert blas.LIBRARY == "scipy", blas.LIBRARY
         rng = np.random.default_rng(2)
         for dtype in (np.float32, np.float64):

@@ -1,10 +1,10 @@
 """A process that uses the engine exits cleanly, whatever its background kernel compile is doing at exit.
 
-The compiled kernels (``monoflow_core.kernels``) can compile in a background thread (``fast.kernels_ready`` without
-``wait``). At finalisation Python ends the daemon threads still running by unwinding their stacks without running
-them; one inside PyTorch's autograd engine (the compile's warm-up differentiates the fold) aborted the whole process
-with ``terminate called without an active exception`` and exit status 134, after the program had done its work.
-The fix cancels the compile and joins its thread before finalisation (``fast._stop_background_compiles``).
+The compiled kernels (``monoflow_core.fused.kernels``) can compile in a background thread (``fused.kernels_ready``
+without ``wait``). At finalisation Python ends the daemon threads still running by unwinding their stacks without
+running them; one inside PyTorch's autograd engine (the compile's warm-up differentiates the fold) aborted the whole
+process with ``terminate called without an active exception`` and exit status 134, after the program had done its work.
+The fix cancels the compile and joins its thread before finalisation (``fused.COMPILER.stop_background_compiles``).
 
 These tests start fresh processes, each with an empty Numba cache (``NUMBA_CACHE_DIR``) where the compile matters.
 A cold compile takes a minute or more on the 2-core development machine, so the suite runs one process that exits
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from monoflow_core import kernels
+from monoflow_core.fused import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 ABORT = "terminate called"
@@ -36,24 +36,25 @@ import sys
 import threading
 
 def report():
-    from monoflow_core import fast
-    alive = [t.name for t in fast._COMPILE_THREADS if t.is_alive()]
-    print("state", fast._KERNEL_STATE.get((torch.float32, "train")), "alive", alive, flush=True)
+    from monoflow_core.fused import COMPILER
+    alive = [t.name for t in COMPILER.threads if t.is_alive()]
+    print("state", COMPILER.state.get((torch.float32, "train")), "alive", alive, flush=True)
 
 atexit.register(report)
 
 import torch
-from monoflow_core import fast, kernels
+from monoflow_core import fused
+from monoflow_core.fused import kernels_fold
 
 inside = threading.Event()
-original = kernels.fold_backward
+original = kernels_fold.fold_backward
 
 def marked(*args):
     inside.set()
     return original(*args)
 
-kernels.fold_backward = marked
-assert not fast.kernels_ready(torch.float32)  # starts the background compile
+kernels_fold.fold_backward = marked
+assert not fused.kernels_ready(torch.float32)  # starts the background compile
 assert inside.wait(600), "the compile never reached the fold's backward"
 print("exiting inside autograd", flush=True)
 """

@@ -496,26 +496,24 @@ def test_a_bad_dtype_is_one_clear_error(toy_run, tmp_path, command):
 
 
 def test_warmup_prepares_every_kernel_set_and_names_the_cache(monkeypatch, tmp_path):
-    from monoflow_core import fast, kernels
+    from monoflow_core.fused import COMPILER, KERNEL_SETS, SETTINGS, kernels
 
-    if not (fast.USE_KERNELS and kernels.AVAILABLE):
+    if not (SETTINGS.use_kernels and kernels.AVAILABLE):
         pytest.skip("the compiled kernels are unavailable here")
     monkeypatch.setenv("MONOFLOW_CACHE_DIR", str(tmp_path))
     for dtype in (torch.float32, torch.float64):  # as in a new process (Numba's versions stay compiled)
-        for kit in fast.KERNEL_SETS:
-            monkeypatch.delitem(fast._KERNEL_STATE, (dtype, kit), raising=False)
+        for kit in KERNEL_SETS:
+            monkeypatch.delitem(COMPILER.state, (dtype, kit), raising=False)
     code, stdout, err = run(["warmup", "--dtype", "float64", "--solve-only"])
     assert code == 0, err
     assert "float64 solver kernels: ready" in stdout and str(tmp_path / "numba") in stdout
-    assert fast._KERNEL_STATE[torch.float64, "solve"] == "ready"
-    assert (torch.float64, "train") not in fast._KERNEL_STATE and (torch.float32, "solve") not in fast._KERNEL_STATE
+    assert COMPILER.state[torch.float64, "solve"] == "ready"
+    assert (torch.float64, "train") not in COMPILER.state and (torch.float32, "solve") not in COMPILER.state
     code, stdout, err = run(["warmup"])
     assert code == 0, err
     assert "float32 training and solver kernels: ready" in stdout
     assert "float64 training and solver kernels: ready" in stdout
-    assert all(
-        fast._KERNEL_STATE[dt, kit] == "ready" for dt in (torch.float32, torch.float64) for kit in fast.KERNEL_SETS
-    )
-    monkeypatch.setattr(fast, "USE_KERNELS", False)
+    assert all(COMPILER.state[dt, kit] == "ready" for dt in (torch.float32, torch.float64) for kit in KERNEL_SETS)
+    monkeypatch.setattr(SETTINGS, "use_kernels", False)
     code, _, err = run(["warmup"])
     assert code == 1 and "unavailable" in err

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from monoflow_core import FlowConfig, MonotoneBlock, ResidualBlock, build_flow
-from monoflow_core import fast as fast_module
+from monoflow_core import FlowConfig, MonotoneBlock, ResidualBlock, build_flow, fused
+from monoflow_core.fused import SETTINGS
 from monoflow_core.solvers import (
     DEFAULT_TOL,
     METHODS,
@@ -240,9 +240,9 @@ def test_default_tolerance_follows_the_dtype():
 @pytest.fixture(params=["generic", "fused-pytorch", "fused-compiled"])
 def path(request, monkeypatch):
     """The generic autograd path, and the fused path on each of its kernel sets."""
-    if request.param == "fused-compiled" and not fast_module.kernels_ready(torch.float64, wait=True):
+    if request.param == "fused-compiled" and not fused.kernels_ready(torch.float64, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(fast_module, "USE_KERNELS", request.param == "fused-compiled")
+    monkeypatch.setattr(SETTINGS, "use_kernels", request.param == "fused-compiled")
     return request.param
 
 

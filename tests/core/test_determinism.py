@@ -3,10 +3,10 @@
 Two identical runs agree bit for bit, and so do a resumed run and a straight one. The compiled kernels are not
 bit-identical to the PyTorch ones (they agree to rounding), so a run must not switch from one set to the other at a
 step that depends on how long the compile took: the fused path waits for the compiled kernels at their first use
-(``monoflow_core.fast.KERNELS_WAIT``). Compared here: the flow's parameters and buffers, the optimizer's state and
-the losses and test results the run's callback receives (not ``Trainer.history``, whose length is the trainer's
-business). On the compiled path the weight gradients are summed over the parts a batch is split into, one per
-thread (``fast.kernel_parts``), so results are reproducible for a given thread count: every run here uses one.
+(``monoflow_core.fused.SETTINGS.wait``). Compared here: the flow's parameters and buffers, the optimizer's
+state and the losses and test results the run's callback receives (not ``Trainer.history``, whose length is the
+trainer's business). On the compiled path the weight gradients are summed over the parts a batch is split into, one per
+thread (``fused.kernel_parts``), so results are reproducible for a given thread count: every run here uses one.
 """
 
 import os
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from monoflow_core import FlowConfig, build_flow, fast, kernels
+from monoflow_core import FlowConfig, build_flow, fused
+from monoflow_core.fused import COMPILER, KERNEL_SETS, SETTINGS, kernels
 from monoflow_core.training import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,9 +32,9 @@ def kernel_set(request, monkeypatch):
     """Run a test on the compiled kernels and on the PyTorch kernels (``MONOFLOW_KERNELS=0``); returns the list the
     compiled solve appends to on every call, so a test can check which set served."""
     compiled = request.param == "compiled"
-    if compiled and not all(fast.kernels_ready(dt, wait=True) for dt in (torch.float32, torch.float64)):
+    if compiled and not all(fused.kernels_ready(dt, wait=True) for dt in (torch.float32, torch.float64)):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(fast, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return _count_solves(monkeypatch)
 
 
@@ -100,7 +101,7 @@ def straight_run(steps: int = STEPS) -> dict:
 
 def test_identical_runs_are_bit_identical(kernel_set):
     first = straight_run()
-    assert bool(kernel_set) == fast.USE_KERNELS  # the set the fixture chose served the run
+    assert bool(kernel_set) == SETTINGS.use_kernels  # the set the fixture chose served the run
     assert_identical(first, straight_run())
     assert any(ev is not None for _, _, ev in first["record"])  # (the tests ran, too)
 
@@ -121,24 +122,24 @@ def test_a_run_started_while_the_kernels_compile_uses_them_from_its_first_step(m
     """A compile under way in the background when the run starts (a caller started it without waiting, as the
     studio does): the first step waits for it instead of serving with the PyTorch kernels until it finishes, so the
     run equals one that started with the kernels ready."""
-    if not fast.kernels_ready(torch.float32, wait=True):
+    if not fused.kernels_ready(torch.float32, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
     reference = straight_run()
     calls = _count_solves(monkeypatch)
-    monkeypatch.setitem(fast._KERNEL_STATE, (torch.float32, "train"), "compiling")
+    monkeypatch.setitem(COMPILER.state, (torch.float32, "train"), "compiling")
     holding = threading.Event()
 
     def background_compile() -> None:  # holds the compile lock, as _compile_kernels does, then reports success
-        with fast._KERNEL_COMPILE_LOCK:
+        with COMPILER.compile_lock:
             holding.set()
             threading.Event().wait(0.5)
-            fast._KERNEL_STATE[torch.float32, "train"] = "ready"
+            COMPILER.state[torch.float32, "train"] = "ready"
 
     thread = threading.Thread(target=background_compile)
     thread.start()
     try:
         assert holding.wait(10)
-        assert not fast.kernels_ready(torch.float32)  # without waiting: still compiling
+        assert not fused.kernels_ready(torch.float32)  # without waiting: still compiling
         trainer = make_trainer()
         record: list = []
         solves = []  # compiled solves so far, after each step
@@ -157,9 +158,9 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
     if not kernels.AVAILABLE:
         pytest.skip("Numba is not installed")
     dt = torch.float64
-    assert fast.kernels_ready(dt, wait=True)
-    for kit in fast.KERNEL_SETS:  # as at the first use in a process (Numba's versions stay compiled)
-        monkeypatch.delitem(fast._KERNEL_STATE, (dt, kit))
+    assert fused.kernels_ready(dt, wait=True)
+    for kit in KERNEL_SETS:  # as at the first use in a process (Numba's versions stay compiled)
+        monkeypatch.delitem(COMPILER.state, (dt, kit))
     calls = _count_solves(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
@@ -167,11 +168,11 @@ def test_a_first_use_inside_no_grad_compiles_every_kernel(monkeypatch, mode):
         warnings.simplefilter("error")
         with context:
             flow.log_prob(torch.randn(10, 2, dtype=dt))
-            assert fast._KERNEL_STATE[dt, "solve"] == "ready"
+            assert COMPILER.state[dt, "solve"] == "ready"
             assert len(calls) == 1 + 1  # the solvers' warm-up solve, then the evaluation's
             # the training kernels, asked for from inside no_grad too: their warm-up differentiates the fold
-            assert fast.kernels_ready(dt, wait=True)
-    assert fast._KERNEL_STATE[dt, "train"] == "ready"
+            assert fused.kernels_ready(dt, wait=True)
+    assert COMPILER.state[dt, "train"] == "ready"
     assert len(calls) == 2 + 2  # and the training warm-up's two solves
 
 
@@ -192,7 +193,7 @@ def test_a_fresh_process_with_default_settings_equals_this_one(tmp_path):
     """The reported case: a new process loads the compiled kernels from Numba's on-disk cache (about a second)
     while its run starts. With default settings its result must equal this process's run, whose kernels were
     ready before it started (tests/conftest.py)."""
-    if not (fast.USE_KERNELS and fast.kernels_ready(torch.float32, wait=True)):
+    if not (SETTINGS.use_kernels and fused.kernels_ready(torch.float32, wait=True)):
         pytest.skip("the compiled kernels are unavailable here")
     out = tmp_path / "fresh.pt"
     env = {k: v for k, v in os.environ.items() if k != "MONOFLOW_KERNELS"}

@@ -1,12 +1,14 @@
 """The fused exact path agrees with the generic autograd path (the reference) in float64."""
 
+import re
+import warnings
+
 import pytest
 import torch
 
-from monoflow_core import FlowConfig, build_flow
-from monoflow_core import fast as fast_module
-from monoflow_core.fast import fast_eligible, fusable_runs
-from monoflow_core.solvers import SolverWarning
+from monoflow_core import FlowConfig, build_flow, fused, solvers
+from monoflow_core.fused import SETTINGS, fast_eligible, fold, fold_cache, fusable_runs, newton, workspace
+from monoflow_core.solvers import STALL_FACTOR, STALL_WINDOW, SolverWarning
 
 DT = torch.float64
 TIGHT = {"tol": 1e-13, "max_iter": 200}
@@ -14,11 +16,11 @@ TIGHT = {"tol": 1e-13, "max_iter": 200}
 
 @pytest.fixture(params=["compiled", "pytorch"])
 def kernels(request, monkeypatch):
-    """Run a test on the compiled kernels (monoflow_core.kernels) and on the PyTorch kernels of the fused path."""
+    """Run a test on the compiled kernels (monoflow_core.fused.kernels) and on the PyTorch kernels of the fused path."""
     compiled = request.param == "compiled"
-    if compiled and not fast_module.kernels_ready(DT, wait=True):
+    if compiled and not fused.kernels_ready(DT, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(fast_module, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return request.param
 
 
@@ -186,6 +188,55 @@ def test_fused_solver_statistics_and_non_convergence_warning(kernels):
     assert float(stats.residual.max()) <= stats.tol
 
 
+STALL_MESSAGE = (
+    rf"(\d+) of \d+ samples did not converge \(newton\): (\d+) stalled \(residual not below {STALL_FACTOR:g} x "
+    rf"its last value for {STALL_WINDOW} iterations\)"
+)
+
+
+def _stalled_counts(record):
+    """``(failed, stalled)`` of every stall warning in ``record``."""
+    found = [re.search(STALL_MESSAGE, str(w.message)) for w in record if issubclass(w.category, SolverWarning)]
+    return [(int(m.group(1)), int(m.group(2))) for m in found if m]
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_solves_stop_on_stall_when_the_tolerance_is_out_of_reach(monkeypatch, kernels, grad):
+    """A tolerance below what float64 can reach (the floor of ``effective_tolerance`` lifted, tol 1e-30): every sample
+    either lands on an exactly zero residual or stalls at the rounding floor, and stops within a few windows of
+    STALL_WINDOW instead of running to max_iter; the stalled samples are flagged, counted and warned of, and their
+    points are as good as the arithmetic allows. Forward solves with a backward pass (every sample kept, frozen once
+    finished) and without (finished samples leave the batch), and the inverse, on both kernel sets."""
+    monkeypatch.setattr(solvers, "arithmetic_floor", lambda dtype, device=None: 0.0)
+    torch.manual_seed(12)
+    flow = build_flow(FlowConfig(blocks=2, max_iter=1000)).double()
+    for block in flow.layers:
+        block.tol = 1e-30
+    x = torch.randn(200, 2, dtype=DT) * 2
+    with warnings.catch_warnings(record=True) as record, torch.set_grad_enabled(grad):
+        warnings.simplefilter("always")
+        xi = x.clone().requires_grad_(grad)
+        z, logdet = flow(xi)
+        if grad:
+            (gx,) = torch.autograd.grad(z.sum() + logdet.sum(), [xi])
+            assert torch.isfinite(gx).all()
+    forward = [s["forward"] for s in flow.solver_stats()]
+    with warnings.catch_warnings(record=True) as record_inverse, torch.no_grad():
+        warnings.simplefilter("always")
+        x_back = flow.inverse(z.detach())
+    inverse = [s["inverse"] for s in reversed(flow.solver_stats())]  # (the last block is inverted first)
+    assert torch.isfinite(logdet).all() and float((x_back - x).abs().max()) < 1e-12
+    for stats, warned in ((forward, record), (inverse, record_inverse)):
+        assert _stalled_counts(warned) == [(s.n_failed, s.n_stalled) for s in stats]  # one warning per block
+        for s in stats:
+            assert s.n_stalled > 0 and s.stalled is not None
+            assert torch.equal(s.stalled, ~s.converged)  # every sample that failed stalled: none ran to max_iter
+            assert int(s.iterations.max()) <= 4 * STALL_WINDOW and s.max_iter == 1000
+            assert int(s.iterations[s.stalled].min()) > STALL_WINDOW  # (no stall before a window has passed)
+            assert float(s.residual[s.converged].abs().max()) == 0.0  # only an exact solution meets 1e-30
+            assert float(s.residual.max()) < 1e-14  # the stalled ones sit at float64's rounding floor
+
+
 def test_fused_gradients_match_finite_differences(kernels):
     torch.manual_seed(3)
     flow = build_flow(FlowConfig(blocks=2, depth=2, growth=4, **TIGHT)).double()
@@ -198,18 +249,16 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
     """Without a backward pass converged samples leave the batch; each sample's iterate, Jacobian and iteration
     count must be those of the solve that keeps every sample (fraction 1: remove as soon as any converged;
     10**6: never before the end, i.e. frozen in place)."""
-    from monoflow_core import fast
-
-    monkeypatch.setattr(fast, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(SETTINGS, "compact_fraction", fraction)
     torch.manual_seed(4)
     flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
-    weights = fast.fold_nets([flow.layers[0].net]).block(0)
+    weights = fused.fold_nets([flow.layers[0].net]).block(0)
     # a wide spread of right-hand sides: far points need more Newton iterations than near ones
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
     for sign in (1.0, -1.0):
-        views = fast._Workspace(weights, 1, 300, rhs).block(0)
-        w_keep, stats_keep = fast._newton(weights, rhs, sign, 1e-12, 50, "keep", views)
-        w_drop, a_drop, stats_drop = fast._newton_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
+        views = workspace.Workspace(weights, 1, 300, rhs).block(0)
+        w_keep, stats_keep = newton.newton_solve(weights, rhs, sign, 1e-12, 50, "keep", views)
+        w_drop, a_drop, stats_drop = newton.newton_solve_compact(weights, rhs, sign, 1e-12, 50, "drop", True)
         assert len(set(stats_keep.iterations.tolist())) >= 2  # samples really stop at different iterations
         assert torch.equal(stats_keep.iterations, stats_drop.iterations)
         assert stats_drop.all_converged and float(stats_drop.residual.max()) <= stats_drop.tol
@@ -220,8 +269,6 @@ def test_compacting_solve_matches_the_freezing_solve_per_sample(monkeypatch, fra
 def test_pooled_workspaces_never_overwrite_a_live_graph():
     """Training forwards reuse workspaces whose graph is gone; interleaved graphs keep their own buffers."""
     import gc
-
-    from monoflow_core import fast
 
     torch.manual_seed(6)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8, **TIGHT)).double()
@@ -248,30 +295,28 @@ def test_pooled_workspaces_never_overwrite_a_live_graph():
     # once the graphs are gone their workspaces return to the pool, and the next forward takes one
     del loss1, loss2
     gc.collect()
-    assert any(fast._POOL.values())
-    before = sum(len(v) for v in fast._POOL.values())
+    assert workspace.POOL.free_count() > 0
+    before = workspace.POOL.free_count()
     loss = flow.log_prob(x1).sum()
-    assert sum(len(v) for v in fast._POOL.values()) == before - 1
+    assert workspace.POOL.free_count() == before - 1
     for a, b in zip(torch.autograd.grad(loss, params), ref1, strict=True):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
 def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
-    from monoflow_core.fast import _safeguard
-
     w0, r0 = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 0.1]])
     res0 = r0.abs()[0]
-    cand, prev, plain = _safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
+    cand, prev, plain = newton.safeguard(w0, r0, res0, torch.tensor([[9.0, 9.0]]), None, None)
     assert torch.equal(cand, torch.tensor([[9.0, 9.0]])) and plain is None  # nothing to compare with yet
     # at the new points the first sample's residual grew, the second's fell
     w1, r1 = torch.tensor([[3.0, 1.5]]), torch.tensor([[0.8, 0.01]])
-    cand, prev, plain = _safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
+    cand, prev, plain = newton.safeguard(w1, r1, r1.abs()[0], torch.tensor([[7.0, 7.0]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.5, 7.0]]))  # plain step w0 - r0 for the first, Newton for the second
     assert plain.tolist() == [True, False]
     assert torch.equal(prev[0], torch.tensor([[1.0, 1.5]]))  # the first keeps its last accepted point
     # the plain step's result is accepted even if its residual is larger than the one it is compared with
     w2, r2 = torch.tensor([[0.5, 7.0]]), torch.tensor([[0.9, 0.001]])
-    cand, prev, plain = _safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
+    cand, prev, plain = newton.safeguard(w2, r2, r2.abs()[0], torch.tensor([[0.4, 6.9]]), prev, plain)
     assert torch.equal(cand, torch.tensor([[0.4, 6.9]])) and plain is None
 
 
@@ -279,8 +324,6 @@ def test_newton_safeguard_replaces_worse_steps_by_plain_steps_once():
 def test_fold_layer_backward_against_finite_differences(hidden, gain):
     """The hand-written backward of the fold, with the spectral clamp active for one block and not the other;
     ``gain``: a per-block, differentiated pre-activation factor (CLipSwish's beta) instead of the constant k."""
-    from monoflow_core.fast import _FoldLayer
-
     torch.manual_seed(7)
     w = torch.randn(2, 4, 5, dtype=DT)
     w[1] *= 0.05  # block 1: sigma below its coefficient (no normalisation); block 0: well above
@@ -296,7 +339,7 @@ def test_fold_layer_backward_against_finite_differences(hidden, gain):
     if gain:
         inputs += (torch.tensor([0.7, 1.9], dtype=DT, requires_grad=True),)
     assert torch.autograd.gradcheck(
-        lambda a, b, c, *g: _FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
+        lambda a, b, c, *g: fold.FoldLayer.apply(a, b, c, u, v, coeff, hidden, 0.2, 7.2, *g), inputs
     )
 
 
@@ -331,13 +374,13 @@ def test_no_grad_evaluations_see_every_optimizer_step():
 
 def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch):
     """Inside one evaluation call (many chunks, worker threads) the weights are folded once; a later call folds anew."""
-    from monoflow_core import evaluation, fast
+    from monoflow_core import evaluation
 
     torch.manual_seed(0)
     flow = build_flow(FlowConfig(blocks=3, depth=2, growth=8))
     calls = []
-    original = fast.fold_nets
-    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    original = fold_cache.fold_nets
+    monkeypatch.setattr(fold_cache, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
     points = torch.randn(100, 2)
     first = evaluation.log_prob(flow, points, chunk=10, workers=2)
     assert 1 <= len(calls) <= 2 and set(calls) == {3}  # one run of 3 blocks; two threads may race to fold it first
@@ -349,14 +392,13 @@ def test_one_evaluation_folds_each_run_once_and_the_next_folds_again(monkeypatch
 
 def test_inverse_and_transport_fold_each_run_once(monkeypatch):
     """The inverse pass takes blocks one by one but folds their run in one batch (per call, never across calls)."""
-    from monoflow_core import fast
     from monoflow_core.transport import transport_stages
 
     torch.manual_seed(0)
     flow = build_flow(FlowConfig(blocks=4, depth=2, growth=8)).double()
     calls = []
-    original = fast.fold_nets
-    monkeypatch.setattr(fast, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
+    original = fold_cache.fold_nets
+    monkeypatch.setattr(fold_cache, "fold_nets", lambda nets: calls.append(len(nets)) or original(nets))
     z = torch.randn(30, 2, dtype=DT)
     with torch.no_grad():
         x = flow.inverse(z)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from monoflow_core import kernel_cache, kernels
+from monoflow_core import kernel_cache
+from monoflow_core.fused import kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,8 +46,9 @@ def test_numba_cache_location_is_set_only_while_decorating(monkeypatch, tmp_path
 
 _WHERE = """
 import os
-from monoflow_core import blas, kernels
+from monoflow_core.fused import blas, kernels, kernels_fold
 print(kernels.solve_run._cache._cache_path)
+print(kernels_fold.fold_forward._cache._cache_path)
 print(blas.gemm._cache._cache_path)
 print(os.environ.get("NUMBA_CACHE_DIR"))
 """
@@ -60,6 +62,6 @@ def test_the_kernels_cache_into_the_override_and_leave_numba_s_setting_alone(tmp
         [sys.executable, "-c", _WHERE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    solve, gemm, numba_env = done.stdout.splitlines()
-    assert Path(solve).parent == Path(gemm).parent == tmp_path / "numba"
+    solve, fold, gemm, numba_env = done.stdout.splitlines()
+    assert Path(solve).parent == Path(fold).parent == Path(gemm).parent == tmp_path / "numba"
     assert numba_env == "None"  # (the process's environment is not changed)

@@ -1,4 +1,4 @@
-"""The compiled kernels (monoflow_core.kernels) against the PyTorch kernels of the fused path, in float64.
+"""The compiled kernels (monoflow_core.fused.kernels) against the PyTorch kernels of the fused path, in float64.
 
 tests/core/test_fast.py runs its agreement tests (values, log-dets, parameter and input gradients against the
 generic autograd path, gradcheck, solver statistics) on both kernel sets; here: the pieces the compiled kernels
@@ -12,7 +12,23 @@ import numpy as np
 import pytest
 import torch
 
-from monoflow_core import FlowConfig, build_flow, fast, kernels
+from monoflow_core import FlowConfig, build_flow, fused
+from monoflow_core.fused import (
+    COMPILER,
+    KERNEL_SETS,
+    SETTINGS,
+    dispatch,
+    fold,
+    fold_compiled,
+    kernels,
+    kernels_fold,
+    newton,
+    plan,
+    run,
+    warm,
+    workspace,
+)
+from monoflow_core.solvers import STALL_WINDOW, SolverWarning
 
 DT = torch.float64
 
@@ -21,7 +37,7 @@ pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="Numba is not inst
 
 @pytest.fixture(autouse=True)
 def _compiled():
-    assert fast.kernels_ready(DT, wait=True) and fast.kernels_ready(torch.float32, wait=True)
+    assert fused.kernels_ready(DT, wait=True) and fused.kernels_ready(torch.float32, wait=True)
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 4e-7), (np.float64, 4e-16)])
@@ -56,14 +72,14 @@ def _solve_pair(sign, activation="cpila"):
     flow = _spread_betas(build_flow(FlowConfig(blocks=1, depth=2, growth=8, activation=activation)).double())
     block = flow.layers[0]
     block.tol, block.max_iter = 1e-12, 50
-    folded = fast.fold_nets([block.net])
+    folded = fused.fold_nets([block.net])
     weights = folded.block(0)
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
-    views = fast._Workspace(weights, 1, 300, rhs).block(0)
-    w_torch, stats_torch = fast._newton(weights, rhs, sign, 1e-12, 50, "torch", views)
-    ws = fast._Workspace(folded, 1, 300, rhs)
+    views = workspace.Workspace(weights, 1, 300, rhs).block(0)
+    w_torch, stats_torch = newton.newton_solve(weights, rhs, sign, 1e-12, 50, "torch", views)
+    ws = workspace.Workspace(folded, 1, 300, rhs)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 0.0, 0.0)
-    w_kernel, _, (stats_kernel,) = fast._kernel_run(
+    w_kernel, _, (stats_kernel,) = dispatch.kernel_run(
         rhs.t(), [block], folded, [setup], [sign], ["kernel"], [ws], [(0, 300)]
     )
     return (w_torch, stats_torch, views.jacobian_map), (w_kernel.t(), stats_kernel, ws.jacobian_maps()[0])
@@ -91,14 +107,14 @@ def test_kernel_training_forward_fills_the_workspace_like_the_pytorch_kernels(ac
     ).double()
     _spread_betas(flow)
     blocks = list(flow.layers)
-    folded = fast.fold_nets([b.net for b in blocks])
-    net = fast.FoldedNet.from_tensors([t.detach() for t in folded.tensors()], folded.n, folded.kind)
-    plan = fast._Plan(blocks, net.n, net.kind)
+    folded = fused.fold_nets([b.net for b in blocks])
+    net = fused.FoldedNet.from_tensors([t.detach() for t in folded.tensors()], folded.n, folded.kind)
+    run_plan = plan.RunPlan(blocks, net.n, net.kind)
     x = torch.randn(70, 2, dtype=DT) * 2
-    ws_torch = fast._Workspace(net, 3, 70, x)
-    y_torch, ld_torch = fast._fused_forward(x.t().contiguous(), plan, net, ws_torch)
-    ws_kernel = fast._Workspace(net, 3, 70, x)
-    y_kernel, ld_kernel = fast._kernel_forward(x, plan, net, [ws_kernel], [(0, 70)])
+    ws_torch = workspace.Workspace(net, 3, 70, x)
+    y_torch, ld_torch = run.torch_forward(x.t().contiguous(), run_plan, net, ws_torch)
+    ws_kernel = workspace.Workspace(net, 3, 70, x)
+    y_kernel, ld_kernel = dispatch.kernel_forward(x, run_plan, net, [ws_kernel], [(0, 70)])
     assert torch.allclose(y_torch.t(), y_kernel, atol=1e-12, rtol=0)
     assert torch.allclose(ld_torch, ld_kernel, atol=1e-12, rtol=0)
     # what the compiled backward reads (the compiled kernels leave y and the value polynomial unwritten)
@@ -115,7 +131,7 @@ def test_no_grad_evaluations_and_sampling_match_the_pytorch_kernels(monkeypatch,
     z = torch.randn(500, 2, dtype=DT)
     results = []
     for use in (True, False):
-        monkeypatch.setattr(fast, "USE_KERNELS", use)
+        monkeypatch.setattr(SETTINGS, "use_kernels", use)
         with torch.no_grad():
             results.append((flow.log_prob(x), flow.inverse(z), flow.solver_stats()[0]["inverse"].iterations))
     (lp1, inv1, it1), (lp0, inv0, it0) = results
@@ -139,7 +155,7 @@ def test_a_run_of_blocks_is_inverted_in_one_compiled_call(monkeypatch, activatio
     assert len(calls) == 1
     stats = [s["inverse"] for s in flow.solver_stats()]
     assert stats[0] is not None and stats[1] is not None and bool(stats[0].converged.all())
-    monkeypatch.setattr(fast, "USE_KERNELS", False)
+    monkeypatch.setattr(SETTINGS, "use_kernels", False)
     with torch.no_grad():
         x_torch = flow.inverse(z)
         z_back, _ = flow(x)
@@ -154,7 +170,7 @@ def test_no_grad_slices_give_the_same_values_and_statistics(monkeypatch):
     x = torch.randn(301, 2, dtype=DT) * 2
     results = []
     for points in (10_000, 37):
-        monkeypatch.setattr(fast, "KERNEL_NO_GRAD_POINTS", points)
+        monkeypatch.setattr(SETTINGS, "no_grad_points", points)
         calls = _count_kernel_calls(monkeypatch)
         with torch.no_grad():
             results.append((flow.log_prob(x), flow.inverse(x), flow.solver_stats()[1]["forward"].iterations))
@@ -172,18 +188,18 @@ def _count_kernel_calls(monkeypatch):
 
 
 def test_the_pytorch_kernels_serve_until_the_compiled_ones_are_ready(monkeypatch):
-    # With KERNELS_WAIT off (the default waits, so that a run never switches kernel sets at a timing-dependent
+    # With SETTINGS.wait off (the default waits, so that a run never switches kernel sets at a timing-dependent
     # step), the PyTorch kernels serve while the compiled ones are not ready.
-    monkeypatch.setattr(fast, "KERNELS_WAIT", False)
+    monkeypatch.setattr(SETTINGS, "wait", False)
     calls = _count_kernel_calls(monkeypatch)
     flow = build_flow(FlowConfig(blocks=2)).double()
     x = torch.randn(20, 2, dtype=DT)
-    for kit in fast.KERNEL_SETS:
-        monkeypatch.setitem(fast._KERNEL_STATE, (DT, kit), "compiling")
+    for kit in KERNEL_SETS:
+        monkeypatch.setitem(COMPILER.state, (DT, kit), "compiling")
     reference = flow.log_prob(x)
     assert not calls
-    for kit in fast.KERNEL_SETS:
-        monkeypatch.setitem(fast._KERNEL_STATE, (DT, kit), "ready")
+    for kit in KERNEL_SETS:
+        monkeypatch.setitem(COMPILER.state, (DT, kit), "ready")
     assert torch.allclose(flow.log_prob(x), reference, atol=1e-12)
     assert calls
 
@@ -195,19 +211,19 @@ def test_compiling_starts_in_the_background_and_then_serves(monkeypatch):
     def slow_compile(dtype, kit):
         started.set()
         release.wait(10)
-        fast._KERNEL_STATE[dtype, kit] = "ready"
+        COMPILER.state[dtype, kit] = "ready"
 
-    monkeypatch.setattr(fast, "_compile_kernels", slow_compile)
-    monkeypatch.delitem(fast._KERNEL_STATE, (DT, "train"))
-    assert not fast.kernels_ready(DT)  # starts the compile and returns at once
+    monkeypatch.setattr(COMPILER, "compile", slow_compile)
+    monkeypatch.delitem(COMPILER.state, (DT, "train"))
+    assert not fused.kernels_ready(DT)  # starts the compile and returns at once
     assert started.wait(10)
-    assert not fast.kernels_ready(DT)  # still compiling: the PyTorch kernels serve
+    assert not fused.kernels_ready(DT)  # still compiling: the PyTorch kernels serve
     release.set()
     for _ in range(200):
-        if fast.kernels_ready(DT):
+        if fused.kernels_ready(DT):
             break
         threading.Event().wait(0.05)
-    assert fast.kernels_ready(DT)
+    assert fused.kernels_ready(DT)
 
 
 def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(monkeypatch):
@@ -215,64 +231,64 @@ def test_a_failed_compile_warns_once_and_leaves_the_pytorch_kernels_in_charge(mo
         raise RuntimeError("no machine code today")
 
     monkeypatch.setattr(kernels, "solve_run", broken)
-    for kit in fast.KERNEL_SETS:
-        monkeypatch.delitem(fast._KERNEL_STATE, (DT, kit))
+    for kit in KERNEL_SETS:
+        monkeypatch.delitem(COMPILER.state, (DT, kit))
     with pytest.warns(RuntimeWarning, match="compiled kernels"):
-        assert not fast.kernels_ready(DT, wait=True)
+        assert not fused.kernels_ready(DT, wait=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not fast.kernels_ready(DT, wait=True)  # no second warning
+        assert not fused.kernels_ready(DT, wait=True)  # no second warning
         flow = build_flow(FlowConfig(blocks=2)).double()
         assert torch.isfinite(flow.log_prob(torch.randn(10, 2, dtype=DT))).all()
 
 
 def _forget_kernel_state(monkeypatch, dtype):
     """As at the first use in a process (Numba's compiled versions stay compiled: no compile is repeated)."""
-    for kit in fast.KERNEL_SETS:
-        monkeypatch.delitem(fast._KERNEL_STATE, (dtype, kit), raising=False)
+    for kit in KERNEL_SETS:
+        monkeypatch.delitem(COMPILER.state, (dtype, kit), raising=False)
 
 
 def test_a_solve_without_gradients_prepares_only_the_solvers_kernels(monkeypatch):
     backward = []
-    for name in ("fold_backward", "backward_run"):
-        original = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _o=original: (backward.append(1), _o(*a))[1])
+    for module, name in ((kernels_fold, "fold_backward"), (kernels, "backward_run")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _o=original: (backward.append(1), _o(*a))[1])
     solves = _count_kernel_calls(monkeypatch)
     _forget_kernel_state(monkeypatch, DT)
     flow = build_flow(FlowConfig(blocks=2)).double()
     with torch.no_grad():
         flow.log_prob(torch.randn(20, 2, dtype=DT))
-    assert fast._KERNEL_STATE[DT, "solve"] == "ready" and (DT, "train") not in fast._KERNEL_STATE
+    assert COMPILER.state[DT, "solve"] == "ready" and (DT, "train") not in COMPILER.state
     assert solves and not backward  # the compiled kernels served, and nothing of training was prepared
     flow.log_prob(torch.randn(20, 2, dtype=DT)).sum().backward()  # training: the rest of the kernels
-    assert fast._KERNEL_STATE[DT, "train"] == "ready" and backward
+    assert COMPILER.state[DT, "train"] == "ready" and backward
 
 
 def test_the_notices_say_when_a_compile_starts_and_ends(monkeypatch, tmp_path):
     notices = []
-    monkeypatch.setattr(fast, "kernel_notice", notices.append)
+    monkeypatch.setattr(COMPILER, "notice", notices.append)
     monkeypatch.setenv("MONOFLOW_CACHE_DIR", str(tmp_path))
     _forget_kernel_state(monkeypatch, DT)
     # Compiled in this process already: a load, announced by nothing.
-    assert not fast._expect_compile(DT, "solve")
-    assert fast.kernels_ready(DT, wait=True, backward=False)
+    assert not COMPILER.expect_compile(DT, "solve")
+    assert fused.kernels_ready(DT, wait=True, backward=False)
     assert notices == []
     # A compile (as in a process whose cache does not hold them): said before it starts, with how long, then ready.
-    monkeypatch.setattr(fast, "_expect_compile", lambda dtype, kit: True)
+    monkeypatch.setattr(COMPILER, "expect_compile", lambda dtype, kit: True)
     _forget_kernel_state(monkeypatch, DT)
-    assert fast.kernels_ready(DT, wait=True, backward=False)
+    assert fused.kernels_ready(DT, wait=True, backward=False)
     assert len(notices) == 2
     assert "compiling the solver kernels for float64" in notices[0] and " s, once" in notices[0]
     assert str(tmp_path / "numba") in notices[0]
     assert "ready" in notices[1]
     # The cache folder's marker tells a later process that they are there.
-    path, text = fast._cache_stamp(DT, "solve")
+    path, text = COMPILER.cache_stamp(DT, "solve")
     assert path.parent == tmp_path / "numba" and path.read_text() == text
 
 
 def test_the_environment_switch_turns_the_compiled_kernels_off(monkeypatch):
     calls = _count_kernel_calls(monkeypatch)
-    monkeypatch.setattr(fast, "USE_KERNELS", False)
+    monkeypatch.setattr(SETTINGS, "use_kernels", False)
     flow = build_flow(FlowConfig(blocks=2)).double()
     flow.log_prob(torch.randn(10, 2, dtype=DT)).sum().backward()
     assert not calls
@@ -299,8 +315,8 @@ def test_compiled_fold_matches_the_pytorch_fold_and_its_gradients(learnable, dty
     params = [p for g in nets for p in g.parameters() if p.requires_grad]
     assert sum(p.dim() == 0 for p in params) == (9 if activation == "clipswish" else 0)  # the betas
     results = []
-    for fold in (fast._kernel_fold, fast.fold_nets_torch):
-        folded = fold(nets)
+    for fold_fn in (fold_compiled.kernel_fold, fold.fold_nets_torch):
+        folded = fold_fn(nets)
         cot = [
             torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype)
             for i, t in enumerate(folded.tensors())
@@ -327,7 +343,7 @@ def test_a_batch_split_over_threads_gives_the_same_values_gradients_and_statisti
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            assert len(fast.kernel_parts(300)) == count
+            assert len(dispatch.kernel_parts(300)) == count
             xi = x.clone().requires_grad_(True)
             lp = flow.log_prob(xi)
             grads = torch.autograd.grad(lp.sum(), [xi, *params])
@@ -347,9 +363,9 @@ def test_the_warm_up_draws_no_random_numbers_and_covers_every_architecture(monke
     versions must serve any depth, width and formulation: a real step, an evaluation and an inverse afterwards
     compile nothing new (a new version would be compiled in the caller's thread, for half a minute)."""
     state = torch.get_rng_state()
-    fast._run_kernels_once(DT)
+    warm.run_kernels_once(DT, True, lambda: None)
     assert torch.equal(torch.get_rng_state(), state)
-    dispatchers = [kernels.solve_run, kernels.backward_run, kernels.fold_forward, kernels.fold_backward]
+    dispatchers = [kernels.solve_run, kernels.backward_run, kernels_fold.fold_forward, kernels_fold.fold_backward]
     before = [len(d.signatures) for d in dispatchers]
     torch.manual_seed(9)
     for activation in ("cpila", "clipswish", "crelu"):
@@ -377,7 +393,7 @@ def test_non_finite_points_are_not_reported_converged(where, grad):
     flow = build_flow(FlowConfig(blocks=1, max_iter=50)).double()
     x = torch.randn(6, 2, dtype=DT)
     x[where, 0] = float("nan")
-    with pytest.warns(fast.SolverWarning, match="1 of 6 samples did not converge"), torch.set_grad_enabled(grad):
+    with pytest.warns(SolverWarning, match="1 of 6 samples did not converge"), torch.set_grad_enabled(grad):
         flow.log_prob(x)
     stats = flow.solver_stats()[0]["forward"]
     assert stats.converged.tolist() == [i != where for i in range(6)]
@@ -391,14 +407,14 @@ def test_empty_batches_give_empty_results():
     flow = build_flow(FlowConfig(blocks=2)).double()
     empty = torch.zeros(0, 2, dtype=DT)
     for use, fast_path in ((True, True), (False, True), (False, False)):
-        fast.USE_KERNELS, flow.fast_path = use, fast_path
+        SETTINGS.use_kernels, flow.fast_path = use, fast_path
         try:
             assert flow.sample(0).shape == (0, 2)
             assert flow.log_prob(empty).shape == (0,)
             with torch.no_grad():
                 assert flow.inverse(empty).shape == (0, 2) and flow.log_prob(empty).shape == (0,)
         finally:
-            fast.USE_KERNELS, flow.fast_path = True, True
+            SETTINGS.use_kernels, flow.fast_path = True, True
 
 
 @pytest.mark.parametrize("fraction", [1, 4, 10**6])
@@ -406,16 +422,16 @@ def test_empty_batches_give_empty_results():
 def test_kernel_compacting_solve_matches_the_pytorch_compacting_solve(monkeypatch, fraction, sign):
     """Without a backward pass converged points leave the batch (after 1/fraction of it has converged): per-point
     solutions, iteration counts and log-dets as the PyTorch compacting solve, whatever the fraction."""
-    monkeypatch.setattr(fast, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(SETTINGS, "compact_fraction", fraction)
     torch.manual_seed(11)
     flow = build_flow(FlowConfig(blocks=1, depth=2, growth=8)).double()
     block = flow.layers[0]
     block.tol, block.max_iter = 1e-12, 50
-    folded = fast.fold_nets([block.net])
+    folded = fused.fold_nets([block.net])
     rhs = (torch.randn(2, 300, dtype=DT) * torch.logspace(-3, 1.3, 300, dtype=DT)).detach()
-    w_torch, a_torch, s_torch = fast._newton_compact(folded.block(0), rhs, sign, 1e-12, 50, "torch", True)
+    w_torch, a_torch, s_torch = newton.newton_solve_compact(folded.block(0), rhs, sign, 1e-12, 50, "torch", True)
     setup = (kernels.MODE_SOLVE, 1.0, 1.0, 0.0, 1.0, 0.0)  # w, and log|det(I + sign J)| as the log-det
-    w_kernel, logdet, (s_kernel,) = fast._kernel_run(
+    w_kernel, logdet, (s_kernel,) = dispatch.kernel_run(
         rhs.t(), [block], folded, [setup], [sign], ["kernel"], None, [(0, 300)]
     )
     assert len(set(s_torch.iterations.tolist())) >= 2
@@ -434,10 +450,57 @@ def test_top_singular_pair_gives_the_exact_spectral_norm(dtype, tol):
     for w in cases:
         w = w.astype(dtype)
         u, v = np.empty(w.shape[0], dtype), np.empty(w.shape[1], dtype)
-        kernels._top_singular_pair(w, u, v)
+        kernels_fold._top_singular_pair(w, u, v)
         sigma = float(u.astype(np.float64) @ w.astype(np.float64) @ v.astype(np.float64))
         exact = float(np.linalg.svd(w.astype(np.float64), compute_uv=False)[0])
         assert abs(sigma - exact) <= tol * max(exact, 1.0), (w.shape, sigma, exact)
         assert np.isfinite(u).all() and np.isfinite(v).all()
         if exact > 0:
             assert abs(np.linalg.norm(u) - 1.0) < 10 * tol and abs(np.linalg.norm(v) - 1.0) < 10 * tol
+
+
+def test_the_compiled_stall_test_is_the_pytorch_one():
+    """The stall exit of the compiled kernels (``kernels._stalls``) and of the PyTorch kernels (``newton.StallTest``)
+    stop the same points at the same iterations: a flat residual after the first iteration's reference (STALL_WINDOW
+    more), real progress at 0.997 per iteration (never: 10% takes 35 iterations), fast progress then flat, a NaN
+    residual (no reference ever), and a flat residual whose would-be stopping point is a rejected Newton candidate
+    (it stops at the next, accepted, point instead)."""
+    iterations = 3 * STALL_WINDOW
+    k = np.arange(1, iterations + 1, dtype=np.float64)
+    merits = np.stack(
+        [
+            np.ones_like(k),
+            0.997**k,
+            np.maximum(0.5**k, 0.5**10),
+            np.full_like(k, np.nan),
+            np.ones_like(k),
+        ]
+    )
+    rejected = np.zeros(merits.shape, bool)
+    rejected[4, STALL_WINDOW] = True  # iteration STALL_WINDOW + 1
+    want = [STALL_WINDOW + 1, None, 10 + STALL_WINDOW, STALL_WINDOW, STALL_WINDOW + 2]
+
+    test = newton.StallTest(len(merits), torch.zeros(1, dtype=DT))
+    torch_stops: list[int | None] = [None] * len(merits)
+    for it in range(1, iterations + 1):
+        rej = torch.from_numpy(rejected[:, it - 1]) if it > 1 else None
+        stuck = test.update(torch.from_numpy(merits[:, it - 1]).unsqueeze(0), rej, it)
+        for p in range(len(merits)):
+            if stuck is not None and bool(stuck[p]) and torch_stops[p] is None:
+                torch_stops[p] = it
+
+    cst = kernels.constants(np.float64)
+    bar, last = np.full(len(merits), np.inf), np.zeros(len(merits), np.int64)
+    plain = np.zeros(len(merits), bool)
+    kernel_stops: list[int | None] = [None] * len(merits)
+    for it in range(1, iterations + 1):
+        for p in range(len(merits)):
+            if kernel_stops[p] is not None:
+                continue
+            m = merits[p, it - 1]
+            # a rejected candidate: a previous accepted residual below this one, and not a plain step
+            prev_res = np.array([0.5 * m if rejected[p, it - 1] else -1.0] * len(merits))
+            if kernels._stalls(p, m, m * m, prev_res, plain, bar, last, it, cst[10], cst[11], 0.0):
+                kernel_stops[p] = it
+    assert torch_stops == want
+    assert kernel_stops == want

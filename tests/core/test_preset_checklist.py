@@ -18,7 +18,7 @@ evaluation for the 8x8 digits. Then, per preset:
 * ``test_checkpoint_round_trip``: ``load_checkpoint(save_checkpoint(flow)).flow`` has the same configuration,
   bit-identical weights and buffers, and bit-identical (finite) log-densities;
 * ``test_fused_path_matches_generic``: where the shrunk preset is eligible for the fused path
-  (``monoflow_core.fast``), values, log-dets, log-densities, gradients and inverses agree with the generic autograd
+  (``monoflow_core.fused``), values, log-dets, log-densities, gradients and inverses agree with the generic autograd
   path to rounding (on both kernel sets, as tests/core/test_fast.py does); other presets are skipped.
 
 Estimated log-dets (the image presets whose blocks exceed 64 dimensions, and every image preset in training) draw
@@ -35,14 +35,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from monoflow_core import build_flow
-from monoflow_core import fast as fast_module
+from monoflow_core import build_flow, fused
 from monoflow_core import flow as flow_module
 from monoflow_core.blocks import ONE_STEP_MAX_DIM
 from monoflow_core.checkpoint import load_checkpoint, save_checkpoint
 from monoflow_core.config import FlowConfig
 from monoflow_core.data import sample_staircase, sample_toy
-from monoflow_core.fast import fusable_runs
+from monoflow_core.fused import SETTINGS, fusable_runs
 from monoflow_core.logdet import resolve_logdet_mode
 from monoflow_core.presets import Preset, list_presets
 from monoflow_core.solvers import effective_tolerance, resolve_method
@@ -298,11 +297,11 @@ def test_checkpoint_round_trip(preset, tmp_path):
 
 @pytest.fixture(params=["compiled", "pytorch"])
 def kernels(request, monkeypatch):
-    """The fused path on the compiled kernels (monoflow_core.kernels) and on its PyTorch kernels."""
+    """The fused path on the compiled kernels (monoflow_core.fused.kernels) and on its PyTorch kernels."""
     compiled = request.param == "compiled"
-    if compiled and not fast_module.kernels_ready(torch.float64, wait=True):
+    if compiled and not fused.kernels_ready(torch.float64, wait=True):
         pytest.skip("the compiled kernels are unavailable here")
-    monkeypatch.setattr(fast_module, "USE_KERNELS", compiled)
+    monkeypatch.setattr(SETTINGS, "use_kernels", compiled)
     return request.param
 
 

@@ -1,41 +1,44 @@
 """Compiled CPU kernels for the fused exact path (Numba), used on CPU when Numba is installed.
 
-The fused path (:mod:`monoflow_core.fast`) evaluates G with its Jacobian as a few PyTorch operators per layer over
+The fused path (:mod:`monoflow_core.fused`) evaluates G with its Jacobian as a few PyTorch operators per layer over
 the whole batch. On a CPU with small batches each operator costs a few microseconds of dispatch, and one training
 step of the paper's 2-D model issued about 3,400 of them (``benchmarks/results/step_phases.md``); the arithmetic
 itself is a fraction of that (docs/performance.md). These kernels run the same algorithm, on the same
-feature-major layout, as one compiled call each, with BLAS for the layer products (:mod:`monoflow_core.blas`) and
+feature-major layout, as one compiled call each, with BLAS for the layer products (:mod:`monoflow_core.fused.blas`) and
 loops over the batch's contiguous columns for everything else:
 
 * :func:`solve_run`: every block of a run: the safeguarded Newton solve of ``w + sign G(w) = rhs`` (the rule of
-  :func:`monoflow_core.fast._newton`: each point stops once its relative residual meets the tolerance; a Newton
-  step that makes the residual grow is replaced by the plain contracting step), the exact log-det from the Jacobian
-  at the solution, per-point statistics, and, for a training forward, the final evaluation written into the
-  workspace that :func:`backward_run` reads (without one, converged points leave the batch);
-* :func:`backward_run`: the exact implicit-function backward of such a run (docs/algorithm.md sections 6, 5);
-* :func:`fold_forward` / :func:`fold_backward`: the spectral normalisation and concatenation folding of the
-  weights (as :func:`monoflow_core.fast.fold_nets_torch`) and its gradient.
+  :func:`monoflow_core.fused.newton.newton_solve`: each point stops once its relative residual meets the tolerance
+  or it stalls; a Newton step that makes the residual grow is replaced by the plain contracting step), the exact
+  log-det from the Jacobian at the solution, per-point statistics, and, for a training forward, the final
+  evaluation written into the workspace that :func:`backward_run` reads (without one, finished points leave the
+  batch);
+* :func:`backward_run`: the exact implicit-function backward of such a run (docs/algorithm.md sections 6, 5).
 
-Every kernel takes its sizes as arguments, so one compiled version per dtype serves every architecture. Both
-implementations agree to rounding in float64 (``tests/core/test_kernels.py``).
+The fold's kernels are in :mod:`monoflow_core.fused.kernels_fold`. Every kernel takes its sizes as arguments, so one
+compiled version per dtype serves every architecture. Both implementations agree to rounding in float64
+(``tests/core/test_kernels.py``).
+
+This file is longer than the project's other modules (about 1,100 lines) on purpose: its compiled functions call
+each other, and Numba's on-disk cache checks only the file of the function it loads. Were the solver's and the
+backward's kernels split from the helpers they share, an edit of a helper's file would leave the callers' cached
+machine code in place (Numba's documented caching limitation), i.e. stale kernels until the cache is cleared.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .blas import LIBRARY, gemm
-from .kernel_cache import numba_cache_location
-
-try:  # Numba is optional: without it (or on an unsupported platform) the PyTorch kernels serve.
-    import numba
-except ImportError:  # pragma: no cover - exercised only where Numba is missing
-    numba = None
+from ..kernel_cache import numba_cache_location
+from ..solvers import STALL_FACTOR, STALL_WINDOW
+from .blas import (
+    gemm,
+    numba,  # (None without Numba: the PyTorch kernels serve then)
+)
 
 __all__ = [
     "ACT_PILA",
@@ -47,10 +50,19 @@ __all__ = [
     "KIND_RESIDUAL",
     "MODE_EVALUATE",
     "MODE_SOLVE",
+    "Cotangents",
+    "KernelConstants",
+    "KernelNet",
+    "KernelSpace",
+    "RunGrads",
+    "RunOutputs",
+    "RunSetup",
+    "SolvePart",
+    "SolveWork",
     "backward_run",
-    "fold_backward",
-    "fold_forward",
-    "limit_blas_threads",
+    "constants",
+    "exp2_bits",
+    "exp2_coefficients",
     "scratch_size",
     "solve_run",
 ]
@@ -59,7 +71,7 @@ __all__ = [
 AVAILABLE = numba is not None and gemm is not None
 
 #: Activation codes of :func:`solve_run` and :func:`backward_run` (the folded activations of
-#: :func:`monoflow_core.fast._activate`): CPila, CReLU, CLipSwish.
+#: :func:`monoflow_core.fused.evaluate.activate`): CPila, CReLU, CLipSwish.
 ACT_PILA = 0
 ACT_RELU = 1
 ACT_SWISH = 2
@@ -67,6 +79,118 @@ ACT_SWISH = 2
 #: Block modes of :func:`solve_run`: evaluate ``w + sign G(w)`` once (a residual block forward), or solve for ``w``.
 MODE_EVALUATE = 0
 MODE_SOLVE = 1
+
+
+# The kernels' arguments, in named groups (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per
+# layer, ``T`` features).
+
+
+class KernelNet(NamedTuple):
+    """A run's folded weights as the kernels read them.
+
+    ``wflat`` (nb, sum_i m widths[i]) each block's hidden weights, layer ``i`` at ``offs[i]`` as (m, widths[i]);
+    ``widths`` (L,) the columns each layer reads (1 + its input width); ``fw`` (nb, n, T) the final weights of the map
+    ``w + sign G(w)`` (identity included); ``act`` the activation, :data:`ACT_PILA` (folded Pila), :data:`ACT_RELU`
+    or :data:`ACT_SWISH` (folded CLipSwish).
+    """
+
+    wflat: np.ndarray
+    offs: np.ndarray
+    widths: np.ndarray
+    m: int
+    fw: np.ndarray
+    act: int
+
+
+class RunSetup(NamedTuple):
+    """How each block of a run is solved, (nb,) each.
+
+    ``modes``: :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the map at the
+    right-hand side); the right-hand side ``rhs_scale * x`` and the output ``out_w * w + out_x * x``; the log-det
+    ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with ``A = I + sign J_G(w)`` at the solution
+    (docs/algorithm.md section 3); each block's effective relative tolerance and iteration cap.
+    """
+
+    modes: np.ndarray
+    rhs_scale: np.ndarray
+    out_w: np.ndarray
+    out_x: np.ndarray
+    ld_plus: np.ndarray
+    ld_mono: np.ndarray
+    tols: np.ndarray
+    max_iters: np.ndarray
+
+
+class RunOutputs(NamedTuple):
+    """What :func:`solve_run` writes: ``y`` (B, n) the outputs of the last block, ``logdet`` (B,) the summed log-dets,
+    and per block and point (nb, B): evaluations until converged or stalled, final relative residual, the flags."""
+
+    y: np.ndarray
+    logdet: np.ndarray
+    iterations: np.ndarray
+    residual: np.ndarray
+    converged: np.ndarray
+    stalled: np.ndarray
+
+
+class KernelSpace(NamedTuple):
+    """A workspace (:class:`monoflow_core.fused.workspace.Workspace`, stacked over layers; :func:`_evaluate` says what
+    is written): ``x`` (nb, T, (1+n)B), ``h`` (L, nb, m, (1+n)B), ``e`` (L, nb, m, B), ``q`` (L, nb, 2, m, B),
+    ``out`` (nb, n, (1+n)B)."""
+
+    x: np.ndarray
+    h: np.ndarray
+    e: np.ndarray
+    q: np.ndarray
+    out: np.ndarray
+
+
+class SolvePart(NamedTuple):
+    """Which points one :func:`solve_run` call solves, and how.
+
+    ``start, size``: points ``start .. start + size - 1`` of the batch (the workspace holds that part alone).
+    ``keep``: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point stays
+    in the batch, frozen once finished), or into scratch (nothing kept; the workspace is not read).
+    ``compact_fraction``: without ``keep``, finished points leave the batch once at least ``1/compact_fraction`` of it
+    has finished (0: never).
+    """
+
+    start: int
+    size: int
+    keep: bool
+    compact_fraction: int
+
+
+class KernelConstants(NamedTuple):
+    """:func:`constants` (with the stall exit's) and :func:`exp2_coefficients` of the dtype."""
+
+    cst: np.ndarray
+    coeffs: np.ndarray
+
+
+class SolveWork(NamedTuple):
+    """Scratch of :func:`solve_run`: ``ibuf`` (count,) integers of the float's width (:func:`exp2_bits`), and without
+    ``keep`` at least :func:`scratch_size` elements for the evaluations (reused across calls: fresh memory of this
+    size would cost page faults on every call)."""
+
+    ibuf: np.ndarray
+    scratch: np.ndarray
+
+
+class Cotangents(NamedTuple):
+    """The cotangents :func:`backward_run` starts from: of the run's output ``y`` (B, n) and summed log-det (B,)."""
+
+    y: np.ndarray
+    logdet: np.ndarray
+
+
+class RunGrads(NamedTuple):
+    """What :func:`backward_run` writes: the cotangent of the run's input ``x`` (B, n), and the gradients of the
+    folded weights ``wflat`` (nb, sum_i m widths[i]) and ``fw`` (nb, n, T) of this part of the batch."""
+
+    x: np.ndarray
+    wflat: np.ndarray
+    fw: np.ndarray
 
 
 def _jit(fn: Any) -> Any:
@@ -190,51 +314,29 @@ KIND_RESIDUAL = 0
 KIND_MONOTONE = 1
 KIND_INVERSE_RESIDUAL = 2
 
-# Constants of the folded CPila (see monoflow_core.fast._activate), in the order of :func:`constants`.
-_C = 1.0 / math.log(2.0)  # log2(e), folded into the pre-activations with Pila's k (as monoflow_core.fast)
-
-
-def limit_blas_threads() -> int:
-    """Where the kernels' products run on SciPy's BLAS (:data:`monoflow_core.blas.LIBRARY` is "scipy"), run it on
-    one thread; returns the number of libraries set (0 with MKL, whose setting is per thread instead).
-
-    The products are small (16 rows by a few thousand columns): a second BLAS thread gained at most 15% on a
-    training step here, and where the engine parallelises (worker threads of :mod:`monoflow_core.evaluation`,
-    the studio's view process next to training) two BLAS threads per call oversubscribed the two cores: a
-    400 x 400 density grid took 3.1 s instead of 1.8 s. Only SciPy's copy of OpenBLAS is limited (NumPy's keeps its
-    settings); threadpoolctl comes with scikit-learn.
-    """
-    if LIBRARY != "scipy":
-        return 0
-    try:
-        import scipy
-        import scipy.linalg.cython_blas  # (loads the library the kernels call)
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - both come with scikit-learn
-        return 0
-    root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
-    mine = [
-        lib
-        for lib in ThreadpoolController().lib_controllers
-        if lib.user_api == "blas" and os.path.relpath(lib.filepath, root).startswith("scipy")
-    ]
-    for lib in mine:
-        lib.set_num_threads(1)
-    return len(mine)
+# Constants of the folded CPila (see monoflow_core.fused.evaluate.activate), in the order of :func:`constants`.
+_C = 1.0 / math.log(2.0)  # log2(e), folded into the pre-activations with Pila's k (as monoflow_core.fused.plan)
 
 
 @functools.cache
 def constants(dtype: Any) -> Any:
     """The kernels' constants in ``dtype`` (so float32 loops stay float32 and vectorise); made once per dtype.
 
-    ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo]`` with the value polynomial ``((a2 y + a1) y + 1) y``, the
-    derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all times
-    ``2^y``, in the folded variable ``y = min(h, 0)``), and the smallest exponent ``lo`` of :func:`_exp2`.
+    ``[0, 1, 1/2, a2, a1, b3, s3, s2, sqrt 2, lo, f2, window]`` with the value polynomial ``((a2 y + a1) y + 1) y``,
+    the derivative polynomial ``((b3 y + a2) y + a1) y + 1`` and the second derivative's ``(s3 y + s2) y^2`` (all
+    times ``2^y``, in the folded variable ``y = min(h, 0)``), the smallest exponent ``lo`` of :func:`_exp2`, and the
+    stall exit's ``STALL_FACTOR^2`` and ``STALL_WINDOW`` (:mod:`monoflow_core.solvers`; passed as data rather than
+    read as compile-time globals, so that Numba's on-disk cache, which checks this file only, never holds stale
+    values).
     """
     c = _C
     lo = -126.0 if np.dtype(dtype) == np.float32 else -1022.0
     return np.array(
-        [0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo], dtype=dtype
+        [
+            *(0.0, 1.0, 0.5, 0.5 / c**2, -1.0 / c, 0.5 / c**3, 0.5 / c**4, 2.0 / c**3, math.sqrt(2.0), lo),
+            *(STALL_FACTOR * STALL_FACTOR, float(STALL_WINDOW)),
+        ],
+        dtype=dtype,
     )
 
 
@@ -322,12 +424,12 @@ def _evaluate(
 ):  # pragma: no cover - compiled
     """``w + sign G(w)`` and ``I + sign J_G(w)`` at the ``b`` points of one block's feature buffer ``x``.
 
-    The layout of :class:`monoflow_core.fast._Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
+    The layout of :class:`monoflow_core.fused.workspace.Workspace` (one block's slices): ``x`` (T, (1 + n) b) holds the
     features, one column per point (primal columns first, then the tangents along each input direction; forward
     mode, docs/performance.md): the bias row, the input rows (``w`` and the identity, set by the caller), then each
     layer's activation outputs. Layer ``i`` computes its pre-activations ``h[i] = W_i x[:widths[i]]`` over all
     columns with one BLAS product (``W_i`` is ``wflat[offs[i]:]`` as (m, widths[i])), then on the primal columns
-    the activation (CPila folded as in :func:`monoflow_core.fast._activate`: ``relu(h) + y p(y / c) 2^y`` with
+    the activation (CPila folded as in :func:`monoflow_core.fused.evaluate.activate`: ``relu(h) + y p(y / c) 2^y`` with
     ``y = min(h, 0)``; derivative ``(u^3/2 + u^2/2 - u + 1) 2^y``; or ReLU; or CLipSwish folded with its ``beta``:
     ``h s`` with ``s = sigmoid(h)``, derivative ``s (1 + h (1 - s))``), storing ``2^y`` (or ``s``; ``ws_e``) and the
     derivative (``ws_q[.., 1, ..]``) in workspace slice ``jw`` (the backward pass needs no more: it recomputes ``y``
@@ -419,82 +521,41 @@ def _map_rows(f0, f1, x, out0, out1, total, cols, pair, zero):  # pragma: no cov
 
 
 @_jit
-def solve_run(
-    points,
-    wflat,
-    offs,
-    widths,
-    m,
-    fw,
-    kind,
-    modes,
-    rhs_scale,
-    out_w,
-    out_x,
-    ld_plus,
-    ld_mono,
-    tols,
-    max_iters,
-    y_out,
-    logdet,
-    iterations,
-    residual,
-    converged,
-    keep,
-    ws_x,
-    ws_h,
-    ws_e,
-    ws_q,
-    ws_out,
-    ibuf,
-    cst,
-    coeffs,
-    compact_fraction,
-    start,
-    count,
-    scratch,
-):  # pragma: no cover - compiled
+def solve_run(points, net, setup, outputs, space, part, consts, work):  # pragma: no cover - compiled
     """Every block of a run on a batch of points: solves, outputs, log-dets, statistics, and the backward's buffers.
 
-    A solve is safeguarded Newton as :func:`monoflow_core.fast._newton`: each point stops moving once its relative
-    residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets its block's tolerance; a Newton step that makes
-    a point's residual grow is replaced by the plain contracting step from its previous accepted iterate, which is
-    then accepted without comparison. The batch evaluates until all its points have converged (or the cap), so a
-    converged point's last evaluation is at its returned solution: its Jacobian gives the exact log-det, and with
-    ``keep`` the evaluation stays in the workspace (block ``j``'s slices) where :func:`backward_run` reads it.
+    A solve is safeguarded Newton as :func:`monoflow_core.fused.newton.newton_solve`: each point stops moving once its
+    relative residual ``|w + sign G(w) - rhs|_inf / (1 + |rhs|_inf)`` meets its block's tolerance; a Newton step that
+    makes a point's residual grow is replaced by the plain contracting step from its previous accepted iterate, which is
+    then accepted without comparison. A point whose Euclidean residual has not fallen below ``STALL_FACTOR`` times
+    its value at the last such decrease for ``STALL_WINDOW`` iterations (rejected candidates count as no progress)
+    stops at its next accepted point, as not converged: the generic solvers' stall exit
+    (:class:`monoflow_core.fused.newton.StallTest`). The batch evaluates until all its points have finished (or the
+    cap), so a finished point's last evaluation is at its returned point: its Jacobian gives the exact log-det, and
+    with ``keep`` the evaluation stays in the workspace (block ``j``'s slices) where :func:`backward_run` reads it.
 
-    Args (``nb`` blocks, ``B`` points, ``n`` dimensions, depth ``L``, ``m`` units per layer, ``T`` features):
+    Args (``nb`` blocks, ``B`` points, ``n`` dimensions):
         points: (B, n) inputs of the first block.
-        wflat: (nb, sum_i m widths[i]) each block's folded hidden weights, layer ``i`` at ``offs[i]`` as
-            (m, widths[i]); widths: (L,) columns each layer reads (1 + its input width).
-        fw: (nb, n, T) final weights of the map ``w + sign G(w)`` (identity included).
-        kind: the activation, :data:`ACT_PILA` (folded Pila), :data:`ACT_RELU` or :data:`ACT_SWISH` (folded
-            CLipSwish).
-        modes: (nb,) :data:`MODE_SOLVE` (solve ``w + sign G(w) = rhs``) or :data:`MODE_EVALUATE` (``w`` is the
-            map at the right-hand side).
-        rhs_scale, out_w, out_x: (nb,) the right-hand side ``rhs_scale * x`` and the output
-            ``out_w * w + out_x * x``.
-        ld_plus, ld_mono: (nb,) log-det weights: ``ld_plus * log|det A| + ld_mono * log|det(2I - A)|`` with
-            ``A = I + sign J_G(w)`` at the solution (docs/algorithm.md section 3).
-        tols, max_iters: (nb,) each block's effective relative tolerance and iteration cap.
-        y_out: (B, n) outputs of the last block; logdet: (B,) summed log-dets.
-        iterations, residual, converged: (nb, B) per-point statistics: evaluations until converged, final
-            relative residual, flag.
-        keep: whether block ``j`` evaluates into slice ``j`` of the workspace (a training forward: every point
-            stays in the batch, frozen once converged), or into private scratch (nothing kept; the workspace
-            arrays are not read).
-        ws_x (nb, T, (1+n)B), ws_h (L, nb, m, (1+n)B), ws_e (L, nb, m, B), ws_q (L, nb, 2, m, B),
-            ws_out (nb, n, (1+n)B): the workspace (:class:`monoflow_core.fast._Workspace`, stacked over layers;
-            see :func:`_evaluate` for what is written).
-        ibuf: (B,) integers of the float's width (:func:`exp2_bits`; scratch of :func:`_exp2_fill`).
-        cst, coeffs: :func:`constants` and :func:`exp2_coefficients` of the dtype.
-        compact_fraction: without ``keep``, converged points are written out and leave the batch once at least
-            ``1/compact_fraction`` of it has converged (as :func:`monoflow_core.fast._newton_compact`; 0: never).
-        start, count: the part of the batch to run, points ``start .. start + count - 1`` of ``points``, ``y_out``,
-            ``logdet`` and the statistics (the workspace and ``ibuf`` hold that part alone).
-        scratch: without ``keep``, at least :func:`scratch_size` elements for the evaluations (reused across calls:
-            fresh memory of this size would cost page faults on every call).
+        net: the folded weights (:class:`KernelNet`).
+        setup: how each block is solved, its log-det weights, tolerance and cap (:class:`RunSetup`).
+        outputs: receives the outputs of the last block, the summed log-dets and each block's per-point statistics
+            (:class:`RunOutputs`).
+        space: the workspace (:class:`KernelSpace`), written with ``part.keep`` and not read otherwise.
+        part: the points to run and how (:class:`SolvePart`): points ``start .. start + size - 1`` of ``points``,
+            the outputs and the statistics (the workspace and ``work.ibuf`` hold that part alone).
+        consts: the dtype's constants (:class:`KernelConstants`).
+        work: scratch (:class:`SolveWork`).
+
+    The arguments arrive in named groups (Numba passes a named tuple of arrays as one structure) and are unpacked
+    here, so the loops below read plain locals.
     """
+    wflat, offs, widths, m, fw, kind = net
+    modes, rhs_scale, out_w, out_x, ld_plus, ld_mono, tols, max_iters = setup
+    y_out, logdet, iterations, residual, converged, stalled = outputs
+    ws_x, ws_h, ws_e, ws_q, ws_out = space
+    start, count, keep, compact_fraction = part
+    cst, coeffs = consts
+    ibuf, scratch = work
     nb = wflat.shape[0]
     b = count
     n = points.shape[1]
@@ -515,6 +576,11 @@ def solve_run(
     plain = np.zeros(b, np.bool_)
     done = np.zeros(b, np.bool_)
     first = np.zeros(b, np.int64)
+    # the stall exit: STALL_FACTOR^2 |r|_2^2 at each point's last decrease, the iteration of it, whether it stalled
+    f2, window = cst[10], cst[11]
+    bar = np.empty(b, dt)
+    last_dec = np.zeros(b, np.int64)
+    stall = np.zeros(b, np.bool_)
     jac = np.empty((n, n), dt)
     jpt = np.empty((n, n, b), dt)
     step = np.empty(n, dt)
@@ -552,6 +618,9 @@ def solve_run(
             plain[p] = False
             prev_res[p] = -one  # no accepted iterate yet
             first[p] = 0
+            bar[p] = np.inf
+            last_dec[p] = 0
+            stall[p] = False
         it = 0
         fresh = True  # the buffers' layout must be (re)made for na points
         while True:
@@ -587,7 +656,26 @@ def solve_run(
             stepped = solve and n == 2 and it < cap
             if stepped:
                 remaining = _residual_and_step2(
-                    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+                    out,
+                    rhs,
+                    cur,
+                    r,
+                    res,
+                    thr,
+                    done,
+                    first,
+                    prev_w,
+                    prev_r,
+                    prev_res,
+                    plain,
+                    it,
+                    na,
+                    zero,
+                    bar,
+                    last_dec,
+                    stall,
+                    f2,
+                    window,
                 )
             for p in range(0 if stepped else na):
                 if not solve:
@@ -598,12 +686,18 @@ def solve_run(
                 if done[p]:
                     continue
                 rs = zero
+                m2 = zero
                 for a in range(n):
                     r[a, p] = out[a, p] - rhs[a, p]
                     rs = _max_nan(rs, abs(r[a, p]))
+                    m2 += r[a, p] * r[a, p]
                 res[p] = rs
                 if rs <= thr[p]:
                     done[p] = True
+                    first[p] = it
+                elif _stalls(p, rs, m2, prev_res, plain, bar, last_dec, it, f2, window, zero):
+                    done[p] = True
+                    stall[p] = True
                     first[p] = it
                 else:
                     remaining += 1
@@ -620,7 +714,8 @@ def solve_run(
                         s = idx[p]
                         iterations[j, start + s] = first[p] if done[p] else it
                         residual[j, start + s] = res[p] / thr[p] * tol
-                        converged[j, start + s] = done[p]
+                        converged[j, start + s] = done[p] and not stall[p]
+                        stalled[j, start + s] = stall[p]
                         if n == 2 and ld_plus[j] != 0.0 and ld_mono[j] == -ld_plus[j]:
                             # a monotone block: log|det(2I - A)| - log|det A| as one logarithm
                             a00, a01 = out[0, na + p], out[0, 2 * na + p]
@@ -652,6 +747,8 @@ def solve_run(
                         thr[kept] = thr[p]
                         res[kept] = res[p]
                         prev_res[kept] = prev_res[p]
+                        bar[kept] = bar[p]
+                        last_dec[kept] = last_dec[p]
                         plain[kept] = plain[p]
                         done[kept] = False
                         kept += 1
@@ -689,13 +786,47 @@ def solve_run(
 
 
 @_jit
+def _stalls(p, rs, m2, prev_res, plain, bar, last_dec, it, f2, window, zero):  # pragma: no cover - compiled
+    """The stall test of point ``p`` after an evaluation with max-norm residual ``rs`` and squared Euclidean residual
+    ``m2`` that did not converge (:class:`monoflow_core.fused.newton.StallTest`): a point that was not rejected by the
+    safeguard (see :func:`solve_run`) and got below its bar records the decrease; one that was not rejected and has
+    gone ``window`` iterations without a decrease stalls (returns True)."""
+    if prev_res[p] >= zero and rs > prev_res[p] and not plain[p]:
+        return False  # a rejected Newton candidate: no progress, and no stop here (the plain step comes first)
+    if m2 < bar[p]:  # (False for NaN)
+        bar[p] = m2 * f2
+        last_dec[p] = it
+        return False
+    return it - last_dec[p] >= window
+
+
+@_jit
 def _residual_and_step2(
-    out, rhs, cur, r, res, thr, done, first, prev_w, prev_r, prev_res, plain, it, na, zero
+    out,
+    rhs,
+    cur,
+    r,
+    res,
+    thr,
+    done,
+    first,
+    prev_w,
+    prev_r,
+    prev_res,
+    plain,
+    it,
+    na,
+    zero,
+    bar,
+    last_dec,
+    stall,
+    f2,
+    window,
 ):  # pragma: no cover - compiled
     """For n = 2, the two per-point passes of :func:`solve_run` after an evaluation in one, without loops over the
-    dimensions: each active point's residual and convergence test, then its safeguarded Newton step (the same
-    rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the number of
-    points still working."""
+    dimensions: each active point's residual, convergence and stall tests, then its safeguarded Newton step (the
+    same rule and the same arithmetic as the general passes, with the 2 x 2 solve in closed form). Returns the
+    number of points still working."""
     remaining = 0
     for p in range(na):
         if done[p]:
@@ -708,6 +839,11 @@ def _residual_and_step2(
         r[1, p] = r1
         if rs <= thr[p]:
             done[p] = True
+            first[p] = it
+            continue
+        if _stalls(p, rs, r0 * r0 + r1 * r1, prev_res, plain, bar, last_dec, it, f2, window, zero):
+            done[p] = True
+            stall[p] = True
             first[p] = it
             continue
         remaining += 1
@@ -740,32 +876,11 @@ def scratch_size(total: int, depth: int, m: int, n: int, b: int) -> int:
 
 
 @_jit
-def backward_run(
-    wflat,
-    offs,
-    widths,
-    m,
-    fw,
-    kind,
-    kinds,
-    grad_z,
-    grad_logdet,
-    ws_x,
-    ws_h,
-    ws_e,
-    ws_q,
-    ws_out,
-    grad_x,
-    grad_wflat,
-    grad_fw,
-    cst,
-    start,
-    count,
-):  # pragma: no cover - compiled
+def backward_run(net, kinds, cotangents, space, grads, cst, start, count):  # pragma: no cover - compiled
     """The exact backward pass of a run of blocks after :func:`solve_run` with ``keep``, block by block.
 
-    The algorithm of :meth:`monoflow_core.fast._FusedBlocks.backward` (docs/algorithm.md §§6, 5), from the last block:
-    (1) the log-det's cotangent ``d log|det| / dA`` (``A^{-T}`` with the block's signs) goes back through G's
+    The algorithm of :meth:`monoflow_core.fused.run.FusedBlocks.backward` (docs/algorithm.md §§6, 5), from the last
+    block: (1) the log-det's cotangent ``d log|det| / dA`` (``A^{-T}`` with the block's signs) goes back through G's
     tangent network, where the activation's second derivative enters, giving the log-det's gradient ``v`` with
     respect to the solution ``w``; (2) the implicit-function gradient ``a = (g_w + v) A^{-1}`` (``g_w = sqrt 2 g``
     for a monotone block, ``g`` for an inverse residual one) gives the cotangent ``-a`` of G's output and the
@@ -773,14 +888,20 @@ def backward_run(
     is then one product of the summed pre-activation cotangents with the features.
 
     Args (shapes as :func:`solve_run`):
+        net: the folded weights (:class:`KernelNet`), those of the forward.
         kinds: (nb,) :data:`KIND_RESIDUAL`, :data:`KIND_MONOTONE` or :data:`KIND_INVERSE_RESIDUAL`.
-        grad_z: (B, n) cotangent of the run's output; grad_logdet: (B,) of its summed log-det.
-        grad_x: (B, n) receives the cotangent of the run's input.
-        grad_wflat: (nb, sum_i m widths[i]) and grad_fw: (nb, n, T) receive the gradients of the folded weights.
+        cotangents: of the run's output and summed log-det (:class:`Cotangents`).
+        space: the workspace :func:`solve_run` filled with ``keep`` (:class:`KernelSpace`).
+        grads: receives the cotangent of the run's input and the gradients of the folded weights (:class:`RunGrads`):
+            those of this part of the batch alone.
         cst: :func:`constants` of the dtype.
-        start, count: the part of the batch (as :func:`solve_run`): rows ``start ..`` of ``grad_z``, ``grad_logdet``
-            and ``grad_x``; the weight gradients are those of this part alone.
+        start, count: the part of the batch (as :func:`solve_run`): rows ``start ..`` of the cotangents and of
+            ``grads.x``.
     """
+    wflat, offs, widths, m, fw, kind = net
+    grad_z, grad_logdet = cotangents
+    ws_x, ws_h, ws_e, ws_q, ws_out = space
+    grad_x, grad_wflat, grad_fw = grads
     nb = wflat.shape[0]
     depth = offs.shape[0]
     b = count
@@ -990,299 +1111,3 @@ def _transpose_product(fw, c, out, n, total, cols):  # pragma: no cover - compil
             ca = c[a]
             for q_ in range(cols):
                 orow[q_] += fa * ca[q_]
-
-
-@_jit
-def _mix(concat_k, lip, eta1, eta2, prods):  # pragma: no cover - compiled
-    """The DenseNet's concatenation coefficients (docs/algorithm.md section 7): ``(eta1, eta2) = lip e / |e|`` with
-    ``e = softplus(K) + 0.1`` per dense layer, and ``prods[i] = prod_{l < i} eta1_l``."""
-    depth = concat_k.shape[0]
-    prods[0] = 1.0
-    for i in range(depth):
-        e0 = _softplus(concat_k[i, 0]) + 0.1
-        e1 = _softplus(concat_k[i, 1]) + 0.1
-        norm = math.sqrt(e0 * e0 + e1 * e1)
-        eta1[i] = lip * e0 / norm
-        eta2[i] = lip * e1 / norm
-        prods[i + 1] = prods[i] * eta1[i]
-
-
-@_jit
-def _softplus(x):  # pragma: no cover - compiled
-    """``log(1 + e^x)``, the identity above 20 (as ``torch.nn.functional.softplus``)."""
-    return x if x > 20.0 else math.log1p(math.exp(x))
-
-
-@_jit
-def _column_scales(i, n, hidden_widths, eta2, prods, scale, cols):  # pragma: no cover - compiled
-    """Scale of each input column of layer ``i``: the input block scaled by ``prods[i]``, then the outputs of each
-    earlier dense layer ``l`` by ``eta2_l prods[i] / prods[l + 1]`` times the activation's folded output scale
-    ``scale[l]``."""
-    for c in range(n):
-        cols[c] = prods[i]
-    offset = n
-    for layer in range(i):
-        width = 2 * hidden_widths[layer]
-        value = eta2[layer] * prods[i] / prods[layer + 1] * scale[layer]
-        for c in range(width):
-            cols[offset + c] = value
-        offset += width
-    return offset
-
-
-@_jit
-def _fold_setup(concat_k, rows, cols_):  # pragma: no cover - compiled
-    """Sizes and scratch of :func:`fold_forward` and :func:`fold_backward`: ``(nb, depth, n, eta1, eta2, prods,
-    column scales)``."""
-    depth = concat_k.shape[1]
-    dt = concat_k.dtype
-    return (
-        concat_k.shape[0],
-        depth,
-        cols_[0],
-        np.empty(depth, dt),
-        np.empty(depth, dt),
-        np.empty(depth + 1, dt),
-        np.empty(cols_[depth], dt),
-    )
-
-
-@_jit
-def fold_forward(
-    concat_k,
-    lip,
-    coeff,
-    wflat,
-    bflat,
-    rows,
-    cols_,
-    woffs,
-    boffs,
-    ooffs,
-    voffs,
-    gains,
-    shift,
-    scales,
-    out_flat,
-    uflat,
-    vflat,
-    sig,
-):  # pragma: no cover - compiled
-    """Fold a stack of DenseNet G networks into the weights the kernels use (as :func:`monoflow_core.fast.fold_nets`).
-
-    Per block ``j`` and layer position ``i``: the exact spectral norm ``sigma = u^T W v`` from the top singular pair
-    (:func:`_top_singular_pair`, no gradient through ``u, v``), the soft normalisation ``W / max(1, sigma / coeff)``
-    (docs/algorithm.md §7), the column scales of the learnable concatenation, and for a hidden layer the concatenated
-    activation's two halves ``[[k (b - shift), k Wn], [k (-b - shift), -k Wn]]`` (final layer: ``[b, Wn]``), with the
-    pre-activation factor ``k`` of the block's layer (``gains[j, i]``: Pila's constant, or CLipSwish's ``beta``).
-
-    Every per-layer array is one row per block with the layers side by side (so one compiled version serves every
-    depth): layer ``i`` of block ``j`` is ``wflat[j, woffs[i]:]`` as (rows[i], cols_[i]), its bias
-    ``bflat[j, boffs[i]:]``, its folded weights ``out_flat[j, ooffs[i]:]`` as (2 rows[i], 1 + cols_[i]) (hidden) or
-    (rows[i], 1 + cols_[i]) (final), its singular vectors ``uflat[j, boffs[i]:]`` and ``vflat[j, voffs[i]:]``.
-
-    Args (``nb`` blocks, depth ``L``):
-        concat_k: (nb, L, 2) the concatenation parameters K; lip: (nb,) each net's ``lip_coeff``.
-        coeff: (L + 1, nb) each layer's Lipschitz bound.
-        gains, scales: (nb, L) float64, each block's and hidden layer's folded pre-activation factor ``k`` and output
-            scale (divided by ``k``); shift: the activation's shift.
-        out_flat, uflat, vflat, sig: written; ``sig`` (L + 1, nb) holds each layer's sigma.
-    """
-    nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
-    for j in range(nb):
-        _mix(concat_k[j], lip[j], eta1, eta2, prods)
-        for i in range(depth + 1):
-            r_i = rows[i]
-            width = cols_[i]
-            w = wflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
-            u = uflat[j, boffs[i] : boffs[i] + r_i]
-            v = vflat[j, voffs[i] : voffs[i] + width]
-            _top_singular_pair(w, u, v)
-            sigma = 0.0
-            for r in range(r_i):
-                acc = 0.0
-                for c in range(width):
-                    acc += w[r, c] * v[c]
-                sigma += u[r] * acc
-            sig[i, j] = sigma
-            s = max(1.0, sigma / coeff[i, j])
-            _column_scales(i, n, rows, eta2, prods, scales[j], cols)
-            b = bflat[j, boffs[i] : boffs[i] + r_i]
-            if i < depth:
-                k = gains[j, i]
-                out = out_flat[j, ooffs[i] : ooffs[i] + 2 * r_i * (1 + width)].reshape((2 * r_i, 1 + width))
-                for r in range(r_i):
-                    out[r, 0] = k * (b[r] - shift)
-                    out[r_i + r, 0] = -k * (b[r] + shift)
-                    for c in range(width):
-                        value = k * w[r, c] / s * cols[c]
-                        out[r, 1 + c] = value
-                        out[r_i + r, 1 + c] = -value
-            else:
-                out = out_flat[j, ooffs[i] : ooffs[i] + r_i * (1 + width)].reshape((r_i, 1 + width))
-                for r in range(r_i):
-                    out[r, 0] = b[r]
-                    for c in range(width):
-                        out[r, 1 + c] = w[r, c] / s * cols[c]
-
-
-@_jit
-def _top_singular_pair(w, u, v):  # pragma: no cover - compiled
-    """The top singular vectors ``u`` (rows) and ``v`` (columns) of the small matrix ``w``, written in place.
-
-    From the symmetric eigenproblem of the Gram matrix of the smaller side (``w w^T`` or ``w^T w``, at most 8 x 8 for
-    the 2-D toy model), formed and solved in float64: about 3x faster than an SVD of ``w`` here, and as accurate
-    for the top pair (the caller takes ``sigma = u^T w v``, whose error is second order in that of ``u, v``).
-    """
-    rows, cols = w.shape
-    wd = w.astype(np.float64)
-    tall = rows > cols
-    gram = wd.T @ wd if tall else wd @ wd.T
-    _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues: the last column is the top eigenvector
-    top = vectors[:, vectors.shape[1] - 1]
-    other = wd @ top if tall else wd.T @ top  # w v = sigma u (tall), w^T u = sigma v (wide)
-    norm = math.sqrt(np.sum(other * other))
-    scale = 1.0 / norm if norm > 0.0 else 0.0  # (w = 0: sigma = 0 whatever the vectors)
-    if tall:
-        for c in range(cols):
-            v[c] = top[c]
-        for r in range(rows):
-            u[r] = other[r] * scale
-    else:
-        for r in range(rows):
-            u[r] = top[r]
-        for c in range(cols):
-            v[c] = other[c] * scale
-
-
-@_jit
-def _gain_gradient(g, b, w, s, cols, shift):  # pragma: no cover - compiled
-    """The gradient of a hidden layer's pre-activation factor ``k`` in :func:`fold_backward`: its folded weights are
-    ``k [[b - shift, Wn], [-b - shift, -Wn]]`` with ``Wn = W / s * cols``, and ``g`` is their cotangent.
-
-    (A loop of its own: accumulating it in the weights' loop changed how that loop is vectorised, and so the rounding
-    of the Pila fold's gradients.)"""
-    r_i, width = w.shape
-    total = 0.0
-    for r in range(r_i):
-        total += g[r, 0] * (b[r] - shift) - g[r_i + r, 0] * (b[r] + shift)
-        for c in range(width):
-            total += (g[r, 1 + c] - g[r_i + r, 1 + c]) * (w[r, c] / s * cols[c])
-    return total
-
-
-@_jit
-def fold_backward(
-    concat_k,
-    lip,
-    coeff,
-    wflat,
-    bflat,
-    rows,
-    cols_,
-    woffs,
-    boffs,
-    ooffs,
-    voffs,
-    gains,
-    shift,
-    scales,
-    gout,
-    uflat,
-    vflat,
-    sig,
-    gwflat,
-    gbflat,
-    gk,
-    ggains,
-    gscales,
-):  # pragma: no cover - compiled
-    """The gradients of :func:`fold_forward` with respect to K, the weights, the biases, and the activation's folded
-    factors and scales (same layouts).
-
-    ``gout`` is the cotangent of ``out_flat``; ``gwflat``, ``gbflat``, ``gk`` (nb, L, 2), ``ggains`` and ``gscales``
-    (nb, L, float64) receive the gradients: the chain rule of the soft normalisation (the gradient flows through
-    ``sigma = u^T W v``, and only where ``sigma > coeff``), of the column scales through ``eta``, ``prod eta1`` and
-    the output scales, of the pre-activation factors, and of ``softplus`` (checked against PyTorch's autograd of the
-    same fold; CLipSwish's ``beta`` reaches its parameter through ``ggains`` and ``gscales``).
-    """
-    nb, depth, n, eta1, eta2, prods, cols = _fold_setup(concat_k, rows, cols_)
-    g_eta1 = np.empty_like(eta1)
-    g_eta2 = np.empty_like(eta2)
-    g_prods = np.empty_like(prods)
-    g_cols = np.empty_like(cols)
-    for j in range(nb):
-        _mix(concat_k[j], lip[j], eta1, eta2, prods)
-        g_eta1[:] = 0.0
-        g_eta2[:] = 0.0
-        g_prods[:] = 0.0
-        gscales[j, :] = 0.0
-        for i in range(depth + 1):
-            r_i = rows[i]
-            width = cols_[i]
-            w = wflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
-            hidden = i < depth
-            out_rows = 2 * r_i if hidden else r_i
-            g = gout[j, ooffs[i] : ooffs[i] + out_rows * (1 + width)].reshape((out_rows, 1 + width))
-            ratio = sig[i, j] / coeff[i, j]
-            s = max(1.0, ratio)
-            _column_scales(i, n, rows, eta2, prods, scales[j], cols)
-            gw = gwflat[j, woffs[i] : woffs[i] + r_i * width].reshape((r_i, width))
-            gb = gbflat[j, boffs[i] : boffs[i] + r_i]
-            b = bflat[j, boffs[i] : boffs[i] + r_i]
-            k = gains[j, i] if hidden else 1.0
-            g_sigma_sum = 0.0
-            for c in range(width):
-                g_cols[c] = 0.0
-            for r in range(r_i):
-                if hidden:
-                    gb[r] = k * (g[r, 0] - g[r_i + r, 0])
-                else:
-                    gb[r] = g[r, 0]
-                for c in range(width):
-                    g_wn = k * (g[r, 1 + c] - g[r_i + r, 1 + c]) if hidden else g[r, 1 + c]
-                    g_cols[c] += g_wn * w[r, c] / s
-                    g_raw = g_wn * cols[c]
-                    gw[r, c] = g_raw / s
-                    g_sigma_sum += g_raw * w[r, c]
-            if hidden:
-                ggains[j, i] = _gain_gradient(g, b, w, s, cols, shift)
-            if ratio >= 1.0:  # W / s with s = sigma / coeff: the gradient through sigma = u^T W v
-                g_sigma = -g_sigma_sum / (s * s * coeff[i, j])
-                for r in range(r_i):
-                    for c in range(width):
-                        gw[r, c] += g_sigma * uflat[j, boffs[i] + r] * vflat[j, voffs[i] + c]
-            # the column scales: prods[i] on the input block, eta2_l prods[i] / prods[l + 1] * scale on layer l's
-            acc = 0.0
-            for c in range(n):
-                acc += g_cols[c]
-            g_prods[i] += acc
-            offset = n
-            for layer in range(i):
-                wdt = 2 * rows[layer]
-                total = 0.0
-                for c in range(wdt):
-                    total += g_cols[offset + c]
-                offset += wdt
-                ratio_p = prods[i] / prods[layer + 1]
-                scale = scales[j, layer]
-                g_eta2[layer] += total * ratio_p * scale
-                g_prods[i] += total * eta2[layer] / prods[layer + 1] * scale
-                g_prods[layer + 1] -= total * eta2[layer] * ratio_p / prods[layer + 1] * scale
-                gscales[j, layer] += total * eta2[layer] * ratio_p
-        # prods[i] = prod_{l < i} eta1_l (eta1 > 0)
-        for i in range(1, depth + 1):
-            for layer in range(i):
-                g_eta1[layer] += g_prods[i] * prods[i] / eta1[layer]
-        # eta = lip e / |e|, e = softplus(K) + 0.1
-        for i in range(depth):
-            k0 = concat_k[j, i, 0]
-            k1 = concat_k[j, i, 1]
-            e0 = _softplus(k0) + 0.1
-            e1 = _softplus(k1) + 0.1
-            norm = math.sqrt(e0 * e0 + e1 * e1)
-            dot = g_eta1[i] * e0 + g_eta2[i] * e1
-            ge0 = lip[j] * (g_eta1[i] / norm - e0 * dot / (norm * norm * norm))
-            ge1 = lip[j] * (g_eta2[i] / norm - e1 * dot / (norm * norm * norm))
-            gk[j, i, 0] = ge0 * (1.0 if k0 > 20.0 else 1.0 / (1.0 + math.exp(-k0)))
-            gk[j, i, 1] = ge1 * (1.0 if k1 > 20.0 else 1.0 / (1.0 + math.exp(-k1)))

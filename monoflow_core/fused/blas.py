@@ -1,4 +1,4 @@
-"""The matrix product of the compiled kernels (:mod:`monoflow_core.kernels`): which BLAS, and on how many threads.
+"""The matrix product of the compiled kernels (:mod:`monoflow_core.fused.kernels`): which BLAS, and on how many threads.
 
 The kernels' layer products are small (16 rows by a few thousand columns, 3 to 51 deep), and which BLAS serves
 them matters more than anything else in an evaluation of G. Measured on the 2-core development machine, one thread,
@@ -33,15 +33,21 @@ from typing import Any
 
 import numpy as np
 
-from .kernel_cache import numba_cache_location
+from ..kernel_cache import numba_cache_location
 
-try:
-    import numba
-    from numba import types
-except ImportError:  # pragma: no cover - exercised only where Numba is missing
-    numba = None
 
-__all__ = ["LIBRARY", "gemm", "single_threaded"]
+def _import_numba() -> Any:
+    """Numba, or None where it is not installed (the PyTorch kernels serve then)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - exercised only where Numba is missing
+        return None
+    return numba
+
+
+numba = _import_numba()
+
+__all__ = ["LIBRARY", "gemm", "limit_blas_threads", "single_threaded"]
 
 _SYMBOLS = ("monoflow_kernels_sgemm", "monoflow_kernels_dgemm")
 
@@ -57,7 +63,10 @@ def _mkl_in_torch() -> tuple[int, int, Any] | None:
         return None
     local.argtypes = [ctypes.c_int]
     local.restype = ctypes.c_int
-    return ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value, local
+    single, double = ctypes.cast(sgemm, ctypes.c_void_p).value, ctypes.cast(dgemm, ctypes.c_void_p).value
+    if single is None or double is None:  # pragma: no cover - exported symbols have addresses
+        return None
+    return single, double, local
 
 
 def _scipy_blas() -> tuple[int, int] | None:
@@ -100,8 +109,8 @@ LIBRARY, _MKL_LOCAL_THREADS = _bind()
 def single_threaded() -> Iterator[None]:
     """Run this thread's kernel products on one BLAS thread (MKL's per-thread setting), restored on exit.
 
-    SciPy's OpenBLAS has no per-thread setting; :func:`monoflow_core.kernels.limit_blas_threads` sets it to one
-    thread for the process instead.
+    SciPy's OpenBLAS has no per-thread setting; :func:`limit_blas_threads` sets it to one thread for the process
+    instead.
     """
     if _MKL_LOCAL_THREADS is None:
         yield
@@ -113,7 +122,38 @@ def single_threaded() -> Iterator[None]:
         _MKL_LOCAL_THREADS(previous)  # (0, the usual previous value, means "follow the global setting")
 
 
+def limit_blas_threads() -> int:
+    """Where the kernels' products run on SciPy's BLAS (:data:`LIBRARY` is "scipy"), run it on
+    one thread; returns the number of libraries set (0 with MKL, whose setting is per thread instead).
+
+    The products are small (16 rows by a few thousand columns): a second BLAS thread gained at most 15% on a
+    training step here, and where the engine parallelises (worker threads of :mod:`monoflow_core.evaluation`,
+    the studio's view process next to training) two BLAS threads per call oversubscribed the two cores: a
+    400 x 400 density grid took 3.1 s instead of 1.8 s. Only SciPy's copy of OpenBLAS is limited (NumPy's keeps its
+    settings); threadpoolctl comes with scikit-learn.
+    """
+    if LIBRARY != "scipy":
+        return 0
+    try:
+        import scipy
+        import scipy.linalg.cython_blas  # (loads the library the kernels call)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - both come with scikit-learn
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+    mine = [
+        lib
+        for lib in ThreadpoolController().lib_controllers
+        if lib.user_api == "blas" and os.path.relpath(lib.filepath, root).startswith("scipy")
+    ]
+    for lib in mine:
+        lib.set_num_threads(1)
+    return len(mine)
+
+
 if numba is not None and LIBRARY is not None:
+    from numba import types
+
     _SIGNATURE = types.void(*([types.voidptr] * 13))
     _sgemm = types.ExternalFunction(_SYMBOLS[0], _SIGNATURE)
     _dgemm = types.ExternalFunction(_SYMBOLS[1], _SIGNATURE)
