@@ -128,6 +128,12 @@ class ViewThread(QThread):
         the worker thread (a plain read)."""
         return self._process is None or self._process_ready
 
+    def process_state(self) -> str:
+        """``"ready"``, ``"starting"`` or ``"off"`` (disabled, or dropped after a failure); a plain read."""
+        if self._process is None:
+            return "off"
+        return "ready" if self._process_ready else "starting"
+
     def _superseded(self, job: FrameJob) -> bool:
         """Whether a later urgent frame makes ``job`` stale (transport-only jobs are never superseded)."""
         return not job.transport_only and job.order < self._latest_urgent

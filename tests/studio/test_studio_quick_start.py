@@ -113,7 +113,8 @@ def test_the_view_process_is_started_and_warm_before_train(qtbot, monkeypatch):
     full = next(f for f in frames if side(f) == 48)
     assert full.computed_in_process and full.step == 0
     config = window.session.submit(lambda trainer: trainer.flow.config.to_dict()).result(timeout=WAIT_MS / 1000)
-    assert computed and computed[0][0] == config and computed[0][2], "the child computed with the run's model"
+    # (the warm-up may have given way to the full frame: either way the child computed with the run's model)
+    assert any(c[0] == config and c[2] for c in computed), "the child computed with the run's model"
     assert all(f.step == 0 for f in frames) and window.step == 0, "all of it before Train"
 
 

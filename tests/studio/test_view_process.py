@@ -132,9 +132,12 @@ def test_large_answers_of_abandoned_requests_do_not_deadlock_the_pipe() -> None:
     pool = None
     try:
         assert proc.compute(message, lambda: False, resolution=4, **args) is not None  # the child is ready
-        # Abandoned only once its answer (320 kB) waits in the pipe, so the child's cancel comes too late: unread.
-        answered = lambda: bool(proc._conn.poll(0))  # noqa: E731
-        assert proc.compute(message, answered, resolution=200, **args) is None
+        # A request whose answer (320 kB) is in the pipe, unread, when it is abandoned (as when the cancel that
+        # compute() sends comes too late for the child): sent by hand, so that no cancel cuts it short.
+        proc._serial += 1
+        proc._conn.send((proc._serial, {"flow": message, **args, "resolution": 200}))
+        proc._abandoned = proc._serial
+        assert proc._conn.poll(HANG_GUARD_S)  # the child is writing its answer
         pool = ThreadPoolExecutor(1)  # (a deadlocked call must not hang the test: closing the child ends it)
         got = pool.submit(proc.compute, message, lambda: False, resolution=5, **args).result(timeout=120)
         assert got is not None and got.log_density.shape == (5, 5)
