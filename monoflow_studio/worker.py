@@ -93,8 +93,9 @@ class Worker(QObject):
         self._next_frame = 0.0
         self._frame_due = False
         # The quick start: the first frame of a run and the first after Train are coarse (cheap) and come at once
-        # (after Train: right after the first step, ahead of any frame in flight); a full frame follows as soon as
-        # the coarse one is on screen (see _maybe_frame).
+        # (after Train: right after the first step, ahead of any frame in flight); so is every frame while the view
+        # process is still starting; a full frame follows as soon as the coarse one is on screen and the view
+        # process is ready (see _maybe_frame).
         self._frame_after_step: int | None = None  # after Train: a frame is due once step_count exceeds this
         self._refine = False  # the frame on screen or in flight is coarse: a full one follows
         self._state = ""
@@ -435,9 +436,11 @@ class Worker(QObject):
 
         Due: the first frame after Train, once the first step is done (coarse and urgent: it does not wait for a
         frame in flight, which gives way to it); then, once the last frame is on screen, a full frame after a
-        coarse one (while paused only once full frames need not be computed in the studio's own process, see
-        :meth:`ViewThread.full_frames_ready`); a frame asked for (pause, step, new settings); and while training,
-        one every ``frame_min_interval_s`` (and by the frame budgets).
+        coarse one as soon as full frames need not be computed in the studio's own process (the view process is
+        ready, or there is none: :meth:`ViewThread.full_frames_ready`); a frame asked for (pause, step, new
+        settings); and while training, one every ``frame_min_interval_s`` (and by the frame budgets), coarse while
+        the view process is still starting: its start (importing torch) and full frames drawn in the view thread
+        meanwhile would both take time from training.
         """
         trainer = self.trainer
         if trainer is None:
@@ -451,7 +454,7 @@ class Worker(QObject):
         due = self._running and time.perf_counter() >= self._next_frame
         if due and trainer.task == "image":
             due = trainer.step_count >= self._next_frame_step  # N steps or T seconds, whichever is later
-        refine = self._refine and (self._running or self.views.full_frames_ready())
+        refine = self._refine and self.views.full_frames_ready()
         if self._frame_due or due or refine:
             self._frame_due = False
             self._guard(self._submit_frame)
@@ -461,7 +464,8 @@ class Worker(QObject):
 
         Args:
             coarse: a 2-D run's density on the ``first_frame_resolution`` grid (where it is coarser than
-                ``grid_resolution``); a full frame follows once it is on screen.
+                ``grid_resolution``); a full frame follows once it is on screen. Every frame is coarse while the view
+                process is starting.
             urgent: the frame supersedes those submitted before it (:meth:`ViewThread.submit`).
         """
         trainer = self.trainer
@@ -491,7 +495,9 @@ class Worker(QObject):
             )
             return
         self.transport_generation += 1  # this frame brings the transport too: pending on-demand jobs are stale
-        coarse = coarse and self.options.first_frame_resolution < self.options.grid_resolution
+        coarse = (coarse or not self.views.full_frames_ready()) and (
+            self.options.first_frame_resolution < self.options.grid_resolution
+        )
         self._refine = coarse
         self.views.submit(
             FrameJob(

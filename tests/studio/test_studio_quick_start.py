@@ -143,3 +143,26 @@ def test_a_ready_view_process_is_warmed_with_the_runs_model_before_any_frame_ask
     config = window.session.submit(lambda trainer: trainer.flow.config.to_dict()).result(timeout=WAIT_MS / 1000)
     assert computed[0][0] == config and computed[0][1] == view_thread.WARM_UP_RESOLUTION and computed[0][2]
     assert window.density.frames_shown == 1 and window.step == 0
+
+
+def test_frames_stay_coarse_while_the_view_process_starts_and_full_ones_come_once_it_is_ready(qtbot, monkeypatch):
+    """While training and the child still starts, the studio's own process draws only coarse frames; once the
+    child is ready, a full frame comes from it."""
+    ready = threading.Event()
+    original_ready = ViewProcess.ready
+    monkeypatch.setattr(ViewProcess, "ready", lambda self: ready.is_set() and original_ready(self))
+    window = MainWindow(tiny_spec(), options=replace(QUICK, view_process=True), theme="light")
+    qtbot.addWidget(window)
+    frames = []
+    window.session.frame.connect(frames.append)
+    window.show()
+    qtbot.waitUntil(lambda: window.state == PAUSED and len(frames) > 0, timeout=BUILD_TIMEOUT_MS)
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: sum(f.step >= 1 for f in frames) >= 3, timeout=WAIT_MS)
+    assert window.session.view_process_state() == "starting"
+    assert all(side(f) == 16 and not f.computed_in_process for f in frames)
+    ready.set()
+    qtbot.waitUntil(lambda: any(side(f) == 48 for f in frames), timeout=PROCESS_WAIT_MS)
+    full = next(f for f in frames if side(f) == 48)
+    assert full.computed_in_process and full.step >= 1
+    assert window.session.view_process_state() == "ready"
