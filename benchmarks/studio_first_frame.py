@@ -34,11 +34,13 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import json
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import common
@@ -182,7 +184,8 @@ def summary_rows(results: list[dict[str, Any]], targets: list[tuple[str, float]]
                 [
                     press_at,
                     data,
-                    f"{sum(r['view_process_at_train'] == 'ready' for r in mine)} of {len(mine)}",
+                    ", ".join(common.fmt(r["seconds_open_to_train"], 1) for r in mine),
+                    ", ".join(common.fmt(r["view_process_ready_after_open_s"], 1) for r in mine),
                     ", ".join(common.fmt(r["first_frame_s"], 2) for r in mine),
                     ", ".join(f"{r['first_frame_resolution']}@{r['first_frame_step']}" for r in mine),
                     f"{common.fmt(first, 2)}: "
@@ -206,7 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-seconds", type=float, default=30.0, help="give up on a target after this long")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "studio_first_frame"), help="output, no suffix")
+    parser.add_argument(
+        "--rerender", metavar="JSON", help="no studio: rewrite OUT.md/OUT.json from an earlier run's JSON"
+    )
     args = parser.parse_args(argv)
+    if args.rerender:
+        rerender(args)
+        return
     targets = [(d, float(v)) for d, _, v in (item.partition(":") for item in args.targets.split(","))]
     modes = [m.strip() for m in args.press_at.split(",") if m.strip()]
     if not modes or any(m not in PRESS_MODES for m in modes):
@@ -235,12 +244,44 @@ def main(argv: list[str] | None = None) -> None:
                     f"{common.fmt(res['reached_s'], 2)} s (step {res['reached_step']}); load {res['loadavg_at_train']}",
                     flush=True,
                 )
-    load_at_end = common.load_average()
+    payload = {
+        "benchmark": "studio_first_frame",
+        "commands": commands,
+        "machine": info,
+        "loadavg_at_end": common.load_average(),
+        "note": common.SHARED_MACHINE_NOTE,
+        "settings": {"targets": targets, "press_at": modes, "rounds": args.rounds, "max_seconds": args.max_seconds},
+        "units": {"time": "seconds", "nll": "nats"},
+        "warnings": dict(warn_log.counts),
+        "results": results,
+    }
+    md_path, js_path = common.write_results(args.out, render(payload), payload)
+    print(f"Wrote {md_path} and {js_path}")
+
+
+def rerender(args: argparse.Namespace) -> None:
+    """Rewrite the Markdown and JSON of an earlier run from its JSON (no studio; the same figures)."""
+    payload = json.loads(Path(args.rerender).read_text())
+    results = payload["results"]
+    if "settings" not in payload:  # (a JSON written before the settings were recorded: read them off the rounds)
+        targets = list(dict.fromkeys((r["data"], r["target_nll_nats"]) for r in results))
+        modes = list(dict.fromkeys(r["press_at"] for r in results))
+        payload["settings"] = {"targets": targets, "press_at": modes}
+    payload["commands"] = [c for c in payload["commands"] if not c.startswith("# re-rendered")]
+    payload["commands"].append("# re-rendered from the JSON, no studio: " + common.command_line())
+    md_path, js_path = common.write_results(args.out, render(payload), payload)
+    print(f"Re-rendered {args.rerender} into {md_path} and {js_path}")
+
+
+def render(payload: dict[str, Any]) -> list[str]:
+    """The Markdown page of a run's payload."""
+    results, settings = payload["results"], payload["settings"]
+    targets = [(d, float(t)) for d, t in settings["targets"]]
     options = SessionOptions()
     md = ["# Studio start: first density frame and time to quality after pressing Train", ""]
-    md += common.machine_header(info, commands)
+    md += common.machine_header(payload["machine"], payload["commands"])
     md += [
-        f"Load average at the end: {load_at_end}.",
+        f"Load average at the end: {payload['loadavg_at_end']}.",
         "",
         f"Preset `{DEFAULT_PRESET}` (the studio's default), default session options ({options.grid_resolution} x "
         f"{options.grid_resolution} grid, first frames {options.first_frame_resolution} x "
@@ -248,14 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         "fresh window per round, the kernels already compiled, the Qt event loop idle between events as in the app. "
         "Seconds of wall time after the Train action; the NLL is the studio's own held-out test (nats), seen only "
         "when a frame arrives. *Train pressed when*: `shown` = the untrained picture is on screen, `built` = the "
-        "run is built (the earliest press), `ready` = the view process is ready too.",
+        "run is built (the earliest press), `ready` = the view process is ready too. *Open to Train*: seconds from "
+        "creating the window to pressing Train; *view process ready*: seconds from creating the window until the "
+        "view process was ready (- : not within the round).",
         "",
     ]
     md += common.markdown_table(
         [
             "Train pressed when",
             "data",
-            "view process ready at Train",
+            "open to Train, each round (s)",
+            "view process ready, each round (s)",
             "first frame, each round (s)",
             "its grid@step",
             f"first frame, median (s): goal <= {FIRST_FRAME_GOAL_S}",
@@ -265,21 +309,10 @@ def main(argv: list[str] | None = None) -> None:
             f"to target, median (s): goal <= {QUALITY_GOAL_S}",
             "load (1 min) at Train",
         ],
-        summary_rows(results, targets, modes),
+        summary_rows(results, targets, list(settings["press_at"])),
     )
-    md += ["", f"Warnings during the runs: {dict(warn_log.counts) or 'none'}."]
-    payload = {
-        "benchmark": "studio_first_frame",
-        "commands": commands,
-        "machine": info,
-        "loadavg_at_end": load_at_end,
-        "note": common.SHARED_MACHINE_NOTE,
-        "units": {"time": "seconds", "nll": "nats"},
-        "warnings": dict(warn_log.counts),
-        "results": results,
-    }
-    md_path, js_path = common.write_results(args.out, md, payload)
-    print(f"Wrote {md_path} and {js_path}")
+    md += ["", f"Warnings during the runs: {dict(payload['warnings']) or 'none'}."]
+    return md
 
 
 if __name__ == "__main__":
