@@ -416,14 +416,23 @@ class Trainer(TrainerEvaluation, TrainerState):
         decay = self.train_config.ema
         if self._ema_flow is None or decay is None:
             return
-        for pe, p in zip(self._ema_flow.parameters(), self._params, strict=True):
-            if self._ema_updates == 0:
-                # Start from the weights after the first step, so ActNorm's data init is not averaged with zeros.
-                pe.copy_(p)
-            else:
-                pe.lerp_(p, 1.0 - decay)
-        for be, b in zip(self._ema_flow.buffers(), self.flow.buffers(), strict=True):
-            be.copy_(b)
+        ema_params: list[Tensor] = list(self._ema_flow.parameters())
+        params: list[Tensor] = list(self._params)
+        if len(ema_params) != len(params):
+            raise RuntimeError("the averaged copy of the flow no longer matches the flow's parameters")
+        # One multi-tensor call per kind instead of one call per tensor: the toy models have ~40-90 small tensors,
+        # and a Python loop over them cost about a tenth of a 4-block step.
+        if self._ema_updates == 0:
+            # Start from the weights after the first step, so ActNorm's data init is not averaged with zeros.
+            torch._foreach_copy_(ema_params, params)
+        elif ema_params:
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        ema_buffers: list[Tensor] = list(self._ema_flow.buffers())
+        buffers: list[Tensor] = list(self.flow.buffers())
+        if len(ema_buffers) != len(buffers):
+            raise RuntimeError("the averaged copy of the flow no longer matches the flow's buffers")
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
         self._ema_updates += 1
 
     def step(self) -> StepMetrics:

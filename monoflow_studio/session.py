@@ -133,6 +133,11 @@ class Session(QObject):
         """Whether the worker or the view thread still runs."""
         return self._thread.isRunning() or self._worker.views.isRunning()
 
+    def view_process_state(self) -> str:
+        """The view process: ``"ready"``, ``"starting"`` (frames are computed in the view thread meanwhile) or
+        ``"off"`` (disabled, or dropped after a failure). Thread-safe (a plain read)."""
+        return self._worker.views.process_state()
+
     def shutdown(self, timeout_s: float = 10.0) -> bool:
         """Ask both threads to stop (after the current step / frame) and wait; True if they ended in time."""
         views = self._worker.views

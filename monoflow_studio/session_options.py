@@ -21,6 +21,10 @@ class SessionOptions:
 
     Attributes:
         grid_resolution: points per axis of the live density grid.
+        first_frame_resolution: points per axis of the grid of a run's first frame, of the first frame after
+            Train, and of every frame while the view process is starting (when below ``grid_resolution``): a tenth
+            of the points, so that frame comes at once, wherever it is computed; a full frame follows as soon as it
+            is on screen and the view process is ready (``benchmarks/studio_first_frame.py``).
         grid_extent: half-width of the grid (the toy data lie in about [-4, 4]^2).
         frame_min_interval_s: shortest time between the starts of two heavy frames while training.
         frame_budget: largest fraction of one core's time spent on heavy frames in the view process (the period
@@ -54,6 +58,7 @@ class SessionOptions:
     """
 
     grid_resolution: int = 200
+    first_frame_resolution: int = 64
     grid_extent: float = 4.0
     frame_min_interval_s: float = 1.5
     frame_budget: float = 1.0 if (os.cpu_count() or 1) >= 2 else 0.25

@@ -18,6 +18,7 @@ dies raises :class:`ViewProcessError`; the studio then computes in its thread.
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing
 import signal
 import threading
@@ -45,6 +46,9 @@ START_TIMEOUT_S = 240.0
 #: is lost; a child still importing torch or midway through a frame would otherwise hold up closing the window).
 CLOSE_TIMEOUT_S = 0.5
 
+
+#: The parent's message that abandons the request in flight (sent as ``(CANCEL, serial)``; see :func:`_serve`).
+CANCEL = "cancel"
 
 #: The dtype of the live views (density frames, samples and the frames' quick test): the training dtype of the
 #: studio's runs. A picture does not need float64's last digits; the run's reported test NLL keeps float64
@@ -94,15 +98,23 @@ def compute_density(
 ) -> DensityResult | None:
     """Log-density on a ``resolution``-square grid over ``[-extent, extent]^2``, of ``test_points``, and samples.
 
-    The grid and the held-out points go through the flow together (one call, passes of ``chunk`` points);
-    everything in :data:`VIEW_DTYPE` (a live view does not need float64's last digits). The samples use a fixed
-    seed, so they move smoothly from frame to frame. Returns None if ``stop()`` turns true between the two parts.
+    The grid and the held-out points go through the flow together (passes of ``chunk`` points); everything in
+    :data:`VIEW_DTYPE` (a live view does not need float64's last digits). The samples use a fixed seed, so they move
+    smoothly from frame to frame. Returns None if ``stop()`` turns true between two passes (or before the samples):
+    a frame that a newer one supersedes is abandoned within one pass.
     """
     t0 = time.perf_counter()
     grid_pts, box = evaluation.density_grid_points(flow, extent, resolution)
     n_grid = grid_pts.shape[0]
     points = torch.cat([grid_pts, torch.as_tensor(test_points).to(grid_pts.dtype).reshape(-1, 2)])
-    values = evaluation.log_prob(flow, points, chunk=chunk, dtype=VIEW_DTYPE)
+    if next(flow.parameters(), grid_pts).dtype != VIEW_DTYPE:
+        flow = copy.deepcopy(flow).to(dtype=VIEW_DTYPE)  # one copy, not one per pass
+    parts = []
+    for start in range(0, points.shape[0], max(1, chunk)):
+        if stop():
+            return None
+        parts.append(evaluation.log_prob(flow, points[start : start + chunk], chunk=chunk, dtype=VIEW_DTYPE))
+    values = torch.cat(parts)
     pass_seconds = time.perf_counter() - t0
     if stop():
         return None
@@ -148,7 +160,13 @@ def _flow_from(message: dict[str, Any], cache: dict[str, Flow]) -> Flow:
 
 def _serve(conn: Any) -> None:
     """The child's loop: say ``("ready", 0, None)``, then answer each ``(serial, kwargs)`` with
-    ``("ok", serial, result)`` or ``("error", serial, message)``, until None (or the parent's end closes)."""
+    ``("ok", serial, result)`` or ``("error", serial, message)``, until None (or the parent's end closes).
+
+    Any message that arrives while a frame is computed (a :data:`CANCEL` the parent sends when it abandons the
+    request, a newer request, or None) cuts the frame short at the next pass: it is answered
+    ``("cancelled", serial, None)``, and the message is read next. A frame in flight thus never holds up a newer one
+    by more than one pass.
+    """
     # Ctrl-C in the terminal reaches the whole process group: the parent closes the window and then this child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from monoflow_core.runtime import tune_allocator
@@ -173,10 +191,13 @@ def _serve(conn: Any) -> None:
             return
         if message is None:
             return
+        if message[0] == CANCEL:  # the request it cancels was answered already
+            continue
         serial, kwargs = message
         try:
             flow = _flow_from(kwargs.pop("flow"), cache)
-            reply = ("ok", serial, compute_density(flow, **kwargs))
+            result = compute_density(flow, stop=lambda: bool(conn.poll(0)), **kwargs)
+            reply = ("ok", serial, result) if result is not None else ("cancelled", serial, None)
         except Exception as err:  # reported to the parent, which shows it; the child serves on
             reply = ("error", serial, f"{type(err).__name__}: {err}")
         try:
@@ -295,11 +316,13 @@ class ViewProcess:
             raise ViewProcessError(f"lost the view process: {err}") from err
         if not done:
             self._abandoned = serial
+            with contextlib.suppress(BrokenPipeError, OSError):  # (a dead child is found by the next call)
+                self._conn.send((CANCEL, serial))  # the child stops it at its next pass
             return None
         status, payload = answer
         if status == "ok":
             return payload
-        raise ViewComputeError(payload)
+        raise ViewComputeError(payload if status == "error" else f"the view process answered {status!r}")
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Ask the child to leave; terminate (then kill) it if it has not within ``timeout`` seconds. Idempotent."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,13 @@ __all__ = ["PROCESS_FAILURES_TOLERATED", "EvalJob", "FrameJob", "ViewThread"]
 #: Frames in a row the view process may fail to compute (each is then computed in the view thread) before the
 #: studio stops using it.
 PROCESS_FAILURES_TOLERATED = 3
+#: Seconds between two looks at a starting view process while no job is waiting (it is warmed as soon as it is ready).
+READY_POLL_S = 0.05
+#: Held-out points and samples of the warm-up request (its numbers are not shown: it only builds the run's flow in
+#: the child and runs its forward and inverse passes once).
+WARM_UP_POINTS = 16
+#: Grid points per axis of the warm-up request.
+WARM_UP_RESOLUTION = 2
 
 
 @dataclass
@@ -62,6 +70,9 @@ class FrameJob:
     n_samples: int = 0
     temperature: float = 1.0
     levels: int = 0
+    resolution: int | None = None  # grid points per axis of the density (None: the session's grid_resolution)
+    urgent: bool = False  # supersedes every frame submitted before it (abandoned, or skipped if not started)
+    order: int = 0  # set by ViewThread.submit: the order of submission
 
 
 @dataclass
@@ -92,10 +103,40 @@ class ViewThread(QThread):
         self._jobs: queue.Queue[FrameJob | EvalJob | None] = queue.Queue()
         self._stop = threading.Event()
         self._process: ViewProcess | None = ViewProcess() if worker.options.view_process else None
+        self._process_ready = False  # set once the process has said it is ready (read by the worker thread)
         self._process_failures = 0  # frames in a row the view process failed to compute
+        self._order_lock = threading.Lock()
+        self._submitted = 0
+        self._latest_urgent = 0  # the order of the latest urgent job: frame jobs submitted before it are stale
+        self._latest_flow: dict[str, Any] | None = None  # the flow message of the latest 2-D frame (for the warm-up)
 
     def submit(self, job: FrameJob | EvalJob) -> None:
+        """Queue ``job`` (from the worker thread). An urgent :class:`FrameJob` supersedes the frames submitted
+        before it: one not started is skipped, one being computed in the view process is cut short at its next
+        pass (see :meth:`_superseded`)."""
+        if isinstance(job, FrameJob):
+            with self._order_lock:
+                self._submitted += 1
+                job.order = self._submitted
+                if job.urgent:
+                    self._latest_urgent = job.order
         self._jobs.put(job)
+
+    def full_frames_ready(self) -> bool:
+        """Whether a full-resolution frame can be computed without the studio's own process doing it while a view
+        process is still starting: the view process is ready, or there is none (disabled or dropped). Called from
+        the worker thread (a plain read)."""
+        return self._process is None or self._process_ready
+
+    def process_state(self) -> str:
+        """``"ready"``, ``"starting"`` or ``"off"`` (disabled, or dropped after a failure); a plain read."""
+        if self._process is None:
+            return "off"
+        return "ready" if self._process_ready else "starting"
+
+    def _superseded(self, job: FrameJob) -> bool:
+        """Whether a later urgent frame makes ``job`` stale (transport-only jobs are never superseded)."""
+        return not job.transport_only and job.order < self._latest_urgent
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -105,7 +146,7 @@ class ViewThread(QThread):
         try:
             self._start_process()
             while not self._stop.is_set():
-                job = self._jobs.get()
+                job = self._next_job()
                 if job is None:
                     return
                 if isinstance(job, EvalJob):
@@ -125,11 +166,60 @@ class ViewThread(QThread):
         except ViewProcessError as err:
             self._drop_process(err)
 
+    def _next_job(self) -> FrameJob | EvalJob | None:
+        """The next job; while the view process is starting, look at it every :data:`READY_POLL_S` meanwhile, so
+        that it is warmed as soon as it is ready (before the first frame that needs it, e.g. the one after Train)."""
+        while self._process is not None and not self._process_ready and not self._stop.is_set():
+            try:
+                return self._jobs.get(timeout=READY_POLL_S)
+            except queue.Empty:
+                self._poll_process(warm=True)
+        return self._jobs.get()
+
+    def _poll_process(self, warm: bool) -> bool:
+        """Whether the view process is ready; on the first yes, with ``warm``, warm it up (:meth:`_warm_up`)."""
+        process = self._process
+        if process is None:
+            return False
+        try:
+            ready = process.ready()
+        except ViewProcessError as err:
+            self._drop_process(err)
+            return False
+        if ready and not self._process_ready:
+            self._process_ready = True
+            if warm:
+                self._warm_up()
+        return ready
+
+    def _warm_up(self) -> None:
+        """Build the latest 2-D run's flow in the just-ready child and run its passes once, on a tiny request whose
+        numbers are dropped: the first real frame there (e.g. right after Train) then pays neither the build nor
+        the first calls' set-up. Abandoned as soon as a job is waiting."""
+        process, message = self._process, self._latest_flow
+        if process is None or message is None:
+            return
+        try:
+            process.compute(
+                message,
+                lambda: self._stop.is_set() or not self._jobs.empty(),
+                test_points=np.zeros((WARM_UP_POINTS, 2)),
+                extent=self._worker.options.grid_extent,
+                resolution=WARM_UP_RESOLUTION,
+                n_samples=WARM_UP_POINTS,
+                chunk=self._worker.options.grid_chunk,
+            )
+        except ViewProcessError as err:
+            self._drop_process(err)
+        except ViewComputeError as err:  # the real frames will say more; nothing is shown for a warm-up
+            self._worker.message.emit("debug", f"the view process's warm-up failed: {err}")
+
     def _drop_process(self, err: Exception) -> None:
         """Stop using the view process (it failed): close it and say so; frames are computed in this thread."""
         if self._process is not None:
             self._process.close()
             self._process = None
+            self._process_ready = False
         self._worker.message.emit("warning", f"views are computed in the studio's own process from now on ({err})")
 
     def _between_slices(self, job: EvalJob) -> bool:
@@ -178,6 +268,8 @@ class ViewThread(QThread):
         if job.transport_only:
             self._transport_job(job)
             return
+        if self._superseded(job):
+            return  # a newer urgent frame follows in the queue (the worker counts on it, not on this one)
         try:
             frame = self._compute_images(job) if job.image else self._compute(job)
         except Exception as err:  # a failed frame is reported; training and later frames go on
@@ -243,14 +335,17 @@ class ViewThread(QThread):
     def _compute(self, job: FrameJob) -> ViewFrame | None:
         opts = self._worker.options
         t0 = time.perf_counter()
-        stop = self._stop.is_set
+
+        def stop() -> bool:
+            return self._stop.is_set() or self._superseded(job)
+
         args: dict[str, Any] = {
             "test_points": job.test_points.numpy(),
             "extent": opts.grid_extent,
-            "resolution": opts.grid_resolution,
+            "resolution": job.resolution or opts.grid_resolution,
             "n_samples": opts.n_samples,
         }
-        result = self._compute_in_process(job, args)
+        result = self._compute_in_process(job, args, stop)
         process_seconds = time.perf_counter() - t0 if result is not None else 0.0
         if result is None and not stop():
             result = compute_density(job.flow, chunk=opts.thread_grid_chunk, stop=stop, **args)
@@ -286,20 +381,23 @@ class ViewThread(QThread):
             dtype=result.dtype,
         )
 
-    def _compute_in_process(self, job: FrameJob, args: dict[str, Any]) -> DensityResult | None:
+    def _compute_in_process(
+        self, job: FrameJob, args: dict[str, Any], stop: Callable[[], bool]
+    ) -> DensityResult | None:
         """The density frame from the view process; None where this thread must compute it (no process, not ready
         yet, or it failed: a dead process is dropped, and so is one that failed :data:`PROCESS_FAILURES_TOLERATED`
-        frames in a row)."""
+        frames in a row), or where ``stop()`` turned true (the child cuts the frame short)."""
         process = self._process
         if process is None:
             return None
+        message = flow_message(job.flow)
+        if message is None:
+            return None
+        self._latest_flow = message
+        if not self._poll_process(warm=False):  # (this frame warms the child itself)
+            return None  # the first frames of a session, while the child imports torch
         try:
-            if not process.ready():
-                return None  # the first frames of a session, while the child imports torch
-            message = flow_message(job.flow)
-            if message is None:
-                return None
-            result = process.compute(message, self._stop.is_set, chunk=self._worker.options.grid_chunk, **args)
+            result = process.compute(message, stop, chunk=self._worker.options.grid_chunk, **args)
         except ViewProcessError as err:
             self._drop_process(err)
             return None

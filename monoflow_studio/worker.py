@@ -92,6 +92,12 @@ class Worker(QObject):
         self._last_flush = 0.0
         self._next_frame = 0.0
         self._frame_due = False
+        # The quick start: the first frame of a run and the first after Train are coarse (cheap) and come at once
+        # (after Train: right after the first step, ahead of any frame in flight); so is every frame while the view
+        # process is still starting; a full frame follows as soon as the coarse one is on screen and the view
+        # process is ready (see _maybe_frame).
+        self._frame_after_step: int | None = None  # after Train: a frame is due once step_count exceeds this
+        self._refine = False  # the frame on screen or in flight is coarse: a full one follows
         self._state = ""
         self._test_points = torch.zeros(0, 2, dtype=torch.float64)
         self._transport: str | None = None  # the transport view's direction while it is visible, else None
@@ -275,17 +281,25 @@ class Worker(QObject):
         self.built.emit(info)
         self.message.emit("info", trainer.precision.describe())  # how G is computed on this device (docs/precision.md)
         self._frame_consumed.set()
-        self._submit_frame()  # the untrained model's picture, computed by the view thread
+        self._frame_after_step = None
+        # The new model's picture, computed by the view thread: coarse first, so it comes at once even where the
+        # view process is still starting; urgent, so that a frame of the previous run still in flight gives way.
+        self._submit_frame(coarse=True, urgent=True)
         self._set_state(TRAINING if self._running else PAUSED)
 
     def start(self) -> None:
+        """Train on. The first frame comes right after the first step (see :meth:`_maybe_frame`), not after
+        ``frame_min_interval_s``: what the user pressed Train for is the density starting to move."""
         if self.trainer is None:
             return
         self._running = True
         self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
+        if self.trainer.task != "image":
+            self._frame_after_step = self.trainer.step_count
         self._set_state(TRAINING)
 
     def pause(self) -> None:
+        self._frame_after_step = None
         if self._running:
             self._running = False
             self._flush(force=True)
@@ -418,18 +432,42 @@ class Worker(QObject):
             self._last_flush = now
 
     def _maybe_frame(self) -> None:
+        """Submit a frame if one is due.
+
+        Due: the first frame after Train, once the first step is done (coarse and urgent: it does not wait for a
+        frame in flight, which gives way to it); then, once the last frame is on screen, a full frame after a
+        coarse one as soon as full frames need not be computed in the studio's own process (the view process is
+        ready, or there is none: :meth:`ViewThread.full_frames_ready`); a frame asked for (pause, step, new
+        settings); and while training, one every ``frame_min_interval_s`` (and by the frame budgets), coarse while
+        the view process is still starting: its start (importing torch) and full frames drawn in the view thread
+        meanwhile would both take time from training.
+        """
         trainer = self.trainer
-        if trainer is None or not self._frame_consumed.is_set():
+        if trainer is None:
+            return
+        if self._frame_after_step is not None and self._running and trainer.step_count > self._frame_after_step:
+            self._frame_after_step = None
+            self._guard(lambda: self._submit_frame(coarse=True, urgent=True))
+            return
+        if not self._frame_consumed.is_set():
             return
         due = self._running and time.perf_counter() >= self._next_frame
         if due and trainer.task == "image":
             due = trainer.step_count >= self._next_frame_step  # N steps or T seconds, whichever is later
-        if self._frame_due or due:
+        refine = self._refine and self.views.full_frames_ready()
+        if self._frame_due or due or refine:
             self._frame_due = False
             self._guard(self._submit_frame)
 
-    def _submit_frame(self) -> None:
-        """Hand a snapshot of the model to the view thread (cheap: a deep copy of a small flow)."""
+    def _submit_frame(self, coarse: bool = False, urgent: bool = False) -> None:
+        """Hand a snapshot of the model to the view thread (cheap: a deep copy of a small flow).
+
+        Args:
+            coarse: a 2-D run's density on the ``first_frame_resolution`` grid (where it is coarser than
+                ``grid_resolution``); a full frame follows once it is on screen. Every frame is coarse while the view
+                process is starting.
+            urgent: the frame supersedes those submitted before it (:meth:`ViewThread.submit`).
+        """
         trainer = self.trainer
         assert trainer is not None
         # Diagnostics here: they describe the latest *training* step's solves on the live flow.
@@ -438,6 +476,7 @@ class Worker(QObject):
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._frame_consumed.clear()
         self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
+        self._refine = False
         if trainer.task == "image":
             self._next_frame_step = trainer.step_count + self.options.image_frame_min_steps
             self.views.submit(
@@ -451,10 +490,15 @@ class Worker(QObject):
                     n_samples=self._sample_n,
                     temperature=self._sample_temperature,
                     levels=int(trainer.flow.levels),
+                    urgent=urgent,
                 )
             )
             return
         self.transport_generation += 1  # this frame brings the transport too: pending on-demand jobs are stale
+        coarse = (coarse or not self.views.full_frames_ready()) and (
+            self.options.first_frame_resolution < self.options.grid_resolution
+        )
+        self._refine = coarse
         self.views.submit(
             FrameJob(
                 self._run_id,
@@ -464,6 +508,8 @@ class Worker(QObject):
                 self._test_points,
                 transport=self._transport,
                 generation=self.transport_generation,
+                resolution=self.options.first_frame_resolution if coarse else None,
+                urgent=urgent,
             )
         )
 

@@ -22,6 +22,6 @@ def test_quick_preset_lowers_the_test_nll_in_a_few_steps(name):
     before = trainer.evaluate(fixed=True).value
     trainer.run(40 if name not in FAMILY_QUICK else 25)
     after = trainer.evaluate(fixed=True).value
-    # 8gaussians starts near 5 nats or more under a fresh flow; 40 steps at Adam 1e-2 (25 for the families, at 5e-3 or
-    # more) take it well below.
+    # 8gaussians starts near 5 nats under a fresh flow; 40 steps at the Monotone quick presets' Adam 2e-2 (25 for the
+    # families, at 5e-3 or more) take it well below.
     assert after < before - 0.5, (before, after)

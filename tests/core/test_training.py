@@ -270,6 +270,22 @@ def test_ema_weights_are_an_exponential_average_and_are_used_for_evaluation():
     assert trainer.evaluate(n=200).nll_nats != ema_nll
 
 
+def test_ema_averages_every_parameter_and_copies_every_buffer():
+    trainer = small_trainer(ema=0.75, lr=1e-2)
+    trainer.step()
+    ema_state = {k: v.detach().clone() for k, v in trainer.eval_flow.named_parameters()}
+    trainer.step()
+    live = dict(trainer.flow.named_parameters())
+    assert len(ema_state) == len(live) > 10
+    for name, p_ema in trainer.eval_flow.named_parameters():
+        expected = 0.75 * ema_state[name] + 0.25 * live[name].detach()
+        assert torch.allclose(p_ema, expected, atol=1e-6), name
+    buffers = dict(trainer.flow.named_buffers())
+    assert buffers, "the toy flow has buffers (spectral-norm vectors)"
+    for name, b_ema in trainer.eval_flow.named_buffers():
+        assert torch.equal(b_ema, buffers[name]), name
+
+
 def test_evaluation_does_not_change_the_training_trajectory():
     a, b = small_trainer(), small_trainer()
     for _ in range(3):

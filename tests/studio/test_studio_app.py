@@ -16,7 +16,8 @@ from monoflow_studio.session import PAUSED
 def test_cli_defaults_to_the_quick_preset_on_8gaussians_and_offers_the_paper_ones():
     spec = spec_from_args(build_parser().parse_args([]))
     assert spec.name == "quick-monotone" and spec.training.data == "8gaussians"
-    assert spec.model.blocks == 4 and spec.model.formulation == "monotone" and spec.training.lr == 0.01
+    assert spec.model.blocks == 6 and spec.model.formulation == "monotone" and spec.model.logdet == "exact"
+    assert spec.training.lr == 0.02 and spec.training.ema == 0.95 and spec.training.warmup_iterations == 0
     spec = spec_from_args(build_parser().parse_args(["--preset", "paper-toy-monotone"]))
     assert spec.model.blocks == 10 and spec.training.lr == 0.001
     spec = spec_from_args(build_parser().parse_args(["--preset", "paper-toy-idensenet", "--data", "moons"]))

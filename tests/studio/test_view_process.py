@@ -132,7 +132,12 @@ def test_large_answers_of_abandoned_requests_do_not_deadlock_the_pipe() -> None:
     pool = None
     try:
         assert proc.compute(message, lambda: False, resolution=4, **args) is not None  # the child is ready
-        assert proc.compute(message, lambda: True, resolution=200, **args) is None  # answer: 320 kB, unread
+        # A request whose answer (320 kB) is in the pipe, unread, when it is abandoned (as when the cancel that
+        # compute() sends comes too late for the child): sent by hand, so that no cancel cuts it short.
+        proc._serial += 1
+        proc._conn.send((proc._serial, {"flow": message, **args, "resolution": 200}))
+        proc._abandoned = proc._serial
+        assert proc._conn.poll(HANG_GUARD_S)  # the child is writing its answer
         pool = ThreadPoolExecutor(1)  # (a deadlocked call must not hang the test: closing the child ends it)
         got = pool.submit(proc.compute, message, lambda: False, resolution=5, **args).result(timeout=120)
         assert got is not None and got.log_density.shape == (5, 5)
@@ -140,6 +145,36 @@ def test_large_answers_of_abandoned_requests_do_not_deadlock_the_pipe() -> None:
         proc.close()
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def test_an_abandoned_request_is_cut_short_by_the_child(process: ViewProcess) -> None:
+    """Abandoning a request sends the child a cancel, which it sees between two passes: it answers "cancelled"
+    instead of computing the whole frame (so the next request does not wait for it)."""
+    message = flow_message(_trained_flow())
+    args = {"test_points": np.zeros((0, 2)), "extent": 2.0, "n_samples": 0, "chunk": 1000}
+    assert process.compute(message, lambda: False, resolution=4, **args) is not None  # the child is ready
+    assert process.compute(message, lambda: True, resolution=600, **args) is None  # 360 passes of 1,000 points
+    abandoned = process._abandoned
+    done, answer = process._receive(abandoned, lambda: False)
+    assert done and answer == ("cancelled", None)
+    process._abandoned = 0
+    got = process.compute(message, lambda: False, resolution=5, **args)
+    assert got is not None and got.log_density.shape == (5, 5)
+
+
+def test_compute_density_stops_between_passes() -> None:
+    flow = _trained_flow()
+    calls = []
+
+    def stop_at_third_look() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    test = np.zeros((0, 2))
+    assert compute_density(flow, test, 2.0, 10, chunk=10, n_samples=0, stop=stop_at_third_look) is None
+    assert len(calls) == 3  # looked before each of the first three passes of ten (of ten), then gave up
+    whole = compute_density(flow, test, 2.0, 10, chunk=10, n_samples=0)
+    assert whole is not None and np.isfinite(whole.log_density).all()
 
 
 def test_close_ends_a_child_in_the_middle_of_a_frame() -> None:
