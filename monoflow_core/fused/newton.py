@@ -69,35 +69,59 @@ class StallTest:
     at a point the solve accepted. Kept as squares (``|r|_2^2`` against ``STALL_FACTOR^2`` times the reference),
     which is the same test without a square root. The compiled kernels apply the same rule
     (:func:`monoflow_core.fused.kernels.solve_run`).
+
+    The residuals of the first ``STALL_WINDOW - 1`` iterations are only kept, and the test's state is formed from them
+    when a solve reaches ``STALL_WINDOW`` iterations: no point can stall before, and a solve that converges in a few
+    iterations (the usual case) then pays no operator for the stall exit (it would cost about ten per iteration, 10%
+    of the PyTorch kernels' operators in a training step of the paper's 2-D model). The decisions are the same.
     """
 
-    def __init__(self, b: int, like: Tensor) -> None:
-        #: ``STALL_FACTOR^2 |r|_2^2`` at each point's last decrease (the bar its next merit must get under)
-        self.bar = like.new_full((b,), math.inf)
-        #: the iteration of each point's last decrease (0: none yet)
-        self.last = torch.zeros(b, dtype=torch.long, device=like.device)
+    def __init__(self) -> None:
+        #: ``STALL_FACTOR^2 |r|_2^2`` at each point's last decrease (the bar its next merit must get under), and the
+        #: iteration of that decrease (0: none yet); made at the first record
+        self.bar: Tensor | None = None
+        self.last: Tensor | None = None
+        #: the iterations not yet recorded: ``(r, rejected, it, selections made before)``
+        self._pending: list[tuple[Tensor, Tensor | None, int, int]] = []
+        #: the row selections of a compacting solve (:meth:`select`), applied to the pending iterations when recorded
+        self._selections: list[Tensor] = []
 
     def update(self, r: Tensor, rejected: Tensor | None, it: int) -> Tensor | None:
-        """Record the residuals ``r`` (n, B) of iteration ``it``; the points that stall now, or None while none can.
+        """Take the residuals ``r`` (n, B) of iteration ``it`` (``rejected``: the rejected candidates among the points,
+        :func:`rejected_candidates`; neither is modified later by the solves); return the points that stall now, or
+        None while none can (before ``STALL_WINDOW`` iterations)."""
+        if it < STALL_WINDOW:
+            self._pending.append((r, rejected, it, len(self._selections)))
+            return None
+        for past, past_rejected, past_it, selected in self._pending:
+            for keep in self._selections[selected:]:  # (the rows still in play)
+                past = past.index_select(1, keep)
+                past_rejected = None if past_rejected is None else past_rejected.index_select(0, keep)
+            self._record(past, past_rejected, past_it)
+        self._pending.clear()
+        last = self._record(r, rejected, it)
+        stuck = last <= it - STALL_WINDOW
+        return stuck if rejected is None else stuck.logical_and_(rejected.logical_not())
 
-        (Before ``STALL_WINDOW`` iterations no point can have gone that long without a decrease: the mask is not
-        formed, which saves its operators in the usual solve of a few iterations.)
-        """
+    def _record(self, r: Tensor, rejected: Tensor | None, it: int) -> Tensor:
+        """Record iteration ``it``; returns the iteration of each point's last decrease."""
         merit = torch.linalg.vecdot(r, r, dim=0)
+        if self.bar is None or self.last is None:
+            self.bar = torch.full_like(merit, math.inf)
+            self.last = torch.zeros(merit.shape, dtype=torch.long, device=merit.device)
         better = merit < self.bar  # False for a NaN residual
-        accepted = None if rejected is None else rejected.logical_not()
-        if accepted is not None:
-            better.logical_and_(accepted)
+        if rejected is not None:
+            better.logical_and_(rejected.logical_not())
         self.bar = torch.where(better, merit.mul_(STALL_FACTOR * STALL_FACTOR), self.bar)
         self.last = torch.where(better, it, self.last)
-        if it < STALL_WINDOW:
-            return None
-        stuck = self.last <= it - STALL_WINDOW
-        return stuck if accepted is None else stuck.logical_and_(accepted)
+        return self.last
 
     def select(self, keep: Tensor) -> None:
         """Keep the points at the positions ``keep`` (a compacting solve)."""
-        self.bar, self.last = self.bar.index_select(0, keep), self.last.index_select(0, keep)
+        if self.bar is None or self.last is None:  # nothing recorded yet
+            self._selections.append(keep)
+        else:
+            self.bar, self.last = self.bar.index_select(0, keep), self.last.index_select(0, keep)
 
 
 def newton_solve(
@@ -111,17 +135,16 @@ def newton_solve(
     backward pass. The hot loop avoids Python-scalar arithmetic and per-entry indexing (each costs an operator
     dispatch).
     """
-    b = rhs.shape[1]
     tol = effective_tolerance(tol, rhs.dtype)
     threshold = rhs.abs().amax(dim=0).add_(1.0).mul_(tol)
     final = net.map_weights(sign)
     w = rhs
-    conv = torch.zeros(b, dtype=torch.bool, device=rhs.device)
+    conv: Tensor | None = None
     stalled: Tensor | None = None
     history: list[Tensor] = []  # the finished (converged or stalled) samples after each iteration
     prev: tuple[Tensor, ...] | None = None  # (w, r, res) of the previous accepted iterate
     plain: Tensor | None = None  # samples whose current point came from a plain step
-    stall = StallTest(b, rhs)
+    stall = StallTest()
     it = 0
     while True:
         it += 1
@@ -131,7 +154,7 @@ def newton_solve(
         ok = res <= threshold
         rejected = rejected_candidates(res, prev, plain)
         stuck = stall.update(r, rejected, it)
-        conv = conv | ok
+        conv = ok if conv is None else conv | ok
         if stuck is not None:
             stalled = stuck if stalled is None else stalled | stuck
         done = conv if stalled is None else conv | stalled
@@ -141,6 +164,7 @@ def newton_solve(
         cand = newton_step(w, v.jacobian_map, r, v.entries, v.scratch)
         cand, prev, plain = safeguard(w, r, res, cand, prev, plain, rejected)
         w = torch.where(done, w, cand)
+    assert conv is not None  # (one iteration at least)
     stuck_at_end = None if stalled is None else stalled.logical_and(conv.logical_not())
     stats = _stats(history, res / threshold * tol, conv, it, tol, max_iter, stuck_at_end)
     warn_failed(stats, label)
@@ -172,11 +196,11 @@ def newton_solve_compact(
     active = torch.arange(b, device=rhs.device)
     w, target, thr = rhs, rhs, threshold
     seen: Tensor | None = None  # finished (frozen: converged or stalled) samples of the current batch
-    conv: Tensor | None = None  # those of them that converged
+    conv: Tensor | None = None  # those of them that converged; None while they all did (no stall is possible yet)
     first: Tensor | None = None  # the iteration at which each of them finished
     prev: tuple[Tensor, ...] | None = None
     plain: Tensor | None = None
-    stall = StallTest(b, rhs)
+    stall = StallTest()
     v = Workspace(net, 1, b, rhs).block(0)
     it = 0
     while True:
@@ -194,12 +218,16 @@ def newton_solve_compact(
         if seen is None:
             n_seen = int(now.sum())
             if n_seen:
-                seen, conv, first = now, ok, torch.where(now, it, 0)
+                seen, first = now, torch.where(now, it, 0)
+                conv = None if stuck is None else ok
         else:
-            assert conv is not None and first is not None
+            assert first is not None
             new = now.logical_and(seen.logical_not())
+            if stuck is not None and conv is None:  # from now on a sample may stall: the converged ones apart
+                conv = seen
             seen = seen.logical_or(now)
-            conv = conv.logical_or(ok)
+            if conv is not None:
+                conv = conv.logical_or(ok)
             first = torch.where(new, it, first)
             n_seen = int(seen.sum())
         a = v.jacobian_map
@@ -218,8 +246,10 @@ def newton_solve_compact(
                 its = torch.where(seen, first, it).index_select(0, pos)
             iterations.index_copy_(0, ids, its)
             residual.index_copy_(0, ids, res.index_select(0, pos).div_(thr.index_select(0, pos)).mul_(tol))
-            if seen is None or conv is None:
+            if seen is None:
                 converged.index_copy_(0, ids, ok.index_select(0, pos))
+            elif conv is None:
+                converged.index_copy_(0, ids, seen.index_select(0, pos))
             else:
                 converged.index_copy_(0, ids, conv.index_select(0, pos))
                 stalled.index_copy_(0, ids, seen.logical_and(conv.logical_not()).index_select(0, pos))

@@ -480,7 +480,7 @@ def test_the_compiled_stall_test_is_the_pytorch_one():
     rejected[4, STALL_WINDOW] = True  # iteration STALL_WINDOW + 1
     want = [STALL_WINDOW + 1, None, 10 + STALL_WINDOW, STALL_WINDOW, STALL_WINDOW + 2]
 
-    test = newton.StallTest(len(merits), torch.zeros(1, dtype=DT))
+    test = newton.StallTest()
     torch_stops: list[int | None] = [None] * len(merits)
     for it in range(1, iterations + 1):
         rej = torch.from_numpy(rejected[:, it - 1]) if it > 1 else None
@@ -504,3 +504,33 @@ def test_the_compiled_stall_test_is_the_pytorch_one():
                 kernel_stops[p] = it
     assert torch_stops == want
     assert kernel_stops == want
+
+
+@pytest.mark.parametrize("at", [3, STALL_WINDOW + 5])
+def test_the_stall_test_follows_a_compacting_solve(at):
+    """A compacting solve drops finished points from its batch (``StallTest.select``), before the test has recorded
+    anything (its first ``STALL_WINDOW - 1`` iterations are only kept) or after: the points still in play stop where
+    they would without the compaction."""
+    iterations = 3 * STALL_WINDOW
+    k = torch.arange(1, iterations + 1, dtype=DT)
+    merits = torch.stack([torch.ones_like(k), 0.5**k, torch.clamp(0.5**k, min=0.5**7), torch.full_like(k, 2.0)])
+    rejected = torch.zeros(merits.shape, dtype=torch.bool)
+    rejected[0, STALL_WINDOW : STALL_WINDOW + 9] = True  # iterations 51-59: rejected candidates, no stop on them
+
+    def stops(compact):
+        test = newton.StallTest()
+        rows = torch.arange(len(merits))
+        found = {}
+        for it in range(1, iterations + 1):
+            if compact and it == at:
+                rows = torch.tensor([0, 2, 3])  # point 1 finished (say, converged) and leaves the batch
+                test.select(torch.tensor([0, 2, 3]))
+            stuck = test.update(merits[rows, it - 1].unsqueeze(0), rejected[rows, it - 1] if it > 1 else None, it)
+            for pos, p in enumerate(rows.tolist()):
+                if stuck is not None and bool(stuck[pos]):
+                    found.setdefault(p, it)
+        return found
+
+    whole, compacted = stops(False), stops(True)
+    assert whole == {0: STALL_WINDOW + 10, 2: STALL_WINDOW + 7, 3: STALL_WINDOW + 1}  # (point 1 keeps falling)
+    assert compacted == whole
