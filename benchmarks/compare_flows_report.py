@@ -277,8 +277,15 @@ def render(
         "- Every family trains with the engine's one training loop (`Trainer.step`) from its preset "
         f"({presets}), "
         f"seed {args.seed}, `torch.set_num_threads({args.threads})`, float32, batches of 500 fresh points from the "
-        "same seeded stream for every family on a set, for the budget of *training time* (summed wall time of the "
-        "steps; setup and tests excluded; the last step may end past the budget).",
+        "same seeded stream for every family on a set, for the budget of *training time* (the steps' summed "
+        + (
+            "CPU time of the training thread, `time.thread_time`: with one intra-op thread the whole step runs on "
+            "it, so on an idle core it equals the wall time, and other jobs on the machine do not shrink a run's "
+            "budget; "
+            if getattr(args, "clock", "wall") == "thread"
+            else "wall time; "
+        )
+        + "setup and tests excluded; the last step may end past the budget).",
         f"- *test NLL*: mean negative log-likelihood in nats on a fixed, seeded held-out set of {args.test_size:,} "
         "points (the same points for every family), float64, +- its standard error. *log-det* says how the "
         "log-density was computed: exact for every shipped family; the CNF's is the exact trace of its 2-D Jacobian "
@@ -286,9 +293,9 @@ def render(
         "*above floor*: the NLL minus the data's entropy, the lowest NLL any model can reach.",
         f"- *sampling*: seconds to draw {args.samples:,} samples; *density*: seconds for the log-density on a "
         f"{args.grid} x {args.grid} grid over [-4, 4]^2; both **in float32**, one thread, chunks of 5,000, on the "
-        "trained model. *ms/step*: median wall time of one training step (fresh batch, forward, backward, Adam, "
-        "spectral-norm update for the implicit flows). *load at start*: the machine's 1-minute load average when the "
-        "run started.",
+        "trained model, on the same clock. *ms/step*: median time of one training step (fresh batch, forward, "
+        "backward, Adam, spectral-norm update for the implicit flows). *load at start*: the machine's 1-minute load "
+        "average when the run started.",
         f"- *Who wins where* is computed from the numbers below: {NOISE_SE:g} x sqrt(se_a^2 + se_b^2) separates two "
         "runs on a set, a conservative rule (the runs share their test points, so the true error of a difference is "
         "smaller); leads within it are called ties.",

@@ -154,6 +154,10 @@ def test_an_interrupted_run_continues_from_its_checkpoint(bench, tmp_path):
     assert flows.run_status(folder, settings) == "partial"
     with pytest.raises(flows.RunMismatchError, match="budget_seconds"):
         flows.run_status(folder, {**settings, "budget_seconds": 600.0})
+    # A budget read on another clock is another run.
+    wall = flows.run_settings(_args(bench, tmp_path, "--clock", "wall"), 60.0, "moons", "monotone")
+    with pytest.raises(flows.RunMismatchError, match="clock"):
+        flows.run_status(folder, wall)
 
 
 def test_a_tiny_run_end_to_end_resumes_and_rerenders(tmp_path):
@@ -178,6 +182,9 @@ def test_a_tiny_run_end_to_end_resumes_and_rerenders(tmp_path):
     assert [r["family"] for r in runs] == ["monotone", "maf"]
     for r in runs:
         assert r["iterations"] >= 1 and r["train_seconds"] >= 0.3 and r["test_points"] == 500
+        # The budget is read on the training thread's CPU clock by default; the wall time is kept beside it.
+        assert r["clock"] == "thread" and r["settings"]["clock"] == "thread"
+        assert r["train_wall_seconds"] >= 0.9 * r["train_seconds"]
         assert r["exact_logdet"] and r["samples"] == 300 and r["grid"] == 8
         assert r["test_nll_nats"] > r["entropy_floor_nats"] - 0.1  # a density: no NLL far below the entropy
     assert Path(payload["pictures"]["0.3"]).is_file()
