@@ -27,6 +27,11 @@ class SessionOptions:
             is on screen and the view process is ready (``benchmarks/studio_first_frame.py``).
         grid_extent: half-width of the grid (the toy data lie in about [-4, 4]^2).
         frame_min_interval_s: shortest time between the starts of two heavy frames while training.
+        early_frame_interval_s: the same during a run's first ``early_frames_s`` seconds of training, when the
+            density changes fastest (a quick preset reaches its target within a few seconds): the picture and its
+            test NLL follow the model closely there, and the frame budgets below still pace the frames.
+        early_frames_s: seconds of training (summed over the run's steps, pauses excluded) during which frames come
+            every ``early_frame_interval_s``.
         frame_budget: largest fraction of one core's time spent on heavy frames in the view process (the period
             is at least ``frame_seconds / frame_budget``). The default 1.0 (two or more cores; 0.25 on one)
             computes continuously on the second core: the process costs training only what the two share (caches,
@@ -61,6 +66,8 @@ class SessionOptions:
     first_frame_resolution: int = 64
     grid_extent: float = 4.0
     frame_min_interval_s: float = 1.5
+    early_frame_interval_s: float = 0.4
+    early_frames_s: float = 10.0
     frame_budget: float = 1.0 if (os.cpu_count() or 1) >= 2 else 0.25
     thread_frame_budget: float = 0.5 if (os.cpu_count() or 1) >= 2 else 0.25
     n_samples: int = 3000

@@ -91,6 +91,7 @@ class Worker(QObject):
         self._pending: list[StepMetrics] = []
         self._last_flush = 0.0
         self._next_frame = 0.0
+        self._trained_seconds = 0.0  # the run's training time in this session (frames come faster early on)
         self._frame_due = False
         # The quick start: the first frame of a run and the first after Train are coarse (cheap) and come at once
         # (after Train: right after the first step, ahead of any frame in flight); so is every frame while the view
@@ -278,6 +279,7 @@ class Worker(QObject):
         self._eval_running = False
         self.eval_generation += 1  # a test of the previous run still in the view thread is abandoned
         self._next_frame_step = trainer.step_count
+        self._trained_seconds = 0.0
         self.built.emit(info)
         self.message.emit("info", trainer.precision.describe())  # how G is computed on this device (docs/precision.md)
         self._frame_consumed.set()
@@ -293,7 +295,7 @@ class Worker(QObject):
         if self.trainer is None:
             return
         self._running = True
-        self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
+        self._next_frame = time.perf_counter() + self.frame_interval()
         if self.trainer.task != "image":
             self._frame_after_step = self.trainer.step_count
         self._set_state(TRAINING)
@@ -415,6 +417,7 @@ class Worker(QObject):
             finally:
                 gate.release(self, time.perf_counter() - t0)
         self._pending.append(metrics)
+        self._trained_seconds += metrics.seconds
         if trainer.task == "image" and trainer.step_count % self._eval_every(trainer) == 0:
             self._eval_due = True
         if self._running and trainer.step_count >= trainer.train_config.iterations:
@@ -431,6 +434,14 @@ class Worker(QObject):
             self.metrics.emit(batch)
             self._last_flush = now
 
+    def frame_interval(self) -> float:
+        """Shortest time between two heavy frames while training: ``early_frame_interval_s`` during the run's first
+        ``early_frames_s`` seconds of training, ``frame_min_interval_s`` afterwards (:class:`SessionOptions`)."""
+        opts = self.options
+        if self._trained_seconds < opts.early_frames_s:
+            return min(opts.early_frame_interval_s, opts.frame_min_interval_s)
+        return opts.frame_min_interval_s
+
     def _maybe_frame(self) -> None:
         """Submit a frame if one is due.
 
@@ -438,7 +449,7 @@ class Worker(QObject):
         frame in flight, which gives way to it); then, once the last frame is on screen, a full frame after a
         coarse one as soon as full frames need not be computed in the studio's own process (the view process is
         ready, or there is none: :meth:`ViewThread.full_frames_ready`); a frame asked for (pause, step, new
-        settings); and while training, one every ``frame_min_interval_s`` (and by the frame budgets), coarse while
+        settings); and while training, one every :meth:`frame_interval` (and by the frame budgets), coarse while
         the view process is still starting: its start (importing torch) and full frames drawn in the view thread
         meanwhile would both take time from training.
         """
@@ -475,7 +486,7 @@ class Worker(QObject):
         with torch.no_grad():
             snapshot = copy.deepcopy(trainer.eval_flow)
         self._frame_consumed.clear()
-        self._next_frame = time.perf_counter() + self.options.frame_min_interval_s
+        self._next_frame = time.perf_counter() + self.frame_interval()
         self._refine = False
         if trainer.task == "image":
             self._next_frame_step = trainer.step_count + self.options.image_frame_min_steps

@@ -166,3 +166,23 @@ def test_frames_stay_coarse_while_the_view_process_starts_and_full_ones_come_onc
     full = next(f for f in frames if side(f) == 48)
     assert full.computed_in_process and full.step >= 1
     assert window.session.view_process_state() == "ready"
+
+
+def test_frames_come_faster_during_the_first_seconds_of_training(make_window, qtbot):
+    """Early in a run (the first ``early_frames_s`` seconds of training) frames come every
+    ``early_frame_interval_s``; afterwards every ``frame_min_interval_s``; a new run starts early again."""
+    opts = replace(QUICK, frame_min_interval_s=2.0, early_frame_interval_s=0.25, early_frames_s=0.5)
+    window = make_window(tiny_spec(), opts)
+    worker = window.session._worker
+    assert worker.frame_interval() == 0.25, "a fresh run is early"
+    window.train_action.trigger()
+    qtbot.waitUntil(lambda: worker._trained_seconds >= 0.5, timeout=WAIT_MS)
+    window.train_action.trigger()  # pause
+    qtbot.waitUntil(lambda: window.state == PAUSED, timeout=WAIT_MS)
+    assert worker.frame_interval() == 2.0, "after early_frames_s of training: the normal interval"
+    window.session.reset(tiny_spec(seed=3))
+    qtbot.waitUntil(lambda: worker._trained_seconds == 0.0 and window.state == PAUSED, timeout=WAIT_MS)
+    assert worker.frame_interval() == 0.25, "a new run is early again"
+    # The early interval never lengthens a shorter normal one.
+    worker.options = replace(opts, frame_min_interval_s=0.1)
+    assert worker.frame_interval() == 0.1
