@@ -14,12 +14,15 @@ training, 20 in evaluation) in four variants:
 Per unit (one evaluation of G in a solve, one series term, one backward-solve iteration) and per whole pass
 (training forward and backward; a no-gradient evaluation): operators, the non-view operators (kernel launches), the
 convolution FLOPs (``torch.utils.flop_counter``) and host synchronisations (:class:`monoflow_core.syncs.SyncCounter`).
+The solves keep a fixed shape, as on CUDA (:func:`monoflow_core.solvers.default_fixed_shape`).
 Times are not measured: ``benchmarks/gpu_step.py`` (part B) times the same variants on a GPU.
 
 ``--compile-check`` also compiles each fused job with ``torch.compile`` (inductor, on this CPU: C++ code, tens of
-seconds per job) and records how many kernels inductor generated for it.
+seconds per job) and records how many kernels inductor generated for it. ``--time`` adds the CPU's wall-clock time of
+one series term each way (interleaved medians, one thread), for this block and for the ``digits-cpu`` G at batch 64:
+timings of a shared machine, noisy, unlike the counts.
 
-Usage: ``python benchmarks/block_operators.py [--growth 172] [--batch 2] [--compile-check] [--out PATH]``
+Usage: ``python benchmarks/block_operators.py [--growth 172] [--batch 2] [--compile-check] [--time] [--out PATH]``
 (writes ``PATH.json`` and ``PATH.md``; default ``benchmarks/results/block_operators``).
 """
 
@@ -27,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+import monoflow_core.solvers as solvers
 from monoflow_core import MonotoneBlock
 from monoflow_core.blocks import _NetEvaluator
 from monoflow_core.logdet import EstimatorSettings
@@ -51,6 +58,10 @@ from monoflow_core.syncs import SyncCounter
 
 VARIANTS = [("plain", "vjp"), ("plain", "jvp"), ("fused", "vjp"), ("fused", "jvp")]
 
+#: Kernels inductor generates per fused job (``--compile-check`` on this CPU: one each, two for ``vjp_grads``, whose
+#: two outputs have different shapes).
+KERNELS_PER_JOB = {"vjp_grads": 2}
+
 
 class OperatorCounter(TorchDispatchMode):
     """Counts every aten operator, the non-view ones (kernel launches on a GPU), and those inside fused jobs."""
@@ -60,7 +71,7 @@ class OperatorCounter(TorchDispatchMode):
         self.ops = 0
         self.launches = 0
         self.in_jobs = 0  # non-view operators run inside fused jobs (eagerly)
-        self.jobs = 0  # fused jobs called
+        self.jobs = 0  # kernels of the fused jobs called, had they been compiled
         self.inside = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -83,7 +94,7 @@ def counting() -> Iterator[tuple[OperatorCounter, FlopCounterMode, SyncCounter]]
     original = fused_cpila._run
 
     def run(name: str, job: Callable[..., Any], *args: Any) -> Any:
-        counter.jobs += 1
+        counter.jobs += KERNELS_PER_JOB.get(name, 1)
         counter.inside += 1
         try:
             return original(name, job, *args)
@@ -103,7 +114,7 @@ def figures(counter: OperatorCounter, flops: FlopCounterMode, syncs: SyncCounter
         "operators": counter.ops,
         "launches": counter.launches,
         "launches_if_compiled": counter.compiled_launches(),
-        "fused_jobs": counter.jobs,
+        "fused_job_kernels": counter.jobs,
         "gflop": flops.get_total_flops() / 1e9,
         "host_syncs": syncs.count,
     }
@@ -156,7 +167,7 @@ def units(block: MonotoneBlock, g: ConvDenseNetG, x: torch.Tensor) -> dict[str, 
         jvp(u)
     out["series term by jvp"] = figures(*c)
     out["linearisation's extra cost (derivatives at the point)"] = {
-        k: linear[k] - graph[k] for k in ("operators", "launches", "launches_if_compiled", "fused_jobs", "gflop")
+        k: linear[k] - graph[k] for k in ("operators", "launches", "launches_if_compiled", "fused_job_kernels", "gflop")
     }
     return out
 
@@ -182,6 +193,49 @@ def passes(block: MonotoneBlock, x: torch.Tensor) -> dict[str, Any]:
             block(x)
         out["evaluation pass"] = {**figures(*c), "forward_iterations_max": int(block.forward_stats.iterations.max())}
     out["solver_warnings"] = sum(issubclass(w.category, SolverWarning) for w in caught)
+    return out
+
+
+def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, alternating their order from one repeat to the next."""
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    keys = list(runs)
+    for i in range(repeats):
+        for key in keys if i % 2 == 0 else keys[::-1]:
+            t0 = time.perf_counter()
+            runs[key]()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def term_times(growth: int, batch: int) -> dict[str, Any]:
+    """CPU milliseconds of one series term by vjp and by jvp (plain CPila), medians of interleaved repeats."""
+    digits = load_preset("digits-cpu").model
+    cases = {
+        f"paper-cifar10 scale 1 (3 x 32 x 32, growth {growth}), batch {batch}": (3, 32, growth, batch, 6),
+        f"digits-cpu scale 1 (1 x 8 x 8, growth {digits['growth']}), batch 64": (1, 8, digits["growth"], 64, 40),
+        f"digits-cpu scale 2 (4 x 4 x 4, growth {digits['growth']}), batch 64": (4, 4, digits["growth"], 64, 40),
+    }
+    out: dict[str, Any] = {}
+    for name, (c, side, width, b, repeats) in cases.items():
+        torch.manual_seed(0)
+        ev = _NetEvaluator(ConvDenseNetG(c, (side, side), depth=3, growth=width, coeff=0.98))
+        x = torch.rand(b, c, side, side) - 0.5
+        u = torch.randn_like(x)
+        with torch.enable_grad():
+            point = x.clone().requires_grad_(True)
+            gw = ev.value(point)
+            _, jvp = ev.value_and_linear(x.clone().requires_grad_(True))
+        assert jvp is not None
+        times = _interleaved(
+            {
+                "vjp": functools.partial(torch.autograd.grad, gw, point, u, retain_graph=True),
+                "jvp": functools.partial(jvp, u),
+            },
+            repeats,
+        )
+        out[name] = {f"term_{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"  {name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
 
@@ -236,15 +290,26 @@ def markdown(doc: dict[str, Any]) -> list[str]:
         *common.machine_header(doc["machine"], [doc["command"]]),
         f"One scale-1 monotone block of paper-cifar10 (3 x 32 x 32, conv DenseNet G of depth 3 and growth "
         f"{doc['growth']}, CPila; Poisson roulette, 10 exact terms in training, 20 in evaluation), batch "
-        f"{doc['batch']}, float32, on the CPU. These counts do not depend on the machine or its load (the timing note"
-        " above does not apply to them); whole passes depend on the solves' iterations, listed. Launches: operators"
-        " that are not views (each one kernel on a GPU). Launches if compiled: the same with every fused CPila job"
-        " one kernel.",
+        f"{doc['batch']}, float32, on the CPU, solves with fixed shapes as on CUDA. These counts do not depend on"
+        " the machine or its load (the timing note above does not apply to them); whole passes depend on the solves'"
+        " iterations, listed. Launches: operators that are not views (each one kernel on a GPU). Launches if"
+        " compiled: the same with every fused CPila job compiled (one kernel each, two for the second-order job).",
         "",
         *common.markdown_table(
             ["unit", "variant", "operators", "launches", "launches if compiled", "GFLOP", "host syncs"], rows
         ),
     ]
+    if doc.get("cpu_term_times"):
+        lines += [
+            "",
+            "CPU wall-clock time of one series term, plain CPila, one thread (`--time`; medians of interleaved"
+            " repeats on the shared machine above: noisy, unlike the counts):",
+            "",
+            *common.markdown_table(
+                ["G", "term by vjp (ms)", "term by jvp (ms)"],
+                [[k, f"{v['term_vjp_ms']:.1f}", f"{v['term_jvp_ms']:.1f}"] for k, v in doc["cpu_term_times"].items()],
+            ),
+        ]
     if doc.get("compile_check"):
         lines += ["", "Inductor on this CPU (`--compile-check`), kernels generated per fused job:", ""]
         lines += [
@@ -260,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--growth", type=int, default=172)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--compile-check", action="store_true")
+    parser.add_argument("--time", action="store_true", help="also time one series term each way on this CPU")
     parser.add_argument("--out", default=str(common.RESULTS_DIR / "block_operators"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -274,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {},
     }
     saved = fused_cpila.FUSION
+    # Fixed-shape solves, as on CUDA (the CPU's default compacts the batch, which reads the host every iteration).
+    solvers.default_fixed_shape = lambda device: True  # type: ignore[assignment]
     try:
         for cpila, products in VARIANTS:
             fused_cpila.FUSION = fused_cpila.FusionPolicy(mode="on" if cpila == "fused" else "off", compile=False)
@@ -285,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         fused_cpila.FUSION = saved
     if args.compile_check:
         doc["compile_check"] = compile_check()
+    if args.time:
+        doc["cpu_term_times"] = term_times(args.growth, args.batch)
     md_path, json_path = common.write_results(args.out, markdown(doc), doc)
     print("\n".join(markdown(doc)))
     print(f"wrote {md_path} and {json_path}", file=sys.stderr)

@@ -208,6 +208,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
             "digits_steps": 3,
             "toy_steps": 3,
             "fc_growth": 8,
+            "arithmetics": ["fp32"],  # TF32 and bfloat16 are GPU matters
         }
     return {
         "growth": None,
@@ -219,6 +220,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
         "digits_steps": 300,
         "toy_steps": 20,
         "fc_growth": None,
+        "arithmetics": ["fp32", "tf32", "bf16"],
     }
 
 
@@ -327,13 +329,14 @@ def g_products(g: ConvDenseNetG, x: torch.Tensor, device: torch.device, repeats:
     return out
 
 
+#: Part B's arithmetics: dtype and TF32.
+ARITHMETICS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+
+
 def part_b(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     for s, shape in enumerate(cifar_scales(size), start=1):
-        for label, dtype, allow in (
-            ("fp32", torch.float32, False),
-            ("tf32", torch.float32, True),
-            ("bf16", torch.bfloat16, False),
-        ):
+        for label in size["arithmetics"]:
+            dtype, allow = ARITHMETICS[label]
 
             def run(
                 shape: tuple[int, int, int] = shape, dtype: torch.dtype = dtype, allow: bool = allow, s: int = s

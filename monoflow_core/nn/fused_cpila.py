@@ -29,7 +29,8 @@ The environment variable ``MONOFLOW_FUSED_ACTIVATIONS`` (``auto``, ``on`` or ``o
 Autograd: where a graph must be recorded through a job (grad mode on and an input that requires grad), ``value``,
 ``derivative`` and ``value_and_derivative`` use the plain differentiable formulas, and ``vjp`` runs inside an
 autograd function whose backward is ``vjp_grads`` (in differentiable formulas again when a graph of that backward is
-wanted), so gradients of every order stay exact.
+wanted), so gradients of every order stay exact. Tensors of a ``torch.func`` transform take the differentiable
+formulas directly.
 
 A job runs eagerly, whatever the mode, where compiling cannot or must not happen: with ``FUSION.compile`` off, under
 an active ``TorchDispatchMode`` (the operator and synchronisation counters and the TF32 emulation must see every
@@ -164,34 +165,48 @@ def _pila_second_derivative(z: Tensor, k: float) -> Tensor:
     return torch.where(z > 0, torch.zeros_like(z), poly * torch.exp(k * zn))
 
 
+def _halves(x: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+    """``z = [x - shift, -x - shift]`` as ``(..., 2, n)`` and the signs ``[1, -1]`` as ``(2, 1)``.
+
+    A broadcast rather than a concatenation: a compiler then writes both halves of the output in one kernel (a
+    concatenation is lowered as one kernel per input). Reshaping ``(..., 2, n)`` to ``(..., 2n)`` is a view and
+    gives CPila's layout, the first half then the second.
+    """
+    sign = 1.0 - 2.0 * torch.arange(2, dtype=x.dtype, device=x.device).view(2, 1)
+    return x.unsqueeze(-2) * sign - shift, sign
+
+
+def _flat(z: Tensor) -> Tensor:
+    return z.reshape(*z.shape[:-2], 2 * z.shape[-1])
+
+
 def _value_job(x: Tensor, k: float, shift: float, scale: float) -> Tensor:
-    both = torch.cat([x - shift, -x - shift], dim=-1)
-    zn = torch.clamp(both, max=0.0)
+    z, _ = _halves(x, shift)
+    zn = torch.clamp(z, max=0.0)
     neg = ((0.5 * k * k * zn - k) * zn * zn + zn) * torch.exp(k * zn)
-    return torch.where(both > 0, both, neg) * scale
+    return _flat(torch.where(z > 0, z, neg) * scale)
 
 
 def _value_and_derivative_job(x: Tensor, k: float, shift: float, scale: float) -> tuple[Tensor, Tensor]:
-    both = torch.cat([x - shift, -x - shift], dim=-1)
-    zn = torch.clamp(both, max=0.0)
+    z, sign = _halves(x, shift)
+    zn = torch.clamp(z, max=0.0)
     e = torch.exp(k * zn)
-    pos = both > 0
-    value = torch.where(pos, both, ((0.5 * k * k * zn - k) * zn * zn + zn) * e) * scale
-    deriv = torch.where(pos, torch.ones_like(both), (((0.5 * k**3 * zn + 0.5 * k * k) * zn - k) * zn + 1.0) * e)
-    n = x.shape[-1]
-    # d/dx Pila(-x - s) = -Pila'(-x - s): the second half's sign.
-    return value, torch.cat([deriv[..., :n], -deriv[..., n:]], dim=-1) * scale
+    pos = z > 0
+    value = torch.where(pos, z, ((0.5 * k * k * zn - k) * zn * zn + zn) * e) * scale
+    deriv = torch.where(pos, torch.ones_like(z), (((0.5 * k**3 * zn + 0.5 * k * k) * zn - k) * zn + 1.0) * e)
+    # d/dx Pila(sign x - s) = sign Pila'(sign x - s).
+    return _flat(value), _flat(deriv * (sign * scale))
 
 
 def _derivative_job(x: Tensor, k: float, shift: float, scale: float) -> Tensor:
-    return torch.cat([_pila_derivative(x - shift, k), -_pila_derivative(-x - shift, k)], dim=-1) * scale
+    z, sign = _halves(x, shift)
+    return _flat(_pila_derivative(z, k) * (sign * scale))
 
 
 def _vjp_job(x: Tensor, grad: Tensor, k: float, shift: float, scale: float) -> Tensor:
-    n = x.shape[-1]
-    first = grad[..., :n] * _pila_derivative(x - shift, k)
-    second = grad[..., n:] * _pila_derivative(-x - shift, k)
-    return (first - second) * scale
+    z, sign = _halves(x, shift)
+    g = grad.reshape(*x.shape[:-1], 2, x.shape[-1])
+    return (g * _pila_derivative(z, k) * sign).sum(dim=-2) * scale
 
 
 def _vjp_grads_job(
@@ -199,14 +214,14 @@ def _vjp_grads_job(
 ) -> tuple[Tensor, Tensor]:
     """Derivatives of ``_vjp_job``'s output, weighted by ``cotangent``, with respect to ``x`` and ``grad``.
 
-    The output is ``(g1 P'(x - s) - g2 P'(-x - s)) c``; its derivative in ``x`` is
-    ``(g1 P''(x - s) + g2 P''(-x - s)) c`` and in ``(g1, g2)`` it is ``(P'(x - s), -P'(-x - s)) c``.
+    The output is ``sum_h g_h s_h P'(s_h x - shift) c`` over the halves ``h`` (signs ``s = (1, -1)``); its derivative
+    in ``x`` is ``sum_h g_h P''(s_h x - shift) c`` (``s_h^2 = 1``) and in ``g_h`` it is ``s_h P'(s_h x - shift) c``.
     """
-    n = x.shape[-1]
-    a, b = x - shift, -x - shift
-    grad_x = cotangent * (grad[..., :n] * _pila_second_derivative(a, k) + grad[..., n:] * _pila_second_derivative(b, k))
-    grad_g = torch.cat([cotangent * _pila_derivative(a, k), -cotangent * _pila_derivative(b, k)], dim=-1)
-    return grad_x * scale, grad_g * scale
+    z, sign = _halves(x, shift)
+    g = grad.reshape(*x.shape[:-1], 2, x.shape[-1])
+    grad_x = cotangent * (g * _pila_second_derivative(z, k)).sum(dim=-2) * scale
+    grad_g = cotangent.unsqueeze(-2) * _pila_derivative(z, k) * (sign * scale)
+    return grad_x, _flat(grad_g)
 
 
 # -- running a job ------------------------------------------------------------------------------------------------
@@ -222,7 +237,7 @@ def _may_compile(tensors: tuple[Tensor, ...]) -> bool:
         return False
     if _is_compiling():  # inside someone's compiled region: it traces the job itself
         return False
-    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    return not _transformed(*tensors)
 
 
 def _run(name: str, job: Callable[..., Any], *args: Any) -> Any:
@@ -246,8 +261,14 @@ def _run(name: str, job: Callable[..., Any], *args: Any) -> Any:
         return job(*args)
 
 
+def _transformed(*tensors: Tensor) -> bool:
+    """Tensors of a ``torch.func`` transform (vmap, grad, jvp): the differentiable formulas serve them directly."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _recording(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Autograd must record a graph through the job (or a ``torch.func`` transform traces it)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or _transformed(*tensors)
 
 
 class _Vjp(torch.autograd.Function):
@@ -297,6 +318,8 @@ def cpila_value_and_derivative(x: Tensor, k: float, shift: float, scale: float) 
 
 def cpila_vjp(x: Tensor, grad: Tensor, k: float, shift: float, scale: float) -> Tensor:
     """``grad`` (shaped like the output) times the Jacobian at ``x``: the gradient with respect to ``x``."""
+    if _transformed(x, grad):
+        return _vjp_job(x, grad, k, shift, scale)
     if _recording(x, grad):
         out: Tensor = _Vjp.apply(x, grad, k, shift, scale)
         return out

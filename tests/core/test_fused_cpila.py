@@ -136,6 +136,24 @@ def test_no_compile_under_a_dispatch_mode(monkeypatch):
     assert policy.failure is None  # nothing was compiled (else the failing backend would have been called)
 
 
+def test_torch_func_transforms_see_through_fused_cpila(monkeypatch):
+    """vmap of jacrev and jvp (functorch) take the differentiable formulas; nothing is compiled under them."""
+    x = inputs((3, 4))
+    t = torch.randn_like(x)
+
+    def transforms():
+        act = CPila()
+        return [torch.func.vmap(torch.func.jacrev(act))(x), torch.func.jvp(act, (x,), (t,))[1]]
+
+    use(monkeypatch, mode="off")
+    plain = transforms()
+    policy = use(monkeypatch, mode="on", compile=True, backend=_failing_backend)
+    fused = transforms()
+    assert policy.failure is None
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-300)
+
+
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile does not support this Python")
 def test_the_jobs_compile_as_whole_graphs(monkeypatch):
     """Each job traces into one graph (``fullgraph=True``: a break would fail); the 'eager' backend runs the traced
