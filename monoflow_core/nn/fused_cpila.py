@@ -128,7 +128,7 @@ class FusionPolicy:
     def describe(self, device_type: str) -> str:
         """One line for logs and benchmark reports: the mode and what it means on ``device_type``."""
         if not self.active(device_type):
-            if self.mode == "off":
+            if check_fusion_mode(self.mode) == "off":
                 why = "requested"
             elif device_type == "cuda":
                 why = "auto: no GPU compiler (Triton) here"
