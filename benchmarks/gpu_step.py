@@ -10,8 +10,13 @@ Parts (``--parts``, default ``ABEDC``: the heaviest, C, last):
   batch 64: its forward solve's iterations, residual, failures and time in float32 with TF32 off and on, float64,
   and bfloat16 (at initialisation: trained weights may need more iterations). TF32 is set through
   ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``.
-* **B, G's products**: at each scale of ``paper-cifar10``, the time of G's value, its vector-Jacobian product and
-  its forward-mode (Jacobian-vector) product, in float32 (TF32 off and on) and bfloat16.
+* **B, G's products**: at each scale of ``paper-cifar10``, in float32 (TF32 off and on) and bfloat16, the time of G's
+  value, its vector-Jacobian product and its forward-mode (Jacobian-vector) product, each with CPila by the plain
+  formulas and by the fused jobs (:mod:`monoflow_core.nn.fused_cpila`, compiled on CUDA; the first call's time, which
+  includes compiling, is reported apart), and the two ways a power-series term can be taken: a vector-Jacobian
+  product through a kept graph of G, or a forward-mode product with G's derivatives kept (``products="jvp"``), with
+  the linearisation that keeps them. These decide the defaults that the CPU's operator counts chose
+  (``benchmarks/block_operators.py``, docs/gpu.md): fused CPila on CUDA, series terms by forward mode.
 * **C, training steps**: MNIST- and CIFAR-10-shaped models (``paper-mnist``, ``paper-cifar10``) with 1-1-1, 4-4-4 and
   16-16-16 blocks, batch 64, synthetic images: median of 5 steps after 2 warm-up steps, peak memory, forward and
   backward solve iterations, failed samples, host synchronisations per step (``aten._local_scalar_dense`` counted
@@ -52,8 +57,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from monoflow_core.blocks import SQRT2, MonotoneBlock, _NetEvaluator
 from monoflow_core.data.images import ImageSet
+from monoflow_core.logdet import EstimatorSettings
 from monoflow_core.memory_plan import plan_grad_accumulation
+from monoflow_core.nn import fused_cpila
 from monoflow_core.nn.conv import ConvDenseNetG
+from monoflow_core.precision import tf32_mode
 from monoflow_core.presets import load_preset
 from monoflow_core.resources import memory_budget
 from monoflow_core.solvers import SolverWarning
@@ -135,16 +143,33 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return statistics.median(times)
 
 
+def tf32(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """TF32 for matrix products and cuDNN convolutions on or off, restored afterwards (the engine's own switch)."""
+    return tf32_mode(enabled)
+
+
+#: CPila's two variants for part B; the fused one is compiled on CUDA only (on the CPU compiling takes minutes, and a
+#: smoke run checks the script): one policy object each, so compiled kernels are kept between measurements.
+_CPILA: dict[str, fused_cpila.FusionPolicy] = {}
+
+
+def cpila_policy(variant: str, device: torch.device) -> fused_cpila.FusionPolicy:
+    if variant not in _CPILA:
+        _CPILA[variant] = fused_cpila.FusionPolicy(
+            mode="on" if variant == "fused" else "off", compile=device.type == "cuda"
+        )
+    return _CPILA[variant]
+
+
 @contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 for matrix products and cuDNN convolutions on or off, restored afterwards."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
+def cpila(variant: str, device: torch.device) -> Iterator[fused_cpila.FusionPolicy]:
+    """CPila by the plain formulas (``"plain"``) or the fused jobs (``"fused"``) inside the block."""
+    saved = fused_cpila.FUSION
+    fused_cpila.FUSION = cpila_policy(variant, device)
     try:
-        yield
+        yield fused_cpila.FUSION
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        fused_cpila.FUSION = saved
 
 
 def guarded(report: Report, part: str, key: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -183,6 +208,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
             "digits_steps": 3,
             "toy_steps": 3,
             "fc_growth": 8,
+            "arithmetics": ["fp32"],  # TF32 and bfloat16 are GPU matters
         }
     return {
         "growth": None,
@@ -194,6 +220,7 @@ def sizes(tiny: bool) -> dict[str, Any]:
         "digits_steps": 300,
         "toy_steps": 20,
         "fc_growth": None,
+        "arithmetics": ["fp32", "tf32", "bf16"],
     }
 
 
@@ -264,45 +291,66 @@ def part_a(report: Report, device: torch.device, size: dict[str, Any]) -> None:
         guarded(report, "A", label, run)
 
 
+def g_products(g: ConvDenseNetG, x: torch.Tensor, device: torch.device, repeats: int) -> dict[str, float]:
+    """Seconds of G's value, its products, and the two ways of taking a power-series term, for the CPila in effect."""
+    prepared = g.prepare()
+    ev = _NetEvaluator(g)
+    u = torch.randn_like(x)
+    out: dict[str, float] = {}
+    synchronize(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        g.evaluate(x, prepared)
+    synchronize(device)
+    out["first_value_s"] = time.perf_counter() - t0  # includes compiling the fused jobs, where they compile
+    with torch.no_grad():
+        out["value_s"] = timed(lambda: g.evaluate(x, prepared), device, repeats)
+
+    def vjp() -> None:
+        xr = x.detach().requires_grad_(True)
+        torch.autograd.grad(g.evaluate(xr, prepared), xr, u)
+
+    out["value_and_vjp_s"] = timed(vjp, device, repeats)
+    with torch.no_grad():
+        out["jvp_torch_func_s"] = timed(
+            lambda: torch.func.jvp(lambda z: g.evaluate(z, prepared), (x,), (u,)), device, repeats
+        )
+    # A power-series term: a vector-Jacobian product through a kept graph, or a forward-mode product with G's
+    # derivatives kept (and the linearisation that keeps them, against the plain graph it replaces).
+    point = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        gw = ev.value(point)
+        out["graph_s"] = timed(lambda: ev.value(x.detach().requires_grad_(True)), device, repeats)
+        out["linearize_s"] = timed(lambda: ev.value_and_linear(x.detach().requires_grad_(True)), device, repeats)
+        _, jvp = ev.value_and_linear(point)
+        out["term_vjp_s"] = timed(lambda: torch.autograd.grad(gw, point, u, retain_graph=True), device, repeats)
+    assert jvp is not None
+    out["term_jvp_s"] = timed(lambda: jvp(u), device, repeats)
+    return out
+
+
+#: Part B's arithmetics: dtype and TF32.
+ARITHMETICS = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+
+
 def part_b(report: Report, device: torch.device, size: dict[str, Any]) -> None:
     for s, shape in enumerate(cifar_scales(size), start=1):
-        for label, dtype, allow in (
-            ("fp32", torch.float32, False),
-            ("tf32", torch.float32, True),
-            ("bf16", torch.bfloat16, False),
-        ):
+        for label in size["arithmetics"]:
+            dtype, allow = ARITHMETICS[label]
 
             def run(
                 shape: tuple[int, int, int] = shape, dtype: torch.dtype = dtype, allow: bool = allow, s: int = s
             ) -> dict[str, Any]:
                 torch.manual_seed(0)
                 g = conv_g(shape, size, device, dtype)
-                prepared = g.prepare()
                 x = (torch.rand(size["batch"], *shape, device=device) - 0.5).to(dtype)
-                u = torch.randn_like(x)
+                out: dict[str, Any] = {"scale": s, "shape": list(shape), "batch": size["batch"]}
                 with tf32(allow):
-                    with torch.no_grad():
-                        value = timed(lambda: g.evaluate(x, prepared), device, size["repeats"])
-
-                    def vjp() -> None:
-                        xr = x.detach().requires_grad_(True)
-                        torch.autograd.grad(g.evaluate(xr, prepared), xr, u)
-
-                    backward = timed(vjp, device, size["repeats"])
-                    with torch.no_grad():
-                        forward_mode = timed(
-                            lambda: torch.func.jvp(lambda z: g.evaluate(z, prepared), (x,), (u,)),
-                            device,
-                            size["repeats"],
-                        )
-                return {
-                    "scale": s,
-                    "shape": list(shape),
-                    "batch": size["batch"],
-                    "value_s": value,
-                    "vjp_s": backward,
-                    "jvp_s": forward_mode,
-                }
+                    for variant in ("plain", "fused"):
+                        with cpila(variant, device) as policy:
+                            times = g_products(g, x, device, size["repeats"])
+                            out[f"cpila_{variant}"] = {**times, "policy": policy.describe(device.type)}
+                return out
 
             guarded(report, "B", f"scale {s} {label}", run)
 
@@ -464,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "sizes": size,
         "tf32_defaults": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "defaults": {
+            "fused_cpila": fused_cpila.FUSION.describe(device.type),
+            "series_products": f"{EstimatorSettings().products} (forward mode for the project's G)",
+        },
     }
     report = Report(Path(args.out), header)
     report.write()

@@ -26,8 +26,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .logdet import EstimatorSettings, exact_logdet, neumann_logdet, power_series_logdet, resolve_logdet_mode
-from .nn.densenet import JacobianNet
+from .logdet import (
+    EstimatorSettings,
+    exact_logdet,
+    neumann_logdet,
+    power_series_logdet,
+    resolve_logdet_mode,
+    resolve_series_products,
+)
+from .nn.densenet import JacobianNet, LinearMap
 from .solvers import DEFAULT_TOL, SolverStats, resolve_method, solve, solve_small_linear
 
 __all__ = [
@@ -49,11 +56,16 @@ GFunction = Callable[[Tensor], Tensor]
 
 
 class _Graph(NamedTuple):
-    """A graph of G kept by a block: ``value = G(point)``; gradients with respect to ``point`` go to ``attach``."""
+    """A graph of G kept by a block: ``value = G(point)``; gradients with respect to ``point`` go to ``attach``.
+
+    ``jvp``: the forward-mode product ``t -> J_G(point) t`` (:meth:`JacobianNet.linearize`) where the log-det's series
+    takes its terms that way, else ``None``.
+    """
 
     point: Tensor
     value: Tensor
     attach: Tensor
+    jvp: LinearMap | None = None
 
 
 def _event_dim(x: Tensor) -> int:
@@ -117,6 +129,18 @@ class _NetEvaluator:
             with torch.no_grad():
                 return self.net.evaluate_with_jacobian(w, self.prepared)
         return autograd_jacobian(self.value, w, create_graph)
+
+    @property
+    def linearizable(self) -> bool:
+        """Whether G offers forward-mode products with its derivatives kept (:meth:`JacobianNet.linearize`)."""
+        return isinstance(self.net, JacobianNet) and self.net.supports_linearize
+
+    def value_and_linear(self, w: Tensor) -> tuple[Tensor, LinearMap | None]:
+        """``G(w)`` (with a graph where autograd records one) and ``t -> J_G(w) t`` where G offers it."""
+        if isinstance(self.net, JacobianNet) and self.net.supports_linearize:
+            assert self.prepared is not None  # prepared in __init__ for every JacobianNet
+            return self.net.linearize(w, self.prepared)
+        return self.value(w), None
 
 
 def _net_has_grad_params(net: GFunction) -> bool:
@@ -196,11 +220,31 @@ class _ImplicitBlock(nn.Module):
                 label=f"{type(self).__name__} {label}",
             )
 
+    def _series_by_jvp(self, ev: _NetEvaluator, x: Tensor, need_grad: bool) -> bool:
+        """Whether this pass's log-det is a power series whose terms are forward-mode products.
+
+        That is a no-gradient pass or the memory-saving Neumann gradient (a series whose graph is kept needs
+        vector-Jacobian products), with a G that offers them and the estimator's ``products`` setting allowing them
+        (:func:`~monoflow_core.logdet.resolve_series_products`).
+        """
+        if resolve_logdet_mode(self.logdet_mode, _event_dim(x), training=need_grad) != "estimator":
+            return False
+        if need_grad and self._memory_efficient_params(need_grad) is None:
+            return False
+        return resolve_series_products(self.estimator.products, ev.linearizable) == "jvp"
+
     def _attach_gradient(
-        self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float, a_mat: Tensor | None
+        self,
+        ev: _NetEvaluator,
+        w_star: Tensor,
+        rhs: Tensor,
+        sign: float,
+        a_mat: Tensor | None,
+        linear: bool = False,
     ) -> tuple[Tensor, _Graph | None]:
         """A tensor equal to ``w*`` whose gradient is the exact implicit-function gradient, and the graph of G at
-        ``w*`` it keeps (``None`` for the one-step correction), which the log-det may reuse."""
+        ``w*`` it keeps (``None`` for the one-step correction), which the log-det may reuse; with ``linear`` that
+        graph comes with G's forward-mode product at ``w*`` (:meth:`JacobianNet.linearize`)."""
         n = _event_dim(w_star)
         mode = self.implicit_grad
         if mode == "auto":
@@ -212,10 +256,10 @@ class _ImplicitBlock(nn.Module):
             r = w_star + sign * ev.value(w_star) - rhs
             step = solve_small_linear(a_mat.detach(), r.reshape(r.shape[0], -1)).reshape(w_star.shape)
             return w_star - step, None
-        return self._backward_solve_hook(ev, w_star, rhs, sign)
+        return self._backward_solve_hook(ev, w_star, rhs, sign, linear)
 
     def _backward_solve_hook(
-        self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float
+        self, ev: _NetEvaluator, w_star: Tensor, rhs: Tensor, sign: float, linear: bool = False
     ) -> tuple[Tensor, _Graph]:
         """``w = rhs - sign G(w0)`` with ``w0 = w*`` a leaf, and a hook on ``w`` that solves the backward system.
 
@@ -226,7 +270,7 @@ class _ImplicitBlock(nn.Module):
         """
         with torch.enable_grad():
             w0 = w_star.detach().requires_grad_(True)
-            g0 = ev.value(w0)
+            g0, jvp = ev.value_and_linear(w0) if linear else (ev.value(w0), None)
         w = rhs - sign * g0
         method = "anderson" if resolve_method(self.solver, _event_dim(w_star)) == "newton" else self.solver
         method = resolve_method(method, 10**9)
@@ -255,7 +299,7 @@ class _ImplicitBlock(nn.Module):
 
         if w.requires_grad:
             w.register_hook(hook)
-        return w, _Graph(w0, g0, w)
+        return w, _Graph(w0, g0, w, jvp)
 
     def _logdet(
         self, ev: _NetEvaluator, w: Tensor, jac: Tensor | None, need_grad: bool, graph: _Graph | None = None
@@ -273,6 +317,14 @@ class _ImplicitBlock(nn.Module):
                 _, jac = ev.value_and_jacobian(w, create_graph=need_grad)
             return exact_logdet(jac, self.kind)
 
+        by_jvp = self._series_by_jvp(ev, w, need_grad)
+        if by_jvp and not need_grad:
+            # Forward-mode products: G's derivatives at w once, no graph at all.
+            with torch.no_grad():
+                _, jvp = ev.value_and_linear(w)
+            return power_series_logdet(
+                None, w.shape, self.kind, self.estimator, training=False, dtype=w.dtype, device=w.device, jvp=jvp
+            )
         params = self._memory_efficient_params(need_grad)
         if params is not None and graph is None:
             # The products are taken at a leaf equal to w: the surrogate's gradient with respect to the parameters
@@ -280,7 +332,8 @@ class _ImplicitBlock(nn.Module):
             # gradient with respect to the point is handed to w by the estimator.
             with torch.enable_grad():
                 leaf = w.detach().requires_grad_(True)
-                graph = _Graph(leaf, ev.value(leaf), w)
+                value, jvp = ev.value_and_linear(leaf) if by_jvp else (ev.value(leaf), None)
+                graph = _Graph(leaf, value, w, jvp)
         elif params is None:
             # One evaluation of G with a graph serves every vector-Jacobian product of the series. The products are
             # taken with respect to an alias of w: a gradient with respect to w itself would fire the backward-solve
@@ -299,7 +352,9 @@ class _ImplicitBlock(nn.Module):
             return torch.zeros_like(u) if out is None else out
 
         if params is not None:
-            return neumann_logdet(vjp, point, params, self.kind, self.estimator, attach_to=graph.attach)
+            return neumann_logdet(
+                vjp, point, params, self.kind, self.estimator, attach_to=graph.attach, jvp=graph.jvp if by_jvp else None
+            )
         return power_series_logdet(
             vjp, w.shape, self.kind, self.estimator, training=need_grad, dtype=w.dtype, device=w.device
         )
@@ -350,7 +405,8 @@ class MonotoneBlock(_ImplicitBlock):
         w_star, self.forward_stats, a_mat = self._solve(ev, rhs, 1.0, "forward solve")
         need_grad = self._needs_grad(x)
         jac = None if a_mat is None else a_mat - torch.eye(a_mat.shape[-1], dtype=x.dtype, device=x.device)
-        w, graph = self._attach_gradient(ev, w_star, rhs, 1.0, a_mat) if need_grad else (w_star, None)
+        linear = need_grad and self._series_by_jvp(ev, w_star, need_grad)
+        w, graph = self._attach_gradient(ev, w_star, rhs, 1.0, a_mat, linear) if need_grad else (w_star, None)
         logdet = self._logdet(ev, w, jac, need_grad, graph)
         return SQRT2 * w - x, logdet
 
@@ -383,8 +439,8 @@ class ResidualBlock(_ImplicitBlock):
         # One graph of G at x serves the output and the log-det's gradient (taken with respect to an alias of x).
         with torch.enable_grad():
             xr = _grad_alias(x)
-            g = ev.value(xr)
-        return x + g, self._logdet(ev, x, None, need_grad, _Graph(xr, g, xr))
+            g, jvp = ev.value_and_linear(xr) if self._series_by_jvp(ev, x, need_grad) else (ev.value(xr), None)
+        return x + g, self._logdet(ev, x, None, need_grad, _Graph(xr, g, xr, jvp))
 
     def inverse(self, y: Tensor) -> Tensor:
         ev = _NetEvaluator(self.net)
@@ -405,7 +461,8 @@ class InverseResidualBlock(_ImplicitBlock):
         w_star, self.forward_stats, a_mat = self._solve(ev, x, 1.0, "forward solve")
         need_grad = self._needs_grad(x)
         jac = None if a_mat is None else a_mat - torch.eye(a_mat.shape[-1], dtype=x.dtype, device=x.device)
-        w, graph = self._attach_gradient(ev, w_star, x, 1.0, a_mat) if need_grad else (w_star, None)
+        linear = need_grad and self._series_by_jvp(ev, w_star, need_grad)
+        w, graph = self._attach_gradient(ev, w_star, x, 1.0, a_mat, linear) if need_grad else (w_star, None)
         return w, self._logdet(ev, w, jac, need_grad, graph)
 
     def inverse(self, y: Tensor) -> Tensor:

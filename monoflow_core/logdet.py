@@ -8,7 +8,10 @@ For a block built on G with Jacobian ``J = J_G(w)`` (Ahn et al. 2022, Definition
 
 The exact form uses the full Jacobian (cheap by forward-mode tangents in small dimensions). The estimator is
 the Residual-Flows power series (Chen et al. 2019): Hutchinson traces ``v^T J^k v`` with Gaussian probes and a
-Russian-roulette truncation, optionally with the Neumann-series gradient. Its value is an *unbiased estimate*,
+Russian-roulette truncation, optionally with the Neumann-series gradient. Its terms are taken either by
+vector-Jacobian products through a graph of G (``u -> u^T J``) or by forward-mode products with G's derivatives kept
+(``u -> J u``, :meth:`monoflow_core.nn.densenet.JacobianNet.linearize`); both give the same ``v^T J^k v``
+(:data:`SERIES_PRODUCTS`, docs/gpu.md). Its value is an *unbiased estimate*,
 never an exact log-likelihood, and callers must label it so. Beware: the roulette's variance is infinite once
 the spectral radius of J exceeds ``sqrt(1 - p)`` (docs/performance.md).
 """
@@ -31,6 +34,7 @@ __all__ = [
     "KINDS",
     "LOGDET_MODES",
     "MAX_MEAN_EXTRA_TERMS",
+    "SERIES_PRODUCTS",
     "EstimatorSettings",
     "exact_logdet",
     "neumann_logdet",
@@ -38,11 +42,19 @@ __all__ = [
     "power_series_coefficient",
     "power_series_logdet",
     "resolve_logdet_mode",
+    "resolve_series_products",
 ]
 
 KINDS = ("monotone", "residual", "inverse_residual")
 LOGDET_MODES = ("auto", "exact", "estimator", "hybrid")
 ROULETTES = ("geometric", "poisson")
+
+#: How the power series takes its terms: ``"jvp"`` (forward-mode products ``J u`` with G's activation derivatives
+#: kept, where G offers them), ``"vjp"`` (vector-Jacobian products ``u^T J`` through a graph of G), or ``"auto"``:
+#: ``"jvp"`` where G offers it. Per term both cost the same convolutions (counted: benchmarks/block_operators.py),
+#: and the forward-mode product issues far fewer operators: it multiplies by a kept derivative where the graph's
+#: backward recomputes the activation's derivative from its saved input, and walks no graph (docs/gpu.md).
+SERIES_PRODUCTS = ("auto", "jvp", "vjp")
 
 #: ``"auto"`` computes the exact log-det up to this many dimensions per sample (64 covers 8x8 images).
 EXACT_MAX_DIM = 64
@@ -153,6 +165,8 @@ class EstimatorSettings:
             extra terms, ``(1-p)/p`` or lambda, must be at most :data:`MAX_MEAN_EXTRA_TERMS`.
         n_probes: Hutchinson probes per sample (averaged).
         neumann_grad: use the Neumann-series gradient (memory-saving) in training.
+        products: how the series takes its terms, one of :data:`SERIES_PRODUCTS` (see
+            :func:`resolve_series_products`).
     """
 
     n_exact_terms: int = 2
@@ -161,8 +175,11 @@ class EstimatorSettings:
     roulette_param: float = 0.5
     n_probes: int = 1
     neumann_grad: bool = True
+    products: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.products not in SERIES_PRODUCTS:
+            raise ValueError(f"products: unknown {self.products!r}; choose one of {list(SERIES_PRODUCTS)}")
         if self.roulette not in ROULETTES:
             raise ValueError(f"roulette: unknown {self.roulette!r}; choose one of {list(ROULETTES)}")
         param = self.roulette_param
@@ -204,6 +221,18 @@ class EstimatorSettings:
         return int(torch.poisson(lam, generator=generator))
 
 
+def resolve_series_products(products: str, linearizable: bool) -> str:
+    """``"jvp"`` or ``"vjp"``: the products a series takes for a G that offers forward-mode products or not.
+
+    ``"auto"`` and ``"jvp"`` resolve to ``"jvp"`` where G offers them (``linearizable``), to ``"vjp"`` otherwise.
+    Only the memory-saving paths use forward-mode products: a no-gradient evaluation, and training with the
+    Neumann gradient (:func:`neumann_logdet`); a series whose own graph is kept takes ``"vjp"`` products.
+    """
+    if products not in SERIES_PRODUCTS:
+        raise ValueError(f"products: unknown {products!r}; choose one of {list(SERIES_PRODUCTS)}")
+    return "jvp" if products != "vjp" and linearizable else "vjp"
+
+
 def _draw_series(
     settings: EstimatorSettings, kind: str, training: bool, generator: torch.Generator | None
 ) -> list[float]:
@@ -211,6 +240,18 @@ def _draw_series(
     n_exact = settings.n_exact_terms if training else settings.n_exact_terms_eval
     n_terms = n_exact + settings.draw_extra_terms(generator)
     return [power_series_coefficient(kind, k) / settings.tail_probability(k - n_exact) for k in range(1, n_terms + 1)]
+
+
+def _series(product: Callable[[Tensor], Tensor], v: Tensor, weights: list[float]) -> tuple[Tensor, Tensor]:
+    """``sum_k w_k v.(P^k v)`` per sample and ``sum_k w_k k P^(k-1) v`` for the product ``P`` (``J`` or ``J^T``)."""
+    b = v.shape[0]
+    total = torch.zeros(b, dtype=v.dtype, device=v.device)
+    u, acc = v, torch.zeros_like(v)
+    for k, weight in enumerate(weights, start=1):
+        acc = acc + (weight * k) * u
+        u = product(u)
+        total = total + weight * (u * v).reshape(b, -1).sum(dim=1)
+    return total, acc
 
 
 def neumann_series_vectors(
@@ -222,52 +263,63 @@ def neumann_series_vectors(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None = None,
+    jvp: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One training draw of the estimator without any graph: its value and the vectors of its Neumann gradient.
 
     The estimate is ``sum_k w_k v^T J^k v`` (Hutchinson probe ``v``, roulette weights ``w_k``). Its derivative with
     respect to anything J depends on is ``sum_k w_k sum_{j<k} v^T J^j dJ J^(k-1-j) v``; the Neumann-series
-    gradient of Residual Flows (Chen et al. 2019, section 3.2) keeps, of that, the unbiased estimate
-    ``sum_k w_k k v^T J^(k-1) dJ v = q^T dJ v`` with ``q^T = sum_k w_k k v^T J^(k-1)`` (for a probe ``v`` with
-    ``E[v v^T] = I`` both have the same expectation, ``d sum_k w_k tr(J^k)``). So the gradient of the estimate is the
-    gradient of the bilinear *surrogate* ``q^T J v`` with ``q`` and ``v`` held fixed: one more vector-Jacobian
-    product, differentiated once, whenever and wherever the graph of G is at hand.
+    gradient of Residual Flows (Chen et al. 2019, section 3.2) keeps, of that, one unbiased estimate, the gradient of
+    a bilinear *surrogate* ``l^T J r`` with ``l`` and ``r`` held fixed:
+
+    * with vector-Jacobian products (``jvp`` not given): ``l = q``, ``r = v``, ``q^T = sum_k w_k k v^T J^(k-1)``, so the
+      gradient is ``sum_k w_k k v^T J^(k-1) dJ v``;
+    * with forward-mode products (``jvp``: ``u -> J u``): ``l = v``, ``r = p = sum_k w_k k J^(k-1) v``, so the gradient
+      is ``sum_k w_k k v^T dJ J^(k-1) v``.
+
+    For a probe with ``E[v v^T] = I`` both have the expectation ``sum_k w_k k tr(J^(k-1) dJ) = d sum_k w_k tr(J^k)``
+    (the trace is invariant under cyclic shifts), and the value is the same ``v^T J^k v`` either way. The surrogate's
+    gradient takes one more vector-Jacobian product, differentiated once, whenever and wherever the graph of G is at
+    hand.
 
     Args:
-        vjp: ``vjp(u, create_graph) -> u^T J``; called here with ``create_graph=False`` only.
+        vjp: ``vjp(u, create_graph) -> u^T J``; called here with ``create_graph=False`` only, and not at all with
+            ``jvp``.
         shape: the (B, ...) shape of the block's input.
+        jvp: ``u -> J u`` (no graph), to take the terms by forward-mode products.
 
     Returns:
-        ``(value, q, v)``: the (B,) estimate averaged over probes, and ``q``, ``v`` of shape (P, B, ...) for the
-        ``P = n_probes`` probes, already divided so that the surrogate is ``sum_p q_p^T J v_p``.
+        ``(value, l, r)``: the (B,) estimate averaged over probes, and ``l``, ``r`` of shape (P, B, ...) for the
+        ``P = n_probes`` probes, already divided so that the surrogate is ``sum_p l_p^T J r_p``.
     """
     weights = _draw_series(settings, kind, True, generator)
-    b = shape[0]
-    total = torch.zeros(b, dtype=dtype, device=device)
-    qs, vs = [], []
+    total = torch.zeros(shape[0], dtype=dtype, device=device)
+    lefts, rights = [], []
     for _ in range(settings.n_probes):
         v = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-        u, q = v, torch.zeros_like(v)
-        for k, weight in enumerate(weights, start=1):
-            q = q + (weight * k) * u
-            u = vjp(u, False)
-            total = total + weight * (u * v).reshape(b, -1).sum(dim=1)
-        qs.append(q / settings.n_probes)
-        vs.append(v)
-    return total / settings.n_probes, torch.stack(qs), torch.stack(vs)
+        if jvp is not None:
+            value, p = _series(jvp, v, weights)
+            lefts.append(v / settings.n_probes)
+            rights.append(p)
+        else:
+            value, q = _series(lambda u: vjp(u, False), v, weights)
+            lefts.append(q / settings.n_probes)
+            rights.append(v)
+        total = total + value
+    return total / settings.n_probes, torch.stack(lefts), torch.stack(rights)
 
 
 class _NeumannLogdet(torch.autograd.Function):
     """A log-det estimate whose gradient is the Neumann surrogate's, differentiated when backward asks for it.
 
-    The forward pass keeps the estimate's value, the vectors ``q`` and ``v`` (:func:`neumann_series_vectors`) and
-    nothing else: no graph of the series. Backward weights each sample's ``q`` by its incoming gradient, takes one
-    vector-Jacobian product *with* a graph through G at the block's point (the graph the block keeps anyway for its
-    implicit gradient), and differentiates ``sum_b c_b q_b^T J_b v_b`` once with respect to that point and G's
-    parameters. This is Residual Flows' memory-efficient estimator (the series' graph is never kept) with the
-    double backward moved from the forward into the backward pass: it is exact for every weighting of the samples'
-    log-dets (not only for a plain mean), needs no host synchronisation, and its transient graph exists while the
-    later blocks' graphs are already freed.
+    The forward pass keeps the estimate's value, the surrogate's vectors ``l`` and ``r``
+    (:func:`neumann_series_vectors`) and nothing else: no graph of the series. Backward weights each sample's ``l``
+    by its incoming gradient, takes one vector-Jacobian product *with* a graph through G at the block's point (the
+    graph the block keeps anyway for its implicit gradient), and differentiates ``sum_b c_b l_b^T J_b r_b`` once
+    with respect to that point and G's parameters. This is Residual Flows' memory-efficient estimator (the series'
+    graph is never kept) with the double backward moved from the forward into the backward pass: it is exact for
+    every weighting of the samples' log-dets (not only for a plain mean), needs no host synchronisation, and its
+    transient graph exists while the later blocks' graphs are already freed.
     """
 
     @staticmethod
@@ -303,6 +355,7 @@ def neumann_logdet(
     *,
     attach_to: Tensor,
     generator: torch.Generator | None = None,
+    jvp: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Memory-efficient training estimate of a block's log-det (Chen et al. 2019, section 3.2).
 
@@ -318,10 +371,12 @@ def neumann_logdet(
             parameters); they receive the surrogate's gradient.
         attach_to: the tensor that receives the gradient with respect to the point (``point`` itself, or the
             tensor carrying the block's implicit gradient).
+        jvp: ``u -> J u`` at ``point`` without a graph: the series' terms are then forward-mode products
+            (:func:`neumann_series_vectors`).
     """
     with torch.no_grad():
         value, q, v = neumann_series_vectors(
-            vjp, point.shape, kind, settings, dtype=point.dtype, device=point.device, generator=generator
+            vjp, point.shape, kind, settings, dtype=point.dtype, device=point.device, generator=generator, jvp=jvp
         )
     inputs = [point, *params]
 
@@ -339,8 +394,17 @@ def neumann_logdet(
     return _NeumannLogdet.apply(value, q, v, surrogate_grad, attach_to, *params)
 
 
+def _without_graph(vjp: Callable[[Tensor, bool], Tensor] | None) -> Callable[[Tensor], Tensor]:
+    assert vjp is not None
+
+    def product(u: Tensor) -> Tensor:
+        return vjp(u, False)
+
+    return product
+
+
 def power_series_logdet(
-    vjp: Callable[[Tensor, bool], Tensor],
+    vjp: Callable[[Tensor, bool], Tensor] | None,
     shape: torch.Size,
     kind: str,
     settings: EstimatorSettings,
@@ -349,23 +413,39 @@ def power_series_logdet(
     dtype: torch.dtype,
     device: torch.device,
     generator: torch.Generator | None = None,
+    jvp: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Unbiased power-series estimate of a block's log-det (Chen et al. 2019; docs/algorithm.md section 5).
 
     Args:
         vjp: ``vjp(u, create_graph) -> u^T J`` for (B, ...) tensors ``u``; with ``create_graph`` the product
-            stays differentiable with respect to ``w`` and the parameters of G.
+            stays differentiable with respect to ``w`` and the parameters of G. May be ``None`` with ``jvp``.
         shape: the (B, ...) shape of the block's input.
         kind: ``"monotone"``, ``"residual"`` or ``"inverse_residual"``.
         settings: estimator settings.
         training: whether gradients are needed (uses ``n_exact_terms`` and, if enabled, the Neumann gradient;
             otherwise ``n_exact_terms_eval`` and no graph).
+        jvp: ``u -> J u`` without a graph, for an estimate without gradients (``training=False``): the terms are
+            then forward-mode products, the same ``v^T J^k v``.
 
     Returns:
         (B,) estimate. In training with ``neumann_grad`` its *value* is the estimate and its *gradient* is the
         Neumann-series estimate of the log-det's gradient.
     """
     weights = _draw_series(settings, kind, training, generator)
+    if jvp is not None and training:
+        raise ValueError("power_series_logdet: forward-mode products carry no graph; training needs vjp")
+    if jvp is not None or not training:
+        if jvp is None and vjp is None:
+            raise ValueError("power_series_logdet: needs vjp or jvp")
+        product = jvp if jvp is not None else _without_graph(vjp)
+        total = torch.zeros(shape[0], dtype=dtype, device=device)
+        for _ in range(settings.n_probes):
+            v = torch.randn(shape, dtype=dtype, device=device, generator=generator)
+            total = total + _series(product, v, weights)[0]
+        return total / settings.n_probes
+    if vjp is None:
+        raise ValueError("power_series_logdet: training needs vjp")
     n_terms = len(weights)
     b = shape[0]
     total = torch.zeros(b, dtype=dtype, device=device)

@@ -185,8 +185,17 @@ def resolve_method(method: str, dim: int) -> str:
     return key
 
 
+def _linalg_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype small linear systems are solved in: at least float32 (LAPACK and cuSOLVER have no bfloat16 or
+    float16 solvers, and the systems are tiny)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def solve_small_linear(A: Tensor, b: Tensor) -> Tensor:
-    """Solve ``A x = b`` per sample for ``A`` (B, n, n), ``b`` (B, n), closed form for n <= 2."""
+    """Solve ``A x = b`` per sample for ``A`` (B, n, n), ``b`` (B, n), closed form for n <= 2.
+
+    Half-precision systems (bfloat16, float16) are solved in float32 and the solution rounded back.
+    """
     n = A.shape[-1]
     if n == 1:
         return b / A[:, 0]
@@ -198,7 +207,8 @@ def solve_small_linear(A: Tensor, b: Tensor) -> Tensor:
         x1 = (a * b[:, 1] - d * b[:, 0]) / det
         return torch.stack([x0, x1], dim=1)
     # No host check of the factorisation: a singular A gives non-finite entries, which the callers test for.
-    return torch.linalg.solve_ex(A, b.unsqueeze(-1))[0].squeeze(-1)
+    work = _linalg_dtype(A.dtype)
+    return torch.linalg.solve_ex(A.to(work), b.to(work).unsqueeze(-1))[0].squeeze(-1).to(A.dtype)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -386,7 +396,9 @@ def _anderson(f: FixedPointMap, run: _Run, memory: int) -> None:
     xs = torch.zeros(b, slots, n, dtype=wa.dtype, device=wa.device)
     fs = torch.zeros_like(xs)
     prev_res = torch.full((b,), float("inf"), dtype=wa.dtype, device=wa.device)
-    reg = 100.0 * torch.finfo(wa.dtype).eps
+    # The mixing coefficients come from a tiny (count x count) system per sample, solved in at least float32.
+    mix = _linalg_dtype(wa.dtype)
+    reg = 100.0 * torch.finfo(mix).eps
     count = 0
     for it in range(1, run.max_iter + 1):
         fw = f(wa, run.idx)
@@ -406,16 +418,16 @@ def _anderson(f: FixedPointMap, run: _Run, memory: int) -> None:
         if count == 1:
             wa = fw
         else:
-            gk = fs[:, :count] - xs[:, :count]
+            gk = (fs[:, :count] - xs[:, :count]).to(mix)
             h = torch.bmm(gk, gk.transpose(1, 2))
-            diag_mean = h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(wa.dtype).tiny)
-            eye = torch.eye(count, dtype=wa.dtype, device=wa.device)
+            diag_mean = h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(mix).tiny)
+            eye = torch.eye(count, dtype=mix, device=wa.device)
             h = h + (reg * diag_mean)[:, None, None] * eye
             # solve_ex: no host check of the factorisation; a singular system shows in ``info`` (and as non-finite
             # coefficients), and that sample takes the plain step below.
             alpha, info = torch.linalg.solve_ex(h, torch.ones_like(h[:, :, 0]))
             alpha = alpha / alpha.sum(dim=1, keepdim=True)
-            mixed = torch.bmm(alpha.unsqueeze(1), fs[:, :count]).squeeze(1).reshape(fw.shape)
+            mixed = torch.bmm(alpha.unsqueeze(1).to(wa.dtype), fs[:, :count]).squeeze(1).reshape(fw.shape)
             # Safeguard: a sample whose residual grew (or whose mixing broke down) takes a plain step.
             bad = (res > prev_res) | (info != 0) | ~torch.isfinite(_flat(mixed)).all(dim=1)
             wa = torch.where(_rows(bad, fw), fw, mixed)

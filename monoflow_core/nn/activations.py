@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_cpila
+
 __all__ = [
     "ACTIVATIONS",
     "CLipSwish",
@@ -169,6 +171,10 @@ class CPila(LipschitzActivation):
 
     Doubles the width. The division by 1.06 makes the map from R^n to R^{2n} 1-Lipschitz: its Jacobian
     column norm ``sqrt(Pila'(x-0.2)^2 + Pila'(-x-0.2)^2) / 1.06`` peaks at about 0.9989 near x = +-0.6.
+
+    Where :data:`monoflow_core.nn.fused_cpila.FUSION` is active for the tensor's device (by default: CUDA with a GPU
+    compiler), value, derivative and vector-Jacobian product run as fused jobs, one kernel each
+    (:mod:`monoflow_core.nn.fused_cpila`); they compute the same formulas.
     """
 
     expansion = 2
@@ -179,14 +185,21 @@ class CPila(LipschitzActivation):
         super().__init__()
         self.k = float(k)
 
+    def _fused(self, x: Tensor) -> bool:
+        return fused_cpila.FUSION.active(x.device.type)
+
     def forward(self, x: Tensor) -> Tensor:
         return self._apply_saving_input(x)
 
     def value(self, x: Tensor, *params: Tensor) -> Tensor:
+        if self._fused(x):
+            return fused_cpila.cpila_value(x, self.k, self.shift, self.scale)
         both = torch.cat([x - self.shift, -x - self.shift], dim=-1)
         return pila(both, self.k) * self.scale
 
     def vjp(self, x: Tensor, params: Sequence[Tensor], grad: Tensor) -> tuple[Tensor, ...]:
+        if self._fused(x):
+            return (fused_cpila.cpila_vjp(x, grad, self.k, self.shift, self.scale),)
         # d/dx [Pila(x - s), Pila(-x - s)] = [Pila'(x - s), -Pila'(-x - s)], each times the scale.
         n = x.shape[-1]
         first = grad[..., :n] * pila_derivative(x - self.shift, self.k)
@@ -194,11 +207,15 @@ class CPila(LipschitzActivation):
         return ((first - second) * self.scale,)
 
     def derivative(self, x: Tensor) -> Tensor:
+        if self._fused(x):
+            return fused_cpila.cpila_derivative(x, self.k, self.shift, self.scale)
         both = torch.cat([x - self.shift, -x - self.shift], dim=-1)
         sign = torch.cat([torch.ones_like(x), -torch.ones_like(x)], dim=-1)
         return pila_derivative(both, self.k) * (sign * self.scale)
 
     def forward_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._fused(x):
+            return fused_cpila.cpila_value_and_derivative(x, self.k, self.shift, self.scale)
         both = torch.cat([x - self.shift, -x - self.shift], dim=-1)
         # Shared pieces of Pila and Pila': one clamp and one exp for both.
         k = self.k

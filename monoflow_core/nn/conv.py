@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import LipschitzActivation, get_activation
-from .densenet import JacobianNet, LearnableConcat, PreparedNet
+from .densenet import JacobianNet, LearnableConcat, LinearMap, PreparedNet, activation_tangent, value_and_derivative
 from .lipschitz import SpectralLayer, check_spectral_args, sigma_converged
 
 __all__ = ["EXACT_CONV_MAX_NUMEL", "ConvDenseNetG", "PreparedConvNet", "SpectralConv2d", "conv_operator_matrix"]
@@ -425,6 +425,38 @@ class ConvDenseNetG(LearnableConcat, JacobianNet):
         out = _conv_nhwc(s, weights[-1], prepared.biases[-1]).permute(0, 3, 1, 2)
         # flattened events are in (C, H, W) order, as the Jacobian's columns and rows
         return out.reshape(x.shape[0], -1) if flat else out.contiguous()
+
+    def linearize(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, LinearMap]:
+        """``G(x)`` and ``t -> J_G(x) t`` for single tangents (see :meth:`JacobianNet.linearize`).
+
+        A product convolves the tangent by each layer's kernel (no bias), multiplies it by the activation's
+        derivative kept from the value's pass and concatenates, channels-last as :meth:`evaluate`.
+        """
+        images, flat = self._as_images(x)
+        weights = self._folded(prepared)
+        s = images.permute(0, 2, 3, 1)  # channels-last, see _conv_nhwc
+        derivs: list[Tensor] = []
+        for i, act in enumerate(self.activations):
+            new, deriv = value_and_derivative(
+                cast(LipschitzActivation, act), _conv_nhwc(s, weights[i], prepared.biases[i])
+            )
+            derivs.append(deriv)
+            s = torch.cat([s, new], dim=-1)
+        out = _conv_nhwc(s, weights[-1], prepared.biases[-1]).permute(0, 3, 1, 2)
+        value = out.reshape(x.shape[0], -1) if flat else out.contiguous()
+        frozen = [w.detach() for w in weights]
+        acts = [cast(LipschitzActivation, act) for act in self.activations]
+
+        def jvp(t: Tensor) -> Tensor:
+            with torch.no_grad():
+                tangent_images, tangent_flat = self._as_images(t)
+                ts = tangent_images.permute(0, 2, 3, 1)
+                for i, act in enumerate(acts):
+                    ts = torch.cat([ts, activation_tangent(act, derivs[i], _conv_nhwc(ts, frozen[i]))], dim=-1)
+                o = _conv_nhwc(ts, frozen[-1]).permute(0, 3, 1, 2)
+                return o.reshape(t.shape[0], -1) if tangent_flat else o.contiguous()
+
+        return value, jvp
 
     def evaluate_with_jacobian(
         self, x: Tensor, prepared: PreparedNet, chunk: int | None = None

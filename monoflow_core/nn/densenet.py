@@ -15,11 +15,15 @@ the exact log-det and the one-step implicit gradient (docs/performance.md), and 
 
 The normalised weights are computed once by :meth:`JacobianNet.prepare` and reused for every evaluation of G
 inside a fixed-point solve, rather than once per evaluation.
+
+:meth:`JacobianNet.linearize` gives G's value together with the map ``t -> J_G t`` for single directions: the
+activations' derivatives at the point are kept, so each product costs the layers' linear maps and one multiplication
+per activation. The power-series log-det takes its terms this way (forward-mode products, docs/gpu.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -30,7 +34,10 @@ from torch import Tensor, nn
 from .activations import LipschitzActivation, get_activation
 from .lipschitz import SpectralLinear
 
-__all__ = ["DenseNetG", "JacobianNet", "LearnableConcat", "LipschitzMLP", "PreparedNet"]
+__all__ = ["DenseNetG", "JacobianNet", "LearnableConcat", "LinearMap", "LipschitzMLP", "PreparedNet"]
+
+#: A linear map of tangents: ``t -> J t`` for ``t`` shaped like G's input.
+LinearMap = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -96,8 +103,44 @@ class JacobianNet(nn.Module):
         """An upper bound on Lip(G) (Euclidean norm) that holds whenever the network is evaluated."""
         raise NotImplementedError
 
+    def linearize(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, LinearMap]:
+        """``G(x)`` and the forward-mode product ``t -> J_G(x) t``, with the activations' derivatives at ``x`` kept.
+
+        The value is computed as :meth:`evaluate` computes it, with a graph where autograd records one. The
+        derivatives are computed once, without a graph; each product then costs the layers' linear maps (no bias)
+        and one multiplication per activation: no derivative is recomputed and no graph is walked, unlike a
+        vector-Jacobian product through autograd. The product is not differentiable (it runs without a graph).
+        """
+        raise NotImplementedError
+
+    @property
+    def supports_linearize(self) -> bool:
+        """Whether this network implements :meth:`linearize`."""
+        return type(self).linearize is not JacobianNet.linearize
+
     def forward(self, x: Tensor) -> Tensor:
         return self.evaluate(x, self.prepare())
+
+
+def value_and_derivative(act: LipschitzActivation, h: Tensor) -> tuple[Tensor, Tensor]:
+    """An activation's value at ``h`` (with a graph where autograd records one) and its derivative (without one)."""
+    if torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in act.parameters())):
+        value = act(h)
+        with torch.no_grad():
+            return value, act.derivative(h)
+    return act.forward_and_derivative(h)
+
+
+def activation_tangent(act: LipschitzActivation, deriv: Tensor, t: Tensor) -> Tensor:
+    """A tangent ``t`` through an activation whose derivative is ``deriv`` (features along the last dimension).
+
+    A concatenated activation maps ``t`` to ``[f1'(x) t, f2'(x) t]``: ``deriv`` holds ``[f1'(x), f2'(x)]``.
+    """
+    e = act.expansion
+    if e == 1:
+        return deriv * t
+    c = t.shape[-1]
+    return (deriv.view(*t.shape[:-1], e, c) * t.unsqueeze(-2)).view(*t.shape[:-1], e * c)
 
 
 def _linear_stacked(s: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -235,6 +278,29 @@ class DenseNetG(LearnableConcat, JacobianNet):
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
         return out[:, 0], out[:, 1:].transpose(1, 2)
 
+    def linearize(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, LinearMap]:
+        _check_width(x, self.in_features)
+        derivs: list[Tensor] = []
+        for i, act in enumerate(self.activations):
+            new, deriv = value_and_derivative(cast(LipschitzActivation, act), prepared.linear(x, i))
+            derivs.append(deriv)
+            eta1, eta2 = prepared.mix[i]
+            x = torch.cat([eta1 * x, eta2 * new], dim=-1)
+        value = prepared.linear(x, len(prepared.weights) - 1)
+        weights = [w.detach() for w in prepared.weights]
+        mix = [(a.detach(), b.detach()) for a, b in prepared.mix]
+        acts = [cast(LipschitzActivation, act) for act in self.activations]
+
+        def jvp(t: Tensor) -> Tensor:
+            with torch.no_grad():
+                for i, act in enumerate(acts):
+                    new = activation_tangent(act, derivs[i], F.linear(t, weights[i]))
+                    eta1, eta2 = mix[i]
+                    t = torch.cat([eta1 * t, eta2 * new], dim=-1)
+                return F.linear(t, weights[-1])
+
+        return value, jvp
+
 
 class LipschitzMLP(JacobianNet):
     """A Lipschitz MLP ``n -> hidden[0] -> ... -> n`` with spectrally normalised layers.
@@ -286,6 +352,24 @@ class LipschitzMLP(JacobianNet):
             )
         out = _linear_stacked(s, prepared.weights[-1], prepared.biases[-1])
         return out[:, 0], out[:, 1:].transpose(1, 2)
+
+    def linearize(self, x: Tensor, prepared: PreparedNet) -> tuple[Tensor, LinearMap]:
+        _check_width(x, self.in_features)
+        derivs: list[Tensor] = []
+        for i, act in enumerate(self.activations):
+            x, deriv = value_and_derivative(cast(LipschitzActivation, act), prepared.linear(x, i))
+            derivs.append(deriv)
+        value = prepared.linear(x, len(prepared.weights) - 1)
+        weights = [w.detach() for w in prepared.weights]
+        acts = [cast(LipschitzActivation, act) for act in self.activations]
+
+        def jvp(t: Tensor) -> Tensor:
+            with torch.no_grad():
+                for i, act in enumerate(acts):
+                    t = activation_tangent(act, derivs[i], F.linear(t, weights[i]))
+                return F.linear(t, weights[-1])
+
+        return value, jvp
 
     def lipschitz_bound(self) -> float:
         return self.coeff ** len(self.layers)

@@ -31,11 +31,11 @@ def gpu_step():
         sys.path.remove(str(SCRIPT.parent))
 
 
-def test_tiny_run_of_one_part_writes_its_json(tmp_path):
+def test_tiny_run_of_two_parts_writes_its_json(tmp_path):
     out = tmp_path / "gpu_step.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--parts", "E", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--parts", "BE", "--out", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -50,6 +50,16 @@ def test_tiny_run_of_one_part_writes_its_json(tmp_path):
     assert cpu["median_step_s"] > 0 and cpu["fused_path"] is True
     assert cpu["solver_warnings"] == 0 and "solver_warning_kinds" in cpu
     assert doc["parts"]["E"]["cuda"] == {"skipped": "no CUDA device in this run"}
+    # Part B: G's products at each scale with CPila plain and fused, and a series term each way.
+    assert doc["defaults"]["fused_cpila"].startswith("fused CPila off (auto")  # the CPU keeps the plain formulas
+    assert sorted(doc["parts"]["B"]) == ["scale 1 fp32", "scale 2 fp32", "scale 3 fp32"]
+    for key, result in doc["parts"]["B"].items():
+        assert "error" not in result, (key, result)
+        assert result["cpila_plain"]["policy"].startswith("fused CPila off (requested)")
+        assert result["cpila_fused"]["policy"] == "fused CPila on (on), jobs run eagerly (compile off)"
+        for variant in ("cpila_plain", "cpila_fused"):
+            times = result[variant]
+            assert all(times[k] > 0 for k in ("value_s", "value_and_vjp_s", "term_vjp_s", "term_jvp_s", "linearize_s"))
     # Full sizes need a GPU: refused with a message, not started on the CPU.
     if not torch.cuda.is_available():
         done = subprocess.run(

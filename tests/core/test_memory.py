@@ -92,10 +92,13 @@ def test_blocks_memory_efficient_gradients_equal_the_graph_keeping_path(formulat
     # A G given as an nn.Module takes the memory-efficient path (one graph of G at the point, the series' graph
     # never kept); the same G behind a plain function takes the graph-keeping path. For one draw of the estimator
     # both give the same log-det and the same gradients for the input and every parameter, for unequal weights.
+    # Both take vector-Jacobian products here (forward-mode ones give another unbiased gradient of the same draw:
+    # tests/core/test_series_products.py).
     torch.manual_seed(0)
     n = 12
     g = LipschitzMLP(n, hidden=[16], activation="clipswish", coeff=0.7).double()
-    kwargs = {"logdet": "estimator", "implicit_grad": implicit_grad, **TIGHT}
+    estimator = EstimatorSettings(products="vjp")
+    kwargs = {"logdet": "estimator", "implicit_grad": implicit_grad, "estimator": estimator, **TIGHT}
     fast = BLOCKS[formulation](g, **kwargs)
     plain = BLOCKS[formulation](lambda w: g(w), **kwargs)
     x = torch.randn(3, n, dtype=DT)

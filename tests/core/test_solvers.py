@@ -109,3 +109,24 @@ def test_method_names():
     f, _, rhs = contraction()
     with pytest.raises(ValueError, match="max_iter"):
         solve(f, rhs, method="picard", max_iter=0)
+
+
+@pytest.mark.parametrize("method", ["anderson", "newton"])
+def test_half_precision_solves_mix_in_float32(method):
+    """bfloat16 has no LAPACK / cuSOLVER solver: Anderson's mixing and Newton's steps (n > 2) solve their small
+    systems in float32. The solve converges at bfloat16's floor to the float64 solution, in bfloat16."""
+    f, newton, rhs = contraction(n=4)
+    exact, _, _ = solve(f, rhs, method="newton", newton_map=newton, tol=1e-13)
+
+    def f16(w, idx):
+        return f(w.double(), idx).bfloat16()
+
+    def newton16(w, idx):
+        value, a = newton(w.double(), idx)
+        return value.bfloat16(), a.bfloat16()
+
+    w, stats, _ = solve(f16, rhs.bfloat16(), method=method, newton_map=newton16)
+    assert w.dtype == torch.bfloat16 and stats.all_converged
+    assert stats.tol == pytest.approx(2.0**-7)  # one bfloat16 epsilon (monoflow_core.precision)
+    assert float((w.double() - exact).abs().max()) < 0.1
+    assert int(stats.iterations.max()) >= 2  # Anderson mixed at least once (or Newton took a step)
