@@ -195,6 +195,16 @@ def test_presets_are_shipped():
     assert len(names) >= 1 and len(set(names)) == len(names), names
 
 
+def test_image_presets_cap_their_solves_at_the_documented_100_iterations():
+    """docs/solvers.md: image blocks need 5-9 forward and 3-5 backward iterations; the image presets cap them at 100
+    (11 times the largest count measured), not the 1,000 that serves Picard on the 2-D presets."""
+    images = [p for p in PRESETS if p.model_config().image_shape is not None]
+    assert {p.name for p in images} >= {"paper-mnist", "paper-cifar10", "paper-imagenet32", "digits-cpu"}
+    for p in images:
+        assert p.model_config().max_iter == 100, p.name
+    assert all(p.model_config().max_iter == 1000 for p in PRESETS if p.name.startswith("paper-toy"))
+
+
 @per_preset
 def test_shrunk_config_keeps_the_preset_kind(preset):
     full, small = preset.model_config(), shrunk_config(preset)

@@ -193,3 +193,11 @@ def _probe_event_loop(window, qtbot, QTimer) -> None:
     )
     assert window.density.frames_shown > frames
     assert worst < 100, f"the GUI thread worked {worst:.0f} ms of CPU time without returning to the event loop"
+
+
+def test_the_log_states_how_the_run_computes_g(window, qtbot):
+    """The precision policy's choice for the run (docs/precision.md) is written to the studio's log when the run
+    is built, word for word as the core states it."""
+    stated = window.session.submit(lambda t: t.precision.describe()).result(timeout=WAIT_MS / 1000)
+    assert stated and "float32" in stated
+    qtbot.waitUntil(lambda: stated in window.log.toPlainText(), timeout=WAIT_MS)
