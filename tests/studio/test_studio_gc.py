@@ -1,0 +1,82 @@
+"""Garbage cycles die in the GUI thread while a session runs (monoflow_studio/gui_gc.py).
+
+A closed window leaves Qt objects in reference cycles; an automatic collection in the worker or view thread
+destroyed them off the GUI thread, which later crashed the GUI thread (a segmentation fault in Qt's timer
+dispatch). These tests check the rule that prevents it, not the crash itself (which needed a timer to fire on a
+destroyed widget).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+from conftest import WAIT_MS
+
+from monoflow_studio.gui_gc import GuiCollector, gui_collector
+
+
+class _Cycle:
+    """An object that refers to itself: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_background_allocations_never_collect_while_a_session_runs(window, qtbot):
+    assert not gc.isenabled(), "automatic collection is off while the window's session runs"
+    died: list[str] = []
+    kept: list[list[list[object]]] = []
+
+    def allocate() -> None:
+        # The garbage is made here, then this thread allocates as a worker's snapshots do: with automatic collection
+        # on, the first collection after it (70 are due in these allocations) ran in this thread or another
+        # background thread (the GUI thread waits in join() meanwhile).
+        cycle = _Cycle()
+        weakref.finalize(cycle, lambda: died.append(threading.current_thread().name))
+        del cycle
+        kept.extend([[] for _ in range(1000)] for _ in range(50))  # kept alive: a collection is due until one runs
+
+    thread = threading.Thread(target=allocate, name="allocator")
+    thread.start()
+    thread.join()
+    assert died == [], f"a background thread ran a collection: {died}"
+    qtbot.waitUntil(lambda: bool(died), timeout=WAIT_MS)  # the GUI thread's collector takes it
+    assert died == ["MainThread"]
+    kept.clear()
+
+
+def test_the_last_session_to_stop_turns_automatic_collection_back_on(make_window):
+    collector = gui_collector()
+    before = collector._holders  # sessions of earlier tests that are still stopping (normally none)
+    first, second = make_window(), make_window()
+    assert collector._holders == before + 2 and not gc.isenabled()
+    first.close()
+    assert collector._holders == before + 1 and not gc.isenabled(), "the other session still runs"
+    second.close()
+    assert collector._holders == before
+    if before == 0:
+        assert gc.isenabled()
+
+
+def test_the_collector_takes_the_generation_the_interpreter_would():
+    thresholds, was_enabled = gc.get_threshold(), gc.isenabled()
+    collector = GuiCollector()
+    gc.disable()
+    try:
+        gc.set_threshold(500, 2, 3)
+        gc.collect()  # all counts start at 0
+        assert collector.collect_due() is None, "nothing is due below threshold0"
+        passes = []
+        for _ in range(4):
+            kept = [[] for _ in range(600)]  # more than threshold0 new objects
+            passes.append(collector.collect_due())
+            del kept
+        # Generation 1 once it has seen more than 2 passes over generation 0, then generation 0 again.
+        assert passes == [0, 0, 0, 1]
+        assert gc.get_count()[2] == 1  # the pass over generation 1 is counted for generation 2
+    finally:
+        gc.set_threshold(*thresholds)
+        if was_enabled:
+            gc.enable()
