@@ -1,9 +1,10 @@
-"""Garbage cycles die in the GUI thread while a session runs (monoflow_studio/gui_gc.py).
+"""The threading contract of a session (monoflow_studio/session.py): what crosses threads, and where garbage dies.
 
-A closed window leaves Qt objects in reference cycles; an automatic collection in the worker or view thread
-destroyed them off the GUI thread, which later crashed the GUI thread (a segmentation fault in Qt's timer
-dispatch). These tests check the rule that prevents it, not the crash itself (which needed a timer to fire on a
-destroyed widget).
+Garbage cycles die in the GUI thread while a session runs (monoflow_studio/gui_gc.py): a closed window leaves Qt
+objects in reference cycles, and an automatic collection in the worker or view thread destroyed them off the GUI
+thread, which later crashed the GUI thread (a segmentation fault in Qt's timer dispatch). These tests check the rule
+that prevents it, not the crash itself (which needed a timer to fire on a destroyed widget). The view thread gets
+snapshots of the model that share nothing mutable with the live flow the worker trains.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import gc
 import threading
 import weakref
 
-from conftest import WAIT_MS
+import torch
+from conftest import WAIT_MS, tiny_spec
 
+from monoflow_core.models import build_flow
 from monoflow_studio.gui_gc import GuiCollector, gui_collector
+from monoflow_studio.worker import snapshot
 
 
 class _Cycle:
@@ -80,3 +84,29 @@ def test_the_collector_takes_the_generation_the_interpreter_would():
         gc.set_threshold(*thresholds)
         if was_enabled:
             gc.enable()
+
+
+def test_a_snapshot_owns_its_tensors_and_carries_no_gradients():
+    torch.manual_seed(0)
+    flow = build_flow(tiny_spec().model.replace(actnorm=True))
+    x = torch.randn(64, 2)
+    flow.train()
+    (-flow.log_prob(x).mean()).backward()  # the live flow as a step leaves it before zero_grad
+    assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
+
+    copied = snapshot(flow)
+    live = {t.untyped_storage().data_ptr() for t in (*flow.parameters(), *flow.buffers())}
+    mine = [*copied.parameters(), *copied.buffers()]
+    assert len(mine) == len(live) and not any(t.untyped_storage().data_ptr() in live for t in mine)
+    assert all(p.grad is None for p in copied.parameters())
+    for (name, p), q in zip(flow.named_parameters(), copied.parameters(), strict=True):
+        assert torch.equal(p, q) and p.requires_grad == q.requires_grad, name
+    for b, c in zip(flow.buffers(), copied.buffers(), strict=True):
+        assert torch.equal(b, c)
+    flow.eval(), copied.eval()
+    with torch.no_grad():
+        before = copied.log_prob(x)
+        torch.testing.assert_close(before, flow.log_prob(x), rtol=0, atol=0)
+        for p in flow.parameters():  # the optimizer writes the live weights in place: the snapshot keeps its own
+            p.add_(0.1)
+        torch.testing.assert_close(copied.log_prob(x), before, rtol=0, atol=0)
