@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gc
 
-from PySide6.QtCore import QObject, QTimer
+from PySide6.QtCore import QObject, QThread, QTimer
 
 __all__ = ["COLLECT_INTERVAL_MS", "GuiCollector", "gui_collector"]
 
@@ -43,6 +43,7 @@ class GuiCollector(QObject):
         self._timer = QTimer(self)
         self._timer.setInterval(COLLECT_INTERVAL_MS)
         self._timer.timeout.connect(self.collect_due)
+        self._stopping: list[list[QThread]] = []  # threads of holders that did not stop in time (release_after)
 
     @property
     def held(self) -> bool:
@@ -67,6 +68,23 @@ class GuiCollector(QObject):
             self.collect_due()
             if self._was_enabled:
                 gc.enable()
+
+    def release_after(self, threads: list[QThread]) -> None:
+        """Release once every thread of ``threads`` has finished (a session whose threads did not stop in time).
+
+        The threads stay referenced until then: Qt aborts the process when a running ``QThread`` is destroyed,
+        which a closed window's last reference going away would otherwise do.
+        """
+        group = list(threads)
+        self._stopping.append(group)
+        for thread in group:
+            thread.finished.connect(self._thread_finished)  # queued to this (the GUI) thread
+        self._thread_finished()  # (one may have finished before the connection)
+
+    def _thread_finished(self) -> None:
+        for group in [g for g in self._stopping if all(t.isFinished() for t in g)]:
+            self._stopping.remove(group)
+            self.release()
 
     def collect_due(self) -> int | None:
         """Collect the generation the interpreter would collect now, if any; returns it (None: none was due).

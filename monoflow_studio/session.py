@@ -160,9 +160,12 @@ class Session(QObject):
         for thread in (self._thread, views):
             left_ms = max(0, int((deadline - time.perf_counter()) * 1000))
             ok = bool(thread.wait(left_ms)) and ok
-        if ok and self._holds_collector:  # (threads still running keep automatic collection off)
+        if self._holds_collector:
             self._holds_collector = False
-            gui_collector().release()
+            if ok:
+                gui_collector().release()
+            else:  # automatic collection stays off (and the threads referenced) until they have ended
+                gui_collector().release_after([self._thread, views])
         return ok
 
     # -- commands ----------------------------------------------------------------------------------------

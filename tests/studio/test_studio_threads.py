@@ -64,6 +64,24 @@ def test_the_last_session_to_stop_turns_automatic_collection_back_on(make_window
         assert gc.isenabled()
 
 
+def test_a_session_that_stops_late_keeps_its_threads_and_the_collector_until_they_end(window, qtbot):
+    collector = gui_collector()
+    before = collector._holders
+    session = window.session
+    release = threading.Event()
+    busy = session.submit(lambda trainer: release.wait())  # the worker is held inside a command
+    qtbot.waitUntil(busy.running, timeout=WAIT_MS)
+    assert not session.shutdown(timeout_s=0.1), "the worker cannot stop while the command runs"
+    assert collector._holders == before and not gc.isenabled(), "still held: its threads run"
+    held = [t for group in collector._stopping for t in group]
+    assert session._thread in held and session._worker.views in held, "referenced until they end"
+    release.set()
+    qtbot.waitUntil(lambda: collector._holders == before - 1, timeout=WAIT_MS)
+    assert not session.is_alive() and not any(session._thread in g for g in collector._stopping)
+    if before == 1:
+        assert gc.isenabled()
+
+
 def test_the_collector_takes_the_generation_the_interpreter_would():
     thresholds, was_enabled = gc.get_threshold(), gc.isenabled()
     collector = GuiCollector()
