@@ -46,9 +46,13 @@ class GuiCollector(QObject):
         self._stopping: list[list[QThread]] = []  # threads of holders that did not stop in time (release_after)
 
     @property
-    def held(self) -> bool:
-        """Whether a session holds the collector (automatic collection is then off)."""
-        return self._holders > 0
+    def holders(self) -> int:
+        """How many sessions hold the collector (automatic collection is off while any does)."""
+        return self._holders
+
+    def waiting_on(self) -> list[QThread]:
+        """The threads :meth:`release_after` still waits for."""
+        return [t for group in self._stopping for t in group]
 
     def acquire(self) -> None:
         """Turn automatic collection off (the first holder) and collect from the GUI thread's timer instead."""

@@ -53,31 +53,31 @@ def test_background_allocations_never_collect_while_a_session_runs(window, qtbot
 
 def test_the_last_session_to_stop_turns_automatic_collection_back_on(make_window):
     collector = gui_collector()
-    before = collector._holders  # sessions of earlier tests that are still stopping (normally none)
+    before = collector.holders  # sessions of earlier tests that are still stopping (normally none)
     first, second = make_window(), make_window()
-    assert collector._holders == before + 2 and not gc.isenabled()
+    assert collector.holders == before + 2 and not gc.isenabled()
     first.close()
-    assert collector._holders == before + 1 and not gc.isenabled(), "the other session still runs"
+    assert collector.holders == before + 1 and not gc.isenabled(), "the other session still runs"
     second.close()
-    assert collector._holders == before
+    assert collector.holders == before
     if before == 0:
         assert gc.isenabled()
 
 
 def test_a_session_that_stops_late_keeps_its_threads_and_the_collector_until_they_end(window, qtbot):
     collector = gui_collector()
-    before = collector._holders
+    before = collector.holders
     session = window.session
     release = threading.Event()
     busy = session.submit(lambda trainer: release.wait())  # the worker is held inside a command
     qtbot.waitUntil(busy.running, timeout=WAIT_MS)
     assert not session.shutdown(timeout_s=0.1), "the worker cannot stop while the command runs"
-    assert collector._holders == before and not gc.isenabled(), "still held: its threads run"
-    held = [t for group in collector._stopping for t in group]
+    assert collector.holders == before and not gc.isenabled(), "still held: its threads run"
+    held = collector.waiting_on()
     assert session._thread in held and session._worker.views in held, "referenced until they end"
     release.set()
-    qtbot.waitUntil(lambda: collector._holders == before - 1, timeout=WAIT_MS)
-    assert not session.is_alive() and not any(session._thread in g for g in collector._stopping)
+    qtbot.waitUntil(lambda: collector.holders == before - 1, timeout=WAIT_MS)
+    assert not session.is_alive() and session._thread not in collector.waiting_on()
     if before == 1:
         assert gc.isenabled()
 
