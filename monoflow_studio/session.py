@@ -6,7 +6,10 @@ Threading contract (docs/studio.md):
   :meth:`Trainer.step`, evaluates it and saves it;
 * the GUI thread only *posts commands* (plain callables put on a thread-safe queue, applied between two steps)
   and *receives signals* carrying plain data (``StepMetrics`` lists, numpy arrays, dicts);
-* the worker never touches a widget.
+* the worker never touches a widget;
+* while the worker and view threads run, Python's cyclic garbage collector runs in the GUI thread only
+  (:mod:`monoflow_studio.gui_gc`), so that the Qt objects a closed window leaves in reference cycles are destroyed
+  in the thread they belong to.
 
 Heavy views (density grid, samples, test NLL) are computed by a second background thread, the *view thread*, on
 a snapshot copy of the flow taken between two steps, so that on a machine with two or more cores training and
@@ -39,6 +42,7 @@ from monoflow_core.training import Trainer
 
 from .fair_share import FairShare
 from .frames import ImageFrame, RunInfo, TransportFrame, ViewFrame
+from .gui_gc import gui_collector
 from .run_spec import RunSpec
 from .session_options import BUILDING, PAUSED, STOPPED, TRAINING, SessionOptions
 from .view_compute import evaluate_images
@@ -112,6 +116,7 @@ class Session(QObject):
         ):
             getattr(self._worker, name).connect(getattr(self, name))
         self._thread = WorkerThread(self._worker)
+        self._holds_collector = False  # see launch()
         self._state = ""
         self.state_changed.connect(self._remember_state)
 
@@ -120,7 +125,14 @@ class Session(QObject):
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def launch(self) -> None:
-        """Start the worker and view threads (the worker builds the first run, then waits paused)."""
+        """Start the worker and view threads (the worker builds the first run, then waits paused).
+
+        While they run, garbage cycles are collected in the GUI thread only (:mod:`monoflow_studio.gui_gc`): an
+        automatic collection in one of these threads could destroy Qt objects of a closed window there.
+        """
+        if not self._holds_collector:
+            gui_collector().acquire()
+            self._holds_collector = True
         self._worker.views.start()
         self._thread.start()
 
@@ -148,6 +160,12 @@ class Session(QObject):
         for thread in (self._thread, views):
             left_ms = max(0, int((deadline - time.perf_counter()) * 1000))
             ok = bool(thread.wait(left_ms)) and ok
+        if self._holds_collector:
+            self._holds_collector = False
+            if ok:
+                gui_collector().release()
+            else:  # automatic collection stays off (and the threads referenced) until they have ended
+                gui_collector().release_after([self._thread, views])
         return ok
 
     # -- commands ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from monoflow_core import evaluation
 from monoflow_core.checkpoint import CheckpointError, load_checkpoint
 from monoflow_core.data import POINTS_DATA, sample_toy
 from monoflow_core.data.points import PointSet
+from monoflow_core.flow import Flow
 from monoflow_core.training import EvalMetrics, StepMetrics, Trainer, TrainingError
 from monoflow_core.transport import DIRECTIONS
 
@@ -35,13 +36,24 @@ from .session_options import BUILDING, PAUSED, STOPPED, TRAINING, SessionOptions
 from .view_compute import histogram2d
 from .view_thread import EvalJob, FrameJob, ViewThread
 
-__all__ = ["Worker", "WorkerThread", "evaluation_dtype"]
+__all__ = ["Worker", "WorkerThread", "evaluation_dtype", "snapshot"]
 
 
 def evaluation_dtype(trainer: Trainer) -> torch.dtype:
     """The dtype :meth:`Trainer.evaluate` tests in by default (the core decides: float64 on CPU for vectors,
     the training dtype for images and on GPUs)."""
     return trainer.evaluation_dtype()
+
+
+def snapshot(flow: Flow) -> Flow:
+    """A copy of ``flow`` for the view thread: its parameters and buffers in storage of their own, no gradients.
+
+    Taken by the worker thread between two steps (the only thread that touches the live flow), so nothing else
+    writes the tensors while they are copied. ``nn.Parameter.__deepcopy__`` clones a parameter's data and leaves its
+    ``.grad`` behind; the view thread then owns every tensor of the copy.
+    """
+    with torch.no_grad():
+        return copy.deepcopy(flow)
 
 
 def points_info(points: PointSet, run_id: int, opts: SessionOptions, seed: int, common: dict[str, Any]) -> RunInfo:
@@ -343,13 +355,12 @@ class Worker(QObject):
         if changed and self.trainer is not None and not self.is_image:
             # On demand, on a snapshot (cheap), next to the frames: the view thread computes only the transport.
             self.transport_generation += 1
-            with torch.no_grad():
-                snapshot = copy.deepcopy(self.trainer.eval_flow)
+            copied = snapshot(self.trainer.eval_flow)
             self.views.submit(
                 FrameJob(
                     self._run_id,
                     self.trainer.step_count,
-                    snapshot,
+                    copied,
                     [],
                     self._test_points,
                     transport=direction,
@@ -483,8 +494,7 @@ class Worker(QObject):
         assert trainer is not None
         # Diagnostics here: they describe the latest *training* step's solves on the live flow.
         diagnostics = evaluation.solver_diagnostics(trainer.flow) if trainer.step_count > 0 else []
-        with torch.no_grad():
-            snapshot = copy.deepcopy(trainer.eval_flow)
+        copied = snapshot(trainer.eval_flow)
         self._frame_consumed.clear()
         self._next_frame = time.perf_counter() + self.frame_interval()
         self._refine = False
@@ -494,7 +504,7 @@ class Worker(QObject):
                 FrameJob(
                     self._run_id,
                     trainer.step_count,
-                    snapshot,
+                    copied,
                     diagnostics,
                     self._test_points,
                     image=True,
@@ -514,7 +524,7 @@ class Worker(QObject):
             FrameJob(
                 self._run_id,
                 trainer.step_count,
-                snapshot,
+                copied,
                 diagnostics,
                 self._test_points,
                 transport=self._transport,
@@ -545,14 +555,13 @@ class Worker(QObject):
             self._eval_unavailable = True
             self.message.emit("error", f"no tests for this run: the {cfg.eval_split} images could not be loaded: {err}")
             return
-        with torch.no_grad():
-            snapshot = copy.deepcopy(trainer.eval_flow)
+        copied = snapshot(trainer.eval_flow)
         self._eval_running = True
         self.views.submit(
             EvalJob(
                 run_id=self._run_id,
                 step=trainer.step_count,
-                flow=snapshot,
+                flow=copied,
                 images=images[: cfg.eval_size],
                 seed=cfg.test_seed,
                 split=cfg.eval_split,

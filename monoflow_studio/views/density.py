@@ -182,6 +182,14 @@ class DensityView(QWidget):
         if drawing:
             self.caption.setText("drawing: drag to paint points, click for one dab")
             return
+        frame, run = self._frame, self._run
+        # (which dtype computed the picture: the training dtype, while the run's test NLL is float64; before a new
+        # run's first frame, the run's own step and note rather than the previous run's caption)
+        if frame is not None:
+            caption = f"step {frame.step}, {frame.dtype}"
+        else:
+            caption = f"step {run.step if run is not None else 0}"
+        self.caption.setText(caption + self._note)
         # Scatter updates cost GUI time (Python): only for a visible overlay.
         if self.samples_box.isChecked() and self._frame is not None:
             self.sample_scatter.setData(pos=self._frame.samples[:1000])
@@ -193,7 +201,3 @@ class DensityView(QWidget):
         self.image.setRect(QRectF(xmin, ymin, xmax - xmin, ymax - ymin))
         self.colorbar.setLevels(levels)
         set_axis_label(self.colorbar.axis, label)
-        frame = self._frame
-        # (which dtype computed the picture: the training dtype, while the run's test NLL is float64)
-        caption = f"step {frame.step}, {frame.dtype}" if frame is not None else "step 0"
-        self.caption.setText(caption + self._note)

@@ -25,12 +25,16 @@ def to_pixels(window, x, y):
 
 
 def stroke(window, qtbot, path):
-    """A scripted left-button stroke through ``path`` (plot coordinates): press, moves, release."""
+    """A scripted left-button stroke through ``path`` (plot coordinates): press, moves, release; returns the
+    viewport pixels it went through."""
     viewport = window.density.plot.viewport()
-    qtbot.mousePress(viewport, Qt.MouseButton.LeftButton, pos=to_pixels(window, *path[0]))
+    pixels = [to_pixels(window, *path[0])]
+    qtbot.mousePress(viewport, Qt.MouseButton.LeftButton, pos=pixels[0])
     for x, y in path[1:]:
-        qtbot.mouseMove(viewport, to_pixels(window, x, y))
+        pixels.append(to_pixels(window, x, y))
+        qtbot.mouseMove(viewport, pixels[-1])
     qtbot.mouseRelease(viewport, Qt.MouseButton.LeftButton, pos=to_pixels(window, *path[-1]))
+    return [(p.x(), p.y()) for p in pixels]
 
 
 def line(x0, y0, x1, y1, n=25):
@@ -55,10 +59,16 @@ def test_a_mouse_stroke_adds_points_and_undo_removes_them(window, qtbot):
     model = window.density.drawing.model
     window.density.drawing.brush.setValue(0.2)
     window.density.drawing.density.setValue(5)
-    stroke(window, qtbot, line(-3.0, -2.0, 3.0, -2.0))
+    pixels = stroke(window, qtbot, line(-3.0, -2.0, 3.0, -2.0))
     first = model.points.copy()
     # About one dab every half radius over 6 units: ~60 dabs of 5 points, all close to the horizontal line.
-    assert 150 <= first.shape[0] <= 400
+    # (The message records what the stroke went through, should this fail again: once, under load, it added 20.)
+    plot = window.density.plot
+    seen = (
+        f"{first.shape[0]} points; stroke pixels {pixels}; viewport {plot.viewport().size()}; "
+        f"view range {plot.getPlotItem().getViewBox().viewRange()}"
+    )
+    assert 150 <= first.shape[0] <= 400, seen
     assert near_segment(first, (-3, -2), (3, -2)).max() < 0.2 * 3  # within 6 sigma of the stroke
     assert first[:, 0].min() < -2.5 and first[:, 0].max() > 2.5
     assert window.density.drawing.count_label.text() == f"{first.shape[0]:,} points"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -52,6 +53,15 @@ def test_pause_step_and_reset(window, qtbot):
     assert window.curves.point_count() == 0
     assert len(window.curves.ghosts) == 1, "the discarded run stays as a faint curve"
     assert window.session.submit(lambda t: t.step_count).result(timeout=10) == 0
+
+
+def test_a_new_runs_caption_comes_with_the_run_not_with_its_first_frame(window):
+    view = window.density
+    assert view.caption.text().startswith("step 0, "), "the first frame's caption"
+    # A new run (here a checkpoint's, at step 7) is announced before its first frame is computed: the caption says
+    # which run is shown at once, rather than keeping the previous run's step until that frame arrives.
+    view.set_run(dataclasses.replace(view._run, step=7))
+    assert view.caption.text() == "step 7"
 
 
 def test_learning_rate_applies_live_without_rebuild(window, qtbot):
