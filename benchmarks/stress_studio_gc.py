@@ -1,4 +1,4 @@
-"""Close studio windows while a background thread allocates: ``python scripts/stress_studio_gc.py``.
+"""Close studio windows while a background thread allocates: ``python benchmarks/stress_studio_gc.py``.
 
 A reproduction of the studio's intermittent segmentation fault, made quick. A closed window leaves Qt objects in
 reference cycles. Each round opens a window on a small model, trains a few steps and closes it as pytest-qt does
