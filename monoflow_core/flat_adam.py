@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
 
 from .fused.flat import FlatBuffer, FlatParameters
 
@@ -132,7 +133,7 @@ class _Slot:
             )
             return
         counter = self.steps[0].clone()
-        torch.optim.adam.adam(
+        adam(
             [data],
             [grad],
             [self.exp_avg],

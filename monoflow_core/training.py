@@ -514,6 +514,7 @@ class Trainer(TrainerEvaluation, TrainerState):
                 dtype=self.dtype,
                 device=self.device,
                 loss_transform=self.loss_transform,
+                after_backward=flat.gather if flat is not None else None,
             )
         it_mean, it_max, failed = solver_summary(self.flow)
         exact = self.flow.logdet_is_exact

@@ -179,6 +179,7 @@ def accumulate_gradients(
     dtype: torch.dtype,
     device: torch.device,
     loss_transform: Callable[[Tensor], Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> tuple[float, str]:
     """Forward and backward over this process's micro-batches; sum gradients and loss over processes.
 
@@ -191,6 +192,8 @@ def accumulate_gradients(
         dtype: the training dtype (of the summed loss in a data-parallel run).
         device: the training device.
         loss_transform: optional ``loss -> loss`` hook applied before the finiteness check.
+        after_backward: called once this process's backward passes are done, before the gradients are summed over
+            processes (the trainer's flat layout gathers its gradients there).
 
     Returns:
         ``(mean loss of the global batch, rejection message or "")``.
@@ -212,6 +215,8 @@ def accumulate_gradients(
             break
         loss.backward()
         del loss
+    if after_backward is not None:
+        after_backward()
     if dist.active:
         # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
         trained = [p for p in params if p.requires_grad]

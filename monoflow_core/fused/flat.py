@@ -126,6 +126,19 @@ class FlatBuffer:
         self.data.grad = self.grad
         self.attached = True
 
+    @torch.no_grad()
+    def reconcile(self) -> None:
+        """After a backward pass during which some parameters' ``.grad`` were replaced (a ``zero_grad`` between the
+        attach and the backward pass): each parameter's gradient is the sum of what reached its view of
+        :attr:`grad` (through :attr:`data`) and what autograd gave its own ``.grad``, kept in the view again."""
+        for p, g in zip(self.params, self.grad_views, strict=True):
+            current = p.grad
+            if current is g:
+                continue
+            if current is not None:
+                g.add_(current)
+            p.grad = g
+
 
 @dataclass
 class FlatRun:
@@ -253,12 +266,19 @@ class FlatParameters:
         and elementwise updates over all of them (valid while :meth:`intact`)."""
         return [*(b.data.detach() for b in self.buffers), *(p.detach() for p in self.others)]
 
+    def gather(self) -> None:
+        """After the backward pass of a step: every attached buffer's parameters see their whole gradient in their
+        views again, whatever replaced their ``.grad`` meanwhile (:meth:`FlatBuffer.reconcile`)."""
+        for b in self.buffers:
+            if b.attached and not b.grads_attached():
+                b.reconcile()
+
     def grad_tensors(self) -> list[Tensor]:
-        """Tensors whose entries are exactly the parameters' gradients (each attached buffer's gradient tensor, the
-        other parameters' ``.grad``; parameters without a gradient contribute nothing)."""
+        """Tensors whose entries are exactly the parameters' gradients after :meth:`gather` (each attached buffer's
+        gradient tensor, the other parameters' ``.grad``; parameters without a gradient contribute nothing)."""
         grads: list[Tensor] = []
         for b in self.buffers:
-            if b.attached and b.grads_attached():
+            if b.attached:
                 grads.append(b.grad)
             else:
                 grads.extend(p.grad for p in b.params if p.grad is not None)
