@@ -16,6 +16,7 @@ tensor by tensor by torch's own Adam, exactly as before.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -82,8 +83,8 @@ class _Slot:
     def own_state(self, state: dict[Any, Any]) -> bool:
         """Make the optimizer's entries for the buffer's parameters this slot's views; False if they cannot be."""
         params = self.buffer.params
-        entries = [state.get(p) for p in params]
-        if all(e is mine for e, mine in zip(entries, self.entries, strict=True)):
+        entries = list(map(state.get, params))
+        if all(map(operator.is_, entries, self.entries)):
             return True
         if all(not e for e in entries):  # no state yet: torch's lazy start, all zeros
             self.exp_avg.zero_()

@@ -27,6 +27,7 @@ import bisect
 import contextlib
 import copy
 import math
+import operator
 import threading
 import time
 from collections import deque
@@ -74,6 +75,8 @@ from .training_step import (
     make_adam,
     solver_summary,
 )
+
+_TRAINING = operator.attrgetter("training")
 
 #: Held while a trainer seeds torch's global generator and builds its flow (see Trainer.__init__).
 _SEEDED_BUILD = threading.Lock()
@@ -496,7 +499,7 @@ class Trainer(TrainerEvaluation, TrainerState):
         self._apply_schedules(index)
         lr = self.current_lr
         batch = self._next_batch()
-        if not all(m.training for m in self._modules):  # (train() itself walks and sets all 120 modules)
+        if not all(map(_TRAINING, self._modules)):  # (train() itself walks and sets all 120 modules)
             self.flow.train()
         snapshot = self._snapshot()
         if snapshot is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -52,6 +53,8 @@ def make_adam(params: Iterable[Tensor], layout: FlatParameters | None = None, **
 
 
 Backup = tuple[list[Tensor], dict[Any, dict[str, Any]]]
+
+_VERSION = operator.attrgetter("_version")
 
 
 class OptimizerGuard:
@@ -104,7 +107,7 @@ class OptimizerGuard:
 
     def _parameter_versions(self) -> int:
         # Every in-place change of a parameter (optimizer, load_state_dict, ActNorm's init) bumps its version.
-        return sum(p._version for p in self.params)
+        return sum(map(_VERSION, self.params))
 
     def backup(self) -> Backup:
         """Copies of the parameters and of the optimizer's state, to undo a step (:meth:`restore`)."""

@@ -23,6 +23,7 @@ current values. A ``copy.deepcopy`` of a flow copies each parameter on its own a
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,9 @@ class FlatSettings:
 
 #: The process's flat-layout setting.
 FLAT = FlatSettings()
+
+
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass
@@ -112,11 +116,12 @@ class FlatBuffer:
 
     def intact(self) -> bool:
         """Whether every parameter still lives in :attr:`data` (not replaced by ``.to(dtype)`` or ``.data = ...``)."""
-        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.pointers, strict=True))
+        # (map over C functions: no Python frame per parameter; this runs a few times per step)
+        return list(map(Tensor.data_ptr, self.params)) == self.pointers
 
     def grads_attached(self) -> bool:
         """Whether every parameter's ``.grad`` is still its view of :attr:`grad`."""
-        return all(p.grad is g for p, g in zip(self.params, self.grad_views, strict=True))
+        return all(map(operator.is_, map(_GRAD, self.params), self.grad_views))
 
     def attach(self) -> None:
         """Zero :attr:`grad` and make it the gradient of every parameter (all of which need one) and of :attr:`data`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -116,7 +117,12 @@ class KernelFold(torch.autograd.Function):
 
 def fold_layout(shapes: Sequence[tuple[int, int]]) -> FoldLayout:
     """Offsets of one block's layers, of weight shapes ``shapes`` (rows, columns), in :class:`KernelFold`'s flat
-    rows."""
+    rows (made once per architecture: the arrays are read, never written)."""
+    return _fold_layout(tuple((int(r), int(c)) for r, c in shapes))
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_layout(shapes: tuple[tuple[int, int], ...]) -> FoldLayout:
     rows = np.array([r for r, _ in shapes], dtype=np.int64)
     cols = np.array([c for _, c in shapes], dtype=np.int64)
     outs = [(2 if i < len(shapes) - 1 else 1) * r * (1 + c) for i, (r, c) in enumerate(zip(rows, cols, strict=True))]
@@ -154,8 +160,7 @@ def kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
         gains = (swish_gains(nets) if raw is None else F.softplus(raw)).to(torch.float64)
         scales = scale / gains
     else:
-        gains = torch.full((nb, depth), k, dtype=torch.float64)
-        scales = torch.full((nb, depth), scale / k, dtype=torch.float64)
+        gains, scales = _constant_gains(nb, depth, k, scale / k)
     np_dtype = torch.empty(0, dtype=ref.dtype).numpy().dtype
     positions = range(depth + 1)
     layout = fold_layout([(int(lin.weight.shape[0]), int(lin.weight.shape[1])) for lin in layers[0]])
@@ -170,6 +175,13 @@ def kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     constants = FoldConstants(lip, coeff, shift, layout)
     out = KernelFold.apply(constants, concat_k, wflat, bflat, gains, scales)
     return folded_from_flat(out, layout, nets[0].in_features, kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_gains(nb: int, depth: int, gain: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Pila's and ReLU's constant pre-activation factors and output scales, (nb, depth) float64 (made once per shape;
+    the fold reads them, never writes them)."""
+    return torch.full((nb, depth), gain, dtype=torch.float64), torch.full((nb, depth), scale, dtype=torch.float64)
 
 
 def folded_from_flat(out: Tensor, layout: FoldLayout, n: int, kind: str) -> FoldedNet:
