@@ -9,8 +9,8 @@ machine's drifting speed; the load average is recorded before and after every pr
 
 **The released side** is the authors' own script and model, unmodified: a checkout of their repository
 (``--released PATH``) run with the interpreter ``--released-python`` (a virtual environment with torch, numpy,
-scipy, scikit-learn, matplotlib and termcolor, the imports of their toy script). The command is the one their README
-gives for the 8gaussians Monotone Flow, ``train_toy.py --data 8gaussians --nblocks 10 --densenet True
+scipy, scikit-learn, matplotlib and termcolor, the imports of their toy script). The command is the one the authors
+publish for the 8gaussians Monotone Flow, ``train_toy.py --data 8gaussians --nblocks 10 --densenet True
 --learnable_concat True --start_learnable_concat 25000 --act CPila --densenet_depth 3 --densenet_growth 16
 --monotone_resolvent True --brute-force True`` (batch 500 and every other setting at its default), with
 ``--niters 250`` and validation and plotting frequencies beyond the run (their script still plots once after the
@@ -56,7 +56,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The README's 8gaussians Monotone Flow command of the released code (every other setting at its default).
+#: The authors' published 8gaussians Monotone Flow command of the released code (every other setting at its default).
 RELEASED_ARGS = [
     "--data",
     "8gaussians",

@@ -18,8 +18,9 @@ norm, the solver statistics, the guarded optimizer step (Adam inside it), ``zero
 summed, and "outside the compiled kernels" is the whole step less that sum. ``--layout both`` alternates blocks of
 steps between a trainer with the flat parameter layout and one without (one tensor per parameter, the layout before
 it), in one process. ``--loop engine`` is the lean loop of ``engine_speed.py`` (forward, backward, Adam, power
-iterations) with the fused path's pieces, as before. ``--profile N`` prints torch.profiler's operator table (self CPU
-time) for N further steps.
+iterations) with the fused path's pieces, as before. The trainer loop also reports the whole step and the time
+outside the kernels in the thread's CPU time, which other processes on a busy machine inflate less than wall time.
+``--profile N`` prints torch.profiler's operator table (self CPU time) for N further steps.
 
 Usage: ``python benchmarks/step_phases.py [--steps 150] [--kernels compiled|pytorch] [--loop trainer|engine]
 [--layout flat|per-tensor|both] [--profile N]``.
@@ -95,6 +96,10 @@ TRAINER_PHASES: list[tuple[str, str, str]] = [
     ("trainer", "_update_ema", "EMA (off by default)"),
 ]
 
+#: Suffix of the rows timed in this thread's CPU time (``time.thread_time``: less sensitive than wall time to
+#: other processes on a busy machine; the kernels run on the calling thread with one intra-op thread).
+CPU = " (thread CPU time)"
+
 #: The compiled kernels' entry points (module, function): their summed time is "inside the compiled kernels".
 KERNEL_CALLS = [
     ("kernels", "solve_run"),
@@ -143,15 +148,17 @@ def trainer_loop(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     modules = {"training": training, "autograd": torch.autograd, "kernels": kernels, "kernels_fold": kernels_fold}
     undo: list[tuple[Any, str, Any]] = []
 
-    def shared(module: Any, name: str, label: str) -> None:
+    def shared(module: Any, name: str, label: str, cpu: bool = False) -> None:
         original = getattr(module, name)
 
         def timed(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time() if cpu else 0.0
             try:
                 return original(*a, **k)
             finally:
                 current[0][label] += time.perf_counter() - t0
+                if cpu:
+                    current[0][label + CPU] += time.thread_time() - c0
 
         undo.append((module, name, original))
         setattr(module, name, timed)
@@ -160,7 +167,7 @@ def trainer_loop(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         if owner in modules:
             shared(modules[owner], name, label)
     for module, name in KERNEL_CALLS:
-        shared(modules[module], name, "inside the compiled kernels")
+        shared(modules[module], name, "inside the compiled kernels", cpu=True)
     series: dict[str, dict[str, list[float]]] = {layout: collections.defaultdict(list) for layout in layouts}
     block = 10
     try:
@@ -168,13 +175,17 @@ def trainer_loop(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
             for layout in layouts if (step // block) % 2 == 0 else reversed(layouts):
                 acc = current[0] = accs[layout]
                 acc.clear()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 trainers[layout].step()
-                whole = time.perf_counter() - t0
+                whole, whole_cpu = time.perf_counter() - t0, time.thread_time() - c0
                 if step >= 50:
                     out = series[layout]
                     out["whole step"].append(whole)
                     out["outside the compiled kernels"].append(whole - acc.get("inside the compiled kernels", 0.0))
+                    out["whole step" + CPU].append(whole_cpu)
+                    out["outside the compiled kernels" + CPU].append(
+                        whole_cpu - acc.get("inside the compiled kernels" + CPU, 0.0)
+                    )
                     for label, seconds in acc.items():
                         out[label].append(seconds)
         if args.profile:

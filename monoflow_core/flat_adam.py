@@ -92,10 +92,11 @@ class _Slot:
             self.steps.zero_()
         elif all(e is not None and set(e) == {"step", *_MOMENTS} for e in entries):
             # state from elsewhere (a loaded state dict, a restored backup): copied in, then replaced by the views
+            loaded = [e for e in entries if e is not None]
             try:
                 for key in _MOMENTS:
-                    torch._foreach_copy_([m[key] for m in self.entries], [e[key] for e in entries])
-                values = [float(e["step"]) for e in entries]
+                    torch._foreach_copy_([m[key] for m in self.entries], [e[key] for e in loaded])
+                values = [float(e["step"]) for e in loaded]
                 self.steps.copy_(torch.tensor(values, dtype=self.steps.dtype))
             except (RuntimeError, TypeError, ValueError):
                 return False
@@ -183,9 +184,9 @@ class FlatAdam(torch.optim.Adam):
         self._slots = []
         for buffer in [] if layout is None else layout.buffers:
             groups = {id(group_of.get(id(p))) for p in buffer.params}
-            group = group_of.get(id(buffer.params[0]))
-            if group is not None and len(groups) == 1:
-                self._slots.append(_Slot(buffer, group))
+            owner = group_of.get(id(buffer.params[0]))
+            if owner is not None and len(groups) == 1:
+                self._slots.append(_Slot(buffer, owner))
 
     def _step_slot(self, slot: _Slot) -> bool:
         """Step one buffer whole if it can be; True if its parameters need nothing more this step."""
@@ -203,7 +204,7 @@ class FlatAdam(torch.optim.Adam):
         return True
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One Adam step: each buffer whole where it can be, the remaining parameters by torch's Adam."""
         loss = None
         if closure is not None:

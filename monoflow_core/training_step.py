@@ -156,7 +156,7 @@ class OptimizerGuard:
             # propagates NaN and turns -inf into inf, so the peak is finite iff every entry is.
             tensors = [t for t in (self.covering() if self.covering is not None else self.params) if t.numel()]
             peaks = torch._foreach_norm([t.detach() for t in tensors], math.inf) if tensors else []
-            peak = float(torch.stack(peaks).max()) if peaks else 0.0
+            peak = float(torch.stack(list(peaks)).max()) if peaks else 0.0
         self._versions = self._parameter_versions()
         if math.isfinite(peak):
             self._peak = peak
