@@ -140,6 +140,8 @@ CASES = {
     ),
     "ActNorm between blocks": (FlowConfig(blocks=3, growth=8, actnorm=True), {}),
     "no weight decay": (MODEL, {"weight_decay": 0.0}),
+    "two accumulated micro-batches": (MODEL, {"grad_accumulation": 2}),
+    "power-iteration spectral norms": (FlowConfig(blocks=3, growth=8, spectral_norm="power"), {}),
 }
 
 
@@ -410,3 +412,17 @@ def test_flat_adam_state_has_torch_adams_layout_and_takes_torch_adams_state():
         step(twin, ref)
     for p, q in zip(flow.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
+
+def test_the_trainer_runs_the_power_iterations_of_power_mode_layers_only():
+    model = FlowConfig(blocks=2, growth=8, spectral_norm="power")
+    on, off = trainer(True, model), trainer(True, model, lipschitz_iterations=0)
+    before = [lin.u.clone() for lin in on._spectral]
+    on.step()
+    off.step()
+    assert all(not torch.equal(lin.u, u) for lin, u in zip(on._spectral, before, strict=True))
+    assert all(torch.equal(lin.u, u) for lin, u in zip(off._spectral, before, strict=True))
+    exact = trainer(True)  # exact norms: nothing to refine
+    vectors = [lin.u.clone() for lin in exact._spectral]
+    exact.step()
+    assert all(torch.equal(lin.u, u) for lin, u in zip(exact._spectral, vectors, strict=True))
