@@ -1,13 +1,13 @@
 """The parameters of each run of fused blocks held in a few flat tensors, the layout the fold reads.
 
-A run of ``nb`` blocks of the paper's 2-D toy model has 90 small parameter tensors (per block four weights, four
-biases and the concatenation weights ``K``). The fused path reads them per layer position, batched over the
-blocks, so each training step used to stack them into the fold's flat rows (:func:`~monoflow_core.fused.
-fold_compiled.kernel_fold`), and autograd then unstacked the gradient and accumulated it tensor by tensor; Adam, the
-gradient norm and the overflow check each touched the 90 tensors again. Here every parameter *is* a view of one
-tensor per kind (a :class:`FlatBuffer`): row ``j`` of the weight buffer holds block ``j``'s weights side by side,
-exactly the row the compiled fold reads, and likewise the biases, the ``K`` and CLipSwish's ``beta``. The modules keep
-their parameters under the same names (checkpoints and ``state_dict`` do not change); only their storage moves.
+The 10 blocks of the paper's 2-D toy model have 90 small parameter tensors (per block four weights, four biases and
+the concatenation weights ``K``). The fused path reads them per layer position, batched over the blocks, so each
+training step used to stack them into the fold's flat rows (:func:`~monoflow_core.fused.fold_compiled.kernel_fold`),
+and autograd then unstacked the gradient and accumulated it tensor by tensor; Adam, the gradient norm and the
+overflow check each touched the 90 tensors again. Here every parameter *is* a view of one tensor per kind (a
+:class:`FlatBuffer`): row ``j`` of the weight buffer holds block ``j``'s weights side by side, exactly the row the
+compiled fold reads, and likewise the biases, the ``K`` and CLipSwish's ``beta``. The modules keep their parameters
+under the same names (checkpoints and ``state_dict`` do not change); only their storage moves.
 
 During a trainer's step (:meth:`FlatParameters.active`) the fold takes the buffers themselves as its autograd inputs,
 and every parameter's ``.grad`` is a view of its buffer's gradient tensor, which is also the buffer's own ``.grad``:
@@ -22,7 +22,6 @@ current values. A ``copy.deepcopy`` of a flow copies each parameter on its own a
 
 from __future__ import annotations
 
-import math
 import operator
 import threading
 from collections.abc import Iterator, Sequence
@@ -309,10 +308,6 @@ class FlatParameters:
         if not all(a is b for a, b in zip(run.nets, nets, strict=True)):
             return None
         return run
-
-    def numel(self) -> int:
-        """Entries held in the buffers."""
-        return sum(math.prod(b.data.shape) for b in self.buffers)
 
 
 def active_run(nets: Sequence[DenseNetG]) -> FlatRun | None:
