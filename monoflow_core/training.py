@@ -24,8 +24,10 @@ guarded optimizer step), :mod:`~monoflow_core.training_eval` (its tests) and :mo
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import math
+import operator
 import threading
 import time
 from collections import deque
@@ -45,7 +47,9 @@ from .data import ToyStream
 from .data.images import ImageSet, ImageStream, load_image_set
 from .data.points import POINTS_DATA, PointSet, PointStream
 from .distributed import DistributedContext
+from .flat_adam import FlatAdam
 from .flow import Flow
+from .fused.flat import FLAT, FlatParameters
 from .image_layers import ActNorm2d
 from .metrics import (
     PAPER_PROTOCOL_TESTS,
@@ -57,7 +61,7 @@ from .metrics import (
 )
 from .models import build_flow
 from .multiscale import MultiscaleFlow
-from .nn.lipschitz import update_lipschitz
+from .nn.lipschitz import spectral_layers
 from .precision import PrecisionPolicy, check_cudnn_benchmark, resolve_precision
 from .training_eval import EVAL_CHUNK, EVAL_STREAM_SEED_OFFSET, TrainerEvaluation
 from .training_state import CHECKPOINT_HISTORY, TrainerState, thin_records
@@ -67,9 +71,12 @@ from .training_step import (
     accumulate_gradients,
     clip_gradients,
     grad_norm,
+    gradients,
     make_adam,
     solver_summary,
 )
+
+_TRAINING = operator.attrgetter("training")
 
 #: Held while a trainer seeds torch's global generator and builds its flow (see Trainer.__init__).
 _SEEDED_BUILD = threading.Lock()
@@ -232,8 +239,12 @@ class Trainer(TrainerEvaluation, TrainerState):
         if self.dist.active:
             # Independent estimator probes on each process (the weights above came from the shared seed).
             torch.manual_seed(train_config.seed + 1_000_003 * self.dist.rank)
+        # The fused runs' parameters as views of a few flat buffers, which the fold, Adam, the norms and the EMA
+        # read whole (monoflow_core.fused.flat); the modules keep their parameter names, checkpoints are unchanged.
+        self._flat: FlatParameters | None = FlatParameters.of(self.flow) if FLAT.enabled else None
         self.optimizer = make_adam(
             self.flow.parameters(),
+            self._flat,
             lr=train_config.lr,
             betas=tuple(train_config.betas),
             weight_decay=train_config.weight_decay,
@@ -254,6 +265,8 @@ class Trainer(TrainerEvaluation, TrainerState):
         # Dequantization noise comes from its own CPU generator, so runs are reproducible on any device.
         self._noise_generator = torch.Generator().manual_seed(train_config.seed + NOISE_SEED_OFFSET)
         self._ema_flow: Flow | None = copy.deepcopy(self.flow) if train_config.ema is not None else None
+        # (the copy shares no storage with the flow; it gets buffers of its own for the averaging)
+        self._ema_flat = FlatParameters.of(self._ema_flow) if self._ema_flow is not None and FLAT.enabled else None
         self._ema_updates = 0
         self._step = 0
         self._consecutive_rejections = 0
@@ -269,8 +282,10 @@ class Trainer(TrainerEvaluation, TrainerState):
         self._modules = list(self.flow.modules())
         self._actnorms = [m for m in self._modules if isinstance(m, ActNorm | ActNorm2d)]
         self._params = list(self.flow.parameters())
+        # The spectrally normalised layers whose vectors the power iterations refine after each step.
+        self._spectral = list(spectral_layers(self.flow))
         # The optimizer step, undone when it overflows a parameter (it backs up only steps that could).
-        self._guard = OptimizerGuard(self.optimizer, self._params, self.dtype)
+        self._guard = OptimizerGuard(self.optimizer, self._params, self.dtype, covering=self._param_tensors)
         self._apply_schedules(0)
 
     # -- properties and live controls ---------------------------------------------------------------------
@@ -359,6 +374,26 @@ class Trainer(TrainerEvaluation, TrainerState):
         self._apply_concat(step)
 
     # -- one step -----------------------------------------------------------------------------------------
+    def _attach_flat(self) -> FlatParameters | None:
+        """The flow's flat layout, prepared for a step (its gradient views attached); rebuilt from the parameters'
+        current values if something replaced their storage (e.g. ``flow.to(dtype)``)."""
+        flat = self._flat
+        if flat is None:
+            return None
+        if not flat.intact():
+            flat = self._flat = FlatParameters.of(self.flow)
+            cast(FlatAdam, self.optimizer).bind(flat)
+            if flat is None:
+                return None
+        flat.attach()
+        return flat
+
+    def _param_tensors(self) -> list[Tensor]:
+        """Tensors holding exactly the flow's parameter entries: the flat buffers and the other parameters when the
+        layout holds, else the parameters (for reductions over all of them)."""
+        flat = self._flat
+        return flat.param_tensors() if flat is not None and flat.intact() else list(self._params)
+
     def _next_batch(self) -> tuple[Tensor, ...]:
         """The global batch as a tuple of tensors on the device: ``(x,)``, ``(x, y)`` or ``(images, noise)``."""
         if isinstance(self._stream, ImageStream):
@@ -411,13 +446,27 @@ class Trainer(TrainerEvaluation, TrainerState):
             return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
         return None
 
+    def _ema_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The averaged copy's parameters and the flow's, as matching tensors: the flat buffers and the other
+        parameters when both layouts hold (a handful of tensors), else parameter by parameter."""
+        assert self._ema_flow is not None
+        flat, ema_flat = self._flat, self._ema_flat
+        if (
+            flat is not None
+            and ema_flat is not None
+            and flat.intact()
+            and ema_flat.intact()
+            and [t.shape for t in flat.param_tensors()] == [t.shape for t in ema_flat.param_tensors()]
+        ):
+            return ema_flat.param_tensors(), flat.param_tensors()
+        return [p.detach() for p in self._ema_flow.parameters()], [p.detach() for p in self._params]
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = self.train_config.ema
         if self._ema_flow is None or decay is None:
             return
-        ema_params: list[Tensor] = list(self._ema_flow.parameters())
-        params: list[Tensor] = list(self._params)
+        ema_params, params = self._ema_pairs()
         if len(ema_params) != len(params):
             raise RuntimeError("the averaged copy of the flow no longer matches the flow's parameters")
         # One multi-tensor call per kind instead of one call per tensor: the toy models have ~40-90 small tensors,
@@ -450,32 +499,36 @@ class Trainer(TrainerEvaluation, TrainerState):
         self._apply_schedules(index)
         lr = self.current_lr
         batch = self._next_batch()
-        if not all(m.training for m in self._modules):  # (train() itself walks and sets all 120 modules)
+        if not all(map(_TRAINING, self._modules)):  # (train() itself walks and sets all 120 modules)
             self.flow.train()
         snapshot = self._snapshot()
         if snapshot is not None:
             self._initialize_actnorm(batch)
         self.optimizer.zero_grad(set_to_none=True)
+        flat = self._attach_flat()
         norm = math.nan
-        loss_value, problem = accumulate_gradients(
-            self._loss_sum,
-            batch,
-            dist=self.dist,
-            chunks=self.train_config.grad_accumulation,
-            params=self._params,
-            dtype=self.dtype,
-            device=self.device,
-            loss_transform=self.loss_transform,
-        )
+        with flat.active() if flat is not None else contextlib.nullcontext():
+            loss_value, problem = accumulate_gradients(
+                self._loss_sum,
+                batch,
+                dist=self.dist,
+                chunks=self.train_config.grad_accumulation,
+                params=self._params,
+                dtype=self.dtype,
+                device=self.device,
+                loss_transform=self.loss_transform,
+                after_backward=flat.gather if flat is not None else None,
+            )
         it_mean, it_max, failed = solver_summary(self.flow)
         exact = self.flow.logdet_is_exact
         message = f"step {index}: {problem}; optimizer step skipped" if problem else ""
+        grads = flat.grad_tensors() if flat is not None else gradients(self._params)
         if not message:
-            norm = grad_norm(self._params)
+            norm = grad_norm(grads)
             if not math.isfinite(norm):
                 message = f"step {index}: non-finite gradient norm ({norm}); optimizer step skipped"
         if not message:
-            clip_gradients(self._params, norm, self.train_config.grad_clip)
+            clip_gradients(grads, norm, self.train_config.grad_clip)
             # (a step whose update overflows is rejected like a non-finite loss, parameters and state restored)
             message = self._guard.step(index, params_changed=snapshot is not None)
         rejected = bool(message)
@@ -488,7 +541,11 @@ class Trainer(TrainerEvaluation, TrainerState):
         else:
             self.optimizer.zero_grad(set_to_none=True)
             if self.train_config.lipschitz_iterations:
-                update_lipschitz(self.flow, self.train_config.lipschitz_iterations)
+                # (update_lipschitz's rule over the layers listed once: the tree walk cost more than the no-op
+                # updates of the exact-norm layers it finds)
+                for layer in self._spectral:
+                    if layer.mode == "power":
+                        layer.power_iteration(self.train_config.lipschitz_iterations)
             self._update_ema()
             self._consecutive_rejections = 0
         self._step += 1

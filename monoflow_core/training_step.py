@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,7 +18,9 @@ import torch
 from torch import Tensor
 
 from .distributed import DistributedContext
+from .flat_adam import FlatAdam
 from .flow import Flow
+from .fused.flat import FlatParameters
 
 __all__ = [
     "OptimizerGuard",
@@ -25,6 +28,7 @@ __all__ = [
     "accumulate_gradients",
     "clip_gradients",
     "grad_norm",
+    "gradients",
     "make_adam",
     "solver_summary",
 ]
@@ -34,17 +38,23 @@ class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many consecutive steps with a non-finite loss or gradient)."""
 
 
-def make_adam(params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Adam:
+def make_adam(params: Iterable[Tensor], layout: FlatParameters | None = None, **kwargs: Any) -> torch.optim.Adam:
     """Adam with the fused kernel where this torch build has it (same algorithm; about 7x faster here for the
-    hundred small tensors of a toy flow: 1.2 ms instead of 7.8 ms per step), else the ``foreach`` one."""
+    hundred small tensors of a toy flow: 1.2 ms instead of 7.8 ms per step), else the ``foreach`` one.
+
+    It is a :class:`~monoflow_core.flat_adam.FlatAdam`: with a flat ``layout`` of (some of) the parameters, each
+    of its buffers is stepped as one tensor; without, it is torch's Adam.
+    """
     params = list(params)
     try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
+        return FlatAdam(params, layout, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, foreach=True, **kwargs)
+        return FlatAdam(params, layout, foreach=True, **kwargs)
 
 
 Backup = tuple[list[Tensor], dict[Any, dict[str, Any]]]
+
+_VERSION = operator.attrgetter("_version")
 
 
 class OptimizerGuard:
@@ -59,12 +69,21 @@ class OptimizerGuard:
         optimizer: the run's optimizer.
         params: the flow's parameters (the list the trainer keeps; its structure stays fixed).
         dtype: the parameters' dtype (its largest finite value sets the overflow limit).
+        covering: returns tensors whose entries are exactly the parameters' (the trainer's flat buffers and the other
+            parameters, a handful of tensors instead of ~90), for the peak; default ``params``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Sequence[Tensor],
+        dtype: torch.dtype,
+        covering: Callable[[], Sequence[Tensor]] | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.params = params
         self.dtype = dtype
+        self.covering = covering
         self._peak: float | None = None
         self._versions = -1
 
@@ -75,7 +94,7 @@ class OptimizerGuard:
         ``r = beta1^2 / beta2 < 1``, Cauchy-Schwarz over the two moving averages bounds ``|m_hat| / sqrt(v_hat)`` by
         ``1 / sqrt((1 - beta2) (1 - r))`` (about 73 for the default betas). A factor 4 covers rounding.
         """
-        if type(self.optimizer) is not torch.optim.Adam:  # another rule (or AdamW's decay): no bound known
+        if type(self.optimizer) not in (torch.optim.Adam, FlatAdam):  # another rule (or AdamW): no bound known
             return math.inf
         bound = 0.0
         for group in self.optimizer.param_groups:
@@ -88,7 +107,7 @@ class OptimizerGuard:
 
     def _parameter_versions(self) -> int:
         # Every in-place change of a parameter (optimizer, load_state_dict, ActNorm's init) bumps its version.
-        return sum(p._version for p in self.params)
+        return sum(map(_VERSION, self.params))
 
     def backup(self) -> Backup:
         """Copies of the parameters and of the optimizer's state, to undo a step (:meth:`restore`)."""
@@ -133,10 +152,11 @@ class OptimizerGuard:
         backup = self.backup() if risky else None
         self.optimizer.step()
         with torch.no_grad():
-            # One flat copy (a C++ loop, not a Python one per tensor) and one reduction; the max-norm propagates
-            # NaN and turns -inf into inf, so the peak is finite iff every entry is.
-            flat = torch._utils._flatten_dense_tensors(self.params) if self.params else None
-            peak = float(torch.linalg.vector_norm(flat, math.inf)) if flat is not None and flat.numel() else 0.0
+            # One reduction per tensor (a few flat buffers on the trainer's flow), then their maximum: the max-norm
+            # propagates NaN and turns -inf into inf, so the peak is finite iff every entry is.
+            tensors = [t for t in (self.covering() if self.covering is not None else self.params) if t.numel()]
+            peaks = torch._foreach_norm([t.detach() for t in tensors], math.inf) if tensors else []
+            peak = float(torch.stack(list(peaks)).max()) if peaks else 0.0
         self._versions = self._parameter_versions()
         if math.isfinite(peak):
             self._peak = peak
@@ -162,6 +182,7 @@ def accumulate_gradients(
     dtype: torch.dtype,
     device: torch.device,
     loss_transform: Callable[[Tensor], Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> tuple[float, str]:
     """Forward and backward over this process's micro-batches; sum gradients and loss over processes.
 
@@ -174,6 +195,8 @@ def accumulate_gradients(
         dtype: the training dtype (of the summed loss in a data-parallel run).
         device: the training device.
         loss_transform: optional ``loss -> loss`` hook applied before the finiteness check.
+        after_backward: called once this process's backward passes are done, before the gradients are summed over
+            processes (the trainer's flat layout gathers its gradients there).
 
     Returns:
         ``(mean loss of the global batch, rejection message or "")``.
@@ -195,6 +218,8 @@ def accumulate_gradients(
             break
         loss.backward()
         del loss
+    if after_backward is not None:
+        after_backward()
     if dist.active:
         # One collective for the loss and every gradient: ranks stay in lockstep even when one is non-finite.
         trained = [p for p in params if p.requires_grad]
@@ -205,16 +230,25 @@ def accumulate_gradients(
         offset = 1
         for p in trained:
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)  # flat is this step's own buffer
+            summed = flat[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = summed  # flat is this step's own buffer
+            else:  # written into the gradient in place: it may be a view of the trainer's flat gradient buffer
+                p.grad.copy_(summed)
             offset += n
     if not math.isfinite(local_loss):
         return local_loss, f"non-finite loss ({local_loss})"
     return local_loss, ""
 
 
-def grad_norm(params: Sequence[Tensor]) -> float:
-    """The global 2-norm of the parameters' gradients (0 when there are none)."""
-    grads = [p.grad for p in params if p.grad is not None]
+def gradients(params: Sequence[Tensor]) -> list[Tensor]:
+    """The parameters' gradients (those that have one)."""
+    return [p.grad for p in params if p.grad is not None]
+
+
+def grad_norm(grads: Sequence[Tensor]) -> float:
+    """The global 2-norm of gradient tensors ``grads`` (0 when there are none): the parameters' gradients
+    (:func:`gradients`) or tensors that hold exactly their entries (the trainer's flat gradient buffers)."""
     if not grads:
         return 0.0
     # One fused kernel for all per-tensor norms (a per-tensor loop costs ~200 operators per step here).
@@ -222,14 +256,15 @@ def grad_norm(params: Sequence[Tensor]) -> float:
     return float(torch.linalg.vector_norm(norms))
 
 
-def clip_gradients(params: Sequence[Tensor], norm: float, clip: float | None) -> None:
-    """Scale the gradients down to global norm ``clip`` (``None``: no clipping), given their measured ``norm``."""
+def clip_gradients(grads: Sequence[Tensor], norm: float, clip: float | None) -> None:
+    """Scale gradient tensors ``grads`` (as for :func:`grad_norm`) down to global norm ``clip`` (``None``: no
+    clipping), given their measured ``norm``."""
     if clip is None:
         return
     # Same rule as torch.nn.utils.clip_grad_norm_, applied to the norm already measured.
     coef = clip / (norm + 1e-6)
-    if coef < 1.0:
-        torch._foreach_mul_([p.grad.detach() for p in params if p.grad is not None], coef)
+    if coef < 1.0 and grads:
+        torch._foreach_mul_([g.detach() for g in grads], coef)
 
 
 def solver_summary(flow: Flow) -> tuple[float, int, int]:

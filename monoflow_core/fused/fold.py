@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..nn.densenet import DenseNetG
 from ..nn.lipschitz import SpectralLinear
+from .flat import active_run
 from .fold_compiled import kernel_fold, kernel_fold_applies
 from .folded import FoldedNet, swish_gains
 from .plan import LOG2E, PILA_K, activation_spec, bias_of, linears
@@ -132,13 +133,17 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
     # CLipSwish's learnable beta likewise, per block and layer (swish_gains).
     k = PILA_K * LOG2E if kind == "pila" else 1.0
     scale = scale / k
-    gains = swish_gains(nets) if kind == "swish" else None
+    run = active_run(nets)  # inside a trainer's step: the flat buffers (monoflow_core.fused.flat), no stacking
+    gains = None
+    if kind == "swish":
+        gains = swish_gains(nets) if run is None or run.activation is None else F.softplus(run.activation.data)
     scales = scale / gains if gains is not None else None  # (nb, depth): the output scale of each layer
     depth = len(nets[0].layers)
     n = nets[0].in_features
     ref = linears(nets[0])[0].weight
     lip = torch.tensor([g.lip_coeff for g in nets], dtype=ref.dtype, device=ref.device)
-    e = F.softplus(torch.stack([g.concat_k for g in nets])) + 0.1  # (nb, depth, 2)
+    concat_k = torch.stack([g.concat_k for g in nets]) if run is None else run.concat.data
+    e = F.softplus(concat_k) + 0.1  # (nb, depth, 2)
     mix = lip[:, None, None] * e / torch.linalg.vector_norm(e, dim=2, keepdim=True)
     eta1, eta2 = mix[..., 0], mix[..., 1]  # (nb, depth)
     nb = len(nets)
@@ -157,10 +162,10 @@ def fold_nets_torch(nets: Sequence[DenseNetG]) -> FoldedNet:
         cols = torch.cat([s.expand(nb, wdt) for s, wdt in zip(block_scales, widths, strict=True)], dim=1)
         hidden = i < depth
         stack = [row[i] for row in layers]  # layer i of every block (the final layer at i = depth)
-        w = torch.stack([lin.weight for lin in stack])
+        w = torch.stack([lin.weight for lin in stack]) if run is None else run.layer_weight(i)
         u, v = _singular_pair(stack, w)
         coeff = torch.tensor([lin.coeff for lin in stack], dtype=w.dtype, device=w.device)
-        b = torch.stack([bias_of(lin) for lin in stack])
+        b = torch.stack([bias_of(lin) for lin in stack]) if run is None else run.layer_bias(i)
         gain = gains[:, i] if gains is not None and hidden else None
         weights.append(FoldLayer.apply(w, b, cols, u, v, coeff, hidden, shift, k, gain))
         if not hidden:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn.densenet import DenseNetG
 from . import kernels, kernels_fold
 from .compiler import kernels_ready
 from .dispatch import KERNEL_ACTIVATIONS
+from .flat import active_run
 from .folded import FoldedNet, swish_gains
 from .kernels_fold import FoldGrads, FoldLayout, FoldParams, FoldSaved
 from .plan import LOG2E, PILA_K, activation_spec, bias_of, linears
@@ -114,7 +117,12 @@ class KernelFold(torch.autograd.Function):
 
 def fold_layout(shapes: Sequence[tuple[int, int]]) -> FoldLayout:
     """Offsets of one block's layers, of weight shapes ``shapes`` (rows, columns), in :class:`KernelFold`'s flat
-    rows."""
+    rows (made once per architecture: the arrays are read, never written)."""
+    return _fold_layout(tuple((int(r), int(c)) for r, c in shapes))
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_layout(shapes: tuple[tuple[int, int], ...]) -> FoldLayout:
     rows = np.array([r for r, _ in shapes], dtype=np.int64)
     cols = np.array([c for _, c in shapes], dtype=np.int64)
     outs = [(2 if i < len(shapes) - 1 else 1) * r * (1 + c) for i, (r, c) in enumerate(zip(rows, cols, strict=True))]
@@ -144,22 +152,36 @@ def kernel_fold(nets: Sequence[DenseNetG]) -> FoldedNet:
     layers = [linears(g) for g in nets]
     ref = layers[0][0].weight
     nb, depth = len(nets), len(layers[0]) - 1
+    # Inside a trainer's step the parameters are views of flat buffers laid out as this fold's rows
+    # (monoflow_core.fused.flat): the fold reads the buffers and its gradient lands in them, no stacking either way.
+    run = active_run(nets)
     if kind == "swish":  # (float64: the fold's arithmetic with them is in float64, as with Pila's constant k)
-        gains = swish_gains(nets).to(torch.float64)
+        raw = run.activation.data if run is not None and run.activation is not None else None
+        gains = (swish_gains(nets) if raw is None else F.softplus(raw)).to(torch.float64)
         scales = scale / gains
     else:
-        gains = torch.full((nb, depth), k, dtype=torch.float64)
-        scales = torch.full((nb, depth), scale / k, dtype=torch.float64)
+        gains, scales = _constant_gains(nb, depth, k, scale / k)
     np_dtype = torch.empty(0, dtype=ref.dtype).numpy().dtype
     positions = range(depth + 1)
     layout = fold_layout([(int(lin.weight.shape[0]), int(lin.weight.shape[1])) for lin in layers[0]])
-    wflat = torch.cat([torch.stack([row[i].weight for row in layers]).reshape(nb, -1) for i in positions], dim=1)
-    bflat = torch.cat([torch.stack([bias_of(row[i]) for row in layers]) for i in positions], dim=1)
+    if run is not None:
+        concat_k, wflat, bflat = run.concat.data, run.weight.data, run.bias.data
+    else:
+        concat_k = torch.stack([g.concat_k for g in nets])
+        wflat = torch.cat([torch.stack([row[i].weight for row in layers]).reshape(nb, -1) for i in positions], dim=1)
+        bflat = torch.cat([torch.stack([bias_of(row[i]) for row in layers]) for i in positions], dim=1)
     lip = np.array([g.lip_coeff for g in nets], dtype=np_dtype)
     coeff = np.array([[row[i].coeff for row in layers] for i in positions], dtype=np_dtype)
     constants = FoldConstants(lip, coeff, shift, layout)
-    out = KernelFold.apply(constants, torch.stack([g.concat_k for g in nets]), wflat, bflat, gains, scales)
+    out = KernelFold.apply(constants, concat_k, wflat, bflat, gains, scales)
     return folded_from_flat(out, layout, nets[0].in_features, kind)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_gains(nb: int, depth: int, gain: float, scale: float) -> tuple[Tensor, Tensor]:
+    """Pila's and ReLU's constant pre-activation factors and output scales, (nb, depth) float64 (made once per shape;
+    the fold reads them, never writes them)."""
+    return torch.full((nb, depth), gain, dtype=torch.float64), torch.full((nb, depth), scale, dtype=torch.float64)
 
 
 def folded_from_flat(out: Tensor, layout: FoldLayout, n: int, kind: str) -> FoldedNet:
