@@ -242,15 +242,23 @@ def run_released(args: argparse.Namespace, warm_only: bool = False) -> dict[str,
         raise SystemExit(f"the released log has {len(timed)} of iterations {FIRST_TIMED}-{args.steps}")
     python_warnings = sum("Warning" in line for line in done.stderr.splitlines())
     return {
-        "side": "released",
+        **_summary("released", timed, before, after, wall),
+        "solver_not_converged_logged": missed,
+        "python_warning_lines": python_warnings,
+    }
+
+
+def _summary(side: str, timed: list[float], before: Any, after: Any, wall: float) -> dict[str, Any]:
+    """One process's step times (seconds) as the report gives them: median and p10-p90 in ms, load, wall."""
+    deciles = statistics.quantiles(timed, n=10)
+    return {
+        "side": side,
         "median_ms": statistics.median(timed) * 1e3,
-        "p10_ms": statistics.quantiles(timed, n=10)[0] * 1e3,
-        "p90_ms": statistics.quantiles(timed, n=10)[-1] * 1e3,
+        "p10_ms": deciles[0] * 1e3,
+        "p90_ms": deciles[-1] * 1e3,
         "load_before": before,
         "load_after": after,
         "wall_s": round(wall, 1),
-        "solver_not_converged_logged": missed,
-        "python_warning_lines": python_warnings,
     }
 
 
@@ -271,13 +279,7 @@ def run_monoflow(args: argparse.Namespace, warm_only: bool = False) -> dict[str,
         return result
     timed = result["seconds"][FIRST_TIMED - 1 : args.steps]
     return {
-        "side": "monoflow",
-        "median_ms": statistics.median(timed) * 1e3,
-        "p10_ms": statistics.quantiles(timed, n=10)[0] * 1e3,
-        "p90_ms": statistics.quantiles(timed, n=10)[-1] * 1e3,
-        "load_before": before,
-        "load_after": after,
-        "wall_s": round(wall, 1),
+        **_summary("monoflow", timed, before, after, wall),
         "kernels_s": round(result["kernels_s"], 2),
         "solver_failed_samples": result["solver_failed_samples"],
         "rejected_steps": result["rejected_steps"],
