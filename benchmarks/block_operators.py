@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import monoflow_core.solvers as solvers
@@ -54,7 +53,7 @@ from monoflow_core.nn import fused_cpila
 from monoflow_core.nn.conv import ConvDenseNetG
 from monoflow_core.presets import load_preset
 from monoflow_core.solvers import SolverWarning
-from monoflow_core.syncs import SyncCounter
+from monoflow_core.syncs import OperatorCounter, SyncCounter
 
 VARIANTS = [("plain", "vjp"), ("plain", "jvp"), ("fused", "vjp"), ("fused", "jvp")]
 
@@ -63,24 +62,19 @@ VARIANTS = [("plain", "vjp"), ("plain", "jvp"), ("fused", "vjp"), ("fused", "jvp
 KERNELS_PER_JOB = {"vjp_grads": 2}
 
 
-class OperatorCounter(TorchDispatchMode):
-    """Counts every aten operator, the non-view ones (kernel launches on a GPU), and those inside fused jobs."""
+class JobOperatorCounter(OperatorCounter):
+    """:class:`~monoflow_core.syncs.OperatorCounter` that also counts the operators inside fused jobs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = 0
-        self.launches = 0
         self.in_jobs = 0  # non-view operators run inside fused jobs (eagerly)
         self.jobs = 0  # kernels of the fused jobs called, had they been compiled
         self.inside = 0
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops += 1
-        if not getattr(func, "is_view", False):
-            self.launches += 1
-            if self.inside:
-                self.in_jobs += 1
-        return func(*args, **(kwargs or {}))
+    def counted(self, func: Any) -> None:
+        super().counted(func)
+        if self.inside and not getattr(func, "is_view", False):
+            self.in_jobs += 1
 
     def compiled_launches(self) -> int:
         """Kernel launches if every fused job were one compiled kernel."""
@@ -88,9 +82,9 @@ class OperatorCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def counting() -> Iterator[tuple[OperatorCounter, FlopCounterMode, SyncCounter]]:
+def counting() -> Iterator[tuple[JobOperatorCounter, FlopCounterMode, SyncCounter]]:
     """Count operators, FLOPs and host synchronisations; fused jobs report their own calls to the counter."""
-    counter = OperatorCounter()
+    counter = JobOperatorCounter()
     original = fused_cpila._run
 
     def run(name: str, job: Callable[..., Any], *args: Any) -> Any:
@@ -109,7 +103,7 @@ def counting() -> Iterator[tuple[OperatorCounter, FlopCounterMode, SyncCounter]]
         fused_cpila._run = original  # type: ignore[assignment]
 
 
-def figures(counter: OperatorCounter, flops: FlopCounterMode, syncs: SyncCounter) -> dict[str, Any]:
+def figures(counter: JobOperatorCounter, flops: FlopCounterMode, syncs: SyncCounter) -> dict[str, Any]:
     return {
         "operators": counter.ops,
         "launches": counter.launches,

@@ -12,22 +12,11 @@ Usage: ``PYTHONPATH=. python benchmarks/fused_operators.py`` (prints one JSON li
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import monoflow_core as mc
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.n += 1
-        return func(*args, **(kwargs or {}))
+from monoflow_core.syncs import OperatorCounter
 
 
 def main() -> None:
@@ -45,14 +34,18 @@ def main() -> None:
     x = torch.randn(500, 2) * 2
     grid = torch.randn(5000, 2) * 2
     flow.log_prob(x).mean().backward()  # (one step outside the count: a first call does one-time work)
-    with _Count() as train:
+    with OperatorCounter() as train:
         flow.log_prob(x).mean().backward()
-    with torch.no_grad(), _Count() as evaluation:
+    with torch.no_grad(), OperatorCounter() as evaluation:
         flow.log_prob(grid)
     iterations = [int(s["forward"].iterations.max()) for s in flow.solver_stats()]
     print(
         json.dumps(
-            {"ops_train_step": train.n, "ops_nograd_5000": evaluation.n, "max_newton_iterations_per_block": iterations}
+            {
+                "ops_train_step": train.ops,
+                "ops_nograd_5000": evaluation.ops,
+                "max_newton_iterations_per_block": iterations,
+            }
         )
     )
 

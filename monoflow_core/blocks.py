@@ -137,8 +137,8 @@ class _NetEvaluator:
 
     def value_and_linear(self, w: Tensor) -> tuple[Tensor, LinearMap | None]:
         """``G(w)`` (with a graph where autograd records one) and ``t -> J_G(w) t`` where G offers it."""
-        if isinstance(self.net, JacobianNet) and self.net.supports_linearize:
-            assert self.prepared is not None  # prepared in __init__ for every JacobianNet
+        if self.linearizable:
+            assert isinstance(self.net, JacobianNet) and self.prepared is not None  # prepared for every JacobianNet
             return self.net.linearize(w, self.prepared)
         return self.value(w), None
 

@@ -1,4 +1,4 @@
-"""Counting host synchronisations, on any device (the CPU included), for tests and benchmarks.
+"""Counting host synchronisations and operators, on any device (the CPU included), for tests and benchmarks.
 
 On CUDA every operator that needs a value on the host (``.item()``, ``bool(tensor)``, ``float(tensor)``, boolean-mask
 indexing, ``torch.nonzero``, the error check of ``torch.linalg.solve``) waits for every kernel queued before it, so
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SyncCounter"]
+__all__ = ["OperatorCounter", "SyncCounter"]
 
 _aten = torch.ops.aten
 
@@ -52,4 +52,28 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func in _ALWAYS or (func in _MASK_INDEXED and len(args) > 1 and _has_mask(args[1])):
             self.by_operator[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OperatorCounter(TorchDispatchMode):
+    """A dispatch mode that counts aten operators: all of them (``ops``), and those that are not views
+    (``launches``: each is a kernel launch on a GPU). A count does not depend on the machine's load, so it can stand
+    where a timing would not.
+
+    Use ``with OperatorCounter() as counter: ...``; subclasses may extend :meth:`counted`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.launches = 0
+
+    def counted(self, func: Any) -> None:
+        """Record one call of ``func``."""
+        self.ops += 1
+        if not getattr(func, "is_view", False):
+            self.launches += 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counted(func)
         return func(*args, **(kwargs or {}))

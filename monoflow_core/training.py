@@ -61,7 +61,7 @@ from .metrics import (
 )
 from .models import build_flow
 from .multiscale import MultiscaleFlow
-from .nn.lipschitz import spectral_layers
+from .nn.lipschitz import spectral_layers, update_lipschitz
 from .precision import PrecisionPolicy, check_cudnn_benchmark, resolve_precision
 from .training_eval import EVAL_CHUNK, EVAL_STREAM_SEED_OFFSET, TrainerEvaluation
 from .training_state import CHECKPOINT_HISTORY, TrainerState, thin_records
@@ -541,11 +541,7 @@ class Trainer(TrainerEvaluation, TrainerState):
         else:
             self.optimizer.zero_grad(set_to_none=True)
             if self.train_config.lipschitz_iterations:
-                # (update_lipschitz's rule over the layers listed once: the tree walk cost more than the no-op
-                # updates of the exact-norm layers it finds)
-                for layer in self._spectral:
-                    if layer.mode == "power":
-                        layer.power_iteration(self.train_config.lipschitz_iterations)
+                update_lipschitz(self.flow, self.train_config.lipschitz_iterations, layers=self._spectral)
             self._update_ema()
             self._consecutive_rejections = 0
         self._step += 1
