@@ -64,13 +64,7 @@ def wrap(name: str, callers: tuple[ModuleType, ...], label: str, acc: dict[str, 
     """Time every call of ``name`` from the modules ``callers`` into ``acc[label]``; returns a function that undoes
     the wrapping."""
     original = getattr(callers[0], name)
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            acc[label] += time.perf_counter() - t0
+    timed = _timed(original, acc, label)
 
     def undo() -> None:
         for module in callers:
